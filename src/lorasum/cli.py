@@ -1,0 +1,293 @@
+"""Command line: parse arguments, call the library, print. No logic of its own.
+
+User mistakes (LorasumError) print one line `lorasum: error: …` and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import types
+import typing
+
+from lorasum import __version__
+from lorasum.errors import LorasumError
+
+
+def _add_dataclass_flags(
+    parser: argparse.ArgumentParser, cls, skip: set[str] = frozenset(), defaults: bool = True
+) -> None:
+    """One flag per config field: type and help come from the dataclass (single source of truth)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        typ = hints[f.name]
+        if typing.get_origin(typ) in (typing.Union, types.UnionType):
+            typ = next(a for a in typing.get_args(typ) if a is not type(None))
+        default = f.default if defaults else None
+        if typ is bool:
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
+            )
+        elif typing.get_origin(typ) is list:
+            parser.add_argument(
+                flag,
+                type=lambda s: [x for x in s.split(",") if x],
+                default=None if not defaults else list(f.default),
+                help=help_text,
+            )
+        else:
+            parser.add_argument(
+                flag,
+                type=typ,
+                default=default,
+                help=f"{help_text} (default: {f.default})" if defaults else help_text,
+            )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lorasum.experiment import DEFAULT_DOMAINS, PRESETS
+    from lorasum.train import TrainConfig
+
+    p = argparse.ArgumentParser(
+        prog="lorasum", description=__doc__.splitlines()[0] if __doc__ else ""
+    )
+    p.add_argument("--version", action="version", version=f"lorasum {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser(
+        "train", help="train one LoRA adapter (several --data = merged-data baseline)"
+    )
+    t.add_argument("--out", required=True, help="adapter directory to write (PEFT format)")
+    t.add_argument("--overwrite", action="store_true", help="replace a different result in --out")
+    _add_dataclass_flags(t, TrainConfig)
+    t.add_argument(
+        "--full-sequence",
+        dest="answer_only",
+        action="store_false",
+        help="count the whole sequence in the loss, not only the answer",
+    )
+
+    c = sub.add_parser("compose", help="exact (weighted) sum of adapters as one PEFT adapter")
+    c.add_argument("adapters", nargs="+", help="PEFT LoRA adapter directories")
+    c.add_argument("--out", required=True, help="composed adapter directory to write")
+    c.add_argument(
+        "--weights", default=None, help="one weight per adapter, e.g. 1,0.5 (default: all 1)"
+    )
+    c.add_argument(
+        "--merge-into-base",
+        default=None,
+        metavar="DIR",
+        help="also write base model + ΔW as a full transformers model to DIR",
+    )
+    c.add_argument(
+        "--model", default=None, help="base model for --merge-into-base (default: the adapters')"
+    )
+    c.add_argument("--overwrite", action="store_true", help="replace a different result in --out")
+
+    s = sub.add_parser(
+        "similarity", help="cosine similarity of adapters' ΔW (factored), RMS over modules"
+    )
+    s.add_argument("adapters", nargs="+", help="PEFT LoRA adapter directories (two or more)")
+    s.add_argument("--json", action="store_true", help="print JSON (per-module cosines included)")
+
+    e = sub.add_parser("eval", help="answer-only perplexity of a model (and adapter) on data")
+    e.add_argument("--model", default="default", help="base model (default: embedded SmolLM2-135M)")
+    e.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory to apply")
+    e.add_argument(
+        "--data", nargs="+", required=True, help="data sources (builtin, .jsonl/.csv, hf:id)"
+    )
+    e.add_argument("--split", default="test", choices=["train", "val", "test"])
+    e.add_argument("--max-length", type=int, default=128)
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument(
+        "--split-seed", type=int, default=42, help="must match the training's split seed"
+    )
+    e.add_argument("--max-eval", type=int, default=None, help="at most this many rows per source")
+    e.add_argument(
+        "--full-sequence",
+        dest="answer_only",
+        action="store_false",
+        help="count the whole sequence, not only the answer",
+    )
+    e.add_argument("--question-field", default=None)
+    e.add_argument("--answer-field", default=None)
+    e.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    e.add_argument("--device", default="auto")
+    e.add_argument("--json", action="store_true", help="print JSON")
+
+    r = sub.add_parser(
+        "reproduce", help="run the paper's study: train, sum, compare, correlate, report"
+    )
+    r.add_argument("--preset", default="quick", choices=list(PRESETS))
+    r.add_argument("--model", default="default")
+    r.add_argument(
+        "--domains",
+        default=",".join(DEFAULT_DOMAINS),
+        help="comma list of builtin domains or NAME=SOURCE (e.g. fin=hf:org/ds)",
+    )
+    r.add_argument("--out", required=True, help="study directory (results.json, report.md, png)")
+    r.add_argument("--overwrite", action="store_true", help="replace a study with other settings")
+    _add_dataclass_flags(r, TrainConfig, skip={"model", "data", "eval_val"}, defaults=False)
+
+    sub.add_parser("assets", help="check the embedded model and data, and build the model cache")
+    return p
+
+
+def _print_similarity(result: dict) -> None:
+    print(f"{'adapter a':<28} {'adapter b':<28} {'RMS cos':>9} {'global cos':>11} {'modules':>8}")
+    for pair in result["pairs"]:
+        print(
+            f"{pair['a']:<28} {pair['b']:<28} {pair['rms_cosine']:>9.4f} "
+            f"{pair['global_cosine']:>+11.4f} {len(pair['modules']):>8}"
+        )
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "train":
+        from lorasum.train import TrainConfig, train
+
+        cfg = TrainConfig(
+            **{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+        )
+        marker = train(cfg, args.out, overwrite=args.overwrite)
+        m = marker["metrics"]
+        val = f", val ppl {m['val_perplexity']:.3f}" if "val_perplexity" in m else ""
+        print(
+            f"adapter written to {args.out} ({m['steps']} steps, loss {m['first_loss']:.3f} → "
+            f"{m['final_loss']:.3f}{val})"
+        )
+    elif args.command == "compose":
+        from lorasum.compose import compose
+
+        marker = compose(
+            args.adapters,
+            args.out,
+            weights=args.weights,
+            merge_into_base=args.merge_into_base,
+            model=args.model,
+            overwrite=args.overwrite,
+        )
+        print(f"composed adapter written to {args.out}")
+        if args.merge_into_base:
+            print(f"merged model written to {marker['merged_model']}")
+    elif args.command == "similarity":
+        from lorasum.similarity import similarity
+
+        result = similarity(args.adapters)
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            _print_similarity(result)
+    elif args.command == "eval":
+        from lorasum.evaluate import evaluate
+
+        result = evaluate(
+            model=args.model,
+            data=args.data,
+            adapter=args.adapter,
+            split=args.split,
+            max_length=args.max_length,
+            batch_size=args.batch_size,
+            split_seed=args.split_seed,
+            max_eval=args.max_eval,
+            answer_only=args.answer_only,
+            question_field=args.question_field,
+            answer_field=args.answer_field,
+            precision=args.precision,
+            device=args.device,
+            progress=not args.json,
+        )
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            for name, d in result["per_dataset"].items():
+                print(f"{name:<32} perplexity {d['perplexity']:10.4f}  ({d['tokens']} tokens)")
+            print(
+                f"{'all':<32} perplexity {result['perplexity']:10.4f}  ({result['tokens']} tokens)"
+            )
+    elif args.command == "reproduce":
+        from lorasum.experiment import reproduce
+        from lorasum.train import TrainConfig
+
+        overrides = {
+            f.name: getattr(args, f.name)
+            for f in dataclasses.fields(TrainConfig)
+            if f.name not in ("model", "data", "eval_val")
+        }
+        results = reproduce(
+            args.out,
+            preset=args.preset,
+            model=args.model,
+            domains=args.domains,
+            overwrite=args.overwrite,
+            **overrides,
+        )
+        for row in results["combinations"]:
+            print(
+                f"{' + '.join(row['domains']):<32} RMS cos {row['rms_cosine']:.4f}  "
+                f"ppl merged {row['ppl_merged']:.3f}  sum {row['ppl_sum']:.3f}  "
+                f"Δ {row['delta_pct']:+.2f}%"
+            )
+        c = results["correlation"]
+        r_text = "n/a" if c["pearson_r"] is None else f"{c['pearson_r']:.3f}"
+        print(f"Pearson r (Δ% vs RMS cosine): {r_text}")
+        print(
+            f"report: {args.out}/report.md  results: {args.out}/results.json  "
+            f"plot: {args.out}/cosine_vs_delta.png  ({results['wall_seconds']:.0f} s)"
+        )
+    elif args.command == "assets":
+        from lorasum.data import BUILTIN_DOMAINS, load_builtin
+        from lorasum.models import prepare_default_model
+
+        for name in BUILTIN_DOMAINS:
+            rows, origin = load_builtin(name)
+            print(f"data {name:<9} {len(rows):>5} rows  {origin}")
+        print(f"model default: {prepare_default_model()}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not args.verbose:
+        _quiet_libraries()
+    try:
+        return _run(args)
+    except LorasumError as e:
+        print(f"lorasum: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "lorasum: interrupted; finished units are kept and reused on the next run",
+            file=sys.stderr,
+        )
+        return 130
+
+
+def _quiet_libraries() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", module="peft")
+    warnings.filterwarnings("ignore", module="transformers")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

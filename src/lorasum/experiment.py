@@ -1,0 +1,354 @@
+"""The naive-summation study as a grid of cached units.
+
+Per domain one adapter; per combination of ≥ 2 domains a merged-data adapter (same
+hyper-parameters) and the exact naive sum of the domain adapters; perplexities on the
+combination's test set (union of its domains' test splits) and per domain; Δ% of sum vs merged;
+RMS cosine per combination; Pearson r and least-squares line of Δ% on RMS cosine.
+
+Every unit (adapter, sum, evaluation) is written atomically with its key; a restarted run reuses
+what finished.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+
+from lorasum import __version__
+from lorasum.compose import compose
+from lorasum.data import Source, load_split, make_batches, tokenize_split
+from lorasum.errors import LorasumError
+from lorasum.evaluate import evaluate_batches, perplexity_from
+from lorasum.io import config_key, read_json, write_json
+from lorasum.models import autocast_dtype, load_model, load_tokenizer, pick_device
+from lorasum.similarity import combination_rms, similarity_matrix
+from lorasum.stats import correlation, delta_pct
+from lorasum.train import TrainConfig, adapter_key, train
+
+log = logging.getLogger(__name__)
+
+# Presets set TrainConfig fields. `paper` is the paper's setup on all the data; `quick` is sized
+# to finish the 3-domain study in under 10 minutes on a 2-core CPU without bf16 (subsampled
+# rows, short sequences, a higher learning rate so a few steps still move the adapters).
+PRESETS: dict[str, dict] = {
+    "paper": dict(
+        rank=4,
+        alpha=64.0,
+        dropout=0.1,
+        lr=5e-5,
+        warmup_steps=2,
+        weight_decay=0.01,
+        epochs=1.0,
+        batch_size=8,
+        max_length=128,
+    ),
+    "quick": dict(
+        rank=4,
+        alpha=64.0,
+        dropout=0.1,
+        lr=2e-4,
+        warmup_steps=2,
+        weight_decay=0.01,
+        epochs=1.0,
+        batch_size=8,
+        max_length=64,
+        max_train=48,
+        max_eval=24,
+    ),
+    # For tests and smoke runs on tiny models.
+    "tiny": dict(
+        rank=4,
+        alpha=64.0,
+        dropout=0.0,
+        lr=1e-3,
+        warmup_steps=0,
+        weight_decay=0.0,
+        epochs=1.0,
+        batch_size=4,
+        max_length=32,
+        max_train=8,
+        max_eval=4,
+    ),
+}
+DEFAULT_DOMAINS = ("math", "medicine", "finance")
+
+
+def parse_domains(domains: str | list[str]) -> dict[str, str]:
+    """'math,medicine' or 'fin=hf:org/ds,mine=my.jsonl' → {name: source}."""
+    items = domains.split(",") if isinstance(domains, str) else list(domains)
+    out: dict[str, str] = {}
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        name, sep, source = item.partition("=")
+        name, source = (name.strip(), source.strip()) if sep else (item, item)
+        if not name or not source or "+" in name or "/" in name:
+            raise LorasumError(
+                f"--domains entry {item!r}: use NAME or NAME=SOURCE (no '+' or '/' in NAME)"
+            )
+        if name in out:
+            raise LorasumError(f"--domains names {name!r} twice; give each domain once")
+        out[name] = source
+    if len(out) < 2:
+        raise LorasumError("--domains needs at least two domains to compose")
+    return out
+
+
+def combinations(names: list[str]) -> list[tuple[str, ...]]:
+    return [c for k in range(2, len(names) + 1) for c in itertools.combinations(names, k)]
+
+
+def _combo_name(combo: tuple[str, ...]) -> str:
+    return "+".join(combo)
+
+
+def _combined(per_dataset: dict, names: tuple[str, ...]) -> dict:
+    """Token-weighted perplexity of a union of test sets from per-dataset sums."""
+    nll = sum(per_dataset[n]["nll"] for n in names)
+    tokens = sum(per_dataset[n]["tokens"] for n in names)
+    return {"perplexity": perplexity_from(nll, tokens), "nll": nll, "tokens": tokens}
+
+
+class _Evaluator:
+    """Evaluates the base model, alone or with an adapter, on domains' test splits; cached."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        sources: dict[str, Source],
+        cfg: TrainConfig,
+        out: Path,
+        progress: bool,
+    ):
+        self.model, self.tokenizer, self.sources = model, tokenizer, sources
+        self.cfg, self.out, self.progress = cfg, out, progress
+        self.device = pick_device(cfg.device)
+        self.amp = autocast_dtype(cfg.precision, self.device)
+
+    def __call__(
+        self, unit: str, adapter_dir: Path | None, unit_key: str, domains: tuple[str, ...]
+    ) -> dict:
+        srcs = [self.sources[d] for d in domains]
+        key = config_key(
+            {
+                "unit": unit_key,
+                "data": [s.fingerprint()["test"] for s in srcs],
+                "max_length": self.cfg.max_length,
+                "answer_only": self.cfg.answer_only,
+                "precision": self.cfg.precision,
+                "version": __version__,
+            }
+        )
+        path = self.out / "evals" / f"{unit}.json"
+        if path.is_file() and read_json(path).get("key") == key:
+            return read_json(path)["result"]
+        items = tokenize_split(
+            self.tokenizer, srcs, "test", self.cfg.max_length, self.cfg.answer_only
+        )
+        batches = make_batches(
+            items, self.cfg.batch_size * 2, self.tokenizer.pad_token_id, shuffle=False
+        )
+        model = self.model
+        if adapter_dir is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(self.model, str(adapter_dir))
+        try:
+            result = evaluate_batches(
+                model,
+                batches,
+                list(domains),
+                self.device,
+                self.amp,
+                progress=self.progress,
+                desc=f"eval {unit}",
+            )
+        finally:
+            if adapter_dir is not None:
+                model.unload()
+        write_json(path, {"key": key, "result": result})
+        return result
+
+
+def reproduce(
+    out: str | Path,
+    preset: str = "quick",
+    model: str = "default",
+    domains: str | list[str] = DEFAULT_DOMAINS,
+    overwrite: bool = False,
+    progress: bool = True,
+    **overrides,
+) -> dict:
+    """`lorasum reproduce`: run the study; write results.json, report.md and cosine_vs_delta.png."""
+    from lorasum.report import write_report
+
+    t_start = time.perf_counter()
+    if preset not in PRESETS:
+        raise LorasumError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    known = {f.name for f in fields(TrainConfig)} - {"model", "data"}
+    unknown = set(overrides) - known
+    if unknown:
+        raise LorasumError(f"unknown study settings {sorted(unknown)}; known: {sorted(known)}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    domain_sources = parse_domains(domains)
+    names = list(domain_sources)
+    base_cfg = TrainConfig(
+        model=model, data=["-"], **{**PRESETS[preset], **overrides, "eval_val": False}
+    )
+    out = Path(out)
+    study = {
+        "preset": preset,
+        "model": model,
+        "domains": domain_sources,
+        "train": base_cfg.identity(),
+        "version": __version__,
+    }
+    study_key = config_key(study)
+    cfg_path = out / "config.json"
+    if out.exists() and not out.is_dir():
+        raise LorasumError(f"output path {out} is a file; choose another --out")
+    if cfg_path.is_file():
+        if read_json(cfg_path).get("key") != study_key and not overwrite:
+            raise LorasumError(
+                f"{out} holds a study with different settings; choose a new --out or pass --overwrite"
+            )
+    elif out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise LorasumError(
+            f"output directory {out} is not empty; choose a new --out or pass --overwrite"
+        )
+
+    # Load everything that can fail on user input before any work is written.
+    sources = {
+        n: load_split(
+            src,
+            base_cfg.split_seed,
+            base_cfg.question_field,
+            base_cfg.answer_field,
+            base_cfg.max_train,
+            base_cfg.max_eval,
+        )
+        for n, src in domain_sources.items()
+    }
+    for n, s in sources.items():
+        s.name = n
+        for split in ("train", "test"):
+            if not s.splits[split]:
+                raise LorasumError(f"domain {n}: the {split} split is empty; use more data")
+    tokenizer = load_tokenizer(model)
+    device = pick_device(base_cfg.device)
+    base_model = load_model(model, device)
+    write_json(
+        cfg_path,
+        {"key": study_key, **study, "data": {n: s.fingerprint() for n, s in sources.items()}},
+    )
+
+    # 1. one adapter per domain, 2. one merged-data adapter per combination
+    adapter_dirs: dict[str, Path] = {}
+    adapter_keys: dict[str, str] = {}
+    adapter_metrics: dict[str, dict] = {}
+    units = [((n,), n) for n in names] + [
+        (c, f"merged-{_combo_name(c)}") for c in combinations(names)
+    ]
+    for doms, unit in units:
+        cfg = replace(base_cfg, data=[domain_sources[d] for d in doms])
+        srcs = [sources[d] for d in doms]
+        path = out / "adapters" / unit
+        marker = train(
+            cfg,
+            path,
+            overwrite=overwrite,
+            model=base_model,
+            tokenizer=tokenizer,
+            sources=srcs,
+            progress=progress,
+        )
+        adapter_dirs[unit], adapter_keys[unit] = path, adapter_key(cfg, srcs)
+        adapter_metrics[unit] = marker["metrics"]
+
+    # 3. the naive sum per combination (exact, seconds)
+    sum_dirs: dict[str, Path] = {}
+    sum_keys: dict[str, str] = {}
+    for combo in combinations(names):
+        path = out / "sums" / _combo_name(combo)
+        marker = compose([adapter_dirs[d] for d in combo], path, overwrite=overwrite)
+        sum_dirs[_combo_name(combo)], sum_keys[_combo_name(combo)] = path, marker["key"]
+
+    # 4. orthogonality of the domain adapters
+    from lorasum.adapters import read_adapter
+
+    factors = {n: read_adapter(adapter_dirs[n]).modules for n in names}
+    pairs = similarity_matrix(factors)
+
+    # 5. perplexities
+    evaluate = _Evaluator(base_model, tokenizer, sources, base_cfg, out, progress)
+    all_domains = tuple(names)
+    base_eval = evaluate("base", None, f"base:{model}", all_domains)
+    singles = {n: evaluate(n, adapter_dirs[n], adapter_keys[n], (n,)) for n in names}
+    rows = []
+    for combo in combinations(names):
+        cname = _combo_name(combo)
+        merged = evaluate(
+            f"merged-{cname}",
+            adapter_dirs[f"merged-{cname}"],
+            adapter_keys[f"merged-{cname}"],
+            combo,
+        )
+        summed = evaluate(f"sum-{cname}", sum_dirs[cname], sum_keys[cname], combo)
+        base_c = _combined(base_eval["per_dataset"], combo)
+        rows.append(
+            {
+                "domains": list(combo),
+                "ppl_sum": summed["perplexity"],
+                "ppl_merged": merged["perplexity"],
+                "ppl_base": base_c["perplexity"],
+                "delta_pct": delta_pct(summed["perplexity"], merged["perplexity"]),
+                "rms_cosine": combination_rms(pairs, combo),
+                "tokens": summed["tokens"],
+                "per_domain": {
+                    d: {
+                        "ppl_sum": summed["per_dataset"][d]["perplexity"],
+                        "ppl_merged": merged["per_dataset"][d]["perplexity"],
+                        "ppl_base": base_eval["per_dataset"][d]["perplexity"],
+                        "ppl_single": singles[d]["perplexity"],
+                        "delta_pct": delta_pct(
+                            summed["per_dataset"][d]["perplexity"],
+                            merged["per_dataset"][d]["perplexity"],
+                        ),
+                    }
+                    for d in combo
+                },
+            }
+        )
+    corr = correlation([r["rms_cosine"] for r in rows], [r["delta_pct"] for r in rows])
+    results = {
+        "lorasum_version": __version__,
+        "preset": preset,
+        "model": model,
+        "domains": domain_sources,
+        "train_config": asdict(replace(base_cfg, data=[])),
+        "data": {n: s.fingerprint() for n, s in sources.items()},
+        "base": {"per_domain": {d: base_eval["per_dataset"][d]["perplexity"] for d in names}},
+        "singles": {
+            n: {
+                "perplexity": singles[n]["perplexity"],
+                "tokens": singles[n]["tokens"],
+                "train": adapter_metrics[n],
+            }
+            for n in names
+        },
+        "merged_training": {u: m for u, m in adapter_metrics.items() if u.startswith("merged-")},
+        "pairs": [
+            {k: v for k, v in p.items() if k != "modules"} | {"modules": p["modules"]}
+            for p in pairs
+        ],
+        "combinations": rows,
+        "correlation": corr,
+        "wall_seconds": time.perf_counter() - t_start,
+    }
+    write_json(out / "results.json", results)
+    write_report(results, out)
+    return results
