@@ -53,7 +53,7 @@ def _pattern_value(patterns: dict, module: str, default):
 
 def read_adapter(path: str | Path) -> Adapter:
     """Read and validate a PEFT LoRA adapter directory into fp32 factors."""
-    from safetensors import SafetensorsError
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -77,7 +77,7 @@ def read_adapter(path: str | Path) -> Adapter:
         raise LorasumError(f"adapter {path} uses DoRA, whose ΔW is not s·B·A; use plain LoRA")
     try:
         tensors = load_file(str(w_path))
-    except (SafetensorsError, OSError, ValueError, RuntimeError) as e:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise LorasumError(
             f"{w_path} is corrupt or unreadable ({str(e)[:120]}); re-save it"
         ) from None

@@ -329,7 +329,7 @@ def reproduce(
         "preset": preset,
         "model": model,
         "domains": domain_sources,
-        "train_config": asdict(replace(base_cfg, data=[])),
+        "train_config": {k: v for k, v in asdict(base_cfg).items() if k != "data"},
         "data": {n: s.fingerprint() for n, s in sources.items()},
         "base": {"per_domain": {d: base_eval["per_dataset"][d]["perplexity"] for d in names}},
         "singles": {

@@ -232,7 +232,7 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 tokens_seen += int(batch.attention_mask.sum())
-                loss_value = float(loss)
+                loss_value = float(loss.detach())
                 if not math.isfinite(loss_value):
                     raise LorasumError(
                         f"training diverged at step {step} (loss {loss_value}); lower --lr "

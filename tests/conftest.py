@@ -1,0 +1,106 @@
+"""Tiny models, tokenizers and QA data built inside the tests: no network, seconds to make."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+VOCAB = 320
+
+
+def _tokenizer(texts: list[str]):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def make_qa(domain: str, n: int, seed: int = 0) -> list[dict]:
+    """Synthetic QA rows of three distinguishable 'domains'."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(1, 50), rng.randint(1, 50)
+        if domain == "arith":
+            rows.append({"question": f"What is {a} plus {b}?", "answer": str(a + b)})
+        elif domain == "colors":
+            c = rng.choice(["red", "green", "blue", "yellow", "purple"])
+            rows.append({"question": f"Which colour is item {a}?", "answer": f"Item {a} is {c}."})
+        else:
+            w = rng.choice(["cash", "bonds", "stocks", "gold"])
+            rows.append({"question": f"Should I hold {w} for {a} years?", "answer": f"Hold {w} {b}%."})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _corpus() -> list[str]:
+    texts = []
+    for d in ("arith", "colors", "finance"):
+        for r in make_qa(d, 200, seed=1):
+            texts.append(f"Question: {r['question']}\nAnswer: {r['answer']}")
+    return texts
+
+
+def build_tiny_model(kind: str, out: Path) -> Path:
+    """Save a tiny random `llama` or `gpt2` causal LM + tokenizer to ``out``."""
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    torch.manual_seed(0)
+    tokenizer = _tokenizer(_corpus())
+    if kind == "llama":
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=128, tie_word_embeddings=True,
+                             eos_token_id=tokenizer.eos_token_id)
+    else:
+        config = GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4,
+                            n_positions=128, eos_token_id=tokenizer.eos_token_id,
+                            bos_token_id=tokenizer.eos_token_id)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return build_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    return build_tiny_model("gpt2", tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def tiny_model(request, tiny_llama, tiny_gpt2) -> Path:
+    return tiny_llama if request.param == "llama" else tiny_gpt2
+
+
+@pytest.fixture(scope="session")
+def qa_files(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("qa")
+    return {name: write_jsonl(d / f"{name}.jsonl", make_qa(name, 60, seed=i))
+            for i, name in enumerate(("arith", "colors", "finance"))}
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch, tmp_path_factory):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
