@@ -20,8 +20,10 @@ def _tokenizer(texts: list[str]):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB, special_tokens=["<eos>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=VOCAB,
+        special_tokens=["<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
@@ -40,7 +42,9 @@ def make_qa(domain: str, n: int, seed: int = 0) -> list[dict]:
             rows.append({"question": f"Which colour is item {a}?", "answer": f"Item {a} is {c}."})
         else:
             w = rng.choice(["cash", "bonds", "stocks", "gold"])
-            rows.append({"question": f"Should I hold {w} for {a} years?", "answer": f"Hold {w} {b}%."})
+            rows.append(
+                {"question": f"Should I hold {w} for {a} years?", "answer": f"Hold {w} {b}%."}
+            )
     return rows
 
 
@@ -64,14 +68,27 @@ def build_tiny_model(kind: str, out: Path) -> Path:
     torch.manual_seed(0)
     tokenizer = _tokenizer(_corpus())
     if kind == "llama":
-        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                             max_position_embeddings=128, tie_word_embeddings=True,
-                             eos_token_id=tokenizer.eos_token_id)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            tie_word_embeddings=True,
+            eos_token_id=tokenizer.eos_token_id,
+        )
     else:
-        config = GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4,
-                            n_positions=128, eos_token_id=tokenizer.eos_token_id,
-                            bos_token_id=tokenizer.eos_token_id)
+        config = GPT2Config(
+            vocab_size=len(tokenizer),
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=128,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.eos_token_id,
+        )
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -96,11 +113,54 @@ def tiny_model(request, tiny_llama, tiny_gpt2) -> Path:
 @pytest.fixture(scope="session")
 def qa_files(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("qa")
-    return {name: write_jsonl(d / f"{name}.jsonl", make_qa(name, 60, seed=i))
-            for i, name in enumerate(("arith", "colors", "finance"))}
+    return {
+        name: write_jsonl(d / f"{name}.jsonl", make_qa(name, 60, seed=i))
+        for i, name in enumerate(("arith", "colors", "finance"))
+    }
 
 
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+def load_tiny(model_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def make_adapter(
+    model_dir: Path,
+    out: Path,
+    r: int = 4,
+    alpha: float = 8.0,
+    targets: list[str] | None = None,
+    seed: int = 0,
+    use_rslora: bool = False,
+) -> Path:
+    """A PEFT LoRA adapter with random, non-zero A *and* B (so ΔW ≠ 0)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = load_tiny(model_dir)
+    if targets is None:
+        targets = (
+            ["c_attn", "c_proj"]
+            if model.config.model_type == "gpt2"
+            else ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
+        )
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=targets,
+        init_lora_weights=False,
+        fan_in_fan_out=model.config.model_type == "gpt2",
+        use_rslora=use_rslora,
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=str(model_dir),
+    )
+    peft_model = get_peft_model(model, config)
+    peft_model.save_pretrained(out)
+    return out

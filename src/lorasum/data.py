@@ -103,7 +103,9 @@ def _normalise_builtin(domain: str, row: dict, where: str) -> QA:
             m = re.match(r"^\s*([A-Z])\.\s*(.*)$", str(row["answer"]), re.S)
             if m is None:
                 raise LorasumError(f"{where}: MedQA answer {row['answer']!r} has no option letter")
-            return QA(str(row["question"]).strip(), m.group(2).strip())
+            options = dict(re.findall(r"^([A-Z])\.\s*(.*)$", str(row.get("options", "")), re.M))
+            text = options.get(m.group(1), m.group(2)).strip()
+            return QA(str(row["question"]).strip(), text)
         return QA(str(row["question"]).strip(), str(row["answer"]).strip())
     except KeyError as e:
         raise LorasumError(f"{where}: missing field {e}") from None
@@ -175,8 +177,9 @@ def _rows_to_qa(
     qf = af = None
     for i, row in rows:
         if qf is None:
-            qf = _pick_field(list(row), question_field, QUESTION_FIELDS, "question", where)
-            af = _pick_field(list(row), answer_field, ANSWER_FIELDS, "answer", where)
+            at = f"{where}:{i}"
+            qf = _pick_field(list(row), question_field, QUESTION_FIELDS, "question", at)
+            af = _pick_field(list(row), answer_field, ANSWER_FIELDS, "answer", at)
         if qf not in row or af not in row:
             missing = qf if qf not in row else af
             raise LorasumError(f"{where}:{i}: missing field {missing!r}; every row needs it")
@@ -190,11 +193,13 @@ def _rows_to_qa(
 def load_file(
     path: Path, question_field: str | None, answer_field: str | None
 ) -> tuple[list[QA], str]:
+    if path.is_dir():
+        raise LorasumError(f"data source {path} is a directory; pass a .jsonl or .csv file")
     if not path.is_file():
         raise LorasumError(f"data file {path} does not exist; check the path")
-    if path.suffix == ".jsonl":
+    if path.suffix.lower() == ".jsonl":
         rows = _read_jsonl(path)
-    elif path.suffix == ".csv":
+    elif path.suffix.lower() == ".csv":
         rows = _read_csv(path)
     else:
         raise LorasumError(f"data file {path}: unsupported format; use .jsonl or .csv")
@@ -234,7 +239,7 @@ def load_source(
         rows, origin = load_builtin(spec)
     elif spec.startswith("hf:"):
         rows, origin = load_hf(spec, question_field, answer_field)
-    elif spec.endswith((".jsonl", ".csv")) or Path(spec).exists():
+    elif spec.lower().endswith((".jsonl", ".csv")) or Path(spec).exists():
         rows, origin = load_file(Path(spec), question_field, answer_field)
     else:
         known = ", ".join(BUILTIN_DOMAINS)

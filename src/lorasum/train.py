@@ -167,12 +167,13 @@ def train(
         log.info("reusing finished adapter %s", out)
         return read_json(out / "lorasum.json")
 
-    device = pick_device(cfg.device)
-    amp = autocast_dtype(cfg.precision, device)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
-    own_model = model is None
-    if own_model:
-        model = load_model(cfg.model, device)
+    if model is None:
+        model = load_model(cfg.model, pick_device(cfg.device))
+    device = next(model.parameters()).device  # a shared model decides where batches go
+    amp = autocast_dtype(cfg.precision, device)
+    was_training = model.training
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     targets = resolve_target_modules(model, cfg.target_modules)
 
     train_items = tokenize_split(tokenizer, sources, "train", cfg.max_length, cfg.answer_only)
@@ -295,5 +296,8 @@ def train(
                     f.write(json.dumps(row) + "\n")
         return marker
     finally:
-        # Give the caller its base model back, without LoRA layers.
-        peft_model.unload()
+        # Give the caller its base model back as it was: no LoRA layers, same flags and mode.
+        restored = peft_model.unload()
+        for n, p in restored.named_parameters():
+            p.requires_grad_(requires_grad.get(n, p.requires_grad))
+        restored.train(was_training)
