@@ -121,10 +121,14 @@ def plot_cosine_vs_delta(results: dict, path: Path) -> None:
     ys = [r["delta_pct"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
     ax.scatter(xs, ys, color="tab:blue", zorder=3)
-    for r, x, y in zip(rows, xs, ys, strict=True):
-        ax.annotate(
-            " + ".join(r["domains"]), (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8
-        )
+    # Alternate label sides so near-coincident points stay readable.
+    order = sorted(range(len(rows)), key=lambda i: (xs[i], ys[i]))
+    for k, i in enumerate(order):
+        left = k % 2 == 0
+        ax.annotate(" + ".join(rows[i]["domains"]), (xs[i], ys[i]), textcoords="offset points",
+                    xytext=(-6, -12) if left else (6, 6), ha="right" if left else "left",
+                    fontsize=8)
+    ax.margins(x=0.25, y=0.15)
     c = results["correlation"]
     if c["slope"] is not None:
         lo, hi = min(xs), max(xs)
