@@ -16,7 +16,7 @@ from lorasum import __version__
 from lorasum.adapters import Adapter, check_fits, read_adapter, write_adapter
 from lorasum.errors import LorasumError
 from lorasum.factors import sum_factors
-from lorasum.io import atomic_dir, check_output_dir, config_key, read_json
+from lorasum.io import atomic_dir, check_output_dir, config_key, existing_key, read_json
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ def compose(
     merge_into_base: str | Path | None = None,
     model: str | None = None,
     overwrite: bool = False,
+    reuse_same: bool = False,
 ) -> dict:
     """`lorasum compose`: write the exact weighted sum as a PEFT adapter (and optionally a merged model)."""
     if len(paths) < 1:
@@ -79,7 +80,8 @@ def compose(
         {"sources": [_fingerprint(a) for a in adapters], "weights": w, "version": __version__}
     )
     out = Path(out)
-    reuse = check_output_dir(out, key, overwrite)
+    # reuse_same: with overwrite, still keep a finished result that has the same key.
+    reuse = check_output_dir(out, key, overwrite and not (reuse_same and existing_key(out) == key))
     merged_out = Path(merge_into_base) if merge_into_base else None
     if merged_out is not None:
         if base is None:

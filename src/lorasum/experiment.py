@@ -22,7 +22,7 @@ from lorasum.compose import compose
 from lorasum.data import Source, load_split, make_batches, tokenize_split
 from lorasum.errors import LorasumError
 from lorasum.evaluate import evaluate_batches, perplexity_from
-from lorasum.io import config_key, read_json, write_json
+from lorasum.io import config_key, existing_key, read_json, write_json
 from lorasum.models import autocast_dtype, load_model, load_tokenizer, pick_device
 from lorasum.similarity import combination_rms, similarity_matrix
 from lorasum.stats import correlation, delta_pct
@@ -257,16 +257,18 @@ def reproduce(
         cfg = replace(base_cfg, data=[domain_sources[d] for d in doms])
         srcs = [sources[d] for d in doms]
         path = out / "adapters" / unit
+        key = adapter_key(cfg, srcs)
+        # --overwrite replaces units made with other settings; identical units are still reused.
         marker = train(
             cfg,
             path,
-            overwrite=overwrite,
+            overwrite=overwrite and existing_key(path) != key,
             model=base_model,
             tokenizer=tokenizer,
             sources=srcs,
             progress=progress,
         )
-        adapter_dirs[unit], adapter_keys[unit] = path, adapter_key(cfg, srcs)
+        adapter_dirs[unit], adapter_keys[unit] = path, key
         adapter_metrics[unit] = marker["metrics"]
 
     # 3. the naive sum per combination (exact, seconds)
@@ -274,7 +276,9 @@ def reproduce(
     sum_keys: dict[str, str] = {}
     for combo in combinations(names):
         path = out / "sums" / _combo_name(combo)
-        marker = compose([adapter_dirs[d] for d in combo], path, overwrite=overwrite)
+        marker = compose(
+            [adapter_dirs[d] for d in combo], path, overwrite=overwrite, reuse_same=True
+        )
         sum_dirs[_combo_name(combo)], sum_keys[_combo_name(combo)] = path, marker["key"]
 
     # 4. orthogonality of the domain adapters

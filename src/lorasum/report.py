@@ -125,9 +125,14 @@ def plot_cosine_vs_delta(results: dict, path: Path) -> None:
     order = sorted(range(len(rows)), key=lambda i: (xs[i], ys[i]))
     for k, i in enumerate(order):
         left = k % 2 == 0
-        ax.annotate(" + ".join(rows[i]["domains"]), (xs[i], ys[i]), textcoords="offset points",
-                    xytext=(-6, -12) if left else (6, 6), ha="right" if left else "left",
-                    fontsize=8)
+        ax.annotate(
+            " + ".join(rows[i]["domains"]),
+            (xs[i], ys[i]),
+            textcoords="offset points",
+            xytext=(-6, -12) if left else (6, 6),
+            ha="right" if left else "left",
+            fontsize=8,
+        )
     ax.margins(x=0.25, y=0.15)
     c = results["correlation"]
     if c["slope"] is not None:
