@@ -142,7 +142,9 @@ def test_cli_reproduce_tiny(tiny_llama, qa_files, tmp_path, capsys):
     # --overwrite replaces only units whose settings differ: identical ones are still reused
     code, _, _ = run([*args, "--overwrite"], capsys)
     assert code == 0
-    assert (tmp_path / "study" / "adapters" / "arith" / "adapter_model.safetensors").stat().st_mtime_ns == stamp
+    assert (
+        tmp_path / "study" / "adapters" / "arith" / "adapter_model.safetensors"
+    ).stat().st_mtime_ns == stamp
     # other settings into the same directory are refused
     code, _, err = run([*args, "--lr", "0.5"], capsys)
     assert code == 2 and "--overwrite" in err

@@ -73,6 +73,10 @@ def read_adapter(path: str | Path) -> Adapter:
             f"adapter {path} is not a LoRA adapter (peft_type "
             f"{config.get('peft_type') if isinstance(config, dict) else '?'})"
         )
+    if config.get("lora_bias"):
+        raise LorasumError(
+            f"adapter {path} has LoRA bias terms, whose ΔW is not s·B·A; use plain LoRA"
+        )
     if config.get("use_dora"):
         raise LorasumError(f"adapter {path} uses DoRA, whose ΔW is not s·B·A; use plain LoRA")
     try:

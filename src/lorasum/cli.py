@@ -135,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--out", required=True, help="study directory (results.json, report.md, png)")
     r.add_argument("--overwrite", action="store_true", help="replace a study with other settings")
+    r.add_argument(
+        "--seed-per-domain",
+        action="store_true",
+        help="give each domain adapter its own LoRA init seed (default: one shared seed, "
+        "as in the paper's scripts)",
+    )
     _add_dataclass_flags(r, TrainConfig, skip={"model", "data", "eval_val"}, defaults=False)
 
     sub.add_parser("assets", help="check the embedded model and data, and build the model cache")
@@ -228,6 +234,7 @@ def _run(args: argparse.Namespace) -> int:
             model=args.model,
             domains=args.domains,
             overwrite=args.overwrite,
+            seed_per_domain=args.seed_per_domain,
             **overrides,
         )
         for row in results["combinations"]:

@@ -7,6 +7,7 @@ that an adapter does not adapt contributes a zero ΔW.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -48,16 +49,20 @@ def parse_weights(weights: str | Sequence[float] | None, n: int) -> list[float]:
             weights = [float(w) for w in weights.split(",")]
         except ValueError:
             raise LorasumError(f"--weights {weights!r}: expected numbers like 1,0.5,-1") from None
-    weights = list(weights)
+    weights = [float(w) for w in weights]
     if len(weights) != n:
         raise LorasumError(f"--weights has {len(weights)} values for {n} adapters; give one each")
+    if not all(math.isfinite(w) for w in weights):
+        raise LorasumError(f"--weights {weights}: every weight must be a finite number")
     return weights
 
 
-def _fingerprint(a: Adapter) -> str:
+def adapter_fingerprint(a: Adapter) -> str:
+    """Hash of an adapter's weights *and* config (r, alpha, rsLoRA, patterns change ΔW)."""
     from lorasum.models import sha256_file
 
-    return sha256_file(a.path / "adapter_model.safetensors")[:16]
+    weights = sha256_file(a.path / "adapter_model.safetensors")
+    return config_key({"weights": weights, "config": a.config})
 
 
 def compose(
@@ -77,7 +82,12 @@ def compose(
     check_compatible(adapters)
     base = model or next((a.base_model for a in adapters if a.base_model), None)
     key = config_key(
-        {"sources": [_fingerprint(a) for a in adapters], "weights": w, "version": __version__}
+        {
+            "sources": [adapter_fingerprint(a) for a in adapters],
+            "weights": w,
+            "base_model": base,
+            "version": __version__,
+        }
     )
     out = Path(out)
     # reuse_same: with overwrite, still keep a finished result that has the same key.
@@ -128,7 +138,13 @@ def merge_adapter_into_base(adapter_dir: str | Path, model_spec: str, out: str |
     check_fits(adapter, model, model_spec)
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
     merged = peft_model.merge_and_unload(safe_merge=True)
-    with torch.no_grad(), atomic_dir(out) as tmp:
+    marker = {
+        "kind": "merged_model",
+        "key": None,
+        "adapter": str(adapter_dir),
+        "base_model": model_spec,
+    }
+    with torch.no_grad(), atomic_dir(out, marker=marker) as tmp:
         merged.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
     return Path(out)

@@ -130,23 +130,38 @@ def load_builtin(domain: str) -> tuple[list[QA], str]:
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LorasumError(f"{path}:{i}: malformed JSON ({e.msg}); fix that line") from None
-            if not isinstance(row, dict):
-                raise LorasumError(f"{path}:{i}: expected a JSON object per line")
-            yield i, row
+    i = 0
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            for i, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise LorasumError(
+                        f"{path}:{i}: malformed JSON ({e.msg}); fix that line"
+                    ) from None
+                if not isinstance(row, dict):
+                    raise LorasumError(f"{path}:{i}: expected a JSON object per line")
+                yield i, row
+    except UnicodeDecodeError:
+        raise LorasumError(f"{path}:{i + 1}: not UTF-8 text; re-save the file as UTF-8") from None
 
 
 def _read_csv(path: Path) -> Iterator[tuple[int, dict]]:
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        yield from enumerate(reader, start=2)
+    i = 1
+    try:
+        # utf-8-sig: tolerate the byte-order mark that Excel writes
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            for i, row in enumerate(csv.DictReader(f), start=2):  # line 1 is the header
+                if None in row:
+                    raise LorasumError(f"{path}:{i}: more cells than header columns; fix that row")
+                yield i, row
+    except UnicodeDecodeError:
+        raise LorasumError(f"{path}: not UTF-8 text; re-save the file as UTF-8") from None
+    except csv.Error as e:
+        raise LorasumError(f"{path}:{i}: malformed CSV ({e}); fix that row") from None
 
 
 def _pick_field(
@@ -308,17 +323,20 @@ class Tokenized:
 def tokenize_qa(tokenizer, qa: QA, max_length: int, answer_only: bool = True) -> Tokenized:
     """Tokenise prompt and answer separately so the answer boundary is exact.
 
-    Too long: the prompt is cut from the left and the answer from the right, the answer keeping
-    at least half of ``max_length`` (or all of itself).
+    Too long: the prompt is cut from the left (a leading BOS is kept) and the answer from the
+    right, the answer keeping at least half of ``max_length`` (or all of itself).
     """
     prompt = tokenizer(prompt_text(qa.question), add_special_tokens=True)["input_ids"]
     answer = tokenizer(answer_text(qa.answer), add_special_tokens=False)["input_ids"]
     answer = [*answer, tokenizer.eos_token_id]
     if len(prompt) + len(answer) > max_length:
+        bos = tokenizer.bos_token_id
+        head = prompt[:1] if bos is not None and prompt[:1] == [bos] else []
+        body = prompt[len(head) :]
         keep_answer = min(len(answer), max(max_length // 2, max_length - len(prompt)))
-        keep_prompt = max_length - keep_answer
-        prompt = prompt[len(prompt) - keep_prompt :] if keep_prompt > 0 else []
-        answer = answer[:keep_answer]
+        keep_body = max(0, max_length - keep_answer - len(head))
+        prompt = head + (body[len(body) - keep_body :] if keep_body > 0 else [])
+        answer = answer[: max_length - len(prompt)]
     ids = prompt + answer
     counted = [False] * len(prompt) + [True] * len(answer) if answer_only else [True] * len(ids)
     counted[0] = False  # the first token is never predicted

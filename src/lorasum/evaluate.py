@@ -131,6 +131,8 @@ def evaluate(
     from lorasum.errors import LorasumError
     from lorasum.models import autocast_dtype, load_model, load_tokenizer, pick_device
 
+    if isinstance(data, str):
+        data = [data]
     data = [d for item in data for d in item.split(",") if d]
     if not data:
         raise LorasumError("no data given; pass --data math (or a .jsonl/.csv/hf: source)")
@@ -138,6 +140,8 @@ def evaluate(
         raise LorasumError(f"--split {split!r}: use train, val or test")
     if max_length < 8 or batch_size < 1:
         raise LorasumError("--max-length must be >= 8 and --batch-size >= 1")
+    if max_eval is not None and max_eval < 1:
+        raise LorasumError("--max-eval must be >= 1")
     adapter_obj = read_adapter(adapter) if adapter else None  # validate before loading a model
     sources = [
         load_split(d, split_seed, question_field, answer_field, None, max_eval) for d in data

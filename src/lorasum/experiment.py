@@ -23,7 +23,7 @@ from lorasum.data import Source, load_split, make_batches, tokenize_split
 from lorasum.errors import LorasumError
 from lorasum.evaluate import evaluate_batches, perplexity_from
 from lorasum.io import config_key, existing_key, read_json, write_json
-from lorasum.models import autocast_dtype, load_model, load_tokenizer, pick_device
+from lorasum.models import autocast_dtype, load_model, load_tokenizer, pick_device, sha256_file
 from lorasum.similarity import combination_rms, similarity_matrix
 from lorasum.stats import correlation, delta_pct
 from lorasum.train import TrainConfig, adapter_key, train
@@ -94,7 +94,18 @@ def parse_domains(domains: str | list[str]) -> dict[str, str]:
         out[name] = source
     if len(out) < 2:
         raise LorasumError("--domains needs at least two domains to compose")
+    if len(set(out.values())) != len(out):
+        raise LorasumError("--domains uses one data source for two domains; give each its own")
     return out
+
+
+def _read_json_or_none(path: Path) -> dict | None:
+    """A cache file, or None when it is missing or unreadable (then it is recomputed)."""
+    try:
+        obj = read_json(path)
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 def combinations(names: list[str]) -> list[tuple[str, ...]]:
@@ -136,6 +147,7 @@ class _Evaluator:
         key = config_key(
             {
                 "unit": unit_key,
+                "domains": list(domains),
                 "data": [s.fingerprint()["test"] for s in srcs],
                 "max_length": self.cfg.max_length,
                 "answer_only": self.cfg.answer_only,
@@ -144,8 +156,9 @@ class _Evaluator:
             }
         )
         path = self.out / "evals" / f"{unit}.json"
-        if path.is_file() and read_json(path).get("key") == key:
-            return read_json(path)["result"]
+        cached = _read_json_or_none(path)
+        if cached is not None and cached.get("key") == key:
+            return cached["result"]
         items = tokenize_split(
             self.tokenizer, srcs, "test", self.cfg.max_length, self.cfg.answer_only
         )
@@ -181,6 +194,7 @@ def reproduce(
     domains: str | list[str] = DEFAULT_DOMAINS,
     overwrite: bool = False,
     progress: bool = True,
+    seed_per_domain: bool = False,
     **overrides,
 ) -> dict:
     """`lorasum reproduce`: run the study; write results.json, report.md and cosine_vs_delta.png."""
@@ -205,20 +219,23 @@ def reproduce(
         "model": model,
         "domains": domain_sources,
         "train": base_cfg.identity(),
+        "seed_per_domain": seed_per_domain,
         "version": __version__,
     }
     study_key = config_key(study)
     cfg_path = out / "config.json"
     if out.exists() and not out.is_dir():
         raise LorasumError(f"output path {out} is a file; choose another --out")
-    if cfg_path.is_file():
-        if read_json(cfg_path).get("key") != study_key and not overwrite:
+    previous = _read_json_or_none(cfg_path) if cfg_path.is_file() else None
+    if previous is not None:
+        if previous.get("key") != study_key and not overwrite:
             raise LorasumError(
                 f"{out} holds a study with different settings; choose a new --out or pass --overwrite"
             )
-    elif out.is_dir() and any(out.iterdir()) and not overwrite:
+    elif out.is_dir() and any(out.iterdir()):
+        # --overwrite never deletes or mixes into a directory that is not a lorasum study.
         raise LorasumError(
-            f"output directory {out} is not empty; choose a new --out or pass --overwrite"
+            f"output directory {out} is not empty and holds no lorasum study; choose a new --out"
         )
 
     # Load everything that can fail on user input before any work is written.
@@ -241,6 +258,10 @@ def reproduce(
     tokenizer = load_tokenizer(model)
     device = pick_device(base_cfg.device)
     base_model = load_model(model, device)
+    if previous is not None and previous.get("key") != study_key:
+        # The old study's results must never sit beside the new settings, even if this run stops.
+        for stale in ("results.json", "report.md", "cosine_vs_delta.png"):
+            (out / stale).unlink(missing_ok=True)
     write_json(
         cfg_path,
         {"key": study_key, **study, "data": {n: s.fingerprint() for n, s in sources.items()}},
@@ -254,7 +275,10 @@ def reproduce(
         (c, f"merged-{_combo_name(c)}") for c in combinations(names)
     ]
     for doms, unit in units:
-        cfg = replace(base_cfg, data=[domain_sources[d] for d in doms])
+        seed = base_cfg.seed
+        if seed_per_domain and len(doms) == 1:
+            seed += names.index(doms[0])  # distinct LoRA init per domain adapter
+        cfg = replace(base_cfg, data=[domain_sources[d] for d in doms], seed=seed)
         srcs = [sources[d] for d in doms]
         path = out / "adapters" / unit
         key = adapter_key(cfg, srcs)
@@ -290,18 +314,25 @@ def reproduce(
     # 5. perplexities
     evaluate = _Evaluator(base_model, tokenizer, sources, base_cfg, out, progress)
     all_domains = tuple(names)
+
+    def weights_key(unit_dir: Path) -> str:  # evaluations are keyed by the actual weights
+        return sha256_file(unit_dir / "adapter_model.safetensors")
+
     base_eval = evaluate("base", None, f"base:{model}", all_domains)
-    singles = {n: evaluate(n, adapter_dirs[n], adapter_keys[n], (n,)) for n in names}
+    singles = {
+        n: evaluate(f"single-{n}", adapter_dirs[n], weights_key(adapter_dirs[n]), (n,))
+        for n in names
+    }
     rows = []
     for combo in combinations(names):
         cname = _combo_name(combo)
         merged = evaluate(
             f"merged-{cname}",
             adapter_dirs[f"merged-{cname}"],
-            adapter_keys[f"merged-{cname}"],
+            weights_key(adapter_dirs[f"merged-{cname}"]),
             combo,
         )
-        summed = evaluate(f"sum-{cname}", sum_dirs[cname], sum_keys[cname], combo)
+        summed = evaluate(f"sum-{cname}", sum_dirs[cname], weights_key(sum_dirs[cname]), combo)
         base_c = _combined(base_eval["per_dataset"], combo)
         rows.append(
             {
@@ -333,6 +364,7 @@ def reproduce(
         "preset": preset,
         "model": model,
         "domains": domain_sources,
+        "seed_per_domain": seed_per_domain,
         "train_config": {k: v for k, v in asdict(base_cfg).items() if k != "data"},
         "data": {n: s.fingerprint() for n, s in sources.items()},
         "base": {"per_domain": {d: base_eval["per_dataset"][d]["perplexity"] for d in names}},

@@ -82,7 +82,8 @@ def check_output_dir(out: str | Path, key: str | None = None, overwrite: bool = 
     """Decide what to do with an output directory before doing any work.
 
     Returns True when ``out`` already holds the finished result with the same ``key`` (reuse it).
-    Raises ``LorasumError`` when it holds something else, unless ``overwrite``.
+    Raises ``LorasumError`` when it holds something else, unless ``overwrite`` — which only ever
+    replaces an empty directory or one that lorasum wrote (it has a ``lorasum.json``).
     """
     out = Path(out)
     if not out.exists():
@@ -91,7 +92,14 @@ def check_output_dir(out: str | Path, key: str | None = None, overwrite: bool = 
         raise LorasumError(f"output path {out} exists and is a file; choose another --out")
     if key is not None and existing_key(out) == key and not overwrite:
         return True
-    if overwrite or not any(out.iterdir()):
+    if not any(out.iterdir()):
+        return False
+    if not (out / MARKER).is_file():
+        raise LorasumError(
+            f"output directory {out} holds files that lorasum did not write; "
+            "choose a new or empty --out (--overwrite only replaces lorasum outputs)"
+        )
+    if overwrite:
         return False
     raise LorasumError(
         f"output directory {out} already holds a different result; "
@@ -118,7 +126,11 @@ def atomic_dir(out: str | Path, marker: dict[str, Any] | None = None) -> Iterato
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
-            os.replace(tmp, out)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)  # put the previous result back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)

@@ -187,12 +187,25 @@ def resolve_target_modules(model: nn.Module, requested: str | list[str]) -> list
             if requested == "auto"
             else [t.strip() for t in requested.split(",") if t.strip()]
         )
-    names = [n for n, _ in model.named_modules()]
-    missing = [t for t in requested if not any(n == t or n.endswith("." + t) for n in names)]
+    from lorasum.adapters import delta_shape
+
+    modules = list(model.named_modules())
+    missing, not_linear = [], []
+    for t in requested:
+        matched = [m for n, m in modules if n == t or n.endswith("." + t)]
+        if not matched:
+            missing.append(t)
+        elif any(delta_shape(m) is None for m in matched):
+            not_linear.append(t)  # LoRA here is not s·B·A on a weight matrix (or unsupported)
     if missing or not requested:
         raise LorasumError(
             f"target modules {missing or requested} not found in the model; "
             "pass --target-modules with names of its linear layers (e.g. q_proj,v_proj)"
+        )
+    if not_linear:
+        raise LorasumError(
+            f"target modules {not_linear} are not linear layers; lorasum composes LoRA on "
+            "nn.Linear/Conv1D weights only: pass --target-modules with linear layer names"
         )
     return list(requested)
 

@@ -32,6 +32,14 @@ def render_markdown(results: dict) -> str:
         f"max length {cfg['max_length']}, seed {cfg['seed']}, split seed {cfg['split_seed']}; "
         f"loss and perplexity on {'answer tokens only' if cfg['answer_only'] else 'all tokens'}.",
         "",
+        (
+            "LoRA init: each domain adapter has its own seed (`--seed-per-domain`)."
+            if results.get("seed_per_domain")
+            else "LoRA init: every adapter starts from the same seeded init (as with the paper's "
+            "HF Trainer scripts), so the domain adapters share their initial A; "
+            "`--seed-per-domain` gives each its own."
+        ),
+        "",
         "## Composition vs merged-data training",
         "",
         "| combination | RMS cosine | ppl base | ppl merged-data | ppl naive sum | Δ% (sum vs merged) |",

@@ -126,12 +126,17 @@ def load_sources(cfg: TrainConfig) -> list[Source]:
 
 
 def adapter_key(cfg: TrainConfig, sources: list[Source]) -> str:
+    """Hash of what determines the trained weights (and the reported val metric, if any)."""
+    identity = cfg.identity()
+    splits = ("train", "val") if cfg.eval_val else ("train",)
+    if not cfg.eval_val:
+        identity.pop("max_eval")  # only decides which val/test rows exist
+    data = []
+    for s in sources:
+        fp = s.fingerprint()
+        data.append({"origin": fp["origin"], **{k: fp[k] for k in splits}})
     return config_key(
-        {
-            "config": cfg.identity(),
-            "data": [s.fingerprint() for s in sources],
-            "version": __version__,
-        }
+        {"config": identity, "data": data, "eval_val": cfg.eval_val, "version": __version__}
     )
 
 
@@ -190,11 +195,10 @@ def train(
         bias="none",
         task_type="CAUSAL_LM",
     )
-    for p in model.parameters():
-        p.requires_grad_(False)
-    peft_model = get_peft_model(model, lora_config)
-    peft_model.peft_config["default"].base_model_name_or_path = cfg.model
+    peft_model = None
     try:
+        peft_model = get_peft_model(model, lora_config)
+        peft_model.peft_config["default"].base_model_name_or_path = cfg.model
         params = [p for p in peft_model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = get_linear_schedule_with_warmup(
@@ -228,6 +232,7 @@ def train(
                     if cfg.grad_clip > 0
                     else torch.tensor(float("nan"))
                 )
+                step_lr = scheduler.get_last_lr()[0]  # the rate this step used
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -244,7 +249,7 @@ def train(
                         "step": step,
                         "epoch": epoch,
                         "loss": loss_value,
-                        "lr": scheduler.get_last_lr()[0],
+                        "lr": step_lr,
                         "grad_norm": float(grad_norm),
                         "tokens": n_tokens,
                     }
@@ -297,7 +302,7 @@ def train(
         return marker
     finally:
         # Give the caller its base model back as it was: no LoRA layers, same flags and mode.
-        restored = peft_model.unload()
+        restored = peft_model.unload() if peft_model is not None else model
         for n, p in restored.named_parameters():
             p.requires_grad_(requires_grad.get(n, p.requires_grad))
         restored.train(was_training)
