@@ -13,25 +13,50 @@ from lorasum.experiment import reproduce
 from lorasum.train import TrainConfig, train
 
 
-def test_overwrite_never_replaces_a_directory_lorasum_did_not_write(tiny_llama, qa_files, tmp_path, capsys):
+def test_overwrite_never_replaces_a_directory_lorasum_did_not_write(
+    tiny_llama, qa_files, tmp_path, capsys
+):
     foreign = tmp_path / "my_stuff"
     foreign.mkdir()
     (foreign / "precious.txt").write_text("keep me")
-    code = main(["train", "--model", str(tiny_llama), "--data", str(qa_files["arith"]), "--out",
-                 str(foreign), "--max-steps", "1", "--overwrite"])
+    code = main(
+        [
+            "train",
+            "--model",
+            str(tiny_llama),
+            "--data",
+            str(qa_files["arith"]),
+            "--out",
+            str(foreign),
+            "--max-steps",
+            "1",
+            "--overwrite",
+        ]
+    )
     assert code == 2 and "did not write" in capsys.readouterr().err
     assert (foreign / "precious.txt").read_text() == "keep me"
     with pytest.raises(LorasumError, match="no lorasum study"):
-        reproduce(foreign, preset="tiny", model=str(tiny_llama),
-                  domains=[f"{n}={p}" for n, p in qa_files.items()], overwrite=True, progress=False)
+        reproduce(
+            foreign,
+            preset="tiny",
+            model=str(tiny_llama),
+            domains=[f"{n}={p}" for n, p in qa_files.items()],
+            overwrite=True,
+            progress=False,
+        )
     assert sorted(p.name for p in foreign.iterdir()) == ["precious.txt"]
 
 
 def test_non_linear_target_modules_are_refused_and_model_untouched(tiny_llama, qa_files, tmp_path):
     model = load_tiny(tiny_llama)
     before = {n: p.requires_grad for n, p in model.named_parameters()}
-    cfg = TrainConfig(model=str(tiny_llama), data=[str(qa_files["arith"])], target_modules="mlp",
-                      max_steps=1, eval_val=False)
+    cfg = TrainConfig(
+        model=str(tiny_llama),
+        data=[str(qa_files["arith"])],
+        target_modules="mlp",
+        max_steps=1,
+        eval_val=False,
+    )
     with pytest.raises(LorasumError, match="not linear layers"):
         train(cfg, tmp_path / "a", model=model, progress=False)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == before
@@ -65,15 +90,34 @@ def test_left_truncation_keeps_bos():
 def test_renamed_domains_and_seed_per_domain(tiny_llama, qa_files, tmp_path):
     out = tmp_path / "study"
     files = list(qa_files.values())[:2]
-    reproduce(out, preset="tiny", model=str(tiny_llama), domains=[f"a={files[0]}", f"b={files[1]}"],
-              progress=False)
+    reproduce(
+        out,
+        preset="tiny",
+        model=str(tiny_llama),
+        domains=[f"a={files[0]}", f"b={files[1]}"],
+        progress=False,
+    )
     # same data under new names: cached evaluations must not be reused under the old names
-    res = reproduce(out, preset="tiny", model=str(tiny_llama), overwrite=True, progress=False,
-                    domains=[f"x={files[0]}", f"y={files[1]}"], seed_per_domain=True)
+    res = reproduce(
+        out,
+        preset="tiny",
+        model=str(tiny_llama),
+        overwrite=True,
+        progress=False,
+        domains=[f"x={files[0]}", f"y={files[1]}"],
+        seed_per_domain=True,
+    )
     assert res["combinations"][0]["domains"] == ["x", "y"]
-    seeds = [json.loads((out / "adapters" / n / "lorasum.json").read_text())["config"]["seed"]
-             for n in ("x", "y")]
+    seeds = [
+        json.loads((out / "adapters" / n / "lorasum.json").read_text())["config"]["seed"]
+        for n in ("x", "y")
+    ]
     assert seeds[0] != seeds[1]
     with pytest.raises(LorasumError, match="one data source for two domains"):
-        reproduce(tmp_path / "s2", preset="tiny", model=str(tiny_llama),
-                  domains=[f"x={files[0]}", f"y={files[0]}"], progress=False)
+        reproduce(
+            tmp_path / "s2",
+            preset="tiny",
+            model=str(tiny_llama),
+            domains=[f"x={files[0]}", f"y={files[0]}"],
+            progress=False,
+        )
