@@ -40,7 +40,8 @@ def _add_dataclass_flags(
                 flag,
                 type=lambda s: [x for x in s.split(",") if x],
                 default=None if not defaults else list(f.default),
-                help=help_text,
+                required=defaults and f.metadata.get("required", False),
+                help=help_text + " (comma list)",
             )
         else:
             parser.add_argument(
@@ -56,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     from lorasum.train import TrainConfig
 
     p = argparse.ArgumentParser(
-        prog="lorasum", description=__doc__.splitlines()[0] if __doc__ else ""
+        prog="lorasum",
+        description="Modular fine-tuning by adding LoRA adapters: train, compose exactly, "
+        "measure orthogonality, evaluate, and run the naive-summation study.",
     )
     p.add_argument("--version", action="version", version=f"lorasum {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")

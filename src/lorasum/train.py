@@ -44,6 +44,7 @@ class TrainConfig:
     data: list[str] = _f(
         (),
         "data sources: builtin domain, .jsonl/.csv file or hf:<id>[:split]; several = merged-data training",
+        required=True,
     )
     rank: int = _f(4, "LoRA rank r")
     alpha: float = _f(64.0, "LoRA alpha (scale = alpha / r)")
