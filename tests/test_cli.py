@@ -106,14 +106,14 @@ def test_cli_train_compose_similarity_eval(trained, qa_files, capsys):
     assert json.loads(out)["perplexity"] == pytest.approx(res["perplexity"], rel=1e-4)
 
 
-def test_cli_reproduce_tiny(tiny_llama, qa_files, tmp_path, capsys):
+def test_cli_reproduce_tiny(tiny_model, qa_files, tmp_path, capsys):
     domains = ",".join(f"{n}={p}" for n, p in qa_files.items())
     args = [
         "reproduce",
         "--preset",
         "tiny",
         "--model",
-        tiny_llama,
+        tiny_model,
         "--domains",
         domains,
         "--out",
