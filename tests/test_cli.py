@@ -132,18 +132,20 @@ def test_cli_reproduce_tiny(tiny_model, qa_files, tmp_path, capsys):
     assert (tmp_path / "study" / "cosine_vs_delta.png").stat().st_size > 1000
     # a restart reuses every finished unit
     stamp = (
-        (tmp_path / "study" / "adapters" / "arith" / "adapter_model.safetensors").stat().st_mtime_ns
+        (tmp_path / "study" / "seed-42" / "adapters" / "arith" / "adapter_model.safetensors")
+        .stat()
+        .st_mtime_ns
     )
     code, _, _ = run(args, capsys)
     assert code == 0
     assert (
-        tmp_path / "study" / "adapters" / "arith" / "adapter_model.safetensors"
+        tmp_path / "study" / "seed-42" / "adapters" / "arith" / "adapter_model.safetensors"
     ).stat().st_mtime_ns == stamp
     # --overwrite replaces only units whose settings differ: identical ones are still reused
     code, _, _ = run([*args, "--overwrite"], capsys)
     assert code == 0
     assert (
-        tmp_path / "study" / "adapters" / "arith" / "adapter_model.safetensors"
+        tmp_path / "study" / "seed-42" / "adapters" / "arith" / "adapter_model.safetensors"
     ).stat().st_mtime_ns == stamp
     # other settings into the same directory are refused
     code, _, err = run([*args, "--lr", "0.5"], capsys)

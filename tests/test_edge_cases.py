@@ -109,7 +109,9 @@ def test_renamed_domains_and_seed_per_domain(tiny_llama, qa_files, tmp_path):
     )
     assert res["combinations"][0]["domains"] == ["x", "y"]
     seeds = [
-        json.loads((out / "adapters" / n / "lorasum.json").read_text())["config"]["seed"]
+        json.loads((out / "seed-42" / "adapters" / n / "lorasum.json").read_text())["config"][
+            "seed"
+        ]
         for n in ("x", "y")
     ]
     assert seeds[0] != seeds[1]
@@ -119,5 +121,44 @@ def test_renamed_domains_and_seed_per_domain(tiny_llama, qa_files, tmp_path):
             preset="tiny",
             model=str(tiny_llama),
             domains=[f"x={files[0]}", f"y={files[0]}"],
+            progress=False,
+        )
+
+
+def test_several_seeds_give_means_intervals_and_reuse(tiny_llama, qa_files, tmp_path):
+    out = tmp_path / "study"
+    domains = [f"{n}={p}" for n, p in list(qa_files.items())[:2]]
+    res = reproduce(
+        out, preset="tiny", model=str(tiny_llama), domains=domains, seeds=[1, 2], progress=False
+    )
+    (row,) = res["combinations"]
+    assert [p["seed"] for p in row["per_seed"]] == [1, 2]
+    per_seed = [p["delta_pct"] for p in row["per_seed"]]
+    assert row["delta_pct"] == pytest.approx(sum(per_seed) / 2)
+    assert per_seed[0] != per_seed[1]  # seeds really differ
+    lo, hi = row["ci95"]["delta_pct"]
+    assert lo < row["delta_pct"] < hi
+    assert res["correlation"]["n"] == 2  # one point per (combination, seed)
+    weights = out / "seed-1" / "adapters" / domains[0].split("=")[0] / "adapter_model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    res3 = reproduce(
+        out,
+        preset="tiny",
+        model=str(tiny_llama),
+        domains=domains,
+        seeds=[1, 2, 3],
+        overwrite=True,
+        progress=False,
+    )
+    assert weights.stat().st_mtime_ns == stamp  # finished seeds are reused
+    assert len(res3["combinations"][0]["per_seed"]) == 3
+    assert "95%" in (out / "report.md").read_text()
+    with pytest.raises(LorasumError, match="repeats"):
+        reproduce(
+            tmp_path / "s2",
+            preset="tiny",
+            model=str(tiny_llama),
+            domains=domains,
+            seeds=[1, 1],
             progress=False,
         )

@@ -139,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="study directory (results.json, report.md, png)")
     r.add_argument("--overwrite", action="store_true", help="replace a study with other settings")
     r.add_argument(
+        "--seeds",
+        type=lambda v: [int(x) for x in v.split(",") if x.strip()],
+        default=None,
+        help="run the grid once per training seed (e.g. 1,2,3): means, 95%% intervals, "
+        "correlation over all runs (default: --seed)",
+    )
+    r.add_argument(
         "--seed-per-domain",
         action="store_true",
         help="give each domain adapter its own LoRA init seed (default: one shared seed, "
@@ -238,6 +245,7 @@ def _run(args: argparse.Namespace) -> int:
             domains=args.domains,
             overwrite=args.overwrite,
             seed_per_domain=args.seed_per_domain,
+            seeds=args.seeds,
             **overrides,
         )
         for row in results["combinations"]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import time
 from dataclasses import asdict, fields, replace
 from pathlib import Path
@@ -195,6 +196,7 @@ def reproduce(
     overwrite: bool = False,
     progress: bool = True,
     seed_per_domain: bool = False,
+    seeds: list[int] | None = None,
     **overrides,
 ) -> dict:
     """`lorasum reproduce`: run the study; write results.json, report.md and cosine_vs_delta.png."""
@@ -213,12 +215,21 @@ def reproduce(
     base_cfg = TrainConfig(
         model=model, data=["-"], **{**PRESETS[preset], **overrides, "eval_val": False}
     )
+    seeds = [base_cfg.seed] if not seeds else [int(x) for x in seeds]
+    if len(set(seeds)) != len(seeds):
+        raise LorasumError(f"--seeds repeats a seed: {seeds}; give distinct seeds")
+    if seed_per_domain and len(seeds) > 1 and max(seeds) - min(seeds) < len(names):
+        raise LorasumError(
+            "--seed-per-domain offsets each domain's seed by its index; space --seeds at least "
+            f"{len(names)} apart (e.g. 0,100,200) so runs never share an init"
+        )
     out = Path(out)
     study = {
         "preset": preset,
         "model": model,
         "domains": domain_sources,
-        "train": base_cfg.identity(),
+        "train": {k: v for k, v in base_cfg.identity().items() if k != "seed"},
+        "seeds": seeds,
         "seed_per_domain": seed_per_domain,
         "version": __version__,
     }
@@ -267,18 +278,129 @@ def reproduce(
         {"key": study_key, **study, "data": {n: s.fingerprint() for n, s in sources.items()}},
     )
 
+    evaluate = _Evaluator(base_model, tokenizer, sources, base_cfg, out, progress)
+    base_eval = evaluate("base", None, f"base:{model}", tuple(names))
+    per_seed = [
+        _run_seed(
+            seed,
+            out / f"seed-{seed}",
+            base_cfg,
+            domain_sources,
+            sources,
+            base_model,
+            tokenizer,
+            base_eval,
+            overwrite,
+            seed_per_domain,
+            progress,
+        )
+        for seed in seeds
+    ]
+    rows = [
+        _aggregate_combination(combo, [r["rows"][i] for r in per_seed], seeds)
+        for i, combo in enumerate(combinations(names))
+    ]
+    points = [(row["rms_cosine"], row["delta_pct"]) for r in per_seed for row in r["rows"]]
+    results = {
+        "lorasum_version": __version__,
+        "preset": preset,
+        "model": model,
+        "domains": domain_sources,
+        "seeds": seeds,
+        "seed_per_domain": seed_per_domain,
+        "train_config": {k: v for k, v in asdict(base_cfg).items() if k not in ("data", "seed")},
+        "data": {n: s.fingerprint() for n, s in sources.items()},
+        "base": {"per_domain": {d: base_eval["per_dataset"][d]["perplexity"] for d in names}},
+        "singles": {
+            n: {
+                "perplexity": _mean([r["singles"][n]["perplexity"] for r in per_seed]),
+                "tokens": per_seed[0]["singles"][n]["tokens"],
+                "train": [r["metrics"][n] for r in per_seed],
+            }
+            for n in names
+        },
+        "merged_training": {
+            u: [r["metrics"][u] for r in per_seed]
+            for u in per_seed[0]["metrics"]
+            if u.startswith("merged-")
+        },
+        "pairs": [{"seed": r["seed"], **p} for r in per_seed for p in r["pairs"]],
+        "combinations": rows,
+        # every (combination, seed) is a point; with one seed that is one point per combination
+        "correlation": correlation([x for x, _ in points], [y for _, y in points]),
+        "correlation_of_means": correlation(
+            [r["rms_cosine"] for r in rows], [r["delta_pct"] for r in rows]
+        ),
+        "wall_seconds": time.perf_counter() - t_start,
+    }
+    write_json(out / "results.json", results)
+    write_report(results, out)
+    return results
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _ci95(values: list[float]) -> list[float] | None:
+    """Two-sided 95% Student-t interval of the mean; None with fewer than two values."""
+    from scipy import stats
+
+    n = len(values)
+    if n < 2:
+        return None
+    m = _mean(values)
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
+    half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    return [m - half, m + half]
+
+
+def _aggregate_combination(combo: tuple[str, ...], rows: list[dict], seeds: list[int]) -> dict:
+    """Mean over seeds of one combination's numbers, with 95% intervals and the per-seed rows."""
+    keys = ("ppl_sum", "ppl_merged", "ppl_base", "delta_pct", "rms_cosine")
+    out: dict = {"domains": list(combo)}
+    out.update({k: _mean([r[k] for r in rows]) for k in keys})
+    out["ci95"] = {
+        k: _ci95([r[k] for r in rows]) for k in ("delta_pct", "rms_cosine", "ppl_sum", "ppl_merged")
+    }
+    out["tokens"] = rows[0]["tokens"]
+    out["per_domain"] = {
+        d: {k: _mean([r["per_domain"][d][k] for r in rows]) for k in rows[0]["per_domain"][d]}
+        for d in combo
+    }
+    out["per_seed"] = [
+        {"seed": s, **{k: r[k] for k in keys}} for s, r in zip(seeds, rows, strict=True)
+    ]
+    return out
+
+
+def _run_seed(
+    seed: int,
+    out: Path,
+    base_cfg: TrainConfig,
+    domain_sources: dict[str, str],
+    sources: dict[str, Source],
+    base_model,
+    tokenizer,
+    base_eval: dict,
+    overwrite: bool,
+    seed_per_domain: bool,
+    progress: bool,
+) -> dict:
+    """One seed of the grid: adapters, merged-data adapters, sums, similarity, perplexities."""
+    from lorasum.adapters import read_adapter
+
+    names = list(domain_sources)
+    base_cfg = replace(base_cfg, seed=seed)
     # 1. one adapter per domain, 2. one merged-data adapter per combination
     adapter_dirs: dict[str, Path] = {}
-    adapter_keys: dict[str, str] = {}
-    adapter_metrics: dict[str, dict] = {}
+    metrics: dict[str, dict] = {}
     units = [((n,), n) for n in names] + [
         (c, f"merged-{_combo_name(c)}") for c in combinations(names)
     ]
     for doms, unit in units:
-        seed = base_cfg.seed
-        if seed_per_domain and len(doms) == 1:
-            seed += names.index(doms[0])  # distinct LoRA init per domain adapter
-        cfg = replace(base_cfg, data=[domain_sources[d] for d in doms], seed=seed)
+        unit_seed = seed + (names.index(doms[0]) if seed_per_domain and len(doms) == 1 else 0)
+        cfg = replace(base_cfg, data=[domain_sources[d] for d in doms], seed=unit_seed)
         srcs = [sources[d] for d in doms]
         path = out / "adapters" / unit
         key = adapter_key(cfg, srcs)
@@ -292,47 +414,33 @@ def reproduce(
             sources=srcs,
             progress=progress,
         )
-        adapter_dirs[unit], adapter_keys[unit] = path, key
-        adapter_metrics[unit] = marker["metrics"]
+        adapter_dirs[unit] = path
+        metrics[unit] = {"seed": unit_seed, **marker["metrics"]}
 
     # 3. the naive sum per combination (exact, seconds)
     sum_dirs: dict[str, Path] = {}
-    sum_keys: dict[str, str] = {}
     for combo in combinations(names):
         path = out / "sums" / _combo_name(combo)
-        marker = compose(
-            [adapter_dirs[d] for d in combo], path, overwrite=overwrite, reuse_same=True
-        )
-        sum_dirs[_combo_name(combo)], sum_keys[_combo_name(combo)] = path, marker["key"]
+        compose([adapter_dirs[d] for d in combo], path, overwrite=overwrite, reuse_same=True)
+        sum_dirs[_combo_name(combo)] = path
 
     # 4. orthogonality of the domain adapters
-    from lorasum.adapters import read_adapter
+    pairs = similarity_matrix({n: read_adapter(adapter_dirs[n]).modules for n in names})
 
-    factors = {n: read_adapter(adapter_dirs[n]).modules for n in names}
-    pairs = similarity_matrix(factors)
-
-    # 5. perplexities
+    # 5. perplexities, cached by the adapters' actual weights
     evaluate = _Evaluator(base_model, tokenizer, sources, base_cfg, out, progress)
-    all_domains = tuple(names)
 
-    def weights_key(unit_dir: Path) -> str:  # evaluations are keyed by the actual weights
-        return sha256_file(unit_dir / "adapter_model.safetensors")
+    def run_eval(unit: str, unit_dir: Path, domains: tuple[str, ...]) -> dict:
+        return evaluate(
+            unit, unit_dir, sha256_file(unit_dir / "adapter_model.safetensors"), domains
+        )
 
-    base_eval = evaluate("base", None, f"base:{model}", all_domains)
-    singles = {
-        n: evaluate(f"single-{n}", adapter_dirs[n], weights_key(adapter_dirs[n]), (n,))
-        for n in names
-    }
+    singles = {n: run_eval(f"single-{n}", adapter_dirs[n], (n,)) for n in names}
     rows = []
     for combo in combinations(names):
         cname = _combo_name(combo)
-        merged = evaluate(
-            f"merged-{cname}",
-            adapter_dirs[f"merged-{cname}"],
-            weights_key(adapter_dirs[f"merged-{cname}"]),
-            combo,
-        )
-        summed = evaluate(f"sum-{cname}", sum_dirs[cname], weights_key(sum_dirs[cname]), combo)
+        merged = run_eval(f"merged-{cname}", adapter_dirs[f"merged-{cname}"], combo)
+        summed = run_eval(f"sum-{cname}", sum_dirs[cname], combo)
         base_c = _combined(base_eval["per_dataset"], combo)
         rows.append(
             {
@@ -358,33 +466,4 @@ def reproduce(
                 },
             }
         )
-    corr = correlation([r["rms_cosine"] for r in rows], [r["delta_pct"] for r in rows])
-    results = {
-        "lorasum_version": __version__,
-        "preset": preset,
-        "model": model,
-        "domains": domain_sources,
-        "seed_per_domain": seed_per_domain,
-        "train_config": {k: v for k, v in asdict(base_cfg).items() if k != "data"},
-        "data": {n: s.fingerprint() for n, s in sources.items()},
-        "base": {"per_domain": {d: base_eval["per_dataset"][d]["perplexity"] for d in names}},
-        "singles": {
-            n: {
-                "perplexity": singles[n]["perplexity"],
-                "tokens": singles[n]["tokens"],
-                "train": adapter_metrics[n],
-            }
-            for n in names
-        },
-        "merged_training": {u: m for u, m in adapter_metrics.items() if u.startswith("merged-")},
-        "pairs": [
-            {k: v for k, v in p.items() if k != "modules"} | {"modules": p["modules"]}
-            for p in pairs
-        ],
-        "combinations": rows,
-        "correlation": corr,
-        "wall_seconds": time.perf_counter() - t_start,
-    }
-    write_json(out / "results.json", results)
-    write_report(results, out)
-    return results
+    return {"seed": seed, "rows": rows, "pairs": pairs, "singles": singles, "metrics": metrics}

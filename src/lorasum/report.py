@@ -16,9 +16,37 @@ def _f(x, digits: int = 2, signed: bool = False) -> str:
         return str(x)
 
 
+def _ci(r: dict, key: str, digits: int = 2, signed: bool = False) -> str:
+    """`mean [lo, hi]` when a 95% interval exists (several seeds), else the value."""
+    ci = (r.get("ci95") or {}).get(key)
+    value = _f(r[key], digits, signed)
+    return f"{value} [{_f(ci[0], digits, signed)}, {_f(ci[1], digits, signed)}]" if ci else value
+
+
+def _pair_means(pairs: list[dict]) -> list[dict]:
+    """Pairs averaged over seeds (one row per pair, in first-seen order)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for p in pairs:
+        groups.setdefault((p["a"], p["b"]), []).append(p)
+    out = []
+    for (a, b), ps in groups.items():
+        out.append(
+            {
+                "a": a,
+                "b": b,
+                "rms_cosine": sum(p["rms_cosine"] for p in ps) / len(ps),
+                "global_cosine": sum(p["global_cosine"] for p in ps) / len(ps),
+                "max_abs": max(abs(v) for p in ps for v in p["modules"].values()),
+            }
+        )
+    return out
+
+
 def render_markdown(results: dict) -> str:
     cfg = results["train_config"]
     names = list(results["domains"])
+    seeds = results.get("seeds", [])
+    several = len(seeds) > 1
     lines = [
         "# lorasum study: naive LoRA summation vs merged-data training",
         "",
@@ -29,35 +57,43 @@ def render_markdown(results: dict) -> str:
         f"LoRA r={cfg['rank']}, alpha={cfg['alpha']:g}, dropout={cfg['dropout']:g}, "
         f"targets `{cfg['target_modules']}`; lr {cfg['lr']:g}, batch {cfg['batch_size']}, "
         f"epochs {cfg['epochs']:g}{', max steps ' + str(cfg['max_steps']) if cfg['max_steps'] else ''}, "
-        f"max length {cfg['max_length']}, seed {cfg['seed']}, split seed {cfg['split_seed']}; "
+        f"max length {cfg['max_length']}, split seed {cfg['split_seed']}, "
+        f"training seed{'s' if several else ''} {', '.join(map(str, seeds))}; "
         f"loss and perplexity on {'answer tokens only' if cfg['answer_only'] else 'all tokens'}.",
         "",
         (
             "LoRA init: each domain adapter has its own seed (`--seed-per-domain`)."
             if results.get("seed_per_domain")
-            else "LoRA init: every adapter starts from the same seeded init (as with the paper's "
-            "HF Trainer scripts), so the domain adapters share their initial A; "
+            else "LoRA init: within a seed every adapter starts from the same init (as with the "
+            "paper's HF Trainer scripts), so the domain adapters share their initial A; "
             "`--seed-per-domain` gives each its own."
         ),
         "",
         "## Composition vs merged-data training",
+        "",
+        (
+            f"Means over {len(seeds)} seeds, [95% t-interval of the mean]."
+            if several
+            else "One seed: no confidence intervals (`--seeds 1,2,3` adds them)."
+        ),
         "",
         "| combination | RMS cosine | ppl base | ppl merged-data | ppl naive sum | Δ% (sum vs merged) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for r in results["combinations"]:
         lines.append(
-            f"| {' + '.join(r['domains'])} | {_f(r['rms_cosine'], 4)} | {_f(r['ppl_base'])} | "
-            f"{_f(r['ppl_merged'])} | {_f(r['ppl_sum'])} | {_f(r['delta_pct'], 2, True)} |"
+            f"| {' + '.join(r['domains'])} | {_ci(r, 'rms_cosine', 4)} | {_f(r['ppl_base'])} | "
+            f"{_ci(r, 'ppl_merged')} | {_ci(r, 'ppl_sum')} | {_ci(r, 'delta_pct', 2, True)} |"
         )
     c = results["correlation"]
     lines += [
         "",
-        f"Δ% against RMS cosine over {c['n']} combinations: Pearson r = {_f(c['pearson_r'], 3)}"
+        f"Δ% against RMS cosine over {c['n']} points ({len(results['combinations'])} combinations"
+        f" × {len(seeds) or 1} seed{'s' if several else ''}): Pearson r = {_f(c['pearson_r'], 3)}"
         f" (p = {_f(c['p_value'], 3)}), least-squares Δ% = {_f(c['slope'], 1)} · cos "
         f"{_f(c['intercept'], 2, True)}. See `cosine_vs_delta.png`.",
         "",
-        "## Per domain",
+        "## Per domain" + (" (means over seeds)" if several else ""),
         "",
         "| combination | domain | ppl base | ppl single adapter | ppl merged-data | ppl naive sum | Δ% |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -70,16 +106,15 @@ def render_markdown(results: dict) -> str:
             )
     lines += [
         "",
-        "## Orthogonality of the domain adapters",
+        "## Orthogonality of the domain adapters" + (" (means over seeds)" if several else ""),
         "",
         "| pair | RMS cosine over modules | whole-adapter cosine | max abs module cosine |",
         "|---|---:|---:|---:|",
     ]
-    for p in results["pairs"]:
-        mx = max((abs(v) for v in p["modules"].values()), default=None)
+    for p in _pair_means(results["pairs"]):
         lines.append(
             f"| {p['a']} · {p['b']} | {_f(p['rms_cosine'], 4)} | "
-            f"{_f(p['global_cosine'], 4, True)} | {_f(mx, 4)} |"
+            f"{_f(p['global_cosine'], 4, True)} | {_f(p['max_abs'], 4)} |"
         )
     lines += [
         "",
@@ -89,11 +124,12 @@ def render_markdown(results: dict) -> str:
         "|---|---:|---:|---|---:|---|---:|",
     ]
     for n in names:
-        fp, m = results["data"][n], results["singles"][n]["train"]
+        fp, ms = results["data"][n], results["singles"][n]["train"]
+        mean = lambda k, ms=ms: sum(m[k] or 0.0 for m in ms) / len(ms)  # noqa: E731
         lines.append(
             f"| {n} | {fp['train']['n']} | {fp['test']['n']} | `{fp['test']['sha256']}` | "
-            f"{m['steps']} | {_f(m['first_loss'])} → {_f(m['final_loss'])} | "
-            f"{_f(m.get('tokens_per_second'), 0)} |"
+            f"{ms[0]['steps']} | {_f(mean('first_loss'))} → {_f(mean('final_loss'))} | "
+            f"{_f(mean('tokens_per_second'), 0)} |"
         )
     lines += [
         "",
@@ -111,8 +147,8 @@ def render_markdown(results: dict) -> str:
         "- **RMS cosine** is the root-mean-square over adapted modules of the cosine similarity",
         "  between two adapters' ΔW (0 = orthogonal); for three or more domains, the RMS over the",
         "  pairs. The paper predicts Δ% to grow roughly linearly with it.",
-        "- With a handful of combinations, r is descriptive, not significant; one seed, no",
-        "  confidence intervals.",
+        "- With a handful of points, r is descriptive; its p-value assumes independent points,",
+        "  which seeds of one combination are not.",
         "",
     ]
     return "\n".join(lines)
@@ -127,31 +163,48 @@ def plot_cosine_vs_delta(results: dict, path: Path) -> None:
     rows = results["combinations"]
     xs = [r["rms_cosine"] for r in rows]
     ys = [r["delta_pct"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
-    ax.scatter(xs, ys, color="tab:blue", zorder=3)
-    # Alternate label sides so near-coincident points stay readable.
-    order = sorted(range(len(rows)), key=lambda i: (xs[i], ys[i]))
-    for k, i in enumerate(order):
-        left = k % 2 == 0
-        ax.annotate(
-            " + ".join(rows[i]["domains"]),
-            (xs[i], ys[i]),
-            textcoords="offset points",
-            xytext=(-6, -12) if left else (6, 6),
-            ha="right" if left else "left",
-            fontsize=8,
-        )
-    ax.margins(x=0.25, y=0.15)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    several = len(results.get("seeds", [])) > 1
+    colors = plt.get_cmap("tab10")
+    # One colour per combination, named in the legend: unambiguous however close the points are.
+    for i, r in enumerate(rows):
+        color = colors(i % 10)
+        label = " + ".join(r["domains"])
+        if several:
+            ax.scatter(
+                [p["rms_cosine"] for p in r["per_seed"]],
+                [p["delta_pct"] for p in r["per_seed"]],
+                color=color,
+                alpha=0.35,
+                s=14,
+            )
+            lo, hi = r["ci95"]["delta_pct"]
+            ax.errorbar(
+                [xs[i]],
+                [ys[i]],
+                yerr=[[ys[i] - lo], [hi - ys[i]]],
+                fmt="o",
+                color=color,
+                capsize=3,
+                label=f"{label} (mean, 95% CI)",
+                zorder=3,
+            )
+        else:
+            ax.scatter([xs[i]], [ys[i]], color=color, s=36, label=label, zorder=3)
+    ax.margins(x=0.15, y=0.15)
     c = results["correlation"]
     if c["slope"] is not None:
-        lo, hi = min(xs), max(xs)
+        fit_x = [p["rms_cosine"] for r in rows for p in r.get("per_seed", [])] or xs
+        lo, hi = min(fit_x), max(fit_x)
         ax.plot(
             [lo, hi],
             [c["slope"] * lo + c["intercept"], c["slope"] * hi + c["intercept"]],
-            color="tab:orange",
+            color="black",
+            lw=1,
             label=f"least squares (r = {_f(c['pearson_r'], 2)})",
         )
-        ax.legend(loc="best", fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", fontsize=7)
     ax.axhline(0, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("RMS cosine similarity of the adapters' ΔW")
     ax.set_ylabel("Δ% perplexity, naive sum vs merged-data")
