@@ -162,3 +162,16 @@ def test_several_seeds_give_means_intervals_and_reuse(tiny_llama, qa_files, tmp_
             seeds=[1, 1],
             progress=False,
         )
+
+
+def test_reproduce_with_bad_targets_writes_nothing(tiny_llama, qa_files, tmp_path):
+    with pytest.raises(LorasumError, match="not found"):
+        reproduce(
+            tmp_path / "study",
+            preset="tiny",
+            model=str(tiny_llama),
+            domains=[f"{n}={p}" for n, p in qa_files.items()],
+            target_modules="nope",
+            progress=False,
+        )
+    assert not (tmp_path / "study").exists()

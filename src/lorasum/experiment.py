@@ -24,7 +24,14 @@ from lorasum.data import Source, load_split, make_batches, tokenize_split
 from lorasum.errors import LorasumError
 from lorasum.evaluate import evaluate_batches, perplexity_from
 from lorasum.io import config_key, existing_key, read_json, write_json
-from lorasum.models import autocast_dtype, load_model, load_tokenizer, pick_device, sha256_file
+from lorasum.models import (
+    autocast_dtype,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    resolve_target_modules,
+    sha256_file,
+)
 from lorasum.similarity import combination_rms, similarity_matrix
 from lorasum.stats import correlation, delta_pct
 from lorasum.train import TrainConfig, adapter_key, train
@@ -269,6 +276,7 @@ def reproduce(
     tokenizer = load_tokenizer(model)
     device = pick_device(base_cfg.device)
     base_model = load_model(model, device)
+    resolve_target_modules(base_model, base_cfg.target_modules)  # fail before writing anything
     if previous is not None and previous.get("key") != study_key:
         # The old study's results must never sit beside the new settings, even if this run stops.
         for stale in ("results.json", "report.md", "cosine_vs_delta.png"):
