@@ -51,8 +51,68 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
-def read_adapter(path: str | Path) -> Adapter:
-    """Read and validate a PEFT LoRA adapter directory into fp32 factors."""
+# Config keys whose (truthy) value means ΔW is not s·B·A on the base weights, or the adapter
+# carries more than ΔW. Checked in this order; the first hit is reported.
+_UNSUPPORTED_CONFIG = (
+    ("use_dora", "uses DoRA, whose ΔW is not s·B·A"),
+    ("lora_bias", "has LoRA bias terms, whose ΔW is not s·B·A"),
+    (
+        "modules_to_save",
+        "has modules_to_save (fully trained module copies), which a sum of ΔW cannot compose",
+    ),
+    ("trainable_token_indices", "trains embedding rows (trainable tokens), which are not ΔW"),
+    ("target_parameters", "adapts parameters directly (target_parameters), not linear modules"),
+    ("alora_invocation_tokens", "is an activated LoRA, applied only after its invocation tokens"),
+    ("use_qalora", "is a QA-LoRA adapter, whose ΔW acts on pooled inputs"),
+    ("layer_replication", "replicates layers (layer_replication), changing the base model"),
+    ("use_bdlora", "is a block-diagonal (BD-LoRA) adapter"),
+    ("arrow_config", "is an Arrow routing adapter"),
+    ("kasa_config", "is a KaSA adapter, whose ΔW is not s·B·A"),
+    ("velora_config", "is a VeLoRA adapter"),
+    ("monteclora_config", "is a MonteCLoRA adapter, whose ΔW is not s·B·A"),
+)
+# init_lora_weights values that change the base weights the adapter is relative to.
+_BASE_CHANGING_INIT = ("pissa", "olora", "corda", "loftq")
+
+
+def unsupported_config(config: dict, strict: bool = True) -> str | None:
+    """Why an adapter config cannot be composed exactly as Σ s·B·A, or None if it can.
+
+    Without ``strict`` only what makes ΔW itself unreadable (DoRA, LoRA bias) is reported.
+    """
+    for key, why in _UNSUPPORTED_CONFIG if strict else _UNSUPPORTED_CONFIG[:2]:
+        if config.get(key):
+            return f"{why}; compose plain LoRA adapters (re-train or re-save without {key})"
+    init = config.get("init_lora_weights")
+    if strict and isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INIT):
+        return (
+            f"was initialised with {init!r}, which changes the base weights; convert it to a "
+            "plain LoRA first (PEFT: save_pretrained(path_initial_model_for_weight_conversion=…))"
+        )
+    return None
+
+
+def _tensor_problem(key: str) -> str:
+    """Why a non-lora_A/lora_B tensor in an adapter file cannot be composed."""
+    if "modules_to_save" in key:
+        return "modules_to_save copies of whole modules cannot be composed; save without them"
+    if "lora_embedding" in key:
+        return "embedding LoRA is not supported; adapt linear modules only"
+    if "lora_magnitude" in key:
+        return "DoRA magnitudes are not supported; use plain LoRA"
+    if key.endswith(".bias"):
+        return "LoRA bias terms are not supported; use plain LoRA"
+    return "not a LoRA factor of a linear module; only plain LoRA adapters can be composed"
+
+
+def read_adapter(path: str | Path, strict: bool = False) -> Adapter:
+    """Read and validate a PEFT LoRA adapter directory into fp32 factors.
+
+    ``strict`` (compose, similarity) also refuses what a sum of ΔW cannot represent:
+    ``modules_to_save``, trainable tokens, base-changing inits, any tensor that is not a
+    lora_A/lora_B weight. Without it (evaluation, where PEFT applies the adapter itself) such
+    extras are ignored, but DoRA, LoRA bias and embedding LoRA are still refused.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -73,12 +133,9 @@ def read_adapter(path: str | Path) -> Adapter:
             f"adapter {path} is not a LoRA adapter (peft_type "
             f"{config.get('peft_type') if isinstance(config, dict) else '?'})"
         )
-    if config.get("lora_bias"):
-        raise LorasumError(
-            f"adapter {path} has LoRA bias terms, whose ΔW is not s·B·A; use plain LoRA"
-        )
-    if config.get("use_dora"):
-        raise LorasumError(f"adapter {path} uses DoRA, whose ΔW is not s·B·A; use plain LoRA")
+    problem = unsupported_config(config, strict)
+    if problem:
+        raise LorasumError(f"adapter {path} {problem}")
     try:
         tensors = load_file(str(w_path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -90,11 +147,9 @@ def read_adapter(path: str | Path) -> Adapter:
     for key, tensor in tensors.items():
         m = _KEY.match(key)
         if m is None:
-            if "lora_embedding" in key or "lora_magnitude" in key:
-                raise LorasumError(
-                    f"adapter {path}: unsupported tensor {key} (embedding LoRA/DoRA)"
-                )
-            continue  # e.g. modules_to_save copies: not part of ΔW
+            if strict or "lora_embedding" in key or "lora_magnitude" in key:
+                raise LorasumError(f"adapter {path} holds tensor {key}: {_tensor_problem(key)}")
+            continue  # e.g. modules_to_save copies: PEFT applies them, ΔW ignores them
         module = m.group("module").removeprefix(PREFIX)
         pairs.setdefault(module, {})[m.group("AB")] = tensor
     if not pairs:

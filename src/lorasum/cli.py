@@ -54,6 +54,7 @@ def _add_dataclass_flags(
 
 def build_parser() -> argparse.ArgumentParser:
     from lorasum.experiment import DEFAULT_DOMAINS, PRESETS
+    from lorasum.methods import MergeConfig
     from lorasum.train import TrainConfig
 
     p = argparse.ArgumentParser(
@@ -78,11 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="count the whole sequence in the loss, not only the answer",
     )
 
-    c = sub.add_parser("compose", help="exact (weighted) sum of adapters as one PEFT adapter")
+    c = sub.add_parser(
+        "compose",
+        help="merge adapters into one PEFT adapter (exact sum by default, or --method)",
+    )
     c.add_argument("adapters", nargs="+", help="PEFT LoRA adapter directories")
     c.add_argument("--out", required=True, help="composed adapter directory to write")
     c.add_argument(
-        "--weights", default=None, help="one weight per adapter, e.g. 1,0.5 (default: all 1)"
+        "--weights",
+        default=None,
+        help="one weight per adapter, e.g. 1,0.5,-1 (default: all 1; negative = task negation)",
     )
     c.add_argument(
         "--merge-into-base",
@@ -94,12 +100,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default=None, help="base model for --merge-into-base (default: the adapters')"
     )
     c.add_argument("--overwrite", action="store_true", help="replace a different result in --out")
+    _add_dataclass_flags(c, MergeConfig)
 
     s = sub.add_parser(
-        "similarity", help="cosine similarity of adapters' ΔW (factored), RMS over modules"
+        "similarity",
+        help="how alike adapters are: N×N cosines of ΔW, per layer/type, principal angles",
     )
     s.add_argument("adapters", nargs="+", help="PEFT LoRA adapter directories (two or more)")
-    s.add_argument("--json", action="store_true", help="print JSON (per-module cosines included)")
+    s.add_argument("--json", action="store_true", help="print JSON (per-module values included)")
+    s.add_argument(
+        "--plot",
+        default=None,
+        metavar="DIR",
+        help="write a cosine heatmap and a per-layer plot (PNG) and similarity.json to DIR",
+    )
 
     e = sub.add_parser("eval", help="answer-only perplexity of a model (and adapter) on data")
     e.add_argument("--model", default="default", help="base model (default: embedded SmolLM2-135M)")
@@ -157,15 +171,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _print_similarity(result: dict) -> None:
-    print(f"{'adapter a':<28} {'adapter b':<28} {'RMS cos':>9} {'global cos':>11} {'modules':>8}")
-    for pair in result["pairs"]:
-        print(
-            f"{pair['a']:<28} {pair['b']:<28} {pair['rms_cosine']:>9.4f} "
-            f"{pair['global_cosine']:>+11.4f} {len(pair['modules']):>8}"
-        )
-
-
 def _run(args: argparse.Namespace) -> int:
     if args.command == "train":
         from lorasum.train import TrainConfig, train
@@ -182,7 +187,11 @@ def _run(args: argparse.Namespace) -> int:
         )
     elif args.command == "compose":
         from lorasum.compose import compose
+        from lorasum.methods import MergeConfig
 
+        config = MergeConfig(
+            **{f.name: getattr(args, f.name) for f in dataclasses.fields(MergeConfig)}
+        )
         marker = compose(
             args.adapters,
             args.out,
@@ -190,18 +199,28 @@ def _run(args: argparse.Namespace) -> int:
             merge_into_base=args.merge_into_base,
             model=args.model,
             overwrite=args.overwrite,
+            config=config,
         )
-        print(f"composed adapter written to {args.out}")
+        recipe = marker.get("recipe") or {}
+        detail = f"method {marker.get('method', 'sum')}"
+        if recipe:
+            kept = [m["kept_energy"] for m in recipe["modules"].values()]
+            detail += f", rank {recipe['rank']}, {len(kept)} modules"
+            if min(kept) < 1.0:
+                detail += f", kept energy min {min(kept):.4f}"
+        print(f"composed adapter written to {args.out} ({detail})")
         if args.merge_into_base:
             print(f"merged model written to {marker['merged_model']}")
     elif args.command == "similarity":
-        from lorasum.similarity import similarity
+        from lorasum.similarity import format_similarity, similarity
 
-        result = similarity(args.adapters)
+        result = similarity(args.adapters, plot=args.plot)
         if args.json:
             print(json.dumps(result, indent=2))
         else:
-            _print_similarity(result)
+            print(format_similarity(result))
+        if args.plot:
+            print(f"plots written to {args.plot}", file=sys.stderr if args.json else sys.stdout)
     elif args.command == "eval":
         from lorasum.evaluate import evaluate
 

@@ -1,29 +1,58 @@
-"""Exact composition of LoRA adapters: ΔW = Σ w_i · s_i · B_i A_i, written as one PEFT adapter.
+"""Composition of LoRA adapters into one PEFT adapter, by a registered merge method.
 
-The sum is exact (rank concatenation, no SVD): the composed adapter's rank is Σ r_i. A module
-that an adapter does not adapt contributes a zero ΔW.
+The default method `sum` is exact (rank concatenation, ΔW = Σ w_i·s_i·B_i·A_i, no SVD): the
+composed adapter's rank is Σ r_i. Other methods (`lorasum.methods`) compress or reshape the sum.
+A module that an adapter does not adapt contributes a zero ΔW. Every output holds the resolved
+recipe (lorasum.json and recipe.json) and a short model card (README.md).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from lorasum import __version__
 from lorasum.adapters import Adapter, check_fits, read_adapter, write_adapter
 from lorasum.errors import LorasumError
-from lorasum.factors import sum_factors
-from lorasum.io import atomic_dir, check_output_dir, config_key, existing_key, read_json
+from lorasum.io import (
+    atomic_dir,
+    atomic_write_text,
+    check_output_dir,
+    config_key,
+    existing_key,
+    read_json,
+    write_json,
+)
+from lorasum.methods import MergeConfig, get_method, merge_adapters, resolve_weights
 
 log = logging.getLogger(__name__)
 
+RECIPE_NAME = "recipe.json"
+CARD_NAME = "README.md"
 
-def check_compatible(adapters: Sequence[Adapter]) -> None:
-    """Same base model (where recorded) and the same ΔW shape for every shared module."""
+
+def _layer_root(module: str) -> str | None:
+    """The path to a module's layer list: 'model.layers' for 'model.layers.0.self_attn.q_proj'."""
+    parts = module.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[:i])
+    return None
+
+
+def check_compatible(adapters: Sequence[Adapter], fan_in_fan_out: bool = True) -> None:
+    """Refuse adapters that cannot belong to one base model (or one fan_in_fan_out layout).
+
+    Same base model where recorded; the same ΔW shape for every shared module; adapters that
+    share no module must at least index their layers under a common root (``model.layers``
+    vs ``transformer.h`` means two architectures); with ``fan_in_fan_out``, one setting of it.
+    """
     bases = {a.base_model for a in adapters if a.base_model}
     if len(bases) > 1:
         raise LorasumError(
@@ -39,6 +68,26 @@ def check_compatible(adapters: Sequence[Adapter]) -> None:
                     f"in {a.path}; these adapters belong to different base models"
                 )
             shapes.setdefault(name, (f.shape, a.path))
+    for i, a in enumerate(adapters):
+        for b in adapters[i + 1 :]:
+            if a.modules.keys() & b.modules.keys():
+                continue
+            roots_a = {_layer_root(n) for n in a.modules} - {None}
+            roots_b = {_layer_root(n) for n in b.modules} - {None}
+            if roots_a and roots_b and not roots_a & roots_b:
+                raise LorasumError(
+                    f"adapters {a.path} and {b.path} adapt modules of different model "
+                    f"architectures ({min(a.modules)} vs {min(b.modules)}); compose adapters "
+                    "of one base model"
+                )
+    if fan_in_fan_out:
+        layouts = {bool(a.config.get("fan_in_fan_out")) for a in adapters}
+        if len(layouts) > 1:
+            mixed = ", ".join(f"{a.path}={bool(a.config.get('fan_in_fan_out'))}" for a in adapters)
+            raise LorasumError(
+                f"adapters mix fan_in_fan_out settings ({mixed}); they were made for different "
+                "layer types (Conv1D vs Linear): compose adapters of one base model"
+            )
 
 
 def parse_weights(weights: str | Sequence[float] | None, n: int) -> list[float]:
@@ -57,12 +106,61 @@ def parse_weights(weights: str | Sequence[float] | None, n: int) -> list[float]:
     return weights
 
 
-def adapter_fingerprint(a: Adapter) -> str:
-    """Hash of an adapter's weights *and* config (r, alpha, rsLoRA, patterns change ΔW)."""
+def _weights_sha256(a: Adapter) -> str:
     from lorasum.models import sha256_file
 
-    weights = sha256_file(a.path / "adapter_model.safetensors")
+    return sha256_file(a.path / "adapter_model.safetensors")
+
+
+def adapter_fingerprint(a: Adapter, weights_sha256: str | None = None) -> str:
+    """Hash of an adapter's weights *and* config (r, alpha, rsLoRA, patterns change ΔW)."""
+    weights = weights_sha256 or _weights_sha256(a)
     return config_key({"weights": weights, "config": a.config})
+
+
+def _command(paths: Sequence[Path], out: Path, config: MergeConfig, weights: list[float] | None):
+    """The `lorasum compose` command line that reproduces a composition."""
+    args = ["lorasum", "compose", *map(str, paths)]
+    if config.method != "sum":
+        args += ["--method", config.method]
+    if weights is not None:
+        args += ["--weights", ",".join(f"{w:g}" for w in weights)]
+    for name in config.given():
+        args += ["--" + name.replace("_", "-"), str(getattr(config, name))]
+    return shlex.join([*args, "--out", str(out)])
+
+
+def _model_card(recipe: dict) -> str:
+    """A short README.md: what made the adapter and how to load it."""
+    method = get_method(recipe["method"])
+    kept = [m["kept_energy"] for m in recipe["modules"].values()]
+    errors = [m["relative_error"] for m in recipe["modules"].values()]
+    rows = "\n".join(
+        f"| `{i['path']}` | {w:g} | `{i['weights_sha256'][:16]}…` |"
+        for i, w in zip(recipe["inputs"], recipe["weights"], strict=True)
+    )
+    quality = (
+        "exact: ΔW = Σ wᵢ·ΔWᵢ"
+        if method.exact
+        else f"kept energy per module min {min(kept):.4f} (mean {sum(kept) / len(kept):.4f}), "
+        f"relative error max {max(errors):.2e}, relative to the method's own full-rank result"
+    )
+    return (
+        "---\n"
+        "library_name: peft\n"
+        f"base_model: {recipe['base_model'] or 'unknown'}\n"
+        "tags: [lora, lorasum, merge]\n"
+        "---\n\n"
+        f"# Composed LoRA adapter ({method.name})\n\n"
+        f"Made by lorasum {recipe['lorasum_version']} with\n\n"
+        f"```bash\n{recipe['command']}\n```\n\n"
+        f"Method `{method.name}`: {method.summary}. Options: "
+        f"{', '.join(f'{k}={v}' for k, v in recipe['options'].items()) or 'none'}.\n\n"
+        f"| adapter | weight | weights sha256 |\n|---|---:|---|\n{rows}\n\n"
+        f"Rank {recipe['rank']} for all {len(kept)} modules, lora_alpha = rank; {quality}. "
+        "The full recipe (inputs and their hashes, per-module kept energy) is in recipe.json.\n\n"
+        "Load it with PEFT: `PeftModel.from_pretrained(base_model, this_directory)`.\n"
+    )
 
 
 def compose(
@@ -73,22 +171,41 @@ def compose(
     model: str | None = None,
     overwrite: bool = False,
     reuse_same: bool = False,
+    *,
+    method: str = "sum",
+    config: MergeConfig | None = None,
+    **options: Any,
 ) -> dict:
-    """`lorasum compose`: write the exact weighted sum as a PEFT adapter (and optionally a merged model)."""
+    """`lorasum compose`: merge adapters into one PEFT adapter (and optionally a merged model).
+
+    ``method`` and ``options`` (any `MergeConfig` field: rank, keep, density, majority_sign,
+    seed, method_scale, task_rank, pad_rank_to) choose the merge; or pass a ready ``config``.
+    Returns the output's lorasum.json marker, which holds the recipe.
+    """
+    if config is None:
+        config = MergeConfig(method=method, **options)
+    elif options or method != "sum":
+        raise TypeError("pass either config or method/options, not both")
     if len(paths) < 1:
         raise LorasumError("compose needs at least one adapter")
-    adapters = [read_adapter(p) for p in paths]
-    w = parse_weights(weights, len(adapters))
+    merge_method = get_method(config.method)
+    adapters = [read_adapter(p, strict=True) for p in paths]
+    given = None if weights is None else parse_weights(weights, len(adapters))
+    w = resolve_weights(merge_method, given, len(adapters))
     check_compatible(adapters)
     base = model or next((a.base_model for a in adapters if a.base_model), None)
-    key = config_key(
-        {
-            "sources": [adapter_fingerprint(a) for a in adapters],
-            "weights": w,
-            "base_model": base,
-            "version": __version__,
-        }
-    )
+    shas = [_weights_sha256(a) for a in adapters]
+    fingerprints = [adapter_fingerprint(a, sha) for a, sha in zip(adapters, shas, strict=True)]
+    key_fields: dict[str, Any] = {
+        "sources": fingerprints,
+        "weights": w,
+        "base_model": base,
+        "version": __version__,
+    }
+    resolved = config.resolved()
+    if config.method != "sum" or config.pad_rank_to is not None:
+        key_fields["merge"] = resolved  # the plain sum keeps the key it always had
+    key = config_key(key_fields)
     out = Path(out)
     # reuse_same: with overwrite, still keep a finished result that has the same key.
     reuse = check_output_dir(out, key, overwrite and not (reuse_same and existing_key(out) == key))
@@ -99,35 +216,67 @@ def compose(
         if merged_out.resolve() == out.resolve():
             raise LorasumError("--merge-into-base must differ from --out")
         check_output_dir(merged_out, None, overwrite)
-    marker = {
-        "kind": "composed",
-        "key": key,
-        "lorasum_version": __version__,
-        "sources": [str(a.path) for a in adapters],
-        "weights": w,
-        "base_model": base,
-    }
     if not reuse:
-        modules = sum_factors([a.modules for a in adapters], w)
+        result = merge_adapters([a.modules for a in adapters], w, config)
+        recipe = {
+            "lorasum_version": __version__,
+            "command": _command([a.path for a in adapters], out, config, given),
+            "method": merge_method.name,
+            "options": {k: v for k, v in resolved.items() if k != "method"},
+            "weights": w,
+            "base_model": base,
+            "inputs": [
+                {
+                    "path": str(a.path),
+                    "fingerprint": fp,
+                    "weights_sha256": sha,
+                    "r": a.config.get("r"),
+                    "lora_alpha": a.config.get("lora_alpha"),
+                    "use_rslora": bool(a.config.get("use_rslora")),
+                    "modules": len(a.modules),
+                }
+                for a, fp, sha in zip(adapters, fingerprints, shas, strict=True)
+            ],
+            "rank": result.rank,
+            "needed_rank": result.needed_rank,
+            "modules": result.report,
+        }
+        marker = {
+            "kind": "composed",
+            "key": key,
+            "lorasum_version": __version__,
+            "sources": [str(a.path) for a in adapters],
+            "weights": w,
+            "base_model": base,
+            "method": merge_method.name,
+            "recipe": recipe,
+        }
         fan_in_fan_out = any(a.config.get("fan_in_fan_out") for a in adapters)
         with atomic_dir(out, marker=marker) as tmp:
             write_adapter(
                 tmp,
-                modules,
+                result.modules,
                 base,
                 fan_in_fan_out=fan_in_fan_out,
                 task_type=adapters[0].config.get("task_type") or "CAUSAL_LM",
             )
+            write_json(tmp / RECIPE_NAME, recipe)
+            atomic_write_text(tmp / CARD_NAME, _model_card(recipe))
     else:
         marker = read_json(out / "lorasum.json")
     if merged_out is not None:
-        merge_adapter_into_base(out, base, merged_out)
+        merge_adapter_into_base(out, base, merged_out, recipe=marker.get("recipe"))
         marker = {**marker, "merged_model": str(merged_out)}
     return marker
 
 
-def merge_adapter_into_base(adapter_dir: str | Path, model_spec: str, out: str | Path) -> Path:
-    """Write base + ΔW as a full transformers model (PEFT's safe merge: checks for NaN/inf)."""
+def merge_adapter_into_base(
+    adapter_dir: str | Path, model_spec: str, out: str | Path, recipe: dict | None = None
+) -> Path:
+    """Write base + ΔW as a full transformers model (PEFT's safe merge: checks for NaN/inf).
+
+    ``recipe`` (the composed adapter's) is saved beside it as recipe.json with a model card.
+    """
     from peft import PeftModel
 
     from lorasum.models import load_model, load_tokenizer
@@ -147,4 +296,15 @@ def merge_adapter_into_base(adapter_dir: str | Path, model_spec: str, out: str |
     with torch.no_grad(), atomic_dir(out, marker=marker) as tmp:
         merged.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
+        if recipe is not None:
+            recipe = {**recipe, "merged_into": model_spec, "adapter": str(adapter_dir)}
+            write_json(tmp / RECIPE_NAME, recipe)
+            card = _model_card(recipe).replace("library_name: peft", "library_name: transformers")
+            card = card.replace("# Composed LoRA adapter", "# Base model + composed LoRA ΔW")
+            card = card.replace(
+                "Load it with PEFT: `PeftModel.from_pretrained(base_model, this_directory)`.",
+                f"The ΔW of the adapter {adapter_dir} is merged into {model_spec}; load it with "
+                "`AutoModelForCausalLM.from_pretrained(this_directory)`.",
+            )
+            atomic_write_text(tmp / CARD_NAME, card)
     return Path(out)

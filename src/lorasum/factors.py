@@ -148,3 +148,106 @@ def global_cosine(a: Factors, b: Factors) -> float:
     if na == 0.0 or nb == 0.0:
         return 0.0
     return num / math.sqrt(na * nb)
+
+
+# --- factored SVD and subspaces: never a d_out×d_in matrix --------------------------------------
+#
+# A product B @ A with B: (d_out, R) and A: (R, d_in) has rank ≤ R. Its thin SVD comes from two
+# QR factorisations of tall matrices and the SVD of an R×R core:
+#
+#     B = Q_b R_b,  Aᵀ = Q_a R_a   ⇒   B A = Q_b (R_b R_aᵀ) Q_aᵀ = (Q_b U_c) S (Q_a V_c)ᵀ
+#
+# at O(R²·(d_out + d_in) + R³) time and O(R·(d_out + d_in)) memory. These helpers compute in
+# float64: the tall factors are at most a few MB and the cores are tiny.
+
+
+@dataclass(frozen=True)
+class ThinSVD:
+    """ΔW = U · diag(S) · Vᵀ with orthonormal columns, S descending and ≥ 0."""
+
+    U: torch.Tensor  # (d_out, k)
+    S: torch.Tensor  # (k,)
+    V: torch.Tensor  # (d_in, k)
+
+    @property
+    def energy(self) -> float:
+        """‖ΔW‖²_F = Σ σ²."""
+        return float((self.S.to(_ACC) ** 2).sum())
+
+
+def stacked(
+    terms: Sequence[LoraFactors | None], weights: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ w_i·s_i·B_i·A_i as stacked factors (B (d_out, Σr), A (Σr, d_in)), float64, unpadded."""
+    present = [(t, w) for t, w in zip(terms, weights, strict=True) if t is not None]
+    if not present:
+        raise ValueError("stacked needs at least one non-empty term")
+    B = torch.cat([t.B.to(_ACC) for t, _ in present], dim=1)  # (d_out, Σr)
+    A = torch.cat([(w * t.scale) * t.A.to(_ACC) for t, w in present], dim=0)  # (Σr, d_in)
+    return B, A
+
+
+def factored_svd(B: torch.Tensor, A: torch.Tensor) -> ThinSVD:
+    """Thin SVD of B @ A (B: (d_out, R), A: (R, d_in)) without forming B @ A, in float64."""
+    B, A = B.to(_ACC), A.to(_ACC)
+    Q_b, R_b = torch.linalg.qr(B)  # (d_out, k_b), (k_b, R)
+    Q_a, R_a = torch.linalg.qr(A.T)  # (d_in, k_a), (k_a, R)
+    core = R_b @ R_a.T  # (k_b, k_a), k ≤ R
+    U_c, S, V_ch = torch.linalg.svd(core, full_matrices=False)  # (k_b, k), (k,), (k, k_a)
+    return ThinSVD(U=Q_b @ U_c, S=S, V=Q_a @ V_ch.T)
+
+
+def rank_for_energy(S: torch.Tensor, keep: float) -> int:
+    """Smallest k whose top-k singular values keep ≥ ``keep`` of Σσ² (0 for a zero matrix)."""
+    energy = S.to(_ACC) ** 2
+    total = float(energy.sum())
+    if total == 0.0:
+        return 0
+    kept = torch.cumsum(energy, 0) / total
+    # a tiny slack absorbs rounding when keep is exactly reachable (e.g. keep = 1.0)
+    return min(int((kept < keep - 1e-12).sum()) + 1, S.numel())
+
+
+def nonzero_directions(S: torch.Tensor, rtol: float = 1e-6) -> int:
+    """How many singular values are above ``rtol``·σ_max (S descending): the numerical rank."""
+    if S.numel() == 0 or float(S[0]) == 0.0:
+        return 0
+    threshold = rtol * float(S[0])
+    return int(S.gt(threshold).sum())
+
+
+def lora_from_svd(svd: ThinSVD, k: int, scale: float = 1.0) -> LoraFactors:
+    """Rank-k LoRA of scale·U_k S_k V_kᵀ, the singular values split evenly: B = U√S, A = √S Vᵀ."""
+    root = svd.S[:k].to(_ACC).sqrt()  # (k,)
+    B = svd.U[:, :k] * root  # (d_out, k)
+    A = scale * root[:, None] * svd.V[:, :k].T  # (k, d_in)
+    return LoraFactors(A=A.float(), B=B.float(), scale=1.0)
+
+
+def pad_rank(f: LoraFactors, rank: int) -> LoraFactors:
+    """The same ΔW with zero rows/columns appended up to ``rank``, scale folded into A."""
+    if rank < f.rank:
+        raise ValueError(f"rank {rank} is below the factors' rank {f.rank}")
+    pad = rank - f.rank
+    A = f.scale * f.A.float()
+    A = torch.cat([A, A.new_zeros(pad, A.shape[1])], dim=0)  # (rank, d_in)
+    B = torch.cat([f.B.float(), f.B.new_zeros(f.B.shape[0], pad).float()], dim=1)  # (d_out, rank)
+    return LoraFactors(A=A, B=B, scale=1.0)
+
+
+def orthonormal_basis(M: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:
+    """Orthonormal basis (d, k) of the column space of M (d, r); directions below rtol dropped."""
+    U, S, _ = torch.linalg.svd(M.to(_ACC), full_matrices=False)  # (d, r), (r,)
+    return U[:, : nonzero_directions(S, rtol)]
+
+
+def principal_cosines(M1: torch.Tensor, M2: torch.Tensor) -> torch.Tensor:
+    """Cosines of the principal angles between the column spaces of M1 (d, r1) and M2 (d, r2).
+
+    With orthonormal bases Q1, Q2 they are the singular values of Q1ᵀQ2, descending, at most
+    min(rank1, rank2) of them (empty when either space is {0}).
+    """
+    Q1, Q2 = orthonormal_basis(M1), orthonormal_basis(M2)
+    if Q1.shape[1] == 0 or Q2.shape[1] == 0:
+        return torch.zeros(0, dtype=_ACC)
+    return torch.linalg.svdvals(Q1.T @ Q2).clamp(0.0, 1.0)  # (min(k1, k2),)

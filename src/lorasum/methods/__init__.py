@@ -1,0 +1,46 @@
+"""Merge methods on LoRA ΔW: one module per method, registered explicitly in one place.
+
+>>> from lorasum.methods import method_names
+>>> method_names()[:3]
+['sum', 'weighted', 'mean']
+"""
+
+from lorasum.methods import dare, iso, linear, svd, ties, tsv
+from lorasum.methods.registry import (
+    MergeMethod,
+    ModuleMerge,
+    get_method,
+    method_names,
+    register,
+)
+
+# The one place where methods are registered (order = the order listed in help and errors).
+for _method in (
+    linear.SUM,
+    linear.WEIGHTED,
+    linear.MEAN,
+    svd.SVD,
+    ties.TIES,
+    ties.MAGNITUDE_PRUNE,
+    dare.DARE_LINEAR,
+    dare.DARE_TIES,
+    tsv.TSV,
+    iso.ISO,
+):
+    register(_method)
+
+# after registration: MergeConfig's help lists the registered names
+from lorasum.methods.config import MergeConfig  # noqa: E402
+from lorasum.methods.engine import MergeResult, merge_adapters, resolve_weights  # noqa: E402
+
+__all__ = [
+    "MergeConfig",
+    "MergeMethod",
+    "MergeResult",
+    "ModuleMerge",
+    "get_method",
+    "merge_adapters",
+    "method_names",
+    "register",
+    "resolve_weights",
+]

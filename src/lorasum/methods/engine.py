@@ -1,0 +1,73 @@
+"""Run a merge method over whole adapters, one module at a time, into one writable rank."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lorasum.errors import LorasumError
+from lorasum.factors import Factors, LoraFactors, pad_rank
+from lorasum.methods.config import MergeConfig
+from lorasum.methods.registry import MergeMethod, get_method
+
+
+@dataclass
+class MergeResult:
+    """Merged adapter: every module at one rank (zero padded), scale 1, plus what it kept."""
+
+    modules: dict[str, LoraFactors]
+    rank: int  # the written rank (after --pad-rank-to)
+    needed_rank: int  # the largest per-module rank of the result
+    report: dict[str, dict]  # module -> {rank, kept_energy, relative_error}
+
+
+def resolve_weights(method: MergeMethod, weights: Sequence[float] | None, n: int) -> list[float]:
+    """The per-adapter weights the method uses (mean: 1/N; weighted: given; else given or 1)."""
+    if method.weights == "refused" and weights is not None:
+        raise LorasumError(f"--method {method.name} sets every weight to 1/N; drop --weights")
+    if method.weights == "required" and weights is None:
+        raise LorasumError(f"--method {method.name} needs --weights (one number per adapter)")
+    if method.name == "mean":
+        return [1.0 / n] * n
+    return [1.0] * n if weights is None else [float(w) for w in weights]
+
+
+def merge_adapters(
+    adapters: Sequence[Factors], weights: Sequence[float], config: MergeConfig
+) -> MergeResult:
+    """Merge per module (missing module = zero ΔW) and bring every module to one rank.
+
+    Raises ``LorasumError`` (before anything is written) when ``--pad-rank-to`` is below the
+    rank the result needs or when the result is not finite.
+    """
+    method = get_method(config.method)
+    names = sorted(set().union(*(a.keys() for a in adapters)))
+    merged: dict[str, LoraFactors] = {}
+    report: dict[str, dict] = {}
+    for name in names:
+        result = method.merge([a.get(name) for a in adapters], weights, config, name)
+        f = result.factors
+        if not (torch.isfinite(f.A).all() and torch.isfinite(f.B).all()):
+            raise LorasumError(
+                f"--method {method.name} gave NaN/inf for module {name}; check the adapters' "
+                "weights and the merge options"
+            )
+        merged[name] = f
+        report[name] = {
+            "rank": f.rank,
+            "kept_energy": result.kept_energy,
+            "relative_error": result.relative_error,
+        }
+    needed = max(1, max(f.rank for f in merged.values()))
+    rank = needed
+    if config.pad_rank_to is not None:
+        if config.pad_rank_to < needed:
+            raise LorasumError(
+                f"--pad-rank-to {config.pad_rank_to} is below the rank this merge needs "
+                f"({needed}); pass at least {needed}, or compress with --method svd --rank"
+            )
+        rank = config.pad_rank_to
+    modules = {name: pad_rank(f, rank) for name, f in merged.items()}
+    return MergeResult(modules=modules, rank=rank, needed_rank=needed, report=report)
