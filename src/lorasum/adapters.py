@@ -92,17 +92,26 @@ def unsupported_config(config: dict, strict: bool = True) -> str | None:
     return None
 
 
-def _tensor_problem(key: str) -> str:
-    """Why a non-lora_A/lora_B tensor in an adapter file cannot be composed."""
-    if "modules_to_save" in key:
-        return "modules_to_save copies of whole modules cannot be composed; save without them"
-    if "lora_embedding" in key:
-        return "embedding LoRA is not supported; adapt linear modules only"
-    if "lora_magnitude" in key:
-        return "DoRA magnitudes are not supported; use plain LoRA"
-    if key.endswith(".bias"):
-        return "LoRA bias terms are not supported; use plain LoRA"
-    return "not a LoRA factor of a linear module; only plain LoRA adapters can be composed"
+# Tensors that are not lora_A/lora_B weights, most specific first: (substring, why).
+_TENSOR_PROBLEMS = (
+    ("lora_embedding", "embedding LoRA is not supported; adapt linear modules only"),
+    ("lora_magnitude", "DoRA magnitudes are not supported; use plain LoRA"),
+    (
+        "modules_to_save",
+        "modules_to_save copies of whole modules cannot be composed; save without them",
+    ),
+    (".bias", "LoRA bias terms are not supported; use plain LoRA"),
+)
+
+
+def _tensor_problem(keys: list[str]) -> tuple[str, str]:
+    """The most telling of several non-LoRA tensors, and why it cannot be composed."""
+    for part, why in _TENSOR_PROBLEMS:
+        for key in sorted(keys):
+            if part in key:
+                return key, why
+    key = sorted(keys)[0]
+    return key, "not a LoRA factor of a linear module; only plain LoRA adapters can be composed"
 
 
 def read_adapter(path: str | Path, strict: bool = False) -> Adapter:
@@ -144,12 +153,16 @@ def read_adapter(path: str | Path, strict: bool = False) -> Adapter:
         ) from None
 
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    others = [key for key in tensors if _KEY.match(key) is None]
+    if not strict:  # PEFT applies e.g. modules_to_save copies itself; ΔW ignores them
+        others = [k for k in others if "lora_embedding" in k or "lora_magnitude" in k]
+    if others:
+        key, why = _tensor_problem(others)
+        raise LorasumError(f"adapter {path} holds tensor {key}: {why}")
     for key, tensor in tensors.items():
         m = _KEY.match(key)
         if m is None:
-            if strict or "lora_embedding" in key or "lora_magnitude" in key:
-                raise LorasumError(f"adapter {path} holds tensor {key}: {_tensor_problem(key)}")
-            continue  # e.g. modules_to_save copies: PEFT applies them, ΔW ignores them
+            continue
         module = m.group("module").removeprefix(PREFIX)
         pairs.setdefault(module, {})[m.group("AB")] = tensor
     if not pairs:
