@@ -241,13 +241,16 @@ def orthonormal_basis(M: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:
     return U[:, : nonzero_directions(S, rtol)]
 
 
-def principal_cosines(M1: torch.Tensor, M2: torch.Tensor) -> torch.Tensor:
+def principal_cosines(
+    M1: torch.Tensor, M2: torch.Tensor, orthonormal: bool = False
+) -> torch.Tensor:
     """Cosines of the principal angles between the column spaces of M1 (d, r1) and M2 (d, r2).
 
     With orthonormal bases Q1, Q2 they are the singular values of Q1ᵀQ2, descending, at most
-    min(rank1, rank2) of them (empty when either space is {0}).
+    min(rank1, rank2) of them (empty when either space is {0}). ``orthonormal``: M1 and M2
+    already are such bases (e.g. from `orthonormal_basis`), so they are used as they are.
     """
-    Q1, Q2 = orthonormal_basis(M1), orthonormal_basis(M2)
+    Q1, Q2 = (M1, M2) if orthonormal else (orthonormal_basis(M1), orthonormal_basis(M2))
     if Q1.shape[1] == 0 or Q2.shape[1] == 0:
         return torch.zeros(0, dtype=_ACC)
-    return torch.linalg.svdvals(Q1.T @ Q2).clamp(0.0, 1.0)  # (min(k1, k2),)
+    return torch.linalg.svdvals(Q1.to(_ACC).T @ Q2.to(_ACC)).clamp(0.0, 1.0)  # (min(k1, k2),)

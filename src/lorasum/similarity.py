@@ -20,6 +20,8 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import torch
+
 from lorasum.adapters import Adapter, read_adapter
 from lorasum.errors import LorasumError
 from lorasum.factors import (
@@ -105,15 +107,27 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def subspace_overlap(a: Factors, b: Factors) -> dict[str, dict]:
-    """Principal angles between column spaces (span B) and row spaces (span Aᵀ) per module."""
+Bases = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (basis of span B, of span Aᵀ)
+
+
+def subspace_bases(a: Factors) -> Bases:
+    """Orthonormal bases of every module's column space (span B) and row space (span Aᵀ)."""
+    return {n: (orthonormal_basis(f.B), orthonormal_basis(f.A.T)) for n, f in a.items()}
+
+
+def subspace_overlap(a: Factors | Bases, b: Factors | Bases) -> dict[str, dict]:
+    """Principal angles between column spaces (span B) and row spaces (span Aᵀ) per module.
+
+    Takes adapters or their `subspace_bases` (computed once per adapter for an N×N matrix).
+    """
+    bases_a = a if _is_bases(a) else subspace_bases(a)
+    bases_b = b if _is_bases(b) else subspace_bases(b)
     result: dict[str, dict] = {}
-    for space, side in (("column_space", lambda f: f.B), ("row_space", lambda f: f.A.T)):
+    for side, space in enumerate(("column_space", "row_space")):
         modules, overlaps, largest, chance = {}, [], [], []
-        for name in sorted(a.keys() & b.keys()):
-            Q1 = orthonormal_basis(side(a[name]))  # (d, k1)
-            Q2 = orthonormal_basis(side(b[name]))  # (d, k2)
-            cos = principal_cosines(Q1, Q2)  # (min(k1, k2),)
+        for name in sorted(bases_a.keys() & bases_b.keys()):
+            Q1, Q2 = bases_a[name][side], bases_b[name][side]  # (d, k1), (d, k2)
+            cos = principal_cosines(Q1, Q2, orthonormal=True)  # (min(k1, k2),)
             modules[name] = [float(c) for c in cos]
             if cos.numel() == 0:
                 continue  # a zero ΔW has no column/row space
@@ -127,6 +141,10 @@ def subspace_overlap(a: Factors, b: Factors) -> dict[str, dict]:
             "modules": modules,
         }
     return result
+
+
+def _is_bases(x) -> bool:
+    return all(isinstance(v, tuple) for v in x.values())
 
 
 # --- adapters on disk ------------------------------------------------------------------------
@@ -153,9 +171,10 @@ def similarity(paths: Sequence[str | Path], plot: str | Path | None = None) -> d
     names = _unique_names(adapters)
     factors = {n: a.modules for n, a in zip(names, adapters, strict=True)}
     pairs = similarity_matrix(factors)
+    bases = {n: subspace_bases(f) for n, f in factors.items()}
     for pair in pairs:
         pair.update(breakdown(pair["modules"]))
-        pair.update(subspace_overlap(factors[pair["a"]], factors[pair["b"]]))
+        pair.update(subspace_overlap(bases[pair["a"]], bases[pair["b"]]))
     n = len(names)
     rms_m = [[1.0] * n for _ in range(n)]
     glob_m = [[1.0] * n for _ in range(n)]
