@@ -353,3 +353,16 @@ def test_resolved_options_fill_in_method_defaults():
         "pad_rank_to": None,
     }
     assert MergeConfig(method="svd", rank="auto").resolved()["keep"] == 0.99
+
+
+def test_factored_merges_run_single_threaded_and_restore_the_setting():
+    from lorasum.factors import single_threaded
+
+    before = torch.get_num_threads()
+    seen = []
+    with single_threaded():
+        seen.append(torch.get_num_threads())
+    assert seen == [1] and torch.get_num_threads() == before
+    a = {"m.0.q": rand_terms(6, 5, [2], 1)[0]}
+    merge_adapters([a, a], [1.0, 1.0], MergeConfig(method="svd", rank=2))
+    assert torch.get_num_threads() == before

@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default=None, help="base model for --merge-into-base (default: the adapters')"
     )
     c.add_argument("--overwrite", action="store_true", help="replace a different result in --out")
-    _add_dataclass_flags(c, MergeConfig)
+    _add_dataclass_flags(c, MergeConfig, defaults=False)  # unset = the method's default
 
     s = sub.add_parser(
         "similarity",
@@ -189,9 +189,8 @@ def _run(args: argparse.Namespace) -> int:
         from lorasum.compose import compose
         from lorasum.methods import MergeConfig
 
-        config = MergeConfig(
-            **{f.name: getattr(args, f.name) for f in dataclasses.fields(MergeConfig)}
-        )
+        given = {f.name: getattr(args, f.name) for f in dataclasses.fields(MergeConfig)}
+        config = MergeConfig(**{k: v for k, v in given.items() if v is not None})
         marker = compose(
             args.adapters,
             args.out,

@@ -31,6 +31,7 @@ from lorasum.factors import (
     orthonormal_basis,
     principal_cosines,
     rms,
+    single_threaded,
 )
 
 HEATMAP_NAME = "similarity_heatmap.png"
@@ -60,10 +61,11 @@ def pair_similarity(a: Factors, b: Factors) -> dict:
 
 def similarity_matrix(adapters: Mapping[str, Factors]) -> list[dict]:
     """Every unordered pair of named adapters."""
-    return [
-        {"a": na, "b": nb, **pair_similarity(adapters[na], adapters[nb])}
-        for na, nb in itertools.combinations(adapters, 2)
-    ]
+    with single_threaded():  # small factored algebra (see factors.single_threaded)
+        return [
+            {"a": na, "b": nb, **pair_similarity(adapters[na], adapters[nb])}
+            for na, nb in itertools.combinations(adapters, 2)
+        ]
 
 
 def combination_rms(pairs: Sequence[dict], names: Sequence[str]) -> float:
@@ -171,16 +173,17 @@ def similarity(paths: Sequence[str | Path], plot: str | Path | None = None) -> d
     names = _unique_names(adapters)
     factors = {n: a.modules for n, a in zip(names, adapters, strict=True)}
     pairs = similarity_matrix(factors)
-    bases = {n: subspace_bases(f) for n, f in factors.items()}
-    for pair in pairs:
-        pair.update(breakdown(pair["modules"]))
-        pair.update(subspace_overlap(bases[pair["a"]], bases[pair["b"]]))
     n = len(names)
     rms_m = [[1.0] * n for _ in range(n)]
     glob_m = [[1.0] * n for _ in range(n)]
-    for i, name in enumerate(names):  # an adapter against itself: 1, or less for zero modules
-        own = pair_similarity(factors[name], factors[name])
-        rms_m[i][i], glob_m[i][i] = own["rms_cosine"], own["global_cosine"]
+    with single_threaded():
+        bases = {n: subspace_bases(f) for n, f in factors.items()}
+        for pair in pairs:
+            pair.update(breakdown(pair["modules"]))
+            pair.update(subspace_overlap(bases[pair["a"]], bases[pair["b"]]))
+        for i, name in enumerate(names):  # an adapter with itself: 1, less for zero modules
+            own = pair_similarity(factors[name], factors[name])
+            rms_m[i][i], glob_m[i][i] = own["rms_cosine"], own["global_cosine"]
     for pair in pairs:
         i, j = names.index(pair["a"]), names.index(pair["b"])
         rms_m[i][j] = rms_m[j][i] = pair["rms_cosine"]

@@ -33,7 +33,7 @@ class MergeConfig:
 
     method: str = field(
         default="sum",
-        metadata={"help": f"merge method: {', '.join(method_names())}"},
+        metadata={"help": f"merge method (default sum): {', '.join(method_names())}"},
     )
     rank: str | int | None = field(
         default=None,
@@ -56,7 +56,8 @@ class MergeConfig:
         metadata={"help": "ties/dare_ties: sign election by 'total' (default) or 'frequency'"},
     )
     seed: int | None = field(
-        default=None, metadata={"help": "dare_linear/dare_ties: seed of the random masks (0)"}
+        default=None,
+        metadata={"help": "dare_linear/dare_ties: seed of the random masks (default 0)"},
     )
     method_scale: float | None = field(
         default=None, metadata={"help": "tsv/iso: overall scaling coefficient α (default 1.0)"}

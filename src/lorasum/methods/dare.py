@@ -77,6 +77,7 @@ DARE_LINEAR = MergeMethod(
     summary="DARE: random drop to --density, rescale 1/density, weighted sum (seeded; PEFT)",
     options=frozenset({"density", "seed", "rank", "keep"}),
     required=frozenset({"density"}),
+    dense=True,
 )
 DARE_TIES = MergeMethod(
     name="dare_ties",
@@ -84,4 +85,5 @@ DARE_TIES = MergeMethod(
     summary="DARE drop and rescale, then TIES sign election and disjoint mean (seeded; PEFT)",
     options=frozenset({"density", "seed", "majority_sign", "rank", "keep"}),
     required=frozenset({"density"}),
+    dense=True,
 )

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from lorasum.errors import LorasumError
-from lorasum.factors import Factors, LoraFactors, pad_rank
+from lorasum.factors import Factors, LoraFactors, pad_rank, single_threaded
 from lorasum.methods.config import MergeConfig
 from lorasum.methods.registry import MergeMethod, get_method
 
@@ -34,6 +35,28 @@ def resolve_weights(method: MergeMethod, weights: Sequence[float] | None, n: int
     return [1.0] * n if weights is None else [float(w) for w in weights]
 
 
+def _merge_module(
+    method: MergeMethod,
+    adapters: Sequence[Factors],
+    weights: Sequence[float],
+    config: MergeConfig,
+    name: str,
+) -> tuple[LoraFactors, dict]:
+    result = method.merge([a.get(name) for a in adapters], weights, config, name)
+    f = result.factors
+    if not (torch.isfinite(f.A).all() and torch.isfinite(f.B).all()):
+        raise LorasumError(
+            f"--method {method.name} gave NaN/inf for module {name}; check the adapters' "
+            "weights and the merge options"
+        )
+    report = {
+        "rank": f.rank,
+        "kept_energy": result.kept_energy,
+        "relative_error": result.relative_error,
+    }
+    return f, report
+
+
 def merge_adapters(
     adapters: Sequence[Factors], weights: Sequence[float], config: MergeConfig
 ) -> MergeResult:
@@ -46,20 +69,11 @@ def merge_adapters(
     names = sorted(set().union(*(a.keys() for a in adapters)))
     merged: dict[str, LoraFactors] = {}
     report: dict[str, dict] = {}
-    for name in names:
-        result = method.merge([a.get(name) for a in adapters], weights, config, name)
-        f = result.factors
-        if not (torch.isfinite(f.A).all() and torch.isfinite(f.B).all()):
-            raise LorasumError(
-                f"--method {method.name} gave NaN/inf for module {name}; check the adapters' "
-                "weights and the merge options"
-            )
-        merged[name] = f
-        report[name] = {
-            "rank": f.rank,
-            "kept_energy": result.kept_energy,
-            "relative_error": result.relative_error,
-        }
+    with contextlib.ExitStack() as stack:
+        if not method.dense:  # small factored algebra: threads only add stalls (see factors.py)
+            stack.enter_context(single_threaded())
+        for name in names:
+            merged[name], report[name] = _merge_module(method, adapters, weights, config, name)
     needed = max(1, max(f.rank for f in merged.values()))
     rank = needed
     if config.pad_rank_to is not None:

@@ -42,6 +42,7 @@ class MergeMethod:
     required: frozenset[str] = field(default_factory=frozenset)  # ... that must be given
     weights: Literal["optional", "required", "refused"] = "optional"
     exact: bool = False  # the result equals the weighted sum Σ w_i ΔW_i
+    dense: bool = False  # builds each module's d_out×d_in ΔW (else: factored, small algebra)
 
 
 _REGISTRY: dict[str, MergeMethod] = {}

@@ -64,6 +64,7 @@ TIES = MergeMethod(
     summary="TIES on dense ΔW (trim to --density, elect sign, disjoint mean; PEFT semantics)",
     options=frozenset({"density", "majority_sign", "rank", "keep"}),
     required=frozenset({"density"}),
+    dense=True,
 )
 MAGNITUDE_PRUNE = MergeMethod(
     name="magnitude_prune",
@@ -71,4 +72,5 @@ MAGNITUDE_PRUNE = MergeMethod(
     summary="keep the top --density entries of each dense ΔW by magnitude, then weighted sum",
     options=frozenset({"density", "rank", "keep"}),
     required=frozenset({"density"}),
+    dense=True,
 )
