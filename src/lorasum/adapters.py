@@ -72,7 +72,7 @@ _UNSUPPORTED_CONFIG = (
     ("monteclora_config", "is a MonteCLoRA adapter, whose ΔW is not s·B·A"),
 )
 # init_lora_weights values that change the base weights the adapter is relative to.
-_BASE_CHANGING_INIT = ("pissa", "olora", "corda", "loftq")
+_BASE_CHANGING_INIT = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 def unsupported_config(config: dict, strict: bool = True) -> str | None:
