@@ -123,6 +123,8 @@ def qa_files(tmp_path_factory) -> dict[str, Path]:
 def _offline(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # Studies run their units inline unless a test asks for worker processes.
+    monkeypatch.setenv("LORASUM_WORKERS", "1")
 
 
 def load_tiny(model_dir: Path):

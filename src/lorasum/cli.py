@@ -165,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="give each domain adapter its own LoRA init seed (default: one shared seed, "
         "as in the paper's scripts)",
     )
+    r.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes for the study's units (default: one per CPU core, at most 4, "
+        "memory allowing; 1 on a GPU). Results do not depend on it",
+    )
     _add_dataclass_flags(r, TrainConfig, skip={"model", "data", "eval_val"}, defaults=False)
 
     sub.add_parser("assets", help="check the embedded model and data, and build the model cache")
@@ -264,6 +271,7 @@ def _run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             seed_per_domain=args.seed_per_domain,
             seeds=args.seeds,
+            workers=args.workers,
             **overrides,
         )
         for row in results["combinations"]:

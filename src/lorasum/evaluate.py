@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Sequence
 
 import torch
@@ -66,7 +67,7 @@ def perplexity_from(nll: float, tokens: int) -> float:
     return math.exp(nll / tokens) if tokens > 0 else float("nan")
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate_batches(
     model: nn.Module,
     batches: Sequence[Batch],
@@ -83,8 +84,11 @@ def evaluate_batches(
     model.eval()
     nll = torch.zeros(len(names), dtype=torch.float64)
     tokens = torch.zeros(len(names), dtype=torch.long)
+    real_tokens = 0
+    t0 = time.perf_counter()
     try:
         for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+            real_tokens += int(batch.attention_mask.sum())
             batch = batch.to(device)
             with autocast_context(device, amp_dtype):
                 row_nll, row_tokens = token_nll(model, batch)
@@ -93,8 +97,10 @@ def evaluate_batches(
             tokens.index_add_(0, ds, row_tokens.cpu())
     finally:
         model.train(was_training)
+    seconds = time.perf_counter() - t0
     total_nll, total_tokens = float(nll.sum()), int(tokens.sum())
     return {
+        "timing": {"seconds": seconds, "real_tokens": real_tokens},
         "perplexity": perplexity_from(total_nll, total_tokens),
         "nll": total_nll,
         "tokens": total_tokens,

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lorasum import __version__
-from lorasum.data import Source, load_split, make_batches, tokenize_split
+from lorasum.data import Source, load_split, make_batches
 from lorasum.errors import LorasumError, raise_all
 from lorasum.evaluate import autocast_context, evaluate_batches, token_nll
 from lorasum.io import atomic_dir, check_output_dir, config_key, read_json
@@ -26,6 +26,7 @@ from lorasum.models import (
     resolve_target_modules,
     uses_conv1d,
 )
+from lorasum.tokens import tokenize_cached
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +183,7 @@ def train(
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     targets = resolve_target_modules(model, cfg.target_modules)
 
-    train_items = tokenize_split(tokenizer, sources, "train", cfg.max_length, cfg.answer_only)
+    train_items = tokenize_cached(tokenizer, sources, "train", cfg.max_length, cfg.answer_only)
     steps_per_epoch = math.ceil(len(train_items) / cfg.batch_size)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
@@ -222,6 +223,7 @@ def train(
             for batch in batches:
                 if step >= total_steps:
                     break
+                t_step = time.perf_counter()
                 batch = batch.to(device)
                 with autocast_context(device, amp):
                     row_nll, row_tokens = token_nll(peft_model, batch)
@@ -238,7 +240,8 @@ def train(
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                tokens_seen += int(batch.attention_mask.sum())
+                real_tokens = int(batch.attention_mask.sum())
+                tokens_seen += real_tokens
                 loss_value = float(loss.detach())
                 if not math.isfinite(loss_value):
                     raise LorasumError(
@@ -253,6 +256,8 @@ def train(
                         "lr": step_lr,
                         "grad_norm": float(grad_norm),
                         "tokens": n_tokens,
+                        "real_tokens": real_tokens,
+                        "seconds": time.perf_counter() - t_step,
                     }
                 )
                 bar.set_postfix(loss=f"{loss_value:.3f}")
@@ -274,7 +279,7 @@ def train(
             val = evaluate_batches(
                 peft_model,
                 make_batches(
-                    tokenize_split(tokenizer, sources, "val", cfg.max_length, cfg.answer_only),
+                    tokenize_cached(tokenizer, sources, "val", cfg.max_length, cfg.answer_only),
                     cfg.batch_size,
                     tokenizer.pad_token_id,
                     shuffle=False,

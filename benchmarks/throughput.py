@@ -1,0 +1,357 @@
+"""Throughput: lorasum vs the paper's pipeline (HF Trainer + PEFT), side by side in one run.
+
+    .venv/bin/python benchmarks/throughput.py [--steps 12] [--eval-rows 48] [--repeats 2]
+
+Both sides use the default model, the same rows (the study's three domains, mixed), LoRA r=4,
+alpha=64, dropout 0.1, targets `auto`, batch 8, max length 128, lr 1e-4, seed 0.
+
+- (a) baseline train: `transformers.Trainer` + `peft.get_peft_model`, fp32, every row padded to
+  max length (`padding="max_length"`), labels = input ids with padding set to -100, otherwise
+  Trainer defaults;
+- (b) `lorasum.train` with the same settings;
+- (c) baseline eval: the HF model's forward (full logits, its own loss) on padded batches of 8;
+- (d) `lorasum.evaluate` on the same rows and adapter.
+
+Each side runs in its own subprocess (so peak RSS is its own), alternating A B A B so machine
+drift cancels; the table shows medians. Tokens/s counts real (non-padding) tokens only. After
+training, both sides' adapters are scored with the same honest evaluator: answer-only and
+full-sequence test perplexity. Writes benchmarks/results/throughput.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DOMAINS = ["math", "medicine", "finance"]
+SETTINGS = dict(rank=4, alpha=64.0, dropout=0.1, batch_size=8, max_length=128, lr=1e-4, seed=0)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _sources(rows_per_domain: int, eval_rows: int):
+    from lorasum.data import load_split
+
+    return [load_split(d, 42, max_train=rows_per_domain, max_eval=eval_rows) for d in DOMAINS]
+
+
+def _padded_rows(tokenizer, sources, split: str) -> list[dict]:
+    """The paper pipeline's rows: full text, padded to max length, labels = ids (padding -100)."""
+    from lorasum.data import answer_text, prompt_text
+
+    texts = [
+        prompt_text(qa.question) + answer_text(qa.answer) + tokenizer.eos_token
+        for s in sources
+        for qa in s.splits[split]
+    ]
+    enc = tokenizer(
+        texts,
+        padding="max_length",
+        truncation=True,
+        max_length=SETTINGS["max_length"],
+        return_tensors="pt",
+    )
+    labels = enc["input_ids"].clone()
+    labels[enc["attention_mask"] == 0] = -100
+    return [
+        {"input_ids": i, "attention_mask": m, "labels": lab}
+        for i, m, lab in zip(enc["input_ids"], enc["attention_mask"], labels, strict=True)
+    ]
+
+
+def side_train_baseline(a: argparse.Namespace) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+
+    from lorasum.models import load_model, load_tokenizer, resolve_target_modules
+
+    tokenizer, model = load_tokenizer("default"), load_model("default")
+    rows = _padded_rows(tokenizer, _sources(a.rows, a.eval_rows), "train")
+    torch.manual_seed(SETTINGS["seed"])
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(
+            r=SETTINGS["rank"],
+            lora_alpha=SETTINGS["alpha"],
+            lora_dropout=SETTINGS["dropout"],
+            target_modules=resolve_target_modules(model, "auto"),
+            task_type="CAUSAL_LM",
+        ),
+    )
+    step_times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            step_times.append(time.perf_counter() - self.t)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=tmp,
+            per_device_train_batch_size=SETTINGS["batch_size"],
+            learning_rate=SETTINGS["lr"],
+            warmup_steps=2,
+            weight_decay=0.01,
+            max_steps=a.steps,
+            seed=SETTINGS["seed"],
+            report_to=[],
+            save_strategy="no",
+            logging_strategy="no",
+            use_cpu=True,
+            disable_tqdm=True,
+        )
+        trainer = Trainer(
+            model=peft_model,
+            args=args,
+            train_dataset=rows,
+            data_collator=default_data_collator,
+            callbacks=[Clock()],
+        )
+        t0 = time.perf_counter()
+        trainer.train()
+        wall = time.perf_counter() - t0
+    peft_model.save_pretrained(a.adapter_out)
+    real = sum(int(r["attention_mask"].sum()) for r in rows[: a.steps * SETTINGS["batch_size"]])
+    return _train_result(step_times, wall, real, a.steps)
+
+
+def side_train_lorasum(a: argparse.Namespace) -> dict:
+    from lorasum.io import read_json
+    from lorasum.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        data=DOMAINS,
+        max_train=a.rows,
+        max_eval=a.eval_rows,
+        max_steps=a.steps,
+        warmup_steps=2,
+        weight_decay=0.01,
+        eval_val=False,
+        **SETTINGS,
+    )
+    t0 = time.perf_counter()
+    marker = train(cfg, a.adapter_out, overwrite=True, progress=False)
+    wall = time.perf_counter() - t0
+    log = [json.loads(x) for x in (Path(a.adapter_out) / "train_log.jsonl").open()]
+    step_times = [r["seconds"] for r in log]
+    real = sum(r["real_tokens"] for r in log)
+    out = _train_result(step_times, wall, real, a.steps)
+    out["precision"] = read_json(Path(a.adapter_out) / "lorasum.json")["metrics"]["precision"]
+    del marker
+    return out
+
+
+def _train_result(step_times: list[float], wall: float, real_tokens: int, steps: int) -> dict:
+    # The first step carries one-time costs (allocations, lazy init) on both sides.
+    med = statistics.median(step_times[1:] or step_times)
+    return {
+        "s_per_step": med,
+        "real_tokens": real_tokens,
+        "tokens_per_s": real_tokens / steps / med,
+        "wall_s": wall,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
+def side_eval_baseline(a: argparse.Namespace) -> dict:
+    import torch
+    from peft import PeftModel
+
+    from lorasum.models import load_model, load_tokenizer
+
+    tokenizer, model = load_tokenizer("default"), load_model("default")
+    model = PeftModel.from_pretrained(model, a.adapter).eval()
+    rows = _padded_rows(tokenizer, _sources(1, a.eval_rows), "test")
+    bs = SETTINGS["batch_size"]
+    nll, counted, real = 0.0, 0, 0
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for s in range(0, len(rows), bs):
+            batch = {k: torch.stack([r[k] for r in rows[s : s + bs]]) for k in rows[0]}
+            loss = model(**batch).loss
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            nll += float(loss) * n
+            counted += n
+            real += int(batch["attention_mask"].sum())
+    seconds = time.perf_counter() - t0
+    return {
+        "seconds": seconds,
+        "real_tokens": real,
+        "tokens_per_s": real / seconds,
+        "full_sequence_ppl": float(torch.tensor(nll / counted).exp()),
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
+def side_eval_lorasum(a: argparse.Namespace) -> dict:
+    from lorasum.evaluate import evaluate
+
+    t0 = time.perf_counter()
+    r = evaluate(data=DOMAINS, adapter=a.adapter, max_eval=a.eval_rows, progress=False)
+    seconds = time.perf_counter() - t0
+    return {
+        "seconds": r["timing"]["seconds"],
+        "seconds_with_load": seconds,
+        "real_tokens": r["timing"]["real_tokens"],
+        "tokens_per_s": r["timing"]["real_tokens"] / r["timing"]["seconds"],
+        "answer_ppl": r["perplexity"],
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
+def side_score(a: argparse.Namespace) -> dict:
+    """Test perplexity of a trained adapter, answer-only and full sequence, same evaluator."""
+    from lorasum.evaluate import evaluate
+
+    kw = dict(data=DOMAINS, adapter=a.adapter, max_eval=a.eval_rows, progress=False)
+    return {
+        "answer_ppl": evaluate(**kw)["perplexity"],
+        "full_sequence_ppl": evaluate(**kw, answer_only=False)["perplexity"],
+    }
+
+
+SIDES = {
+    "train-baseline": side_train_baseline,
+    "train-lorasum": side_train_lorasum,
+    "eval-baseline": side_eval_baseline,
+    "eval-lorasum": side_eval_lorasum,
+    "score": side_score,
+}
+
+
+def run_side(name: str, a: argparse.Namespace, **extra) -> dict:
+    cmd = [sys.executable, __file__, "--side", name, "--steps", str(a.steps)]
+    cmd += ["--rows", str(a.rows), "--eval-rows", str(a.eval_rows)]
+    for k, v in extra.items():
+        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    env = {**os.environ, "TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.exit(f"side {name} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def cpu_name() -> str:
+    from lorasum.models import _cpu_name
+
+    return _cpu_name()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=12, help="optimizer steps per training side")
+    p.add_argument("--rows", type=int, default=None, help="training rows per domain")
+    p.add_argument("--eval-rows", type=int, default=48, help="test rows per domain")
+    p.add_argument("--repeats", type=int, default=2, help="A B pairs per measurement")
+    p.add_argument("--out", default="benchmarks/results/throughput.json")
+    p.add_argument("--side", choices=list(SIDES), help=argparse.SUPPRESS)
+    p.add_argument("--adapter", help=argparse.SUPPRESS)
+    p.add_argument("--adapter-out", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.rows is None:  # one epoch of `steps` batches over the three domains
+        a.rows = -(-a.steps * SETTINGS["batch_size"] // len(DOMAINS))
+    if a.side:
+        print(json.dumps(SIDES[a.side](a)))
+        return
+
+    import torch
+
+    t_start = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="lorasum-bench-"))
+    runs: dict[str, list[dict]] = {k: [] for k in SIDES if k != "score"}
+    for i in range(a.repeats):
+        for side in ("train-baseline", "train-lorasum"):
+            print(f"[{i + 1}/{a.repeats}] {side} …", file=sys.stderr, flush=True)
+            runs[side].append(run_side(side, a, adapter_out=work / f"{side}-{i}"))
+    adapter = work / "train-lorasum-0"
+    for i in range(a.repeats):
+        for side in ("eval-baseline", "eval-lorasum"):
+            print(f"[{i + 1}/{a.repeats}] {side} …", file=sys.stderr, flush=True)
+            runs[side].append(run_side(side, a, adapter=adapter))
+    scores = {
+        s: run_side("score", a, adapter=work / f"train-{s}-0") for s in ("baseline", "lorasum")
+    }
+
+    def med(side: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs[side])
+
+    table = {
+        "train_s_per_step": (
+            med("train-baseline", "s_per_step"),
+            med("train-lorasum", "s_per_step"),
+        ),
+        "train_tokens_per_s": (
+            med("train-baseline", "tokens_per_s"),
+            med("train-lorasum", "tokens_per_s"),
+        ),
+        "train_peak_rss_mb": (
+            med("train-baseline", "peak_rss_mb"),
+            med("train-lorasum", "peak_rss_mb"),
+        ),
+        "eval_tokens_per_s": (
+            med("eval-baseline", "tokens_per_s"),
+            med("eval-lorasum", "tokens_per_s"),
+        ),
+        "eval_peak_rss_mb": (
+            med("eval-baseline", "peak_rss_mb"),
+            med("eval-lorasum", "peak_rss_mb"),
+        ),
+        "test_answer_ppl_after_training": (
+            scores["baseline"]["answer_ppl"],
+            scores["lorasum"]["answer_ppl"],
+        ),
+        "test_full_sequence_ppl_after_training": (
+            scores["baseline"]["full_sequence_ppl"],
+            scores["lorasum"]["full_sequence_ppl"],
+        ),
+    }
+    result = {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "settings": {**SETTINGS, "steps": a.steps, "rows_per_domain": a.rows},
+        "eval_rows_per_domain": a.eval_rows,
+        "lorasum_precision": runs["train-lorasum"][0].get("precision"),
+        "table": {
+            k: {"baseline": b, "lorasum": s, "ratio": s / b if "ppl" in k or "rss" in k else None}
+            for k, (b, s) in table.items()
+        },
+        "speedup": {
+            "train": table["train_tokens_per_s"][1] / table["train_tokens_per_s"][0],
+            "eval": table["eval_tokens_per_s"][1] / table["eval_tokens_per_s"][0],
+        },
+        "runs": runs,
+        "scores": scores,
+        "wall_s": time.perf_counter() - t_start,
+    }
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+    print(f"CPU: {result['cpu']} ({result['cores']} cores), torch {result['torch']}")
+    print(f"{'measure':<40}{'baseline':>12}{'lorasum':>12}{'ratio':>8}")
+    for k, (b, s) in table.items():
+        ratio = b / s if k == "train_s_per_step" else s / b
+        print(f"{k:<40}{b:>12.2f}{s:>12.2f}{ratio:>8.2f}")
+    print(
+        f"speedup (real tokens/s): train {result['speedup']['train']:.2f}x, "
+        f"eval {result['speedup']['eval']:.2f}x   -> {out}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Speed work must not change results: workers, token cache, bf16 verdict, precision paths."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lorasum import models
+from lorasum.data import load_split, make_batches, tokenize_split
+from lorasum.evaluate import evaluate_batches, token_nll
+from lorasum.experiment import reproduce
+from lorasum.models import load_model, load_tokenizer
+from lorasum.tokens import clear_cache, tokenize_cached
+
+CPU = torch.device("cpu")
+
+
+def test_tokenize_cached_equals_tokenize_split(tiny_llama, qa_files):
+    tok = load_tokenizer(str(tiny_llama))
+    sources = [load_split(str(p), 42) for p in qa_files.values()]
+    clear_cache()
+    for split in ("train", "test"):
+        for srcs in (sources, sources[1:], sources[:1]):
+            for _ in range(2):  # second call: from the cache
+                assert tokenize_cached(tok, srcs, split, 32) == tokenize_split(tok, srcs, split, 32)
+    # other settings are other entries, not a stale hit
+    assert tokenize_cached(tok, sources, "test", 12) == tokenize_split(tok, sources, "test", 12)
+    assert tokenize_cached(tok, sources, "test", 32, answer_only=False) == tokenize_split(
+        tok, sources, "test", 32, answer_only=False
+    )
+
+
+def test_grouped_batches_give_the_same_per_example_loss_as_single_rows(tiny_llama, qa_files):
+    """Length-grouped, padded batches: each row's summed NLL equals its own unpadded forward."""
+    model, tok = load_model(str(tiny_llama)).eval(), load_tokenizer(str(tiny_llama))
+    sources = [load_split(str(p), 42, max_train=12) for p in qa_files.values()]
+    items = tokenize_split(tok, sources, "train", 48)
+    with torch.no_grad():
+        singles = [
+            token_nll(model, make_batches([it], 1, tok.pad_token_id, False)[0]) for it in items
+        ]
+        grouped = {}
+        for batch in make_batches(items, 8, tok.pad_token_id, shuffle=True, seed=3):
+            nll, n = token_nll(model, batch)
+            for row in range(batch.input_ids.shape[0]):
+                length = int(batch.attention_mask[row].sum())
+                key = tuple(batch.input_ids[row, :length].tolist())
+                grouped.setdefault(key, []).append((float(nll[row]), int(n[row])))
+    for (nll1, n1), (t, _) in zip(singles, items, strict=True):
+        nll_g, n_g = grouped[tuple(t.input_ids)].pop()
+        assert n_g == int(n1[0]) == sum(t.counted)
+        assert nll_g == pytest.approx(float(nll1[0]), rel=1e-4, abs=1e-4)
+
+
+def test_bf16_and_fp32_paths_agree(tiny_llama, qa_files):
+    model, tok = load_model(str(tiny_llama)), load_tokenizer(str(tiny_llama))
+    sources = [load_split(str(p), 42) for p in qa_files.values()]
+    batches = make_batches(tokenize_split(tok, sources, "test", 32), 8, tok.pad_token_id, False)
+    names = [s.name for s in sources]
+    fp32 = evaluate_batches(model, batches, names, CPU, None)
+    bf16 = evaluate_batches(model, batches, names, CPU, torch.bfloat16)
+    assert bf16["tokens"] == fp32["tokens"]
+    assert bf16["perplexity"] == pytest.approx(fp32["perplexity"], rel=2e-2)
+    assert bf16["perplexity"] != fp32["perplexity"]  # bf16 really ran
+
+
+def test_bf16_verdict_is_measured_and_only_a_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORASUM_HOME", str(tmp_path))
+    timings = {None: 2.0, torch.bfloat16: 1.0}  # bf16 2x faster: pays
+    calls = []
+
+    def fake_time(dtype, repeats=3):
+        calls.append(dtype)
+        return timings[dtype]
+
+    monkeypatch.setattr(models, "time_linear_step", fake_time)
+    v1 = models.cpu_bf16_verdict()
+    assert v1["use_bf16"] is True and len(calls) == 2
+    assert models.autocast_dtype("auto", CPU) is torch.bfloat16
+    assert len(calls) == 2  # the second call read the cache
+    (tmp_path / "hardware.json").unlink()  # deleting the cache only costs a re-measurement
+    v2 = models.cpu_bf16_verdict()
+    assert v2["use_bf16"] == v1["use_bf16"] and len(calls) == 4
+    # a stale entry (other CPU/torch/threads) is measured again, and 1.1x does not pay
+    data = json.loads((tmp_path / "hardware.json").read_text())
+    (tmp_path / "hardware.json").write_text(json.dumps({**data, "key": "other-machine"}))
+    timings[torch.bfloat16] = 2.0 / 1.1
+    assert models.cpu_bf16_verdict()["use_bf16"] is False and len(calls) == 6
+    assert models.autocast_dtype("auto", CPU) is None
+    assert models.autocast_dtype("fp32", CPU) is None
+    assert models.autocast_dtype("bf16", CPU) is torch.bfloat16
+
+
+def test_bf16_verdict_survives_an_unwritable_cache(tmp_path, monkeypatch):
+    home = tmp_path / "file"
+    home.write_text("not a directory")
+    monkeypatch.setenv("LORASUM_HOME", str(home))
+    monkeypatch.setattr(models, "time_linear_step", lambda dtype, repeats=3: 1.0)
+    assert models.cpu_bf16_verdict()["use_bf16"] is False
+
+
+def test_time_linear_step_runs_both_precisions():
+    assert models.time_linear_step(None, repeats=1) > 0
+    assert models.time_linear_step(torch.bfloat16, repeats=1) > 0
+
+
+def _numbers(results: dict) -> list[float]:
+    return [
+        v
+        for row in results["combinations"]
+        for v in (row["ppl_sum"], row["ppl_merged"], row["rms_cosine"])
+    ] + [s["perplexity"] for s in results["singles"].values()]
+
+
+def test_worker_processes_give_the_same_study(tiny_llama, qa_files, tmp_path):
+    domains = [f"{n}={p}" for n, p in qa_files.items()]
+    kw = dict(preset="tiny", model=str(tiny_llama), domains=domains, progress=False)
+    inline = reproduce(tmp_path / "inline", workers=1, **kw)
+    pooled = reproduce(tmp_path / "pooled", workers=2, **kw)
+    assert _numbers(pooled) == pytest.approx(_numbers(inline), rel=1e-4)
+    # every unit exists once, complete, in the pooled study
+    for unit in ("arith", "merged-arith+colors+finance"):
+        marker = json.loads(
+            (tmp_path / "pooled" / "seed-42" / "adapters" / unit / "lorasum.json").read_text()
+        )
+        assert marker["kind"] == "adapter"
+    assert len(list((tmp_path / "pooled" / "seed-42" / "evals").glob("*.json"))) == 3 + 2 * 4
+
+
+def test_workers_must_be_positive(tiny_llama, qa_files, tmp_path):
+    from lorasum.errors import LorasumError
+
+    with pytest.raises(LorasumError, match="--workers"):
+        reproduce(
+            tmp_path / "s",
+            preset="tiny",
+            model=str(tiny_llama),
+            domains=[f"{n}={p}" for n, p in qa_files.items()],
+            workers=0,
+            progress=False,
+        )
+    assert not (tmp_path / "s").exists()
