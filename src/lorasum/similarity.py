@@ -256,6 +256,7 @@ def write_plots(result: dict, out: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from lorasum.io import write_json
 
@@ -283,7 +284,16 @@ def write_plots(result: dict, out: Path) -> None:
     ax.set_yticks(range(n), names)
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, f"{m[i][j]:.3f}", ha="center", va="center", color="w", fontsize=8)
+            light = m[i][j] > 0.6 * vmax  # viridis is bright at the top: dark text there
+            ax.text(
+                j,
+                i,
+                f"{m[i][j]:.3f}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="k" if light else "w",
+            )
     fig.colorbar(im, ax=ax, label="RMS cosine of ΔW over modules")
     ax.set_title("Adapter similarity (RMS cosine)")
     fig.tight_layout()
@@ -299,6 +309,7 @@ def write_plots(result: dict, out: Path) -> None:
             label=f"{p['a']} · {p['b']}",
         )
     ax.set_xlabel("layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("RMS cosine of ΔW over the layer's modules")
     ax.set_title("Adapter similarity per layer")
     if result["pairs"]:
