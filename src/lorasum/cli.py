@@ -97,7 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write base model + ΔW as a full transformers model to DIR",
     )
     c.add_argument(
-        "--model", default=None, help="base model for --merge-into-base (default: the adapters')"
+        "--model",
+        default=None,
+        help="base model for --merge-into-base and --calibration (default: the adapters')",
+    )
+    c.add_argument(
+        "--calibration",
+        nargs="+",
+        default=None,
+        metavar="SOURCES",
+        help="regmean/regmean_rescaled/orthogonal_projection: per adapter, the data whose "
+        "inputs calibrate it (a comma list of sources, or 'own'); default: each adapter's own "
+        "training data from its lorasum.json. Statistics are cached beside each adapter",
     )
     c.add_argument("--overwrite", action="store_true", help="replace a different result in --out")
     _add_dataclass_flags(c, MergeConfig, defaults=False)  # unset = the method's default
@@ -206,6 +217,7 @@ def _run(args: argparse.Namespace) -> int:
             model=args.model,
             overwrite=args.overwrite,
             config=config,
+            calibration=args.calibration,
         )
         recipe = marker.get("recipe") or {}
         detail = f"method {marker.get('method', 'sum')}"
@@ -293,7 +305,7 @@ def _run(args: argparse.Namespace) -> int:
 
         for name in BUILTIN_DOMAINS:
             rows, origin = load_builtin(name)
-            print(f"data {name:<9} {len(rows):>5} rows  {origin}")
+            print(f"data {name:<12} {len(rows):>5} rows  {origin}")
         print(f"model default: {prepare_default_model()}")
     return 0
 

@@ -19,6 +19,7 @@ import torch
 
 from lorasum import __version__
 from lorasum.adapters import Adapter, check_fits, read_adapter, write_adapter
+from lorasum.calibration import calibrate_adapters, calibration_keys, parse_calibration
 from lorasum.errors import LorasumError
 from lorasum.io import (
     atomic_dir,
@@ -29,7 +30,13 @@ from lorasum.io import (
     read_json,
     write_json,
 )
-from lorasum.methods import MergeConfig, get_method, merge_adapters, resolve_weights
+from lorasum.methods import (
+    MergeConfig,
+    get_method,
+    merge_adapters,
+    method_names,
+    resolve_weights,
+)
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +125,13 @@ def adapter_fingerprint(a: Adapter, weights_sha256: str | None = None) -> str:
     return config_key({"weights": weights, "config": a.config})
 
 
-def _command(paths: Sequence[Path], out: Path, config: MergeConfig, weights: list[float] | None):
+def _command(
+    paths: Sequence[Path],
+    out: Path,
+    config: MergeConfig,
+    weights: list[float] | None,
+    calibration: Sequence[list[str] | None] | None = None,
+):
     """The `lorasum compose` command line that reproduces a composition."""
     args = ["lorasum", "compose", *map(str, paths)]
     if config.method != "sum":
@@ -127,6 +140,8 @@ def _command(paths: Sequence[Path], out: Path, config: MergeConfig, weights: lis
         args += ["--weights", ",".join(f"{w:g}" for w in weights)]
     for name in config.given():
         args += ["--" + name.replace("_", "-"), str(getattr(config, name))]
+    if calibration is not None:
+        args += ["--calibration", *("own" if c is None else ",".join(c) for c in calibration)]
     return shlex.join([*args, "--out", str(out)])
 
 
@@ -174,12 +189,17 @@ def compose(
     *,
     method: str = "sum",
     config: MergeConfig | None = None,
+    calibration: Sequence[str | Sequence[str] | None] | None = None,
     **options: Any,
 ) -> dict:
     """`lorasum compose`: merge adapters into one PEFT adapter (and optionally a merged model).
 
     ``method`` and ``options`` (any `MergeConfig` field: rank, keep, density, majority_sign,
-    seed, method_scale, task_rank, pad_rank_to) choose the merge; or pass a ready ``config``.
+    seed, method_scale, task_rank, regmean_alpha, projection_ratio, pad_rank_to) choose the
+    merge; or pass a ready ``config``. Methods that need input statistics (regmean, …) take
+    ``calibration``: per adapter a comma list of data sources or 'own'/None (default: every
+    adapter's own training data, from its lorasum.json), computed on ``model`` (default: the
+    adapters' base model) and cached beside each adapter (`lorasum.calibration`).
     Returns the output's lorasum.json marker, which holds the recipe.
     """
     if config is None:
@@ -202,6 +222,20 @@ def compose(
         "base_model": base,
         "version": __version__,
     }
+    calibration_data = parse_calibration(calibration, len(adapters))
+    if merge_method.calibration:
+        if calibration_data is None:
+            calibration_data = [None] * len(adapters)
+        union = sorted(set().union(*(a.modules for a in adapters)))
+        key_fields["calibration"] = calibration_keys(
+            adapters, calibration_data, model=model, modules=union
+        )
+    elif calibration_data is not None:
+        users = [m for m in method_names() if get_method(m).calibration]
+        raise LorasumError(
+            f"--calibration does not apply to {merge_method.name} (it applies to "
+            f"{', '.join(users)})"
+        )
     resolved = config.resolved()
     if config.method != "sum" or config.pad_rank_to is not None:
         key_fields["merge"] = resolved  # the plain sum keeps the key it always had
@@ -217,10 +251,14 @@ def compose(
             raise LorasumError("--merge-into-base must differ from --out")
         check_output_dir(merged_out, None, overwrite)
     if not reuse:
-        result = merge_adapters([a.modules for a in adapters], w, config)
+        grams, calibrated = None, None
+        if merge_method.calibration:
+            calibrated = calibrate_adapters(adapters, calibration_data, model=model, modules=union)
+            grams = [c.normalised() for c in calibrated]
+        result = merge_adapters([a.modules for a in adapters], w, config, grams)
         recipe = {
             "lorasum_version": __version__,
-            "command": _command([a.path for a in adapters], out, config, given),
+            "command": _command([a.path for a in adapters], out, config, given, calibration_data),
             "method": merge_method.name,
             "options": {k: v for k, v in resolved.items() if k != "method"},
             "weights": w,
@@ -239,6 +277,16 @@ def compose(
             ],
             "rank": result.rank,
             "needed_rank": result.needed_rank,
+            **(
+                {
+                    "calibration": [
+                        {"key": c.key, "file": str(c.path) if c.path else None, **c.info}
+                        for c in calibrated
+                    ]
+                }
+                if calibrated is not None
+                else {}
+            ),
             "modules": result.report,
         }
         marker = {

@@ -5,7 +5,7 @@
 ['sum', 'weighted', 'mean']
 """
 
-from lorasum.methods import dare, iso, linear, svd, ties, tsv
+from lorasum.methods import dare, iso, linear, projection, regmean, svd, ties, tsv
 from lorasum.methods.registry import (
     MergeMethod,
     ModuleMerge,
@@ -26,6 +26,9 @@ for _method in (
     dare.DARE_TIES,
     tsv.TSV,
     iso.ISO,
+    regmean.REGMEAN,
+    regmean.REGMEAN_RESCALED,
+    projection.ORTHOGONAL_PROJECTION,
 ):
     register(_method)
 

@@ -15,7 +15,14 @@ from lorasum.errors import raise_all
 from lorasum.methods.registry import get_method, method_names
 
 #: Defaults filled in by `MergeConfig.resolved` for the options a method reads.
-DEFAULTS: dict[str, Any] = {"keep": 0.99, "majority_sign": "total", "seed": 0, "method_scale": 1.0}
+DEFAULTS: dict[str, Any] = {
+    "keep": 0.99,
+    "majority_sign": "total",
+    "seed": 0,
+    "method_scale": 1.0,
+    "regmean_alpha": 0.9,
+    "projection_ratio": 4.0,
+}
 MAJORITY_SIGN = ("total", "frequency")
 _REQUIRED_HINT = {
     "rank": "--rank K (an integer) or --rank auto",
@@ -40,7 +47,8 @@ class MergeConfig:
         metadata={
             "help": "rank of the result: K, or 'auto' (per module the smallest rank "
             "keeping --keep of the energy); svd: required; ties/dare/magnitude_prune: "
-            "default Σr; tsv/iso: default their own rank"
+            "default Σr; tsv/iso: default their own rank; regmean/regmean_rescaled/"
+            "orthogonal_projection: default Σr (exact)"
         },
     )
     keep: float | None = field(
@@ -67,6 +75,20 @@ class MergeConfig:
         metadata={
             "help": "tsv: singular directions kept per task (default: the paper's "
             "min(d_out, d_in)/T, capped at each task's rank)"
+        },
+    )
+    regmean_alpha: float | None = field(
+        default=None,
+        metadata={
+            "help": "regmean/regmean_rescaled: off-diagonal shrinkage of each input Gram "
+            "matrix, G ← α·G + (1−α)·diag(G), in [0, 1] (default 0.9, the paper's)"
+        },
+    )
+    projection_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "orthogonal_projection: drop an input direction from ΔW_i where the other "
+            "domains' input energy is more than this many times domain i's (default 4)"
         },
     )
     pad_rank_to: int | None = field(
@@ -96,6 +118,12 @@ class MergeConfig:
             problems.append(f"--seed {self.seed}: must be ≥ 0")
         if self.method_scale is not None and not math.isfinite(self.method_scale):
             problems.append(f"--method-scale {self.method_scale}: must be a finite number")
+        if self.regmean_alpha is not None and not (0.0 <= self.regmean_alpha <= 1.0):
+            problems.append(f"--regmean-alpha {self.regmean_alpha}: must be in [0, 1]")
+        if self.projection_ratio is not None and not (
+            math.isfinite(self.projection_ratio) and self.projection_ratio > 0
+        ):
+            problems.append(f"--projection-ratio {self.projection_ratio}: must be > 0")
         for name in ("task_rank", "pad_rank_to"):
             value = getattr(self, name)
             if value is not None and value < 1:

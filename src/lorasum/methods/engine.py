@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -41,8 +41,20 @@ def _merge_module(
     weights: Sequence[float],
     config: MergeConfig,
     name: str,
+    grams: Sequence[Mapping[str, torch.Tensor]] | None = None,
 ) -> tuple[LoraFactors, dict]:
-    result = method.merge([a.get(name) for a in adapters], weights, config, name)
+    terms = [a.get(name) for a in adapters]
+    if method.calibration:
+        module_grams = [g.get(name) for g in grams]
+        if any(g is None for g in module_grams):
+            i = next(i for i, g in enumerate(module_grams) if g is None)
+            raise LorasumError(
+                f"--method {method.name}: adapter {i + 1} has no calibration statistics for "
+                f"module {name}; calibrate every adapter on the union of their modules"
+            )
+        result = method.merge(terms, weights, config, name, grams=module_grams)
+    else:
+        result = method.merge(terms, weights, config, name)
     f = result.factors
     if not (torch.isfinite(f.A).all() and torch.isfinite(f.B).all()):
         raise LorasumError(
@@ -58,22 +70,38 @@ def _merge_module(
 
 
 def merge_adapters(
-    adapters: Sequence[Factors], weights: Sequence[float], config: MergeConfig
+    adapters: Sequence[Factors],
+    weights: Sequence[float],
+    config: MergeConfig,
+    grams: Sequence[Mapping[str, torch.Tensor]] | None = None,
 ) -> MergeResult:
     """Merge per module (missing module = zero ΔW) and bring every module to one rank.
 
+    ``grams``: per adapter, module -> per-token input Gram matrix Ĝ (`lorasum.calibration`),
+    needed by the methods registered with ``calibration=True`` (the others ignore it).
     Raises ``LorasumError`` (before anything is written) when ``--pad-rank-to`` is below the
     rank the result needs or when the result is not finite.
     """
     method = get_method(config.method)
+    if method.calibration and grams is None:
+        raise LorasumError(
+            f"--method {method.name} needs input statistics of each adapter's domain; pass "
+            "--calibration (or train the adapters with lorasum, which records their data)"
+        )
+    if grams is not None and len(grams) != len(adapters):
+        raise ValueError(f"{len(grams)} Gram sets for {len(adapters)} adapters")
     names = sorted(set().union(*(a.keys() for a in adapters)))
     merged: dict[str, LoraFactors] = {}
     report: dict[str, dict] = {}
     with contextlib.ExitStack() as stack:
-        if not method.dense:  # small factored algebra: threads only add stalls (see factors.py)
+        if not (method.dense or method.calibration):
+            # small factored algebra: threads only add stalls (see factors.py); the calibrated
+            # methods factor d_in×d_in matrices, which threads do speed up
             stack.enter_context(single_threaded())
         for name in names:
-            merged[name], report[name] = _merge_module(method, adapters, weights, config, name)
+            merged[name], report[name] = _merge_module(
+                method, adapters, weights, config, name, grams
+            )
     needed = max(1, max(f.rank for f in merged.values()))
     rank = needed
     if config.pad_rank_to is not None:

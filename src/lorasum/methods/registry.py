@@ -4,6 +4,8 @@ A merge method is a pure function over one module's terms: the per-adapter facto
 where an adapter does not adapt the module, i.e. a zero ΔW) and their weights. It returns the
 merged ΔW of that module as LoRA factors (scale 1), plus how much of its own full result the
 returned rank keeps. `lorasum.methods.engine.merge_adapters` runs it module by module.
+A method with ``calibration=True`` also gets ``grams``: each adapter's per-token input Gram
+matrix Ĝ_i at this module (`lorasum.calibration`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ class MergeMethod:
     weights: Literal["optional", "required", "refused"] = "optional"
     exact: bool = False  # the result equals the weighted sum Σ w_i ΔW_i
     dense: bool = False  # builds each module's d_out×d_in ΔW (else: factored, small algebra)
+    # needs each adapter's input statistics (lorasum.calibration); merge then also gets
+    # grams=[Ĝ_i of this module (d_in, d_in) float64, per adapter]
+    calibration: bool = False
 
 
 _REGISTRY: dict[str, MergeMethod] = {}

@@ -1,0 +1,498 @@
+"""Input statistics of a domain at every adapted module: Gram matrices, cached beside the adapter.
+
+For an adapter and its domain's data, every adapted module m (``nn.Linear`` or GPT-2 ``Conv1D``)
+gets
+
+    G_m = Σ_t x_t x_tᵀ   (d_in, d_in)        n_m = number of tokens t
+
+over the non-padding tokens t of the data (the batch attention mask; prompt *and* answer
+tokens: the inputs are unlabelled). x_t is the module's input. The interference-aware merges
+(`lorasum.methods.regmean`, `…projection`) and the predictors (`lorasum.predict`) use the
+per-token second moment Ĝ_m = G_m / n_m, so every domain weighs the same whatever its size.
+
+Choices, and why:
+
+- **Base model, adapter not applied.** The inputs are those of the base model. RegMean
+  (arXiv 2212.09849) takes each fine-tuned model's own activations; with LoRA the adapter
+  shifts the inputs of later layers only slightly, the base model's statistics of a domain
+  do not depend on which adapter they are used with (one definition for every method and
+  predictor), and the composed model's inputs are unknown before composing anyway.
+- **Default data = the adapter's own training split**, as recorded in its ``lorasum.json``
+  (``config.data``, ``split_seed``, ``max_train``, ``max_length``, field names). An adapter
+  trained elsewhere has no such record: pass explicit sources (the train split of each,
+  seeded 80/10/10 split as everywhere in lorasum).
+- **fp32 forward, float64 sums.** Each batch's Xᵀ X is an fp32 product over at most
+  batch_size·max_length tokens, added into a float64 accumulator. Modules that read the same
+  tensor (q/k/v projections) share one product and one stored matrix.
+- **Cache**: ``<adapter>/calibration-<key>.safetensors`` (fp32 on disk, half the bytes of
+  float64; the accumulation was float64), written atomically. The key hashes the adapter's
+  weights file (conservative: the statistics do not depend on the weights, but a file beside
+  the adapter must not outlive it), the data's fingerprints, the model spec, max_length and
+  the module list. Files of an older adapter version are removed when a new one is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorasum import __version__
+from lorasum.adapters import Adapter, check_fits, delta_shape, read_adapter
+from lorasum.data import Source, load_split, make_batches
+from lorasum.errors import LorasumError
+from lorasum.io import MARKER, config_key, read_json
+
+log = logging.getLogger(__name__)
+
+FILE_PREFIX = "calibration-"
+DEFAULT_MAX_LENGTH = 128
+DEFAULT_SPLIT_SEED = 42
+
+
+@dataclass
+class Calibration:
+    """Per-module input statistics of one domain: raw Gram sums and token counts."""
+
+    grams: dict[str, torch.Tensor]  # module -> Σ x xᵀ (d_in, d_in), float64
+    tokens: dict[str, int]  # module -> number of tokens summed
+    key: str
+    path: Path | None = None  # the cache file, when there is one
+    info: dict = field(default_factory=dict)  # data fingerprints, model, max_length, seconds
+    computed: bool = False  # True when this call ran the model (False: read from the cache)
+
+    def normalised(self) -> dict[str, torch.Tensor]:
+        """module -> Ĝ = G / n (float64): the per-token second moment of the inputs."""
+        return {m: g.double() / max(self.tokens[m], 1) for m, g in self.grams.items()}
+
+
+# --- which data, which key -------------------------------------------------------------------
+
+
+def _marker(adapter: Adapter) -> dict | None:
+    path = adapter.path / MARKER
+    if not path.is_file():
+        return None
+    try:
+        marker = read_json(path)
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and marker.get("kind") == "adapter" else None
+
+
+def calibration_sources(
+    adapter: Adapter,
+    data: Sequence[str | Source] | None = None,
+    split_seed: int | None = None,
+) -> tuple[list[Source], dict]:
+    """The sources whose train split calibrates ``adapter``, and the adapter's training config.
+
+    ``data`` None: the adapter's own training data from its lorasum.json; refused (one line)
+    for an adapter trained elsewhere.
+    """
+    marker = _marker(adapter)
+    cfg = (marker or {}).get("config") or {}
+    if data is None:
+        if not cfg.get("data"):
+            raise LorasumError(
+                f"adapter {adapter.path} has no lorasum.json recording its training data "
+                "(trained elsewhere?); pass calibration data for it (--calibration SOURCES)"
+            )
+        return [
+            load_split(
+                spec,
+                cfg.get("split_seed", DEFAULT_SPLIT_SEED),
+                cfg.get("question_field"),
+                cfg.get("answer_field"),
+                cfg.get("max_train"),
+            )
+            for spec in cfg["data"]
+        ], cfg
+    if isinstance(data, str | Source):
+        data = [data]
+    seed = split_seed if split_seed is not None else cfg.get("split_seed", DEFAULT_SPLIT_SEED)
+    sources = [d if isinstance(d, Source) else load_split(d, seed) for d in data]
+    if not sources:
+        raise LorasumError(f"no calibration data given for adapter {adapter.path}")
+    return sources, cfg
+
+
+def _model_spec(adapter: Adapter, cfg: dict, model: str | nn.Module | None) -> str:
+    if isinstance(model, str):
+        return model
+    spec = adapter.base_model or cfg.get("model")
+    if spec is None and model is not None:
+        spec = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not spec:
+        raise LorasumError(
+            f"adapter {adapter.path} does not name its base model; pass the model (--model)"
+        )
+    return str(spec)
+
+
+def calibration_key(
+    adapter: Adapter, sources: Sequence[Source], model_spec: str, max_length: int, modules
+) -> str:
+    from lorasum.compose import _weights_sha256
+
+    return config_key(
+        {
+            "adapter_weights": _weights_sha256(adapter),
+            "data": [{"origin": s.origin, "train": s.fingerprint()["train"]} for s in sources],
+            "model": model_spec,
+            "max_length": max_length,
+            "modules": sorted(modules),
+            "version": 1,  # of this file's statistics
+        }
+    )
+
+
+# --- streaming the statistics ----------------------------------------------------------------
+
+
+def _module(model: nn.Module, name: str) -> nn.Module:
+    module = model.get_submodule(name)
+    return getattr(module, "base_layer", module)  # already LoRA-wrapped: the base layer's input
+
+
+@torch.inference_mode()
+def gram_statistics(
+    model: nn.Module,
+    batches: Sequence,
+    modules: Sequence[str],
+) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, str]]:
+    """Σ x xᵀ over non-padding tokens at the input of each named module, by forward hooks.
+
+    Returns (grams, tokens, aliases): grams holds one float64 matrix per distinct input (a
+    module that reads the same tensor as an earlier one is listed in aliases → that one).
+    """
+    device = next(model.parameters()).device
+    grams: dict[str, torch.Tensor] = {}
+    tokens: dict[str, int] = dict.fromkeys(modules, 0)
+    aliases: dict[str, str] = {}
+    state: dict = {"mask": None, "seen": {}}  # per batch: id(input) -> (input, first module)
+
+    def hook(name: str):
+        def fn(module, args, output):
+            x = args[0]
+            seen = state["seen"]
+            if id(x) in seen:  # q/k/v read one tensor: one product, one stored matrix
+                owner = seen[id(x)][1]
+                if aliases.get(name, owner) != owner or name in grams:
+                    raise RuntimeError(f"module {name} changed which input it shares")
+                aliases[name] = owner
+                tokens[name] = tokens[owner]
+                return
+            seen[id(x)] = (x, name)  # the reference keeps id(x) unique within the batch
+            if name in aliases:
+                raise RuntimeError(f"module {name} no longer shares the input of {aliases[name]}")
+            rows = x.reshape(-1, x.shape[-1])[state["mask"]].float()  # (n, d_in)
+            product = (rows.T @ rows).double()  # (d_in, d_in): fp32 product, float64 sum
+            if name in grams:
+                grams[name] += product
+            else:
+                grams[name] = product
+            tokens[name] += rows.shape[0]
+
+        return fn
+
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(hf, "base_model", hf)  # the transformer without the LM head
+    handles = [_module(hf, m).register_forward_hook(hook(m)) for m in modules]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            batch = batch.to(device)
+            state["mask"] = batch.attention_mask.reshape(-1).bool()  # (B·T,)
+            state["seen"] = {}
+            backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            state["seen"] = {}
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    missing = [m for m in modules if m not in grams and m not in aliases]
+    if missing:
+        raise LorasumError(f"modules {missing[:3]} never ran in the forward pass; wrong model?")
+    return {m: g.cpu() for m, g in grams.items()}, tokens, aliases
+
+
+# --- the cache -------------------------------------------------------------------------------
+
+
+def _read_cache(path: Path, key: str) -> Calibration | None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["lorasum"])
+        tensors = load_file(str(path))
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
+        log.warning("ignoring unreadable calibration cache %s (%s)", path, str(e)[:80])
+        return None
+    if meta.get("key") != key:
+        return None
+    grams = {m: tensors[f"gram.{meta['aliases'].get(m, m)}"].double() for m in meta["tokens"]}
+    return Calibration(
+        grams=grams, tokens=meta["tokens"], key=key, path=path, info=meta["info"], computed=False
+    )
+
+
+def _write_cache(path: Path, calibration: Calibration, aliases: dict[str, str], adapter_sha: str):
+    """Atomically write the statistics (temp file + rename); a read-only adapter dir is skipped."""
+    from safetensors.torch import save_file
+
+    owners = {m: g for m, g in calibration.grams.items() if m not in aliases}
+    meta = {
+        "key": calibration.key,
+        "adapter_sha256": adapter_sha,
+        "tokens": calibration.tokens,
+        "aliases": aliases,
+        "info": calibration.info,
+    }
+    tensors = {f"gram.{m}": g.float().contiguous() for m, g in owners.items()}
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        log.warning("cannot cache calibration statistics in %s (%s)", path.parent, e)
+        return
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"lorasum": json.dumps(meta)})
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _remove_stale(path, adapter_sha)
+
+
+def _remove_stale(keep: Path, adapter_sha: str) -> None:
+    """Delete cache files made for other weights of this adapter (they can never match again)."""
+    from safetensors.torch import safe_open
+
+    for other in keep.parent.glob(f"{FILE_PREFIX}*.safetensors"):
+        if other == keep:
+            continue
+        try:
+            with safe_open(str(other), framework="pt") as f:
+                sha = json.loads((f.metadata() or {})["lorasum"]).get("adapter_sha256")
+        except Exception:  # noqa: BLE001 - an unreadable cache file is stale too
+            sha = None
+        if sha != adapter_sha:
+            with contextlib.suppress(OSError):
+                other.unlink()
+
+
+# --- the entry points ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What one calibration reads and where its cache file is."""
+
+    adapter: Adapter
+    sources: list[Source]
+    spec: str
+    max_length: int
+    modules: list[str]
+    key: str
+
+    @property
+    def path(self) -> Path:
+        return self.adapter.path / f"{FILE_PREFIX}{self.key}.safetensors"
+
+    def cached(self) -> Calibration | None:
+        return _read_cache(self.path, self.key) if self.path.is_file() else None
+
+
+def _plan(
+    adapter: str | Path | Adapter,
+    data: Sequence[str | Source] | None,
+    model: str | nn.Module | None,
+    model_spec: str | None,
+    modules: Sequence[str] | None,
+    max_length: int | None,
+    split_seed: int | None,
+) -> _Plan:
+    adapter = adapter if isinstance(adapter, Adapter) else read_adapter(adapter)
+    sources, cfg = calibration_sources(adapter, data, split_seed)
+    spec = model_spec or _model_spec(adapter, cfg, model)
+    max_length = max_length or cfg.get("max_length") or DEFAULT_MAX_LENGTH
+    names = sorted(modules if modules is not None else adapter.modules)
+    key = calibration_key(adapter, sources, spec, max_length, names)
+    return _Plan(adapter, sources, spec, max_length, names, key)
+
+
+def calibrate(
+    adapter: str | Path | Adapter,
+    data: Sequence[str | Source] | None = None,
+    *,
+    model: str | nn.Module | None = None,
+    tokenizer=None,
+    model_spec: str | None = None,
+    modules: Sequence[str] | None = None,
+    max_length: int | None = None,
+    batch_size: int = 16,
+    split_seed: int | None = None,
+    device: str = "auto",
+    cache: bool = True,
+) -> Calibration:
+    """Input Gram matrices of ``adapter``'s domain at its modules (or ``modules``), cached.
+
+    ``data``: sources whose train split is used (default: the adapter's own training data;
+    ``split_seed`` default: the adapter's, else 42). ``model``: a spec (default: the adapter's
+    base model) or a loaded model to reuse with its ``tokenizer``, run as it is (fp32
+    recommended) with no adapter applied; ``model_spec`` names a loaded model in the cache key
+    (default: the adapter's base model). ``max_length``: default the adapter's training
+    max_length, else 128. Padding and batch size do not change the result.
+    """
+    plan = _plan(adapter, data, model, model_spec, modules, max_length, split_seed)
+    if cache:
+        found = plan.cached()
+        if found is not None:
+            return found
+    return _compute(plan, model, tokenizer, batch_size, device, cache)
+
+
+def _compute(plan: _Plan, model, tokenizer, batch_size: int, device: str, cache: bool):
+    from lorasum.compose import _weights_sha256
+    from lorasum.models import load_model, load_tokenizer, pick_device
+    from lorasum.tokens import tokenize_cached
+
+    if tokenizer is None:
+        tokenizer = load_tokenizer(plan.spec)
+    if not isinstance(model, nn.Module):
+        model = load_model(plan.spec, pick_device(device))
+    check_fits(plan.adapter, model, plan.spec)
+    for m in plan.modules:  # modules asked for beyond the adapter's own must exist too
+        try:
+            base = _module(model, m)
+        except AttributeError:
+            raise LorasumError(f"module {m} does not exist in model {plan.spec}") from None
+        if delta_shape(base) is None:
+            raise LorasumError(f"module {m} of model {plan.spec} is not a linear layer")
+    items = tokenize_cached(tokenizer, plan.sources, "train", plan.max_length)
+    batches = make_batches(items, batch_size, tokenizer.pad_token_id, shuffle=False)
+    t0 = time.perf_counter()
+    grams, tokens, aliases = gram_statistics(model, batches, plan.modules)
+    info = {
+        "data": {
+            s.name: {"origin": s.origin, "train": s.fingerprint()["train"]} for s in plan.sources
+        },
+        "model": plan.spec,
+        "max_length": plan.max_length,
+        "rows": len(items),
+        "tokens": next(iter(tokens.values()), 0),
+        "seconds": time.perf_counter() - t0,
+        "lorasum_version": __version__,
+    }
+    full = {m: grams[aliases.get(m, m)] for m in plan.modules}
+    result = Calibration(grams=full, tokens=tokens, key=plan.key, info=info, computed=True)
+    if cache:
+        _write_cache(plan.path, result, aliases, _weights_sha256(plan.adapter))
+        result.path = plan.path if plan.path.is_file() else None
+    return result
+
+
+def calibrate_adapters(
+    adapters: Sequence[str | Path | Adapter],
+    data: Sequence[Sequence[str | Source] | None] | None = None,
+    *,
+    model: str | None = None,
+    modules: Sequence[str] | None = None,
+    max_length: int | None = None,
+    batch_size: int = 16,
+    device: str = "auto",
+) -> list[Calibration]:
+    """`calibrate` for several adapters; the model is loaded once, and only on a cache miss.
+
+    ``data``: one entry per adapter (None = that adapter's own training data).
+    """
+    if data is None:
+        data = [None] * len(adapters)
+    if len(data) != len(adapters):
+        raise LorasumError(
+            f"--calibration has {len(data)} entries for {len(adapters)} adapters; give one each "
+            "('own' = the adapter's training data)"
+        )
+    plans = [
+        _plan(a, d, model, None, modules, max_length, None)
+        for a, d in zip(adapters, data, strict=True)
+    ]
+    out = [p.cached() for p in plans]
+    loaded: dict[str, tuple] = {}  # spec -> (model, tokenizer)
+    for i, plan in enumerate(plans):
+        if out[i] is not None:
+            continue
+        if plan.spec not in loaded:
+            from lorasum.models import load_model, load_tokenizer, pick_device
+
+            loaded[plan.spec] = (
+                load_model(plan.spec, pick_device(device)),
+                load_tokenizer(plan.spec),
+            )
+        net, tok = loaded[plan.spec]
+        out[i] = _compute(plan, net, tok, batch_size, device, cache=True)
+    return out
+
+
+def calibration_keys(
+    adapters: Sequence[str | Path | Adapter],
+    data: Sequence[Sequence[str | Source] | None] | None = None,
+    *,
+    model: str | None = None,
+    modules: Sequence[str] | None = None,
+    max_length: int | None = None,
+) -> list[str]:
+    """The cache keys `calibrate_adapters` would use, without computing anything."""
+    if data is None:
+        data = [None] * len(adapters)
+    return [
+        _plan(a, d, model, None, modules, max_length, None).key
+        for a, d in zip(adapters, data, strict=True)
+    ]
+
+
+OWN = ("own", "-")  # a --calibration entry meaning "this adapter's own training data"
+
+
+def parse_calibration(
+    entries: Sequence[str | Sequence[str] | None] | str | None, n: int
+) -> list[list[str] | None] | None:
+    """--calibration values → one source list per adapter (None = its own training data).
+
+    Each entry is a comma list of sources (builtin, .jsonl/.csv, hf:id) or 'own'.
+    """
+    if entries is None:
+        return None
+    if isinstance(entries, str):
+        entries = [entries]
+    out: list[list[str] | None] = []
+    for entry in entries:
+        if entry is None or (isinstance(entry, str) and entry.strip() in OWN):
+            out.append(None)
+            continue
+        items = entry.split(",") if isinstance(entry, str) else list(entry)
+        items = [str(s).strip() for s in items if str(s).strip()]
+        if not items:
+            raise LorasumError(f"--calibration entry {entry!r} names no data source")
+        out.append(items)
+    if len(out) != n:
+        raise LorasumError(
+            f"--calibration has {len(out)} entries for {n} adapters; give one each "
+            "(a comma list of sources, or 'own' for the adapter's training data)"
+        )
+    return out

@@ -1,0 +1,122 @@
+"""`regmean`, `regmean_rescaled`: RegMean on LoRA deltas, in factored form.
+
+Jin, Ren, Preotiuc-Pietro, Cheng, "Dataless Knowledge Fusion by Merging Weights of Language
+Models", ICLR 2023, arXiv 2212.09849. Per linear module, RegMean picks the W minimising
+Σ_i ‖W X_i − W_i X_i‖²_F over each task's inputs X_i (d_in, n_i):
+
+    W* = (Σ_i W_i G_i)(Σ_j G_j)⁻¹,     G_i = X_i X_iᵀ.
+
+With W_i = W_0 + ΔW_i this is W_0 + ΔW*, ΔW* = (Σ_i ΔW_i G_i) M⁻¹, M = Σ_j G_j, so it applies
+to the deltas alone. Our reading, for one module with N adapters:
+
+- G_i = Ĝ_i, adapter i's **per-token** input Gram matrix (`lorasum.calibration`: Σ x xᵀ / n
+  over its domain's non-padding tokens, base model inputs), so every domain weighs the same
+  whatever the size of its data (the paper sums over examples);
+- off-diagonals shrunk as in the paper: Ĝ_i ← α·Ĝ_i + (1 − α)·diag(Ĝ_i), α =
+  ``--regmean-alpha`` (default 0.9), in numerator and M alike;
+- a ridge for invertibility: M = Σ_j Ĝ_j + λI with λ = 1e-6 · mean(diag Σ_j Ĝ_j);
+- an adapter that does not adapt the module has ΔW_i = 0, but its Ĝ_i still enters M (its
+  domain wants the base weights there).
+
+Factored: ΔW* = Σ_i s_i B_i (A_i Ĝ_i M⁻¹) is a LoRA of rank Σr_i with
+B = [B_1 … B_N] and A = [s_1 A_1 Ĝ_1 M⁻¹; …], A_i Ĝ_i M⁻¹ = (M⁻¹ Ĝ_i A_iᵀ)ᵀ by a Cholesky
+solve: d_in×d_in work only, never d_out×d_in. ``--rank`` truncates it (factored SVD).
+
+Properties (tested): identical Ĝ_i give the mean (1/N) Σ ΔW_i; Ĝ_i on disjoint input
+subspaces, with each ΔW_i reading only its own subspace, give the sum. `regmean_rescaled` is
+N·ΔW*: the sum where all domains' inputs coincide, N× the sum where they are disjoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from lorasum.factors import LoraFactors, factored_svd
+from lorasum.methods.lowrank import truncate
+from lorasum.methods.registry import MergeMethod, ModuleMerge
+
+if TYPE_CHECKING:
+    from lorasum.methods.config import MergeConfig
+
+RIDGE = 1e-6  # λ relative to the mean diagonal of M
+
+
+def shrink(G: torch.Tensor, alpha: float) -> torch.Tensor:
+    """α·G + (1 − α)·diag(G), float64 (d_in, d_in)."""
+    G = G.double()
+    return alpha * G + (1.0 - alpha) * torch.diag(torch.diagonal(G))
+
+
+def with_ridge(M: torch.Tensor, ridge: float = RIDGE) -> torch.Tensor:
+    """M + λI with λ = ridge · mean(diag M) (and a floor for an all-zero M)."""
+    diag_mean = float(torch.diagonal(M).mean()) if M.numel() else 0.0
+    lam = ridge * diag_mean if diag_mean > 0 else 1e-12
+    return M + lam * torch.eye(M.shape[0], dtype=M.dtype)
+
+
+def regmean_stacked(
+    terms: Sequence[LoraFactors | None],
+    weights: Sequence[float],
+    grams: Sequence[torch.Tensor],
+    alpha: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ΔW* = (Σ_i w_i ΔW_i Ĝ_i) M⁻¹ as stacked factors B (d_out, Σr), A (Σr, d_in), float64."""
+    shrunk = [shrink(g, alpha) for g in grams]  # (d_in, d_in) each
+    L = torch.linalg.cholesky(with_ridge(sum(shrunk)))  # M = L Lᵀ
+    Bs, As = [], []
+    for t, w, G in zip(terms, weights, shrunk, strict=True):
+        if t is None:
+            continue
+        A = (w * t.scale) * t.A.double()  # (r, d_in)
+        As.append(torch.cholesky_solve(G @ A.T, L).T)  # (r, d_in) = A Ĝ M⁻¹
+        Bs.append(t.B.double())  # (d_out, r)
+    return torch.cat(Bs, dim=1), torch.cat(As, dim=0)
+
+
+def lora_result(B: torch.Tensor, A: torch.Tensor, config: MergeConfig) -> ModuleMerge:
+    if config.rank is None:  # the exact result, rank Σr
+        return ModuleMerge(LoraFactors(A=A.float(), B=B.float(), scale=1.0))
+    return truncate(factored_svd(B, A), config.rank, config.option("keep"), B.shape[1])
+
+
+def merge_regmean(
+    terms: Sequence[LoraFactors | None],
+    weights: Sequence[float],
+    config: MergeConfig,
+    module: str,
+    grams: Sequence[torch.Tensor],
+) -> ModuleMerge:
+    B, A = regmean_stacked(terms, weights, grams, config.option("regmean_alpha"))
+    return lora_result(B, A, config)
+
+
+def merge_regmean_rescaled(
+    terms: Sequence[LoraFactors | None],
+    weights: Sequence[float],
+    config: MergeConfig,
+    module: str,
+    grams: Sequence[torch.Tensor],
+) -> ModuleMerge:
+    B, A = regmean_stacked(terms, weights, grams, config.option("regmean_alpha"))
+    return lora_result(B, len(terms) * A, config)
+
+
+REGMEAN = MergeMethod(
+    name="regmean",
+    merge=merge_regmean,
+    summary="RegMean: (Σ ΔW_i Ĝ_i)(Σ Ĝ_j)⁻¹ with per-token input Grams (needs calibration)",
+    options=frozenset({"regmean_alpha", "rank", "keep"}),
+    weights="refused",
+    calibration=True,
+)
+REGMEAN_RESCALED = MergeMethod(
+    name="regmean_rescaled",
+    merge=merge_regmean_rescaled,
+    summary="N × RegMean: the sum where domains' inputs coincide (needs calibration)",
+    options=frozenset({"regmean_alpha", "rank", "keep"}),
+    weights="refused",
+    calibration=True,
+)

@@ -1,0 +1,272 @@
+"""Interference-aware merges and predictors: factored results against dense references written
+from their definitions, the properties each method claims, and the predictors against the same
+quantities computed from raw activations of a tiny model."""
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from conftest import load_tiny, make_adapter
+
+from lorasum.adapters import read_adapter
+from lorasum.calibration import calibrate
+from lorasum.data import load_split, tokenize_split
+from lorasum.errors import LorasumError
+from lorasum.factors import LoraFactors
+from lorasum.methods import MergeConfig, get_method, merge_adapters
+from lorasum.predict import activation_inner, combination_predictors, interference_predictors
+
+D_OUT, D_IN, N = 10, 12, 3
+
+
+def _factors(seed: int, r: int = 2, rows: torch.Tensor | None = None) -> LoraFactors:
+    """Random LoRA factors; ``rows`` (d_in, k): A's rows drawn inside that subspace."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(r, D_IN, generator=g, dtype=torch.float64)
+    if rows is not None:
+        A = torch.randn(r, rows.shape[1], generator=g, dtype=torch.float64) @ rows.T
+    B = torch.randn(D_OUT, r, generator=g, dtype=torch.float64)
+    return LoraFactors(A=A.float(), B=B.float(), scale=0.5 + seed % 3)
+
+
+def _gram(seed: int, basis: torch.Tensor | None = None, n: int = 300) -> torch.Tensor:
+    """Per-token Gram matrix of random inputs inside span(basis) (default: all of R^d_in)."""
+    g = torch.Generator().manual_seed(100 + seed)
+    basis = torch.eye(D_IN, dtype=torch.float64) if basis is None else basis
+    k = basis.shape[1]
+    coefficients = torch.randn(k, n, generator=g, dtype=torch.float64)
+    coefficients *= torch.linspace(0.5, 2.0, k, dtype=torch.float64)[:, None]  # unequal spread
+    X = basis @ coefficients  # (d_in, n), inside span(basis)
+    return X @ X.T / n
+
+
+def _dense(f: LoraFactors) -> torch.Tensor:
+    return f.scale * f.B.double() @ f.A.double()  # (d_out, d_in)
+
+
+def _merged(method: str, terms, grams, **options) -> torch.Tensor:
+    result = merge_adapters(
+        [{"m": t} for t in terms],
+        [1.0] * len(terms),
+        MergeConfig(method=method, **options),
+        [{"m": g} for g in grams],
+    )
+    f = result.modules["m"]
+    return f.scale * f.B.double() @ f.A.double()
+
+
+def regmean_reference(deltas, grams, alpha: float) -> torch.Tensor:
+    """RegMean from its definition: (Σ ΔW_i Ĝ_i)(Σ Ĝ_j + λI)⁻¹, Ĝ shrunk by α, dense."""
+    shrunk = [alpha * g + (1 - alpha) * torch.diag(torch.diagonal(g)) for g in grams]
+    M = sum(shrunk)
+    M = M + 1e-6 * torch.diagonal(M).mean() * torch.eye(M.shape[0], dtype=M.dtype)
+    return sum(d @ g for d, g in zip(deltas, shrunk, strict=True)) @ torch.linalg.inv(M)
+
+
+def projection_reference(deltas, grams, ratio: float) -> tuple[torch.Tensor, list[int]]:
+    """orthogonal_projection from its docstring, with scipy's generalised eigensolver."""
+    total, kept = torch.zeros_like(deltas[0]), []
+    for j, d in enumerate(deltas):
+        own = grams[j].numpy()
+        others = sum(grams[i] for i in range(len(grams)) if i != j).numpy() / (len(grams) - 1)
+        M = own + others
+        M = M + 1e-6 * np.diag(M).mean() * np.eye(M.shape[0])
+        mu, V = scipy.linalg.eigh(own, M)  # own v = μ M v, Vᵀ M V = I
+        K = mu > 1 / (1 + ratio)
+        kept.append(int(K.sum()))
+        P = M @ V[:, K] @ V[:, K].T
+        total += d @ torch.from_numpy(P)
+    return total, kept
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5) -> None:
+    err = float((a - b).norm() / b.norm())
+    assert err < rtol, err
+
+
+@pytest.mark.parametrize("alpha", [0.9, 0.5, 1.0])
+def test_factored_regmean_equals_dense_regmean(alpha):
+    terms = [_factors(i) for i in range(N)]
+    grams = [
+        _gram(i) + 0.3 * _gram(10 + i, torch.randn(D_IN, 3, dtype=torch.float64)) for i in range(N)
+    ]
+    reference = regmean_reference([_dense(t) for t in terms], grams, alpha)
+    _close(_merged("regmean", terms, grams, regmean_alpha=alpha), reference)
+    _close(_merged("regmean_rescaled", terms, grams, regmean_alpha=alpha), N * reference)
+
+
+def test_regmean_with_identical_grams_is_the_mean_and_rescaled_the_sum():
+    terms = [_factors(i) for i in range(N)]
+    grams = [_gram(0)] * N
+    total = sum(_dense(t) for t in terms)
+    _close(_merged("regmean", terms, grams), total / N)
+    _close(_merged("regmean_rescaled", terms, grams), total)
+
+
+def test_regmean_on_disjoint_input_subspaces_is_the_sum():
+    # domain i's inputs and adapter i's rows live on coordinates 4i..4i+3 (the diagonal
+    # shrinkage keeps coordinate blocks apart)
+    eye = torch.eye(D_IN, dtype=torch.float64)
+    blocks = [eye[:, 4 * i : 4 * i + 4] for i in range(N)]
+    terms = [_factors(i, rows=blocks[i]) for i in range(N)]
+    grams = [_gram(i, blocks[i]) for i in range(N)]
+    total = sum(_dense(t) for t in terms)
+    _close(_merged("regmean", terms, grams), total)
+    _close(_merged("regmean_rescaled", terms, grams), N * total)
+
+
+@pytest.mark.parametrize("ratio", [4.0, 1.5])
+def test_orthogonal_projection_equals_its_dense_definition(ratio):
+    # each domain: a shared part plus a few directions of its own
+    shared = torch.randn(D_IN, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    grams = [
+        _gram(i, shared)
+        + 3 * _gram(20 + i, torch.eye(D_IN, dtype=torch.float64)[:, 3 * i : 3 * i + 3])
+        + 1e-3 * torch.eye(D_IN, dtype=torch.float64)
+        for i in range(N)
+    ]
+    terms = [_factors(i, r=3) for i in range(N)]
+    reference, kept = projection_reference([_dense(t) for t in terms], grams, ratio)
+    assert all(0 < k < D_IN for k in kept), kept  # some directions kept, some dropped
+    _close(_merged("orthogonal_projection", terms, grams, projection_ratio=ratio), reference)
+
+
+def test_orthogonal_projection_acts_as_each_adapter_on_its_own_domain():
+    # disjoint but not coordinate-aligned input subspaces; adapters read everywhere
+    Q, _ = torch.linalg.qr(
+        torch.randn(D_IN, D_IN, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    )
+    bases = [Q[:, 4 * i : 4 * i + 4] for i in range(N)]
+    terms = [_factors(i) for i in range(N)]
+    grams = [_gram(i, bases[i]) for i in range(N)]
+    merged = _merged("orthogonal_projection", terms, grams)
+    total = sum(_dense(t) for t in terms)
+    for i in range(N):
+        X = bases[i] @ torch.randn(4, 50, dtype=torch.float64)  # domain i's inputs
+        _close(merged @ X, _dense(terms[i]) @ X)
+        assert float((total @ X - _dense(terms[i]) @ X).norm()) > 0.1 * float(
+            (_dense(terms[i]) @ X).norm()
+        )  # the plain sum has cross-talk there
+
+
+def test_orthogonal_projection_keeps_the_sum_where_inputs_coincide():
+    terms = [_factors(i) for i in range(N)]
+    grams = [_gram(0)] * N  # full rank, identical
+    _close(_merged("orthogonal_projection", terms, grams), sum(_dense(t) for t in terms))
+
+
+def test_missing_module_and_rank_option():
+    eye = torch.eye(D_IN, dtype=torch.float64)
+    terms = [_factors(0), None, _factors(2)]  # adapter 2 does not adapt the module
+    grams = [_gram(i) + _gram(5 + i, eye[:, :3]) for i in range(N)]
+    reference = regmean_reference(
+        [_dense(terms[0]), torch.zeros(D_OUT, D_IN, dtype=torch.float64), _dense(terms[2])],
+        grams,
+        0.9,
+    )
+    _close(_merged("regmean", terms, grams), reference)
+    full = _merged("regmean", terms, grams)
+    S = torch.linalg.svdvals(full)
+    low = _merged("regmean", terms, grams, rank=2)
+    assert abs(float((full - low).norm()) - float(S[2:].norm())) < 1e-5 * float(S.norm())
+
+
+def test_calibrated_methods_say_so_and_refuse_to_run_without_statistics():
+    for name in ("regmean", "regmean_rescaled", "orthogonal_projection"):
+        assert get_method(name).calibration
+    assert not get_method("sum").calibration
+    with pytest.raises(LorasumError, match="needs input statistics.*--calibration"):
+        merge_adapters([{"m": _factors(0)}], [1.0], MergeConfig(method="regmean"))
+    with pytest.raises(LorasumError, match="--regmean-alpha 1.5"):
+        MergeConfig(method="regmean", regmean_alpha=1.5)
+    with pytest.raises(LorasumError, match="--projection-ratio does not apply to regmean"):
+        MergeConfig(method="regmean", projection_ratio=2.0)
+    with pytest.raises(LorasumError, match="drop --weights"):
+        from lorasum.methods import resolve_weights
+
+        resolve_weights(get_method("regmean"), [1.0, 2.0], 2)
+
+
+# --- predictors --------------------------------------------------------------------------------
+
+
+def test_activation_inner_is_the_dense_trace():
+    f1, f2 = _factors(0, r=3), _factors(1, r=2)
+    G = _gram(0)
+    dense = torch.trace(_dense(f1) @ G @ _dense(f2).T)
+    assert activation_inner(f1, f2, G) == pytest.approx(float(dense), rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def two_domains(tiny_llama, qa_files, tmp_path_factory):
+    d = tmp_path_factory.mktemp("interference")
+    paths = {
+        name: make_adapter(tiny_llama, d / name, seed=i, r=3)
+        for i, name in enumerate(("arith", "colors"))
+    }
+    model = load_tiny(tiny_llama)
+    from lorasum.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_llama))
+    cal = {
+        n: calibrate(p, [str(qa_files[n])], model=model, tokenizer=tok, max_length=32, cache=False)
+        for n, p in paths.items()
+    }
+    return paths, cal, model, tok
+
+
+def _raw_inputs(model, tok, source_file, modules) -> dict[str, torch.Tensor]:
+    """Every module's inputs over the train split, one sequence at a time (no padding)."""
+    src = load_split(str(source_file), 42)
+    items = tokenize_split(tok, [src], "train", 32)
+    collected = {m: [] for m in modules}
+    hooks = [
+        model.get_submodule(m).register_forward_hook(
+            lambda mod, args, out, m=m: collected[m].append(args[0].reshape(-1, args[0].shape[-1]))
+        )
+        for m in modules
+    ]
+    try:
+        with torch.inference_mode():
+            for t, _ in items:
+                model(input_ids=torch.tensor([t.input_ids]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {m: torch.cat(x).double() for m, x in collected.items()}  # (n, d_in)
+
+
+def test_predictors_from_grams_equal_those_from_raw_activations(two_domains, qa_files):
+    paths, cal, model, tok = two_domains
+    factors = {n: read_adapter(p).modules for n, p in paths.items()}
+    modules = sorted(factors["arith"])
+    X = {n: _raw_inputs(model, tok, qa_files[n], modules) for n in paths}
+    for n in paths:  # the calibration counted every non-padding token
+        assert cal[n].tokens[modules[0]] == X[n][modules[0]].shape[0]
+    result = interference_predictors(factors, cal)
+    pair = result["pairs"][0]
+    assert (pair["a"], pair["b"]) == ("arith", "colors")
+
+    def out_energy(name_w, name_x, m):  # ‖ΔW X‖²_F / n, from raw inputs
+        return (
+            float((X[name_x][m] @ _dense(factors[name_w][m]).T).pow(2).sum())
+            / X[name_x][m].shape[0]
+        )
+
+    num = sum(out_energy("colors", "arith", m) for m in modules)
+    den = sum(out_energy("arith", "arith", m) for m in modules)
+    assert pair["cross_talk_b_to_a"] == pytest.approx(num / den, rel=1e-4)
+    assert result["cross_talk"][0][1] == pytest.approx(num / den, rel=1e-4)
+    for m in modules:
+        # activation cosine: outputs on both domains' inputs, each domain normalised per token
+        Xa, Xb = X["arith"][m], X["colors"][m]
+        ya = [Xs @ _dense(factors["arith"][m]).T / Xs.shape[0] ** 0.5 for Xs in (Xa, Xb)]
+        yb = [Xs @ _dense(factors["colors"][m]).T / Xs.shape[0] ** 0.5 for Xs in (Xa, Xb)]
+        a, b = torch.cat(ya).flatten(), torch.cat(yb).flatten()
+        cos = float(a @ b / (a.norm() * b.norm()))
+        assert pair["modules"][m]["activation_cosine"] == pytest.approx(cos, rel=1e-4, abs=1e-6)
+        kappa = out_energy("arith", "colors", m) / out_energy("colors", "colors", m)
+        assert pair["modules"][m]["cross_talk_a_to_b"] == pytest.approx(kappa, rel=1e-4)
+    combo = combination_predictors(result, ["arith", "colors"])
+    assert combo["rms_cosine"] == pytest.approx(pair["rms_cosine"])
+    assert combo["max_cross_talk"] == max(pair["cross_talk_a_to_b"], pair["cross_talk_b_to_a"])
