@@ -12,11 +12,18 @@ from lorasum.adapters import read_adapter
 from lorasum.calibration import calibrate
 from lorasum.data import load_split, tokenize_split
 from lorasum.errors import LorasumError
-from lorasum.factors import LoraFactors
+from lorasum.factors import LoraFactors, single_threaded
 from lorasum.methods import MergeConfig, get_method, merge_adapters
 from lorasum.predict import activation_inner, combination_predictors, interference_predictors
 
 D_OUT, D_IN, N = 10, 12, 3
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny forward passes: threaded BLAS only stalls when another job holds a core."""
+    with single_threaded():
+        yield
 
 
 def _factors(seed: int, r: int = 2, rows: torch.Tensor | None = None) -> LoraFactors:
@@ -59,7 +66,7 @@ def regmean_reference(deltas, grams, alpha: float) -> torch.Tensor:
     """RegMean from its definition: (Σ ΔW_i Ĝ_i)(Σ Ĝ_j + λI)⁻¹, Ĝ shrunk by α, dense."""
     shrunk = [alpha * g + (1 - alpha) * torch.diag(torch.diagonal(g)) for g in grams]
     M = sum(shrunk)
-    M = M + 1e-6 * torch.diagonal(M).mean() * torch.eye(M.shape[0], dtype=M.dtype)
+    M = M + 1e-6 * torch.trace(M) * torch.eye(M.shape[0], dtype=M.dtype)
     return sum(d @ g for d, g in zip(deltas, shrunk, strict=True)) @ torch.linalg.inv(M)
 
 
@@ -70,13 +77,17 @@ def projection_reference(deltas, grams, ratio: float) -> tuple[torch.Tensor, lis
         own = grams[j].numpy()
         others = sum(grams[i] for i in range(len(grams)) if i != j).numpy() / (len(grams) - 1)
         M = own + others
-        M = M + 1e-6 * np.diag(M).mean() * np.eye(M.shape[0])
+        M = M + 1e-6 * np.trace(M) * np.eye(M.shape[0])
         mu, V = scipy.linalg.eigh(own, M)  # own v = μ M v, Vᵀ M V = I
         K = mu > 1 / (1 + ratio)
         kept.append(int(K.sum()))
         P = M @ V[:, K] @ V[:, K].T
         total += d @ torch.from_numpy(P)
     return total, kept
+
+
+# The properties hold up to the ridge λ = 1e-6·tr(M) (relative bias ≈ λ / smallest eigenvalue).
+PROPERTY_RTOL = 3e-4
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5) -> None:
@@ -99,8 +110,8 @@ def test_regmean_with_identical_grams_is_the_mean_and_rescaled_the_sum():
     terms = [_factors(i) for i in range(N)]
     grams = [_gram(0)] * N
     total = sum(_dense(t) for t in terms)
-    _close(_merged("regmean", terms, grams), total / N)
-    _close(_merged("regmean_rescaled", terms, grams), total)
+    _close(_merged("regmean", terms, grams), total / N, PROPERTY_RTOL)
+    _close(_merged("regmean_rescaled", terms, grams), total, PROPERTY_RTOL)
 
 
 def test_regmean_on_disjoint_input_subspaces_is_the_sum():
@@ -111,8 +122,8 @@ def test_regmean_on_disjoint_input_subspaces_is_the_sum():
     terms = [_factors(i, rows=blocks[i]) for i in range(N)]
     grams = [_gram(i, blocks[i]) for i in range(N)]
     total = sum(_dense(t) for t in terms)
-    _close(_merged("regmean", terms, grams), total)
-    _close(_merged("regmean_rescaled", terms, grams), N * total)
+    _close(_merged("regmean", terms, grams), total, PROPERTY_RTOL)
+    _close(_merged("regmean_rescaled", terms, grams), N * total, PROPERTY_RTOL)
 
 
 @pytest.mark.parametrize("ratio", [4.0, 1.5])
@@ -143,7 +154,7 @@ def test_orthogonal_projection_acts_as_each_adapter_on_its_own_domain():
     total = sum(_dense(t) for t in terms)
     for i in range(N):
         X = bases[i] @ torch.randn(4, 50, dtype=torch.float64)  # domain i's inputs
-        _close(merged @ X, _dense(terms[i]) @ X)
+        _close(merged @ X, _dense(terms[i]) @ X, PROPERTY_RTOL)
         assert float((total @ X - _dense(terms[i]) @ X).norm()) > 0.1 * float(
             (_dense(terms[i]) @ X).norm()
         )  # the plain sum has cross-talk there
@@ -152,7 +163,9 @@ def test_orthogonal_projection_acts_as_each_adapter_on_its_own_domain():
 def test_orthogonal_projection_keeps_the_sum_where_inputs_coincide():
     terms = [_factors(i) for i in range(N)]
     grams = [_gram(0)] * N  # full rank, identical
-    _close(_merged("orthogonal_projection", terms, grams), sum(_dense(t) for t in terms))
+    _close(
+        _merged("orthogonal_projection", terms, grams), sum(_dense(t) for t in terms), PROPERTY_RTOL
+    )
 
 
 def test_missing_module_and_rank_option():

@@ -21,14 +21,15 @@ Choices, and why:
   (``config.data``, ``split_seed``, ``max_train``, ``max_length``, field names). An adapter
   trained elsewhere has no such record: pass explicit sources (the train split of each,
   seeded 80/10/10 split as everywhere in lorasum).
-- **fp32 forward, float64 sums.** Each batch's Xᵀ X is an fp32 product over at most
-  batch_size·max_length tokens, added into a float64 accumulator. Modules that read the same
-  tensor (q/k/v projections) share one product and one stored matrix.
-- **Cache**: ``<adapter>/calibration-<key>.safetensors`` (fp32 on disk, half the bytes of
-  float64; the accumulation was float64), written atomically. The key hashes the adapter's
-  weights file (conservative: the statistics do not depend on the weights, but a file beside
-  the adapter must not outlive it), the data's fingerprints, the model spec, max_length and
-  the module list. Files of an older adapter version are removed when a new one is written.
+- **fp32 forward, float64 sums.** Each batch's Xᵀ X is a float64 product (fp32 products
+  over a batch's ~2k tokens left rounding of ~1e-6 that made rank-deficient Grams
+  indefinite), added into a float64 accumulator. Modules that read the same tensor (q/k/v
+  projections) share one product and one stored matrix.
+- **Cache**: ``<adapter>/calibration-<key>.safetensors``, written atomically, fp32 on disk
+  (half the bytes of float64; a freshly computed result is rounded the same way, so results
+  do not depend on the cache). The key hashes the adapter's weights file (conservative: the
+  statistics do not depend on the weights, but a file beside the adapter must not outlive
+  it), the data's fingerprints, the model spec, max_length and the module list. Files of an older adapter version are removed when a new one is written.
 """
 
 from __future__ import annotations
@@ -195,8 +196,8 @@ def gram_statistics(
             seen[id(x)] = (x, name)  # the reference keeps id(x) unique within the batch
             if name in aliases:
                 raise RuntimeError(f"module {name} no longer shares the input of {aliases[name]}")
-            rows = x.reshape(-1, x.shape[-1])[state["mask"]].float()  # (n, d_in)
-            product = (rows.T @ rows).double()  # (d_in, d_in): fp32 product, float64 sum
+            rows = x.reshape(-1, x.shape[-1])[state["mask"]].double()  # (n, d_in)
+            product = rows.T @ rows  # (d_in, d_in), float64
             if name in grams:
                 grams[name] += product
             else:
@@ -399,7 +400,9 @@ def _compute(plan: _Plan, model, tokenizer, batch_size: int, device: str, cache:
         "seconds": time.perf_counter() - t0,
         "lorasum_version": __version__,
     }
-    full = {m: grams[aliases.get(m, m)] for m in plan.modules}
+    # rounded as they are stored, so a result does not depend on whether it came from the cache
+    stored = {m: g.float().double() for m, g in grams.items()}
+    full = {m: stored[aliases.get(m, m)] for m in plan.modules}
     result = Calibration(grams=full, tokens=tokens, key=plan.key, info=info, computed=True)
     if cache:
         _write_cache(plan.path, result, aliases, _weights_sha256(plan.adapter))

@@ -14,7 +14,7 @@ Exact definition, for one module, N adapters, per-token input Gram matrices Ĝ_i
 (`lorasum.calibration`), ρ = ``--projection-ratio`` (default 4):
 
 1. Ḡ_j = (1/(N−1)) Σ_{i≠j} Ĝ_i, the mean of the other domains (0 when N = 1), so that the
-   threshold does not move with N; M_j = Ĝ_j + Ḡ_j + λI, λ = 1e-6 · mean(diag(Ĝ_j + Ḡ_j)).
+   threshold does not move with N; M_j = Ĝ_j + Ḡ_j + λI, λ = 1e-6 · tr(Ĝ_j + Ḡ_j).
 2. Generalised eigenvectors Ĝ_j v_k = μ_k M_j v_k, normalised v_kᵀ M_j v_l = δ_kl. Then
    μ_k ∈ [0, 1] is the share of domain j in the input energy along v_k: v_kᵀ Ĝ_j v_k = μ_k,
    v_kᵀ Ḡ_j v_k ≈ 1 − μ_k, and the coordinates c_k = v_kᵀ x are uncorrelated under both.

@@ -14,7 +14,7 @@ to the deltas alone. Our reading, for one module with N adapters:
   whatever the size of its data (the paper sums over examples);
 - off-diagonals shrunk as in the paper: Ĝ_i ← α·Ĝ_i + (1 − α)·diag(Ĝ_i), α =
   ``--regmean-alpha`` (default 0.9), in numerator and M alike;
-- a ridge for invertibility: M = Σ_j Ĝ_j + λI with λ = 1e-6 · mean(diag Σ_j Ĝ_j);
+- a ridge for invertibility: M = Σ_j Ĝ_j + λI with λ = 1e-6 · tr(Σ_j Ĝ_j);
 - an adapter that does not adapt the module has ΔW_i = 0, but its Ĝ_i still enters M (its
   domain wants the base weights there).
 
@@ -41,7 +41,7 @@ from lorasum.methods.registry import MergeMethod, ModuleMerge
 if TYPE_CHECKING:
     from lorasum.methods.config import MergeConfig
 
-RIDGE = 1e-6  # λ relative to the mean diagonal of M
+RIDGE = 1e-6  # λ relative to tr(M)
 
 
 def shrink(G: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -51,9 +51,14 @@ def shrink(G: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def with_ridge(M: torch.Tensor, ridge: float = RIDGE) -> torch.Tensor:
-    """M + λI with λ = ridge · mean(diag M) (and a floor for an all-zero M)."""
-    diag_mean = float(torch.diagonal(M).mean()) if M.numel() else 0.0
-    lam = ridge * diag_mean if diag_mean > 0 else 1e-12
+    """M + λI with λ = ridge · tr(M) (and a floor for an all-zero M).
+
+    Relative to the trace, not the mean diagonal: Gram matrices of real activations are often
+    rank-deficient (few distinct inputs), and their fp32 rounding (~1e-7 of the largest
+    eigenvalue ≤ tr) must not leave M indefinite.
+    """
+    trace = float(torch.diagonal(M).sum()) if M.numel() else 0.0
+    lam = ridge * trace if trace > 0 else 1e-12
     return M + lam * torch.eye(M.shape[0], dtype=M.dtype)
 
 
