@@ -142,3 +142,34 @@ def test_workers_must_be_positive(tiny_llama, qa_files, tmp_path):
             progress=False,
         )
     assert not (tmp_path / "s").exists()
+
+
+def test_workers_exit_when_the_study_process_is_killed(tiny_llama, qa_files, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    psutil = pytest.importorskip("psutil")
+    domains = [f"{n}={p}" for n, p in qa_files.items()]
+    script = (
+        "from lorasum.experiment import reproduce\n"
+        f"reproduce({str(tmp_path / 's')!r}, preset='tiny', model={str(tiny_llama)!r}, "
+        f"domains={domains!r}, workers=2, progress=False, seeds=[1, 2, 3])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "LORASUM_WORKERS"}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env)
+    workers: list = []
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        kids = psutil.Process(proc.pid).children(recursive=True)
+        workers = [k for k in kids if "spawn_main" in " ".join(k.cmdline())]
+        if len(workers) >= 2:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None and len(workers) == 2, "the study ended before its workers started"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _, alive = psutil.wait_procs(workers, timeout=20)
+    assert not alive, f"workers kept running after their study was killed: {alive}"

@@ -310,10 +310,30 @@ def reproduce(
     )
     inner_progress = progress and workers == 1
     with UnitRunner(model, base_model, tokenizer, device, workers) as runner:
-        # 1. one adapter per domain, one merged-data adapter per combination (every seed)
+        evals: dict[tuple[int | None, str], dict] = {}
+
+        def eval_job(seed, unit, unit_dir, unit_key, domains) -> Job | None:
+            """The evaluation's job, or None when a finished result is cached (then stored)."""
+            if unit_key is None:
+                unit_key = sha256_file(unit_dir / "adapter_model.safetensors")
+            path = (out if seed is None else out / f"seed-{seed}") / "evals" / f"{unit}.json"
+            key = eval_key(unit_key, domains, sources, base_cfg)
+            cached = cached_eval(path, key)
+            if cached is not None:
+                evals[(seed, unit)] = cached
+                bar.update(1)
+                return None
+            srcs = [sources[x] for x in domains]
+            args = (path, key, unit_dir, srcs, list(domains), base_cfg)
+            return Job(f"eval {unit}", evaluate_unit, args, dict(progress=inner_progress))
+
+        # 1. one adapter per domain, one merged-data adapter per combination (every seed),
+        #    longest first so the workers finish together; the base model's evaluation too.
         markers: dict[tuple[int, str], dict] = {}
         jobs, job_keys = [], []
-        for seed, unit, cfg, srcs, path in train_plan:
+        for seed, unit, cfg, srcs, path in sorted(
+            train_plan, key=lambda u: -sum(len(s.splits["train"]) for s in u[3])
+        ):
             key = adapter_key(cfg, srcs)
             # --overwrite replaces units made with other settings; identical ones are reused.
             unit_overwrite = overwrite and existing_key(path) != key
@@ -329,8 +349,13 @@ def reproduce(
                     dict(overwrite=unit_overwrite, sources=srcs, progress=inner_progress),
                 )
             )
-            job_keys.append((seed, unit))
-        markers.update(zip(job_keys, runner.run(jobs, bar), strict=True))
+            job_keys.append(("train", seed, unit))
+        base_job = eval_job(None, "base", None, f"base:{model}", tuple(names))
+        if base_job is not None:
+            jobs.append(base_job)
+            job_keys.append(("eval", None, "base"))
+        for (kind, seed, unit), result in zip(job_keys, runner.run(jobs, bar), strict=True):
+            (markers if kind == "train" else evals)[(seed, unit)] = result
 
         # 2. the naive sum per combination (exact, seconds), 3. orthogonality of the domains
         pairs: dict[int, list[dict]] = {}
@@ -345,8 +370,8 @@ def reproduce(
                 )
             pairs[seed] = similarity_matrix({n: read_adapter(adapters / n).modules for n in names})
 
-        # 4. perplexities, cached by the units' actual weights
-        specs = [(None, "base", None, f"base:{model}", tuple(names))]
+        # 4. perplexities, cached by the units' actual weights (largest test sets first)
+        specs = []
         for seed in seeds:
             d = out / f"seed-{seed}"
             specs += [(seed, f"single-{n}", d / "adapters" / n, None, (n,)) for n in names]
@@ -354,22 +379,13 @@ def reproduce(
                 c = _combo_name(combo)
                 specs.append((seed, f"merged-{c}", d / "adapters" / f"merged-{c}", None, combo))
                 specs.append((seed, f"sum-{c}", d / "sums" / c, None, combo))
-        evals: dict[tuple[int | None, str], dict] = {}
+        specs.sort(key=lambda spec: -sum(len(sources[x].splits["test"]) for x in spec[4]))
         jobs, job_keys = [], []
-        for seed, unit, unit_dir, unit_key, domains in specs:
-            if unit_key is None:
-                unit_key = sha256_file(unit_dir / "adapter_model.safetensors")
-            path = (out if seed is None else out / f"seed-{seed}") / "evals" / f"{unit}.json"
-            key = eval_key(unit_key, domains, sources, base_cfg)
-            cached = cached_eval(path, key)
-            if cached is not None:
-                evals[(seed, unit)] = cached
-                bar.update(1)
-                continue
-            srcs = [sources[x] for x in domains]
-            args = (path, key, unit_dir, srcs, list(domains), base_cfg)
-            jobs.append(Job(f"eval {unit}", evaluate_unit, args, dict(progress=inner_progress)))
-            job_keys.append((seed, unit))
+        for spec in specs:
+            job = eval_job(*spec)
+            if job is not None:
+                jobs.append(job)
+                job_keys.append(spec[:2])
         evals.update(zip(job_keys, runner.run(jobs, bar), strict=True))
     bar.close()
 

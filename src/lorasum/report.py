@@ -23,6 +23,13 @@ def _ci(r: dict, key: str, digits: int = 2, signed: bool = False) -> str:
     return f"{value} [{_f(ci[0], digits, signed)}, {_f(ci[1], digits, signed)}]" if ci else value
 
 
+def _tokens(metrics: dict) -> str:
+    """`all / in loss` training tokens of one adapter (older runs did not record them)."""
+    if metrics.get("real_tokens") is None:
+        return "n/a"
+    return f"{metrics['real_tokens']:,} / {metrics['answer_tokens']:,}"
+
+
 def _pair_means(pairs: list[dict]) -> list[dict]:
     """Pairs averaged over seeds (one row per pair, in first-seen order)."""
     groups: dict[tuple[str, str], list[dict]] = {}
@@ -120,17 +127,29 @@ def render_markdown(results: dict) -> str:
         "",
         "## Data and training",
         "",
-        "| domain | train rows | test rows | test split hash | adapter steps | first → last loss | train tok/s |",
-        "|---|---:|---:|---|---:|---|---:|",
+        "| domain | train rows | test rows | test split hash | adapter steps | train tokens (all / in loss) | test tokens in ppl | first → last loss | train tok/s |",
+        "|---|---:|---:|---|---:|---:|---:|---|---:|",
     ]
     for n in names:
         fp, ms = results["data"][n], results["singles"][n]["train"]
         mean = lambda k, ms=ms: sum(m[k] or 0.0 for m in ms) / len(ms)  # noqa: E731
         lines.append(
             f"| {n} | {fp['train']['n']} | {fp['test']['n']} | `{fp['test']['sha256']}` | "
-            f"{ms[0]['steps']} | {_f(mean('first_loss'))} → {_f(mean('final_loss'))} | "
+            f"{ms[0]['steps']} | {_tokens(ms[0])} | {results['singles'][n].get('tokens', 'n/a')} | "
+            f"{_f(mean('first_loss'))} → {_f(mean('final_loss'))} | "
             f"{_f(mean('tokens_per_second'), 0)} |"
         )
+    merged = results.get("merged_training") or {}
+    if merged:
+        lines += [
+            "",
+            "Merged-data adapters (one epoch over the union of their domains' training rows): "
+            + "; ".join(
+                f"{u.removeprefix('merged-')} {ms[0]['steps']} steps, {_tokens(ms[0])} tokens"
+                for u, ms in merged.items()
+            )
+            + ".",
+        ]
     lines += [
         "",
         "## How to read these numbers",

@@ -268,6 +268,8 @@ def train(
         metrics = {
             "steps": total_steps,
             "train_rows": len(train_items),
+            "real_tokens": tokens_seen,  # every non-padding token processed (prompt + answer)
+            "answer_tokens": sum(r["tokens"] for r in log_rows),  # tokens in the loss
             "final_loss": sum(r["loss"] for r in log_rows[-10:]) / len(log_rows[-10:]),
             "first_loss": log_rows[0]["loss"],
             "seconds": seconds,

@@ -52,7 +52,24 @@ def auto_workers(device: torch.device, n_units: int, gb_per_worker: float = 4.0)
     return max(1, min(available_cores(), 4, by_memory, n_units))
 
 
-def _init_worker(model_spec: str, device: str, threads: int, verbose: bool) -> None:
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose study process died (SIGKILL, OOM) stops too, instead of computing on."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="lorasum-parent-watch").start()
+
+
+def _init_worker(
+    model_spec: str, device: str, threads: int, verbose: bool, parent: int | None = None
+) -> None:
+    if parent is not None:
+        _exit_with_parent(parent)
     torch.set_num_threads(threads)
     if not verbose:
         from lorasum.cli import _quiet_libraries
@@ -100,6 +117,7 @@ class UnitRunner:
                     str(self.device),
                     threads,
                     log.isEnabledFor(logging.INFO),
+                    os.getpid(),
                 ),
             )
         return self._pool
