@@ -29,7 +29,8 @@ Choices, and why:
   (half the bytes of float64; a freshly computed result is rounded the same way, so results
   do not depend on the cache). The key hashes the adapter's weights file (conservative: the
   statistics do not depend on the weights, but a file beside the adapter must not outlive
-  it), the data's fingerprints, the model spec, max_length and the module list. Files of an older adapter version are removed when a new one is written.
+  it), the data's fingerprints, the model spec, max_length and the module list. Files made
+  for older weights of the adapter are removed when a new one is written.
 """
 
 from __future__ import annotations
