@@ -68,35 +68,50 @@ def test_bf16_and_fp32_paths_agree(tiny_llama, qa_files):
 
 def test_bf16_verdict_is_measured_and_only_a_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LORASUM_HOME", str(tmp_path))
-    timings = {None: 2.0, torch.bfloat16: 1.0}  # bf16 2x faster: pays
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: True)
+    timings = {None: [2.0, 9.0, 2.0], torch.bfloat16: [1.0, 1.0, 8.0]}  # busy spells in between
     calls = []
 
     def fake_time(dtype, repeats=3):
         calls.append(dtype)
-        return timings[dtype]
+        series = timings[dtype]
+        return series[sum(1 for c in calls if c is dtype) % len(series) - 1]
 
     monkeypatch.setattr(models, "time_linear_step", fake_time)
     v1 = models.cpu_bf16_verdict()
-    assert v1["use_bf16"] is True and len(calls) == 2
+    assert v1["use_bf16"] is True and (v1["fp32_s"], v1["bf16_s"]) == (2.0, 1.0)
+    assert calls == [None, torch.bfloat16] * 3  # interleaved, best of each
     assert models.autocast_dtype("auto", CPU) is torch.bfloat16
-    assert len(calls) == 2  # the second call read the cache
+    assert len(calls) == 6  # the second call read the cache
     (tmp_path / "hardware.json").unlink()  # deleting the cache only costs a re-measurement
     v2 = models.cpu_bf16_verdict()
-    assert v2["use_bf16"] == v1["use_bf16"] and len(calls) == 4
+    assert v2["use_bf16"] == v1["use_bf16"] and len(calls) == 12
     # a stale entry (other CPU/torch/threads) is measured again, and 1.1x does not pay
     data = json.loads((tmp_path / "hardware.json").read_text())
     (tmp_path / "hardware.json").write_text(json.dumps({**data, "key": "other-machine"}))
-    timings[torch.bfloat16] = 2.0 / 1.1
-    assert models.cpu_bf16_verdict()["use_bf16"] is False and len(calls) == 6
+    timings[torch.bfloat16] = [2.0 / 1.1]
+    timings[None] = [2.0]
+    assert models.cpu_bf16_verdict()["use_bf16"] is False and len(calls) == 18
     assert models.autocast_dtype("auto", CPU) is None
     assert models.autocast_dtype("fp32", CPU) is None
     assert models.autocast_dtype("bf16", CPU) is torch.bfloat16
+
+
+def test_bf16_never_chosen_without_bf16_hardware(tmp_path, monkeypatch):
+    """A busy machine can make any micro-benchmark lie; emulated bf16 is never picked."""
+    monkeypatch.setenv("LORASUM_HOME", str(tmp_path))
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(models, "time_linear_step", lambda dtype, repeats=3: 1.0 if dtype else 9.0)
+    verdict = models.cpu_bf16_verdict()
+    assert verdict["use_bf16"] is False and verdict["bf16_s"] is None
+    assert models.autocast_dtype("auto", CPU) is None
 
 
 def test_bf16_verdict_survives_an_unwritable_cache(tmp_path, monkeypatch):
     home = tmp_path / "file"
     home.write_text("not a directory")
     monkeypatch.setenv("LORASUM_HOME", str(home))
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: True)
     monkeypatch.setattr(models, "time_linear_step", lambda dtype, repeats=3: 1.0)
     assert models.cpu_bf16_verdict()["use_bf16"] is False
 

@@ -225,7 +225,7 @@ def _cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
+                if line.startswith(("flags", "Features")):  # x86 / ARM
                     return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
@@ -233,8 +233,9 @@ def _cpu_flags() -> frozenset[str]:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """AMX-BF16 or AVX512-BF16. Without them bf16 on CPU is emulated and far slower than fp32."""
-    return bool({"amx_bf16", "avx512_bf16"} & _cpu_flags())
+    """AMX-BF16, AVX512-BF16 (x86) or the ARMv8.6 BF16 extension: bf16 arithmetic in hardware.
+    Without them bf16 on a CPU is emulated and far slower than fp32."""
+    return bool({"amx_bf16", "avx512_bf16", "bf16"} & _cpu_flags())
 
 
 BF16_MIN_SPEEDUP = 1.2  # bf16 autocast on a CPU only when measured at least this much faster
@@ -254,8 +255,8 @@ def _cpu_name() -> str:
 
 
 def time_linear_step(dtype: torch.dtype | None, repeats: int = 3) -> float:
-    """Seconds for one forward+backward of a transformer-sized linear layer (fp32 weights,
-    autocast to ``dtype`` when given): the kernel a training step spends most of its time in."""
+    """Best-of-``repeats`` seconds for one forward+backward of a transformer-sized linear layer
+    (fp32 weights, autocast to ``dtype`` when given): the kernel training spends most time in."""
     import time
 
     g = torch.Generator().manual_seed(0)
@@ -281,13 +282,14 @@ def _null():
 
 
 def cpu_bf16_verdict(refresh: bool = False) -> dict:
-    """Does bf16 autocast pay on this CPU? Measured once, cached in $LORASUM_HOME/hardware.json.
+    """Does bf16 autocast pay on this CPU? Decided once, cached in $LORASUM_HOME/hardware.json.
 
-    A micro-benchmark of a linear layer's forward+backward decides (bf16 must be ≥ 1.2× faster
-    than fp32); CPU flags (AMX-BF16, AVX512-BF16) are recorded but not trusted alone. Without
-    those units bf16 is emulated: measured 25× slower than fp32 on a 2-core AVX2 EPYC. The cache
-    is keyed by CPU, flags, torch version and thread count; deleting it only costs the
-    measurement again (a few seconds).
+    Two conditions, both required: the CPU reports bf16 arithmetic (AMX-BF16, AVX512-BF16 or
+    ARM BF16: without it bf16 is emulated, measured 25× slower than fp32 on a 2-core AVX2 EPYC),
+    and a micro-benchmark of a linear layer's forward+backward, fp32 and bf16 interleaved
+    several times and the best of each kept (robust to a busy machine), finds bf16 at least
+    ``BF16_MIN_SPEEDUP`` faster. The cache is keyed by CPU, flags, torch version and thread
+    count; deleting it only costs the measurement again (a few seconds).
     """
     import json
 
@@ -308,16 +310,15 @@ def cpu_bf16_verdict(refresh: bool = False) -> dict:
                 return cached
         except (OSError, ValueError):
             pass
-    fp32 = time_linear_step(None)
-    bf16 = time_linear_step(torch.bfloat16, repeats=1)
-    verdict = {
-        "key": key,
-        **ident,
-        "fast_bf16_flags": cpu_has_fast_bf16(),
-        "fp32_s": fp32,
-        "bf16_s": bf16,
-        "use_bf16": fp32 / bf16 >= BF16_MIN_SPEEDUP,
-    }
+    verdict = {"key": key, **ident, "fast_bf16_flags": cpu_has_fast_bf16()}
+    if verdict["fast_bf16_flags"]:
+        fp32 = bf16 = float("inf")
+        for _ in range(3):  # interleaved: a busy spell hurts both sides, the best run survives
+            fp32 = min(fp32, time_linear_step(None, repeats=1))
+            bf16 = min(bf16, time_linear_step(torch.bfloat16, repeats=1))
+        verdict.update(fp32_s=fp32, bf16_s=bf16, use_bf16=fp32 / bf16 >= BF16_MIN_SPEEDUP)
+    else:
+        verdict.update(fp32_s=None, bf16_s=None, use_bf16=False)
     try:
         write_json(path, verdict)
     except OSError:
