@@ -29,12 +29,12 @@ Computed as M_j = L Lᵀ (Cholesky), C = L⁻¹ Ĝ_j L⁻ᵀ = Q diag(μ) Qᵀ, 
 A_j P_j = ((A_j L) Q_K Q_Kᵀ) L⁻¹: one d_in×d_in Cholesky and eigendecomposition per adapter,
 never a d_out×d_in matrix. ``--rank`` truncates the result (factored SVD).
 
-What it guarantees (tested): when the domains' inputs lie in disjoint subspaces and each ΔW_j
-reads only its own domain's subspace, the composition acts on domain j's inputs exactly as
-ΔW_j (the sum would add the others' cross-talk; RegMean would too, unless they are
-disjoint); when all domains' inputs coincide (μ = 1/2 everywhere) nothing is dropped and it
-is the sum (on the span of the inputs). Between the two, ρ trades strength on shared directions against cross-talk; the
-default ρ = 4 (drop where the others have ≥ 4× domain j's energy, μ ≤ 0.2) is not tuned.
+What it guarantees (tested): when the domains' inputs lie in disjoint subspaces, the
+composition acts on domain j's inputs exactly as ΔW_j, whatever directions the ΔW_i read (the
+sum adds the others' cross-talk there); when all domains' inputs coincide (μ = 1/2
+everywhere) nothing is dropped and it is the sum, where RegMean gives the mean (on the span
+of the inputs). Between the two, ρ trades strength on shared directions against cross-talk;
+the default ρ = 4 (drop where the others have ≥ 4× domain j's energy, μ ≤ 0.2) is not tuned.
 """
 
 from __future__ import annotations
