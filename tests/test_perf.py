@@ -188,3 +188,34 @@ def test_workers_exit_when_the_study_process_is_killed(tiny_llama, qa_files, tmp
     proc.wait()
     _, alive = psutil.wait_procs(workers, timeout=20)
     assert not alive, f"workers kept running after their study was killed: {alive}"
+
+
+def test_max_order_and_all_domains(tiny_llama, qa_files, tmp_path):
+    from lorasum.data import ALL_DOMAINS
+    from lorasum.errors import LorasumError
+    from lorasum.experiment import combinations, parse_domains
+
+    assert list(parse_domains("all")) == list(ALL_DOMAINS)
+    assert list(parse_domains(["all"])) == list(ALL_DOMAINS)
+    names = list("abcd")
+    assert len(combinations(names)) == 11 and len(combinations(names, 2)) == 6
+    assert combinations(names, 3) == [c for c in combinations(names) if len(c) <= 3]
+    domains = [f"{n}={p}" for n, p in qa_files.items()]
+    out = tmp_path / "pairs"
+    res = reproduce(
+        out, preset="tiny", model=str(tiny_llama), domains=domains, max_order=2, progress=False
+    )
+    assert [len(r["domains"]) for r in res["combinations"]] == [2, 2, 2]
+    assert res["max_order"] == 2
+    adapters = sorted(p.name for p in (out / "seed-42" / "adapters").iterdir())
+    assert "merged-arith+colors+finance" not in adapters and len(adapters) == 3 + 3
+    with pytest.raises(LorasumError, match="--max-order"):
+        reproduce(
+            tmp_path / "x",
+            preset="tiny",
+            model=str(tiny_llama),
+            domains=domains,
+            max_order=1,
+            progress=False,
+        )
+    assert not (tmp_path / "x").exists()

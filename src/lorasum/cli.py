@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--domains",
         default=",".join(DEFAULT_DOMAINS),
-        help="comma list of builtin domains or NAME=SOURCE (e.g. fin=hf:org/ds)",
+        help="comma list of builtin domains, 'all' (every builtin domain) or NAME=SOURCE "
+        "(e.g. fin=hf:org/ds)",
     )
     r.add_argument("--out", required=True, help="study directory (results.json, report.md, png)")
     r.add_argument("--overwrite", action="store_true", help="replace a study with other settings")
@@ -175,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="give each domain adapter its own LoRA init seed (default: one shared seed, "
         "as in the paper's scripts)",
+    )
+    r.add_argument(
+        "--max-order",
+        type=int,
+        default=None,
+        help="combinations of at most this many domains (2 = pairs only; default: all sizes)",
     )
     r.add_argument(
         "--workers",
@@ -284,6 +291,7 @@ def _run(args: argparse.Namespace) -> int:
             seed_per_domain=args.seed_per_domain,
             seeds=args.seeds,
             workers=args.workers,
+            max_order=args.max_order,
             **overrides,
         )
         for row in results["combinations"]:
