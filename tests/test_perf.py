@@ -141,7 +141,8 @@ def test_worker_processes_give_the_same_study(tiny_llama, qa_files, tmp_path):
             (tmp_path / "pooled" / "seed-42" / "adapters" / unit / "lorasum.json").read_text()
         )
         assert marker["kind"] == "adapter"
-    assert len(list((tmp_path / "pooled" / "seed-42" / "evals").glob("*.json"))) == 3 + 2 * 4
+    # singles, merged + sum per combination, the triple's three paper variants
+    assert len(list((tmp_path / "pooled" / "seed-42" / "evals").glob("*.json"))) == 3 + 2 * 4 + 3
 
 
 def test_workers_must_be_positive(tiny_llama, qa_files, tmp_path):

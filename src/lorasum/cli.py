@@ -53,7 +53,7 @@ def _add_dataclass_flags(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lorasum.experiment import DEFAULT_DOMAINS, PRESETS
+    from lorasum.study_config import preset_names
     from lorasum.methods import MergeConfig
     from lorasum.train import TrainConfig
 
@@ -154,13 +154,32 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser(
         "reproduce", help="run the paper's study: train, sum, compare, correlate, report"
     )
-    r.add_argument("--preset", default="quick", choices=list(PRESETS))
-    r.add_argument("--model", default="default")
+    r.add_argument(
+        "--preset",
+        default=None,
+        choices=preset_names(),
+        help="settings to start from (YAML files shipped in lorasum/presets; default: quick, "
+        "or the preset named in --config)",
+    )
+    r.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="experiment file (YAML: model, domains, seeds, methods, train settings, ...); "
+        "flags override it; the resolved settings are saved as experiment.yaml in --out",
+    )
+    r.add_argument("--model", default=None, help="base model (default: embedded SmolLM2-135M)")
     r.add_argument(
         "--domains",
-        default=",".join(DEFAULT_DOMAINS),
+        default=None,
         help="comma list of builtin domains, 'all' (every builtin domain) or NAME=SOURCE "
-        "(e.g. fin=hf:org/ds)",
+        "(e.g. fin=hf:org/ds); default: math,medicine,finance",
+    )
+    r.add_argument(
+        "--methods",
+        default=None,
+        help="merge methods to compare on every combination, comma list or 'all' (every "
+        "method a study can run without extra input); the sum always runs",
     )
     r.add_argument("--out", required=True, help="study directory (results.json, report.md, png)")
     r.add_argument("--overwrite", action="store_true", help="replace a study with other settings")
@@ -173,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument(
         "--seed-per-domain",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="give each domain adapter its own LoRA init seed (default: one shared seed, "
         "as in the paper's scripts)",
     )
@@ -285,6 +305,8 @@ def _run(args: argparse.Namespace) -> int:
         results = reproduce(
             args.out,
             preset=args.preset,
+            config=args.config,
+            methods=args.methods,
             model=args.model,
             domains=args.domains,
             overwrite=args.overwrite,
@@ -299,12 +321,17 @@ def _run(args: argparse.Namespace) -> int:
                 f"{' + '.join(row['domains']):<32} RMS cos {row['rms_cosine']:.4f}  "
                 f"ppl merged {row['ppl_merged']:.3f}  sum {row['ppl_sum']:.3f}  "
                 f"Δ {row['delta_pct']:+.2f}%"
+                + (
+                    f"  best {row['best_method']} {row['methods'][row['best_method']]['delta_pct']:+.2f}%"
+                    if len(row.get("methods", {})) > 1
+                    else ""
+                )
             )
         c = results["correlation"]
         r_text = "n/a" if c["pearson_r"] is None else f"{c['pearson_r']:.3f}"
         print(f"Pearson r (Δ% vs RMS cosine): {r_text}")
         print(
-            f"report: {args.out}/report.md  results: {args.out}/results.json  "
+            f"report: {args.out}/report.html (and .md)  results: {args.out}/results.json  "
             f"plot: {args.out}/cosine_vs_delta.png  ({results['wall_seconds']:.0f} s)"
         )
     elif args.command == "assets":

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import time
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from lorasum import __version__
@@ -23,8 +22,16 @@ from lorasum.adapters import read_adapter
 from lorasum.compose import compose
 from lorasum.data import Source, load_split, make_batches
 from lorasum.errors import LorasumError
-from lorasum.evaluate import evaluate_batches, perplexity_from
-from lorasum.io import check_output_dir, config_key, existing_key, read_json, write_json
+from lorasum.evaluate import evaluate_batches
+from lorasum.io import (
+    atomic_write_text,
+    check_output_dir,
+    config_key,
+    existing_key,
+    read_json,
+    write_json,
+)
+from lorasum.methods import get_method
 from lorasum.models import (
     autocast_dtype,
     load_model,
@@ -33,68 +40,40 @@ from lorasum.models import (
     resolve_target_modules,
     sha256_file,
 )
-from lorasum.similarity import combination_rms, similarity_matrix
-from lorasum.stats import correlation, delta_pct
+from lorasum.similarity import similarity_matrix
+from lorasum.stats import correlation
+from lorasum.study_results import (
+    aggregate_combination,
+    cross_domain,
+    loo_prediction,
+    manifest,
+    mean,
+    paper_comparison,
+    seed_rows,
+    statistics,
+    train_curves,
+)
 from lorasum.tokens import tokenize_cached
 from lorasum.train import TrainConfig, adapter_key, train
 from lorasum.workers import Job, UnitRunner, auto_workers
 
 log = logging.getLogger(__name__)
 
-# Presets set TrainConfig fields. `paper` is the paper's setup on all the data; `quick` is sized
-# to finish the 3-domain study in under 10 minutes on a 2-core CPU without bf16 (subsampled
-# rows, short sequences, a higher learning rate so a few steps still move the adapters).
-PRESETS: dict[str, dict] = {
-    "paper": dict(
-        rank=4,
-        alpha=64.0,
-        dropout=0.1,
-        lr=5e-5,
-        warmup_steps=2,
-        weight_decay=0.01,
-        epochs=1.0,
-        batch_size=8,
-        max_length=128,
-    ),
-    "quick": dict(
-        rank=4,
-        alpha=64.0,
-        dropout=0.1,
-        lr=2e-4,
-        warmup_steps=2,
-        weight_decay=0.01,
-        epochs=1.0,
-        batch_size=8,
-        max_length=64,
-        max_train=48,
-        max_eval=24,
-    ),
-    # For tests and smoke runs on tiny models.
-    "tiny": dict(
-        rank=4,
-        alpha=64.0,
-        dropout=0.0,
-        lr=1e-3,
-        warmup_steps=0,
-        weight_decay=0.0,
-        epochs=1.0,
-        batch_size=4,
-        max_length=32,
-        max_train=8,
-        max_eval=4,
-    ),
-}
 DEFAULT_DOMAINS = ("math", "medicine", "finance")
 # Evaluation batches are length-sorted, so a larger batch adds little padding.
 EVAL_BATCH_SIZE = 32
 
 
-def parse_domains(domains: str | list[str]) -> dict[str, str]:
-    """'math,medicine', 'all' (every builtin domain) or 'fin=hf:org/ds,mine=my.jsonl' →
-    {name: source}."""
+def parse_domains(domains: str | list[str] | dict[str, str]) -> dict[str, str]:
+    """'math,medicine', 'all' (every builtin domain), 'fin=hf:org/ds,mine=my.jsonl' or
+    {name: source} → {name: source}."""
     from lorasum.data import ALL_DOMAINS
 
-    items = domains.split(",") if isinstance(domains, str) else list(domains)
+    if isinstance(domains, dict):
+        domains = [f"{k}={v}" for k, v in domains.items()]
+    if not isinstance(domains, str | list | tuple):
+        raise LorasumError("domains: give a list of names, 'all', or {name: source}")
+    items = domains.split(",") if isinstance(domains, str) else [str(d) for d in domains]
     items = [d for item in items for d in (ALL_DOMAINS if item.strip() == "all" else [item])]
     out: dict[str, str] = {}
     for item in (i.strip() for i in items):
@@ -133,13 +112,6 @@ def combinations(names: list[str], max_order: int | None = None) -> list[tuple[s
 
 def _combo_name(combo: tuple[str, ...]) -> str:
     return "+".join(combo)
-
-
-def _combined(per_dataset: dict, names: tuple[str, ...]) -> dict:
-    """Token-weighted perplexity of a union of test sets from per-dataset sums."""
-    nll = sum(per_dataset[n]["nll"] for n in names)
-    tokens = sum(per_dataset[n]["tokens"] for n in names)
-    return {"perplexity": perplexity_from(nll, tokens), "nll": nll, "tokens": tokens}
 
 
 def eval_key(unit_key: str, domains: tuple[str, ...], sources: dict[str, Source], cfg) -> str:
@@ -201,50 +173,109 @@ def evaluate_unit(
     return result
 
 
+def calibrate_unit(adapter_dir: Path, *, model, tokenizer) -> float:
+    """Input statistics of a domain adapter on its own training data (cached beside it)."""
+    from lorasum.calibration import calibrate
+
+    t0 = time.perf_counter()
+    calibrate(adapter_dir, model=model, tokenizer=tokenizer, device=str(model.device))
+    return time.perf_counter() - t0
+
+
+def compose_unit(
+    paths: list[Path], out: Path, method: str, options: dict, overwrite: bool, *, model, tokenizer
+) -> float:
+    """One composition of the study (a worker job); its seconds."""
+    from lorasum.methods import MergeConfig
+
+    t0 = time.perf_counter()
+    compose(
+        paths,
+        out,
+        overwrite=overwrite,
+        reuse_same=True,
+        config=MergeConfig(method=method, **options),
+    )
+    return time.perf_counter() - t0
+
+
+def _predictors(adapters: Path, names: list[str], combos, model, tokenizer) -> dict[str, dict]:
+    """Activation-space predictors of every combination, from the cached input statistics."""
+    from lorasum.calibration import calibrate
+    from lorasum.predict import combination_predictors, interference_predictors
+
+    factors = {n: read_adapter(adapters / n).modules for n in names}
+    grams = {
+        n: calibrate(adapters / n, model=model, tokenizer=tokenizer, device=str(model.device))
+        for n in names
+    }
+    result = interference_predictors(factors, grams)
+    out = {}
+    for combo in combos:
+        values = combination_predictors(result, combo)
+        out[_combo_name(combo)] = {k: v for k, v in values.items() if k != "rms_cosine"}
+    return out
+
+
+def _job_cost(kind: str, rows: int, cfg: TrainConfig) -> float:
+    """Relative cost of a unit for the progress bar's ETA: ~3 passes per training row
+    (forward, backward), one per evaluated row; ~token-proportional."""
+    return rows * cfg.max_length * (3.0 if kind == "train" else 1.0) / 1000.0
+
+
 def reproduce(
     out: str | Path,
-    preset: str = "quick",
-    model: str = "default",
-    domains: str | list[str] = DEFAULT_DOMAINS,
+    preset: str | None = "quick",
+    model: str | None = None,
+    domains: str | list[str] | dict[str, str] | None = None,
     overwrite: bool = False,
     progress: bool = True,
-    seed_per_domain: bool = False,
+    seed_per_domain: bool | None = None,
     seeds: list[int] | None = None,
     workers: int | None = None,
     max_order: int | None = None,
+    config: str | Path | None = None,
+    methods: str | list[str] | dict | None = None,
     **overrides,
 ) -> dict:
-    """`lorasum reproduce`: run the study; write results.json, report.md and cosine_vs_delta.png."""
+    """`lorasum reproduce`: run the study; write results.json, report.md/html and plots.
+
+    Settings: the ``preset`` (a YAML file shipped in the package), then the experiment file
+    ``config``, then the arguments (None = not given); see `lorasum.study_config`.
+    """
     from lorasum.report import write_report
+    from lorasum.study_config import dump_yaml, resolve_study
 
     t_start = time.perf_counter()
-    if preset not in PRESETS:
-        raise LorasumError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
-    known = {f.name for f in fields(TrainConfig)} - {"model", "data"}
-    unknown = set(overrides) - known
-    if unknown:
-        raise LorasumError(f"unknown study settings {sorted(unknown)}; known: {sorted(known)}")
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    domain_sources = parse_domains(domains)
-    names = list(domain_sources)
-    base_cfg = TrainConfig(
-        model=model, data=["-"], **{**PRESETS[preset], **overrides, "eval_val": False}
+    study_cfg = resolve_study(
+        preset,
+        config,
+        {
+            "model": model,
+            "domains": domains,
+            "seed_per_domain": seed_per_domain,
+            "seeds": seeds,
+            "workers": workers,
+            "max_order": max_order,
+            "methods": methods,
+            **overrides,
+        },
     )
-    if max_order is not None and max_order < 2:
-        raise LorasumError(f"--max-order {max_order}: combinations have at least 2 domains")
-    if workers is not None and workers < 1:
-        raise LorasumError(f"--workers {workers}: use 1 or more worker processes")
-    seeds = [base_cfg.seed] if not seeds else [int(x) for x in seeds]
-    if len(set(seeds)) != len(seeds):
-        raise LorasumError(f"--seeds repeats a seed: {seeds}; give distinct seeds")
-    if seed_per_domain and len(seeds) > 1 and max(seeds) - min(seeds) < len(names):
-        raise LorasumError(
-            "--seed-per-domain offsets each domain's seed by its index; space --seeds at least "
-            f"{len(names)} apart (e.g. 0,100,200) so runs never share an init"
-        )
+    domain_sources = study_cfg.domains
+    names = list(domain_sources)
+    model = study_cfg.model
+    seeds = study_cfg.seeds
+    seed_per_domain = study_cfg.seed_per_domain
+    max_order = study_cfg.max_order
+    train_settings = {**study_cfg.train, "eval_val": False}
+    if "seed" not in train_settings:
+        train_settings["seed"] = seeds[0]
+    base_cfg = TrainConfig(model=model, data=["-"], **train_settings)
     out = Path(out)
+    # What the trained units depend on; methods and extra rows are units of their own, so a
+    # rerun with more methods reuses the study directory.
     study = {
-        "preset": preset,
+        "preset": study_cfg.preset,
         "model": model,
         "domains": domain_sources,
         "train": {k: v for k, v in base_cfg.identity().items() if k != "seed"},
@@ -293,14 +324,29 @@ def reproduce(
     resolve_target_modules(base_model, base_cfg.target_modules)  # fail before writing anything
     if previous is not None and previous.get("key") != study_key:
         # The old study's results must never sit beside the new settings, even if this run stops.
-        for stale in ("results.json", "report.md", "cosine_vs_delta.png"):
+        for stale in ("results.json", "report.md", "report.html", "cosine_vs_delta.png"):
             (out / stale).unlink(missing_ok=True)
     write_json(
         cfg_path,
         {"key": study_key, **study, "data": {n: s.fingerprint() for n, s in sources.items()}},
     )
+    atomic_write_text(out / "experiment.yaml", dump_yaml(study_cfg))
 
     combos = combinations(names, max_order)
+    methods_run = [m for m in study_cfg.methods if m != "sum"]
+    calibration_methods = [m for m in methods_run if get_method(m).calibration]
+    variants = (
+        [
+            (combo, tuple(d for d in combo if d != third), third)
+            for combo in combos
+            if len(combo) == 3
+            for third in combo
+        ]
+        if study_cfg.paper_variants
+        else []
+    )
+    if variants and max_order is not None and max_order < 3:
+        variants = []
     train_plan = [
         (seed, unit, cfg, srcs, out / f"seed-{seed}" / "adapters" / unit)
         for seed in seeds
@@ -308,17 +354,40 @@ def reproduce(
             replace(base_cfg, seed=seed), domain_sources, sources, names, combos, seed_per_domain
         )
     ]
-    n_evals = 1 + len(seeds) * (len(names) + 2 * len(combos))
-    workers = workers or auto_workers(device, len(train_plan))
+    test_rows = {n: len(s.splits["test"]) for n, s in sources.items()}
+    single_domains = {n: tuple(names) if study_cfg.cross_domain else (n,) for n in names}
+    eval_rows = (
+        sum(test_rows.values())
+        + len(seeds) * sum(sum(test_rows[d] for d in single_domains[n]) for n in names)
+        + len(seeds) * sum((2 + len(methods_run)) * sum(test_rows[d] for d in c) for c in combos)
+        + len(seeds) * sum(sum(test_rows[d] for d in c) for c, _, _ in variants)
+    )
+    train_rows = sum(sum(len(s.splits["train"]) for s in u[3]) for u in train_plan)
+    n_units = (
+        len(train_plan)
+        + 1
+        + len(seeds) * (len(names) + (2 + len(methods_run)) * len(combos) + len(variants))
+    )
+    workers = study_cfg.workers or auto_workers(device, len(train_plan))
     from tqdm.auto import tqdm
 
+    # The bar counts work (≈ tokens), so its ETA follows the measured speed of what is left;
+    # the postfix names the unit that finished last and counts units.
     bar = tqdm(
-        total=len(train_plan) + n_evals,
-        desc=f"study ({workers} worker{'s' if workers > 1 else ''})",
-        unit="unit",
+        total=_job_cost("train", train_rows, base_cfg) + _job_cost("eval", eval_rows, base_cfg),
+            _job_cost("train", train_rows, base_cfg) + _job_cost("eval", eval_rows, base_cfg)
+        ),
+        desc=f"study, {n_units} units ({workers} worker{'s' if workers > 1 else ''})",
+        unit="work",
         disable=not progress,
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]",
     )
     inner_progress = progress and workers == 1
+    timings: list[dict] = []
+
+    def eval_cost(domains) -> float:
+        return _job_cost("eval", sum(test_rows[d] for d in domains), base_cfg)
+
     with UnitRunner(model, base_model, tokenizer, device, workers) as runner:
         evals: dict[tuple[int | None, str], dict] = {}
 
@@ -331,11 +400,17 @@ def reproduce(
             cached = cached_eval(path, key)
             if cached is not None:
                 evals[(seed, unit)] = cached
-                bar.update(1)
+                bar.update(eval_cost(domains))
                 return None
             srcs = [sources[x] for x in domains]
             args = (path, key, unit_dir, srcs, list(domains), base_cfg)
-            return Job(f"eval {unit}", evaluate_unit, args, dict(progress=inner_progress))
+            return Job(
+                f"eval {unit}",
+                evaluate_unit,
+                args,
+                dict(progress=inner_progress),
+                cost=eval_cost(domains),
+            )
 
         # 1. one adapter per domain, one merged-data adapter per combination (every seed),
         #    longest first so the workers finish together; the base model's evaluation too.
@@ -345,11 +420,12 @@ def reproduce(
             train_plan, key=lambda u: -sum(len(s.splits["train"]) for s in u[3])
         ):
             key = adapter_key(cfg, srcs)
+            cost = _job_cost("train", sum(len(s.splits["train"]) for s in srcs), base_cfg)
             # --overwrite replaces units made with other settings; identical ones are reused.
             unit_overwrite = overwrite and existing_key(path) != key
             if check_output_dir(path, key, unit_overwrite):
                 markers[(seed, unit)] = read_json(path / "lorasum.json")
-                bar.update(1)
+                bar.update(cost)
                 continue
             jobs.append(
                 Job(
@@ -357,6 +433,7 @@ def reproduce(
                     train,
                     (cfg, path),
                     dict(overwrite=unit_overwrite, sources=srcs, progress=inner_progress),
+                    cost=cost,
                 )
             )
             job_keys.append(("train", seed, unit))
@@ -372,24 +449,75 @@ def reproduce(
         for seed in seeds:
             adapters = out / f"seed-{seed}" / "adapters"
             for combo in combos:
+                t0 = time.perf_counter()
                 compose(
                     [adapters / d for d in combo],
                     out / f"seed-{seed}" / "sums" / _combo_name(combo),
                     overwrite=overwrite,
                     reuse_same=True,
                 )
+                timings.append(_timing(f"sum-{_combo_name(combo)}", seed, "compose", t0))
             pairs[seed] = similarity_matrix({n: read_adapter(adapters / n).modules for n in names})
 
-        # 4. perplexities, cached by the units' actual weights (largest test sets first)
+        # 4. input statistics of the domain adapters (for predictors and data-aware methods),
+        #    then the predictors of every combination, before anything else is composed
+        predictors: dict[int, dict] = {s: {} for s in seeds}
+        if study_cfg.predictors or calibration_methods:
+            singles = [(s, n, out / f"seed-{s}" / "adapters" / n) for s in seeds for n in names]
+            jobs = [Job(f"calibrate {n} seed {s}", calibrate_unit, (p,)) for s, n, p in singles]
+            for (s, n, _), seconds in zip(singles, runner.run(jobs), strict=True):
+                timings.append(
+                    {"unit": f"calibrate-{n}", "seed": s, "kind": "calibrate", "seconds": seconds}
+                )
+            if study_cfg.predictors:
+                for seed in seeds:
+                    predictors[seed] = _predictors(
+                        out / f"seed-{seed}" / "adapters", names, combos, base_model, tokenizer
+                    )
+
+        # 5. every other method on every combination, and the paper's triple variant
+        #    (merged-data adapter of a pair + the third domain's adapter, summed)
+        compose_specs = []
+        for seed in seeds:
+            d = out / f"seed-{seed}"
+            for m in methods_run:
+                for combo in combos:
+                    c = _combo_name(combo)
+                    paths = [d / "adapters" / x for x in combo]
+                    opts = study_cfg.methods[m]
+                    compose_specs.append(
+                        (seed, f"method-{m}-{c}", paths, d / "methods" / m / c, m, opts, combo)
+                    )
+            for combo, pair, third in variants:
+                unit = f"{_combo_name(pair)}+{third}"
+                paths = [d / "adapters" / f"merged-{_combo_name(pair)}", d / "adapters" / third]
+                compose_specs.append(
+                    (seed, f"variant-{unit}", paths, d / "variants" / unit, "sum", {}, combo)
+                )
+        jobs = [
+            Job(f"compose {unit} seed {seed}", compose_unit, (paths, path, m, opts, overwrite))
+            for seed, unit, paths, path, m, opts, _ in compose_specs
+        ]
+        for spec, seconds in zip(compose_specs, runner.run(jobs), strict=True):
+            timings.append(
+                {"unit": spec[1], "seed": spec[0], "kind": "compose", "seconds": seconds}
+            )
+
+        # 6. perplexities, cached by the units' actual weights (largest test sets first)
         specs = []
         for seed in seeds:
             d = out / f"seed-{seed}"
-            specs += [(seed, f"single-{n}", d / "adapters" / n, None, (n,)) for n in names]
+            specs += [
+                (seed, f"single-{n}", d / "adapters" / n, None, single_domains[n]) for n in names
+            ]
             for combo in combos:
                 c = _combo_name(combo)
                 specs.append((seed, f"merged-{c}", d / "adapters" / f"merged-{c}", None, combo))
                 specs.append((seed, f"sum-{c}", d / "sums" / c, None, combo))
-        specs.sort(key=lambda spec: -sum(len(sources[x].splits["test"]) for x in spec[4]))
+            specs += [
+                (s, u, path, None, c) for s, u, _, path, _, _, c in compose_specs if s == seed
+            ]
+        specs.sort(key=lambda spec: -sum(test_rows[x] for x in spec[4]))
         jobs, job_keys = [], []
         for spec in specs:
             job = eval_job(*spec)
@@ -400,99 +528,99 @@ def reproduce(
     bar.close()
 
     base_eval = evals[(None, "base")]
+    seed_evals = [{u: r for (s, u), r in evals.items() if s == seed} for seed in seeds]
     per_seed = [
-        _seed_results(
-            seed,
-            names,
-            combos,
-            pairs[seed],
-            {
-                u: {"seed": m["config"]["seed"], **m["metrics"]}
-                for (s, u), m in markers.items()
-                if s == seed
-            },
-            {u: r for (s, u), r in evals.items() if s == seed},
-            base_eval,
+        seed_rows(
+            names, combos, pairs[seed], ev, base_eval, list(study_cfg.methods), predictors[seed]
         )
-        for seed in seeds
+        for seed, ev in zip(seeds, seed_evals, strict=True)
     ]
+    metrics = {
+        seed: {
+            u: {"seed": m["config"]["seed"], **m["metrics"]}
+            for (s, u), m in markers.items()
+            if s == seed
+        }
+        for seed in seeds
+    }
     rows = [
-        _aggregate_combination(combo, [r["rows"][i] for r in per_seed], seeds)
+        aggregate_combination(combo, [r[i] for r in per_seed], seeds)
         for i, combo in enumerate(combos)
     ]
-    points = [(row["rms_cosine"], row["delta_pct"]) for r in per_seed for row in r["rows"]]
+    points = [(row["rms_cosine"], row["delta_pct"]) for r in per_seed for row in r]
+    for (seed, unit), r in evals.items():
+        if "timing" in r:
+            timings.append(
+                {"unit": unit, "seed": seed, "kind": "eval", "seconds": r["timing"]["seconds"]}
+            )
+    for (seed, unit), m in markers.items():
+        timings.append(
+            {"unit": unit, "seed": seed, "kind": "train", "seconds": m["metrics"].get("seconds")}
+        )
+    wall = time.perf_counter() - t_start
     results = {
         "lorasum_version": __version__,
-        "preset": preset,
+        "preset": study_cfg.preset,
         "model": model,
         "domains": domain_sources,
         "seeds": seeds,
         "seed_per_domain": seed_per_domain,
         "max_order": max_order,
+        "config": study_cfg.to_dict(),
         "train_config": {k: v for k, v in asdict(base_cfg).items() if k not in ("data", "seed")},
+        "budget": {
+            "token_policy": "equal tokens per domain: every adapter sees each of its domains' "
+            "training rows once per epoch, so a merged-data adapter trains on exactly the rows "
+            "of its domains' single adapters",
+            "methods": "zero gradient steps; calibration methods read each domain's training "
+            "inputs once (no labels)",
+        },
         "data": {n: s.fingerprint() for n, s in sources.items()},
         "base": {"per_domain": {d: base_eval["per_dataset"][d]["perplexity"] for d in names}},
         "singles": {
             n: {
-                "perplexity": _mean([r["singles"][n]["perplexity"] for r in per_seed]),
-                "tokens": per_seed[0]["singles"][n]["tokens"],
-                "train": [r["metrics"][n] for r in per_seed],
+                "perplexity": mean(
+                    [ev[f"single-{n}"]["per_dataset"][n]["perplexity"] for ev in seed_evals]
+                ),
+                "tokens": seed_evals[0][f"single-{n}"]["per_dataset"][n]["tokens"],
+                "train": [metrics[s][n] for s in seeds],
             }
             for n in names
         },
         "merged_training": {
-            u: [r["metrics"][u] for r in per_seed]
-            for u in per_seed[0]["metrics"]
-            if u.startswith("merged-")
+            u: [metrics[s][u] for s in seeds] for u in metrics[seeds[0]] if u.startswith("merged-")
         },
-        "pairs": [{"seed": r["seed"], **p} for r in per_seed for p in r["pairs"]],
+        "pairs": [{"seed": s, **p} for s in seeds for p in pairs[s]],
         "combinations": rows,
+        "cross_domain": cross_domain(names, seed_evals, base_eval)
+        if study_cfg.cross_domain
+        else None,
         # every (combination, seed) is a point; with one seed that is one point per combination
         "correlation": correlation([x for x, _ in points], [y for _, y in points]),
         "correlation_of_means": correlation(
             [r["rms_cosine"] for r in rows], [r["delta_pct"] for r in rows]
         ),
-        "wall_seconds": time.perf_counter() - t_start,
+        "statistics": statistics(rows),
+        "prediction": loo_prediction(rows),
+        "paper_comparison": paper_comparison(rows, model, study["train"]),
+        "train_curves": train_curves(out, seeds, [u for _, u, _ in _unit_names(names, combos)]),
+        "wall_seconds": wall,
     }
+    results["manifest"] = manifest(seeds, sources, str(device), workers, timings, wall)
     write_json(out / "results.json", results)
     write_report(results, out)
     return results
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
+def _timing(unit: str, seed: int | None, kind: str, t0: float) -> dict:
+    return {"unit": unit, "seed": seed, "kind": kind, "seconds": time.perf_counter() - t0}
 
 
-def _ci95(values: list[float]) -> list[float] | None:
-    """Two-sided 95% Student-t interval of the mean; None with fewer than two values."""
-    from scipy import stats
-
-    n = len(values)
-    if n < 2:
-        return None
-    m = _mean(values)
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
-    half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
-    return [m - half, m + half]
-
-
-def _aggregate_combination(combo: tuple[str, ...], rows: list[dict], seeds: list[int]) -> dict:
-    """Mean over seeds of one combination's numbers, with 95% intervals and the per-seed rows."""
-    keys = ("ppl_sum", "ppl_merged", "ppl_base", "delta_pct", "rms_cosine")
-    out: dict = {"domains": list(combo)}
-    out.update({k: _mean([r[k] for r in rows]) for k in keys})
-    out["ci95"] = {
-        k: _ci95([r[k] for r in rows]) for k in ("delta_pct", "rms_cosine", "ppl_sum", "ppl_merged")
-    }
-    out["tokens"] = rows[0]["tokens"]
-    out["per_domain"] = {
-        d: {k: _mean([r["per_domain"][d][k] for r in rows]) for k in rows[0]["per_domain"][d]}
-        for d in combo
-    }
-    out["per_seed"] = [
-        {"seed": s, **{k: r[k] for k in keys}} for s, r in zip(seeds, rows, strict=True)
+def _unit_names(names: list[str], combos: list[tuple[str, ...]]):
+    """(domains, unit name, is_single) of every training unit of one seed."""
+    return [((n,), n, True) for n in names] + [
+        (c, f"merged-{_combo_name(c)}", False) for c in combos
     ]
-    return out
 
 
 def _training_units(
@@ -511,46 +639,3 @@ def _training_units(
         unit_cfg = replace(cfg, data=[domain_sources[d] for d in doms], seed=unit_seed)
         out.append((unit, unit_cfg, [sources[d] for d in doms]))
     return out
-
-
-def _seed_results(
-    seed: int,
-    names: list[str],
-    combos: list[tuple[str, ...]],
-    pairs: list[dict],
-    metrics: dict[str, dict],
-    evals: dict[str, dict],
-    base_eval: dict,
-) -> dict:
-    """One seed's rows: per combination the merged-data and summed perplexities, Δ%, RMS cos."""
-    singles = {n: evals[f"single-{n}"] for n in names}
-    rows = []
-    for combo in combos:
-        cname = _combo_name(combo)
-        merged, summed = evals[f"merged-{cname}"], evals[f"sum-{cname}"]
-        base_c = _combined(base_eval["per_dataset"], combo)
-        rows.append(
-            {
-                "domains": list(combo),
-                "ppl_sum": summed["perplexity"],
-                "ppl_merged": merged["perplexity"],
-                "ppl_base": base_c["perplexity"],
-                "delta_pct": delta_pct(summed["perplexity"], merged["perplexity"]),
-                "rms_cosine": combination_rms(pairs, combo),
-                "tokens": summed["tokens"],
-                "per_domain": {
-                    d: {
-                        "ppl_sum": summed["per_dataset"][d]["perplexity"],
-                        "ppl_merged": merged["per_dataset"][d]["perplexity"],
-                        "ppl_base": base_eval["per_dataset"][d]["perplexity"],
-                        "ppl_single": singles[d]["perplexity"],
-                        "delta_pct": delta_pct(
-                            summed["per_dataset"][d]["perplexity"],
-                            merged["per_dataset"][d]["perplexity"],
-                        ),
-                    }
-                    for d in combo
-                },
-            }
-        )
-    return {"seed": seed, "rows": rows, "pairs": pairs, "singles": singles, "metrics": metrics}

