@@ -53,8 +53,8 @@ def _add_dataclass_flags(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lorasum.study_config import preset_names
     from lorasum.methods import MergeConfig
+    from lorasum.study_config import preset_names
     from lorasum.train import TrainConfig
 
     p = argparse.ArgumentParser(

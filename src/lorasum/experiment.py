@@ -375,8 +375,6 @@ def reproduce(
     # the postfix names the unit that finished last and counts units.
     bar = tqdm(
         total=_job_cost("train", train_rows, base_cfg) + _job_cost("eval", eval_rows, base_cfg),
-            _job_cost("train", train_rows, base_cfg) + _job_cost("eval", eval_rows, base_cfg)
-        ),
         desc=f"study, {n_units} units ({workers} worker{'s' if workers > 1 else ''})",
         unit="work",
         disable=not progress,
