@@ -247,9 +247,19 @@ def test_cli_reproduce_with_config(tiny_llama, qa_files, tmp_path, capsys):
         )
     )
     out = tmp_path / "run"
-    assert main(["reproduce", "--config", str(path), "--out", str(out), "--max-train", "6"]) == 0
-    printed = capsys.readouterr().out
-    assert "best" in printed
+    import re
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. tqdm's "clamping frac": the work total was wrong
+        argv = ["reproduce", "--config", str(path), "--out", str(out), "--max-train", "6"]
+        assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "best" in captured.out
+    # the bar ends with every unit counted: 2 single + 1 merged trainings, base eval, 2 single
+    # evals, merged + sum + mean evals, the mean's compose = 10
+    assert re.search(r"\b10/10 units", captured.err), captured.err[-300:]
+    assert "100%" in captured.err
     res = json.loads((out / "results.json").read_text())
     assert res["config"]["train"]["max_train"] == 6
     assert list(res["combinations"][0]["methods"]) == ["sum", "mean"]

@@ -217,6 +217,28 @@ def _predictors(adapters: Path, names: list[str], combos, model, tokenizer) -> d
     return out
 
 
+class StudyProgress:
+    """The study's bar: work done (≈ tokens; ETA from the measured speed), units done / total,
+    and the unit that finished last."""
+
+    def __init__(self, bar, n_units: int):
+        self.bar, self.n_units, self.done, self.last = bar, n_units, 0, ""
+
+    def set_postfix_str(self, name: str) -> None:
+        self.last = name
+
+    def update(self, cost: float) -> None:
+        self.done += 1
+        self.bar.set_postfix_str(f"{self.done}/{self.n_units} units, {self.last}".rstrip(", "))
+        if self.bar.total is not None:  # float sums in another order can overshoot by 1e-12
+            cost = max(0.0, min(cost, self.bar.total - self.bar.n))
+        self.bar.update(cost)
+        self.last = ""
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def _job_cost(kind: str, rows: int, cfg: TrainConfig) -> float:
     """Relative cost of a unit for the progress bar's ETA: ~3 passes per training row
     (forward, backward), one per evaluated row; ~token-proportional."""
@@ -363,22 +385,38 @@ def reproduce(
         + len(seeds) * sum(sum(test_rows[d] for d in c) for c, _, _ in variants)
     )
     train_rows = sum(sum(len(s.splits["train"]) for s in u[3]) for u in train_plan)
+    calibrating = study_cfg.predictors or bool(calibration_methods)
+    n_composes = len(seeds) * (len(methods_run) * len(combos) + len(variants))
     n_units = (
         len(train_plan)
         + 1
         + len(seeds) * (len(names) + (2 + len(methods_run)) * len(combos) + len(variants))
+        + (len(seeds) * len(names) if calibrating else 0)
+        + n_composes
+    )
+    calib_cost = {
+        n: _job_cost("eval", len(s.splits["train"]), base_cfg) for n, s in sources.items()
+    }
+    compose_cost = _job_cost("eval", 8, base_cfg)  # a few seconds; calibration methods more
+    extra_cost = n_composes * compose_cost + (
+        len(seeds) * sum(calib_cost.values()) if calibrating else 0.0
     )
     workers = study_cfg.workers or auto_workers(device, len(train_plan))
     from tqdm.auto import tqdm
 
     # The bar counts work (≈ tokens), so its ETA follows the measured speed of what is left;
     # the postfix names the unit that finished last and counts units.
-    bar = tqdm(
-        total=_job_cost("train", train_rows, base_cfg) + _job_cost("eval", eval_rows, base_cfg),
-        desc=f"study, {n_units} units ({workers} worker{'s' if workers > 1 else ''})",
-        unit="work",
-        disable=not progress,
-        bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]",
+    bar = StudyProgress(
+        tqdm(
+            total=_job_cost("train", train_rows, base_cfg)
+            + _job_cost("eval", eval_rows, base_cfg)
+            + extra_cost,
+            desc=f"study ({workers} worker{'s' if workers > 1 else ''})",
+            unit="work",
+            disable=not progress,
+            bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]",
+        ),
+        n_units,
     )
     inner_progress = progress and workers == 1
     timings: list[dict] = []
@@ -460,10 +498,13 @@ def reproduce(
         # 4. input statistics of the domain adapters (for predictors and data-aware methods),
         #    then the predictors of every combination, before anything else is composed
         predictors: dict[int, dict] = {s: {} for s in seeds}
-        if study_cfg.predictors or calibration_methods:
+        if calibrating:
             singles = [(s, n, out / f"seed-{s}" / "adapters" / n) for s in seeds for n in names]
-            jobs = [Job(f"calibrate {n} seed {s}", calibrate_unit, (p,)) for s, n, p in singles]
-            for (s, n, _), seconds in zip(singles, runner.run(jobs), strict=True):
+            jobs = [
+                Job(f"calibrate {n} seed {s}", calibrate_unit, (p,), cost=calib_cost[n])
+                for s, n, p in singles
+            ]
+            for (s, n, _), seconds in zip(singles, runner.run(jobs, bar), strict=True):
                 timings.append(
                     {"unit": f"calibrate-{n}", "seed": s, "kind": "calibrate", "seconds": seconds}
                 )
@@ -493,10 +534,15 @@ def reproduce(
                     (seed, f"variant-{unit}", paths, d / "variants" / unit, "sum", {}, combo)
                 )
         jobs = [
-            Job(f"compose {unit} seed {seed}", compose_unit, (paths, path, m, opts, overwrite))
+            Job(
+                f"compose {unit} seed {seed}",
+                compose_unit,
+                (paths, path, m, opts, overwrite),
+                cost=compose_cost,
+            )
             for seed, unit, paths, path, m, opts, _ in compose_specs
         ]
-        for spec, seconds in zip(compose_specs, runner.run(jobs), strict=True):
+        for spec, seconds in zip(compose_specs, runner.run(jobs, bar), strict=True):
             timings.append(
                 {"unit": spec[1], "seed": spec[0], "kind": "compose", "seconds": seconds}
             )
