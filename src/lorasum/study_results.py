@@ -367,6 +367,16 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _split_summary(fingerprint: dict) -> dict:
+    """{origin, train/val/test: rows, sha256: {split: content hash}} of one source."""
+    splits = [k for k, v in fingerprint.items() if isinstance(v, dict)]
+    return {
+        "origin": fingerprint.get("origin"),
+        **{k: fingerprint[k]["n"] for k in splits},
+        "sha256": {k: fingerprint[k]["sha256"] for k in splits},
+    }
+
+
 def manifest(
     seeds: list[int],
     sources: dict,
@@ -396,7 +406,7 @@ def manifest(
             "workers": workers,
         },
         "seeds": seeds,
-        "splits": {n: s.fingerprint() for n, s in sources.items()},  # rows and sha256 per split
+        "splits": {n: _split_summary(s.fingerprint()) for n, s in sources.items()},
         "units": units,
         "wall_seconds": wall_seconds,
     }
