@@ -1,0 +1,118 @@
+"""What the report is made of: plain blocks (paragraphs, tables, figures as PNG bytes,
+notes) grouped in sections, and the number formatting every section shares.
+
+Block text uses markdown's inline `code` and **bold**; ``report.render_markdown`` and
+``report_html.render_html`` render the same blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# ---------------------------------------------------------------------------------------------
+# Blocks: what a section is made of (text uses markdown's `code` and **bold** inline)
+
+
+@dataclass
+class Para:
+    text: str
+
+
+@dataclass
+class Note:
+    """A section that the results cannot fill, and why (one line)."""
+
+    text: str
+
+
+@dataclass
+class Bullets:
+    items: list[str]
+
+
+@dataclass
+class Table:
+    header: list[str]
+    rows: list[list[str]]
+    align: str  # one letter per column: l or r
+    marked: set[tuple[int, int]] = field(default_factory=set)  # (row, column) cells to stress
+    collapsed: bool = False  # long tables: folded in the HTML
+
+
+@dataclass
+class Figure:
+    name: str  # file stem beside report.md: figures/<name>.png
+    png: bytes
+    caption: str
+
+
+@dataclass
+class Code:
+    text: str
+
+
+@dataclass
+class Section:
+    title: str
+    anchor: str
+    blocks: list = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Number formatting
+
+
+def _f(x, digits: int = 2, signed: bool = False) -> str:
+    if x is None:
+        return "n/a"
+    try:
+        return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
+    except (TypeError, ValueError):
+        return str(x)
+
+
+def _interval(value, ci, digits: int = 2, signed: bool = False) -> str:
+    """`value [lo, hi]` when an interval exists, else the value."""
+    text = _f(value, digits, signed)
+    if ci and ci[0] is not None and ci[1] is not None:
+        return f"{text} [{_f(ci[0], digits, signed)}, {_f(ci[1], digits, signed)}]"
+    return text
+
+
+def _ci(r: dict, key: str, digits: int = 2, signed: bool = False) -> str:
+    """`mean [lo, hi]` when a 95% interval exists (several seeds), else the value."""
+    return _interval(r.get(key), (r.get("ci95") or {}).get(key), digits, signed)
+
+
+def _tokens(metrics: dict) -> str:
+    """`all / in loss` training tokens of one adapter (older runs did not record them)."""
+    if metrics.get("real_tokens") is None:
+        return "n/a"
+    return f"{metrics['real_tokens']:,} / {metrics['answer_tokens']:,}"
+
+
+def _name(domains) -> str:
+    return " + ".join(domains)
+
+
+def _pair_means(pairs: list[dict]) -> list[dict]:
+    """Pairs averaged over seeds (one row per pair, in first-seen order)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for p in pairs:
+        groups.setdefault((p["a"], p["b"]), []).append(p)
+    out = []
+    for (a, b), ps in groups.items():
+        out.append(
+            {
+                "a": a,
+                "b": b,
+                "rms_cosine": sum(p["rms_cosine"] for p in ps) / len(ps),
+                "global_cosine": sum(p["global_cosine"] for p in ps) / len(ps),
+                "max_abs": max((abs(v) for p in ps for v in p["modules"].values()), default=None),
+            }
+        )
+    return out
+
+
+def _excludes_zero(lo, hi) -> bool:
+    return lo is not None and hi is not None and (lo > 0 or hi < 0)

@@ -1,0 +1,544 @@
+"""The report's sections, built from a study's ``results`` dict.
+
+Each ``_<section>(results)`` returns a list of blocks; a section whose fields the results lack
+(older studies) returns a one-line ``Note`` instead. ``build_report`` lists them in order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+from lorasum import plots
+from lorasum.report_blocks import (
+    Bullets,
+    Code,
+    Figure,
+    Note,
+    Para,
+    Section,
+    Table,
+    _ci,
+    _f,
+    _interval,
+    _name,
+    _pair_means,
+    _tokens,
+)
+from lorasum.report_findings import _best_method, _meaning, _paper
+
+
+def _settings(results: dict) -> list:
+    cfg = results["train_config"]
+    seeds = results.get("seeds", [])
+    several = len(seeds) > 1
+    blocks = [
+        Para(
+            f"Model `{results['model']}`, preset `{results['preset']}`, domains "
+            + ", ".join(f"`{n}` ({s})" for n, s in results["domains"].items())
+            + f". Wall time of this run: {_f(results.get('wall_seconds'), 0)} s."
+        ),
+        Para(
+            f"LoRA r={cfg['rank']}, alpha={cfg['alpha']:g}, dropout={cfg['dropout']:g}, "
+            f"targets `{cfg['target_modules']}`; lr {cfg['lr']:g}, batch {cfg['batch_size']}, "
+            f"epochs {cfg['epochs']:g}"
+            f"{', max steps ' + str(cfg['max_steps']) if cfg.get('max_steps') else ''}, "
+            f"max length {cfg['max_length']}, split seed {cfg['split_seed']}, "
+            f"training seed{'s' if several else ''} {', '.join(map(str, seeds))}; "
+            f"loss and perplexity on {'answer tokens only' if cfg['answer_only'] else 'all tokens'}."
+        ),
+        Para(
+            "LoRA init: each domain adapter has its own seed (`--seed-per-domain`)."
+            if results.get("seed_per_domain")
+            else "LoRA init: within a seed every adapter starts from the same init (as with the "
+            "paper's HF Trainer scripts), so the domain adapters share their initial A; "
+            "`--seed-per-domain` gives each its own."
+        ),
+    ]
+    if results.get("config"):
+        blocks.append(Code(json.dumps(results["config"], indent=2, default=str)))
+    return blocks
+
+
+def _headline(results: dict) -> list:
+    seeds = results.get("seeds", [])
+    rows = [
+        [
+            _name(r["domains"]),
+            _ci(r, "rms_cosine", 4),
+            _f(r.get("ppl_base")),
+            _ci(r, "ppl_merged"),
+            _ci(r, "ppl_sum"),
+            _ci(r, "delta_pct", 2, True),
+        ]
+        for r in results["combinations"]
+    ]
+    worst = max(range(len(rows)), key=lambda i: results["combinations"][i]["delta_pct"])
+    return [
+        Para(
+            f"Means over {len(seeds)} seeds, [95 % t-interval of the mean]."
+            if len(seeds) > 1
+            else "One seed: no confidence intervals (`--seeds 1,2,3` adds them)."
+        ),
+        Table(
+            ["combination", "RMS cosine", "ppl base", "ppl merged", "ppl sum", "Δ%"],
+            rows,
+            "lrrrrr",
+            marked={(worst, 5)},
+        ),
+        Para(
+            "Δ% = (ppl sum − ppl merged) / ppl merged × 100: negative means the naive sum beats "
+            "merged-data training, positive means the adapters interfere (largest in bold)."
+        ),
+    ]
+
+
+def _stat_caption(name: str, stats: dict) -> str:
+    pts = stats.get("points") or {}
+    boot, fit = pts.get("bootstrap") or {}, pts.get("fit") or {}
+    parts = [f"{boot.get('n', fit.get('n', '?'))} points"]
+    if boot.get("n_groups") is not None:
+        parts[0] += f" in {boot['n_groups']} combinations"
+    conf = boot.get("confidence", 0.95)
+    parts.append(
+        f"Pearson r = {_interval(boot.get('pearson_r'), (boot.get('pearson_low'), boot.get('pearson_high')))}"
+    )
+    parts.append(
+        f"Spearman ρ = {_interval(boot.get('spearman_rho'), (boot.get('spearman_low'), boot.get('spearman_high')))}"
+    )
+    if boot.get("pearson_low") is not None:
+        parts[-1] += (
+            f" ({conf:.0%} bootstrap intervals, {boot.get('n_resamples', 0):,} resamples of "
+            "whole combinations)"
+        )
+    if fit.get("slope") is not None:
+        se = fit.get("slope_stderr")
+        parts.append(
+            f"slope {_f(fit['slope'], 2)}{' ± ' + _f(se, 2) + ' (SE)' if se is not None else ''}"
+            f" Δ% per unit, intercept {_f(fit.get('intercept'), 2, True)}"
+        )
+    means = (stats.get("seed_means") or {}).get("bootstrap") or {}
+    if means.get("pearson_r") is not None:
+        parts.append(f"on combination means r = {_f(means['pearson_r'], 2)}")
+    return f"Δ% against {name}: " + "; ".join(parts) + "."
+
+
+def _scatter(results: dict) -> list:
+    stats = results.get("statistics") or {}
+    names = [n for n in stats if stats[n]]
+    blocks: list = []
+    if not names:
+        c = results["correlation"]
+        png = plots.delta_vs_predictor(results, "rms_cosine")
+        blocks.append(Note("no `statistics` in these results: no intervals or band, line only."))
+        if png:
+            blocks.append(
+                Figure(
+                    "delta_vs_rms_cosine",
+                    png,
+                    f"Δ% against RMS cosine over {c['n']} points: Pearson r = "
+                    f"{_f(c['pearson_r'], 3)} (p = {_f(c['p_value'], 3)}), least squares Δ% = "
+                    f"{_f(c['slope'], 1)} · cos {_f(c['intercept'], 2, True)}.",
+                )
+            )
+        return blocks
+    for name in names:
+        png = plots.delta_vs_predictor(results, name)
+        if png:
+            blocks.append(Figure(f"delta_vs_{name}", png, _stat_caption(name, stats[name])))
+        else:
+            blocks.append(Note(f"no combination has a value of `{name}`."))
+    return blocks
+
+
+def _cosine(results: dict) -> list:
+    png = plots.cosine_heatmap(results)
+    blocks: list = []
+    if png:
+        blocks.append(
+            Figure("cosine_heatmap", png, "RMS cosine over modules between domain adapters.")
+        )
+    several = len(results.get("seeds", [])) > 1
+    blocks.append(
+        Table(
+            ["pair", "RMS cosine over modules", "whole-adapter cosine", "max abs module cosine"]
+            if not several
+            else ["pair", "RMS cosine (mean)", "whole-adapter cosine (mean)", "max abs module"],
+            [
+                [
+                    f"{p['a']} · {p['b']}",
+                    _f(p["rms_cosine"], 4),
+                    _f(p["global_cosine"], 4, True),
+                    _f(p["max_abs"], 4),
+                ]
+                for p in _pair_means(results.get("pairs") or [])
+            ],
+            "lrrr",
+        )
+    )
+    return blocks
+
+
+def _cross_domain(results: dict) -> list:
+    cross = results.get("cross_domain")
+    if not cross:
+        return [Note("no `cross_domain` perplexities in these results (older study).")]
+    png = plots.cross_domain_heatmap(cross)
+    if not png:
+        return [Note("`cross_domain` holds no adapters or domains.")]
+    return [
+        Figure(
+            "cross_domain",
+            png,
+            "Perplexity (number) of every adapter on every domain's test split, mean over "
+            "seeds; colour: log₂ of the ratio to the base model on that domain (green = better "
+            "than base).",
+        )
+    ]
+
+
+def read_train_curves(run_dir: Path) -> dict[str, list]:
+    """``{"seed-<s>/<unit>": [[step, loss], ...]}`` from the adapters' train_log.jsonl files."""
+    out: dict[str, list] = {}
+    for log in sorted(Path(run_dir).glob("seed-*/adapters/*/train_log.jsonl")):
+        pts = []
+        with contextlib.suppress(OSError, ValueError):
+            for line in log.read_text().splitlines():
+                row = json.loads(line) if line.strip() else {}
+                if "step" in row and "loss" in row:
+                    pts.append([row["step"], row["loss"]])
+        if pts:
+            out[f"{log.parent.parent.parent.name}/{log.parent.name}"] = pts
+    return out
+
+
+def _curves(results: dict, run_dir: Path | None) -> list:
+    curves = results.get("train_curves") or (read_train_curves(run_dir) if run_dir else {})
+    png = plots.train_curves(curves) if curves else None
+    if not png:
+        return [Note("no training-loss logs in these results or beside them.")]
+    n = len({k.partition("/")[2] for k in curves})
+    return [
+        Figure(
+            "train_curves",
+            png,
+            f"Training loss per optimizer step of all {n} adapters (one line per seed).",
+        )
+    ]
+
+
+def _per_domain(results: dict) -> list:
+    several = len(results.get("seeds", [])) > 1
+    blocks: list = []
+    png = plots.per_domain_bars(results)
+    if png:
+        blocks.append(
+            Figure(
+                "per_domain",
+                png,
+                "Test perplexity per member domain of each combination: base model, that "
+                "domain's single adapter, the merged-data adapter and the naive sum"
+                + (" (means over seeds)." if several else "."),
+            )
+        )
+    rows = []
+    for r in results["combinations"]:
+        for d, v in (r.get("per_domain") or {}).items():
+            rows.append(
+                [
+                    _name(r["domains"]),
+                    d,
+                    _f(v.get("ppl_base")),
+                    _f(v.get("ppl_single")),
+                    _f(v.get("ppl_merged")),
+                    _f(v.get("ppl_sum")),
+                    _f(v.get("delta_pct"), 2, True),
+                ]
+            )
+    blocks.append(
+        Table(
+            ["combination", "domain", "ppl base", "ppl single", "ppl merged", "ppl sum", "Δ%"],
+            rows,
+            "llrrrrr",
+            collapsed=len(rows) > 12,
+        )
+    )
+    return blocks
+
+
+def _methods(results: dict) -> list:
+    rows = [r for r in results["combinations"] if r.get("methods")]
+    if not rows:
+        return [Note("no `methods` per combination in these results (only the naive sum).")]
+    names: list[str] = []
+    category: dict[str, str] = {}
+    for r in rows:
+        for m, v in r["methods"].items():
+            if m not in names:
+                names.append(m)
+                category[m] = v.get("category") or ""
+    table_rows, marked = [], set()
+    for i, m in enumerate(names):
+        cells = [m, category[m]]
+        for j, r in enumerate(rows):
+            v = r["methods"].get(m)
+            if v is None:
+                cells.append("–")
+                continue
+            text = _interval(v.get("delta_pct"), v.get("ci95"), 2, True)
+            if _best_method(r) == m:
+                text = "★ " + text
+                marked.add((i, 2 + j))
+            cells.append(text)
+        table_rows.append(cells)
+    wins: dict[str, int] = {}
+    for r in rows:
+        if (b := _best_method(r)) is not None:
+            wins[b] = wins.get(b, 0) + 1
+    return [
+        Table(
+            ["method", "kind"] + [_name(r["domains"]) for r in rows],
+            table_rows,
+            "ll" + "r" * len(rows),
+            marked=marked,
+        ),
+        Para(
+            "Δ% of each method's perplexity vs the merged-data adapter on the combination's test "
+            "set (lower is better; ★ = best per combination"
+            + (", [95 % interval over seeds]" if len(results.get("seeds", [])) > 1 else "")
+            + "). Best counts: "
+            + ", ".join(f"`{m}` {k}" for m, k in sorted(wins.items(), key=lambda kv: -kv[1]))
+            + "."
+        ),
+    ]
+
+
+def _prediction(results: dict) -> list:
+    pred = results.get("prediction")
+    if not pred:
+        return [Note("no leave-one-combination-out `prediction` in these results.")]
+    png = plots.predicted_vs_measured(pred)
+    if not png:
+        return [Note("`prediction` holds no points.")]
+    summary = "; ".join(
+        f"`{n}`: r = {_f(p.get('pearson_r'), 2)}, ρ = {_f(p.get('spearman_rho'), 2)} "
+        f"({len(p.get('points') or [])} points)"
+        for n, p in pred.items()
+    )
+    return [
+        Figure(
+            "predicted_vs_measured",
+            png,
+            "Δ% predicted by a line fitted on the other combinations (leave one combination "
+            "out) against the measured Δ%; dashed: perfect prediction. " + summary + ".",
+        )
+    ]
+
+
+def _variants(results: dict) -> list:
+    triples = [r for r in results["combinations"] if r.get("paper_variants")]
+    if not triples:
+        if any(len(r["domains"]) > 2 for r in results["combinations"]):
+            return [Note("no `paper_variants` for the triples in these results.")]
+        return [Note("no combination of three or more domains in this study.")]
+    rows = []
+    for r in triples:
+        rows.append(
+            [
+                _name(r["domains"]),
+                "sum of the singles",
+                _f(r["ppl_sum"]),
+                _ci(r, "delta_pct", 2, True),
+            ]
+        )
+        for v in r["paper_variants"]:
+            rows.append(
+                [
+                    "",
+                    f"merged-data {_name(v['pair'])} + single {v['third']}",
+                    _f(v.get("ppl")),
+                    _interval(v.get("delta_pct"), v.get("ci95"), 2, True),
+                ]
+            )
+    return [
+        Table(["triple", "composition", "ppl", "Δ% vs triple merged-data"], rows, "llrr"),
+        Para(
+            "The paper's variant: the merged-data adapter of two domains summed with the single "
+            "adapter of the third, against the adapter trained on all three domains' data."
+        ),
+    ]
+
+
+def _data_training(results: dict) -> list:
+    rows = []
+    for n in results["domains"]:
+        fp, single = results["data"][n], results["singles"][n]
+        ms = single["train"]
+        mean = lambda k, ms=ms: sum(m.get(k) or 0.0 for m in ms) / len(ms)  # noqa: E731
+        rows.append(
+            [
+                n,
+                str(fp["train"]["n"]),
+                str(fp["test"]["n"]),
+                f"`{fp['test']['sha256']}`",
+                str(ms[0]["steps"]),
+                _tokens(ms[0]),
+                str(single.get("tokens", "n/a")),
+                f"{_f(mean('first_loss'))} → {_f(mean('final_loss'))}",
+                _f(mean("tokens_per_second"), 0),
+            ]
+        )
+    blocks: list = [
+        Table(
+            [
+                "domain",
+                "train rows",
+                "test rows",
+                "test split hash",
+                "adapter steps",
+                "train tokens (all / in loss)",
+                "test tokens in ppl",
+                "first → last loss",
+                "train tok/s",
+            ],
+            rows,
+            "lrrlrrrrr",
+        )
+    ]
+    merged = results.get("merged_training") or {}
+    if merged:
+        blocks.append(
+            Para(
+                "Merged-data adapters (one epoch over the union of their domains' training rows): "
+                + "; ".join(
+                    f"{u.removeprefix('merged-')} {ms[0]['steps']} steps, {_tokens(ms[0])} tokens"
+                    for u, ms in merged.items()
+                )
+                + "."
+            )
+        )
+    return blocks
+
+
+def _manifest(results: dict) -> list:
+    m = results.get("manifest") or {}
+    blocks: list = []
+    if not m:
+        blocks.append(Note("no `manifest` in these results: shown what they record."))
+    versions = m.get("versions") or {"lorasum": results.get("lorasum_version", "n/a")}
+    blocks.append(Para("Versions: " + ", ".join(f"`{k}` {v}" for k, v in versions.items()) + "."))
+    hw = m.get("hardware")
+    if hw:
+        blocks.append(
+            Para(
+                f"Hardware: {hw.get('cpu', 'n/a')}, {hw.get('cores', 'n/a')} cores, device "
+                f"`{hw.get('device', 'n/a')}`, {hw.get('torch_threads', 'n/a')} torch threads."
+            )
+        )
+    seeds = m.get("seeds") or results.get("seeds") or []
+    blocks.append(
+        Para(
+            f"Seeds: {', '.join(map(str, seeds)) or 'n/a'}; wall time "
+            f"{_f(m.get('wall_seconds', results.get('wall_seconds')), 0)} s."
+        )
+    )
+    splits = m.get("splits") or {
+        d: {"train": fp["train"]["n"], "test": fp["test"]["n"], "sha256": fp["test"]["sha256"]}
+        for d, fp in (results.get("data") or {}).items()
+    }
+    if splits:
+        blocks.append(
+            Table(
+                ["domain", "train rows", "test rows", "sha256"],
+                [
+                    [
+                        d,
+                        str(s.get("train", "n/a")),
+                        str(s.get("test", "n/a")),
+                        f"`{s.get('sha256', 'n/a')}`",
+                    ]
+                    for d, s in splits.items()
+                ],
+                "lrrl",
+            )
+        )
+    units = m.get("units")
+    if units is None:
+        units = [
+            {"unit": u, "seed": t.get("seed"), "kind": "train", "seconds": t.get("seconds")}
+            for u, ts in [(n, s["train"]) for n, s in (results.get("singles") or {}).items()]
+            + list((results.get("merged_training") or {}).items())
+            for t in ts
+        ]
+    if units:
+        totals: dict[str, float] = {}
+        for u in units:
+            totals[u["kind"]] = totals.get(u["kind"], 0.0) + (u.get("seconds") or 0.0)
+        blocks.append(
+            Para(
+                "Time per kind of unit: "
+                + ", ".join(f"{k} {v:.0f} s" for k, v in totals.items())
+                + f" ({len(units)} units)."
+            )
+        )
+        blocks.append(
+            Table(
+                ["unit", "seed", "kind", "seconds"],
+                [
+                    [u["unit"], str(u.get("seed", "")), u["kind"], _f(u.get("seconds"), 1)]
+                    for u in units
+                ],
+                "lrlr",
+                collapsed=len(units) > 10,
+            )
+        )
+    if results.get("budget"):
+        blocks.append(Code(json.dumps(results["budget"], indent=2, default=str)))
+    return blocks
+
+
+HOW_TO_READ = [
+    "**ppl** is perplexity = exp(total negative log-likelihood / number of counted tokens) on the "
+    "test split, counting answer tokens (and the closing EOS) only, never padding; for a "
+    "combination the test set is the union of its domains' test splits, token-weighted.",
+    "**merged-data** is one LoRA trained on the concatenated training data of the combination, "
+    "with the same hyper-parameters as the single-domain adapters.",
+    "**naive sum** adds the domain adapters' weight deltas, ΔW = Σ s·B·A, exactly (no training, "
+    "no SVD).",
+    "**Δ%** = (ppl_sum − ppl_merged) / ppl_merged × 100: negative means the sum beats merged-data "
+    "training, positive means the adapters interfere.",
+    "**RMS cosine** is the root-mean-square over adapted modules of the cosine similarity between "
+    "two adapters' ΔW (0 = orthogonal); for three or more domains, the RMS over the pairs. The "
+    "paper predicts Δ% to grow roughly linearly with it.",
+    "With a handful of points, r is descriptive; its p-value assumes independent points, which "
+    "seeds of one combination are not: the bootstrap intervals resample whole combinations.",
+]
+
+
+def build_report(results: dict, run_dir: str | Path | None = None) -> list[Section]:
+    """The report's sections, figures included (PNG bytes). ``run_dir``: where to look for
+    train_log.jsonl files when ``results`` has no ``train_curves``."""
+    run_dir = Path(run_dir) if run_dir is not None else None
+    several = len(results.get("seeds", [])) > 1
+    return [
+        Section("Settings", "settings", _settings(results)),
+        Section("Composition vs merged-data training", "headline", _headline(results)),
+        Section("What this means", "meaning", _meaning(results)),
+        Section("The paper vs this run", "paper", _paper(results)),
+        Section("Δ% against the predictors", "scatter", _scatter(results)),
+        Section("Merge methods × combinations", "methods", _methods(results)),
+        Section("Predicted vs measured Δ%", "prediction", _prediction(results)),
+        Section("Triples: the paper's variants", "variants", _variants(results)),
+        Section(
+            "Orthogonality of the domain adapters" + (" (means over seeds)" if several else ""),
+            "cosine",
+            _cosine(results),
+        ),
+        Section("Cross-domain perplexity", "cross", _cross_domain(results)),
+        Section("Per-domain perplexity", "per-domain", _per_domain(results)),
+        Section("Training loss", "curves", _curves(results, run_dir)),
+        Section("Data and training", "data", _data_training(results)),
+        Section("Run manifest", "manifest", _manifest(results)),
+        Section("How to read these numbers", "how", [Bullets(HOW_TO_READ)]),
+    ]
