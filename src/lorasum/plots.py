@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 PREDICTOR_LABELS = {
     "rms_cosine": "RMS cosine of the adapters' ΔW",
-    "rms_activation_cosine": "RMS activation-weighted cosine",
+    "rms_activation_cosine": "RMS activation-weighted cosine of the ΔW",
     "max_cross_talk": "max cross-talk",
     "mean_cross_talk": "mean cross-talk",
 }
@@ -30,7 +30,7 @@ def _plt():
 
 def _png(fig, dpi: int = 100) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.08)
     _plt().close(fig)
     return buf.getvalue()
 

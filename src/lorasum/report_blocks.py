@@ -36,7 +36,7 @@ class Table:
     rows: list[list[str]]
     align: str  # one letter per column: l or r
     marked: set[tuple[int, int]] = field(default_factory=set)  # (row, column) cells to stress
-    collapsed: bool = False  # long tables: folded in the HTML
+    collapsed: str = ""  # long tables: folded in the HTML under this summary
 
 
 @dataclass
@@ -48,6 +48,7 @@ class Figure:
 
 @dataclass
 class Code:
+    label: str  # what the text is (the HTML folds it under this)
     text: str
 
 

@@ -65,20 +65,30 @@ def _differences(results: dict) -> list[str]:
     return out
 
 
+def _agrees(row: dict) -> str:
+    """Whether this run's Δ% of a pair has the paper's sign: yes, no, or unsure when the 95 %
+    interval over seeds spans 0."""
+    if row.get("delta_pct") is None:
+        return "n/a"
+    same = "yes" if (row["delta_pct"] > 0) == (row["paper_delta_pct"] > 0) else "no"
+    ci = row.get("ci95")
+    if ci and ci[0] is not None and ci[1] is not None and not _excludes_zero(*ci):
+        return f"{same} (interval spans 0)"
+    return same
+
+
 def _paper(results: dict) -> list:
     rows = _paper_rows(results)
     if not any(r.get("delta_pct") is not None for r in rows):
         return [Note("none of the paper's pairs (math, medicine, finance) is in this study.")]
     table = Table(
-        ["pair", "paper Δ%", "this run Δ%", "same sign"],
+        ["pair", "paper Δ%", "this run Δ%", "same sign as the paper"],
         [
             [
                 r["pair"].replace("+", " + "),
                 _f(r["paper_delta_pct"], 2, True),
                 _interval(r.get("delta_pct"), r.get("ci95"), 2, True),
-                "n/a"
-                if r.get("delta_pct") is None
-                else ("yes" if (r["delta_pct"] > 0) == (r["paper_delta_pct"] > 0) else "no"),
+                _agrees(r),
             ]
             for r in rows
         ],

@@ -29,6 +29,8 @@ tr:nth-child(even) td { background: #fafbfc; }
 td.mark { font-weight: 700; background: #fff3c4 !important; }
 figure { margin: 14px 0 20px; }
 figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+div.figrow { display: flex; flex-wrap: wrap; gap: 8px 20px; align-items: flex-start; }
+div.figrow figure { flex: 1 1 440px; max-width: 520px; margin: 6px 0 12px; }
 figcaption { font-size: 13px; color: #555; max-width: 900px; margin-top: 4px; }
 p.note { color: #777; font-style: italic; border-left: 3px solid #ddd; padding-left: 10px; }
 code { font: 12.5px ui-monospace, "DejaVu Sans Mono", monospace; background: #f3f3f3;
@@ -62,7 +64,7 @@ def _table(t: Table) -> str:
     )
     table = f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>"
     if t.collapsed:
-        return f"<details><summary>{len(t.rows)} rows</summary>\n{table}\n</details>"
+        return f"<details><summary>{html.escape(t.collapsed)}</summary>\n{table}\n</details>"
     return table
 
 
@@ -88,11 +90,29 @@ def _block(b) -> str:
         return _figure(b)
     if isinstance(b, Code):
         return (
-            "<details><summary>resolved configuration (JSON)</summary><pre>"
+            f"<details><summary>{html.escape(b.label)}</summary><pre>"
             + html.escape(b.text)
             + "</pre></details>"
         )
     raise TypeError(f"unknown report block {type(b).__name__}")
+
+
+def _blocks(blocks: list) -> str:
+    """The blocks of one section; two or more figures in a row share a line (a wrapping row)."""
+    out: list[str] = []
+    row: list[Figure] = []
+    for b in [*blocks, None]:
+        if isinstance(b, Figure):
+            row.append(b)
+            continue
+        if len(row) > 1:
+            out.append('<div class="figrow">' + "".join(_figure(f) for f in row) + "</div>")
+        elif row:
+            out.append(_figure(row[0]))
+        row = []
+        if b is not None:
+            out.append(_block(b))
+    return "\n".join(out)
 
 
 def render_html(results: dict, sections: list[Section], title: str) -> str:
@@ -100,7 +120,7 @@ def render_html(results: dict, sections: list[Section], title: str) -> str:
     nav = "".join(f'<li><a href="#{s.anchor}">{html.escape(s.title)}</a></li>' for s in sections)
     body = "\n".join(
         f'<section id="{s.anchor}">\n<h2>{html.escape(s.title)}</h2>\n'
-        + "\n".join(_block(b) for b in s.blocks)
+        + _blocks(s.blocks)
         + "\n</section>"
         for s in sections
     )

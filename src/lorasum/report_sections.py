@@ -57,7 +57,12 @@ def _settings(results: dict) -> list:
         ),
     ]
     if results.get("config"):
-        blocks.append(Code(json.dumps(results["config"], indent=2, default=str)))
+        blocks.append(
+            Code(
+                "resolved configuration (JSON)",
+                json.dumps(results["config"], indent=2, default=str),
+            )
+        )
     return blocks
 
 
@@ -121,7 +126,8 @@ def _stat_caption(name: str, stats: dict) -> str:
     means = (stats.get("seed_means") or {}).get("bootstrap") or {}
     if means.get("pearson_r") is not None:
         parts.append(f"on combination means r = {_f(means['pearson_r'], 2)}")
-    return f"Δ% against {name}: " + "; ".join(parts) + "."
+    label = plots.PREDICTOR_LABELS.get(name, f"`{name}`")
+    return f"Δ% against {label}: " + "; ".join(parts) + "."
 
 
 def _scatter(results: dict) -> list:
@@ -261,7 +267,7 @@ def _per_domain(results: dict) -> list:
             ["combination", "domain", "ppl base", "ppl single", "ppl merged", "ppl sum", "Δ%"],
             rows,
             "llrrrrr",
-            collapsed=len(rows) > 12,
+            collapsed=f"per-domain numbers ({len(rows)} rows)" if len(rows) > 12 else "",
         )
     )
     return blocks
@@ -490,11 +496,11 @@ def _manifest(results: dict) -> list:
                     for u in units
                 ],
                 "lrlr",
-                collapsed=len(units) > 10,
+                collapsed=f"time of every unit ({len(units)} rows)" if len(units) > 10 else "",
             )
         )
     if results.get("budget"):
-        blocks.append(Code(json.dumps(results["budget"], indent=2, default=str)))
+        blocks.append(Code("budget (JSON)", json.dumps(results["budget"], indent=2, default=str)))
     return blocks
 
 
