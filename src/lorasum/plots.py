@@ -29,10 +29,19 @@ def _plt():
 
 
 def _png(fig, dpi: int = 100) -> bytes:
+    """The figure as a PNG of at most 256 colours (a third of the bytes, the same to the eye),
+    and closed."""
+    from PIL import Image
+
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.08)
     _plt().close(fig)
-    return buf.getvalue()
+    buf.seek(0)
+    with Image.open(buf) as im:
+        small = im.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+    out = io.BytesIO()
+    small.save(out, format="PNG", optimize=True)
+    return out.getvalue()
 
 
 def combo_name(domains: Sequence[str]) -> str:
@@ -47,7 +56,8 @@ def combo_colors(results: dict) -> dict[str, tuple]:
     return {n: cmap(i % cmap.N) for i, n in enumerate(names)}
 
 
-def _finite(v) -> bool:
+def is_number(v) -> bool:
+    """A finite int or float (JSON null, NaN and strings are not)."""
     return isinstance(v, int | float) and math.isfinite(v)
 
 
@@ -57,78 +67,104 @@ def predictor_value(row: dict, name: str) -> float | None:
     v = (row.get("predictors") or {}).get(name)
     if v is None and name == "rms_cosine":
         v = row.get("rms_cosine")
-    return v if _finite(v) else None
+    return v if is_number(v) else None
 
 
 def _legend(ax, n: int) -> None:
     if not ax.get_legend_handles_labels()[0]:
         return
-    if n > 6:
+    if 6 < n <= MANY:
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=6.5, frameon=False)
     else:
         ax.legend(loc="best", fontsize=7)
 
 
+MANY = 12  # beyond this many combinations, figures stop naming each one in a legend
+
+
 def delta_vs_predictor(results: dict, name: str) -> bytes | None:
     """Δ% against one predictor: every (combination, seed) point, each combination's mean, and
     the least-squares line with its 95 % confidence band (``results["statistics"][name]``, or
-    ``results["correlation"]`` for RMS cosine in older results: line only)."""
+    ``results["correlation"]`` for RMS cosine in older results: line only).
+
+    Up to ``MANY`` combinations each has its colour and legend entry; beyond, one colour, and
+    the three highest and three lowest Δ% are named beside their points."""
     plt = _plt()
-    rows = results["combinations"]
+    rows = [
+        r
+        for r in results["combinations"]
+        if predictor_value(r, name) is not None and is_number(r.get("delta_pct"))
+    ]
+    if not rows:
+        return None
+    many = len(rows) > MANY
     colors = combo_colors(results)
     stats = (results.get("statistics") or {}).get(name) or {}
     points = stats.get("points") or {}
     several = len(results.get("seeds") or []) > 1
-    fig, ax = plt.subplots(figsize=(7.2 if len(rows) > 6 else 6.0, 4.0))
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
     xs_all = []
     for r in rows:
         cname = combo_name(r["domains"])
-        x = predictor_value(r, name)
-        if x is None or not _finite(r.get("delta_pct")):
-            continue
+        color = "#4c72b0" if many else colors[cname]
+        label = None if many else cname
+        x, y = predictor_value(r, name), r["delta_pct"]
         xs_all.append(x)
         if several:
             seed_pts = [
                 (predictor_value(s, name), s.get("delta_pct")) for s in r.get("per_seed") or []
             ]
-            seed_pts = [(a, b) for a, b in seed_pts if a is not None and _finite(b)]
+            seed_pts = [(a, b) for a, b in seed_pts if a is not None and is_number(b)]
             if seed_pts:
                 xs_all += [a for a, _ in seed_pts]
-                ax.scatter(*zip(*seed_pts, strict=True), color=colors[cname], alpha=0.35, s=12)
+                ax.scatter(*zip(*seed_pts, strict=True), color=color, alpha=0.3, s=10)
         ci = (r.get("ci95") or {}).get("delta_pct")
-        if ci:
+        if ci and is_number(ci[0]) and is_number(ci[1]):
             ax.errorbar(
                 [x],
-                [r["delta_pct"]],
-                yerr=[[r["delta_pct"] - ci[0]], [ci[1] - r["delta_pct"]]],
+                [y],
+                yerr=[[y - ci[0]], [ci[1] - y]],
                 fmt="o",
-                color=colors[cname],
+                color=color,
                 capsize=3,
-                label=cname,
+                label=label,
                 zorder=3,
+                ms=5 if many else 6,
             )
         else:
-            ax.scatter([x], [r["delta_pct"]], color=colors[cname], s=34, label=cname, zorder=3)
-    if not xs_all:
-        plt.close(fig)
-        return None
+            ax.scatter([x], [y], color=color, s=30, label=label, zorder=3)
+    if many:
+        ranked = sorted(rows, key=lambda r: r["delta_pct"])
+        for r in ranked[:3] + ranked[-3:]:
+            ax.annotate(
+                combo_name(r["domains"]),
+                (predictor_value(r, name), r["delta_pct"]),
+                xytext=(4, 3),
+                textcoords="offset points",
+                fontsize=6.5,
+            )
     band = points.get("band") or {}
     fit = points.get("fit") or {}
-    if band.get("y") and all(v is not None for v in band["y"]):
+    line = fit if fit.get("slope") is not None else None
+    if line is None and name == "rms_cosine":
+        corr = results.get("correlation") or {}
+        line = corr if corr.get("slope") is not None else None
+    ys_band = band.get("y") or []
+    if ys_band and all(v is not None for v in ys_band):
         bx = band["x"]
-        if all(v is not None for v in band.get("lower") or [None]):
+        lower, upper = band.get("lower") or [], band.get("upper") or []
+        if lower and all(v is not None for v in lower + upper):
             ax.fill_between(
                 bx,
-                band["lower"],
-                band["upper"],
+                lower,
+                upper,
                 color="black",
                 alpha=0.12,
                 lw=0,
                 label=f"{band.get('confidence', 0.95):.0%} band of the line",
             )
-        ax.plot(bx, band["y"], color="black", lw=1, label="least squares")
-    elif name == "rms_cosine" and (fit.get("slope") or results.get("correlation", {}).get("slope")):
-        line = fit if fit.get("slope") is not None else results["correlation"]
+        ax.plot(bx, ys_band, color="black", lw=1, label="least squares")
+    elif line is not None:
         lo, hi = min(xs_all), max(xs_all)
         ax.plot(
             [lo, hi],
@@ -153,7 +189,7 @@ def _pair_matrix(results: dict) -> tuple[list[str], list[list[float | None]]]:
     names = list(results["domains"])
     sums: dict[tuple[str, str], list[float]] = {}
     for p in results.get("pairs") or []:
-        if _finite(p.get("rms_cosine")):
+        if is_number(p.get("rms_cosine")):
             sums.setdefault((p["a"], p["b"]), []).append(p["rms_cosine"])
             sums.setdefault((p["b"], p["a"]), []).append(p["rms_cosine"])
     m = [
@@ -220,7 +256,9 @@ def cross_domain_heatmap(cross: dict) -> bytes | None:
     values = [[(ppl.get(a) or {}).get(d) for d in domains] for a in adapters]
     ratio = [
         [
-            math.log2(v / base[d]) if _finite(v) and _finite(base.get(d)) and base[d] > 0 else None
+            math.log2(v / base[d])
+            if is_number(v) and is_number(base.get(d)) and base[d] > 0
+            else None
             for v, d in zip(row, domains, strict=True)
         ]
         for row in values
@@ -245,7 +283,7 @@ def cross_domain_heatmap(cross: dict) -> bytes | None:
     if len(adapters) * len(domains) <= 200:
         for i, row in enumerate(values):
             for j, v in enumerate(row):
-                if _finite(v):
+                if is_number(v):
                     dark = not np.isnan(data[i, j]) and abs(data[i, j]) > 0.6 * lim
                     ax.text(
                         j,
@@ -264,19 +302,29 @@ def cross_domain_heatmap(cross: dict) -> bytes | None:
     return _png(fig)
 
 
-def train_curves(curves: dict[str, list]) -> bytes | None:
-    """Training loss per optimizer step, one small panel per adapter (unit), one line per seed.
-
-    ``curves`` maps ``"seed-<s>/<unit>"`` to ``[[step, loss], ...]``."""
-    plt = _plt()
+def _loss_by_unit(curves: dict[str, list]) -> dict[str, dict[str, list]]:
+    """``{"seed-<s>/<unit>": points}`` as ``{unit: {seed: points}}``, without empty curves."""
     units: dict[str, dict[str, list]] = {}
     for key, pts in curves.items():
         seed, _, unit = key.partition("/")
         if pts:
             units.setdefault(unit or seed, {})[seed if unit else ""] = pts
+    return units
+
+
+def train_curves(curves: dict[str, list]) -> bytes | None:
+    """Training loss per optimizer step of every adapter (unit), one line per seed.
+
+    ``curves`` maps ``"seed-<s>/<unit>"`` to ``[[step, loss], ...]``. Up to ``MANY`` units: one
+    small panel each; beyond, two panels (single-domain adapters, merged-data adapters) with
+    every curve drawn thin, so the figure stays small whatever the study's size."""
+    plt = _plt()
+    units = _loss_by_unit(curves)
     if not units:
         return None
     order = sorted(units, key=lambda u: (u.startswith("merged-"), u.count("+"), u))
+    if len(order) > MANY:
+        return _train_curves_grouped(units, order)
     cols = min(4, len(order))
     rows = math.ceil(len(order) / cols)
     fig, axes = plt.subplots(
@@ -285,9 +333,13 @@ def train_curves(curves: dict[str, list]) -> bytes | None:
     cmap = plt.get_cmap("tab10")
     for ax, unit in zip(axes.flat, order, strict=False):
         for k, (seed, pts) in enumerate(sorted(units[unit].items())):
-            steps = [p[0] for p in pts]
-            loss = [p[1] for p in pts]
-            ax.plot(steps, loss, lw=1, color=cmap(k % 10), label=seed.removeprefix("seed-"))
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                lw=1,
+                color=cmap(k % 10),
+                label=seed.removeprefix("seed-"),
+            )
         ax.set_title(unit, fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
@@ -301,6 +353,45 @@ def train_curves(curves: dict[str, list]) -> bytes | None:
     return _png(fig)
 
 
+def _train_curves_grouped(units: dict[str, dict[str, list]], order: list[str]) -> bytes:
+    plt = _plt()
+    groups = [
+        ("single-domain adapters", [u for u in order if not u.startswith("merged-")]),
+        ("merged-data adapters", [u for u in order if u.startswith("merged-")]),
+    ]
+    groups = [(t, us) for t, us in groups if us]
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 3.4), squeeze=False)
+    for ax, (title, us) in zip(axes.flat, groups, strict=True):
+        cmap = plt.get_cmap("tab10" if len(us) <= 10 else "viridis")
+        for k, unit in enumerate(us):
+            color = cmap(k % 10) if len(us) <= 10 else cmap(k / max(1, len(us) - 1))
+            for j, (_, pts) in enumerate(sorted(units[unit].items())):
+                ax.plot(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    lw=0.6,
+                    color=color,
+                    label=unit if j == 0 and len(us) <= 10 else None,
+                )
+        ax.set_title(f"{title} ({len(us)})", fontsize=9)
+        ax.set_xlabel("optimizer step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        if len(us) <= 10:
+            ax.legend(fontsize=6, ncol=2)
+    axes.flat[0].set_ylabel("training loss", fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+KINDS = [
+    ("ppl_base", "base", "#bbbbbb"),
+    ("ppl_single", "single adapter", "#4c72b0"),
+    ("ppl_merged", "merged-data", "#55a868"),
+    ("ppl_sum", "naive sum", "#c44e52"),
+]
+
+
 def per_domain_bars(results: dict) -> bytes | None:
     """Per combination, per member domain: perplexity of base, single adapter, merged-data
     adapter and naive sum (means over seeds)."""
@@ -310,12 +401,8 @@ def per_domain_bars(results: dict) -> bytes | None:
     rows = [r for r in results["combinations"] if r.get("per_domain")]
     if not rows:
         return None
-    kinds = [
-        ("ppl_base", "base", "#bbbbbb"),
-        ("ppl_single", "single adapter", "#4c72b0"),
-        ("ppl_merged", "merged-data", "#55a868"),
-        ("ppl_sum", "naive sum", "#c44e52"),
-    ]
+    if len(rows) > 9:
+        return _per_domain_by_domain(results, rows)
     cols = min(3, len(rows))
     nrows = math.ceil(len(rows) / cols)
     fig, axes = plt.subplots(
@@ -325,9 +412,9 @@ def per_domain_bars(results: dict) -> bytes | None:
     for ax, r in zip(axes.flat, rows, strict=False):
         doms = list(r["per_domain"])
         x = np.arange(len(doms))
-        for k, (key, label, color) in enumerate(kinds):
+        for k, (key, label, color) in enumerate(KINDS):
             vals = [r["per_domain"][d].get(key) for d in doms]
-            vals = [v if _finite(v) else np.nan for v in vals]
+            vals = [v if is_number(v) else np.nan for v in vals]
             ax.bar(x + (k - 1.5) * width, vals, width, color=color, label=label)
         ax.set_xticks(x, doms, fontsize=7)
         ax.set_title(" + ".join(r["domains"]), fontsize=8)
@@ -342,6 +429,51 @@ def per_domain_bars(results: dict) -> bytes | None:
     return _png(fig)
 
 
+def _per_domain_by_domain(results: dict, rows: list[dict]) -> bytes:
+    """Many combinations: one panel per domain, one group of bars (merged-data, naive sum) per
+    combination holding it, named by the other domains; base and single adapter as lines."""
+    import numpy as np
+
+    plt = _plt()
+    names = list(results["domains"])
+    cols = min(3, len(names))
+    nrows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(
+        nrows, cols, figsize=(3.6 * cols + 0.3, 2.4 * nrows + 0.6), squeeze=False
+    )
+    width = 0.4
+    for ax, d in zip(axes.flat, names, strict=False):
+        mine = [r for r in rows if d in r["per_domain"]]
+        x = np.arange(len(mine))
+        for k, (key, label, color) in enumerate(KINDS[2:]):
+            vals = [r["per_domain"][d].get(key) for r in mine]
+            ax.bar(
+                x + (k - 0.5) * width,
+                [v if is_number(v) else np.nan for v in vals],
+                width,
+                color=color,
+                label=label,
+            )
+        for key, label, color in KINDS[:2]:
+            vals = [
+                r["per_domain"][d].get(key) for r in mine if is_number(r["per_domain"][d].get(key))
+            ]
+            if vals:
+                ax.axhline(sum(vals) / len(vals), color=color, lw=1.2, ls="--", label=label)
+        others = ["+".join(o for o in r["domains"] if o != d) for r in mine]
+        ax.set_xticks(x, others, rotation=60, ha="right", fontsize=6)
+        ax.set_title(f"{d} test split, with …", fontsize=8)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.set_visible(False)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=4, fontsize=7, frameon=False)
+    fig.supylabel("test perplexity", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    return _png(fig)
+
+
 def predicted_vs_measured(prediction: dict) -> bytes | None:
     """Leave-one-combination-out predicted Δ% against measured Δ%, one panel per predictor,
     with the identity line."""
@@ -352,12 +484,13 @@ def predicted_vs_measured(prediction: dict) -> bytes | None:
     fig, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names) + 0.4, 3.4), squeeze=False)
     combos = sorted({pt["combination"] for n in names for pt in prediction[n]["points"]})
     cmap = plt.get_cmap("tab10" if len(combos) <= 10 else "tab20")
-    color = {c: cmap(i % cmap.N) for i, c in enumerate(combos)}
+    many = len(combos) > MANY
+    color = {c: "#4c72b0" if many else cmap(i % cmap.N) for i, c in enumerate(combos)}
     for ax, name in zip(axes.flat, names, strict=True):
         pts = [
             p
             for p in prediction[name]["points"]
-            if _finite(p.get("predicted")) and _finite(p.get("measured"))
+            if is_number(p.get("predicted")) and is_number(p.get("measured"))
         ]
         for c in combos:
             mine = [p for p in pts if p["combination"] == c]
@@ -367,7 +500,7 @@ def predicted_vs_measured(prediction: dict) -> bytes | None:
                     [p["predicted"] for p in mine],
                     s=16,
                     color=color[c],
-                    label=c,
+                    label=None if many else c,
                 )
         vals = [p["measured"] for p in pts] + [p["predicted"] for p in pts]
         if vals:
@@ -375,12 +508,12 @@ def predicted_vs_measured(prediction: dict) -> bytes | None:
             pad = 0.05 * ((hi - lo) or 1.0)
             ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="grey", lw=0.8, ls="--")
         r, rho = prediction[name].get("pearson_r"), prediction[name].get("spearman_rho")
-        stat = ", ".join(f"{s} = {v:.2f}" for s, v in (("r", r), ("ρ", rho)) if _finite(v))
+        stat = ", ".join(f"{s} = {v:.2f}" for s, v in (("r", r), ("ρ", rho)) if is_number(v))
         ax.set_title(f"{name}" + (f"\n{stat}" if stat else ""), fontsize=8)
         ax.set_xlabel("measured Δ%", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     axes.flat[0].set_ylabel("predicted Δ% (leave one combination out)", fontsize=8)
-    _legend(axes.flat[-1], 7)  # outside, right of the last panel
+    _legend(axes.flat[-1], 7)  # outside, right of the last panel (none when many)
     fig.tight_layout()
     return _png(fig)

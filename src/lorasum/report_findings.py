@@ -22,7 +22,7 @@ def _best_method(row: dict) -> str | None:
     best = row.get("best_method")
     if best in methods:
         return best
-    ok = {m: v["ppl"] for m, v in methods.items() if plots._finite(v.get("ppl"))}
+    ok = {m: v["ppl"] for m, v in methods.items() if plots.is_number(v.get("ppl"))}
     return min(ok, key=ok.get) if ok else None
 
 
@@ -98,7 +98,9 @@ def _paper(results: dict) -> list:
 
 
 def _meaning(results: dict) -> list:
-    rows = results["combinations"]
+    rows = [r for r in results["combinations"] if plots.is_number(r.get("delta_pct"))]
+    if not rows:
+        return [Para("No combination has a finite Δ%: there is nothing to read yet.")]
     pairs = [r for r in rows if len(r["domains"]) == 2] or rows
     several = len(results.get("seeds", [])) > 1
     worst = max(pairs, key=lambda r: r["delta_pct"])
@@ -110,17 +112,15 @@ def _meaning(results: dict) -> list:
         f"(RMS cosine {_f(worst['rms_cosine'], 3)}); **{_name(best['domains'])}** least, "
         f"{_f(best['delta_pct'], 1, True)} % (RMS cosine {_f(best['rms_cosine'], 3)})."
     ]
-    worse = sum(r["delta_pct"] > 0 for r in rows)
+    worse = [r for r in rows if r["delta_pct"] > 0]
     text.append(
-        f"The sum is worse than merged-data training on {worse} of {len(rows)} combinations"
+        f"The sum is worse than merged-data training on {len(worse)} of {len(rows)} combinations"
     )
     if several:
-        sure = [
-            r
-            for r in rows
-            if _excludes_zero(*((r.get("ci95") or {}).get("delta_pct") or (None, None)))
-        ]
-        text[-1] += f" ({len(sure)} with a 95 % interval that excludes 0)"
+        ci = [(r.get("ci95") or {}).get("delta_pct") or (None, None) for r in rows]
+        above = sum(lo is not None and lo > 0 for lo, _ in ci)
+        below = sum(hi is not None and hi < 0 for _, hi in ci)
+        text[-1] += f" ({above} with the whole 95 % interval above 0, {below} with it below 0)"
     text[-1] += "."
     stats = ((results.get("statistics") or {}).get("rms_cosine") or {}).get("points") or {}
     boot = stats.get("bootstrap") or {}

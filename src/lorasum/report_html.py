@@ -21,9 +21,11 @@ h1 { font-size: 24px; margin: 8px 0 4px; }
 h2 { font-size: 19px; margin: 36px 0 10px; padding-bottom: 4px; border-bottom: 2px solid #e4e4e4; }
 nav ol { columns: 3; font-size: 13px; padding-left: 20px; margin: 8px 0 0; }
 nav a, h2 a { color: #2c5d9e; text-decoration: none; }
+div.tablewrap { max-width: 100%; overflow-x: auto; }
 table { border-collapse: collapse; margin: 10px 0; font-size: 13.5px; }
 th, td { padding: 4px 10px; border-bottom: 1px solid #e6e6e6; vertical-align: top; }
 th { background: #f0f3f7; text-align: left; font-weight: 600; }
+td:first-child { white-space: nowrap; }
 td.r, th.r { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 tr:nth-child(even) td { background: #fafbfc; }
 td.mark { font-weight: 700; background: #fff3c4 !important; }
@@ -62,7 +64,10 @@ def _table(t: Table) -> str:
         + "</tr>"
         for i, row in enumerate(t.rows)
     )
-    table = f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>"
+    table = (
+        f'<div class="tablewrap"><table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n'
+        "</tbody>\n</table></div>"
+    )
     if t.collapsed:
         return f"<details><summary>{html.escape(t.collapsed)}</summary>\n{table}\n</details>"
     return table

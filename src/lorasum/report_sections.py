@@ -79,7 +79,9 @@ def _headline(results: dict) -> list:
         ]
         for r in results["combinations"]
     ]
-    worst = max(range(len(rows)), key=lambda i: results["combinations"][i]["delta_pct"])
+    deltas = [r.get("delta_pct") for r in results["combinations"]]
+    finite = [i for i, d in enumerate(deltas) if plots.is_number(d)]
+    marked = {(max(finite, key=lambda i: deltas[i]), 5)} if finite else set()
     return [
         Para(
             f"Means over {len(seeds)} seeds, [95 % t-interval of the mean]."
@@ -90,7 +92,7 @@ def _headline(results: dict) -> list:
             ["combination", "RMS cosine", "ppl base", "ppl merged", "ppl sum", "Δ%"],
             rows,
             "lrrrrr",
-            marked={(worst, 5)},
+            marked=marked,
         ),
         Para(
             "Δ% = (ppl sum − ppl merged) / ppl merged × 100: negative means the naive sum beats "
@@ -159,6 +161,7 @@ def _scatter(results: dict) -> list:
 
 
 def _cosine(results: dict) -> list:
+    pair_means = _pair_means(results.get("pairs") or [])
     png = plots.cosine_heatmap(results)
     blocks: list = []
     if png:
@@ -178,9 +181,10 @@ def _cosine(results: dict) -> list:
                     _f(p["global_cosine"], 4, True),
                     _f(p["max_abs"], 4),
                 ]
-                for p in _pair_means(results.get("pairs") or [])
+                for p in pair_means
             ],
             "lrrr",
+            collapsed=f"every pair ({len(pair_means)} rows)" if len(pair_means) > 12 else "",
         )
     )
     return blocks
@@ -284,35 +288,46 @@ def _methods(results: dict) -> list:
             if m not in names:
                 names.append(m)
                 category[m] = v.get("category") or ""
-    table_rows, marked = [], set()
-    for i, m in enumerate(names):
-        cells = [m, category[m]]
-        for j, r in enumerate(rows):
-            v = r["methods"].get(m)
-            if v is None:
-                cells.append("–")
-                continue
-            text = _interval(v.get("delta_pct"), v.get("ci95"), 2, True)
-            if _best_method(r) == m:
-                text = "★ " + text
-                marked.add((i, 2 + j))
-            cells.append(text)
-        table_rows.append(cells)
+    # the longer list runs down the side; with many methods across, cells drop the interval
+    across_methods = len(rows) > len(names)
+    brief = across_methods and len(names) > 6
+
+    def cell(m: str, r: dict) -> str:
+        v = r["methods"].get(m)
+        if v is None:
+            return "–"
+        ci = None if brief else v.get("ci95")
+        text = _interval(v.get("delta_pct"), ci, 2, True)
+        return "★ " + text if _best_method(r) == m else text
+
+    if across_methods:
+        header = ["combination"] + [f"{m} ({category[m]})" if category[m] else m for m in names]
+        table_rows = [[_name(r["domains"])] + [cell(m, r) for m in names] for r in rows]
+        marked = {
+            (j, 1 + names.index(b)) for j, r in enumerate(rows) if (b := _best_method(r)) in names
+        }
+        align = "l" + "r" * len(names)
+    else:
+        header = ["method", "kind"] + [_name(r["domains"]) for r in rows]
+        table_rows = [[m, category[m]] + [cell(m, r) for r in rows] for m in names]
+        marked = {
+            (names.index(b), 2 + j) for j, r in enumerate(rows) if (b := _best_method(r)) in names
+        }
+        align = "ll" + "r" * len(rows)
     wins: dict[str, int] = {}
     for r in rows:
         if (b := _best_method(r)) is not None:
             wins[b] = wins.get(b, 0) + 1
     return [
-        Table(
-            ["method", "kind"] + [_name(r["domains"]) for r in rows],
-            table_rows,
-            "ll" + "r" * len(rows),
-            marked=marked,
-        ),
+        Table(header, table_rows, align, marked=marked),
         Para(
             "Δ% of each method's perplexity vs the merged-data adapter on the combination's test "
             "set (lower is better; ★ = best per combination"
-            + (", [95 % interval over seeds]" if len(results.get("seeds", [])) > 1 else "")
+            + (
+                ", [95 % interval over seeds]"
+                if len(results.get("seeds", [])) > 1 and not brief
+                else ""
+            )
             + "). Best counts: "
             + ", ".join(f"`{m}` {k}" for m, k in sorted(wins.items(), key=lambda kv: -kv[1]))
             + "."
