@@ -78,17 +78,21 @@ def _stats(xs, ys, groups):
     }
 
 
-def full_results(slope: float = 40.0) -> dict:
-    """A 3-domain, 3-seed study with every field of the results contract, its numbers made
-    consistent the way the study makes them (Δ% from the perplexities, means and t-intervals
-    over seeds, statistics from lorasum.stats)."""
+def full_results(domains: list[str] = DOMAINS, max_order: int | None = None) -> dict:
+    """A 3-seed study with every field of the results contract (by default the paper's three
+    domains, all pairs and the triple), its numbers made consistent the way the study makes
+    them (Δ% from the perplexities, means and t-intervals over seeds, statistics from
+    lorasum.stats, Δ% rising with RMS cosine)."""
+    slope = 40.0
     rng = np.random.default_rng(0)
     base = {"math": 18.0, "medicine": 105.0, "finance": 44.0}
+    base = {d: base.get(d, 20.0 + 5 * i) for i, d in enumerate(domains)}
+    known = {("math", "medicine"): 0.27, ("math", "finance"): 0.10, ("medicine", "finance"): 0.06}
     true_cos = {
-        ("math", "medicine"): 0.27,
-        ("math", "finance"): 0.10,
-        ("medicine", "finance"): 0.06,
+        (a, b): known.get((a, b), 0.05 + 0.25 * rng.random())
+        for a, b in itertools.combinations(domains, 2)
     }
+    DOMAINS = domains  # noqa: N806  (the rest of the builder reads the study's domains)
     pairs, cos = [], {}
     for s in SEEDS:
         for (a, b), c in true_cos.items():
@@ -104,7 +108,8 @@ def full_results(slope: float = 40.0) -> dict:
                     "modules": {"l0.q": v * 1.2, "l0.v": -v * 0.7},
                 }
             )
-    combos = [("math", "medicine"), ("math", "finance"), ("medicine", "finance"), tuple(DOMAINS)]
+    top = len(domains) if max_order is None else max_order
+    combos = [c for k in range(2, top + 1) for c in itertools.combinations(domains, k)]
     rows = []
     for combo in combos:
         per_seed = []
@@ -178,9 +183,9 @@ def full_results(slope: float = 40.0) -> dict:
                 }
                 for i, (a, b, c) in enumerate(
                     [
-                        ("math", "medicine", "finance"),
-                        ("math", "finance", "medicine"),
-                        ("medicine", "finance", "math"),
+                        (combo[0], combo[1], combo[2]),
+                        (combo[0], combo[2], combo[1]),
+                        (combo[1], combo[2], combo[0]),
                     ]
                 )
             ]
@@ -224,6 +229,7 @@ def full_results(slope: float = 40.0) -> dict:
             ),
             "spearman_rho": None,
         }
+    by_pair = {frozenset(r["domains"]): r for r in rows}
     adapters = ["base", *DOMAINS] + [f"merged-{'+'.join(c)}" for c in combos]
     fingerprint = {
         d: {
@@ -307,23 +313,17 @@ def full_results(slope: float = 40.0) -> dict:
         "paper_comparison": {
             "rows": [
                 {
-                    "pair": "math+medicine",
-                    "paper_delta_pct": -9.10,
-                    "delta_pct": rows[0]["delta_pct"],
-                    "ci95": rows[0]["ci95"]["delta_pct"],
-                },
-                {
-                    "pair": "math+finance",
-                    "paper_delta_pct": 4.54,
-                    "delta_pct": rows[1]["delta_pct"],
-                    "ci95": rows[1]["ci95"]["delta_pct"],
-                },
-                {
-                    "pair": "finance+medicine",
-                    "paper_delta_pct": 27.56,
-                    "delta_pct": rows[2]["delta_pct"],
-                    "ci95": rows[2]["ci95"]["delta_pct"],
-                },
+                    "pair": f"{a}+{b}",
+                    "paper_delta_pct": paper,
+                    "delta_pct": by_pair[frozenset((a, b))]["delta_pct"],
+                    "ci95": by_pair[frozenset((a, b))]["ci95"]["delta_pct"],
+                }
+                for (a, b), paper in [
+                    (("math", "medicine"), -9.10),
+                    (("math", "finance"), 4.54),
+                    (("finance", "medicine"), 27.56),
+                ]
+                if frozenset((a, b)) in by_pair
             ],
             "differences": ["SmolLM2-135M instead of GPT-2 small.", "48 rows per domain."],
         },
@@ -498,11 +498,11 @@ def test_what_this_means_follows_the_numbers():
     assert f"`regmean` is best on {wins} of 4 combinations" in text
 
 
-def test_html_is_self_contained_and_every_image_decodes(full_report):
-    _, paths = full_report
-    parsed = _parse(paths["html"])
+def _check_images(html_path: Path, n_figures: int) -> None:
+    """Every <img> is an embedded PNG that decodes, small; nothing is loaded from elsewhere."""
+    parsed = _parse(html_path)
     imgs = [a for t, a in parsed.tags if t == "img"]
-    assert len(imgs) == len(EVERY_FIGURE)
+    assert len(imgs) == n_figures
     for a in imgs:
         head, _, data = a["src"].partition(",")
         assert head == "data:image/png;base64"
@@ -517,7 +517,25 @@ def test_html_is_self_contained_and_every_image_decodes(full_report):
         for attr in ("src", "href"):
             if attr in a:
                 assert a[attr].startswith(("data:", "#")), (tag, a[attr])
-    assert "url(" not in paths["html"].read_text()  # no CSS that loads anything
+    assert "url(" not in html_path.read_text()  # no CSS that loads anything
+
+
+def test_html_is_self_contained_and_every_image_decodes(full_report):
+    _check_images(full_report[1]["html"], len(EVERY_FIGURE))
+
+
+def test_many_combinations_stay_readable_and_small(tmp_path):
+    # 6 domains, 15 pairs: more than a legend or a panel per unit can carry
+    domains = ["math", "medicine", "finance", "nq", "siqa", "obqa"]
+    res = full_results(domains, max_order=2)
+    assert len(res["combinations"]) == 15
+    paths = write_report(res, tmp_path)
+    _check_images(paths["html"], len(EVERY_FIGURE))
+    md = paths["markdown"].read_text()
+    # the method table turns: one row per combination, one column per method
+    table = _md_sections(md)["Merge methods × combinations"]
+    assert sum(line.count("★") for line in table.splitlines() if line.startswith("| ")) == 15
+    assert "| combination | sum (baseline) | mean (data-free) |" in table
 
 
 def test_older_results_render_with_a_note_per_missing_section(tmp_path):

@@ -66,7 +66,7 @@ def _differences(results: dict) -> list[str]:
 
 
 def _agrees(row: dict) -> str:
-    """Whether this run's Δ% of a pair has the paper's sign: yes, no, or unsure when the 95 %
+    """Whether this run's Δ% of a pair has the paper's sign: yes, no, or unsure when the 95%
     interval over seeds spans 0."""
     if row.get("delta_pct") is None:
         return "n/a"
@@ -120,7 +120,7 @@ def _meaning(results: dict) -> list:
         ci = [(r.get("ci95") or {}).get("delta_pct") or (None, None) for r in rows]
         above = sum(lo is not None and lo > 0 for lo, _ in ci)
         below = sum(hi is not None and hi < 0 for _, hi in ci)
-        text[-1] += f" ({above} with the whole 95 % interval above 0, {below} with it below 0)"
+        text[-1] += f" ({above} with the whole 95% interval above 0, {below} with it below 0)"
     text[-1] += "."
     stats = ((results.get("statistics") or {}).get("rms_cosine") or {}).get("points") or {}
     boot = stats.get("bootstrap") or {}

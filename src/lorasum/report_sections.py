@@ -84,7 +84,7 @@ def _headline(results: dict) -> list:
     marked = {(max(finite, key=lambda i: deltas[i]), 5)} if finite else set()
     return [
         Para(
-            f"Means over {len(seeds)} seeds, [95 % t-interval of the mean]."
+            f"Means over {len(seeds)} seeds, [95% t-interval of the mean]."
             if len(seeds) > 1
             else "One seed: no confidence intervals (`--seeds 1,2,3` adds them)."
         ),
@@ -324,7 +324,7 @@ def _methods(results: dict) -> list:
             "Δ% of each method's perplexity vs the merged-data adapter on the combination's test "
             "set (lower is better; ★ = best per combination"
             + (
-                ", [95 % interval over seeds]"
+                ", [95% interval over seeds]"
                 if len(results.get("seeds", [])) > 1 and not brief
                 else ""
             )
