@@ -313,72 +313,43 @@ def _loss_by_unit(curves: dict[str, list]) -> dict[str, dict[str, list]]:
 
 
 def train_curves(curves: dict[str, list]) -> bytes | None:
-    """Training loss per optimizer step of every adapter (unit), one line per seed.
+    """Training loss per optimizer step of every adapter: single-domain adapters in one panel,
+    merged-data adapters in another (same loss scale side by side), one colour per adapter and
+    one line per seed; adapters are named in a legend up to ten per panel.
 
-    ``curves`` maps ``"seed-<s>/<unit>"`` to ``[[step, loss], ...]``. Up to ``MANY`` units: one
-    small panel each; beyond, two panels (single-domain adapters, merged-data adapters) with
-    every curve drawn thin, so the figure stays small whatever the study's size."""
+    ``curves`` maps ``"seed-<s>/<unit>"`` to ``[[step, loss], ...]``."""
     plt = _plt()
     units = _loss_by_unit(curves)
     if not units:
         return None
     order = sorted(units, key=lambda u: (u.startswith("merged-"), u.count("+"), u))
-    if len(order) > MANY:
-        return _train_curves_grouped(units, order)
-    cols = min(4, len(order))
-    rows = math.ceil(len(order) / cols)
-    fig, axes = plt.subplots(
-        rows, cols, figsize=(2.6 * cols + 0.4, 1.9 * rows + 0.5), squeeze=False
-    )
-    cmap = plt.get_cmap("tab10")
-    for ax, unit in zip(axes.flat, order, strict=False):
-        for k, (seed, pts) in enumerate(sorted(units[unit].items())):
-            ax.plot(
-                [p[0] for p in pts],
-                [p[1] for p in pts],
-                lw=1,
-                color=cmap(k % 10),
-                label=seed.removeprefix("seed-"),
-            )
-        ax.set_title(unit, fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(order) :]:
-        ax.set_visible(False)
-    if max(len(v) for v in units.values()) > 1:
-        axes.flat[0].legend(title="seed", fontsize=6, title_fontsize=6)
-    fig.supxlabel("optimizer step", fontsize=8)
-    fig.supylabel("training loss", fontsize=8)
-    fig.tight_layout()
-    return _png(fig)
-
-
-def _train_curves_grouped(units: dict[str, dict[str, list]], order: list[str]) -> bytes:
-    plt = _plt()
     groups = [
         ("single-domain adapters", [u for u in order if not u.startswith("merged-")]),
         ("merged-data adapters", [u for u in order if u.startswith("merged-")]),
     ]
     groups = [(t, us) for t, us in groups if us]
-    fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 3.4), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(groups), figsize=(5.0 * len(groups), 3.3), squeeze=False, sharey=True
+    )
     for ax, (title, us) in zip(axes.flat, groups, strict=True):
-        cmap = plt.get_cmap("tab10" if len(us) <= 10 else "viridis")
+        named = len(us) <= 10
+        cmap = plt.get_cmap("tab10" if named else "viridis")
         for k, unit in enumerate(us):
-            color = cmap(k % 10) if len(us) <= 10 else cmap(k / max(1, len(us) - 1))
+            color = cmap(k) if named else cmap(k / max(1, len(us) - 1))
             for j, (_, pts) in enumerate(sorted(units[unit].items())):
                 ax.plot(
                     [p[0] for p in pts],
                     [p[1] for p in pts],
-                    lw=0.6,
+                    lw=0.9 if named else 0.6,
                     color=color,
-                    label=unit if j == 0 and len(us) <= 10 else None,
+                    label=unit.removeprefix("merged-") if j == 0 and named else None,
                 )
         ax.set_title(f"{title} ({len(us)})", fontsize=9)
         ax.set_xlabel("optimizer step", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-        if len(us) <= 10:
-            ax.legend(fontsize=6, ncol=2)
+        if named:
+            ax.legend(fontsize=6.5, ncol=2 if len(us) > 5 else 1)
     axes.flat[0].set_ylabel("training loss", fontsize=8)
     fig.tight_layout()
     return _png(fig)
