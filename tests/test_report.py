@@ -465,7 +465,11 @@ def test_method_table_marks_the_lowest_perplexity_per_combination():
     triple = res["combinations"][3]
     triple["methods"]["mean"]["ppl"] = 0.5 * min(v["ppl"] for v in triple["methods"].values())
     del triple["best_method"]  # the report falls back to the lowest ppl
+    # an interval that does not hold the Δ% (one of the perplexity, say) is not shown beside it
+    triple["methods"]["ties"]["ci95"] = [20.0, 30.0]
     table = next(b for b in _methods(res) if isinstance(b, Table))
+    ties = next(r for r in table.rows if r[0] == "ties")
+    assert "[" not in ties[5] and "[" in ties[2]
     for j, row in enumerate(res["combinations"]):
         best = min(row["methods"], key=lambda m: row["methods"][m]["ppl"])
         marked = [i for i, c in table.marked if c == j + 2]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lorasum.plots import is_number
+
 # ---------------------------------------------------------------------------------------------
 # Blocks: what a section is made of (text uses markdown's `code` and **bold** inline)
 
@@ -78,6 +80,16 @@ def _interval(value, ci, digits: int = 2, signed: bool = False) -> str:
     if ci and ci[0] is not None and ci[1] is not None:
         return f"{text} [{_f(ci[0], digits, signed)}, {_f(ci[1], digits, signed)}]"
     return text
+
+
+def _delta(row: dict, brief: bool = False) -> str:
+    """A row's signed Δ% with its ``ci95`` (unless ``brief``): shown only when the interval
+    holds the value, as a t-interval of a mean over seeds always does (an interval of the
+    perplexity instead would not)."""
+    d, ci = row.get("delta_pct"), None if brief else row.get("ci95")
+    if not (ci and is_number(d) and is_number(ci[0]) and is_number(ci[1]) and ci[0] <= d <= ci[1]):
+        ci = None
+    return _interval(d, ci, 2, True)
 
 
 def _ci(r: dict, key: str, digits: int = 2, signed: bool = False) -> str:

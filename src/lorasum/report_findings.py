@@ -6,7 +6,17 @@ the paper found, and how strong the evidence is), all generated from the results
 from __future__ import annotations
 
 from lorasum import plots
-from lorasum.report_blocks import Bullets, Note, Para, Table, _excludes_zero, _f, _interval, _name
+from lorasum.report_blocks import (
+    Bullets,
+    Note,
+    Para,
+    Table,
+    _delta,
+    _excludes_zero,
+    _f,
+    _interval,
+    _name,
+)
 
 # The paper's pair results (Δ% of naive sum vs merged-data training), arXiv 2508.11985.
 PAPER_PAIR_DELTA = {
@@ -87,7 +97,7 @@ def _paper(results: dict) -> list:
             [
                 r["pair"].replace("+", " + "),
                 _f(r["paper_delta_pct"], 2, True),
-                _interval(r.get("delta_pct"), r.get("ci95"), 2, True),
+                _delta(r),
                 _agrees(r),
             ]
             for r in rows

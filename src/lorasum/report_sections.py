@@ -20,6 +20,7 @@ from lorasum.report_blocks import (
     Section,
     Table,
     _ci,
+    _delta,
     _f,
     _interval,
     _name,
@@ -296,8 +297,7 @@ def _methods(results: dict) -> list:
         v = r["methods"].get(m)
         if v is None:
             return "–"
-        ci = None if brief else v.get("ci95")
-        text = _interval(v.get("delta_pct"), ci, 2, True)
+        text = _delta(v, brief)
         return "★ " + text if _best_method(r) == m else text
 
     if across_methods:
@@ -379,7 +379,7 @@ def _variants(results: dict) -> list:
                     "",
                     f"merged-data {_name(v['pair'])} + single {v['third']}",
                     _f(v.get("ppl")),
-                    _interval(v.get("delta_pct"), v.get("ci95"), 2, True),
+                    _delta(v),
                 ]
             )
     return [
