@@ -23,7 +23,7 @@ from lorasum.cli import main
 from lorasum.report import rebuild_report, write_report
 from lorasum.report_blocks import Note, Para, Table
 from lorasum.report_findings import _meaning
-from lorasum.report_sections import _curves, _headline, _methods
+from lorasum.report_sections import _curves, _headline, _methods, _scatter
 from lorasum.stats import (
     bootstrap_correlation,
     confidence_band,
@@ -551,6 +551,8 @@ def test_older_results_render_with_a_note_per_missing_section(tmp_path):
     log.write_text(
         "".join(json.dumps({"step": k, "loss": 3.0 - 0.1 * k}) + "\n" for k in range(1, 7))
     )
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "delta_vs_gone.png").write_bytes(b"from an earlier report")
     paths = rebuild_report(tmp_path)
     md = paths["markdown"].read_text()
     notes = _notes(md)
@@ -575,6 +577,18 @@ def test_older_results_render_with_a_note_per_missing_section(tmp_path):
     # without the logs, the training curves are a note too
     shutil.rmtree(tmp_path / "seed-1")
     assert isinstance(_curves(res, tmp_path)[0], Note)
+
+
+def test_rms_cosine_is_plotted_even_without_its_statistics():
+    res = full_results()
+    del res["statistics"]["rms_cosine"]
+    blocks = _scatter(res)
+    assert [b.name for b in blocks] == [
+        "delta_vs_rms_cosine",
+        "delta_vs_rms_activation_cosine",
+        "delta_vs_max_cross_talk",
+    ]
+    assert f"Pearson r = {res['correlation']['pearson_r']:.3f}" in blocks[0].caption
 
 
 def test_one_seed_study_has_no_intervals():

@@ -72,7 +72,9 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.chmod(tmp, 0o644)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; outputs are ordinary files
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -90,6 +92,9 @@ def write_report(results: dict, out: str | Path) -> dict[str, Path]:
     figures = [b for s in sections for b in s.blocks if isinstance(b, Figure)]
     for fig in figures:
         _atomic_write_bytes(out / "figures" / f"{fig.name}.png", fig.png)
+    for old in (out / "figures").glob("*.png"):  # figures of an earlier report, now gone
+        if old.stem not in {f.name for f in figures}:
+            old.unlink()
     scatter = next((f for f in figures if f.name == "delta_vs_rms_cosine"), None)
     png = scatter.png if scatter else plots.delta_vs_predictor(results, "rms_cosine")
     if png:

@@ -134,13 +134,16 @@ def _stat_caption(name: str, stats: dict) -> str:
 
 
 def _scatter(results: dict) -> list:
+    """One panel per predictor with statistics; RMS cosine always (from ``correlation``, line
+    only, when the statistics do not cover it)."""
     stats = results.get("statistics") or {}
     names = [n for n in stats if stats[n]]
     blocks: list = []
     if not names:
+        blocks.append(Note("no `statistics` in these results: no intervals or band, line only."))
+    if "rms_cosine" not in names:
         c = results["correlation"]
         png = plots.delta_vs_predictor(results, "rms_cosine")
-        blocks.append(Note("no `statistics` in these results: no intervals or band, line only."))
         if png:
             blocks.append(
                 Figure(
@@ -151,7 +154,6 @@ def _scatter(results: dict) -> list:
                     f"{_f(c['slope'], 1)} · cos {_f(c['intercept'], 2, True)}.",
                 )
             )
-        return blocks
     for name in names:
         png = plots.delta_vs_predictor(results, name)
         if png:
