@@ -486,6 +486,13 @@ def test_what_this_means_follows_the_numbers():
     best = min(pairs, key=lambda r: r["delta_pct"])
     assert f"**{' + '.join(worst['domains'])}** interferes most" in meaning
     assert f"**{' + '.join(best['domains'])}** least" in meaning
+    deltas = [r["delta_pct"] for r in res["combinations"]]
+    assert f"Δ% averages {sum(deltas) / len(deltas):+.1f} %" in meaning
+    best_variant = min(res["combinations"][3]["paper_variants"], key=lambda v: v["delta_pct"])
+    assert (
+        f"merged-data {' + '.join(best_variant['pair'])} + single {best_variant['third']}, "
+        f"gives {best_variant['delta_pct']:+.1f} %"
+    ) in meaning
     boot = res["statistics"]["rms_cosine"]["points"]["bootstrap"]
     assert f"over {boot['n']} points in {boot['n_groups']} combinations" in meaning
     lo, hi = boot["pearson_low"], boot["pearson_high"]

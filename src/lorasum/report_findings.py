@@ -107,12 +107,9 @@ def _paper(results: dict) -> list:
     return [table, Para("Differences from the paper's setup:"), Bullets(_differences(results))]
 
 
-def _meaning(results: dict) -> list:
-    rows = [r for r in results["combinations"] if plots.is_number(r.get("delta_pct"))]
-    if not rows:
-        return [Para("No combination has a finite Δ%: there is nothing to read yet.")]
+def _interference(rows: list[dict], several: bool) -> list[str]:
+    """Which pairs interfere most and least, and how often the sum loses."""
     pairs = [r for r in rows if len(r["domains"]) == 2] or rows
-    several = len(results.get("seeds", [])) > 1
     worst = max(pairs, key=lambda r: r["delta_pct"])
     best = min(pairs, key=lambda r: r["delta_pct"])
     kind = "pairs" if len(pairs[0]["domains"]) == 2 else "combinations"
@@ -122,65 +119,91 @@ def _meaning(results: dict) -> list:
         f"(RMS cosine {_f(worst['rms_cosine'], 3)}); **{_name(best['domains'])}** least, "
         f"{_f(best['delta_pct'], 1, True)} % (RMS cosine {_f(best['rms_cosine'], 3)})."
     ]
-    worse = [r for r in rows if r["delta_pct"] > 0]
-    text.append(
-        f"The sum is worse than merged-data training on {len(worse)} of {len(rows)} combinations"
-    )
+    deltas = [r["delta_pct"] for r in rows]
+    worse = f"The sum is worse than merged-data training on {sum(d > 0 for d in deltas)} of {len(rows)} combinations"
     if several:
         ci = [(r.get("ci95") or {}).get("delta_pct") or (None, None) for r in rows]
         above = sum(lo is not None and lo > 0 for lo, _ in ci)
         below = sum(hi is not None and hi < 0 for _, hi in ci)
-        text[-1] += f" ({above} with the whole 95% interval above 0, {below} with it below 0)"
-    text[-1] += "."
-    stats = ((results.get("statistics") or {}).get("rms_cosine") or {}).get("points") or {}
-    boot = stats.get("bootstrap") or {}
+        worse += f" ({above} with the whole 95% interval above 0, {below} with it below 0)"
+    text.append(
+        worse + f"; Δ% averages {_f(sum(deltas) / len(deltas), 1, True)} % "
+        f"(from {_f(min(deltas), 1, True)} to {_f(max(deltas), 1, True)})."
+    )
+    higher = [r for r in rows if len(r["domains"]) > 2]
+    if higher and len(pairs) < len(rows):
+        mean_pairs = sum(r["delta_pct"] for r in pairs) / len(pairs)
+        mean_higher = sum(r["delta_pct"] for r in higher) / len(higher)
+        text.append(
+            f"Summing three or more adapters gives {_f(mean_higher, 1, True)} % on average, "
+            f"pairs {_f(mean_pairs, 1, True)} %."
+        )
+    return text
+
+
+def _trend(results: dict, rows: list[dict]) -> str:
+    """Does Δ% rise with RMS cosine here, as the paper found, and how strong is the evidence."""
+    boot = (((results.get("statistics") or {}).get("rms_cosine") or {}).get("points") or {}).get(
+        "bootstrap"
+    ) or {}
     if boot.get("pearson_r") is not None:
         r, lo, hi = boot["pearson_r"], boot.get("pearson_low"), boot.get("pearson_high")
-        n, groups = boot.get("n"), boot.get("n_groups")
-        verdict = "rises" if r > 0 else "falls"
-        text.append(
-            f"Δ% {verdict} with RMS cosine here (Pearson r = {_interval(r, (lo, hi))} over {n} "
-            f"points in {groups} combinations)"
-            + (
-                "; the paper found it rises, and "
-                + (
-                    "the bootstrap interval excludes 0, so this run supports that finding."
-                    if _excludes_zero(lo, hi) and r > 0
-                    else "the interval excludes 0 on the opposite side: this run contradicts it."
-                    if _excludes_zero(lo, hi)
-                    else "the bootstrap interval includes 0, so this run can neither confirm nor "
-                    "refute it."
-                    if lo is not None
-                    else "with fewer than 3 combinations there is no interval: not evidence."
-                )
-            )
+        head = (
+            f"Δ% {'rises' if r > 0 else 'falls'} with RMS cosine here (Pearson r = "
+            f"{_interval(r, (lo, hi))} over {boot.get('n')} points in {boot.get('n_groups')} "
+            "combinations); the paper found it rises, and "
         )
-    else:
-        c = results["correlation"]
-        if c.get("pearson_r") is not None:
-            text.append(
-                f"Δ% {'rises' if c['pearson_r'] > 0 else 'falls'} with RMS cosine here (Pearson "
-                f"r = {_f(c['pearson_r'], 2)} over {c['n']} points, as the paper found "
-                f"{'' if c['pearson_r'] > 0 else 'the opposite'}); with "
-                f"{len(rows)} combinations and no bootstrap interval this is descriptive, "
-                "not evidence"
-            )
-            text[-1] = text[-1].replace("found )", "found)") + "."
-        else:
-            text.append("There are too few points for a correlation.")
+        if lo is None:
+            return head + "with fewer than 3 combinations there is no interval: not evidence."
+        if _excludes_zero(lo, hi) and r > 0:
+            return head + "the bootstrap interval excludes 0, so this run supports that finding."
+        if _excludes_zero(lo, hi):
+            return head + "the interval excludes 0 on the opposite side: this run contradicts it."
+        return (
+            head
+            + "the bootstrap interval includes 0, so this run can neither confirm nor refute it."
+        )
+    c = results["correlation"]
+    if c.get("pearson_r") is None:
+        return "There are too few points for a correlation of Δ% with RMS cosine."
+    agree = "as the paper found" if c["pearson_r"] > 0 else "the paper found it rises"
+    return (
+        f"Δ% {'rises' if c['pearson_r'] > 0 else 'falls'} with RMS cosine here (Pearson r = "
+        f"{_f(c['pearson_r'], 2)} over {c['n']} points; {agree}); with {len(rows)} combinations "
+        "and no bootstrap interval this is descriptive, not evidence."
+    )
+
+
+def _meaning(results: dict) -> list:
+    rows = [r for r in results["combinations"] if plots.is_number(r.get("delta_pct"))]
+    if not rows:
+        return [Para("No combination has a finite Δ%: there is nothing to read yet.")]
+    text = _interference(rows, len(results.get("seeds", [])) > 1)
+    text.append(_trend(results, rows))
     paper = [r for r in _paper_rows(results) if r.get("delta_pct") is not None]
     if paper:
         same = sum((r["delta_pct"] > 0) == (r["paper_delta_pct"] > 0) for r in paper)
         text.append(f"The sign of Δ% matches the paper's on {same} of {len(paper)} of its pairs.")
-    methods = [r for r in rows if r.get("methods")]
-    if methods:
-        wins: dict[str, int] = {}
-        for r in methods:
-            if (b := _best_method(r)) is not None:
-                wins[b] = wins.get(b, 0) + 1
-        top = max(wins, key=wins.get)
+    variants = [
+        (r, v)
+        for r in rows
+        for v in r.get("paper_variants") or []
+        if plots.is_number(v.get("delta_pct"))
+    ]
+    if variants:
+        r, v = min(variants, key=lambda rv: rv[1]["delta_pct"])
         text.append(
-            f"Among the merge methods, `{top}` is best on {wins[top]} of {len(methods)} "
-            "combinations."
+            f"For {_name(r['domains'])}, the paper's best variant, merged-data "
+            f"{_name(v['pair'])} + single {v['third']}, gives {_f(v['delta_pct'], 1, True)} % vs "
+            f"the triple's merged-data adapter ({_f(r['delta_pct'], 1, True)} % for the plain sum "
+            "of three)."
         )
+    wins: dict[str, int] = {}
+    for r in rows:
+        if r.get("methods") and (b := _best_method(r)) is not None:
+            wins[b] = wins.get(b, 0) + 1
+    if wins:
+        top = max(wins, key=wins.get)
+        n = sum(1 for r in rows if r.get("methods"))
+        text.append(f"Among the merge methods, `{top}` is best on {wins[top]} of {n} combinations.")
     return [Para(" ".join(text))]
