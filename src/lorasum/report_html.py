@@ -19,7 +19,8 @@ main { max-width: 1080px; margin: 0 auto; padding: 24px 32px 64px; background: #
        box-shadow: 0 0 12px rgba(0,0,0,.06); }
 h1 { font-size: 24px; margin: 8px 0 4px; }
 h2 { font-size: 19px; margin: 36px 0 10px; padding-bottom: 4px; border-bottom: 2px solid #e4e4e4; }
-nav ol { columns: 3; font-size: 13px; padding-left: 20px; margin: 8px 0 0; }
+nav ol { columns: 3; column-gap: 32px; font-size: 13px; padding-left: 20px; margin: 8px 0 0; }
+nav li { break-inside: avoid; }
 nav a, h2 a { color: #2c5d9e; text-decoration: none; }
 div.tablewrap { max-width: 100%; overflow-x: auto; }
 table { border-collapse: collapse; margin: 10px 0; font-size: 13.5px; }
