@@ -19,17 +19,15 @@ import pytest
 from PIL import Image
 from scipy import stats as sps
 
+from lorasum import study_results
 from lorasum.cli import main
 from lorasum.report import rebuild_report, write_report
 from lorasum.report_blocks import Note, Para, Table
 from lorasum.report_findings import _meaning
-from lorasum.report_sections import _curves, _headline, _methods, _scatter
+from lorasum.report_sections import _curves, _headline, _methods, _scatter, _split
 from lorasum.stats import (
-    bootstrap_correlation,
-    confidence_band,
     correlation,
     delta_pct,
-    linear_fit,
 )
 
 DOMAINS = ["math", "medicine", "finance"]
@@ -66,16 +64,6 @@ def _ci95(v):
     m, sd = _mean(v), float(np.std(v, ddof=1))
     half = float(sps.t.ppf(0.975, len(v) - 1)) * sd / math.sqrt(len(v))
     return [m - half, m + half]
-
-
-def _stats(xs, ys, groups):
-    fit = linear_fit(xs, ys)
-    grid = np.linspace(min(xs), max(xs), 20).tolist()
-    return {
-        "bootstrap": bootstrap_correlation(xs, ys, groups, n_resamples=300, seed=0),
-        "fit": fit,
-        "band": confidence_band(fit, grid),
-    }
 
 
 def full_results(domains: list[str] = DOMAINS, max_order: int | None = None) -> dict:
@@ -191,46 +179,30 @@ def full_results(domains: list[str] = DOMAINS, max_order: int | None = None) -> 
             ]
         rows.append(row)
     points = [(p["rms_cosine"], p["delta_pct"]) for r in rows for p in r["per_seed"]]
-    statistics = {}
-    for n in PREDICTORS:
-        xs = [p["predictors"][n] for r in rows for p in r["per_seed"]]
-        ys = [p["delta_pct"] for r in rows for p in r["per_seed"]]
-        groups = ["+".join(r["domains"]) for r in rows for _ in r["per_seed"]]
-        statistics[n] = {
-            "points": _stats(xs, ys, groups),
-            "seed_means": _stats(
-                [r["predictors"][n] for r in rows],
-                [r["delta_pct"] for r in rows],
-                ["+".join(r["domains"]) for r in rows],
-            ),
-        }
-    prediction = {}
-    for n in PREDICTORS[:2]:
-        pts = []
-        for r in rows:
-            rest = [q for q in rows if q is not r]
-            x = [p["predictors"][n] for q in rest for p in q["per_seed"]]
-            y = [p["delta_pct"] for q in rest for p in q["per_seed"]]
-            k, c = np.polyfit(x, y, 1)
-            for p in r["per_seed"]:
-                pts.append(
-                    {
-                        "combination": "+".join(r["domains"]),
-                        "seed": p["seed"],
-                        "x": p["predictors"][n],
-                        "predicted": k * p["predictors"][n] + c,
-                        "measured": p["delta_pct"],
-                    }
-                )
-        prediction[n] = {
-            "points": pts,
-            "pearson_r": float(
-                np.corrcoef([p["predicted"] for p in pts], [p["measured"] for p in pts])[0, 1]
-            ),
-            "spearman_rho": None,
-        }
-    by_pair = {frozenset(r["domains"]): r for r in rows}
-    adapters = ["base", *DOMAINS] + [f"merged-{'+'.join(c)}" for c in combos]
+    # the study's own producers of these fields (fewer bootstrap resamples, for speed)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(study_results, "BOOTSTRAP_RESAMPLES", 300)
+        statistics = study_results.statistics(rows)
+        prediction = study_results.loo_prediction(rows)
+    train_config = {
+        "model": "default",
+        "rank": 4,
+        "alpha": 64.0,
+        "dropout": 0.1,
+        "target_modules": "auto",
+        "epochs": 1.0,
+        "max_steps": 0,
+        "lr": 2e-4,
+        "warmup_steps": 2,
+        "weight_decay": 0.01,
+        "batch_size": 8,
+        "max_length": 64,
+        "split_seed": 42,
+        "max_train": 48,
+        "max_eval": 24,
+        "answer_only": True,
+    }
+    adapters = ["base", *DOMAINS]
     fingerprint = {
         d: {
             "origin": f"builtin:{d}",
@@ -261,24 +233,7 @@ def full_results(domains: list[str] = DOMAINS, max_order: int | None = None) -> 
         "seeds": SEEDS,
         "seed_per_domain": False,
         "max_order": None,
-        "train_config": {
-            "model": "default",
-            "rank": 4,
-            "alpha": 64.0,
-            "dropout": 0.1,
-            "target_modules": "auto",
-            "epochs": 1.0,
-            "max_steps": 0,
-            "lr": 2e-4,
-            "warmup_steps": 2,
-            "weight_decay": 0.01,
-            "batch_size": 8,
-            "max_length": 64,
-            "split_seed": 42,
-            "max_train": 48,
-            "max_eval": 24,
-            "answer_only": True,
-        },
+        "train_config": train_config,
         "data": fingerprint,
         "base": {"per_domain": base},
         "singles": {
@@ -310,28 +265,12 @@ def full_results(domains: list[str] = DOMAINS, max_order: int | None = None) -> 
             },
         },
         "prediction": prediction,
-        "paper_comparison": {
-            "rows": [
-                {
-                    "pair": f"{a}+{b}",
-                    "paper_delta_pct": paper,
-                    "delta_pct": by_pair[frozenset((a, b))]["delta_pct"],
-                    "ci95": by_pair[frozenset((a, b))]["ci95"]["delta_pct"],
-                }
-                for (a, b), paper in [
-                    (("math", "medicine"), -9.10),
-                    (("math", "finance"), 4.54),
-                    (("finance", "medicine"), 27.56),
-                ]
-                if frozenset((a, b)) in by_pair
-            ],
-            "differences": ["SmolLM2-135M instead of GPT-2 small.", "48 rows per domain."],
-        },
+        "paper_comparison": study_results.paper_comparison(rows, "default", train_config),
         "manifest": {
             "versions": {"lorasum": "0.1.0", "torch": "2.13.0", "python": "3.11.2"},
             "hardware": {"cpu": "Test CPU", "cores": 2, "device": "cpu", "torch_threads": 2},
             "seeds": SEEDS,
-            "splits": {d: {"train": 48, "test": 24, "sha256": f"te{d}"} for d in DOMAINS},
+            "splits": fingerprint,
             "units": [
                 {"unit": u, "seed": s, "kind": "train", "seconds": 20.0 + i}
                 for s in SEEDS
@@ -345,7 +284,10 @@ def full_results(domains: list[str] = DOMAINS, max_order: int | None = None) -> 
             for s in SEEDS
             for u in units
         },
-        "budget": {"seconds": 3600, "used": 1234.5},
+        "budget": {
+            "token_policy": "equal tokens per domain",
+            "methods": "zero gradient steps",
+        },
         "config": {"preset": "quick", "seeds": SEEDS},
     }
 
@@ -456,7 +398,9 @@ def test_full_results_fill_every_section(full_report):
     for v in res["combinations"][3]["paper_variants"]:
         assert f"merged-data {' + '.join(v['pair'])} + single {v['third']}" in variants
     # the paper's comparison and differences as given
-    assert "SmolLM2-135M instead of GPT-2 small." in sections["The paper vs this run"]
+    for line in res["paper_comparison"]["differences"]:
+        assert line.split(";")[0] in sections["The paper vs this run"]
+    assert "| math + medicine | -9.10 |" in sections["The paper vs this run"]
 
 
 def test_method_table_marks_the_lowest_perplexity_per_combination():
@@ -596,6 +540,18 @@ def test_rms_cosine_is_plotted_even_without_its_statistics():
         "delta_vs_max_cross_talk",
     ]
     assert f"Pearson r = {res['correlation']['pearson_r']:.3f}" in blocks[0].caption
+
+
+@pytest.mark.parametrize(
+    "split, expected",
+    [
+        ({"train": {"n": 48, "sha256": "aa"}, "test": {"n": 24, "sha256": "bb"}},
+         [("48", "aa"), ("24", "bb")]),
+        ({"train": 48, "test": 24, "sha256": "bb"}, [("48", ""), ("24", "bb")]),
+    ],
+)  # fmt: skip
+def test_manifest_reads_both_split_shapes(split, expected):
+    assert [_split(split, "train"), _split(split, "test")] == expected
 
 
 def test_one_seed_study_has_no_intervals():

@@ -319,6 +319,8 @@ def train_curves(curves: dict[str, list]) -> bytes | None:
 
     ``curves`` maps ``"seed-<s>/<unit>"`` to ``[[step, loss], ...]``."""
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
     units = _loss_by_unit(curves)
     if not units:
         return None
@@ -345,6 +347,7 @@ def train_curves(curves: dict[str, list]) -> bytes | None:
                     label=unit.removeprefix("merged-") if j == 0 and named else None,
                 )
         ax.set_title(f"{title} ({len(us)})", fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("optimizer step", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
@@ -445,18 +448,23 @@ def _per_domain_by_domain(results: dict, rows: list[dict]) -> bytes:
     return _png(fig)
 
 
-def predicted_vs_measured(prediction: dict) -> bytes | None:
+def predicted_vs_measured(prediction: dict, colors: dict | None = None) -> bytes | None:
     """Leave-one-combination-out predicted Δ% against measured Δ%, one panel per predictor,
-    with the identity line."""
+    with the identity line; ``colors`` (combination → colour, e.g. ``combo_colors``) keeps
+    each combination's colour and order from the other figures."""
     plt = _plt()
     names = [n for n, p in prediction.items() if (p or {}).get("points")]
     if not names:
         return None
     fig, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names) + 0.4, 3.4), squeeze=False)
-    combos = sorted({pt["combination"] for n in names for pt in prediction[n]["points"]})
+    present = {pt["combination"] for n in names for pt in prediction[n]["points"]}
+    combos = [c for c in colors or {} if c in present] + sorted(present - set(colors or {}))
     cmap = plt.get_cmap("tab10" if len(combos) <= 10 else "tab20")
     many = len(combos) > MANY
-    color = {c: "#4c72b0" if many else cmap(i % cmap.N) for i, c in enumerate(combos)}
+    color = {
+        c: "#4c72b0" if many else (colors or {}).get(c, cmap(i % cmap.N))
+        for i, c in enumerate(combos)
+    }
     for ax, name in zip(axes.flat, names, strict=True):
         pts = [
             p

@@ -95,7 +95,7 @@ def _paper(results: dict) -> list:
         ["pair", "paper Δ%", "this run Δ%", "same sign as the paper"],
         [
             [
-                r["pair"].replace("+", " + "),
+                _name(r["domains"]) if r.get("domains") else r["pair"].replace("+", " + "),
                 _f(r["paper_delta_pct"], 2, True),
                 _delta(r),
                 _agrees(r),

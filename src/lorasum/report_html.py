@@ -28,6 +28,7 @@ th, td { padding: 4px 10px; border-bottom: 1px solid #e6e6e6; vertical-align: to
 th { background: #f0f3f7; text-align: left; font-weight: 600; }
 td:first-child { white-space: nowrap; }
 td.r, th.r { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+th.r { white-space: normal; }
 tr:nth-child(even) td { background: #fafbfc; }
 td.mark { font-weight: 700; background: #fff3c4 !important; }
 figure { margin: 14px 0 20px; }

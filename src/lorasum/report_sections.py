@@ -341,7 +341,7 @@ def _prediction(results: dict) -> list:
     pred = results.get("prediction")
     if not pred:
         return [Note("no leave-one-combination-out `prediction` in these results.")]
-    png = plots.predicted_vs_measured(pred)
+    png = plots.predicted_vs_measured(pred, plots.combo_colors(results))
     if not png:
         return [Note("`prediction` holds no points.")]
     summary = "; ".join(
@@ -444,19 +444,33 @@ def _data_training(results: dict) -> list:
     return blocks
 
 
+def _split(s: dict, part: str) -> tuple[str, str]:
+    """(rows, sha256) of one split of a domain, from a data fingerprint
+    (``{"train": {"n", "sha256"}, "test": {...}}``) or a flat ``{"train": n, "test": n,
+    "sha256": test hash}``."""
+    v = s.get(part)
+    if isinstance(v, dict):
+        return str(v.get("n", "n/a")), str(v.get("sha256", "n/a"))
+    return str(v if v is not None else "n/a"), str(s.get("sha256", "n/a")) if part == "test" else ""
+
+
 def _manifest(results: dict) -> list:
     m = results.get("manifest") or {}
     blocks: list = []
     if not m:
         blocks.append(Note("no `manifest` in these results: shown what they record."))
     versions = m.get("versions") or {"lorasum": results.get("lorasum_version", "n/a")}
-    blocks.append(Para("Versions: " + ", ".join(f"`{k}` {v}" for k, v in versions.items()) + "."))
+    blocks.append(
+        Para("Versions: " + ", ".join(f"`{k}` {v or 'n/a'}" for k, v in versions.items()) + ".")
+    )
     hw = m.get("hardware")
     if hw:
+        workers = f", {hw['workers']} worker process(es)" if hw.get("workers") else ""
         blocks.append(
             Para(
-                f"Hardware: {hw.get('cpu', 'n/a')}, {hw.get('cores', 'n/a')} cores, device "
-                f"`{hw.get('device', 'n/a')}`, {hw.get('torch_threads', 'n/a')} torch threads."
+                f"Hardware: {hw.get('cpu') or 'n/a'}, {hw.get('cores') or 'n/a'} cores, device "
+                f"`{hw.get('device') or 'n/a'}`, {hw.get('torch_threads') or 'n/a'} torch "
+                f"threads{workers}."
             )
         )
     seeds = m.get("seeds") or results.get("seeds") or []
@@ -466,24 +480,17 @@ def _manifest(results: dict) -> list:
             f"{_f(m.get('wall_seconds', results.get('wall_seconds')), 0)} s."
         )
     )
-    splits = m.get("splits") or {
-        d: {"train": fp["train"]["n"], "test": fp["test"]["n"], "sha256": fp["test"]["sha256"]}
-        for d, fp in (results.get("data") or {}).items()
-    }
+    splits = m.get("splits") or results.get("data") or {}
     if splits:
+        rows = []
+        for d, s in splits.items():
+            (n_train, h_train), (n_test, h_test) = _split(s, "train"), _split(s, "test")
+            rows.append([d, n_train, f"`{h_train}`" if h_train else "", n_test, f"`{h_test}`"])
         blocks.append(
             Table(
-                ["domain", "train rows", "test rows", "sha256"],
-                [
-                    [
-                        d,
-                        str(s.get("train", "n/a")),
-                        str(s.get("test", "n/a")),
-                        f"`{s.get('sha256', 'n/a')}`",
-                    ]
-                    for d, s in splits.items()
-                ],
-                "lrrl",
+                ["domain", "train rows", "train sha256", "test rows", "test sha256"],
+                rows,
+                "lrlrl",
             )
         )
     units = m.get("units")
@@ -509,15 +516,24 @@ def _manifest(results: dict) -> list:
             Table(
                 ["unit", "seed", "kind", "seconds"],
                 [
-                    [u["unit"], str(u.get("seed", "")), u["kind"], _f(u.get("seconds"), 1)]
+                    [
+                        u["unit"],
+                        "" if u.get("seed") is None else str(u["seed"]),
+                        u["kind"],
+                        _f(u.get("seconds"), 1),
+                    ]
                     for u in units
                 ],
                 "lrlr",
                 collapsed=f"time of every unit ({len(units)} rows)" if len(units) > 10 else "",
             )
         )
-    if results.get("budget"):
-        blocks.append(Code("budget (JSON)", json.dumps(results["budget"], indent=2, default=str)))
+    budget = results.get("budget")
+    if isinstance(budget, dict) and all(isinstance(v, str | int | float) for v in budget.values()):
+        blocks.append(Para("Budget:"))
+        blocks.append(Bullets([f"**{k.replace('_', ' ')}**: {v}" for k, v in budget.items()]))
+    elif budget:
+        blocks.append(Code("budget (JSON)", json.dumps(budget, indent=2, default=str)))
     return blocks
 
 
