@@ -19,11 +19,11 @@ import pytest
 from PIL import Image
 from scipy import stats as sps
 
-from lorasum import study_results
+from lorasum import plots, study_results
 from lorasum.cli import main
 from lorasum.report import rebuild_report, write_report
 from lorasum.report_blocks import Note, Para, Table
-from lorasum.report_findings import _meaning
+from lorasum.report_findings import what_this_means
 from lorasum.report_sections import _curves, _headline, _methods, _scatter, _split
 from lorasum.stats import (
     correlation,
@@ -424,7 +424,7 @@ def test_method_table_marks_the_lowest_perplexity_per_combination():
 
 def test_what_this_means_follows_the_numbers():
     res = full_results()
-    meaning = _meaning(res)[0].text
+    meaning = what_this_means(res)[0].text
     pairs = [r for r in res["combinations"] if len(r["domains"]) == 2]
     worst = max(pairs, key=lambda r: r["delta_pct"])
     best = min(pairs, key=lambda r: r["delta_pct"])
@@ -444,9 +444,9 @@ def test_what_this_means_follows_the_numbers():
     assert ("neither confirm nor refute" in meaning) == (lo <= 0 <= hi)
     # an interval across 0, then one below 0: the verdict changes with it
     boot.update(pearson_r=0.3, pearson_low=-0.2, pearson_high=0.7)
-    assert "neither confirm nor refute" in _meaning(res)[0].text
+    assert "neither confirm nor refute" in what_this_means(res)[0].text
     boot.update(pearson_r=-0.8, pearson_low=-0.95, pearson_high=-0.4)
-    text = _meaning(res)[0].text
+    text = what_this_means(res)[0].text
     assert "falls with RMS cosine" in text and "contradicts" in text
     # the best merge method is counted over the combinations
     wins = sum(r["best_method"] == "regmean" for r in res["combinations"])
@@ -479,18 +479,26 @@ def test_html_is_self_contained_and_every_image_decodes(full_report):
     _check_images(full_report[1]["html"], len(EVERY_FIGURE))
 
 
-def test_many_combinations_stay_readable_and_small(tmp_path):
+def test_many_combinations_stay_readable_and_small():
     # 6 domains, 15 pairs: more than a legend or a panel per unit can carry
     domains = ["math", "medicine", "finance", "nq", "siqa", "obqa"]
     res = full_results(domains, max_order=2)
-    assert len(res["combinations"]) == 15
-    paths = write_report(res, tmp_path)
-    _check_images(paths["html"], len(EVERY_FIGURE))
-    md = paths["markdown"].read_text()
+    assert len(res["combinations"]) == 15 > plots.MANY
+    figures = [
+        plots.delta_vs_predictor(res, "rms_cosine"),
+        plots.per_domain_bars(res),
+        plots.train_curves(res["train_curves"]),
+        plots.predicted_vs_measured(res["prediction"], plots.combo_colors(res)),
+    ]
+    for png in figures:
+        assert len(png) < 150_000
+        with Image.open(io.BytesIO(png)) as im:
+            assert im.format == "PNG" and min(im.size) > 100
     # the method table turns: one row per combination, one column per method
-    table = _md_sections(md)["Merge methods × combinations"]
-    assert sum(line.count("★") for line in table.splitlines() if line.startswith("| ")) == 15
-    assert "| combination | sum (baseline) | mean (data-free) |" in table
+    table = next(b for b in _methods(res) if isinstance(b, Table))
+    assert table.header[:3] == ["combination", "sum (baseline)", "mean (data-free)"]
+    assert len(table.rows) == 15
+    assert sum(c.startswith("★") for row in table.rows for c in row) == 15
 
 
 def test_older_results_render_with_a_note_per_missing_section(tmp_path):

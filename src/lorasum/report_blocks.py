@@ -65,7 +65,7 @@ class Section:
 # Number formatting
 
 
-def _f(x, digits: int = 2, signed: bool = False) -> str:
+def fmt(x, digits: int = 2, signed: bool = False) -> str:
     if x is None:
         return "n/a"
     try:
@@ -74,41 +74,41 @@ def _f(x, digits: int = 2, signed: bool = False) -> str:
         return str(x)
 
 
-def _interval(value, ci, digits: int = 2, signed: bool = False) -> str:
+def fmt_interval(value, ci, digits: int = 2, signed: bool = False) -> str:
     """`value [lo, hi]` when an interval exists, else the value."""
-    text = _f(value, digits, signed)
+    text = fmt(value, digits, signed)
     if ci and ci[0] is not None and ci[1] is not None:
-        return f"{text} [{_f(ci[0], digits, signed)}, {_f(ci[1], digits, signed)}]"
+        return f"{text} [{fmt(ci[0], digits, signed)}, {fmt(ci[1], digits, signed)}]"
     return text
 
 
-def _delta(row: dict, brief: bool = False) -> str:
+def fmt_delta(row: dict, brief: bool = False) -> str:
     """A row's signed Δ% with its ``ci95`` (unless ``brief``): shown only when the interval
     holds the value, as a t-interval of a mean over seeds always does (an interval of the
     perplexity instead would not)."""
     d, ci = row.get("delta_pct"), None if brief else row.get("ci95")
     if not (ci and is_number(d) and is_number(ci[0]) and is_number(ci[1]) and ci[0] <= d <= ci[1]):
         ci = None
-    return _interval(d, ci, 2, True)
+    return fmt_interval(d, ci, 2, True)
 
 
-def _ci(r: dict, key: str, digits: int = 2, signed: bool = False) -> str:
+def fmt_ci(r: dict, key: str, digits: int = 2, signed: bool = False) -> str:
     """`mean [lo, hi]` when a 95% interval exists (several seeds), else the value."""
-    return _interval(r.get(key), (r.get("ci95") or {}).get(key), digits, signed)
+    return fmt_interval(r.get(key), (r.get("ci95") or {}).get(key), digits, signed)
 
 
-def _tokens(metrics: dict) -> str:
+def fmt_tokens(metrics: dict) -> str:
     """`all / in loss` training tokens of one adapter (older runs did not record them)."""
     if metrics.get("real_tokens") is None:
         return "n/a"
     return f"{metrics['real_tokens']:,} / {metrics['answer_tokens']:,}"
 
 
-def _name(domains) -> str:
+def combo_label(domains) -> str:
     return " + ".join(domains)
 
 
-def _pair_means(pairs: list[dict]) -> list[dict]:
+def pair_means(pairs: list[dict]) -> list[dict]:
     """Pairs averaged over seeds (one row per pair, in first-seen order)."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for p in pairs:
@@ -127,5 +127,5 @@ def _pair_means(pairs: list[dict]) -> list[dict]:
     return out
 
 
-def _excludes_zero(lo, hi) -> bool:
+def excludes_zero(lo, hi) -> bool:
     return lo is not None and hi is not None and (lo > 0 or hi < 0)

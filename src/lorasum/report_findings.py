@@ -11,11 +11,11 @@ from lorasum.report_blocks import (
     Note,
     Para,
     Table,
-    _delta,
-    _excludes_zero,
-    _f,
-    _interval,
-    _name,
+    combo_label,
+    excludes_zero,
+    fmt,
+    fmt_delta,
+    fmt_interval,
 )
 
 # The paper's pair results (Δ% of naive sum vs merged-data training), arXiv 2508.11985.
@@ -27,7 +27,7 @@ PAPER_PAIR_DELTA = {
 PAPER_SETUP = {"model": "GPT-2 small (117M)", "lr": 5e-5}
 
 
-def _best_method(row: dict) -> str | None:
+def best_method_of(row: dict) -> str | None:
     methods = row.get("methods") or {}
     best = row.get("best_method")
     if best in methods:
@@ -82,12 +82,12 @@ def _agrees(row: dict) -> str:
         return "n/a"
     same = "yes" if (row["delta_pct"] > 0) == (row["paper_delta_pct"] > 0) else "no"
     ci = row.get("ci95")
-    if ci and ci[0] is not None and ci[1] is not None and not _excludes_zero(*ci):
+    if ci and ci[0] is not None and ci[1] is not None and not excludes_zero(*ci):
         return f"{same} (interval spans 0)"
     return same
 
 
-def _paper(results: dict) -> list:
+def paper_vs_run(results: dict) -> list:
     rows = _paper_rows(results)
     if not any(r.get("delta_pct") is not None for r in rows):
         return [Note("none of the paper's pairs (math, medicine, finance) is in this study.")]
@@ -95,9 +95,9 @@ def _paper(results: dict) -> list:
         ["pair", "paper Δ%", "this run Δ%", "same sign as the paper"],
         [
             [
-                _name(r["domains"]) if r.get("domains") else r["pair"].replace("+", " + "),
-                _f(r["paper_delta_pct"], 2, True),
-                _delta(r),
+                combo_label(r["domains"]) if r.get("domains") else r["pair"].replace("+", " + "),
+                fmt(r["paper_delta_pct"], 2, True),
+                fmt_delta(r),
                 _agrees(r),
             ]
             for r in rows
@@ -114,10 +114,10 @@ def _interference(rows: list[dict], several: bool) -> list[str]:
     best = min(pairs, key=lambda r: r["delta_pct"])
     kind = "pairs" if len(pairs[0]["domains"]) == 2 else "combinations"
     text = [
-        f"Of the {len(pairs)} {kind}, **{_name(worst['domains'])}** interferes most: its naive "
-        f"sum is {_f(worst['delta_pct'], 1, True)} % vs merged-data training "
-        f"(RMS cosine {_f(worst['rms_cosine'], 3)}); **{_name(best['domains'])}** least, "
-        f"{_f(best['delta_pct'], 1, True)} % (RMS cosine {_f(best['rms_cosine'], 3)})."
+        f"Of the {len(pairs)} {kind}, **{combo_label(worst['domains'])}** interferes most: its naive "
+        f"sum is {fmt(worst['delta_pct'], 1, True)} % vs merged-data training "
+        f"(RMS cosine {fmt(worst['rms_cosine'], 3)}); **{combo_label(best['domains'])}** least, "
+        f"{fmt(best['delta_pct'], 1, True)} % (RMS cosine {fmt(best['rms_cosine'], 3)})."
     ]
     deltas = [r["delta_pct"] for r in rows]
     worse = f"The sum is worse than merged-data training on {sum(d > 0 for d in deltas)} of {len(rows)} combinations"
@@ -127,16 +127,16 @@ def _interference(rows: list[dict], several: bool) -> list[str]:
         below = sum(hi is not None and hi < 0 for _, hi in ci)
         worse += f" ({above} with the whole 95% interval above 0, {below} with it below 0)"
     text.append(
-        worse + f"; Δ% averages {_f(sum(deltas) / len(deltas), 1, True)} % "
-        f"(from {_f(min(deltas), 1, True)} to {_f(max(deltas), 1, True)})."
+        worse + f"; Δ% averages {fmt(sum(deltas) / len(deltas), 1, True)} % "
+        f"(from {fmt(min(deltas), 1, True)} to {fmt(max(deltas), 1, True)})."
     )
     higher = [r for r in rows if len(r["domains"]) > 2]
     if higher and len(pairs) < len(rows):
         mean_pairs = sum(r["delta_pct"] for r in pairs) / len(pairs)
         mean_higher = sum(r["delta_pct"] for r in higher) / len(higher)
         text.append(
-            f"Summing three or more adapters gives {_f(mean_higher, 1, True)} % on average, "
-            f"pairs {_f(mean_pairs, 1, True)} %."
+            f"Summing three or more adapters gives {fmt(mean_higher, 1, True)} % on average, "
+            f"pairs {fmt(mean_pairs, 1, True)} %."
         )
     return text
 
@@ -150,14 +150,14 @@ def _trend(results: dict, rows: list[dict]) -> str:
         r, lo, hi = boot["pearson_r"], boot.get("pearson_low"), boot.get("pearson_high")
         head = (
             f"Δ% {'rises' if r > 0 else 'falls'} with RMS cosine here (Pearson r = "
-            f"{_interval(r, (lo, hi))} over {boot.get('n')} points in {boot.get('n_groups')} "
+            f"{fmt_interval(r, (lo, hi))} over {boot.get('n')} points in {boot.get('n_groups')} "
             "combinations); the paper found it rises, and "
         )
         if lo is None:
             return head + "with fewer than 3 combinations there is no interval: not evidence."
-        if _excludes_zero(lo, hi) and r > 0:
+        if excludes_zero(lo, hi) and r > 0:
             return head + "the bootstrap interval excludes 0, so this run supports that finding."
-        if _excludes_zero(lo, hi):
+        if excludes_zero(lo, hi):
             return head + "the interval excludes 0 on the opposite side: this run contradicts it."
         return (
             head
@@ -169,12 +169,12 @@ def _trend(results: dict, rows: list[dict]) -> str:
     agree = "as the paper found" if c["pearson_r"] > 0 else "the paper found it rises"
     return (
         f"Δ% {'rises' if c['pearson_r'] > 0 else 'falls'} with RMS cosine here (Pearson r = "
-        f"{_f(c['pearson_r'], 2)} over {c['n']} points; {agree}); with {len(rows)} combinations "
+        f"{fmt(c['pearson_r'], 2)} over {c['n']} points; {agree}); with {len(rows)} combinations "
         "and no bootstrap interval this is descriptive, not evidence."
     )
 
 
-def _meaning(results: dict) -> list:
+def what_this_means(results: dict) -> list:
     rows = [r for r in results["combinations"] if plots.is_number(r.get("delta_pct"))]
     if not rows:
         return [Para("No combination has a finite Δ%: there is nothing to read yet.")]
@@ -193,14 +193,14 @@ def _meaning(results: dict) -> list:
     if variants:
         r, v = min(variants, key=lambda rv: rv[1]["delta_pct"])
         text.append(
-            f"For {_name(r['domains'])}, the paper's best variant, merged-data "
-            f"{_name(v['pair'])} + single {v['third']}, gives {_f(v['delta_pct'], 1, True)} % vs "
-            f"the triple's merged-data adapter ({_f(r['delta_pct'], 1, True)} % for the plain sum "
+            f"For {combo_label(r['domains'])}, the paper's best variant, merged-data "
+            f"{combo_label(v['pair'])} + single {v['third']}, gives {fmt(v['delta_pct'], 1, True)} % vs "
+            f"the triple's merged-data adapter ({fmt(r['delta_pct'], 1, True)} % for the plain sum "
             "of three)."
         )
     wins: dict[str, int] = {}
     for r in rows:
-        if r.get("methods") and (b := _best_method(r)) is not None:
+        if r.get("methods") and (b := best_method_of(r)) is not None:
             wins[b] = wins.get(b, 0) + 1
     if wins:
         top = max(wins, key=wins.get)

@@ -19,15 +19,15 @@ from lorasum.report_blocks import (
     Para,
     Section,
     Table,
-    _ci,
-    _delta,
-    _f,
-    _interval,
-    _name,
-    _pair_means,
-    _tokens,
+    combo_label,
+    fmt,
+    fmt_ci,
+    fmt_delta,
+    fmt_interval,
+    fmt_tokens,
+    pair_means,
 )
-from lorasum.report_findings import _best_method, _meaning, _paper
+from lorasum.report_findings import best_method_of, paper_vs_run, what_this_means
 
 
 def _settings(results: dict) -> list:
@@ -38,7 +38,7 @@ def _settings(results: dict) -> list:
         Para(
             f"Model `{results['model']}`, preset `{results['preset']}`, domains "
             + ", ".join(f"`{n}` ({s})" for n, s in results["domains"].items())
-            + f". Wall time of this run: {_f(results.get('wall_seconds'), 0)} s."
+            + f". Wall time of this run: {fmt(results.get('wall_seconds'), 0)} s."
         ),
         Para(
             f"LoRA r={cfg['rank']}, alpha={cfg['alpha']:g}, dropout={cfg['dropout']:g}, "
@@ -71,12 +71,12 @@ def _headline(results: dict) -> list:
     seeds = results.get("seeds", [])
     rows = [
         [
-            _name(r["domains"]),
-            _ci(r, "rms_cosine", 4),
-            _f(r.get("ppl_base")),
-            _ci(r, "ppl_merged"),
-            _ci(r, "ppl_sum"),
-            _ci(r, "delta_pct", 2, True),
+            combo_label(r["domains"]),
+            fmt_ci(r, "rms_cosine", 4),
+            fmt(r.get("ppl_base")),
+            fmt_ci(r, "ppl_merged"),
+            fmt_ci(r, "ppl_sum"),
+            fmt_ci(r, "delta_pct", 2, True),
         ]
         for r in results["combinations"]
     ]
@@ -110,10 +110,10 @@ def _stat_caption(name: str, stats: dict) -> str:
         parts[0] += f" in {boot['n_groups']} combinations"
     conf = boot.get("confidence", 0.95)
     parts.append(
-        f"Pearson r = {_interval(boot.get('pearson_r'), (boot.get('pearson_low'), boot.get('pearson_high')))}"
+        f"Pearson r = {fmt_interval(boot.get('pearson_r'), (boot.get('pearson_low'), boot.get('pearson_high')))}"
     )
     parts.append(
-        f"Spearman ρ = {_interval(boot.get('spearman_rho'), (boot.get('spearman_low'), boot.get('spearman_high')))}"
+        f"Spearman ρ = {fmt_interval(boot.get('spearman_rho'), (boot.get('spearman_low'), boot.get('spearman_high')))}"
     )
     if boot.get("pearson_low") is not None:
         parts[-1] += (
@@ -123,12 +123,12 @@ def _stat_caption(name: str, stats: dict) -> str:
     if fit.get("slope") is not None:
         se = fit.get("slope_stderr")
         parts.append(
-            f"slope {_f(fit['slope'], 2)}{' ± ' + _f(se, 2) + ' (SE)' if se is not None else ''}"
-            f" Δ% per unit, intercept {_f(fit.get('intercept'), 2, True)}"
+            f"slope {fmt(fit['slope'], 2)}{' ± ' + fmt(se, 2) + ' (SE)' if se is not None else ''}"
+            f" Δ% per unit, intercept {fmt(fit.get('intercept'), 2, True)}"
         )
     means = (stats.get("seed_means") or {}).get("bootstrap") or {}
     if means.get("pearson_r") is not None:
-        parts.append(f"on combination means r = {_f(means['pearson_r'], 2)}")
+        parts.append(f"on combination means r = {fmt(means['pearson_r'], 2)}")
     label = plots.PREDICTOR_LABELS.get(name, f"`{name}`")
     return f"Δ% against {label}: " + "; ".join(parts) + "."
 
@@ -150,8 +150,8 @@ def _scatter(results: dict) -> list:
                     "delta_vs_rms_cosine",
                     png,
                     f"Δ% against RMS cosine over {c['n']} points: Pearson r = "
-                    f"{_f(c['pearson_r'], 3)} (p = {_f(c['p_value'], 3)}), least squares Δ% = "
-                    f"{_f(c['slope'], 1)} · cos {_f(c['intercept'], 2, True)}.",
+                    f"{fmt(c['pearson_r'], 3)} (p = {fmt(c['p_value'], 3)}), least squares Δ% = "
+                    f"{fmt(c['slope'], 1)} · cos {fmt(c['intercept'], 2, True)}.",
                 )
             )
     for name in names:
@@ -164,7 +164,7 @@ def _scatter(results: dict) -> list:
 
 
 def _cosine(results: dict) -> list:
-    pair_means = _pair_means(results.get("pairs") or [])
+    pairs = pair_means(results.get("pairs") or [])
     png = plots.cosine_heatmap(results)
     blocks: list = []
     if png:
@@ -180,14 +180,14 @@ def _cosine(results: dict) -> list:
             [
                 [
                     f"{p['a']} · {p['b']}",
-                    _f(p["rms_cosine"], 4),
-                    _f(p["global_cosine"], 4, True),
-                    _f(p["max_abs"], 4),
+                    fmt(p["rms_cosine"], 4),
+                    fmt(p["global_cosine"], 4, True),
+                    fmt(p["max_abs"], 4),
                 ]
-                for p in pair_means
+                for p in pairs
             ],
             "lrrr",
-            collapsed=f"every pair ({len(pair_means)} rows)" if len(pair_means) > 12 else "",
+            collapsed=f"every pair ({len(pairs)} rows)" if len(pairs) > 12 else "",
         )
     )
     return blocks
@@ -260,13 +260,13 @@ def _per_domain(results: dict) -> list:
         for d, v in (r.get("per_domain") or {}).items():
             rows.append(
                 [
-                    _name(r["domains"]),
+                    combo_label(r["domains"]),
                     d,
-                    _f(v.get("ppl_base")),
-                    _f(v.get("ppl_single")),
-                    _f(v.get("ppl_merged")),
-                    _f(v.get("ppl_sum")),
-                    _f(v.get("delta_pct"), 2, True),
+                    fmt(v.get("ppl_base")),
+                    fmt(v.get("ppl_single")),
+                    fmt(v.get("ppl_merged")),
+                    fmt(v.get("ppl_sum")),
+                    fmt(v.get("delta_pct"), 2, True),
                 ]
             )
     blocks.append(
@@ -299,26 +299,26 @@ def _methods(results: dict) -> list:
         v = r["methods"].get(m)
         if v is None:
             return "–"
-        text = _delta(v, brief)
-        return "★ " + text if _best_method(r) == m else text
+        text = fmt_delta(v, brief)
+        return "★ " + text if best_method_of(r) == m else text
 
     if across_methods:
         header = ["combination"] + [f"{m} ({category[m]})" if category[m] else m for m in names]
-        table_rows = [[_name(r["domains"])] + [cell(m, r) for m in names] for r in rows]
+        table_rows = [[combo_label(r["domains"])] + [cell(m, r) for m in names] for r in rows]
         marked = {
-            (j, 1 + names.index(b)) for j, r in enumerate(rows) if (b := _best_method(r)) in names
+            (j, 1 + names.index(b)) for j, r in enumerate(rows) if (b := best_method_of(r)) in names
         }
         align = "l" + "r" * len(names)
     else:
-        header = ["method", "kind"] + [_name(r["domains"]) for r in rows]
+        header = ["method", "kind"] + [combo_label(r["domains"]) for r in rows]
         table_rows = [[m, category[m]] + [cell(m, r) for r in rows] for m in names]
         marked = {
-            (names.index(b), 2 + j) for j, r in enumerate(rows) if (b := _best_method(r)) in names
+            (names.index(b), 2 + j) for j, r in enumerate(rows) if (b := best_method_of(r)) in names
         }
         align = "ll" + "r" * len(rows)
     wins: dict[str, int] = {}
     for r in rows:
-        if (b := _best_method(r)) is not None:
+        if (b := best_method_of(r)) is not None:
             wins[b] = wins.get(b, 0) + 1
     return [
         Table(header, table_rows, align, marked=marked),
@@ -345,7 +345,7 @@ def _prediction(results: dict) -> list:
     if not png:
         return [Note("`prediction` holds no points.")]
     summary = "; ".join(
-        f"`{n}`: r = {_f(p.get('pearson_r'), 2)}, ρ = {_f(p.get('spearman_rho'), 2)} "
+        f"`{n}`: r = {fmt(p.get('pearson_r'), 2)}, ρ = {fmt(p.get('spearman_rho'), 2)} "
         f"({len(p.get('points') or [])} points)"
         for n, p in pred.items()
     )
@@ -369,19 +369,19 @@ def _variants(results: dict) -> list:
     for r in triples:
         rows.append(
             [
-                _name(r["domains"]),
+                combo_label(r["domains"]),
                 "sum of the singles",
-                _f(r["ppl_sum"]),
-                _ci(r, "delta_pct", 2, True),
+                fmt(r["ppl_sum"]),
+                fmt_ci(r, "delta_pct", 2, True),
             ]
         )
         for v in r["paper_variants"]:
             rows.append(
                 [
                     "",
-                    f"merged-data {_name(v['pair'])} + single {v['third']}",
-                    _f(v.get("ppl")),
-                    _delta(v),
+                    f"merged-data {combo_label(v['pair'])} + single {v['third']}",
+                    fmt(v.get("ppl")),
+                    fmt_delta(v),
                 ]
             )
     return [
@@ -406,10 +406,10 @@ def _data_training(results: dict) -> list:
                 str(fp["test"]["n"]),
                 f"`{fp['test']['sha256']}`",
                 str(ms[0]["steps"]),
-                _tokens(ms[0]),
+                fmt_tokens(ms[0]),
                 str(single.get("tokens", "n/a")),
-                f"{_f(mean('first_loss'))} → {_f(mean('final_loss'))}",
-                _f(mean("tokens_per_second"), 0),
+                f"{fmt(mean('first_loss'))} → {fmt(mean('final_loss'))}",
+                fmt(mean("tokens_per_second"), 0),
             ]
         )
     blocks: list = [
@@ -435,7 +435,7 @@ def _data_training(results: dict) -> list:
             Para(
                 "Merged-data adapters (one epoch over the union of their domains' training rows): "
                 + "; ".join(
-                    f"{u.removeprefix('merged-')} {ms[0]['steps']} steps, {_tokens(ms[0])} tokens"
+                    f"{u.removeprefix('merged-')} {ms[0]['steps']} steps, {fmt_tokens(ms[0])} tokens"
                     for u, ms in merged.items()
                 )
                 + "."
@@ -477,7 +477,7 @@ def _manifest(results: dict) -> list:
     blocks.append(
         Para(
             f"Seeds: {', '.join(map(str, seeds)) or 'n/a'}; wall time "
-            f"{_f(m.get('wall_seconds', results.get('wall_seconds')), 0)} s."
+            f"{fmt(m.get('wall_seconds', results.get('wall_seconds')), 0)} s."
         )
     )
     splits = m.get("splits") or results.get("data") or {}
@@ -520,7 +520,7 @@ def _manifest(results: dict) -> list:
                         u["unit"],
                         "" if u.get("seed") is None else str(u["seed"]),
                         u["kind"],
-                        _f(u.get("seconds"), 1),
+                        fmt(u.get("seconds"), 1),
                     ]
                     for u in units
                 ],
@@ -563,8 +563,8 @@ def build_report(results: dict, run_dir: str | Path | None = None) -> list[Secti
     return [
         Section("Settings", "settings", _settings(results)),
         Section("Composition vs merged-data training", "headline", _headline(results)),
-        Section("What this means", "meaning", _meaning(results)),
-        Section("The paper vs this run", "paper", _paper(results)),
+        Section("What this means", "meaning", what_this_means(results)),
+        Section("The paper vs this run", "paper", paper_vs_run(results)),
         Section("Δ% against the predictors", "scatter", _scatter(results)),
         Section("Merge methods × combinations", "methods", _methods(results)),
         Section("Predicted vs measured Δ%", "prediction", _prediction(results)),
