@@ -550,6 +550,25 @@ def test_rms_cosine_is_plotted_even_without_its_statistics():
     assert f"Pearson r = {res['correlation']['pearson_r']:.3f}" in blocks[0].caption
 
 
+def test_bare_results_render_every_section_or_a_note(tmp_path):
+    # only what `lorasum report` requires: every other section says why it is empty
+    res = old_results()
+    for k in ("data", "singles", "merged_training", "base", "wall_seconds", "lorasum_version"):
+        res.pop(k)
+    for r in res["combinations"]:
+        r.pop("per_domain")
+        r.pop("ci95")
+    paths = write_report(res, tmp_path)
+    md = paths["markdown"].read_text()
+    assert len(_md_sections(md)) == 15
+    assert set(_notes(md)) >= {"Per-domain perplexity", "Data and training", "Training loss"}
+    assert {p.stem for p in (tmp_path / "figures").iterdir()} == {
+        "delta_vs_rms_cosine",
+        "cosine_heatmap",
+    }
+    _parse(paths["html"])
+
+
 @pytest.mark.parametrize(
     "split, expected",
     [

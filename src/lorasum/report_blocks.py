@@ -74,6 +74,13 @@ def fmt(x, digits: int = 2, signed: bool = False) -> str:
         return str(x)
 
 
+def fmt_g(x) -> str:
+    """A setting as written (``1``, ``0.1``, ``2e-04``), or n/a when absent."""
+    if x is None:
+        return "n/a"
+    return f"{x:g}" if isinstance(x, int | float) else str(x)
+
+
 def fmt_interval(value, ci, digits: int = 2, signed: bool = False) -> str:
     """`value [lo, hi]` when an interval exists, else the value."""
     text = fmt(value, digits, signed)

@@ -23,6 +23,7 @@ from lorasum.report_blocks import (
     fmt,
     fmt_ci,
     fmt_delta,
+    fmt_g,
     fmt_interval,
     fmt_tokens,
     pair_means,
@@ -41,13 +42,15 @@ def _settings(results: dict) -> list:
             + f". Wall time of this run: {fmt(results.get('wall_seconds'), 0)} s."
         ),
         Para(
-            f"LoRA r={cfg['rank']}, alpha={cfg['alpha']:g}, dropout={cfg['dropout']:g}, "
-            f"targets `{cfg['target_modules']}`; lr {cfg['lr']:g}, batch {cfg['batch_size']}, "
-            f"epochs {cfg['epochs']:g}"
+            f"LoRA r={fmt_g(cfg.get('rank'))}, alpha={fmt_g(cfg.get('alpha'))}, dropout="
+            f"{fmt_g(cfg.get('dropout'))}, targets `{fmt_g(cfg.get('target_modules'))}`; lr "
+            f"{fmt_g(cfg.get('lr'))}, batch {fmt_g(cfg.get('batch_size'))}, epochs "
+            f"{fmt_g(cfg.get('epochs'))}"
             f"{', max steps ' + str(cfg['max_steps']) if cfg.get('max_steps') else ''}, "
-            f"max length {cfg['max_length']}, split seed {cfg['split_seed']}, "
-            f"training seed{'s' if several else ''} {', '.join(map(str, seeds))}; "
-            f"loss and perplexity on {'answer tokens only' if cfg['answer_only'] else 'all tokens'}."
+            f"max length {fmt_g(cfg.get('max_length'))}, split seed "
+            f"{fmt_g(cfg.get('split_seed'))}, training seed{'s' if several else ''} "
+            f"{', '.join(map(str, seeds))}; loss and perplexity on "
+            f"{'answer tokens only' if cfg.get('answer_only') else 'all tokens'}."
         ),
         Para(
             "LoRA init: each domain adapter has its own seed (`--seed-per-domain`)."
@@ -269,6 +272,8 @@ def _per_domain(results: dict) -> list:
                     fmt(v.get("delta_pct"), 2, True),
                 ]
             )
+    if not rows:
+        return [Note("no per-domain perplexities in these results.")]
     blocks.append(
         Table(
             ["combination", "domain", "ppl base", "ppl single", "ppl merged", "ppl sum", "Δ%"],
@@ -394,9 +399,13 @@ def _variants(results: dict) -> list:
 
 
 def _data_training(results: dict) -> list:
+    data, singles = results.get("data") or {}, results.get("singles") or {}
+    names = [n for n in results["domains"] if n in data and (singles.get(n) or {}).get("train")]
+    if not names:
+        return [Note("no per-domain data and training records in these results.")]
     rows = []
-    for n in results["domains"]:
-        fp, single = results["data"][n], results["singles"][n]
+    for n in names:
+        fp, single = data[n], singles[n]
         ms = single["train"]
         mean = lambda k, ms=ms: sum(m.get(k) or 0.0 for m in ms) / len(ms)  # noqa: E731
         rows.append(
