@@ -350,8 +350,13 @@ def _prediction(results: dict) -> list:
     if not png:
         return [Note("`prediction` holds no points.")]
     summary = "; ".join(
-        f"`{n}`: r = {fmt(p.get('pearson_r'), 2)}, ρ = {fmt(p.get('spearman_rho'), 2)} "
-        f"({len(p.get('points') or [])} points)"
+        f"`{n}`: r = {fmt(p.get('pearson_r'), 2)}, ρ = {fmt(p.get('spearman_rho'), 2)}"
+        + (
+            f", mean |error| {fmt(p['mean_abs_error'], 2)} percentage points"
+            if plots.is_number(p.get("mean_abs_error"))
+            else ""
+        )
+        + f" (n = {len(p.get('points') or [])})"
         for n, p in pred.items()
     )
     return [
