@@ -212,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_dataclass_flags(r, TrainConfig, skip={"model", "data", "eval_val"}, defaults=False)
 
+    rep = sub.add_parser(
+        "report", help="rebuild report.md and report.html of a study from its results.json"
+    )
+    rep.add_argument("run_dir", help="the study directory (--out of `lorasum reproduce`)")
+
     sub.add_parser("assets", help="check the embedded model and data, and build the model cache")
     return p
 
@@ -334,6 +339,11 @@ def _run(args: argparse.Namespace) -> int:
             f"report: {args.out}/report.html (and .md)  results: {args.out}/results.json  "
             f"plot: {args.out}/cosine_vs_delta.png  ({results['wall_seconds']:.0f} s)"
         )
+    elif args.command == "report":
+        from lorasum.report import rebuild_report
+
+        paths = rebuild_report(args.run_dir)
+        print(f"report: {paths['markdown']}  {paths['html']}  plot: {paths['plot']}")
     elif args.command == "assets":
         from lorasum.data import BUILTIN_DOMAINS, load_builtin
         from lorasum.models import prepare_default_model
