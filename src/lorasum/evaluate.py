@@ -64,7 +64,13 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
 
 
 def perplexity_from(nll: float, tokens: int) -> float:
-    return math.exp(nll / tokens) if tokens > 0 else float("nan")
+    """exp(mean NLL); inf when that overflows a float (reported as inf, never a crash)."""
+    if tokens <= 0:
+        return float("nan")
+    try:
+        return math.exp(nll / tokens)
+    except OverflowError:
+        return float("inf")
 
 
 @torch.inference_mode()
