@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from lorasum import __version__
-from lorasum.adapters import Adapter, check_fits, read_adapter, write_adapter
+from lorasum.adapters import Adapter, check_fits, read_adapter, weights_file, write_adapter
 from lorasum.calibration import calibrate_adapters, calibration_keys, parse_calibration
 from lorasum.errors import LorasumError
 from lorasum.io import (
@@ -128,7 +128,7 @@ def parse_weights(weights: str | Sequence[float] | None, n: int) -> list[float]:
 def _weights_sha256(a: Adapter) -> str:
     from lorasum.models import sha256_file
 
-    return sha256_file(a.path / "adapter_model.safetensors")
+    return sha256_file(weights_file(a.path))
 
 
 def adapter_fingerprint(a: Adapter, weights_sha256: str | None = None) -> str:
