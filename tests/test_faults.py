@@ -335,3 +335,25 @@ def test_result_moved_aside_by_a_killed_overwrite_is_put_back(tmp_path):
     remove_stale_temps(out)
     assert read_json(out / MARKER)["key"] == "old" and not old.exists()
     assert check_output_dir(out, "old")
+
+
+# --- load (run by `make load`, not `make test`) ----------------------------------------------
+
+
+@pytest.mark.load
+def test_memory_stays_bounded_under_load(tmp_path):
+    """compose of 50 adapters and eval over 100,000 examples in fresh processes (as
+    benchmarks/load.py measures them): the extra peak memory stays within a small multiple of
+    the inputs for compose (the exact sum's output is as large as its inputs) and far below the
+    size of holding every collated batch for eval."""
+    sys.path.insert(0, str(Path(SRC).parent / "benchmarks"))
+    import load
+
+    adapters = load.make_adapters(tmp_path / "adapters", 50)
+    inputs_mb = sum(p.stat().st_size for a in adapters for p in a.iterdir()) / 2**20
+    row = load.measure("compose", [*adapters, tmp_path / "sum"])
+    assert row["rank"] == 200
+    assert row["peak_rss_mb"] - row["baseline_rss_mb"] < 4 * inputs_mb + 64
+    model, data = load.make_eval_inputs(tmp_path, 100_000)
+    row = load.measure("eval", [model, data, 100_000])
+    assert row["peak_rss_mb"] - row["baseline_rss_mb"] < 400

@@ -592,15 +592,36 @@ def collate(items: Sequence[tuple[Tokenized, int]], pad_id: int) -> Batch:
     return Batch(ids, mask, counted, dataset)
 
 
+class LazyBatches(Sequence):
+    """Batches collated only when read: one batch's tensors in memory at a time, not all
+    (evaluation over 100,000 examples streams; see benchmarks/load.py)."""
+
+    def __init__(self, items: Sequence[tuple[Tokenized, int]], groups: list[list[int]], pad_id):
+        self.items, self.groups, self.pad_id = items, groups, pad_id
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return collate([self.items[j] for j in self.groups[i]], self.pad_id)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return (self[i] for i in range(len(self)))
+
+
 def make_batches(
     items: Sequence[tuple[Tokenized, int]],
     batch_size: int,
     pad_id: int,
     shuffle: bool,
     seed: int = 0,
-) -> list[Batch]:
+    lazy: bool = False,
+) -> list[Batch] | LazyBatches:
     """Batches with little padding: sorted by length (eval) or length-grouped in shuffled
-    windows of 16 batches (train), then the batch order shuffled."""
+    windows of 16 batches (train), then the batch order shuffled. ``lazy``: the same batches,
+    collated one at a time as they are read."""
     order = list(range(len(items)))
     if shuffle:
         rng = random.Random(seed)
@@ -613,13 +634,12 @@ def make_batches(
         ]
     else:
         order.sort(key=lambda j: len(items[j][0].input_ids))
-    batches = [
-        collate([items[i] for i in order[s : s + batch_size]], pad_id)
-        for s in range(0, len(order), batch_size)
-    ]
+    groups = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     if shuffle:
-        random.Random(seed + 1).shuffle(batches)
-    return batches
+        random.Random(seed + 1).shuffle(groups)  # the same permutation as shuffling batches
+    if lazy:
+        return LazyBatches(items, groups, pad_id)
+    return [collate([items[i] for i in g], pad_id) for g in groups]
 
 
 def tokenize_split(

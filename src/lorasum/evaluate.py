@@ -167,7 +167,7 @@ def evaluate(
         check_fits(adapter_obj, net, model)
         net = PeftModel.from_pretrained(net, adapter)
     items = tokenize_split(tokenizer, sources, split, max_length, answer_only)
-    batches = make_batches(items, batch_size, tokenizer.pad_token_id, shuffle=False)
+    batches = make_batches(items, batch_size, tokenizer.pad_token_id, shuffle=False, lazy=True)
     result = evaluate_batches(
         net,
         batches,
