@@ -114,6 +114,22 @@ def write_error(e: BaseException, out: Path) -> BaseException:
     return e
 
 
+def _make_parents(path: Path) -> list[Path]:
+    """mkdir -p ``path``'s parent; return the directories it created, deepest first."""
+    missing = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _remove_created(dirs: list[Path]) -> None:
+    """Undo ``_make_parents`` after a failed write (only directories that are still empty)."""
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:
+            return
+
+
 def temp_beside(path: Path, suffix: str = ".tmp") -> str:
     """A new empty temp file beside ``path`` (for writers that need a file name), after
     removing what killed runs left there; finish it with ``commit_temp``."""
@@ -135,11 +151,13 @@ def commit_temp(tmp: str, path: Path) -> None:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write text atomically (temp file + rename)."""
     path = Path(path)
+    created: list[Path] = []
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        created = _make_parents(path)
         remove_stale_temps(path)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path.name), suffix=".tmp")
     except OSError as e:
+        _remove_created(created)
         raise write_error(e, path) from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -150,6 +168,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        _remove_created(created)
         err = write_error(e, path)
         if err is e:
             raise
@@ -232,12 +251,14 @@ def atomic_dir(out: str | Path, marker: dict[str, Any] | None = None) -> Iterato
     a marker is always complete.
     """
     out = Path(out)
+    created: list[Path] = []
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
+        created = _make_parents(out)
         remove_stale_temps(out)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=_temp_prefix(out.name), suffix=".tmp"))
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
     except OSError as e:
+        _remove_created(created)
         raise write_error(e, out) from None
     try:
         yield tmp
@@ -258,6 +279,7 @@ def atomic_dir(out: str | Path, marker: dict[str, Any] | None = None) -> Iterato
             os.replace(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_created(created)
         err = write_error(e, out)
         if err is e:
             raise
