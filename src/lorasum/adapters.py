@@ -188,7 +188,8 @@ def read_adapter(
     cfg_path, w_path = path / CONFIG_NAME, weights_file(path)
     if not cfg_path.is_file():
         raise LorasumError(
-            f"adapter {path} has no {CONFIG_NAME}; pass a directory that PEFT's save_pretrained wrote"
+            f"adapter {path} has no {CONFIG_NAME}; pass a directory that PEFT's "
+            "save_pretrained wrote"
         )
     try:
         config = json.loads(cfg_path.read_text(encoding="utf-8"))
@@ -241,7 +242,8 @@ def read_adapter(
     for module, ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
             raise LorasumError(
-                f"adapter {path}: module {module} has lora_{set(ab).pop()} only; re-save the adapter"
+                f"adapter {path}: module {module} has lora_{set(ab).pop()} only; "
+                "re-save the adapter"
             )
         if not (ab["A"].is_floating_point() and ab["B"].is_floating_point()):
             raise LorasumError(

@@ -107,9 +107,10 @@ def write_error(e: BaseException, out: Path) -> BaseException:
     """A full disk or a read-only/forbidden place → LorasumError; anything else unchanged."""
     full = isinstance(e, Exception) and ("No space left" in str(e) or "StorageFull" in str(e))
     if full or (isinstance(e, OSError) and e.errno in _WRITE_ERRNOS):
+        why = getattr(e, "strerror", None) or str(e)[:80]
         return LorasumError(
-            f"cannot write {out} ({getattr(e, 'strerror', None) or str(e)[:80]}); nothing was written: free disk space or "
-            "choose a writable --out"
+            f"cannot write {out} ({why}); nothing was written: free disk space or choose a "
+            "writable --out"
         )
     return e
 
