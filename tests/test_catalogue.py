@@ -269,6 +269,24 @@ def _one_gb_line(w: World, d: Path) -> list[str]:
     return train_on("")(w, d)[:4] + [str(f)] + train_on("")(w, d)[5:]
 
 
+def _long_answers_eval(w: World, d: Path) -> list[str]:
+    f = d / "long.jsonl"
+    f.write_text(
+        "".join(json.dumps({"question": f"q{i}", "answer": LONG_ANSWER}) + "\n" for i in range(20))
+    )
+    return [
+        "eval",
+        "--model",
+        str(w.llama),
+        "--data",
+        str(f),
+        "--max-length",
+        "16",
+        "--precision",
+        "fp32",
+    ]
+
+
 def _similarity_mixed(w: World, d: Path) -> list[str]:
     llama = _copy(w.a, d / "llama")
     gpt2 = _copy(w.g, d / "gpt2")
@@ -439,6 +457,7 @@ CASES: list[tuple[str, Callable[[World, Path], list[str]], str]] = [
         ),
         "raise --max-length",
     ),
+    ("data-answers-longer-than-max-length-eval", _long_answers_eval, "raise --max-length"),
     ("data-one-gb-line", _one_gb_line, "line longer than"),
     (
         "data-missing-file",

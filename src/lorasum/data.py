@@ -654,11 +654,20 @@ def tokenize_split(
     if not items:
         names = ", ".join(s.name for s in sources)
         raise LorasumError(f"the {split} split of {names} is empty; use more data")
+    return items
+
+
+def check_answers_fit(
+    items: Sequence[tuple[Tokenized, int]], sources: Sequence[Source], split: str, max_length: int
+) -> None:
+    """Refuse a source none of whose answers fits whole in ``max_length`` tokens: training or
+    scoring it would only ever see answer prefixes (a --max-length set far too low)."""
+    whole = [False] * len(sources)
+    for t, d in items:
+        whole[d] = whole[d] or not t.truncated
     for d, src in enumerate(sources):
-        mine = [t for t, i in items if i == d]
-        if mine and all(t.truncated for t in mine):
+        if not whole[d] and any(i == d for _, i in items):
             raise LorasumError(
                 f"every answer in the {split} split of {src.name} is cut at --max-length "
                 f"{max_length} tokens (none would be learned or scored whole); raise --max-length"
             )
-    return items

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lorasum import __version__
-from lorasum.data import Source, load_split, make_batches
+from lorasum.data import Source, check_answers_fit, load_split, make_batches
 from lorasum.errors import LorasumError, raise_all
 from lorasum.evaluate import autocast_context, evaluate_batches, token_nll
 from lorasum.io import atomic_dir, check_output_dir, config_key, read_json
@@ -222,6 +222,7 @@ def train(
     targets = resolve_target_modules(model, cfg.target_modules)
 
     train_items = tokenize_cached(tokenizer, sources, "train", cfg.max_length, cfg.answer_only)
+    check_answers_fit(train_items, sources, "train", cfg.max_length)
     steps_per_epoch = math.ceil(len(train_items) / cfg.batch_size)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
