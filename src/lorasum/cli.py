@@ -218,7 +218,36 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dir", help="the study directory (--out of `lorasum reproduce`)")
 
     sub.add_parser("assets", help="check the embedded model and data, and build the model cache")
+    _add_safety_flags(sub)
     return p
+
+
+def _add_safety_flags(sub) -> None:
+    """--allow-pickle / --trust-remote-code on every command (both off by default)."""
+    for command in sub.choices.values():
+        command.add_argument(
+            "--allow-pickle",
+            action="store_true",
+            help="load pickle checkpoints (adapter_model.bin, pytorch_model.bin) with "
+            "torch.load(weights_only=True); default: safetensors only",
+        )
+        command.add_argument(
+            "--trust-remote-code",
+            action="store_true",
+            help="let a model run its own Python code (auto_map); default: refused",
+        )
+
+
+def _apply_safety_flags(args: argparse.Namespace) -> None:
+    """The flags become environment variables, so worker processes follow them too."""
+    import os
+
+    from lorasum.models import ALLOW_PICKLE_ENV, TRUST_REMOTE_CODE_ENV
+
+    if getattr(args, "allow_pickle", False):
+        os.environ[ALLOW_PICKLE_ENV] = "1"
+    if getattr(args, "trust_remote_code", False):
+        os.environ[TRUST_REMOTE_CODE_ENV] = "1"
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -364,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         _quiet_libraries()
     try:
+        _apply_safety_flags(args)
         return _run(args)
     except LorasumError as e:
         print(f"lorasum: error: {e}", file=sys.stderr)

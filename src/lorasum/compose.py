@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from lorasum import __version__
-from lorasum.adapters import Adapter, check_fits, read_adapter, write_adapter
+from lorasum.adapters import Adapter, check_fits, read_adapter, weights_file, write_adapter
 from lorasum.calibration import calibrate_adapters, calibration_keys, parse_calibration
 from lorasum.errors import LorasumError
 from lorasum.io import (
@@ -97,6 +97,18 @@ def check_compatible(adapters: Sequence[Adapter], fan_in_fan_out: bool = True) -
             )
 
 
+def _check_inside(out: Path, inputs: Sequence[Path], flag: str) -> None:
+    """Refuse an output that is, contains or lies inside an input adapter directory."""
+    o = out.resolve()
+    for p in inputs:
+        q = p.resolve()
+        if o == q or q in o.parents or o in q.parents:
+            raise LorasumError(
+                f"{flag} {out} overlaps the input adapter {p}; write the result to a separate "
+                "directory so no input is changed"
+            )
+
+
 def parse_weights(weights: str | Sequence[float] | None, n: int) -> list[float]:
     if weights is None:
         return [1.0] * n
@@ -116,7 +128,7 @@ def parse_weights(weights: str | Sequence[float] | None, n: int) -> list[float]:
 def _weights_sha256(a: Adapter) -> str:
     from lorasum.models import sha256_file
 
-    return sha256_file(a.path / "adapter_model.safetensors")
+    return sha256_file(weights_file(a.path))
 
 
 def adapter_fingerprint(a: Adapter, weights_sha256: str | None = None) -> str:
@@ -241,6 +253,7 @@ def compose(
         key_fields["merge"] = resolved  # the plain sum keeps the key it always had
     key = config_key(key_fields)
     out = Path(out)
+    _check_inside(out, [a.path for a in adapters], "--out")
     # reuse_same: with overwrite, still keep a finished result that has the same key.
     reuse = check_output_dir(out, key, overwrite and not (reuse_same and existing_key(out) == key))
     merged_out = Path(merge_into_base) if merge_into_base else None
@@ -249,6 +262,7 @@ def compose(
             raise LorasumError("the adapters do not name their base model; pass --model")
         if merged_out.resolve() == out.resolve():
             raise LorasumError("--merge-into-base must differ from --out")
+        _check_inside(merged_out, [a.path for a in adapters], "--merge-into-base")
         check_output_dir(merged_out, None, overwrite)
     if not reuse:
         grams, calibrated = None, None
@@ -334,7 +348,15 @@ def merge_adapter_into_base(
     tokenizer = load_tokenizer(model_spec)
     check_fits(adapter, model, model_spec)
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
-    merged = peft_model.merge_and_unload(safe_merge=True)
+    try:
+        merged = peft_model.merge_and_unload(safe_merge=True)
+    except ValueError as e:  # PEFT's safe_merge found NaN/inf in a merged weight
+        if "NaN" not in str(e):
+            raise
+        raise LorasumError(
+            f"merging {adapter_dir} into {model_spec} gives non-finite weights; nothing was "
+            "written: use smaller --weights"
+        ) from None
     marker = {
         "kind": "merged_model",
         "key": None,

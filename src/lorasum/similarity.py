@@ -248,9 +248,28 @@ def format_similarity(result: dict) -> str:
 
 
 def write_plots(result: dict, out: Path) -> None:
-    """Heatmap of the RMS cosine matrix and per-layer RMS cosine per pair (PNG), plus JSON."""
+    """Heatmap of the RMS cosine matrix and per-layer RMS cosine per pair (PNG), plus JSON.
+
+    A directory this call created is removed again if writing fails (full disk, …)."""
+    import shutil
+
+    from lorasum.io import write_error
+
+    out = Path(out)
+    created = not out.exists()
+    try:
+        _write_plots(result, out)
+    except BaseException as e:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        err = write_error(e, out)
+        if err is e:
+            raise
+        raise err from None
+
+
+def _write_plots(result: dict, out: Path) -> None:
     import os
-    import tempfile
 
     import matplotlib
 
@@ -258,18 +277,17 @@ def write_plots(result: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    from lorasum.io import write_json
+    from lorasum.io import commit_temp, temp_beside, write_json
 
     if out.exists() and not out.is_dir():
         raise LorasumError(f"--plot {out} is a file; pass a directory")
     out.mkdir(parents=True, exist_ok=True)
 
     def save(fig, name: str) -> None:  # atomic: temp file + rename
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".png")
-        os.close(fd)
+        tmp = temp_beside(out / name, suffix=".png")
         try:
             fig.savefig(tmp, dpi=120)
-            os.replace(tmp, out / name)
+            commit_temp(tmp, out / name)
         finally:
             plt.close(fig)
             if os.path.exists(tmp):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lorasum import __version__
-from lorasum.data import Source, load_split, make_batches
+from lorasum.data import Source, check_answers_fit, load_split, make_batches
 from lorasum.errors import LorasumError, raise_all
 from lorasum.evaluate import autocast_context, evaluate_batches, token_nll
 from lorasum.io import atomic_dir, check_output_dir, config_key, read_json
@@ -86,7 +86,7 @@ class TrainConfig:
         if not self.data:
             problems.append("no data given (--data math or --data a.jsonl,b.jsonl)")
         if len(set(self.data)) != len(self.data):
-            problems.append(f"data sources repeat: {self.data}")
+            problems.append(f"data sources repeat: {self.data}; give each source once")
         for name in ("rank", "batch_size", "max_length"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1")
@@ -147,6 +147,44 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def diverged_dir(out: Path) -> Path:
+    """Where a diverged training keeps its last good weights: ``<out>.diverged`` beside ``out``."""
+    return out.with_name(out.name + ".diverged")
+
+
+def _diverged(peft_model, out: Path, step: int, what: str, log_rows: list[dict], cfg) -> None:
+    """Keep the weights before the non-finite step for inspection, then stop with one line."""
+    keep = diverged_dir(out)
+    kept = ""
+    if not keep.exists() or (existing_kind(keep) == "diverged"):
+        marker = {
+            "kind": "diverged",
+            "key": None,
+            "lorasum_version": __version__,
+            "config": asdict(cfg),
+            "step": step,
+            "problem": what,
+            "note": f"LoRA weights after step {step - 1}, the last finite one; not a result",
+        }
+        with atomic_dir(keep, marker=marker) as tmp:
+            peft_model.save_pretrained(str(tmp))
+            with open(tmp / "train_log.jsonl", "w") as f:
+                for row in log_rows:
+                    f.write(json.dumps(row) + "\n")
+        kept = f"; the last good weights (after step {step - 1}) are kept in {keep}"
+    raise LorasumError(
+        f"training diverged at step {step} ({what}); nothing was written to {out}{kept}; "
+        "lower --lr or use --precision fp32"
+    )
+
+
+def existing_kind(path: Path) -> str | None:
+    try:
+        return read_json(path / "lorasum.json").get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def train(
     cfg: TrainConfig,
     out: str | Path,
@@ -184,6 +222,7 @@ def train(
     targets = resolve_target_modules(model, cfg.target_modules)
 
     train_items = tokenize_cached(tokenizer, sources, "train", cfg.max_length, cfg.answer_only)
+    check_answers_fit(train_items, sources, "train", cfg.max_length)
     steps_per_epoch = math.ceil(len(train_items) / cfg.batch_size)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
@@ -229,12 +268,24 @@ def train(
                     row_nll, row_tokens = token_nll(peft_model, batch)
                 n_tokens = int(row_tokens.sum())
                 loss = row_nll.sum() / max(n_tokens, 1)  # token-weighted mean over the batch
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):  # checked before any update: weights are good
+                    _diverged(peft_model, out, step + 1, f"loss {loss_value}", log_rows, cfg)
                 loss.backward()
                 grad_norm = (
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                     if cfg.grad_clip > 0
                     else torch.tensor(float("nan"))
                 )
+                if cfg.grad_clip > 0 and not math.isfinite(float(grad_norm)):
+                    _diverged(
+                        peft_model,
+                        out,
+                        step + 1,
+                        f"gradient norm {float(grad_norm)}",
+                        log_rows,
+                        cfg,
+                    )
                 step_lr = scheduler.get_last_lr()[0]  # the rate this step used
                 optimizer.step()
                 scheduler.step()
@@ -242,12 +293,6 @@ def train(
                 step += 1
                 real_tokens = int(batch.attention_mask.sum())
                 tokens_seen += real_tokens
-                loss_value = float(loss.detach())
-                if not math.isfinite(loss_value):
-                    raise LorasumError(
-                        f"training diverged at step {step} (loss {loss_value}); lower --lr "
-                        "or use --precision fp32"
-                    )
                 log_rows.append(
                     {
                         "step": step,

@@ -58,8 +58,8 @@ def _merge_module(
     f = result.factors
     if not (torch.isfinite(f.A).all() and torch.isfinite(f.B).all()):
         raise LorasumError(
-            f"--method {method.name} gave NaN/inf for module {name}; check the adapters' "
-            "weights and the merge options"
+            f"--method {method.name} gave NaN/inf for module {name} (checked before writing, "
+            "nothing was written); use smaller --weights or check the merge options"
         )
     report = {
         "rank": f.rank,
