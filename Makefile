@@ -30,7 +30,7 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/lorasum assets
 	$(BIN)/lorasum reproduce --preset quick --out $(OUT)
-	@echo "report: $(OUT)/report.md  (plot: $(OUT)/cosine_vs_delta.png)"
+	@echo "report: $(OUT)/report.html  (markdown: $(OUT)/report.md, figures: $(OUT)/figures/)"
 
 test: install
 	$(BIN)/python -m pytest -q
