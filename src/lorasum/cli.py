@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import sys
 import types
@@ -15,6 +14,7 @@ import typing
 
 from lorasum import __version__
 from lorasum.errors import LorasumError
+from lorasum.io import dumps_strict
 
 
 def _add_dataclass_flags(
@@ -295,7 +295,7 @@ def _run(args: argparse.Namespace) -> int:
 
         result = similarity(args.adapters, plot=args.plot)
         if args.json:
-            print(json.dumps(result, indent=2))
+            print(dumps_strict(result))
         else:
             print(format_similarity(result))
         if args.plot:
@@ -320,7 +320,7 @@ def _run(args: argparse.Namespace) -> int:
             progress=not args.json,
         )
         if args.json:
-            print(json.dumps(result, indent=2))
+            print(dumps_strict(result))
         else:
             for name, d in result["per_dataset"].items():
                 print(f"{name:<32} perplexity {d['perplexity']:10.4f}  ({d['tokens']} tokens)")

@@ -187,9 +187,14 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+def dumps_strict(obj: Any) -> str:
+    """Strict JSON text (NaN/inf → null), as every file and `--json` output of lorasum."""
+    return json.dumps(_finite(obj), indent=2, default=str, allow_nan=False)
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     """Write strict JSON atomically (temp file + rename)."""
-    atomic_write_text(path, json.dumps(_finite(obj), indent=2, default=str, allow_nan=False) + "\n")
+    atomic_write_text(path, dumps_strict(obj) + "\n")
 
 
 def read_json(path: str | Path) -> Any:
