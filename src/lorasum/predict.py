@@ -81,6 +81,8 @@ def pair_predictors(
         a_on_b = activation_inner(fa, fa, Gb) if fa is not None else 0.0
         ba_num, ba_den = ba_num + b_on_a, ba_den + own_a
         ab_num, ab_den = ab_num + a_on_b, ab_den + own_b
+        row["energy_b_to_a"], row["energy_own_a"] = b_on_a, own_a  # ‖ΔW_b X_a‖², ‖ΔW_a X_a‖²
+        row["energy_a_to_b"], row["energy_own_b"] = a_on_b, own_b
         row["cross_talk_b_to_a"] = b_on_a / own_a if own_a > 0 else None
         row["cross_talk_a_to_b"] = a_on_b / own_b if own_b > 0 else None
         if fa is not None and fb is not None:
@@ -172,3 +174,233 @@ def combination_predictors(result: dict, names: Sequence[str]) -> dict:
         "max_cross_talk": max(talk) if talk else None,
         "mean_cross_talk": sum(talk) / len(talk) if talk else None,
     }
+
+
+# --- `lorasum predict` and `compose --check`: predictors of given adapters, forecast from studies
+
+
+def _module_energies(p: dict, direction: str) -> dict[str, float]:
+    """Per module the cross-talk numerator ‖ΔW_j X_i‖² of one pair (direction 'b_to_a' or
+    'a_to_b'), relative to the total own energy, so that the values sum to κ."""
+    num, own = f"energy_{direction}", "energy_own_a" if direction == "b_to_a" else "energy_own_b"
+    total = sum(row.get(own, 0.0) for row in p["modules"].values())
+    if total <= 0:
+        return {}
+    return {m: row.get(num, 0.0) / total for m, row in p["modules"].items()}
+
+
+def drivers(result: dict, predictor: str, top: int = 5) -> dict:
+    """The pair (or ordered pair, for cross-talk) that drives a predictor and its top modules.
+
+    Cosine predictors: the pair with the largest |RMS cosine| and the modules with the largest
+    share of its mean square (contribution c_m² / Σ c²). Cross-talk: the ordered pair with the
+    largest κ_{j→i} and the modules with the largest part of it (‖ΔW_j X_i‖²_m / Σ_m
+    ‖ΔW_i X_i‖²_m, which sum to κ).
+    """
+    pairs = result["pairs"]
+    if not pairs:
+        return {"pair": None, "modules": []}
+    if predictor.endswith("cross_talk"):
+        options = []
+        for p in pairs:
+            for direction, (on, by) in (("b_to_a", (p["a"], p["b"])), ("a_to_b", (p["b"], p["a"]))):
+                value = p[f"cross_talk_{direction}"]
+                if value is not None:
+                    options.append((value, on, by, direction, p))
+        if not options:
+            return {"pair": None, "modules": []}
+        value, on, by, direction, p = max(options, key=lambda o: o[0])
+        parts = _module_energies(p, direction)
+        label = f"{by} on {on}'s inputs"
+    else:
+        key = "activation_cosine" if "activation" in predictor else "cosine"
+        field_name = "rms_activation_cosine" if "activation" in predictor else "rms_cosine"
+        p = max(pairs, key=lambda q: abs(q[field_name]))
+        value, label = p[field_name], f"{p['a']} + {p['b']}"
+        squares = {m: row[key] ** 2 for m, row in p["modules"].items() if row.get(key) is not None}
+        total = sum(squares.values())
+        parts = {m: v / len(squares) for m, v in squares.items()} if total > 0 else {}
+    ranked = sorted(parts.items(), key=lambda kv: -kv[1])[:top]
+    total = sum(parts.values())
+    return {
+        "pair": label,
+        "value": value,
+        # part: the module's term of the predictor's sum (κ, or the mean square of cosines:
+        # parts sum to it); share: part / total (shares sum to 1)
+        "modules": [
+            {"module": m, "part": v, "share": v / total if total > 0 else 0.0} for m, v in ranked
+        ],
+    }
+
+
+def predict_interference(
+    paths: Sequence,
+    fit: Sequence | None = None,
+    predictor: str = "auto",
+    calibration: Sequence | None = None,
+    model: str | None = None,
+    top: int = 5,
+) -> dict:
+    """`lorasum predict`: interference predictors of adapters and, with ``fit``, the Δ% the
+    sum should show against merged-data training, fitted on finished studies.
+
+    ``paths``: two or more adapters; ``fit``: study directories (results.json of `lorasum
+    reproduce`); ``predictor``: a name of `combination_predictors` or 'auto' (the best
+    leave-one-combination-out Spearman over the fit studies); ``calibration``: per adapter a
+    comma list of sources or 'own' (default: each adapter's training data); ``model``: the
+    base model for calibration. The studies are read before any model runs, so their mistakes
+    cost nothing. Returns a dict (see `format_prediction`).
+    """
+    from lorasum import forecast
+    from lorasum.adapters import read_adapter
+    from lorasum.calibration import calibrate_adapters, parse_calibration
+    from lorasum.compose import check_compatible
+    from lorasum.similarity import _unique_names
+
+    if len(paths) < 2:
+        raise LorasumError("predict needs at least two adapters")
+    known = ("auto", *forecast.PREDICTORS)
+    if predictor not in known:
+        raise LorasumError(f"unknown predictor {predictor!r}; choose one of: {', '.join(known)}")
+    studies = forecast.read_studies(fit) if fit else []
+    ranking = forecast.rank_predictors(studies) if studies else {}
+    if studies and not ranking:
+        raise LorasumError(
+            "the --fit studies have no predictor values (rms_cosine or predictors); "
+            "rerun them with this version of lorasum"
+        )
+    adapters = [read_adapter(p, strict=True) for p in paths]
+    check_compatible(adapters, fan_in_fan_out=False)
+    names = _unique_names(adapters)
+    factors = {n: a.modules for n, a in zip(names, adapters, strict=True)}
+    data = parse_calibration(calibration, len(adapters))
+    union = sorted(set().union(*(a.modules for a in adapters)))
+    note = None
+    if predictor == "rms_cosine":
+        grams = {n: _zero_grams(factors, union) for n in names}  # cosines need no inputs
+        note = "activation predictors not computed (--predictor rms_cosine)"
+    else:
+        try:
+            calibrated = calibrate_adapters(adapters, data, model=model, modules=union)
+        except LorasumError as e:
+            if predictor != "auto" or data is not None:
+                raise
+            calibrated = None
+            note = f"activation predictors not computed: {e}"
+        grams = (
+            {n: c for n, c in zip(names, calibrated, strict=True)}
+            if calibrated is not None
+            else {n: _zero_grams(factors, union) for n in names}
+        )
+    result = interference_predictors(factors, grams)
+    values = combination_predictors(result, names)
+    pairs = [{k: p[k] for k in p if k != "modules"} for p in result["pairs"]]
+    if note is not None:  # zero Gram matrices: the activation predictors mean nothing
+        values = {"rms_cosine": values["rms_cosine"]}
+        for p in pairs:
+            for k in ("rms_activation_cosine", "global_activation_cosine"):
+                p[k] = None
+    usable = [k for k, v in values.items() if v is not None]
+    if predictor == "auto":
+        chosen = forecast.best_predictor(ranking, usable) if ranking else None
+        chosen = chosen or ("max_cross_talk" if "max_cross_talk" in usable else "rms_cosine")
+    else:
+        chosen = predictor
+    out = {
+        "adapters": [str(a.path) for a in adapters],
+        "names": names,
+        "predictors": values,
+        "predictor": chosen,
+        "auto": predictor == "auto",
+        "note": note,
+        "pairs": pairs,
+        "drivers": drivers(result, chosen, top),
+        "ranking": ranking,
+        "forecast": None,
+        "recommendation": None,
+    }
+    if studies:
+        x0 = values.get(chosen)
+        if x0 is None:
+            raise LorasumError(f"predictor {chosen!r} is undefined for these adapters")
+        out["forecast"] = forecast.forecast(studies, chosen, x0)
+        out["recommendation"] = forecast.recommend_method(studies)
+        out["recommendation_nearby"] = forecast.recommend_method(studies, chosen, x0, nearest=3)
+    return out
+
+
+def _zero_grams(factors: Mapping[str, Factors], modules: Sequence[str]) -> dict:
+    """Zero Gram matrices of the right size: every activation predictor comes out undefined."""
+    size = {}
+    for f in factors.values():
+        for m, lf in f.items():
+            size[m] = lf.shape[1]
+    return {m: torch.zeros(size[m], size[m], dtype=_ACC) for m in modules}
+
+
+def format_prediction(out: dict, warning: bool = False) -> str:
+    """The text `lorasum predict` prints (``warning``: the shorter form of `compose --check`)."""
+    lines = []
+    values = ", ".join(f"{k} {v:.4f}" for k, v in out["predictors"].items() if v is not None)
+    head = "interference check" if warning else "interference predictors"
+    lines.append(f"{head} of {' + '.join(out['names'])}: {values}")
+    if out.get("note"):
+        lines.append(f"  note: {out['note']}")
+    if not warning:
+        for p in out["pairs"]:
+            talk = (
+                f", cross-talk {p['b']}→{p['a']} {p['cross_talk_b_to_a']:.3f}, "
+                f"{p['a']}→{p['b']} {p['cross_talk_a_to_b']:.3f}"
+                if p["cross_talk_b_to_a"] is not None and p["cross_talk_a_to_b"] is not None
+                else ""
+            )
+            act = p["rms_activation_cosine"]
+            act = "" if act is None else f", activation cosine {act:.4f}"
+            lines.append(f"  {p['a']} + {p['b']}: RMS cosine {p['rms_cosine']:.4f}{act}{talk}")
+    d = out["drivers"]
+    if d.get("pair"):
+        mods = ", ".join(f"{m['module']} ({m['share']:.0%})" for m in d["modules"][:3])
+        lines.append(
+            f"  driven by {d['pair']} ({out['predictor']} {d['value']:.4f}); top modules: {mods}"
+        )
+    f = out["forecast"]
+    if f is None:
+        lines.append(
+            "  no forecast: fitting Δ% needs finished studies (--fit STUDY_DIR, the directory "
+            "of a `lorasum reproduce` run)"
+        )
+        return "\n".join(lines)
+    how = "auto: best leave-one-out Spearman" if out["auto"] else "chosen"
+    rho = f["loo"]["spearman_rho"]
+    lines.append(
+        f"  predicted Δ% of the sum vs merged-data training: {f['delta_pct']:+.2f} % "
+        f"(95 % prediction interval {f['low']:+.2f} … {f['high']:+.2f}) from {f['predictor']} "
+        f"= {f['x']:.4f} [{how}; {f['fit']['n']} points in {f['n_groups']} combinations, "
+        f"leave-one-out Spearman {'n/a' if rho is None else f'{rho:.2f}'}]"
+    )
+    lo, hi = f["range"]
+    if not lo <= f["x"] <= hi:
+        lines.append(
+            f"  caution: {f['predictor']} = {f['x']:.4f} lies outside the studies' range "
+            f"[{lo:.4f}, {hi:.4f}]: the line is extrapolated"
+        )
+    if not warning and out["ranking"]:
+        ranks = ", ".join(
+            f"{k} {v['spearman_rho']:.2f}" if v["spearman_rho"] is not None else f"{k} n/a"
+            for k, v in out["ranking"].items()
+        )
+        lines.append(f"  leave-one-out Spearman per predictor: {ranks}")
+    rec = out["recommendation"]
+    if rec is not None:
+        near = out.get("recommendation_nearby")
+        extra = (
+            f"; in the {near['n_combinations']} nearest combinations: {near['method']} "
+            f"({near['mean_delta_pct']:+.2f} %)"
+            if near is not None and near["method"] != rec["method"]
+            else ""
+        )
+        lines.append(
+            f"  recommended method: {rec['method']} (mean Δ% {rec['mean_delta_pct']:+.2f} over "
+            f"{rec['n_combinations']} study combinations{extra})"
+        )
+    return "\n".join(lines)
