@@ -25,9 +25,10 @@ Choices, and why:
   over a batch's ~2k tokens left rounding of ~1e-6 that made rank-deficient Grams
   indefinite), added into a float64 accumulator. Modules that read the same tensor (q/k/v
   projections) share one product and one stored matrix.
-- **Cache**: ``<adapter>/calibration-<key>.safetensors``, written atomically, fp32 on disk
-  (half the bytes of float64; a freshly computed result is rounded the same way, so results
-  do not depend on the cache). The key hashes the adapter's weights file (conservative: the
+- **Cache**: ``<adapter>/calibration-<key>.safetensors``, written atomically, fp32 on disk,
+  each symmetric matrix as its packed upper triangle (a quarter of the bytes of a float64
+  square; a freshly computed result is rounded the same way, so results do not depend on the
+  cache; files written before packing, with square matrices, are read as they are). The key hashes the adapter's weights file (conservative: the
   statistics do not depend on the weights, but a file beside the adapter must not outlive
   it), the data's fingerprints, the model spec, max_length and the module list. Files made
   for older weights of the adapter are removed when a new one is written.
@@ -38,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -73,8 +75,20 @@ class Calibration:
     computed: bool = False  # True when this call ran the model (False: read from the cache)
 
     def normalised(self) -> dict[str, torch.Tensor]:
-        """module -> Ĝ = G / n (float64): the per-token second moment of the inputs."""
-        return {m: g.double() / max(self.tokens[m], 1) for m, g in self.grams.items()}
+        """module -> Ĝ = G / n (float64): the per-token second moment of the inputs.
+
+        Modules that read one input (q/k/v) share one matrix object here as in ``grams``, so
+        the methods factor it once (they cache by identity) and it is held once in memory.
+        """
+        done: dict[tuple[int, int], torch.Tensor] = {}
+        out = {}
+        for m, g in self.grams.items():
+            n = max(self.tokens[m], 1)
+            key = (id(g), n)
+            if key not in done:
+                done[key] = g.double() / n
+            out[m] = done[key]
+        return out
 
 
 # --- which data, which key -------------------------------------------------------------------
@@ -232,6 +246,25 @@ def gram_statistics(
 # --- the cache -------------------------------------------------------------------------------
 
 
+def pack_symmetric(G: torch.Tensor) -> torch.Tensor:
+    """The upper triangle of a symmetric (d, d) matrix, row by row: (d(d+1)/2,)."""
+    rows, cols = torch.triu_indices(G.shape[0], G.shape[0])
+    return G[rows, cols].contiguous()
+
+
+def unpack_symmetric(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_symmetric`; a 2-D tensor (a cache file written before packing) is
+    returned as it is."""
+    if packed.ndim == 2:
+        return packed
+    d = int((math.isqrt(8 * packed.numel() + 1) - 1) // 2)  # d(d+1)/2 = numel
+    rows, cols = torch.triu_indices(d, d)
+    G = torch.empty(d, d, dtype=packed.dtype)
+    G[rows, cols] = packed
+    G[cols, rows] = packed
+    return G
+
+
 def _read_cache(path: Path, key: str) -> Calibration | None:
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
@@ -245,7 +278,12 @@ def _read_cache(path: Path, key: str) -> Calibration | None:
         return None
     if meta.get("key") != key:
         return None
-    grams = {m: tensors[f"gram.{meta['aliases'].get(m, m)}"].double() for m in meta["tokens"]}
+    owners: dict[str, torch.Tensor] = {}
+    for m in meta["tokens"]:
+        owner = meta["aliases"].get(m, m)
+        if owner not in owners:
+            owners[owner] = unpack_symmetric(tensors[f"gram.{owner}"]).double()
+    grams = {m: owners[meta["aliases"].get(m, m)] for m in meta["tokens"]}
     return Calibration(
         grams=grams, tokens=meta["tokens"], key=key, path=path, info=meta["info"], computed=False
     )
@@ -263,7 +301,7 @@ def _write_cache(path: Path, calibration: Calibration, aliases: dict[str, str], 
         "aliases": aliases,
         "info": calibration.info,
     }
-    tensors = {f"gram.{m}": g.float().contiguous() for m, g in owners.items()}
+    tensors = {f"gram.{m}": pack_symmetric(g.float()) for m, g in owners.items()}
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
