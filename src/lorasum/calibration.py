@@ -440,7 +440,8 @@ def _compute(plan: _Plan, model, tokenizer, batch_size: int, device: str, cache:
         "lorasum_version": __version__,
     }
     # rounded as they are stored, so a result does not depend on whether it came from the cache
-    stored = {m: g.float().double() for m, g in grams.items()}
+    # (fp32, upper triangle mirrored: a float product XᵀX is not bitwise symmetric)
+    stored = {m: unpack_symmetric(pack_symmetric(g.float())).double() for m, g in grams.items()}
     full = {m: stored[aliases.get(m, m)] for m in plan.modules}
     result = Calibration(grams=full, tokens=tokens, key=plan.key, info=info, computed=True)
     if cache:

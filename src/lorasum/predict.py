@@ -57,14 +57,40 @@ def _normalised(grams) -> dict[str, Mapping[str, torch.Tensor]]:
     return {n: g.normalised() if hasattr(g, "normalised") else g for n, g in grams.items()}
 
 
+class _Products:
+    """A_i Ĝ_k (r_i, d_in) per (adapter, domain, module), each computed once: every trace of
+    the predictors is then an r×r product, and G = Ĝ_a + Ĝ_b is never formed."""
+
+    def __init__(self):
+        self._memo: dict[tuple[int, int, str], torch.Tensor] = {}
+
+    def __call__(self, f: LoraFactors, G: torch.Tensor, module: str) -> torch.Tensor:
+        key = (id(f), id(G), module)
+        if key not in self._memo:
+            self._memo[key] = (f.A.to(_ACC) @ G.to(_ACC), f, G)  # keep f, G: ids stay unique
+        return self._memo[key][0]
+
+    def inner(self, f1: LoraFactors, f2: LoraFactors, Gs: Sequence[torch.Tensor], module: str):
+        """tr(ΔW_1 (Σ Gs) ΔW_2ᵀ) = s1·s2·Σ (B1ᵀB2) ∘ (Σ_G A1 G A2ᵀ)."""
+        core_b = f1.B.to(_ACC).T @ f2.B.to(_ACC)  # (r1, r2)
+        core_a = sum(self(f1, G, module) @ f2.A.to(_ACC).T for G in Gs)  # (r1, r2)
+        return float(f1.scale * f2.scale * (core_b * core_a).sum())
+
+
 def pair_predictors(
     a: Factors,
     b: Factors,
     grams_a: Mapping[str, torch.Tensor],
     grams_b: Mapping[str, torch.Tensor],
     names: tuple[str, str] = ("a", "b"),
+    products: _Products | None = None,
 ) -> dict:
-    """Every predictor for one pair, per module and aggregated (grams: per-token Ĝ)."""
+    """Every predictor for one pair, per module and aggregated (grams: per-token Ĝ).
+
+    ``products``: shared across the pairs of `interference_predictors`, so that A_i Ĝ_k is
+    computed once per adapter and domain.
+    """
+    products = products or _Products()
     every = sorted(a.keys() | b.keys())
     shared = sorted(a.keys() & b.keys())
     modules: dict[str, dict] = {}
@@ -75,10 +101,10 @@ def pair_predictors(
         row: dict = {}
         fa, fb = a.get(m), b.get(m)
         Ga, Gb = _gram(grams_a, names[0], m), _gram(grams_b, names[1], m)
-        own_a = activation_inner(fa, fa, Ga) if fa is not None else 0.0
-        own_b = activation_inner(fb, fb, Gb) if fb is not None else 0.0
-        b_on_a = activation_inner(fb, fb, Ga) if fb is not None else 0.0
-        a_on_b = activation_inner(fa, fa, Gb) if fa is not None else 0.0
+        own_a = products.inner(fa, fa, [Ga], m) if fa is not None else 0.0
+        own_b = products.inner(fb, fb, [Gb], m) if fb is not None else 0.0
+        b_on_a = products.inner(fb, fb, [Ga], m) if fb is not None else 0.0
+        a_on_b = products.inner(fa, fa, [Gb], m) if fa is not None else 0.0
         ba_num, ba_den = ba_num + b_on_a, ba_den + own_a
         ab_num, ab_den = ab_num + a_on_b, ab_den + own_b
         row["energy_b_to_a"], row["energy_own_a"] = b_on_a, own_a  # ‖ΔW_b X_a‖², ‖ΔW_a X_a‖²
@@ -86,9 +112,10 @@ def pair_predictors(
         row["cross_talk_b_to_a"] = b_on_a / own_a if own_a > 0 else None
         row["cross_talk_a_to_b"] = a_on_b / own_b if own_b > 0 else None
         if fa is not None and fb is not None:
-            G = Ga + Gb  # (d_in, d_in)
-            num = activation_inner(fa, fb, G)
-            da, db = activation_inner(fa, fa, G), activation_inner(fb, fb, G)
+            G = [Ga, Gb]  # G = Ĝ_a + Ĝ_b, as a sum of traces
+            num = products.inner(fa, fb, G, m)
+            da = own_a + a_on_b  # tr(ΔW_a (Ĝ_a + Ĝ_b) ΔW_aᵀ)
+            db = b_on_a + own_b
             act_num, act_den_a, act_den_b = act_num + num, act_den_a + da, act_den_b + db
             row["activation_cosine"] = (
                 max(-1.0, min(1.0, num / math.sqrt(da * db))) if da > 0 and db > 0 else 0.0
@@ -135,9 +162,10 @@ def interference_predictors(adapters: Mapping[str, Factors], grams: Mapping[str,
     act = [[1.0 if i == j else None for j in range(size)] for i in range(size)]
     talk = [[1.0 if i == j else None for j in range(size)] for i in range(size)]
     pairs = []
+    products = _Products()
     with single_threaded():
         for na, nb in itertools.combinations(names, 2):
-            p = pair_predictors(adapters[na], adapters[nb], norm[na], norm[nb], (na, nb))
+            p = pair_predictors(adapters[na], adapters[nb], norm[na], norm[nb], (na, nb), products)
             i, j = index[na], index[nb]
             cos[i][j] = cos[j][i] = p["rms_cosine"]
             act[i][j] = act[j][i] = p["rms_activation_cosine"]
