@@ -16,6 +16,7 @@ from lorasum.methods.calibrated import (
     budget_report,
     coefficient_budget,
     compose_with_coefficients,
+    fit_calibrated,
     fit_coefficients,
     group_of,
 )
@@ -103,7 +104,7 @@ def test_fit_lowers_its_loss_within_budget_and_matches_the_written_adapter(setup
             h.remove()
     expected = logits_with_delta(tiny_llama, {m: d.float() for m, d in _dense(fit.modules).items()})
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
-    report = budget_report(fit, train_tokens=100 * tokens, epochs=1.0)
+    report = budget_report(fit, training_tokens=100 * tokens)
     assert report["category"] == "calibrated" and report["fraction"] == pytest.approx(
         fit.tokens / (100 * tokens)
     )
@@ -111,10 +112,19 @@ def test_fit_lowers_its_loss_within_budget_and_matches_the_written_adapter(setup
 
 def test_budget_and_refusals(setup, tiny_llama):
     adapters, batches = setup
-    assert coefficient_budget(10_000, 2.0) == 200
+    assert coefficient_budget(20_000) == 200
     with pytest.raises(LorasumError, match="budget fraction"):
-        coefficient_budget(100, 1.0, 0.0)
+        coefficient_budget(100, 0.0)
     with pytest.raises(LorasumError, match="no validation batch fits"):
         fit_coefficients(load_tiny(tiny_llama), adapters, batches, max_tokens=1)
     with pytest.raises(LorasumError, match="unknown coefficient granularity"):
         group_of("model.layers.0.self_attn.q_proj", "row")
+
+
+def test_fit_calibrated_keeps_to_one_percent_of_merged_training(tiny_llama, qa_files, setup):
+    adapters, _ = setup
+    tok = load_tokenizer(str(tiny_llama))
+    sources = [load_split(str(qa_files[n]), 42) for n in ("arith", "colors")]
+    fit, report = fit_calibrated(load_tiny(tiny_llama), tok, adapters, sources, 20_000)
+    assert report["max_tokens"] == 200 and 0 < report["tokens"] <= 200
+    assert report["fraction"] <= 0.01 and report["steps"] == fit.steps >= 1

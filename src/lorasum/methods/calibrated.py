@@ -17,7 +17,7 @@ the combination's domains; nothing else is trained.
 **Budget.** A step costs one forward and one backward over its rows through the whole
 network (the gradient of a coefficient in layer 1 needs the backward of every later layer),
 as a LoRA training step does; so compute is in proportion to tokens processed:
-``fraction = fitted tokens / (merged-data training tokens × epochs)``. `fit_coefficients`
+``fraction = fitted tokens / merged-data training tokens`` (every epoch's). `fit_coefficients`
 stops before exceeding ``max_tokens`` (default: 1 % of the merged training's tokens, from
 `coefficient_budget`) and reports the fraction it used. With 1 % the fit sees a few rows (e.g.
 ≈ 7 rows for 720 training rows and one epoch): it can set a few dozen scales, not more.
@@ -73,11 +73,13 @@ def compose_with_coefficients(
     return out
 
 
-def coefficient_budget(train_tokens: int, epochs: float, fraction: float = DEFAULT_FRACTION) -> int:
-    """Tokens a fit may process: ``fraction`` of the merged-data training's token passes."""
+def coefficient_budget(training_tokens: int, fraction: float = DEFAULT_FRACTION) -> int:
+    """Tokens a fit may process: ``fraction`` of the merged-data training's token passes
+    (``training_tokens``: every non-padding token its steps processed, all epochs; the
+    adapter's lorasum.json records it as ``metrics.real_tokens``)."""
     if not 0 < fraction <= 1:
         raise LorasumError(f"the calibrated budget fraction must be in (0, 1], got {fraction}")
-    return int(fraction * train_tokens * epochs)
+    return int(fraction * training_tokens)
 
 
 @dataclass
@@ -199,15 +201,51 @@ def fit_coefficients(
     )
 
 
-def budget_report(fit: CoefficientFit, train_tokens: int, epochs: float) -> dict:
+def budget_report(fit: CoefficientFit, training_tokens: int) -> dict:
     """The fit's compute as a share of the merged-data training (token passes, fwd + bwd)."""
-    total = train_tokens * epochs
     return {
         "category": CATEGORY,
         "tokens": fit.tokens,
         "rows": fit.rows,
         "steps": fit.steps,
-        "merged_training_tokens": total,
-        "fraction": fit.tokens / total if total > 0 else math.nan,
+        "merged_training_tokens": training_tokens,
+        "fraction": fit.tokens / training_tokens if training_tokens > 0 else math.nan,
         "max_tokens": fit.max_tokens,
+        "coefficients": fit.info["coefficients"],
     }
+
+
+def fit_calibrated(
+    model: nn.Module,
+    tokenizer,
+    adapters: Sequence[Factors],
+    val_sources: Sequence,
+    training_tokens: int,
+    *,
+    fraction: float = DEFAULT_FRACTION,
+    max_length: int = 128,
+    batch_size: int = 2,
+    granularity: str = "type",
+    lr: float = 0.05,
+) -> tuple[CoefficientFit, dict]:
+    """One call for a study: validation batches of ``val_sources`` (`lorasum.data.Source`,
+    their "val" split, rows interleaved across domains so that a short budget sees every
+    domain), the budget from the merged-data training's tokens, the fit and its report."""
+    from lorasum.data import make_batches
+    from lorasum.tokens import tokenize_cached
+
+    per_source = [tokenize_cached(tokenizer, [s], "val", max_length) for s in val_sources]
+    interleaved = [
+        (item, d)
+        for row in range(max(len(p) for p in per_source))
+        for d, p in enumerate(per_source)
+        if row < len(p)
+        for item, _ in [p[row]]
+    ]
+    batches = [
+        make_batches(interleaved[s : s + batch_size], batch_size, tokenizer.pad_token_id, False)[0]
+        for s in range(0, len(interleaved), batch_size)
+    ]
+    budget = coefficient_budget(training_tokens, fraction)
+    fit = fit_coefficients(model, adapters, batches, budget, granularity=granularity, lr=lr)
+    return fit, budget_report(fit, training_tokens)
