@@ -303,9 +303,8 @@ def predict_interference(
     factors = {n: a.modules for n, a in zip(names, adapters, strict=True)}
     data = parse_calibration(calibration, len(adapters))
     union = sorted(set().union(*(a.modules for a in adapters)))
-    note = None
+    note, calibrated = None, None
     if predictor == "rms_cosine":
-        grams = {n: _zero_grams(factors, union) for n in names}  # cosines need no inputs
         note = "activation predictors not computed (--predictor rms_cosine)"
     else:
         try:
@@ -313,21 +312,14 @@ def predict_interference(
         except LorasumError as e:
             if predictor != "auto" or data is not None:
                 raise
-            calibrated = None
             note = f"activation predictors not computed: {e}"
-        grams = (
-            {n: c for n, c in zip(names, calibrated, strict=True)}
-            if calibrated is not None
-            else {n: _zero_grams(factors, union) for n in names}
-        )
-    result = interference_predictors(factors, grams)
-    values = combination_predictors(result, names)
+    if calibrated is not None:
+        result = interference_predictors(factors, dict(zip(names, calibrated, strict=True)))
+        values = combination_predictors(result, names)
+    else:  # the weight cosine needs no inputs
+        result = cosine_predictors(factors)
+        values = {"rms_cosine": rms([p["rms_cosine"] for p in result["pairs"]])}
     pairs = [{k: p[k] for k in p if k != "modules"} for p in result["pairs"]]
-    if note is not None:  # zero Gram matrices: the activation predictors mean nothing
-        values = {"rms_cosine": values["rms_cosine"]}
-        for p in pairs:
-            for k in ("rms_activation_cosine", "global_activation_cosine"):
-                p[k] = None
     usable = [k for k, v in values.items() if v is not None]
     if predictor == "auto":
         chosen = forecast.best_predictor(ranking, usable) if ranking else None
@@ -357,13 +349,27 @@ def predict_interference(
     return out
 
 
-def _zero_grams(factors: Mapping[str, Factors], modules: Sequence[str]) -> dict:
-    """Zero Gram matrices of the right size: every activation predictor comes out undefined."""
-    size = {}
-    for f in factors.values():
-        for m, lf in f.items():
-            size[m] = lf.shape[1]
-    return {m: torch.zeros(size[m], size[m], dtype=_ACC) for m in modules}
+def cosine_predictors(adapters: Mapping[str, Factors]) -> dict:
+    """The pairs of `interference_predictors` with the weight cosine only (no input
+    statistics: the activation predictors and cross-talk are None)."""
+    names = list(adapters)
+    pairs = []
+    with single_threaded():
+        for na, nb in itertools.combinations(names, 2):
+            cos = module_cosines(adapters[na], adapters[nb])
+            pairs.append(
+                {
+                    "a": na,
+                    "b": nb,
+                    "rms_cosine": rms(list(cos.values())),
+                    "rms_activation_cosine": None,
+                    "global_activation_cosine": None,
+                    "cross_talk_b_to_a": None,
+                    "cross_talk_a_to_b": None,
+                    "modules": {m: {"cosine": c} for m, c in cos.items()},
+                }
+            )
+    return {"names": names, "pairs": pairs}
 
 
 def format_prediction(out: dict, warning: bool = False) -> str:
