@@ -280,7 +280,23 @@ def test_predictors_from_grams_equal_those_from_raw_activations(two_domains, qa_
         assert pair["modules"][m]["activation_cosine"] == pytest.approx(cos, rel=1e-4, abs=1e-6)
         kappa = out_energy("arith", "colors", m) / out_energy("colors", "colors", m)
         assert pair["modules"][m]["cross_talk_a_to_b"] == pytest.approx(kappa, rel=1e-4)
+    # overshoot β and orthogonal cross-talk κ⊥ from the concatenated raw outputs on arith
+    own_out = torch.cat(
+        [(X["arith"][m] @ _dense(factors["arith"][m]).T).flatten() for m in modules]
+    )
+    other_out = torch.cat(
+        [(X["arith"][m] @ _dense(factors["colors"][m]).T).flatten() for m in modules]
+    )
+    beta = float(other_out @ own_out / (own_out @ own_out))
+    residual = other_out - beta * own_out  # the part of colors' output arith's adapter lacks
+    assert pair["overshoot_b_to_a"] == pytest.approx(beta, rel=1e-4, abs=1e-8)
+    ortho = float(residual @ residual / (own_out @ own_out))
+    assert pair["orthogonal_cross_talk_b_to_a"] == pytest.approx(ortho, rel=1e-4)
+    assert result["overshoot"][0][1] == pair["overshoot_b_to_a"]
     combo = combination_predictors(result, ["arith", "colors"])
+    assert combo["mean_overshoot"] == pytest.approx(
+        (pair["overshoot_a_to_b"] + pair["overshoot_b_to_a"]) / 2
+    )
     assert combo["rms_cosine"] == pytest.approx(pair["rms_cosine"])
     assert combo["max_cross_talk"] == max(pair["cross_talk_a_to_b"], pair["cross_talk_b_to_a"])
 

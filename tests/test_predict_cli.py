@@ -90,6 +90,11 @@ def test_predict_recovers_a_known_linear_relation(adapters, calibration, tmp_pat
     top = predict_interference(pair, calibration=calibration[:2], top=1000)["drivers"]
     assert sum(m["part"] for m in top["modules"]) == pytest.approx(x0, rel=1e-9)
     assert sum(m["share"] for m in top["modules"]) == pytest.approx(1.0)
+    for name in ("mean_overshoot", "max_orthogonal_cross_talk"):
+        parts = predict_interference(pair, predictor=name, calibration=calibration[:2], top=1000)[
+            "drivers"
+        ]
+        assert sum(m["part"] for m in parts["modules"]) == pytest.approx(parts["value"], rel=1e-9)
     cos = predict_interference(pair, predictor="rms_cosine", top=1000)["drivers"]
     assert sum(m["part"] for m in cos["modules"]) == pytest.approx(cos["value"] ** 2)
     # auto picks max_cross_talk (rms_cosine is noisier), text names the parts

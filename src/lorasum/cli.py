@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "--predictor",
         default="auto",
-        help="rms_cosine, rms_activation_cosine, max_cross_talk, mean_cross_talk or auto "
+        help="rms_cosine, rms_activation_cosine, max_cross_talk, mean_cross_talk, "
+        "mean_overshoot, max_orthogonal_cross_talk, mean_orthogonal_cross_talk or auto "
         "(the best leave-one-combination-out Spearman over the --fit studies; default)",
     )
     pr.add_argument(
@@ -262,9 +263,8 @@ def _run(args: argparse.Namespace) -> int:
         if args.fit and not args.check:
             raise LorasumError("--fit applies to --check; add --check or drop --fit")
         if args.check:
-            from lorasum.predict import format_prediction, predict_interference
-
             from lorasum.methods import get_method
+            from lorasum.predict import format_prediction, predict_interference
 
             uses_data = get_method(config.method).calibration  # else --calibration is refused
             check = predict_interference(

@@ -28,7 +28,15 @@ from lorasum.errors import LorasumError
 from lorasum.stats import linear_fit, pearson_spearman
 
 # predictors that a study's rows may carry; rms_cosine is also read from the row's top level
-PREDICTORS = ("rms_cosine", "rms_activation_cosine", "max_cross_talk", "mean_cross_talk")
+PREDICTORS = (
+    "rms_cosine",
+    "rms_activation_cosine",
+    "max_cross_talk",
+    "mean_cross_talk",
+    "mean_overshoot",
+    "max_orthogonal_cross_talk",
+    "mean_orthogonal_cross_talk",
+)
 
 
 def _line(x: np.ndarray, y: np.ndarray) -> tuple[float, float] | None:

@@ -12,7 +12,12 @@ For adapters i, j, a module m with ΔW = s·B·A, and domain i's per-token input
 - **cross-talk** κ_{j→i} = ‖ΔW_j X_i‖²_F / ‖ΔW_i X_i‖²_F = tr(ΔW_j Ĝ_i ΔW_jᵀ) /
   tr(ΔW_i Ĝ_i ΔW_iᵀ): how much adapter j writes on domain i's inputs, relative to what
   domain i's own adapter writes there. Directional. Aggregated over modules as a ratio of sums
-  (total output energy of j on i's inputs over i's own), per module where ΔW_i ≠ 0.
+  (total output energy of j on i's inputs over i's own), per module where ΔW_i ≠ 0;
+- its split κ_{j→i} = β² + κ⊥ (this project's, for "what differs" when κ ≈ 1 everywhere):
+  **overshoot** β_{j→i} = ⟨ΔW_j X_i, ΔW_i X_i⟩ / ‖ΔW_i X_i‖², the share of domain i's own
+  output shift that adapter j repeats (the sum applies it 1 + β times: a shared answer format
+  learned twice), and **orthogonal cross-talk** κ⊥ = κ − β², output on domain i's inputs
+  that domain i's adapter does not write at all. Combination level: mean β, max and mean κ⊥.
 
 Every trace is taken on r×r cores, never a d_out×d_in matrix:
 
@@ -77,6 +82,20 @@ class _Products:
         return float(f1.scale * f2.scale * (core_b * core_a).sum())
 
 
+def _split_cross_talk(direction: str, energy: float, shared: float, own: float) -> dict:
+    """κ = β² + κ⊥: the other adapter's output on these inputs, split into the part along the
+    own adapter's output (β = ⟨ΔW_j X_i, ΔW_i X_i⟩ / ‖ΔW_i X_i‖², the share of the own shift
+    that the sum applies a second time: overshoot) and the part orthogonal to it (κ⊥, output
+    the domain never asked for), all over the concatenated modules."""
+    if own <= 0:
+        return {f"overshoot_{direction}": None, f"orthogonal_cross_talk_{direction}": None}
+    beta = shared / own
+    return {
+        f"overshoot_{direction}": beta,
+        f"orthogonal_cross_talk_{direction}": max(energy / own - beta * beta, 0.0),
+    }
+
+
 def pair_predictors(
     a: Factors,
     b: Factors,
@@ -97,6 +116,7 @@ def pair_predictors(
     act_num = act_den_a = act_den_b = 0.0
     # cross-talk sums: [b on a's inputs, a's own on a's inputs], and the other way round
     ba_num = ba_den = ab_num = ab_den = 0.0
+    ba_shared = ab_shared = 0.0
     for m in every:
         row: dict = {}
         fa, fb = a.get(m), b.get(m)
@@ -107,13 +127,17 @@ def pair_predictors(
         a_on_b = products.inner(fa, fa, [Gb], m) if fa is not None else 0.0
         ba_num, ba_den = ba_num + b_on_a, ba_den + own_a
         ab_num, ab_den = ab_num + a_on_b, ab_den + own_b
+        # ⟨ΔW_b X_a, ΔW_a X_a⟩ and ⟨ΔW_a X_b, ΔW_b X_b⟩: how much of the own shift the other repeats
+        shared_a = products.inner(fa, fb, [Ga], m) if fa is not None and fb is not None else 0.0
+        shared_b = products.inner(fa, fb, [Gb], m) if fa is not None and fb is not None else 0.0
+        ba_shared, ab_shared = ba_shared + shared_a, ab_shared + shared_b
         row["energy_b_to_a"], row["energy_own_a"] = b_on_a, own_a  # ‖ΔW_b X_a‖², ‖ΔW_a X_a‖²
         row["energy_a_to_b"], row["energy_own_b"] = a_on_b, own_b
+        row["shared_b_to_a"], row["shared_a_to_b"] = shared_a, shared_b
         row["cross_talk_b_to_a"] = b_on_a / own_a if own_a > 0 else None
         row["cross_talk_a_to_b"] = a_on_b / own_b if own_b > 0 else None
         if fa is not None and fb is not None:
-            G = [Ga, Gb]  # G = Ĝ_a + Ĝ_b, as a sum of traces
-            num = products.inner(fa, fb, G, m)
+            num = shared_a + shared_b  # tr(ΔW_a (Ĝ_a + Ĝ_b) ΔW_bᵀ)
             da = own_a + a_on_b  # tr(ΔW_a (Ĝ_a + Ĝ_b) ΔW_aᵀ)
             db = b_on_a + own_b
             act_num, act_den_a, act_den_b = act_num + num, act_den_a + da, act_den_b + db
@@ -133,6 +157,8 @@ def pair_predictors(
         ),
         "cross_talk_b_to_a": ba_num / ba_den if ba_den > 0 else None,
         "cross_talk_a_to_b": ab_num / ab_den if ab_den > 0 else None,
+        **_split_cross_talk("b_to_a", ba_num, ba_shared, ba_den),
+        **_split_cross_talk("a_to_b", ab_num, ab_shared, ab_den),
         "modules": modules,
     }
 
@@ -161,6 +187,8 @@ def interference_predictors(adapters: Mapping[str, Factors], grams: Mapping[str,
     cos = [[1.0 if i == j else None for j in range(size)] for i in range(size)]
     act = [[1.0 if i == j else None for j in range(size)] for i in range(size)]
     talk = [[1.0 if i == j else None for j in range(size)] for i in range(size)]
+    over = [[1.0 if i == j else None for j in range(size)] for i in range(size)]
+    ortho = [[0.0 if i == j else None for j in range(size)] for i in range(size)]
     pairs = []
     products = _Products()
     with single_threaded():
@@ -171,6 +199,9 @@ def interference_predictors(adapters: Mapping[str, Factors], grams: Mapping[str,
             act[i][j] = act[j][i] = p["rms_activation_cosine"]
             talk[i][j] = p["cross_talk_b_to_a"]  # adapter b on a's inputs
             talk[j][i] = p["cross_talk_a_to_b"]
+            over[i][j], over[j][i] = p["overshoot_b_to_a"], p["overshoot_a_to_b"]
+            ortho[i][j] = p["orthogonal_cross_talk_b_to_a"]
+            ortho[j][i] = p["orthogonal_cross_talk_a_to_b"]
             pairs.append({"a": na, "b": nb, **p})
     off = [talk[i][j] for i in range(size) for j in range(size) if i != j]
     off = [v for v in off if v is not None]
@@ -179,6 +210,8 @@ def interference_predictors(adapters: Mapping[str, Factors], grams: Mapping[str,
         "rms_cosine": cos,
         "rms_activation_cosine": act,
         "cross_talk": talk,
+        "overshoot": over,
+        "orthogonal_cross_talk": ortho,
         "max_cross_talk": max(off) if off else None,
         "mean_cross_talk": sum(off) / len(off) if off else None,
         "pairs": pairs,
@@ -194,27 +227,54 @@ def combination_predictors(result: dict, names: Sequence[str]) -> dict:
     index = {n: i for i, n in enumerate(result["names"])}
     idx = [index[n] for n in names]
     pairs = list(itertools.combinations(idx, 2))
-    talk = [result["cross_talk"][i][j] for i in idx for j in idx if i != j]
-    talk = [v for v in talk if v is not None]
+
+    def off(key: str) -> list[float]:
+        values = [
+            result.get(key, [[None] * len(index)] * len(index))[i][j]
+            for i in idx
+            for j in idx
+            if i != j
+        ]
+        return [v for v in values if v is not None]
+
+    talk, over, ortho = off("cross_talk"), off("overshoot"), off("orthogonal_cross_talk")
     return {
         "rms_cosine": rms([result["rms_cosine"][i][j] for i, j in pairs]),
         "rms_activation_cosine": rms([result["rms_activation_cosine"][i][j] for i, j in pairs]),
         "max_cross_talk": max(talk) if talk else None,
         "mean_cross_talk": sum(talk) / len(talk) if talk else None,
+        "mean_overshoot": sum(over) / len(over) if over else None,
+        "max_orthogonal_cross_talk": max(ortho) if ortho else None,
+        "mean_orthogonal_cross_talk": sum(ortho) / len(ortho) if ortho else None,
     }
 
 
 # --- `lorasum predict` and `compose --check`: predictors of given adapters, forecast from studies
 
 
-def _module_energies(p: dict, direction: str) -> dict[str, float]:
-    """Per module the cross-talk numerator ‖ΔW_j X_i‖² of one pair (direction 'b_to_a' or
-    'a_to_b'), relative to the total own energy, so that the values sum to κ."""
-    num, own = f"energy_{direction}", "energy_own_a" if direction == "b_to_a" else "energy_own_b"
-    total = sum(row.get(own, 0.0) for row in p["modules"].values())
+def _module_parts(p: dict, direction: str, kind: str) -> dict[str, float]:
+    """Per module the additive part of one pair's directional predictor (direction 'b_to_a':
+    adapter b on a's inputs), so that the parts sum to it: κ (``cross_talk``), β
+    (``overshoot``: ⟨ΔW_j X_i, ΔW_i X_i⟩_m / Σ own) or κ⊥ (``orthogonal``: ‖ΔW_j X_i −
+    β ΔW_i X_i‖²_m / Σ own)."""
+    own = "energy_own_a" if direction == "b_to_a" else "energy_own_b"
+    rows = p["modules"].values()
+    total = sum(row.get(own, 0.0) for row in rows)
     if total <= 0:
         return {}
-    return {m: row.get(num, 0.0) / total for m, row in p["modules"].items()}
+    energy, shared = f"energy_{direction}", f"shared_{direction}"
+    if kind == "overshoot":
+        return {m: row.get(shared, 0.0) / total for m, row in p["modules"].items()}
+    if kind == "orthogonal":
+        beta = p[f"overshoot_{direction}"] or 0.0
+        return {
+            m: (
+                row.get(energy, 0.0) - 2 * beta * row.get(shared, 0.0) + beta**2 * row.get(own, 0.0)
+            )
+            / total
+            for m, row in p["modules"].items()
+        }
+    return {m: row.get(energy, 0.0) / total for m, row in p["modules"].items()}
 
 
 def drivers(result: dict, predictor: str, top: int = 5) -> dict:
@@ -228,17 +288,25 @@ def drivers(result: dict, predictor: str, top: int = 5) -> dict:
     pairs = result["pairs"]
     if not pairs:
         return {"pair": None, "modules": []}
-    if predictor.endswith("cross_talk"):
+    if predictor.endswith(("cross_talk", "overshoot")):
+        kind = (
+            "orthogonal"
+            if "orthogonal" in predictor
+            else "overshoot"
+            if predictor.endswith("overshoot")
+            else "cross_talk"
+        )
+        key = {"orthogonal": "orthogonal_cross_talk", "overshoot": "overshoot"}.get(kind, kind)
         options = []
         for p in pairs:
             for direction, (on, by) in (("b_to_a", (p["a"], p["b"])), ("a_to_b", (p["b"], p["a"]))):
-                value = p[f"cross_talk_{direction}"]
+                value = p[f"{key}_{direction}"]
                 if value is not None:
                     options.append((value, on, by, direction, p))
         if not options:
             return {"pair": None, "modules": []}
         value, on, by, direction, p = max(options, key=lambda o: o[0])
-        parts = _module_energies(p, direction)
+        parts = _module_parts(p, direction, kind)
         label = f"{by} on {on}'s inputs"
     else:
         key = "activation_cosine" if "activation" in predictor else "cosine"
