@@ -57,6 +57,7 @@ def _write_study(path, xs_per_combination, rng):
                 "methods": {
                     "sum": {"ppl": 2.0, "delta_pct": 3.0, "category": "data-free"},
                     "regmean_rescaled": {"ppl": 2.0, "delta_pct": -1.0, "category": "calibration"},
+                    "coefficients": {"ppl": 2.0, "delta_pct": -5.0, "category": "calibrated"},
                 },
             }
         )
@@ -102,7 +103,7 @@ def test_predict_recovers_a_known_linear_relation(adapters, calibration, tmp_pat
     text = capsys.readouterr().out
     assert "predicted Δ% of the sum vs merged-data training" in text
     assert "auto: best leave-one-out Spearman" in text and "from max_cross_talk" in text
-    assert "driven by" in text and "recommended method: regmean_rescaled" in text
+    assert "driven by" in text and "recommended method (no training): regmean_rescaled" in text
 
 
 def test_predict_without_fit_lists_predictors_and_falls_back_without_data(

@@ -54,6 +54,7 @@ def _add_dataclass_flags(
 
 def build_parser() -> argparse.ArgumentParser:
     from lorasum.experiment import DEFAULT_DOMAINS, PRESETS
+    from lorasum.forecast import PREDICTORS
     from lorasum.methods import MergeConfig
     from lorasum.train import TrainConfig
 
@@ -142,9 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "--predictor",
         default="auto",
-        help="rms_cosine, rms_activation_cosine, max_cross_talk, mean_cross_talk, "
-        "mean_overshoot, max_orthogonal_cross_talk, mean_orthogonal_cross_talk or auto "
-        "(the best leave-one-combination-out Spearman over the --fit studies; default)",
+        help=f"{', '.join(PREDICTORS)} or auto (the best leave-one-combination-out Spearman "
+        "over the --fit studies; default)",
     )
     pr.add_argument(
         "--calibration",

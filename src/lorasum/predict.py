@@ -412,8 +412,12 @@ def predict_interference(
         if x0 is None:
             raise LorasumError(f"predictor {chosen!r} is undefined for these adapters")
         out["forecast"] = forecast.forecast(studies, chosen, x0)
-        out["recommendation"] = forecast.recommend_method(studies)
-        out["recommendation_nearby"] = forecast.recommend_method(studies, chosen, x0, nearest=3)
+        # zero-training methods (the calibrated family needs validation data and a fit)
+        plain = ("calibrated",)
+        out["recommendation"] = forecast.recommend_method(studies, exclude_categories=plain)
+        out["recommendation_nearby"] = forecast.recommend_method(
+            studies, chosen, x0, nearest=3, exclude_categories=plain
+        )
     return out
 
 
@@ -502,7 +506,8 @@ def format_prediction(out: dict, warning: bool = False) -> str:
             else ""
         )
         lines.append(
-            f"  recommended method: {rec['method']} (mean Δ% {rec['mean_delta_pct']:+.2f} over "
+            f"  recommended method (no training): {rec['method']} (mean Δ% "
+            f"{rec['mean_delta_pct']:+.2f} over "
             f"{rec['n_combinations']} study combinations{extra})"
         )
     return "\n".join(lines)
