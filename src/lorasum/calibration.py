@@ -37,6 +37,7 @@ Choices, and why:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -246,10 +247,16 @@ def gram_statistics(
 # --- the cache -------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=8)
+def _upper_flat(d: int) -> torch.Tensor:
+    """Flat indices (row·d + col) of the upper triangle of a (d, d) matrix, row by row."""
+    rows, cols = torch.triu_indices(d, d)
+    return rows * d + cols
+
+
 def pack_symmetric(G: torch.Tensor) -> torch.Tensor:
     """The upper triangle of a symmetric (d, d) matrix, row by row: (d(d+1)/2,)."""
-    rows, cols = torch.triu_indices(G.shape[0], G.shape[0])
-    return G[rows, cols].contiguous()
+    return G.contiguous().view(-1)[_upper_flat(G.shape[0])]
 
 
 def unpack_symmetric(packed: torch.Tensor) -> torch.Tensor:
@@ -258,10 +265,11 @@ def unpack_symmetric(packed: torch.Tensor) -> torch.Tensor:
     if packed.ndim == 2:
         return packed
     d = int((math.isqrt(8 * packed.numel() + 1) - 1) // 2)  # d(d+1)/2 = numel
-    rows, cols = torch.triu_indices(d, d)
-    G = torch.empty(d, d, dtype=packed.dtype)
-    G[rows, cols] = packed
-    G[cols, rows] = packed
+    upper = torch.zeros(d * d, dtype=packed.dtype)
+    upper[_upper_flat(d)] = packed
+    upper = upper.view(d, d)
+    G = upper + upper.T
+    G.diagonal().sub_(upper.diagonal())
     return G
 
 
