@@ -19,6 +19,10 @@ For adapters i, j, a module m with ΔW = s·B·A, and domain i's per-token input
   learned twice), and **orthogonal cross-talk** κ⊥ = κ − β², output on domain i's inputs
   that domain i's adapter does not write at all. Combination level: mean β, max and mean κ⊥.
 
+`predict_interference` is `lorasum predict` (and `compose --check`): these predictors for given
+adapters, and with finished studies the Δ% forecast of `lorasum.forecast`, the pair and modules
+that drive the chosen predictor, and the method the studies found best.
+
 Every trace is taken on r×r cores, never a d_out×d_in matrix:
 
     tr(s_i B_i A_i G A_jᵀ B_jᵀ s_j) = s_i s_j · Σ (B_iᵀ B_j) ∘ (A_i G A_jᵀ)
