@@ -91,6 +91,41 @@ def test_modules_reading_one_input_share_one_matrix(tiny_llama, qa_files, tmp_pa
     again = calibrate(adapter, [str(qa_files["colors"])], max_length=32)  # from the file
     assert not again.computed
     _assert_same(again, cal, rtol=1e-6)  # stored in fp32
+    for c in (cal, again):  # one object in memory, normalised once: the methods cache by it
+        g, n = c.grams, c.normalised()
+        assert g["model.layers.0.self_attn.q_proj"] is g["model.layers.0.self_attn.v_proj"]
+        assert n["model.layers.0.self_attn.q_proj"] is n["model.layers.0.self_attn.k_proj"]
+        assert n["model.layers.0.self_attn.q_proj"] is not n["model.layers.0.self_attn.o_proj"]
+
+
+def test_cache_stores_packed_triangles_and_reads_square_files(tiny_llama, qa_files, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from lorasum.calibration import _read_cache, pack_symmetric, unpack_symmetric
+
+    G = torch.randn(7, 5, dtype=torch.float64)
+    G = G @ G.T
+    G = (G + G.T) / 2  # a float product is not bitwise symmetric
+    assert torch.equal(unpack_symmetric(pack_symmetric(G)), G)
+    assert pack_symmetric(G).shape == (28,)
+    adapter = make_adapter(tiny_llama, tmp_path / "a", r=2)
+    cal = calibrate(adapter, [str(qa_files["arith"])], model=load_tiny(tiny_llama), max_length=32)
+    tensors = load_file(str(cal.path))
+    assert all(t.ndim == 1 for t in tensors.values())  # packed on disk
+    # a file from before packing (square fp32 matrices) is read as it is
+    from safetensors import safe_open
+
+    with safe_open(str(cal.path), framework="pt") as f:
+        meta = f.metadata()
+    square = {k: unpack_symmetric(t) for k, t in tensors.items()}
+    save_file(square, str(cal.path), metadata=meta)
+    old = _read_cache(cal.path, cal.key)
+    _assert_same(old, cal, rtol=1e-12)
+    fresh = calibrate(
+        adapter, [str(qa_files["arith"])], model=load_tiny(tiny_llama), max_length=32, cache=False
+    )
+    assert fresh.computed
+    assert all(torch.equal(fresh.grams[m], cal.grams[m]) for m in cal.grams)  # as on disk
 
 
 def test_cache_is_reused_without_a_forward_pass_and_invalidated_by_changes(

@@ -280,6 +280,56 @@ def test_predictors_from_grams_equal_those_from_raw_activations(two_domains, qa_
         assert pair["modules"][m]["activation_cosine"] == pytest.approx(cos, rel=1e-4, abs=1e-6)
         kappa = out_energy("arith", "colors", m) / out_energy("colors", "colors", m)
         assert pair["modules"][m]["cross_talk_a_to_b"] == pytest.approx(kappa, rel=1e-4)
+    # overshoot β and orthogonal cross-talk κ⊥ from the concatenated raw outputs on arith
+    own_out = torch.cat(
+        [(X["arith"][m] @ _dense(factors["arith"][m]).T).flatten() for m in modules]
+    )
+    other_out = torch.cat(
+        [(X["arith"][m] @ _dense(factors["colors"][m]).T).flatten() for m in modules]
+    )
+    beta = float(other_out @ own_out / (own_out @ own_out))
+    residual = other_out - beta * own_out  # the part of colors' output arith's adapter lacks
+    assert pair["overshoot_b_to_a"] == pytest.approx(beta, rel=1e-4, abs=1e-8)
+    ortho = float(residual @ residual / (own_out @ own_out))
+    assert pair["orthogonal_cross_talk_b_to_a"] == pytest.approx(ortho, rel=1e-4)
+    assert result["overshoot"][0][1] == pair["overshoot_b_to_a"]
     combo = combination_predictors(result, ["arith", "colors"])
+    assert combo["mean_overshoot"] == pytest.approx(
+        (pair["overshoot_a_to_b"] + pair["overshoot_b_to_a"]) / 2
+    )
     assert combo["rms_cosine"] == pytest.approx(pair["rms_cosine"])
     assert combo["max_cross_talk"] == max(pair["cross_talk_a_to_b"], pair["cross_talk_b_to_a"])
+
+
+@pytest.mark.parametrize("method", ["regmean", "regmean_rescaled", "orthogonal_projection"])
+def test_factorisations_are_reused_by_identity_only(method):
+    """Modules sharing one Gram object (q/k/v) give what separate copies give; new objects,
+    even at a reused address, are never served a cached factorisation."""
+    from lorasum.methods.regmean import _FACTORED
+
+    terms = [_factors(i, r=2) for i in range(N)]
+    other = [_factors(10 + i, r=2) for i in range(N)]
+    grams = [
+        _gram(i) + 0.5 * _gram(30 + i, torch.eye(D_IN, dtype=torch.float64)[:, :3])
+        for i in range(N)
+    ]
+    config = MergeConfig(method=method)
+    adapters = [{"k": t, "q": o} for t, o in zip(terms, other, strict=True)]
+    shared = merge_adapters(adapters, [1.0] * N, config, [{"k": g, "q": g} for g in grams])
+    _FACTORED.clear()
+    copies = [{"k": g.clone(), "q": g.clone()} for g in grams]
+    separate = merge_adapters(adapters, [1.0] * N, config, copies)
+    for m in ("k", "q"):
+        a, b = shared.modules[m], separate.modules[m]
+        assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B)
+    # new values in new objects: the result follows them
+    eye = torch.eye(D_IN, dtype=torch.float64)
+    disjoint = [_gram(60 + i, eye[:, 4 * i : 4 * i + 4]) + 1e-3 * eye for i in range(N)]
+    changed = [{"k": d, "q": g} for d, g in zip(disjoint, grams, strict=True)]
+    got = merge_adapters(adapters, [1.0] * N, config, changed).modules["k"]
+    _FACTORED.clear()
+    fresh = merge_adapters(
+        adapters, [1.0] * N, config, [{"k": c["k"].clone(), "q": c["q"]} for c in changed]
+    )
+    assert torch.equal(got.A, fresh.modules["k"].A)
+    assert not torch.allclose(got.A, shared.modules["k"].A)

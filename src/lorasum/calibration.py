@@ -25,9 +25,10 @@ Choices, and why:
   over a batch's ~2k tokens left rounding of ~1e-6 that made rank-deficient Grams
   indefinite), added into a float64 accumulator. Modules that read the same tensor (q/k/v
   projections) share one product and one stored matrix.
-- **Cache**: ``<adapter>/calibration-<key>.safetensors``, written atomically, fp32 on disk
-  (half the bytes of float64; a freshly computed result is rounded the same way, so results
-  do not depend on the cache). The key hashes the adapter's weights file (conservative: the
+- **Cache**: ``<adapter>/calibration-<key>.safetensors``, written atomically, fp32 on disk,
+  each symmetric matrix as its packed upper triangle (a quarter of the bytes of a float64
+  square; a freshly computed result is rounded the same way, so results do not depend on the
+  cache; files written before packing, with square matrices, are read as they are). The key hashes the adapter's weights file (conservative: the
   statistics do not depend on the weights, but a file beside the adapter must not outlive
   it), the data's fingerprints, the model spec, max_length and the module list. Files made
   for older weights of the adapter are removed when a new one is written.
@@ -36,8 +37,10 @@ Choices, and why:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -72,8 +75,20 @@ class Calibration:
     computed: bool = False  # True when this call ran the model (False: read from the cache)
 
     def normalised(self) -> dict[str, torch.Tensor]:
-        """module -> Ĝ = G / n (float64): the per-token second moment of the inputs."""
-        return {m: g.double() / max(self.tokens[m], 1) for m, g in self.grams.items()}
+        """module -> Ĝ = G / n (float64): the per-token second moment of the inputs.
+
+        Modules that read one input (q/k/v) share one matrix object here as in ``grams``, so
+        the methods factor it once (they cache by identity) and it is held once in memory.
+        """
+        done: dict[tuple[int, int], torch.Tensor] = {}
+        out = {}
+        for m, g in self.grams.items():
+            n = max(self.tokens[m], 1)
+            key = (id(g), n)
+            if key not in done:
+                done[key] = g.double() / n
+            out[m] = done[key]
+        return out
 
 
 # --- which data, which key -------------------------------------------------------------------
@@ -231,6 +246,32 @@ def gram_statistics(
 # --- the cache -------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=8)
+def _upper_flat(d: int) -> torch.Tensor:
+    """Flat indices (row·d + col) of the upper triangle of a (d, d) matrix, row by row."""
+    rows, cols = torch.triu_indices(d, d)
+    return rows * d + cols
+
+
+def pack_symmetric(G: torch.Tensor) -> torch.Tensor:
+    """The upper triangle of a symmetric (d, d) matrix, row by row: (d(d+1)/2,)."""
+    return G.contiguous().view(-1)[_upper_flat(G.shape[0])]
+
+
+def unpack_symmetric(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_symmetric`; a 2-D tensor (a cache file written before packing) is
+    returned as it is."""
+    if packed.ndim == 2:
+        return packed
+    d = int((math.isqrt(8 * packed.numel() + 1) - 1) // 2)  # d(d+1)/2 = numel
+    upper = torch.zeros(d * d, dtype=packed.dtype)
+    upper[_upper_flat(d)] = packed
+    upper = upper.view(d, d)
+    G = upper + upper.T
+    G.diagonal().sub_(upper.diagonal())
+    return G
+
+
 def _read_cache(path: Path, key: str) -> Calibration | None:
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
@@ -244,7 +285,12 @@ def _read_cache(path: Path, key: str) -> Calibration | None:
         return None
     if meta.get("key") != key:
         return None
-    grams = {m: tensors[f"gram.{meta['aliases'].get(m, m)}"].double() for m in meta["tokens"]}
+    owners: dict[str, torch.Tensor] = {}
+    for m in meta["tokens"]:
+        owner = meta["aliases"].get(m, m)
+        if owner not in owners:
+            owners[owner] = unpack_symmetric(tensors[f"gram.{owner}"]).double()
+    grams = {m: owners[meta["aliases"].get(m, m)] for m in meta["tokens"]}
     return Calibration(
         grams=grams, tokens=meta["tokens"], key=key, path=path, info=meta["info"], computed=False
     )
@@ -262,7 +308,7 @@ def _write_cache(path: Path, calibration: Calibration, aliases: dict[str, str], 
         "aliases": aliases,
         "info": calibration.info,
     }
-    tensors = {f"gram.{m}": g.float().contiguous() for m, g in owners.items()}
+    tensors = {f"gram.{m}": pack_symmetric(g.float()) for m, g in owners.items()}
     try:
         tmp = temp_beside(path)
     except OSError as e:
@@ -400,7 +446,8 @@ def _compute(plan: _Plan, model, tokenizer, batch_size: int, device: str, cache:
         "lorasum_version": __version__,
     }
     # rounded as they are stored, so a result does not depend on whether it came from the cache
-    stored = {m: g.float().double() for m, g in grams.items()}
+    # (fp32, upper triangle mirrored: a float product XᵀX is not bitwise symmetric)
+    stored = {m: unpack_symmetric(pack_symmetric(g.float())).double() for m, g in grams.items()}
     full = {m: stored[aliases.get(m, m)] for m in plan.modules}
     result = Calibration(grams=full, tokens=tokens, key=plan.key, info=info, computed=True)
     if cache:

@@ -53,6 +53,7 @@ def _add_dataclass_flags(
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lorasum.forecast import PREDICTORS
     from lorasum.methods import MergeConfig
     from lorasum.study_config import preset_names
     from lorasum.train import TrainConfig
@@ -111,7 +112,50 @@ def build_parser() -> argparse.ArgumentParser:
         "training data from its lorasum.json. Statistics are cached beside each adapter",
     )
     c.add_argument("--overwrite", action="store_true", help="replace a different result in --out")
+    c.add_argument(
+        "--check",
+        action="store_true",
+        help="before composing, print the interference forecast of `lorasum predict` "
+        "(predicted Δ%% vs merged-data training with --fit, driving pair and modules, method)",
+    )
+    c.add_argument(
+        "--fit",
+        nargs="+",
+        default=None,
+        metavar="STUDY_DIR",
+        help="with --check: finished studies (results.json) to fit the forecast on",
+    )
     _add_dataclass_flags(c, MergeConfig, defaults=False)  # unset = the method's default
+
+    pr = sub.add_parser(
+        "predict",
+        help="interference of adapters before composing: predictors, and with --fit the "
+        "predicted Δ%% of their sum vs merged-data training, the driving pair and a method",
+    )
+    pr.add_argument("adapters", nargs="+", help="PEFT LoRA adapter directories (two or more)")
+    pr.add_argument(
+        "--fit",
+        nargs="+",
+        default=None,
+        metavar="STUDY_DIR",
+        help="finished `lorasum reproduce` directories whose results.json the forecast is fitted on",
+    )
+    pr.add_argument(
+        "--predictor",
+        default="auto",
+        help=f"{', '.join(PREDICTORS)} or auto (the best leave-one-combination-out Spearman "
+        "over the --fit studies; default)",
+    )
+    pr.add_argument(
+        "--calibration",
+        nargs="+",
+        default=None,
+        metavar="SOURCES",
+        help="per adapter, the data whose inputs calibrate it (a comma list of sources, or "
+        "'own'); default: each adapter's own training data from its lorasum.json",
+    )
+    pr.add_argument("--model", default=None, help="base model (default: the adapters')")
+    pr.add_argument("--json", action="store_true", help="print JSON")
 
     s = sub.add_parser(
         "similarity",
@@ -270,6 +314,20 @@ def _run(args: argparse.Namespace) -> int:
 
         given = {f.name: getattr(args, f.name) for f in dataclasses.fields(MergeConfig)}
         config = MergeConfig(**{k: v for k, v in given.items() if v is not None})
+        if args.fit and not args.check:
+            raise LorasumError("--fit applies to --check; add --check or drop --fit")
+        if args.check:
+            from lorasum.methods import get_method
+            from lorasum.predict import format_prediction, predict_interference
+
+            uses_data = get_method(config.method).calibration  # else --calibration is refused
+            check = predict_interference(
+                args.adapters,
+                fit=args.fit,
+                calibration=args.calibration if uses_data else None,
+                model=args.model,
+            )
+            print(format_prediction(check, warning=True), flush=True)
         marker = compose(
             args.adapters,
             args.out,
@@ -290,6 +348,17 @@ def _run(args: argparse.Namespace) -> int:
         print(f"composed adapter written to {args.out} ({detail})")
         if args.merge_into_base:
             print(f"merged model written to {marker['merged_model']}")
+    elif args.command == "predict":
+        from lorasum.predict import format_prediction, predict_interference
+
+        result = predict_interference(
+            args.adapters,
+            fit=args.fit,
+            predictor=args.predictor,
+            calibration=args.calibration,
+            model=args.model,
+        )
+        print(dumps_strict(result) if args.json else format_prediction(result))
     elif args.command == "similarity":
         from lorasum.similarity import format_similarity, similarity
 

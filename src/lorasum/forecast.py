@@ -28,7 +28,15 @@ from lorasum.errors import LorasumError
 from lorasum.stats import linear_fit, pearson_spearman
 
 # predictors that a study's rows may carry; rms_cosine is also read from the row's top level
-PREDICTORS = ("rms_cosine", "rms_activation_cosine", "max_cross_talk", "mean_cross_talk")
+PREDICTORS = (
+    "rms_cosine",
+    "rms_activation_cosine",
+    "max_cross_talk",
+    "mean_cross_talk",
+    "mean_overshoot",
+    "max_orthogonal_cross_talk",
+    "mean_orthogonal_cross_talk",
+)
 
 
 def _line(x: np.ndarray, y: np.ndarray) -> tuple[float, float] | None:
@@ -251,13 +259,16 @@ def recommend_method(
     predictor: str | None = None,
     x0: float | None = None,
     nearest: int | None = None,
+    exclude_categories: Sequence[str] = (),
 ) -> dict | None:
     """The method with the lowest mean Δ% over the studies' combinations.
 
     Reads ``combinations[i]["methods"][name]["delta_pct"]`` (the sum's own Δ% counts as
     ``sum`` where a study has no methods map). With ``predictor``, ``x0`` and ``nearest``,
     only the ``nearest`` combinations whose predictor value is closest to x0 count (the
-    regime of the new adapters). A method must be measured on every counted combination.
+    regime of the new adapters). Methods of ``exclude_categories`` (e.g. "calibrated", which
+    needs validation data and a fit) are left out. A method must be measured on every
+    counted combination.
     Returns ``{"method", "mean_delta_pct", "category", "n_combinations", "table"}`` (table:
     method -> mean Δ%) or None when the studies measured nothing.
     """
@@ -267,7 +278,9 @@ def recommend_method(
             methods = {
                 name: (m.get("delta_pct"), m.get("category"))
                 for name, m in (combination.get("methods") or {}).items()
-                if isinstance(m, dict) and isinstance(m.get("delta_pct"), int | float)
+                if isinstance(m, dict)
+                and isinstance(m.get("delta_pct"), int | float)
+                and m.get("category") not in exclude_categories
             }
             if "sum" not in methods and isinstance(combination.get("delta_pct"), int | float):
                 methods["sum"] = (combination["delta_pct"], "data-free")

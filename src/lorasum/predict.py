@@ -12,7 +12,16 @@ For adapters i, j, a module m with ΔW = s·B·A, and domain i's per-token input
 - **cross-talk** κ_{j→i} = ‖ΔW_j X_i‖²_F / ‖ΔW_i X_i‖²_F = tr(ΔW_j Ĝ_i ΔW_jᵀ) /
   tr(ΔW_i Ĝ_i ΔW_iᵀ): how much adapter j writes on domain i's inputs, relative to what
   domain i's own adapter writes there. Directional. Aggregated over modules as a ratio of sums
-  (total output energy of j on i's inputs over i's own), per module where ΔW_i ≠ 0.
+  (total output energy of j on i's inputs over i's own), per module where ΔW_i ≠ 0;
+- its split κ_{j→i} = β² + κ⊥ (this project's, for "what differs" when κ ≈ 1 everywhere):
+  **overshoot** β_{j→i} = ⟨ΔW_j X_i, ΔW_i X_i⟩ / ‖ΔW_i X_i‖², the share of domain i's own
+  output shift that adapter j repeats (the sum applies it 1 + β times: a shared answer format
+  learned twice), and **orthogonal cross-talk** κ⊥ = κ − β², output on domain i's inputs
+  that domain i's adapter does not write at all. Combination level: mean β, max and mean κ⊥.
+
+`predict_interference` is `lorasum predict` (and `compose --check`): these predictors for given
+adapters, and with finished studies the Δ% forecast of `lorasum.forecast`, the pair and modules
+that drive the chosen predictor, and the method the studies found best.
 
 Every trace is taken on r×r cores, never a d_out×d_in matrix:
 
@@ -57,36 +66,84 @@ def _normalised(grams) -> dict[str, Mapping[str, torch.Tensor]]:
     return {n: g.normalised() if hasattr(g, "normalised") else g for n, g in grams.items()}
 
 
+class _Products:
+    """A_i Ĝ_k (r_i, d_in) per (adapter, domain, module), each computed once: every trace of
+    the predictors is then an r×r product, and G = Ĝ_a + Ĝ_b is never formed."""
+
+    def __init__(self):
+        self._memo: dict[tuple[int, int, str], torch.Tensor] = {}
+
+    def __call__(self, f: LoraFactors, G: torch.Tensor, module: str) -> torch.Tensor:
+        key = (id(f), id(G), module)
+        if key not in self._memo:
+            self._memo[key] = (f.A.to(_ACC) @ G.to(_ACC), f, G)  # keep f, G: ids stay unique
+        return self._memo[key][0]
+
+    def inner(self, f1: LoraFactors, f2: LoraFactors, Gs: Sequence[torch.Tensor], module: str):
+        """tr(ΔW_1 (Σ Gs) ΔW_2ᵀ) = s1·s2·Σ (B1ᵀB2) ∘ (Σ_G A1 G A2ᵀ)."""
+        core_b = f1.B.to(_ACC).T @ f2.B.to(_ACC)  # (r1, r2)
+        core_a = sum(self(f1, G, module) @ f2.A.to(_ACC).T for G in Gs)  # (r1, r2)
+        return float(f1.scale * f2.scale * (core_b * core_a).sum())
+
+
+def _split_cross_talk(direction: str, energy: float, shared: float, own: float) -> dict:
+    """κ = β² + κ⊥: the other adapter's output on these inputs, split into the part along the
+    own adapter's output (β = ⟨ΔW_j X_i, ΔW_i X_i⟩ / ‖ΔW_i X_i‖², the share of the own shift
+    that the sum applies a second time: overshoot) and the part orthogonal to it (κ⊥, output
+    the domain never asked for), all over the concatenated modules."""
+    if own <= 0:
+        return {f"overshoot_{direction}": None, f"orthogonal_cross_talk_{direction}": None}
+    beta = shared / own
+    return {
+        f"overshoot_{direction}": beta,
+        f"orthogonal_cross_talk_{direction}": max(energy / own - beta * beta, 0.0),
+    }
+
+
 def pair_predictors(
     a: Factors,
     b: Factors,
     grams_a: Mapping[str, torch.Tensor],
     grams_b: Mapping[str, torch.Tensor],
     names: tuple[str, str] = ("a", "b"),
+    products: _Products | None = None,
 ) -> dict:
-    """Every predictor for one pair, per module and aggregated (grams: per-token Ĝ)."""
+    """Every predictor for one pair, per module and aggregated (grams: per-token Ĝ).
+
+    ``products``: shared across the pairs of `interference_predictors`, so that A_i Ĝ_k is
+    computed once per adapter and domain.
+    """
+    products = products or _Products()
     every = sorted(a.keys() | b.keys())
     shared = sorted(a.keys() & b.keys())
     modules: dict[str, dict] = {}
     act_num = act_den_a = act_den_b = 0.0
     # cross-talk sums: [b on a's inputs, a's own on a's inputs], and the other way round
     ba_num = ba_den = ab_num = ab_den = 0.0
+    ba_shared = ab_shared = 0.0
     for m in every:
         row: dict = {}
         fa, fb = a.get(m), b.get(m)
         Ga, Gb = _gram(grams_a, names[0], m), _gram(grams_b, names[1], m)
-        own_a = activation_inner(fa, fa, Ga) if fa is not None else 0.0
-        own_b = activation_inner(fb, fb, Gb) if fb is not None else 0.0
-        b_on_a = activation_inner(fb, fb, Ga) if fb is not None else 0.0
-        a_on_b = activation_inner(fa, fa, Gb) if fa is not None else 0.0
+        own_a = products.inner(fa, fa, [Ga], m) if fa is not None else 0.0
+        own_b = products.inner(fb, fb, [Gb], m) if fb is not None else 0.0
+        b_on_a = products.inner(fb, fb, [Ga], m) if fb is not None else 0.0
+        a_on_b = products.inner(fa, fa, [Gb], m) if fa is not None else 0.0
         ba_num, ba_den = ba_num + b_on_a, ba_den + own_a
         ab_num, ab_den = ab_num + a_on_b, ab_den + own_b
+        # ⟨ΔW_b X_a, ΔW_a X_a⟩ and ⟨ΔW_a X_b, ΔW_b X_b⟩: how much of the own shift the other repeats
+        shared_a = products.inner(fa, fb, [Ga], m) if fa is not None and fb is not None else 0.0
+        shared_b = products.inner(fa, fb, [Gb], m) if fa is not None and fb is not None else 0.0
+        ba_shared, ab_shared = ba_shared + shared_a, ab_shared + shared_b
+        row["energy_b_to_a"], row["energy_own_a"] = b_on_a, own_a  # ‖ΔW_b X_a‖², ‖ΔW_a X_a‖²
+        row["energy_a_to_b"], row["energy_own_b"] = a_on_b, own_b
+        row["shared_b_to_a"], row["shared_a_to_b"] = shared_a, shared_b
         row["cross_talk_b_to_a"] = b_on_a / own_a if own_a > 0 else None
         row["cross_talk_a_to_b"] = a_on_b / own_b if own_b > 0 else None
         if fa is not None and fb is not None:
-            G = Ga + Gb  # (d_in, d_in)
-            num = activation_inner(fa, fb, G)
-            da, db = activation_inner(fa, fa, G), activation_inner(fb, fb, G)
+            num = shared_a + shared_b  # tr(ΔW_a (Ĝ_a + Ĝ_b) ΔW_bᵀ)
+            da = own_a + a_on_b  # tr(ΔW_a (Ĝ_a + Ĝ_b) ΔW_aᵀ)
+            db = b_on_a + own_b
             act_num, act_den_a, act_den_b = act_num + num, act_den_a + da, act_den_b + db
             row["activation_cosine"] = (
                 max(-1.0, min(1.0, num / math.sqrt(da * db))) if da > 0 and db > 0 else 0.0
@@ -104,6 +161,8 @@ def pair_predictors(
         ),
         "cross_talk_b_to_a": ba_num / ba_den if ba_den > 0 else None,
         "cross_talk_a_to_b": ab_num / ab_den if ab_den > 0 else None,
+        **_split_cross_talk("b_to_a", ba_num, ba_shared, ba_den),
+        **_split_cross_talk("a_to_b", ab_num, ab_shared, ab_den),
         "modules": modules,
     }
 
@@ -132,15 +191,21 @@ def interference_predictors(adapters: Mapping[str, Factors], grams: Mapping[str,
     cos = [[1.0 if i == j else None for j in range(size)] for i in range(size)]
     act = [[1.0 if i == j else None for j in range(size)] for i in range(size)]
     talk = [[1.0 if i == j else None for j in range(size)] for i in range(size)]
+    over = [[1.0 if i == j else None for j in range(size)] for i in range(size)]
+    ortho = [[0.0 if i == j else None for j in range(size)] for i in range(size)]
     pairs = []
+    products = _Products()
     with single_threaded():
         for na, nb in itertools.combinations(names, 2):
-            p = pair_predictors(adapters[na], adapters[nb], norm[na], norm[nb], (na, nb))
+            p = pair_predictors(adapters[na], adapters[nb], norm[na], norm[nb], (na, nb), products)
             i, j = index[na], index[nb]
             cos[i][j] = cos[j][i] = p["rms_cosine"]
             act[i][j] = act[j][i] = p["rms_activation_cosine"]
             talk[i][j] = p["cross_talk_b_to_a"]  # adapter b on a's inputs
             talk[j][i] = p["cross_talk_a_to_b"]
+            over[i][j], over[j][i] = p["overshoot_b_to_a"], p["overshoot_a_to_b"]
+            ortho[i][j] = p["orthogonal_cross_talk_b_to_a"]
+            ortho[j][i] = p["orthogonal_cross_talk_a_to_b"]
             pairs.append({"a": na, "b": nb, **p})
     off = [talk[i][j] for i in range(size) for j in range(size) if i != j]
     off = [v for v in off if v is not None]
@@ -149,6 +214,8 @@ def interference_predictors(adapters: Mapping[str, Factors], grams: Mapping[str,
         "rms_cosine": cos,
         "rms_activation_cosine": act,
         "cross_talk": talk,
+        "overshoot": over,
+        "orthogonal_cross_talk": ortho,
         "max_cross_talk": max(off) if off else None,
         "mean_cross_talk": sum(off) / len(off) if off else None,
         "pairs": pairs,
@@ -164,11 +231,287 @@ def combination_predictors(result: dict, names: Sequence[str]) -> dict:
     index = {n: i for i, n in enumerate(result["names"])}
     idx = [index[n] for n in names]
     pairs = list(itertools.combinations(idx, 2))
-    talk = [result["cross_talk"][i][j] for i in idx for j in idx if i != j]
-    talk = [v for v in talk if v is not None]
+
+    def off(key: str) -> list[float]:
+        values = [
+            result.get(key, [[None] * len(index)] * len(index))[i][j]
+            for i in idx
+            for j in idx
+            if i != j
+        ]
+        return [v for v in values if v is not None]
+
+    talk, over, ortho = off("cross_talk"), off("overshoot"), off("orthogonal_cross_talk")
     return {
         "rms_cosine": rms([result["rms_cosine"][i][j] for i, j in pairs]),
         "rms_activation_cosine": rms([result["rms_activation_cosine"][i][j] for i, j in pairs]),
         "max_cross_talk": max(talk) if talk else None,
         "mean_cross_talk": sum(talk) / len(talk) if talk else None,
+        "mean_overshoot": sum(over) / len(over) if over else None,
+        "max_orthogonal_cross_talk": max(ortho) if ortho else None,
+        "mean_orthogonal_cross_talk": sum(ortho) / len(ortho) if ortho else None,
     }
+
+
+# --- `lorasum predict` and `compose --check`: predictors of given adapters, forecast from studies
+
+
+def _module_parts(p: dict, direction: str, kind: str) -> dict[str, float]:
+    """Per module the additive part of one pair's directional predictor (direction 'b_to_a':
+    adapter b on a's inputs), so that the parts sum to it: κ (``cross_talk``), β
+    (``overshoot``: ⟨ΔW_j X_i, ΔW_i X_i⟩_m / Σ own) or κ⊥ (``orthogonal``: ‖ΔW_j X_i −
+    β ΔW_i X_i‖²_m / Σ own)."""
+    own = "energy_own_a" if direction == "b_to_a" else "energy_own_b"
+    rows = p["modules"].values()
+    total = sum(row.get(own, 0.0) for row in rows)
+    if total <= 0:
+        return {}
+    energy, shared = f"energy_{direction}", f"shared_{direction}"
+    if kind == "overshoot":
+        return {m: row.get(shared, 0.0) / total for m, row in p["modules"].items()}
+    if kind == "orthogonal":
+        beta = p[f"overshoot_{direction}"] or 0.0
+        return {
+            m: (
+                row.get(energy, 0.0) - 2 * beta * row.get(shared, 0.0) + beta**2 * row.get(own, 0.0)
+            )
+            / total
+            for m, row in p["modules"].items()
+        }
+    return {m: row.get(energy, 0.0) / total for m, row in p["modules"].items()}
+
+
+def drivers(result: dict, predictor: str, top: int = 5) -> dict:
+    """The pair (or ordered pair, for cross-talk) that drives a predictor and its top modules.
+
+    Cosine predictors: the pair with the largest |RMS cosine| and the modules with the largest
+    share of its mean square (contribution c_m² / Σ c²). Cross-talk: the ordered pair with the
+    largest κ_{j→i} and the modules with the largest part of it (‖ΔW_j X_i‖²_m / Σ_m
+    ‖ΔW_i X_i‖²_m, which sum to κ).
+    """
+    pairs = result["pairs"]
+    if not pairs:
+        return {"pair": None, "modules": []}
+    if predictor.endswith(("cross_talk", "overshoot")):
+        kind = (
+            "orthogonal"
+            if "orthogonal" in predictor
+            else "overshoot"
+            if predictor.endswith("overshoot")
+            else "cross_talk"
+        )
+        key = {"orthogonal": "orthogonal_cross_talk", "overshoot": "overshoot"}.get(kind, kind)
+        options = []
+        for p in pairs:
+            for direction, (on, by) in (("b_to_a", (p["a"], p["b"])), ("a_to_b", (p["b"], p["a"]))):
+                value = p[f"{key}_{direction}"]
+                if value is not None:
+                    options.append((value, on, by, direction, p))
+        if not options:
+            return {"pair": None, "modules": []}
+        value, on, by, direction, p = max(options, key=lambda o: o[0])
+        parts = _module_parts(p, direction, kind)
+        label = f"{by} on {on}'s inputs"
+    else:
+        key = "activation_cosine" if "activation" in predictor else "cosine"
+        field_name = "rms_activation_cosine" if "activation" in predictor else "rms_cosine"
+        p = max(pairs, key=lambda q: abs(q[field_name]))
+        value, label = p[field_name], f"{p['a']} + {p['b']}"
+        squares = {m: row[key] ** 2 for m, row in p["modules"].items() if row.get(key) is not None}
+        total = sum(squares.values())
+        parts = {m: v / len(squares) for m, v in squares.items()} if total > 0 else {}
+    ranked = sorted(parts.items(), key=lambda kv: -kv[1])[:top]
+    total = sum(parts.values())
+    return {
+        "pair": label,
+        "value": value,
+        # part: the module's term of the predictor's sum (κ, or the mean square of cosines:
+        # parts sum to it); share: part / total (shares sum to 1)
+        "modules": [
+            {"module": m, "part": v, "share": v / total if total > 0 else 0.0} for m, v in ranked
+        ],
+    }
+
+
+def predict_interference(
+    paths: Sequence,
+    fit: Sequence | None = None,
+    predictor: str = "auto",
+    calibration: Sequence | None = None,
+    model: str | None = None,
+    top: int = 5,
+) -> dict:
+    """`lorasum predict`: interference predictors of adapters and, with ``fit``, the Δ% the
+    sum should show against merged-data training, fitted on finished studies.
+
+    ``paths``: two or more adapters; ``fit``: study directories (results.json of `lorasum
+    reproduce`); ``predictor``: a name of `combination_predictors` or 'auto' (the best
+    leave-one-combination-out Spearman over the fit studies); ``calibration``: per adapter a
+    comma list of sources or 'own' (default: each adapter's training data); ``model``: the
+    base model for calibration. The studies are read before any model runs, so their mistakes
+    cost nothing. Returns a dict (see `format_prediction`).
+    """
+    from lorasum import forecast
+    from lorasum.adapters import read_adapter
+    from lorasum.calibration import calibrate_adapters, parse_calibration
+    from lorasum.compose import check_compatible
+    from lorasum.similarity import _unique_names
+
+    if len(paths) < 2:
+        raise LorasumError("predict needs at least two adapters")
+    known = ("auto", *forecast.PREDICTORS)
+    if predictor not in known:
+        raise LorasumError(f"unknown predictor {predictor!r}; choose one of: {', '.join(known)}")
+    studies = forecast.read_studies(fit) if fit else []
+    ranking = forecast.rank_predictors(studies) if studies else {}
+    if studies and not ranking:
+        raise LorasumError(
+            "the --fit studies have no predictor values (rms_cosine or predictors); "
+            "rerun them with this version of lorasum"
+        )
+    adapters = [read_adapter(p, strict=True) for p in paths]
+    check_compatible(adapters, fan_in_fan_out=False)
+    names = _unique_names(adapters)
+    factors = {n: a.modules for n, a in zip(names, adapters, strict=True)}
+    data = parse_calibration(calibration, len(adapters))
+    union = sorted(set().union(*(a.modules for a in adapters)))
+    note, calibrated = None, None
+    if predictor == "rms_cosine":
+        note = "activation predictors not computed (--predictor rms_cosine)"
+    else:
+        try:
+            calibrated = calibrate_adapters(adapters, data, model=model, modules=union)
+        except LorasumError as e:
+            if predictor != "auto" or data is not None:
+                raise
+            note = f"activation predictors not computed: {e}"
+    if calibrated is not None:
+        result = interference_predictors(factors, dict(zip(names, calibrated, strict=True)))
+        values = combination_predictors(result, names)
+    else:  # the weight cosine needs no inputs
+        result = cosine_predictors(factors)
+        values = {"rms_cosine": rms([p["rms_cosine"] for p in result["pairs"]])}
+    pairs = [{k: p[k] for k in p if k != "modules"} for p in result["pairs"]]
+    usable = [k for k, v in values.items() if v is not None]
+    if predictor == "auto":
+        chosen = forecast.best_predictor(ranking, usable) if ranking else None
+        chosen = chosen or ("max_cross_talk" if "max_cross_talk" in usable else "rms_cosine")
+    else:
+        chosen = predictor
+    out = {
+        "adapters": [str(a.path) for a in adapters],
+        "names": names,
+        "predictors": values,
+        "predictor": chosen,
+        "auto": predictor == "auto",
+        "note": note,
+        "pairs": pairs,
+        "drivers": drivers(result, chosen, top),
+        "ranking": ranking,
+        "forecast": None,
+        "recommendation": None,
+    }
+    if studies:
+        x0 = values.get(chosen)
+        if x0 is None:
+            raise LorasumError(f"predictor {chosen!r} is undefined for these adapters")
+        out["forecast"] = forecast.forecast(studies, chosen, x0)
+        # zero-training methods (the calibrated family needs validation data and a fit)
+        plain = ("calibrated",)
+        out["recommendation"] = forecast.recommend_method(studies, exclude_categories=plain)
+        out["recommendation_nearby"] = forecast.recommend_method(
+            studies, chosen, x0, nearest=3, exclude_categories=plain
+        )
+    return out
+
+
+def cosine_predictors(adapters: Mapping[str, Factors]) -> dict:
+    """The pairs of `interference_predictors` with the weight cosine only (no input
+    statistics: the activation predictors and cross-talk are None)."""
+    names = list(adapters)
+    pairs = []
+    with single_threaded():
+        for na, nb in itertools.combinations(names, 2):
+            cos = module_cosines(adapters[na], adapters[nb])
+            pairs.append(
+                {
+                    "a": na,
+                    "b": nb,
+                    "rms_cosine": rms(list(cos.values())),
+                    "rms_activation_cosine": None,
+                    "global_activation_cosine": None,
+                    "cross_talk_b_to_a": None,
+                    "cross_talk_a_to_b": None,
+                    "modules": {m: {"cosine": c} for m, c in cos.items()},
+                }
+            )
+    return {"names": names, "pairs": pairs}
+
+
+def format_prediction(out: dict, warning: bool = False) -> str:
+    """The text `lorasum predict` prints (``warning``: the shorter form of `compose --check`)."""
+    lines = []
+    values = ", ".join(f"{k} {v:.4f}" for k, v in out["predictors"].items() if v is not None)
+    head = "interference check" if warning else "interference predictors"
+    lines.append(f"{head} of {' + '.join(out['names'])}: {values}")
+    if out.get("note"):
+        lines.append(f"  note: {out['note']}")
+    if not warning:
+        for p in out["pairs"]:
+            talk = (
+                f", cross-talk {p['b']}→{p['a']} {p['cross_talk_b_to_a']:.3f}, "
+                f"{p['a']}→{p['b']} {p['cross_talk_a_to_b']:.3f}"
+                if p["cross_talk_b_to_a"] is not None and p["cross_talk_a_to_b"] is not None
+                else ""
+            )
+            act = p["rms_activation_cosine"]
+            act = "" if act is None else f", activation cosine {act:.4f}"
+            lines.append(f"  {p['a']} + {p['b']}: RMS cosine {p['rms_cosine']:.4f}{act}{talk}")
+    d = out["drivers"]
+    if d.get("pair"):
+        mods = ", ".join(f"{m['module']} ({m['share']:.0%})" for m in d["modules"][:3])
+        lines.append(
+            f"  driven by {d['pair']} ({out['predictor']} {d['value']:.4f}); top modules: {mods}"
+        )
+    f = out["forecast"]
+    if f is None:
+        lines.append(
+            "  no forecast: fitting Δ% needs finished studies (--fit STUDY_DIR, the directory "
+            "of a `lorasum reproduce` run)"
+        )
+        return "\n".join(lines)
+    how = "auto: best leave-one-out Spearman" if out["auto"] else "chosen"
+    rho = f["loo"]["spearman_rho"]
+    lines.append(
+        f"  predicted Δ% of the sum vs merged-data training: {f['delta_pct']:+.2f} % "
+        f"(95 % prediction interval {f['low']:+.2f} … {f['high']:+.2f}) from {f['predictor']} "
+        f"= {f['x']:.4f} [{how}; {f['fit']['n']} points in {f['n_groups']} combinations, "
+        f"leave-one-out Spearman {'n/a' if rho is None else f'{rho:.2f}'}]"
+    )
+    lo, hi = f["range"]
+    if not lo <= f["x"] <= hi:
+        lines.append(
+            f"  caution: {f['predictor']} = {f['x']:.4f} lies outside the studies' range "
+            f"[{lo:.4f}, {hi:.4f}]: the line is extrapolated"
+        )
+    if not warning and out["ranking"]:
+        ranks = ", ".join(
+            f"{k} {v['spearman_rho']:.2f}" if v["spearman_rho"] is not None else f"{k} n/a"
+            for k, v in out["ranking"].items()
+        )
+        lines.append(f"  leave-one-out Spearman per predictor: {ranks}")
+    rec = out["recommendation"]
+    if rec is not None:
+        near = out.get("recommendation_nearby")
+        extra = (
+            f"; in the {near['n_combinations']} nearest combinations: {near['method']} "
+            f"({near['mean_delta_pct']:+.2f} %)"
+            if near is not None and near["method"] != rec["method"]
+            else ""
+        )
+        lines.append(
+            f"  recommended method (no training): {rec['method']} (mean Δ% "
+            f"{rec['mean_delta_pct']:+.2f} over "
+            f"{rec['n_combinations']} study combinations{extra})"
+        )
+    return "\n".join(lines)

@@ -29,7 +29,8 @@ N·ΔW*: the sum where all domains' inputs coincide, N× the sum where they are 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -62,6 +63,54 @@ def with_ridge(M: torch.Tensor, ridge: float = RIDGE) -> torch.Tensor:
     return M + lam * torch.eye(M.shape[0], dtype=M.dtype)
 
 
+class GramCache:
+    """A few results computed from one tuple of Gram matrices, found again by the matrices'
+    identity: modules that read one input (q/k/v) get the very same Ĝ objects from
+    `lorasum.calibration.Calibration.normalised`, so their d_in×d_in factorisations are done
+    once. An entry holds references to its matrices, so an id cannot be reused while it lives;
+    a hit also checks identity (``is``), never values. Least recently used entries go first.
+    """
+
+    def __init__(self, size: int = 4):
+        self.size = size
+        self._entries: OrderedDict[tuple, tuple[tuple[torch.Tensor, ...], object]] = OrderedDict()
+
+    def get(self, grams: Sequence[torch.Tensor], extra: Hashable, compute: Callable[[], object]):
+        key = (tuple(id(g) for g in grams), extra)
+        hit = self._entries.get(key)
+        if hit is not None and all(a is b for a, b in zip(hit[0], grams, strict=True)):
+            self._entries.move_to_end(key)
+            return hit[1]
+        value = compute()
+        self._entries[key] = (tuple(grams), value)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+_FACTORED = GramCache()  # module order per layer is down, k, o, q, v: 4 entries suffice
+
+
+def regmean_system(grams: Sequence[torch.Tensor], alpha: float) -> tuple[torch.Tensor, list]:
+    """L with L Lᵀ = M = Σ_j shrink(Ĝ_j) + λI, and each Ĝ_j's diagonal, float64.
+
+    shrink is linear, so M = α S + (1 − α) diag(S) with S = Σ_j Ĝ_j: one d_in×d_in sum, no
+    shrunk copy per adapter (the numerators use Ĝ_j and its diagonal, see `regmean_stacked`).
+    """
+    M = grams[0].double().clone()  # (d_in, d_in)
+    for g in grams[1:]:
+        M += g
+    diag = torch.diagonal(M).clone()
+    M *= alpha
+    torch.diagonal(M).add_((1.0 - alpha) * diag)
+    trace = float(diag.sum()) if M.numel() else 0.0
+    torch.diagonal(M).add_(RIDGE * trace if trace > 0 else 1e-12)  # = with_ridge(M)
+    return torch.linalg.cholesky(M), [torch.diagonal(g).double() for g in grams]
+
+
 def regmean_stacked(
     terms: Sequence[LoraFactors | None],
     weights: Sequence[float],
@@ -69,14 +118,14 @@ def regmean_stacked(
     alpha: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ΔW* = (Σ_i w_i ΔW_i Ĝ_i) M⁻¹ as stacked factors B (d_out, Σr), A (Σr, d_in), float64."""
-    shrunk = [shrink(g, alpha) for g in grams]  # (d_in, d_in) each
-    L = torch.linalg.cholesky(with_ridge(sum(shrunk)))  # M = L Lᵀ
+    L, diags = _FACTORED.get(grams, ("regmean", alpha), lambda: regmean_system(grams, alpha))
     Bs, As = [], []
-    for t, w, G in zip(terms, weights, shrunk, strict=True):
+    for t, w, G, diag in zip(terms, weights, grams, diags, strict=True):
         if t is None:
             continue
         A = (w * t.scale) * t.A.double()  # (r, d_in)
-        As.append(torch.cholesky_solve(G @ A.T, L).T)  # (r, d_in) = A Ĝ M⁻¹
+        shrunk_At = alpha * (G.double() @ A.T) + (1.0 - alpha) * diag[:, None] * A.T  # shrink(Ĝ) Aᵀ
+        As.append(torch.cholesky_solve(shrunk_At, L).T)  # (r, d_in) = A shrink(Ĝ) M⁻¹
         Bs.append(t.B.double())  # (d_out, r)
     return torch.cat(Bs, dim=1), torch.cat(As, dim=0)
 
