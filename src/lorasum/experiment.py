@@ -199,8 +199,11 @@ def compose_unit(
     return time.perf_counter() - t0
 
 
-def _predictors(adapters: Path, names: list[str], combos, model, tokenizer) -> dict[str, dict]:
-    """Activation-space predictors of every combination, from the cached input statistics."""
+def predictors_unit(
+    adapters: Path, names: list[str], combos, *, model, tokenizer
+) -> dict[str, dict]:
+    """Activation-space predictors of every combination, from the cached input statistics
+    (a worker job)."""
     from lorasum.calibration import calibrate
     from lorasum.predict import combination_predictors, interference_predictors
 
@@ -386,19 +389,21 @@ def reproduce(
     )
     train_rows = sum(sum(len(s.splits["train"]) for s in u[3]) for u in train_plan)
     calibrating = study_cfg.predictors or bool(calibration_methods)
-    n_composes = len(seeds) * (len(methods_run) * len(combos) + len(variants))
+    n_composes = len(seeds) * len(methods_run) * len(combos)  # in workers (sums: in the study)
+    n_predictor_jobs = len(seeds) if study_cfg.predictors else 0
     n_units = (
         len(train_plan)
         + 1
         + len(seeds) * (len(names) + (2 + len(methods_run)) * len(combos) + len(variants))
         + (len(seeds) * len(names) if calibrating else 0)
         + n_composes
+        + n_predictor_jobs
     )
     calib_cost = {
         n: _job_cost("eval", len(s.splits["train"]), base_cfg) for n, s in sources.items()
     }
     compose_cost = _job_cost("eval", 8, base_cfg)  # a few seconds; calibration methods more
-    extra_cost = n_composes * compose_cost + (
+    extra_cost = (n_composes + n_predictor_jobs) * compose_cost + (
         len(seeds) * sum(calib_cost.values()) if calibrating else 0.0
     )
     workers = study_cfg.workers or auto_workers(device, len(train_plan))
@@ -480,42 +485,74 @@ def reproduce(
         for (kind, seed, unit), result in zip(job_keys, runner.run(jobs, bar), strict=True):
             (markers if kind == "train" else evals)[(seed, unit)] = result
 
-        # 2. the naive sum per combination (exact, seconds), 3. orthogonality of the domains
+        # 2. the naive sums and the paper's triple variants (merged-data adapter of a pair +
+        #    the third domain's adapter): exact, a second each; 3. orthogonality of the domains
         pairs: dict[int, list[dict]] = {}
+        variant_specs = []  # (seed, unit, dir, combo)
         for seed in seeds:
-            adapters = out / f"seed-{seed}" / "adapters"
-            for combo in combos:
-                t0 = time.perf_counter()
-                compose(
-                    [adapters / d for d in combo],
-                    out / f"seed-{seed}" / "sums" / _combo_name(combo),
-                    overwrite=overwrite,
-                    reuse_same=True,
+            d = out / f"seed-{seed}"
+            adapters = d / "adapters"
+            sums = [
+                ([adapters / x for x in c], d / "sums" / _combo_name(c), f"sum-{_combo_name(c)}")
+                for c in combos
+            ]
+            for combo, pair, third in variants:
+                unit = f"variant-{_combo_name(pair)}+{third}"
+                paths = [adapters / f"merged-{_combo_name(pair)}", adapters / third]
+                sums.append((paths, d / "variants" / unit.removeprefix("variant-"), unit))
+                variant_specs.append(
+                    (seed, unit, d / "variants" / unit.removeprefix("variant-"), combo)
                 )
-                timings.append(_timing(f"sum-{_combo_name(combo)}", seed, "compose", t0))
+            for paths, path, unit in sums:
+                t0 = time.perf_counter()
+                compose(paths, path, overwrite=overwrite, reuse_same=True)
+                timings.append(_timing(unit, seed, "compose", t0))
             pairs[seed] = similarity_matrix({n: read_adapter(adapters / n).modules for n in names})
 
-        # 4. input statistics of the domain adapters (for predictors and data-aware methods),
-        #    then the predictors of every combination, before anything else is composed
-        predictors: dict[int, dict] = {s: {} for s in seeds}
-        if calibrating:
-            singles = [(s, n, out / f"seed-{s}" / "adapters" / n) for s in seeds for n in names]
-            jobs = [
+        def eval_jobs_for(specs) -> tuple[list[Job], list[tuple]]:
+            """Jobs for the evaluations that are not cached (largest test sets first), and the
+            (seed, unit) each fills."""
+            jobs, job_keys = [], []
+            for spec in sorted(specs, key=lambda spec: -sum(test_rows[x] for x in spec[4])):
+                job = eval_job(*spec)
+                if job is not None:
+                    jobs.append(job)
+                    job_keys.append(spec[:2])
+            return jobs, job_keys
+
+        # 4. perplexities of everything composed so far, cached by the units' actual weights,
+        #    in the same pool as the input statistics of the domain adapters (calibration;
+        #    for the predictors and the data-aware methods), which go first
+        specs = []
+        for seed in seeds:
+            d = out / f"seed-{seed}"
+            specs += [
+                (seed, f"single-{n}", d / "adapters" / n, None, single_domains[n]) for n in names
+            ]
+            for combo in combos:
+                c = _combo_name(combo)
+                specs.append((seed, f"merged-{c}", d / "adapters" / f"merged-{c}", None, combo))
+                specs.append((seed, f"sum-{c}", d / "sums" / c, None, combo))
+            specs += [(s, u, path, None, c) for s, u, path, c in variant_specs if s == seed]
+        singles = [(s, n, out / f"seed-{s}" / "adapters" / n) for s in seeds for n in names]
+        calib_jobs = (
+            [
                 Job(f"calibrate {n} seed {s}", calibrate_unit, (p,), cost=calib_cost[n])
                 for s, n, p in singles
             ]
-            for (s, n, _), seconds in zip(singles, runner.run(jobs, bar), strict=True):
-                timings.append(
-                    {"unit": f"calibrate-{n}", "seed": s, "kind": "calibrate", "seconds": seconds}
-                )
-            if study_cfg.predictors:
-                for seed in seeds:
-                    predictors[seed] = _predictors(
-                        out / f"seed-{seed}" / "adapters", names, combos, base_model, tokenizer
-                    )
+            if calibrating
+            else []
+        )
+        eval_jobs, eval_keys = eval_jobs_for(specs)
+        done = runner.run(calib_jobs + eval_jobs, bar)
+        for (s, n, _), seconds in zip(singles, done[: len(calib_jobs)], strict=False):
+            timings.append(
+                {"unit": f"calibrate-{n}", "seed": s, "kind": "calibrate", "seconds": seconds}
+            )
+        evals.update(zip(eval_keys, done[len(calib_jobs) :], strict=True))
 
-        # 5. every other method on every combination, and the paper's triple variant
-        #    (merged-data adapter of a pair + the third domain's adapter, summed)
+        # 5. the predictors of every combination (from the cached statistics), beside every
+        #    other method composed on every combination
         compose_specs = []
         for seed in seeds:
             d = out / f"seed-{seed}"
@@ -527,13 +564,16 @@ def reproduce(
                     compose_specs.append(
                         (seed, f"method-{m}-{c}", paths, d / "methods" / m / c, m, opts, combo)
                     )
-            for combo, pair, third in variants:
-                unit = f"{_combo_name(pair)}+{third}"
-                paths = [d / "adapters" / f"merged-{_combo_name(pair)}", d / "adapters" / third]
-                compose_specs.append(
-                    (seed, f"variant-{unit}", paths, d / "variants" / unit, "sum", {}, combo)
-                )
+        predictor_seeds = seeds if study_cfg.predictors else []
         jobs = [
+            Job(
+                f"predictors seed {seed}",
+                predictors_unit,
+                (out / f"seed-{seed}" / "adapters", names, combos),
+                cost=compose_cost,
+            )
+            for seed in predictor_seeds
+        ] + [
             Job(
                 f"compose {unit} seed {seed}",
                 compose_unit,
@@ -542,32 +582,18 @@ def reproduce(
             )
             for seed, unit, paths, path, m, opts, _ in compose_specs
         ]
-        for spec, seconds in zip(compose_specs, runner.run(jobs, bar), strict=True):
+        done = runner.run(jobs, bar)
+        predictors: dict[int, dict] = {s: {} for s in seeds}
+        predictors.update(zip(predictor_seeds, done[: len(predictor_seeds)], strict=True))
+        for spec, seconds in zip(compose_specs, done[len(predictor_seeds) :], strict=True):
             timings.append(
                 {"unit": spec[1], "seed": spec[0], "kind": "compose", "seconds": seconds}
             )
 
-        # 6. perplexities, cached by the units' actual weights (largest test sets first)
-        specs = []
-        for seed in seeds:
-            d = out / f"seed-{seed}"
-            specs += [
-                (seed, f"single-{n}", d / "adapters" / n, None, single_domains[n]) for n in names
-            ]
-            for combo in combos:
-                c = _combo_name(combo)
-                specs.append((seed, f"merged-{c}", d / "adapters" / f"merged-{c}", None, combo))
-                specs.append((seed, f"sum-{c}", d / "sums" / c, None, combo))
-            specs += [
-                (s, u, path, None, c) for s, u, _, path, _, _, c in compose_specs if s == seed
-            ]
-        specs.sort(key=lambda spec: -sum(test_rows[x] for x in spec[4]))
-        jobs, job_keys = [], []
-        for spec in specs:
-            job = eval_job(*spec)
-            if job is not None:
-                jobs.append(job)
-                job_keys.append(spec[:2])
+        # 6. perplexities of the methods' compositions
+        jobs, job_keys = eval_jobs_for(
+            [(s, u, path, None, c) for s, u, _, path, _, _, c in compose_specs]
+        )
         evals.update(zip(job_keys, runner.run(jobs, bar), strict=True))
     bar.close()
 
