@@ -266,3 +266,20 @@ def test_cli_reproduce_with_config(tiny_llama, qa_files, tmp_path, capsys):
     assert res["combinations"][0]["predictors"] == {
         "rms_cosine": res["combinations"][0]["rms_cosine"]
     }
+
+
+def test_cli_flags_reach_the_study_settings():
+    from lorasum.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["reproduce", "--out", "x", "--predictors", "--no-cross-domain", "--methods", "all"]
+    )
+    assert args.predictors is True and args.cross_domain is False
+    assert args.paper_variants is None  # not given: the preset's value stands
+    study = resolve_study(
+        "quick",
+        None,
+        {"predictors": args.predictors, "cross_domain": args.cross_domain, "methods": args.methods},
+    )
+    assert study.predictors and not study.cross_domain and study.paper_variants
+    assert list(study.methods) == default_methods()

@@ -234,6 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the grid once per training seed (e.g. 1,2,3): means, 95%% intervals, "
         "correlation over all runs (default: --seed)",
     )
+    for flag, help_text in (
+        (
+            "--predictors",
+            "calibrate the domain adapters and record the activation-space "
+            "interference predictors (RMS cosine is always recorded)",
+        ),
+        ("--cross-domain", "evaluate every single adapter on every domain's test split"),
+        ("--paper-variants", "for triples, also the merged-data pair adapter + third single"),
+    ):
+        r.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
     r.add_argument(
         "--seed-per-domain",
         action=argparse.BooleanOptionalAction,
@@ -410,6 +420,9 @@ def _run(args: argparse.Namespace) -> int:
             preset=args.preset,
             config=args.config,
             methods=args.methods,
+            predictors=args.predictors,
+            cross_domain=args.cross_domain,
+            paper_variants=args.paper_variants,
             model=args.model,
             domains=args.domains,
             overwrite=args.overwrite,
