@@ -283,3 +283,35 @@ def test_cli_flags_reach_the_study_settings():
     )
     assert study.predictors and not study.cross_domain and study.paper_variants
     assert list(study.methods) == default_methods()
+
+
+def test_calibrated_family_in_the_study(tiny_llama, qa_files, tmp_path):
+    """`calibrated`: its own category, its budget stated, and the adapter it writes is
+    Σ_i c_{type,i} ΔW_i with the coefficients it reports."""
+    out = tmp_path / "run"
+    res = reproduce(
+        out,
+        preset="tiny",
+        model=str(tiny_llama),
+        domains=[f"{n}={p}" for n, p in list(qa_files.items())[:2]],
+        methods={"calibrated": {"fraction": 1.0}},
+        cross_domain=False,
+        progress=False,
+    )
+    row = res["combinations"][0]
+    assert row["methods"]["calibrated"]["category"] == "calibrated"
+    (budget,) = res["budget"]["calibrated"]
+    merged = res["merged_training"][f"merged-{'+'.join(row['domains'])}"][0]
+    assert budget["merged_training_tokens"] == merged["real_tokens"]
+    assert 0 < budget["tokens"] <= budget["max_tokens"] <= merged["real_tokens"]
+    assert budget["fraction"] == pytest.approx(budget["tokens"] / merged["real_tokens"])
+    seed = out / "seed-42"
+    composed = read_adapter(seed / "methods" / "calibrated" / "+".join(row["domains"])).modules
+    singles = [read_adapter(seed / "adapters" / d).modules for d in row["domains"]]
+    assert budget["granularity"] == "type"
+    coefficients = budget["coefficient_values"]
+    assert any(abs(c - 1.0) > 1e-6 for cs in coefficients.values() for c in cs)  # it moved
+    for name, f in composed.items():
+        c = coefficients[name.rsplit(".", 1)[-1]]
+        expected = sum(ci * delta_weight(s[name]) for ci, s in zip(c, singles, strict=True))
+        torch.testing.assert_close(delta_weight(f), expected, rtol=1e-4, atol=1e-6)

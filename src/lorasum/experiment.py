@@ -42,6 +42,7 @@ from lorasum.models import (
 )
 from lorasum.similarity import similarity_matrix
 from lorasum.stats import correlation
+from lorasum.study_config import STUDY_ONLY_METHODS
 from lorasum.study_results import (
     aggregate_combination,
     cross_domain,
@@ -197,6 +198,78 @@ def compose_unit(
         config=MergeConfig(method=method, **options),
     )
     return time.perf_counter() - t0
+
+
+def calibrated_unit(
+    paths: list[Path],
+    out: Path,
+    val_sources: list[Source],
+    training_tokens: int,
+    fraction: float,
+    max_length: int,
+    overwrite: bool,
+    *,
+    model,
+    tokenizer,
+) -> dict:
+    """The `calibrated` family on one combination (a worker job): one coefficient per adapter
+    and module type, fitted on the combination's validation rows within ``fraction`` of the
+    merged-data training's tokens (`lorasum.methods.calibrated`). Returns the budget report."""
+    from lorasum.adapters import write_adapter
+    from lorasum.compose import adapter_fingerprint
+    from lorasum.factors import pad_rank
+    from lorasum.io import atomic_dir
+    from lorasum.methods.calibrated import fit_calibrated
+
+    adapters = [read_adapter(p, strict=True) for p in paths]
+    key = config_key(
+        {
+            "method": "calibrated",
+            "sources": [adapter_fingerprint(a) for a in adapters],
+            "val": [s.fingerprint()["val"] for s in val_sources],
+            "training_tokens": training_tokens,
+            "fraction": fraction,
+            "max_length": max_length,
+            "version": __version__,
+        }
+    )
+    if check_output_dir(out, key, overwrite and existing_key(out) != key):
+        return read_json(out / "lorasum.json")["budget"]
+    t0 = time.perf_counter()
+    fit, report = fit_calibrated(
+        model,
+        tokenizer,
+        [a.modules for a in adapters],
+        val_sources,
+        training_tokens,
+        fraction=fraction,
+        max_length=max_length,
+    )
+    rank = max(f.rank for f in fit.modules.values())
+    modules = {m: pad_rank(f, rank) for m, f in fit.modules.items()}
+    report = {
+        **report,
+        "granularity": fit.granularity,
+        "coefficient_values": fit.coefficients,  # group -> one coefficient per adapter
+        "seconds": time.perf_counter() - t0,
+    }
+    marker = {
+        "kind": "composed",
+        "key": key,
+        "lorasum_version": __version__,
+        "method": "calibrated",
+        "sources": [str(p) for p in paths],
+        "base_model": adapters[0].base_model,
+        "budget": report,
+    }
+    with atomic_dir(out, marker=marker) as tmp:
+        write_adapter(
+            tmp,
+            modules,
+            adapters[0].base_model,
+            fan_in_fan_out=any(a.config.get("fan_in_fan_out") for a in adapters),
+        )
+    return report
 
 
 def predictors_unit(
@@ -359,7 +432,9 @@ def reproduce(
 
     combos = combinations(names, max_order)
     methods_run = [m for m in study_cfg.methods if m != "sum"]
-    calibration_methods = [m for m in methods_run if get_method(m).calibration]
+    calibration_methods = [
+        m for m in methods_run if m not in STUDY_ONLY_METHODS and get_method(m).calibration
+    ]
     variants = (
         [
             (combo, tuple(d for d in combo if d != third), third)
@@ -573,22 +648,36 @@ def reproduce(
                 cost=compose_cost,
             )
             for seed in predictor_seeds
-        ] + [
-            Job(
-                f"compose {unit} seed {seed}",
-                compose_unit,
-                (paths, path, m, opts, overwrite),
-                cost=compose_cost,
-            )
-            for seed, unit, paths, path, m, opts, _ in compose_specs
         ]
+
+        def compose_job(seed, unit, paths, path, m, opts, combo) -> Job:
+            if m != "calibrated":
+                args = (paths, path, m, opts, overwrite)
+                return Job(f"compose {unit} seed {seed}", compose_unit, args, cost=compose_cost)
+            merged = markers[(seed, f"merged-{_combo_name(combo)}")]["metrics"]
+            args = (
+                paths,
+                path,
+                [sources[x] for x in combo],
+                int(merged["real_tokens"]),
+                opts["fraction"],
+                base_cfg.max_length,
+                overwrite,
+            )
+            return Job(f"fit {unit} seed {seed}", calibrated_unit, args, cost=compose_cost)
+
+        jobs += [compose_job(*spec) for spec in compose_specs]
         done = runner.run(jobs, bar)
         predictors: dict[int, dict] = {s: {} for s in seeds}
         predictors.update(zip(predictor_seeds, done[: len(predictor_seeds)], strict=True))
-        for spec, seconds in zip(compose_specs, done[len(predictor_seeds) :], strict=True):
-            timings.append(
-                {"unit": spec[1], "seed": spec[0], "kind": "compose", "seconds": seconds}
-            )
+        calibrated_budget = []
+        for spec, result in zip(compose_specs, done[len(predictor_seeds) :], strict=True):
+            if spec[4] == "calibrated":
+                calibrated_budget.append(
+                    {"combination": spec[1][len("method-calibrated-") :], "seed": spec[0], **result}
+                )
+                result = result.get("seconds")
+            timings.append({"unit": spec[1], "seed": spec[0], "kind": "compose", "seconds": result})
 
         # 6. perplexities of the methods' compositions
         jobs, job_keys = eval_jobs_for(
@@ -643,7 +732,9 @@ def reproduce(
             "training rows once per epoch, so a merged-data adapter trains on exactly the rows "
             "of its domains' single adapters",
             "methods": "zero gradient steps; calibration methods read each domain's training "
-            "inputs once (no labels)",
+            "inputs once (no labels); the calibrated family fits a few coefficients on the "
+            "validation split within a share of the merged-data training's tokens (below)",
+            "calibrated": calibrated_budget,
         },
         "data": {n: s.fingerprint() for n, s in sources.items()},
         "base": {"per_domain": {d: base_eval["per_dataset"][d]["perplexity"] for d in names}},

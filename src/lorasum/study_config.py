@@ -40,6 +40,10 @@ STUDY_METHOD_OPTIONS: dict[str, dict[str, Any]] = {
 }
 # weighted with no weights is the sum; every other registered method runs in a study
 NOT_IN_STUDIES = ("weighted",)
+# Study-only methods (they need a model and validation data, so they are not merge methods of
+# `lorasum compose`): the `calibrated` family (lorasum.methods.calibrated), with the share of
+# the merged-data training's tokens its fit may process.
+STUDY_ONLY_METHODS: dict[str, dict[str, Any]] = {"calibrated": {"fraction": 0.01}}
 _TOP_KEYS = {
     "preset",
     "model",
@@ -129,7 +133,7 @@ def default_methods() -> list[str]:
         if method.required - set(STUDY_METHOD_OPTIONS.get(name, {})):
             continue
         out.append(name)
-    return out
+    return out + list(STUDY_ONLY_METHODS)
 
 
 def _parse_methods(value: Any, problems: list[str]) -> dict[str, dict[str, Any]]:
@@ -149,6 +153,18 @@ def _parse_methods(value: Any, problems: list[str]) -> dict[str, dict[str, Any]]
         options = options or {}
         if not isinstance(options, dict):
             problems.append(f"methods.{name}: options are a mapping (e.g. {{density: 0.2}})")
+            continue
+        if name in STUDY_ONLY_METHODS:
+            unknown = set(options) - set(STUDY_ONLY_METHODS[name])
+            fraction = options.get("fraction", STUDY_ONLY_METHODS[name]["fraction"])
+            if unknown:
+                problems.append(
+                    f"methods.{name}: unknown options {sorted(unknown)} (known: fraction)"
+                )
+            elif not isinstance(fraction, int | float) or not 0 < fraction <= 1:
+                problems.append(f"methods.{name}.fraction {fraction!r}: a share in (0, 1]")
+            else:
+                out[str(name)] = {"fraction": float(fraction)}
             continue
         try:
             get_method(str(name))

@@ -34,6 +34,7 @@ CATEGORIES = {
     "regmean": "calibration",
     "regmean_rescaled": "calibration",
     "orthogonal_projection": "calibration",
+    "calibrated": "calibrated",
 }
 BOOTSTRAP_RESAMPLES = 10_000
 

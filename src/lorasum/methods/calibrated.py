@@ -171,7 +171,7 @@ def fit_coefficients(
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             tokens, rows, steps, k = (
                 tokens + sizes[j],
                 rows + batch.input_ids.shape[0],
