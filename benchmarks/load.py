@@ -54,17 +54,6 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 # --- inputs (made by the parent) -------------------------------------------------------------
 
 
@@ -211,6 +200,8 @@ def main() -> None:
             f"{r['peak_rss_mb']:>9.0f} {extra:>9.0f}"
         )
     import torch
+
+    from lorasum.models import cpu_name
 
     meta = {"cpu": cpu_name(), "torch": torch.__version__, "python": platform.python_version()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

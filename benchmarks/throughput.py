@@ -245,9 +245,9 @@ def run_side(name: str, a: argparse.Namespace, **extra) -> dict:
 
 
 def cpu_name() -> str:
-    from lorasum.models import _cpu_name
+    from lorasum.models import cpu_name
 
-    return _cpu_name()
+    return cpu_name()
 
 
 def main() -> None:

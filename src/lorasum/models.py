@@ -298,7 +298,8 @@ def cpu_has_fast_bf16() -> bool:
 BF16_MIN_SPEEDUP = 1.2  # bf16 autocast on a CPU only when measured at least this much faster
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), for results and benchmarks."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -353,7 +354,7 @@ def cpu_bf16_verdict(refresh: bool = False) -> dict:
     from lorasum.io import config_key, write_json
 
     ident = {
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "flags": config_key(sorted(_cpu_flags())),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

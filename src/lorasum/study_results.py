@@ -357,17 +357,6 @@ def train_curves(run_dir: Path, seeds: list[int], units: list[str]) -> dict[str,
     return out
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _split_summary(fingerprint: dict) -> dict:
     """{origin, train/val/test: rows, sha256: {split: content hash}} of one source."""
     splits = [k for k, v in fingerprint.items() if isinstance(v, dict)]
@@ -391,6 +380,8 @@ def manifest(
 
     import torch
 
+    from lorasum.models import cpu_name
+
     versions = {"python": platform.python_version()}
     for pkg in ("lorasum", "torch", "transformers", "peft", "safetensors", "numpy", "scipy"):
         try:
@@ -400,7 +391,7 @@ def manifest(
     return {
         "versions": versions,
         "hardware": {
-            "cpu": _cpu_name(),
+            "cpu": cpu_name(),
             "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "device": device,
             "torch_threads": torch.get_num_threads(),
