@@ -6,7 +6,6 @@ returns the command line. The check is the same for every row: ``lorasum`` exits
 stderr is exactly one line ``lorasum: error: …`` that names the problem (``pattern``) and says
 what to do, and no file under ``d`` or ``w`` is created, changed or removed.
 
-The `predict` and `report` commands are not on this branch yet; they have no rows here.
 """
 
 from __future__ import annotations
@@ -605,6 +604,68 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
+def _with_results(text: str, command: Callable[[World, Path, Path], list[str]]):
+    """A row whose run directory holds ``text`` as results.json."""
+
+    def setup(w: World, d: Path) -> list[str]:
+        (d / "run").mkdir()
+        _write(d / "run" / "results.json", text)
+        return command(w, d, d / "run")
+
+    return setup
+
+
+def _with_config(text: str, *extra: str):
+    """A reproduce row on an experiment file holding ``text``."""
+
+    def setup(w: World, d: Path) -> list[str]:
+        return [*reproduce_args(*extra)(w, d), "--config", str(_write(d / "exp.yaml", text))]
+
+    return setup
+
+
+def _predict(w: World, d: Path, run: Path) -> list[str]:
+    return ["predict", str(w.a), str(w.b), "--fit", str(run)]
+
+
+def _report(w: World, d: Path, run: Path) -> list[str]:
+    return ["report", str(run)]
+
+
+# predict, report and experiment files (commands that landed after the rows above)
+CASES += [
+    ("predict-one-adapter", lambda w, d: ["predict", str(w.a)], "at least two adapters"),
+    (
+        "predict-fit-dir-without-results",
+        lambda w, d: ["predict", str(w.a), str(w.b), "--fit", str(d)],
+        "no results.json",
+    ),
+    ("predict-fit-invalid-results", _with_results("{", _predict), "cannot read"),
+    ("compose-fit-without-check", compose_args("--fit", "."), "--fit applies to --check"),
+    ("report-missing-dir", lambda w, d: ["report", str(d / "nope")], "no results.json"),
+    ("report-invalid-json", _with_results("{", _report), "not valid JSON"),
+    ("report-not-a-study", _with_results("[]", _report), "not a lorasum study"),
+    (
+        "reproduce-config-missing",
+        lambda w, d: [*reproduce_args()(w, d), "--config", str(d / "missing.yaml")],
+        "no such file",
+    ),
+    ("reproduce-config-bad-yaml", _with_config("domains: [x\n"), "not valid YAML"),
+    ("reproduce-config-unknown-key", _with_config("domians: [x]\n"), "'domians'"),
+    (
+        "reproduce-config-train-type",
+        _with_config("train: {rank: four, colour: blue}\n"),
+        "'colour'.*train.rank",
+    ),
+    ("reproduce-unknown-method", reproduce_args("--methods", "nosuch"), "nosuch"),
+    (
+        "reproduce-calibrated-fraction",
+        _with_config("methods: {calibrated: {fraction: 2}}\n"),
+        "share in",
+    ),
+]
+
+
 def snapshot(*roots: Path) -> dict[str, tuple]:
     """Every file and directory under the roots: kind, mode and content hash."""
     out = {}
@@ -664,6 +725,7 @@ def says_what_to_do(message: str) -> bool:
         "applies to",
         "at least",
         "check ",
+        "rerun",
     )
     return any(h in message for h in hints)
 

@@ -125,7 +125,8 @@ def load_results(run_dir: str | Path) -> dict:
     missing = [k for k in REQUIRED if k not in results] if isinstance(results, dict) else REQUIRED
     if missing or not results.get("combinations"):
         raise LorasumError(
-            f"{path} is not a lorasum study's results (missing {', '.join(missing) or 'combinations'})"
+            f"{path} is not a lorasum study's results (missing "
+            f"{', '.join(missing) or 'combinations'}); pass the --out directory of `lorasum reproduce`"
         )
     return results
 

@@ -115,7 +115,7 @@ def load_config_file(path: str | Path) -> dict:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise LorasumError(f"--config {path}: no such file") from None
+        raise LorasumError(f"--config {path}: no such file; check the path") from None
     except (OSError, UnicodeDecodeError) as e:
         raise LorasumError(f"--config {path}: cannot read it ({e})") from None
     return _load_yaml(text, f"--config {path}")
@@ -162,7 +162,7 @@ def _parse_methods(value: Any, problems: list[str]) -> dict[str, dict[str, Any]]
                     f"methods.{name}: unknown options {sorted(unknown)} (known: fraction)"
                 )
             elif not isinstance(fraction, int | float) or not 0 < fraction <= 1:
-                problems.append(f"methods.{name}.fraction {fraction!r}: a share in (0, 1]")
+                problems.append(f"methods.{name}.fraction {fraction!r}: use a share in (0, 1]")
             else:
                 out[str(name)] = {"fraction": float(fraction)}
             continue
@@ -235,7 +235,7 @@ def resolve_study(
     for where, cfg in (("preset", base), ("config", file_cfg)):
         for key in sorted(set(cfg) - _TOP_KEYS):
             problems.append(
-                f"{where}: unknown setting {key!r} (known: {', '.join(sorted(_TOP_KEYS))})"
+                f"{where}: unknown setting {key!r}; use one of: {', '.join(sorted(_TOP_KEYS))}"
             )
         if "train" in cfg and not isinstance(cfg["train"], dict):
             problems.append(f"{where}: train is a mapping of training settings")
@@ -253,7 +253,7 @@ def resolve_study(
             problems.append(f"unknown study setting {key!r}")
     for key in sorted(set(train) - train_fields):
         problems.append(
-            f"train: unknown setting {key!r} (known: {', '.join(sorted(train_fields))})"
+            f"train: unknown setting {key!r}; use one of: {', '.join(sorted(train_fields))}"
         )
     train = {k: v for k, v in train.items() if k in train_fields}
     train = _check_train_types(train, problems)
