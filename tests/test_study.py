@@ -315,3 +315,22 @@ def test_calibrated_family_in_the_study(tiny_llama, qa_files, tmp_path):
         c = coefficients[name.rsplit(".", 1)[-1]]
         expected = sum(ci * delta_weight(s[name]) for ci, s in zip(c, singles, strict=True))
         torch.testing.assert_close(delta_weight(f), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_calibrated_below_one_batch_is_the_sum(tiny_llama, qa_files, tmp_path):
+    """At the default 1 % a tiny study's budget is below one validation batch: no step, the
+    coefficients stay 1 and the composition is the sum (stated in the budget), not an error."""
+    res = reproduce(
+        tmp_path / "run",
+        preset="tiny",
+        model=str(tiny_llama),
+        domains=[f"{n}={p}" for n, p in list(qa_files.items())[:2]],
+        methods="calibrated",
+        cross_domain=False,
+        progress=False,
+    )
+    (budget,) = res["budget"]["calibrated"]
+    assert budget["steps"] == 0 and budget["tokens"] == 0
+    assert all(c == 1.0 for cs in budget["coefficient_values"].values() for c in cs)
+    row = res["combinations"][0]
+    assert row["methods"]["calibrated"]["ppl"] == pytest.approx(row["ppl_sum"], rel=1e-5)

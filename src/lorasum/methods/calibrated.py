@@ -146,11 +146,10 @@ def fit_coefficients(
     coeffs = torch.ones(len(groups), len(adapters), device=device, requires_grad=True)
     optimizer = torch.optim.Adam([coeffs], lr=lr)
     sizes = [int(b.attention_mask.sum()) for b in batches]
-    if not batches or min(sizes) > max_tokens:
-        raise LorasumError(
-            f"no validation batch fits the budget of {max_tokens} tokens; use smaller batches "
-            "or a larger --calibrated-fraction"
-        )
+    if not batches:
+        raise LorasumError("no validation rows to fit the coefficients on; use more data")
+    # A budget below the smallest batch takes no step: the coefficients stay 1 (the sum), and
+    # the report says so (steps 0) instead of stopping a study.
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
@@ -197,7 +196,14 @@ def fit_coefficients(
         rows=rows,
         tokens=tokens,
         max_tokens=max_tokens,
-        info={"lr": lr, "groups": len(groups), "coefficients": values.numel()},
+        info={
+            "lr": lr,
+            "groups": len(groups),
+            "coefficients": values.numel(),
+            **(
+                {"note": "budget below one validation batch: no step, the sum"} if not steps else {}
+            ),
+        },
     )
 
 
