@@ -35,6 +35,15 @@ DOMAINS = ["math", "medicine", "finance"]
 SETTINGS = dict(rank=4, alpha=64.0, dropout=0.1, batch_size=8, max_length=128, lr=1e-4, seed=0)
 
 
+def _set_threads() -> None:
+    """A side run as one of `reproduce`'s workers uses the thread count those get (1 on 2 cores)."""
+    threads = int(os.environ.get("LORASUM_BENCH_THREADS", "0"))
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -70,6 +79,7 @@ def _padded_rows(tokenizer, sources, split: str) -> list[dict]:
 
 
 def side_train_baseline(a: argparse.Namespace) -> dict:
+    _set_threads()
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
@@ -124,11 +134,15 @@ def side_train_baseline(a: argparse.Namespace) -> dict:
         trainer.train()
         wall = time.perf_counter() - t0
     peft_model.save_pretrained(a.adapter_out)
-    real = sum(int(r["attention_mask"].sum()) for r in rows[: a.steps * SETTINGS["batch_size"]])
-    return _train_result(step_times, wall, real, a.steps)
+    used = rows[: a.steps * SETTINGS["batch_size"]]
+    real = sum(int(r["attention_mask"].sum()) for r in used)
+    positions = sum(r["input_ids"].numel() for r in used)  # every position, padding included
+    # HF computes the vocabulary projection at every position (full logits)
+    return _train_result(step_times, wall, real, a.steps, positions, positions)
 
 
 def side_train_lorasum(a: argparse.Namespace) -> dict:
+    _set_threads()
     from lorasum.io import read_json
     from lorasum.train import TrainConfig, train
 
@@ -148,18 +162,30 @@ def side_train_lorasum(a: argparse.Namespace) -> dict:
     log = [json.loads(x) for x in (Path(a.adapter_out) / "train_log.jsonl").open()]
     step_times = [r["seconds"] for r in log]
     real = sum(r["real_tokens"] for r in log)
-    out = _train_result(step_times, wall, real, a.steps)
+    positions = sum(r["positions"] for r in log)
+    head_positions = sum(r["tokens"] for r in log)  # the head runs on counted positions only
+    out = _train_result(step_times, wall, real, a.steps, positions, head_positions)
     out["precision"] = read_json(Path(a.adapter_out) / "lorasum.json")["metrics"]["precision"]
     del marker
     return out
 
 
-def _train_result(step_times: list[float], wall: float, real_tokens: int, steps: int) -> dict:
+def _train_result(
+    step_times: list[float],
+    wall: float,
+    real_tokens: int,
+    steps: int,
+    positions: int,
+    head_positions: int,
+) -> dict:
     # The first step carries one-time costs (allocations, lazy init) on both sides.
     med = statistics.median(step_times[1:] or step_times)
     return {
         "s_per_step": med,
         "real_tokens": real_tokens,
+        "positions": positions,
+        "head_positions": head_positions,
+        "steps": steps,
         "tokens_per_s": real_tokens / steps / med,
         "wall_s": wall,
         "peak_rss_mb": _peak_rss_mb(),
@@ -167,6 +193,7 @@ def _train_result(step_times: list[float], wall: float, real_tokens: int, steps:
 
 
 def side_eval_baseline(a: argparse.Namespace) -> dict:
+    _set_threads()
     import torch
     from peft import PeftModel
 
@@ -176,7 +203,7 @@ def side_eval_baseline(a: argparse.Namespace) -> dict:
     model = PeftModel.from_pretrained(model, a.adapter).eval()
     rows = _padded_rows(tokenizer, _sources(1, a.eval_rows), "test")
     bs = SETTINGS["batch_size"]
-    nll, counted, real = 0.0, 0, 0
+    nll, counted, real, positions = 0.0, 0, 0, 0
     t0 = time.perf_counter()
     with torch.no_grad():
         for s in range(0, len(rows), bs):
@@ -186,17 +213,21 @@ def side_eval_baseline(a: argparse.Namespace) -> dict:
             nll += float(loss) * n
             counted += n
             real += int(batch["attention_mask"].sum())
+            positions += batch["input_ids"].numel()
     seconds = time.perf_counter() - t0
     return {
         "seconds": seconds,
         "real_tokens": real,
         "tokens_per_s": real / seconds,
+        "positions": positions,
+        "head_positions": positions,
         "full_sequence_ppl": float(torch.tensor(nll / counted).exp()),
         "peak_rss_mb": _peak_rss_mb(),
     }
 
 
 def side_eval_lorasum(a: argparse.Namespace) -> dict:
+    _set_threads()
     from lorasum.evaluate import evaluate
 
     t0 = time.perf_counter()
@@ -207,6 +238,8 @@ def side_eval_lorasum(a: argparse.Namespace) -> dict:
         "seconds_with_load": seconds,
         "real_tokens": r["timing"]["real_tokens"],
         "tokens_per_s": r["timing"]["real_tokens"] / r["timing"]["seconds"],
+        "positions": r["timing"]["positions"],
+        "head_positions": r["tokens"],
         "answer_ppl": r["perplexity"],
         "peak_rss_mb": _peak_rss_mb(),
     }
@@ -223,25 +256,143 @@ def side_score(a: argparse.Namespace) -> dict:
     }
 
 
+def side_peak(a: argparse.Namespace) -> dict:
+    """The default model's linear-layer sizes and this CPU's matmul rate at their shapes.
+
+    The rate is the best of 5 timings of each distinct decoder projection on 1024 rows (one batch
+    of 8 x 128), weighted by how many such layers the model has: what a forward pass could reach
+    if nothing but its matrix products took time.
+    """
+    from collections import Counter
+
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from lorasum.models import load_model
+
+    _set_threads()
+    model = load_model("default")
+    head = model.get_output_embeddings()
+    shapes = Counter(
+        tuple(m.weight.shape) for m in model.modules() if isinstance(m, nn.Linear) and m is not head
+    )
+    rows, flops, seconds = 1024, 0.0, 0.0
+    with torch.inference_mode():
+        for (out_f, in_f), count in shapes.items():
+            x, w = torch.randn(rows, in_f), torch.randn(out_f, in_f)
+            F.linear(x, w)  # warm-up
+            times = []
+            for _ in range(5):
+                t = time.perf_counter()
+                F.linear(x, w)
+                times.append(time.perf_counter() - t)
+            flops += count * 2 * rows * out_f * in_f
+            seconds += count * min(times)
+    return {
+        "threads": torch.get_num_threads(),
+        "body_linear_params": sum(o * i * c for (o, i), c in shapes.items()),
+        "head_params": head.weight.numel(),
+        "linear_gflops": flops / seconds / 1e9,
+    }
+
+
+def model_flops(kind: str, body: int, head: int, positions: int, head_positions: int) -> float:
+    """Linear-layer FLOPs of a pass over ``positions`` (attention scores and LoRA left out).
+
+    A forward costs 2 FLOPs per weight per position; training adds the backward's input gradient
+    through every frozen weight (no weight gradient: they are frozen), another 2 per weight.
+    The vocabulary projection runs on ``head_positions`` only.
+    """
+    per_weight = {"train": 4, "eval": 2}[kind]
+    return per_weight * (body * positions + head * head_positions)
+
+
 SIDES = {
     "train-baseline": side_train_baseline,
     "train-lorasum": side_train_lorasum,
     "eval-baseline": side_eval_baseline,
     "eval-lorasum": side_eval_lorasum,
     "score": side_score,
+    "peak": side_peak,
 }
 
 
-def run_side(name: str, a: argparse.Namespace, **extra) -> dict:
+def _side_cmd(name: str, a: argparse.Namespace, **extra) -> list[str]:
     cmd = [sys.executable, __file__, "--side", name, "--steps", str(a.steps)]
     cmd += ["--rows", str(a.rows), "--eval-rows", str(a.eval_rows)]
     for k, v in extra.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
+    return cmd
+
+
+def _side_env(threads: int = 0) -> dict:
     env = {**os.environ, "TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        sys.exit(f"side {name} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    if threads:
+        env["LORASUM_BENCH_THREADS"] = str(threads)
+    return env
+
+
+def _side_output(name: str, returncode: int, stdout: str, stderr: str) -> dict:
+    if returncode != 0:
+        sys.exit(f"side {name} failed:\n{stderr[-3000:]}")
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def run_side(name: str, a: argparse.Namespace, threads: int = 0, **extra) -> dict:
+    proc = subprocess.run(
+        _side_cmd(name, a, **extra), capture_output=True, text=True, env=_side_env(threads)
+    )
+    return _side_output(name, proc.returncode, proc.stdout, proc.stderr)
+
+
+def run_side_parallel(name: str, a: argparse.Namespace, copies: int, **extra) -> list[dict]:
+    """``copies`` single-threaded processes of one side at once, as `reproduce`'s workers run."""
+    procs = []
+    for i in range(copies):
+        kw = {k: f"{v}-{i}" for k, v in extra.items()}  # each copy writes its own output
+        procs.append(
+            subprocess.Popen(
+                _side_cmd(name, a, **kw),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=_side_env(threads=1),
+            )
+        )
+    outs = []
+    for p in procs:
+        stdout, stderr = p.communicate()
+        outs.append(_side_output(name, p.returncode, stdout, stderr))
+    return outs
+
+
+def _roofline(runs: dict, peak: dict, peak_1: dict) -> dict:
+    """FLOPs per real token of each side, and the share of the matmul peak each side reaches.
+
+    ``flop_ratio`` (baseline FLOPs / lorasum FLOPs per real token) is the speedup lorasum would
+    show if both sides ran their products equally fast: the part of the speedup that comes from
+    doing less work (padding, the vocabulary projection) rather than doing it faster.
+    """
+    body, head = peak["body_linear_params"], peak["head_params"]
+    out = {
+        "linear_gflops_peak": peak["linear_gflops"],
+        "linear_gflops_peak_1_thread": peak_1["linear_gflops"],
+    }
+    for kind in ("train", "eval"):
+        row = {}
+        for side in ("baseline", "lorasum"):
+            r = runs[f"{kind}-{side}"][0]  # FLOPs are the same in every repeat
+            flops = model_flops(kind, body, head, r["positions"], r["head_positions"])
+            row[f"{side}_gflop_per_token"] = flops / r["real_tokens"] / 1e9
+            rates = [
+                x["tokens_per_s"] * flops / r["real_tokens"] / 1e9 for x in runs[f"{kind}-{side}"]
+            ]
+            row[f"{side}_gflops"] = statistics.median(rates)
+            row[f"{side}_fraction_of_peak"] = row[f"{side}_gflops"] / peak["linear_gflops"]
+        row["flop_ratio"] = row["baseline_gflop_per_token"] / row["lorasum_gflop_per_token"]
+        out[kind] = row
+    return out
 
 
 def cpu_name() -> str:
@@ -271,10 +422,21 @@ def main() -> None:
 
     t_start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="lorasum-bench-"))
-    runs: dict[str, list[dict]] = {k: [] for k in SIDES if k != "score"}
+    runs: dict[str, list[dict]] = {k: [] for k in SIDES if k not in ("score", "peak")}
+    runs["train-lorasum-x2"] = []
     for i in range(a.repeats):
-        for side in ("train-baseline", "train-lorasum"):
+        for side in ("train-baseline", "train-lorasum", "train-lorasum-x2"):
             print(f"[{i + 1}/{a.repeats}] {side} …", file=sys.stderr, flush=True)
+            if side == "train-lorasum-x2":  # two trainings at once, 1 thread each (`reproduce`)
+                both = run_side_parallel("train-lorasum", a, 2, adapter_out=work / f"x2-{i}")
+                runs[side].append(
+                    {
+                        "tokens_per_s": sum(r["tokens_per_s"] for r in both),
+                        "peak_rss_mb": max(r["peak_rss_mb"] for r in both),
+                        "processes": both,
+                    }
+                )
+                continue
             runs[side].append(run_side(side, a, adapter_out=work / f"{side}-{i}"))
     adapter = work / "train-lorasum-0"
     for i in range(a.repeats):
@@ -284,6 +446,9 @@ def main() -> None:
     scores = {
         s: run_side("score", a, adapter=work / f"train-{s}-0") for s in ("baseline", "lorasum")
     }
+    print("matmul peak …", file=sys.stderr, flush=True)
+    peak = run_side("peak", a)
+    peak_1 = run_side("peak", a, threads=1)
 
     def med(side: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[side])
@@ -318,6 +483,7 @@ def main() -> None:
             scores["lorasum"]["full_sequence_ppl"],
         ),
     }
+    roofline = _roofline(runs, peak, peak_1)
     result = {
         "cpu": cpu_name(),
         "cores": os.cpu_count(),
@@ -334,6 +500,12 @@ def main() -> None:
             "train": table["train_tokens_per_s"][1] / table["train_tokens_per_s"][0],
             "eval": table["eval_tokens_per_s"][1] / table["eval_tokens_per_s"][0],
         },
+        "train_two_processes": {
+            "tokens_per_s": med("train-lorasum-x2", "tokens_per_s"),
+            "peak_rss_mb_each": med("train-lorasum-x2", "peak_rss_mb"),
+            "vs_baseline": med("train-lorasum-x2", "tokens_per_s") / table["train_tokens_per_s"][0],
+        },
+        "roofline": roofline,
         "runs": runs,
         "scores": scores,
         "wall_s": time.perf_counter() - t_start,
@@ -347,9 +519,31 @@ def main() -> None:
     for k, (b, s) in table.items():
         ratio = b / s if k == "train_s_per_step" else s / b
         print(f"{k:<40}{b:>12.2f}{s:>12.2f}{ratio:>8.2f}")
+    two = result["train_two_processes"]
+    print(
+        f"{'train_tokens_per_s, 2 lorasum processes':<40}{'':>12}{two['tokens_per_s']:>12.2f}"
+        f"{two['vs_baseline']:>8.2f}"
+    )
+    print(
+        f"\nmatmul peak at the model's shapes: {peak['linear_gflops']:.1f} GFLOP/s "
+        f"({peak['threads']} threads), {peak_1['linear_gflops']:.1f} GFLOP/s (1 thread)"
+    )
+    print(f"{'linear-layer FLOPs':<40}{'baseline':>12}{'lorasum':>12}{'ratio':>8}")
+    for kind in ("train", "eval"):
+        r = roofline[kind]
+        print(
+            f"{kind + ': GFLOP per real token':<40}{r['baseline_gflop_per_token']:>12.3f}"
+            f"{r['lorasum_gflop_per_token']:>12.3f}{r['flop_ratio']:>8.2f}"
+        )
+        print(
+            f"{kind + ': % of matmul peak':<40}{100 * r['baseline_fraction_of_peak']:>12.1f}"
+            f"{100 * r['lorasum_fraction_of_peak']:>12.1f}"
+        )
     print(
         f"speedup (real tokens/s): train {result['speedup']['train']:.2f}x, "
-        f"eval {result['speedup']['eval']:.2f}x   -> {out}"
+        f"eval {result['speedup']['eval']:.2f}x; at equal FLOP/s the FLOP counts alone would give "
+        f"train {roofline['train']['flop_ratio']:.2f}x, eval {roofline['eval']['flop_ratio']:.2f}x"
+        f"   -> {out}"
     )
 
 

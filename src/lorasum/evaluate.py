@@ -90,11 +90,12 @@ def evaluate_batches(
     model.eval()
     nll = torch.zeros(len(names), dtype=torch.float64)
     tokens = torch.zeros(len(names), dtype=torch.long)
-    real_tokens = 0
+    real_tokens = positions = 0
     t0 = time.perf_counter()
     try:
         for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
             real_tokens += int(batch.attention_mask.sum())
+            positions += batch.input_ids.numel()
             batch = batch.to(device)
             with autocast_context(device, amp_dtype):
                 row_nll, row_tokens = token_nll(model, batch)
@@ -106,7 +107,7 @@ def evaluate_batches(
     seconds = time.perf_counter() - t0
     total_nll, total_tokens = float(nll.sum()), int(tokens.sum())
     return {
-        "timing": {"seconds": seconds, "real_tokens": real_tokens},
+        "timing": {"seconds": seconds, "real_tokens": real_tokens, "positions": positions},
         "perplexity": perplexity_from(total_nll, total_tokens),
         "nll": total_nll,
         "tokens": total_tokens,

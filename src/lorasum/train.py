@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -18,6 +19,7 @@ from lorasum.data import Source, check_answers_fit, load_split, make_batches
 from lorasum.errors import LorasumError, raise_all
 from lorasum.evaluate import autocast_context, evaluate_batches, token_nll
 from lorasum.io import atomic_dir, check_output_dir, config_key, read_json
+from lorasum.lean import lean
 from lorasum.models import (
     autocast_dtype,
     load_model,
@@ -237,6 +239,7 @@ def train(
         task_type="CAUSAL_LM",
     )
     peft_model = None
+    lean_layers = contextlib.ExitStack()
     try:
         peft_model = get_peft_model(model, lora_config)
         peft_model.peft_config["default"].base_model_name_or_path = cfg.model
@@ -251,6 +254,8 @@ def train(
         tokens_seen = 0
         bar = tqdm(total=total_steps, desc=f"train {'+'.join(cfg.data)}", disable=not progress)
         step, epoch = 0, 0
+        # fp32 on a CPU: the same LoRA numbers with about half the activation memory (lean_lora)
+        lean_layers.enter_context(lean(peft_model, enabled=device.type == "cpu" and amp is None))
         while step < total_steps:
             batches = make_batches(
                 train_items,
@@ -302,12 +307,14 @@ def train(
                         "grad_norm": float(grad_norm),
                         "tokens": n_tokens,
                         "real_tokens": real_tokens,
+                        "positions": batch.input_ids.numel(),  # computed, padding included
                         "seconds": time.perf_counter() - t_step,
                     }
                 )
                 bar.set_postfix(loss=f"{loss_value:.3f}")
                 bar.update(1)
             epoch += 1
+        lean_layers.close()
         bar.close()
         seconds = time.perf_counter() - t0
         metrics = {
@@ -354,6 +361,7 @@ def train(
                     f.write(json.dumps(row) + "\n")
         return marker
     finally:
+        lean_layers.close()
         # Give the caller its base model back as it was: no LoRA layers, same flags and mode.
         restored = peft_model.unload() if peft_model is not None else model
         for n, p in restored.named_parameters():

@@ -1,0 +1,148 @@
+"""lean: PEFT's LoRA numbers (same dropout draws, same gradients) with fewer kept tensors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import load_tiny
+from peft import LoraConfig, get_peft_model
+
+from lorasum.lean import LoraBranch, SwiGLU, lean, leanable, swiglu_mlps
+
+
+def _peft(model_dir, dropout=0.1):
+    model = load_tiny(model_dir)
+    torch.manual_seed(3)
+    cfg = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=dropout,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
+        init_lora_weights=False,  # B != 0, so every gradient is non-trivial
+    )
+    return get_peft_model(model, cfg).train()
+
+
+def _step(model, ids, enabled: bool, seed: int = 11):
+    """Loss and LoRA gradients of one forward+backward, and the bytes autograd kept for it."""
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    with lean(model, enabled) as n, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads, sum(kept.values()), n
+
+
+def test_same_loss_and_gradients_as_peft(tiny_llama):
+    model = _peft(tiny_llama)
+    ids = torch.randint(3, 100, (4, 24))
+    loss_peft, g_peft, kept_peft, n0 = _step(model, ids, enabled=False)
+    loss_lean, g_lean, kept_lean, n = _step(model, ids, enabled=True)
+    assert n0 == 0 and n == len(leanable(model)) + len(swiglu_mlps(model)) == 2 * 5 + 2
+    torch.testing.assert_close(loss_lean, loss_peft, rtol=0, atol=0)  # same draws, same forward
+    assert g_lean.keys() == g_peft.keys()
+    for k in g_peft:
+        torch.testing.assert_close(g_lean[k], g_peft[k], rtol=1e-5, atol=1e-7)
+    # dropout is really on (otherwise the draws would not be tested): another seed, another loss
+    assert not torch.equal(_step(model, ids, enabled=True, seed=12)[0], loss_lean)
+    assert kept_lean < 0.85 * kept_peft  # the fp32 noise and dropout(x) copies are gone
+
+
+def test_eval_mode_and_no_dropout_fall_back_or_match(tiny_llama):
+    model = _peft(tiny_llama, dropout=0.0)
+    ids = torch.randint(3, 100, (2, 16))
+    loss_peft, g_peft, *_ = _step(model, ids, enabled=False)
+    loss_lean, g_lean, *_ = _step(model, ids, enabled=True)
+    torch.testing.assert_close(loss_lean, loss_peft, rtol=0, atol=0)
+    for k in g_peft:
+        torch.testing.assert_close(g_lean[k], g_peft[k], rtol=1e-5, atol=1e-7)
+    model.eval()
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        with lean(model):
+            leaned = model(input_ids=ids).logits
+    assert torch.equal(plain, leaned)
+    # the layers' own forward is back after the block
+    assert all("forward" not in vars(m) for m in leanable(model) + swiglu_mlps(model))
+
+
+def test_branch_gradients_against_autograd_reference():
+    """p = 0: the hand-written backward equals autograd's (float64 gradcheck)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, a, b: LoraBranch.apply(x, a, b, 0.0, 2.0), (x, a, b))
+
+
+def test_swiglu_gradients_against_autograd_reference():
+    torch.manual_seed(0)
+    gate = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(SwiGLU.apply, (gate, up))
+    out = SwiGLU.apply(gate, up)
+    torch.testing.assert_close(out, torch.nn.functional.silu(gate) * up, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_branch_with_dropout_matches_definition(p):
+    """The backward rebuilds dropout(x) from the kept mask: same gradients as the definition."""
+    x = torch.randn(3, 7, 6, requires_grad=True)
+    a = torch.randn(2, 6, requires_grad=True)
+    b = torch.randn(5, 2, requires_grad=True)
+    torch.manual_seed(5)
+    out = LoraBranch.apply(x, a, b, p, 1.5)
+    out.square().sum().backward()
+    got = (x.grad, a.grad, b.grad)
+    x.grad = a.grad = b.grad = None
+    torch.manual_seed(5)
+    noise = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
+    ref = ((x * noise) @ a.t() @ b.t()) * 1.5
+    torch.testing.assert_close(out, ref)
+    ref.square().sum().backward()
+    for g, r in zip(got, (x.grad, a.grad, b.grad), strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_train_gives_the_same_adapter_with_and_without_lean(
+    tiny_llama, qa_files, tmp_path, monkeypatch
+):
+    from safetensors.torch import load_file
+
+    import lorasum.train as train_mod
+    from lorasum.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        model=str(tiny_llama),
+        data=[str(qa_files["arith"])],
+        max_steps=3,
+        batch_size=4,
+        max_length=48,
+        lr=1e-3,
+        target_modules="q_proj,k_proj,v_proj,o_proj,down_proj",
+        eval_val=False,
+    )
+    train(cfg, tmp_path / "lean", progress=False)
+    real_lean = train_mod.lean
+    monkeypatch.setattr(train_mod, "lean", lambda m, enabled=True: real_lean(m, False))
+    train(cfg, tmp_path / "peft", progress=False)
+
+    def log(d):
+        return [json.loads(x) for x in (d / "train_log.jsonl").read_text().splitlines()]
+
+    for a, b in zip(log(tmp_path / "lean"), log(tmp_path / "peft"), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    wa = load_file(tmp_path / "lean" / "adapter_model.safetensors")
+    wb = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-7)
