@@ -1,6 +1,6 @@
 """Throughput: lorasum vs the paper's pipeline (HF Trainer + PEFT), side by side in one run.
 
-    .venv/bin/python benchmarks/throughput.py [--steps 12] [--eval-rows 48] [--repeats 2]
+    .venv/bin/python benchmarks/throughput.py [--steps 6] [--eval-rows 24] [--repeats 2]
 
 Both sides use the default model, the same rows (the study's three domains, mixed), LoRA r=4,
 alpha=64, dropout 0.1, targets `auto`, batch 8, max length 128, lr 1e-4, seed 0.
@@ -403,9 +403,9 @@ def cpu_name() -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=12, help="optimizer steps per training side")
+    p.add_argument("--steps", type=int, default=6, help="optimizer steps per training side")
     p.add_argument("--rows", type=int, default=None, help="training rows per domain")
-    p.add_argument("--eval-rows", type=int, default=48, help="test rows per domain")
+    p.add_argument("--eval-rows", type=int, default=24, help="test rows per domain")
     p.add_argument("--repeats", type=int, default=2, help="A B pairs per measurement")
     p.add_argument("--out", default="benchmarks/results/throughput.json")
     p.add_argument("--side", choices=list(SIDES), help=argparse.SUPPRESS)
