@@ -5,6 +5,7 @@ quantities computed from raw activations of a tiny model."""
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.optimize
 import torch
 from conftest import load_tiny, make_adapter
 
@@ -14,6 +15,7 @@ from lorasum.data import load_split, tokenize_split
 from lorasum.errors import LorasumError
 from lorasum.factors import LoraFactors, single_threaded
 from lorasum.methods import MergeConfig, get_method, merge_adapters
+from lorasum.methods.shiftmatch import shift_coefficients as _shift_coefficients
 from lorasum.predict import activation_inner, combination_predictors, interference_predictors
 
 D_OUT, D_IN, N = 10, 12, 3
@@ -168,6 +170,158 @@ def test_orthogonal_projection_keeps_the_sum_where_inputs_coincide():
     )
 
 
+def soft_reference(deltas, grams) -> torch.Tensor:
+    """soft_projection from its docstring: Σ ΔW_j M V diag(min(1, Nμ)) Vᵀ, scipy's eigensolver."""
+    n = len(grams)
+    M = sum(grams).numpy()
+    M = M + 1e-6 * np.trace(M) * np.eye(M.shape[0])
+    total = torch.zeros_like(deltas[0])
+    for d, g in zip(deltas, grams, strict=True):
+        mu, V = scipy.linalg.eigh(g.numpy(), M)  # Ĝ_j v = μ M v, Vᵀ M V = I
+        f = np.clip(n * mu, 0.0, 1.0)
+        total += d @ torch.from_numpy(M @ V @ np.diag(f) @ V.T)
+    return total
+
+
+def _shared_plus_own_grams() -> list[torch.Tensor]:
+    """Each domain: a shared part plus a few input directions of its own."""
+    shared = torch.randn(D_IN, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    eye = torch.eye(D_IN, dtype=torch.float64)
+    return [
+        _gram(i, shared) + 3 * _gram(20 + i, eye[:, 3 * i : 3 * i + 3]) + 1e-3 * eye
+        for i in range(N)
+    ]
+
+
+def test_soft_projection_equals_its_dense_definition():
+    grams = _shared_plus_own_grams()
+    terms = [_factors(i, r=3) for i in range(N)]
+    reference = soft_reference([_dense(t) for t in terms], grams)
+    merged = _merged("soft_projection", terms, grams)
+    _close(merged, reference)
+    # neither the sum nor rescaled RegMean (α = 1) here: the cap binds on some directions only
+    total = sum(_dense(t) for t in terms)
+    rescaled = N * regmean_reference([_dense(t) for t in terms], grams, 1.0)
+    assert float((merged - total).norm()) > 1e-2 * float(total.norm())
+    assert float((merged - rescaled).norm()) > 1e-2 * float(total.norm())
+
+
+def test_soft_projection_is_the_sum_on_shared_inputs_and_each_adapter_on_its_own():
+    terms = [_factors(i) for i in range(N)]
+    total = sum(_dense(t) for t in terms)
+    _close(_merged("soft_projection", terms, [_gram(0)] * N), total, PROPERTY_RTOL)
+    Q, _ = torch.linalg.qr(
+        torch.randn(D_IN, D_IN, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    )
+    bases = [Q[:, 4 * i : 4 * i + 4] for i in range(N)]
+    merged = _merged("soft_projection", terms, [_gram(i, bases[i]) for i in range(N)])
+    for i in range(N):
+        X = bases[i] @ torch.randn(4, 50, dtype=torch.float64)
+        _close(merged @ X, _dense(terms[i]) @ X, PROPERTY_RTOL)
+
+
+def _shift_k(deltas, grams) -> np.ndarray:
+    n = len(deltas)
+    return np.array(
+        [
+            [float(torch.trace(deltas[j] @ grams[i] @ deltas[i].T)) for j in range(n)]
+            for i in range(n)
+        ]
+    )
+
+
+def _shift_inputs(seed: int = 5):
+    """Raw inputs per domain (d_in, n): a shared part plus directions of its own."""
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randn(D_IN, 3, dtype=torch.float64, generator=g)
+    eye = torch.eye(D_IN, dtype=torch.float64)
+    return [
+        shared @ torch.randn(3, 200, generator=g, dtype=torch.float64)
+        + eye[:, 3 * i : 3 * i + 3] @ torch.randn(3, 200, generator=g, dtype=torch.float64)
+        for i in range(N)
+    ]
+
+
+def _repeating(scales) -> list[LoraFactors]:
+    """Adapters that all repeat part of one shift (the sum overshoots it)."""
+    common = _factors(50, r=2)
+    return [
+        LoraFactors(A=torch.cat([t.A, common.A]), B=torch.cat([t.B, common.B], dim=1), scale=s)
+        for t, s in zip((_factors(i, r=2) for i in range(N)), scales, strict=True)
+    ]
+
+
+def test_shift_match_keeps_each_domains_own_shift_exactly():
+    X = _shift_inputs()
+    grams = [x @ x.T / x.shape[1] for x in X]
+    terms = _repeating([1.0] * N)
+    deltas = [_dense(t) for t in terms]
+    K = _shift_k(deltas, grams)
+    c = np.linalg.solve(K, np.diag(K))  # the definition, where it is inside the bounds
+    assert np.all((c > 0) & (c < 1)), c
+    merged = _merged("shift_match", terms, grams)
+    _close(merged, sum(float(ci) * d for ci, d in zip(c, deltas, strict=True)), 1e-5)
+    total = sum(deltas)
+    for i in range(N):  # the defining property, on the raw activations
+        own = deltas[i] @ X[i]
+        got = float((merged @ X[i] * own).sum())
+        assert got == pytest.approx(float((own * own).sum()), rel=1e-5)
+        assert float((total @ X[i] * own).sum()) > 1.05 * float((own * own).sum())  # overshoot
+
+
+def test_shift_match_bounded_where_the_exact_solution_would_flip_an_adapter():
+    X = _shift_inputs()
+    grams = [x @ x.T / x.shape[1] for x in X]
+    terms = _repeating([0.5, 1.5, 2.5])  # adapter 1's shift is repeated 2–3× by the others
+    deltas = [_dense(t) for t in terms]
+    K = _shift_k(deltas, grams)
+    assert np.linalg.solve(K, np.diag(K)).min() < 0
+    beta = K / np.diag(K)[:, None]
+
+    def objective(c):  # the docstring's bounded least squares, by another solver
+        return float(((beta @ c - 1) ** 2).sum() + 1e-6 * ((c - 1) ** 2).sum())
+
+    best = scipy.optimize.minimize(
+        objective,
+        np.ones(N),
+        bounds=[(0, N)] * N,
+        method="L-BFGS-B",
+        options={"ftol": 1e-15, "gtol": 1e-12},
+    )
+    merged = _merged("shift_match", terms, grams)
+    _close(merged, sum(float(ci) * d for ci, d in zip(best.x, deltas, strict=True)), 1e-4)
+
+
+def test_shift_match_limits():
+    eye = torch.eye(D_IN, dtype=torch.float64)
+    blocks = [eye[:, 4 * i : 4 * i + 4] for i in range(N)]
+    terms = [_factors(i, rows=blocks[i]) for i in range(N)]  # no cross-talk: the sum
+    total = sum(_dense(t) for t in terms)
+    _close(_merged("shift_match", terms, [_gram(i, blocks[i]) for i in range(N)]), total)
+    same = [_factors(0)] * N  # identical adapters on identical inputs: the mean (= each one)
+    _close(_merged("shift_match", same, [_gram(0)] * N), _dense(same[0]), 1e-5)
+    with pytest.raises(LorasumError, match="drop --weights"):
+        from lorasum.methods import resolve_weights
+
+        resolve_weights(get_method("shift_match"), [1.0, 2.0], 2)
+
+
+@pytest.mark.parametrize("method", ["soft_projection", "shift_match"])
+def test_new_methods_skip_an_absent_adapter(method):
+    eye = torch.eye(D_IN, dtype=torch.float64)
+    terms = [_factors(0), None, _factors(2)]
+    grams = [_gram(i) + _gram(5 + i, eye[:, :3]) for i in range(N)]
+    deltas = [_dense(terms[0]), _dense(terms[2])]
+    if method == "shift_match":  # no equation for the absent adapter's domain
+        c = _shift_coefficients(terms[0::2], grams[0::2])
+        reference = sum(float(ci) * d for ci, d in zip(c, deltas, strict=True))
+    else:  # its Ĝ still enters M (N = 3)
+        reference = soft_reference(
+            [deltas[0], torch.zeros(D_OUT, D_IN, dtype=torch.float64), deltas[1]], grams
+        )
+    _close(_merged(method, terms, grams), reference)
+
+
 def test_missing_module_and_rank_option():
     eye = torch.eye(D_IN, dtype=torch.float64)
     terms = [_factors(0), None, _factors(2)]  # adapter 2 does not adapt the module
@@ -185,7 +339,13 @@ def test_missing_module_and_rank_option():
 
 
 def test_calibrated_methods_say_so_and_refuse_to_run_without_statistics():
-    for name in ("regmean", "regmean_rescaled", "orthogonal_projection"):
+    for name in (
+        "regmean",
+        "regmean_rescaled",
+        "orthogonal_projection",
+        "soft_projection",
+        "shift_match",
+    ):
         assert get_method(name).calibration
     assert not get_method("sum").calibration
     with pytest.raises(LorasumError, match="needs input statistics.*--calibration"):
@@ -301,7 +461,10 @@ def test_predictors_from_grams_equal_those_from_raw_activations(two_domains, qa_
     assert combo["max_cross_talk"] == max(pair["cross_talk_a_to_b"], pair["cross_talk_b_to_a"])
 
 
-@pytest.mark.parametrize("method", ["regmean", "regmean_rescaled", "orthogonal_projection"])
+@pytest.mark.parametrize(
+    "method",
+    ["regmean", "regmean_rescaled", "orthogonal_projection", "soft_projection", "shift_match"],
+)
 def test_factorisations_are_reused_by_identity_only(method):
     """Modules sharing one Gram object (q/k/v) give what separate copies give; new objects,
     even at a reused address, are never served a cached factorisation."""

@@ -156,13 +156,17 @@ def test_rerun_with_more_methods_reuses_everything_else(study, tiny_llama, qa_fi
         preset="tiny",
         model=str(tiny_llama),
         domains=[f"{n}={p}" for n, p in qa_files.items()],
-        methods="mean,regmean_rescaled,tsv",
+        methods="mean,regmean_rescaled,tsv,soft_projection,shift_match",
         predictors=True,
         progress=False,
     )
     assert weights.stat().st_mtime_ns == stamp
     assert evals.stat().st_mtime_ns == eval_stamp
-    assert "tsv" in res2["combinations"][0]["methods"]
+    for row in res2["combinations"]:
+        assert "tsv" in row["methods"]
+        for name in ("soft_projection", "shift_match"):  # the new ones run in a study
+            assert row["methods"][name]["category"] == "calibration"
+            assert row["methods"][name]["ppl"] > 1
     assert res2["combinations"][0]["methods"]["mean"] == res["combinations"][0]["methods"]["mean"]
 
 

@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         metavar="SOURCES",
-        help="regmean/regmean_rescaled/orthogonal_projection: per adapter, the data whose "
+        help="methods that need calibration (regmean, regmean_rescaled, orthogonal_projection, "
+        "soft_projection, shift_match): per adapter, the data whose "
         "inputs calibrate it (a comma list of sources, or 'own'); default: each adapter's own "
         "training data from its lorasum.json. Statistics are cached beside each adapter",
     )

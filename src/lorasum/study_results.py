@@ -34,6 +34,8 @@ CATEGORIES = {
     "regmean": "calibration",
     "regmean_rescaled": "calibration",
     "orthogonal_projection": "calibration",
+    "soft_projection": "calibration",
+    "shift_match": "calibration",
     "calibrated": "calibrated",
 }
 BOOTSTRAP_RESAMPLES = 10_000

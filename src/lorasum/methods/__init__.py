@@ -5,7 +5,18 @@
 ['sum', 'weighted', 'mean']
 """
 
-from lorasum.methods import dare, iso, linear, projection, regmean, svd, ties, tsv
+from lorasum.methods import (
+    dare,
+    iso,
+    linear,
+    projection,
+    regmean,
+    shiftmatch,
+    soft,
+    svd,
+    ties,
+    tsv,
+)
 from lorasum.methods.registry import (
     MergeMethod,
     ModuleMerge,
@@ -29,6 +40,8 @@ for _method in (
     regmean.REGMEAN,
     regmean.REGMEAN_RESCALED,
     projection.ORTHOGONAL_PROJECTION,
+    soft.SOFT_PROJECTION,
+    shiftmatch.SHIFT_MATCH,
 ):
     register(_method)
 

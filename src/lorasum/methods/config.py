@@ -47,8 +47,8 @@ class MergeConfig:
         metadata={
             "help": "rank of the result: K, or 'auto' (per module the smallest rank "
             "keeping --keep of the energy); svd: required; ties/dare/magnitude_prune: "
-            "default Σr; tsv/iso: default their own rank; regmean/regmean_rescaled/"
-            "orthogonal_projection: default Σr (exact)"
+            "default Σr; tsv/iso: default their own rank; the calibration methods "
+            "(regmean, …, shift_match): default Σr (exact)"
         },
     )
     keep: float | None = field(
