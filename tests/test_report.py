@@ -121,6 +121,7 @@ def full_results(domains: list[str] = DOMAINS, max_order: int | None = None) -> 
                     "ci95": None,
                     "per_domain": {x: base[x] * 0.4 for x in combo},
                 }
+            singles = merged * (1.1 + 0.5 * rms)  # merged training gains more where cos is high
             per_seed.append(
                 {
                     "seed": s,
@@ -128,12 +129,24 @@ def full_results(domains: list[str] = DOMAINS, max_order: int | None = None) -> 
                     "ppl_merged": merged,
                     "ppl_base": _mean([base[x] for x in combo]),
                     "delta_pct": methods["sum"]["delta_pct"],
+                    "ppl_singles": singles,
+                    "delta_vs_singles_pct": delta_pct(methods["sum"]["ppl"], singles),
+                    "merged_gain_pct": delta_pct(singles, merged),
                     "rms_cosine": rms,
                     "predictors": preds,
                     "methods": methods,
                 }
             )
-        keys = ("ppl_sum", "ppl_merged", "ppl_base", "delta_pct", "rms_cosine")
+        keys = (
+            "ppl_sum",
+            "ppl_merged",
+            "ppl_base",
+            "delta_pct",
+            "rms_cosine",
+            "ppl_singles",
+            "delta_vs_singles_pct",
+            "merged_gain_pct",
+        )
         row = {"domains": list(combo), **{k: _mean([p[k] for p in per_seed]) for k in keys}}
         row["ci95"] = {k: _ci95([p[k] for p in per_seed]) for k in keys if k != "ppl_base"}
         row["tokens"] = 400
@@ -184,6 +197,7 @@ def full_results(domains: list[str] = DOMAINS, max_order: int | None = None) -> 
         mp.setattr(study_results, "BOOTSTRAP_RESAMPLES", 300)
         statistics = study_results.statistics(rows)
         prediction = study_results.loo_prediction(rows)
+        prediction_vs_singles = study_results.loo_prediction(rows, "delta_vs_singles_pct")
     train_config = {
         "model": "default",
         "rank": 4,
@@ -265,6 +279,7 @@ def full_results(domains: list[str] = DOMAINS, max_order: int | None = None) -> 
             },
         },
         "prediction": prediction,
+        "prediction_vs_singles": prediction_vs_singles,
         "paper_comparison": study_results.paper_comparison(rows, "default", train_config),
         "manifest": {
             "versions": {"lorasum": "0.1.0", "torch": "2.13.0", "python": "3.11.2"},
@@ -359,7 +374,7 @@ def test_full_results_fill_every_section(full_report):
     for name in EVERY_FIGURE:
         assert f"](figures/{name}.png)" in md
     assert paths["plot"].read_bytes() == (out / "figures" / "delta_vs_rms_cosine.png").read_bytes()
-    assert len(sections) == 15
+    assert len(sections) == 16
     ids = _parse(paths["html"]).ids
     assert {
         "settings",
@@ -369,6 +384,7 @@ def test_full_results_fill_every_section(full_report):
         "scatter",
         "methods",
         "prediction",
+        "decomposition",
         "variants",
         "cosine",
         "cross",
@@ -560,7 +576,7 @@ def test_bare_results_render_every_section_or_a_note(tmp_path):
         r.pop("ci95")
     paths = write_report(res, tmp_path)
     md = paths["markdown"].read_text()
-    assert len(_md_sections(md)) == 15
+    assert len(_md_sections(md)) == 16
     assert set(_notes(md)) >= {"Per-domain perplexity", "Data and training", "Training loss"}
     assert {p.stem for p in (tmp_path / "figures").iterdir()} == {
         "delta_vs_rms_cosine",
@@ -643,3 +659,16 @@ def test_report_renders_in_chromium(full_report, tmp_path):
     assert len(np.unique(gray)) > 50
     # laid out down its whole height (the figures loaded and take their room)
     assert (gray[3000:] < 200).mean() > 0.005
+
+
+def test_decomposition_section_shows_both_factors_and_both_rankings(full_report):
+    res, paths = full_report
+    text = _md_sections(paths["markdown"].read_text())["What Δ% is made of"]
+    for r in res["combinations"]:
+        lo, hi = r["ci95"]["delta_vs_singles_pct"]
+        assert f"{r['delta_vs_singles_pct']:+.2f} [{lo:+.2f}, {hi:+.2f}]" in text
+    rho = res["prediction_vs_singles"]["rms_cosine"]["spearman_rho"]
+    assert (
+        f"| `rms_cosine` | {res['prediction']['rms_cosine']['spearman_rho']:.2f} | {rho:.2f} |"
+        in text
+    )

@@ -51,6 +51,38 @@ def test_every_method_on_every_combination(study):
         assert row["per_seed"][0]["methods"]["mean"]["ppl"] == methods["mean"]["ppl"]
 
 
+def test_delta_splits_into_sum_vs_own_adapters_and_merged_gain(study):
+    """(1 + Δ) = (1 + sum vs own adapters)(1 + merged gain), with the own-adapter perplexity
+    rebuilt here from the single adapters' evaluation files (NLL and tokens per domain)."""
+    import json
+    import math
+
+    out, res = study
+    seed = out / "seed-42"
+    for row in res["combinations"]:
+        nll = tokens = 0.0
+        for d in row["domains"]:
+            ev = json.loads((seed / "evals" / f"single-{d}.json").read_text())["result"]
+            nll += ev["per_dataset"][d]["nll"]
+            tokens += ev["per_dataset"][d]["tokens"]
+        assert row["ppl_singles"] == pytest.approx(math.exp(nll / tokens), rel=1e-9)
+        assert row["delta_vs_singles_pct"] == pytest.approx(
+            (row["ppl_sum"] / row["ppl_singles"] - 1) * 100
+        )
+        product = (1 + row["delta_vs_singles_pct"] / 100) * (1 + row["merged_gain_pct"] / 100)
+        assert product == pytest.approx(1 + row["delta_pct"] / 100, rel=1e-9)
+        for m in row["methods"].values():
+            assert m["delta_vs_singles_pct"] == pytest.approx(
+                (m["ppl"] / row["ppl_singles"] - 1) * 100
+            )
+    loo = res["prediction_vs_singles"]["rms_cosine"]
+    assert [p["measured"] for p in loo["points"]] == [
+        r["delta_vs_singles_pct"] for r in res["combinations"]
+    ]
+    report = (out / "report.md").read_text()
+    assert "## What Δ% is made of" in report and "sum vs own adapters" in report
+
+
 def delta_weight(f):
     return delta(f.A, f.B, f.scale)
 

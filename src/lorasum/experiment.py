@@ -763,6 +763,8 @@ def reproduce(
         ),
         "statistics": statistics(rows),
         "prediction": loo_prediction(rows),
+        # the same predictors against the sum vs each domain's own adapter (Δ%'s first factor)
+        "prediction_vs_singles": loo_prediction(rows, "delta_vs_singles_pct"),
         "paper_comparison": paper_comparison(rows, model, study["train"]),
         "train_curves": train_curves(out, seeds, [u for _, u, _ in _unit_names(names, combos)]),
         "wall_seconds": wall,

@@ -96,12 +96,20 @@ def seed_rows(
         cname = combo_name(combo)
         merged, summed = evals[f"merged-{cname}"], evals[f"sum-{cname}"]
         ppl_merged = merged["perplexity"]
+        # each domain's test set under its own single adapter, token-weighted like the others
+        ppl_singles = combined({d: evals[f"single-{d}"]["per_dataset"][d] for d in combo}, combo)[
+            "perplexity"
+        ]
         row = {
             "domains": list(combo),
             "ppl_sum": summed["perplexity"],
             "ppl_merged": ppl_merged,
             "ppl_base": combined(base_eval["per_dataset"], combo)["perplexity"],
             "delta_pct": delta_pct(summed["perplexity"], ppl_merged),
+            # Δ% splits exactly: (1 + Δ%) = (1 + vs singles)(1 + merged gain), in hundredths
+            "ppl_singles": ppl_singles,
+            "delta_vs_singles_pct": delta_pct(summed["perplexity"], ppl_singles),
+            "merged_gain_pct": delta_pct(ppl_singles, ppl_merged),
             "rms_cosine": combination_rms(pairs, combo),
             "tokens": summed["tokens"],
             "per_domain": {
@@ -124,6 +132,7 @@ def seed_rows(
             row["methods"][m] = {
                 "ppl": ev["perplexity"],
                 "delta_pct": delta_pct(ev["perplexity"], ppl_merged),
+                "delta_vs_singles_pct": delta_pct(ev["perplexity"], ppl_singles),
                 "per_domain": {d: ev["per_dataset"][d]["perplexity"] for d in combo},
             }
         row["predictors"] = {"rms_cosine": row["rms_cosine"], **(predictors or {}).get(cname, {})}
@@ -148,11 +157,28 @@ def seed_rows(
 
 def aggregate_combination(combo: Sequence[str], rows: list[dict], seeds: list[int]) -> dict:
     """Mean over seeds of one combination's numbers, with 95 % intervals and per-seed rows."""
-    keys = ("ppl_sum", "ppl_merged", "ppl_base", "delta_pct", "rms_cosine")
+    keys = (
+        "ppl_sum",
+        "ppl_merged",
+        "ppl_base",
+        "delta_pct",
+        "rms_cosine",
+        "ppl_singles",
+        "delta_vs_singles_pct",
+        "merged_gain_pct",
+    )
     out: dict = {"domains": list(combo)}
     out.update({k: mean([r[k] for r in rows]) for k in keys})
     out["ci95"] = {
-        k: ci95([r[k] for r in rows]) for k in ("delta_pct", "rms_cosine", "ppl_sum", "ppl_merged")
+        k: ci95([r[k] for r in rows])
+        for k in (
+            "delta_pct",
+            "rms_cosine",
+            "ppl_sum",
+            "ppl_merged",
+            "delta_vs_singles_pct",
+            "merged_gain_pct",
+        )
     }
     out["tokens"] = rows[0]["tokens"]
     out["per_domain"] = {
@@ -171,6 +197,7 @@ def aggregate_combination(combo: Sequence[str], rows: list[dict], seeds: list[in
             "ppl": mean([p["ppl"] for p in per]),
             "delta_pct": mean([p["delta_pct"] for p in per]),
             "ci95": ci95([p["delta_pct"] for p in per]),
+            "delta_vs_singles_pct": mean([p["delta_vs_singles_pct"] for p in per]),
             "category": method_category(m),
             "per_domain": {d: mean([p["per_domain"][d] for p in per]) for d in combo},
         }
@@ -195,7 +222,8 @@ def aggregate_combination(combo: Sequence[str], rows: list[dict], seeds: list[in
             **{k: r[k] for k in keys},
             "predictors": r["predictors"],
             "methods": {
-                m: {k: v[k] for k in ("ppl", "delta_pct")} for m, v in r["methods"].items()
+                m: {k: v[k] for k in ("ppl", "delta_pct", "delta_vs_singles_pct")}
+                for m, v in r["methods"].items()
             },
         }
         for s, r in zip(seeds, rows, strict=True)
@@ -244,16 +272,18 @@ def _relation(xs: list[float], ys: list[float], groups: list | None) -> dict:
     }
 
 
-def predictor_points(rows: list[dict], predictor: str) -> tuple[list[float], list[float], list]:
-    """(x, y, group) over every (combination, seed) that has the predictor."""
+def predictor_points(
+    rows: list[dict], predictor: str, target: str = "delta_pct"
+) -> tuple[list[float], list[float], list]:
+    """(x, y, group) over every (combination, seed) that has the predictor and the target."""
     xs, ys, groups = [], [], []
     for row in rows:
         for s in row["per_seed"]:
             x = s.get("predictors", {}).get(predictor)
-            if x is None or s["delta_pct"] is None:
+            if x is None or s.get(target) is None:
                 continue
             xs.append(float(x))
-            ys.append(float(s["delta_pct"]))
+            ys.append(float(s[target]))
             groups.append(combo_name(row["domains"]))
     return xs, ys, groups
 
@@ -275,20 +305,26 @@ def statistics(rows: list[dict]) -> dict:
     return out
 
 
-def loo_prediction(rows: list[dict]) -> dict:
-    """Leave-one-combination-out: each point's Δ% predicted by the line fitted on the other
-    combinations; Pearson and Spearman of predicted vs measured, per predictor."""
+def loo_prediction(rows: list[dict], target: str = "delta_pct") -> dict:
+    """Leave-one-combination-out: each point's ``target`` (Δ% vs merged-data training, or
+    ``delta_vs_singles_pct``: the sum vs each domain's own adapter) predicted by the line fitted
+    on the other combinations; Pearson and Spearman of predicted vs measured, per predictor."""
     from lorasum.forecast import loo_predictions
 
     out = {}
     for predictor in rows[0]["predictors"] if rows else []:
-        xs, ys, groups = predictor_points(rows, predictor)
+        xs, ys, groups = predictor_points(rows, predictor, target)
         predicted = loo_predictions(xs, ys, groups)
         points = [
             {"combination": g, "x": x, "predicted": p, "measured": y}
             for x, y, g, p in zip(xs, ys, groups, predicted, strict=True)
         ]
-        seeds = [s["seed"] for r in rows for s in r["per_seed"] if predictor in s["predictors"]]
+        seeds = [
+            s["seed"]
+            for r in rows
+            for s in r["per_seed"]
+            if s.get("predictors", {}).get(predictor) is not None and s.get(target) is not None
+        ]
         for point, seed in zip(points, seeds, strict=True):
             point["seed"] = seed
         ok = [p for p in points if p["predicted"] is not None]
