@@ -216,6 +216,26 @@ def test_presets_are_valid_files():
     assert len(standard.seeds) >= 3 and len(standard.domains) >= 6
 
 
+def test_shipped_experiment_files_are_valid():
+    """experiments/*.yaml resolve, name registered methods only, and the interference study's
+    file gives the settings its issue states (the key of its runs depends on them)."""
+    from pathlib import Path
+
+    files = sorted((Path(__file__).parent.parent / "experiments").glob("*.yaml"))
+    assert files
+    for path in files:
+        cfg = resolve_study(None, path, {})
+        assert "sum" in cfg.methods
+    cfg = resolve_study(None, files[0].parent / "interference-240.yaml", {})
+    assert cfg.seeds == [1, 2, 3] and cfg.preset == "quick"
+    assert {k: cfg.train[k] for k in ("max_train", "max_eval", "lr", "max_length")} == {
+        "max_train": 240,
+        "max_eval": 60,
+        "lr": 1e-4,
+        "max_length": 128,
+    }
+
+
 def test_config_file_then_flags(tmp_path):
     path = tmp_path / "exp.yaml"
     path.write_text(
