@@ -2,6 +2,8 @@
 from their definitions, the properties each method claims, and the predictors against the same
 quantities computed from raw activations of a tiny model."""
 
+import itertools
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -15,7 +17,7 @@ from lorasum.data import load_split, tokenize_split
 from lorasum.errors import LorasumError
 from lorasum.factors import LoraFactors, single_threaded
 from lorasum.methods import MergeConfig, get_method, merge_adapters
-from lorasum.methods.shiftmatch import shift_coefficients as _shift_coefficients
+from lorasum.methods.shiftmatch import RIDGE, bounded_coefficients
 from lorasum.predict import activation_inner, combination_predictors, interference_predictors
 
 D_OUT, D_IN, N = 10, 12, 3
@@ -292,6 +294,45 @@ def test_shift_match_bounded_where_the_exact_solution_would_flip_an_adapter():
     _close(merged, sum(float(ci) * d for ci, d in zip(best.x, deltas, strict=True)), 1e-4)
 
 
+def _active_set_oracle(beta: np.ndarray, upper: float) -> np.ndarray:
+    """The bounded least squares by enumeration: every variable at 0, at ``upper`` or free
+    (free ones by an unconstrained solve); the best feasible assignment. Exact for small N."""
+    n = beta.shape[1]
+    system = np.vstack([beta, np.sqrt(RIDGE) * np.eye(n)])
+    target = np.concatenate([np.ones(beta.shape[0]), np.sqrt(RIDGE) * np.ones(n)])
+    best, best_cost = None, np.inf
+    for states in itertools.product((0, 1, 2), repeat=n):  # 0: lower, 1: upper, 2: free
+        c = np.array([0.0 if st == 0 else upper for st in states])
+        free = [k for k, st in enumerate(states) if st == 2]
+        if free:
+            rest = (
+                target
+                - system[:, [k for k in range(n) if k not in free]]
+                @ c[[k for k in range(n) if k not in free]]
+            )
+            c[free] = np.linalg.lstsq(system[:, free], rest, rcond=None)[0]
+            if np.any(c[free] < -1e-12) or np.any(c[free] > upper + 1e-12):
+                continue
+        cost = float(((system @ c - target) ** 2).sum())
+        if cost < best_cost:
+            best, best_cost = c, cost
+    return best
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_shift_coefficients_solve_the_bounded_problem_exactly(n):
+    rng = np.random.default_rng(n)
+    active = 0
+    for _ in range(60):
+        beta = rng.uniform(-0.2, 1.5, size=(n, n))
+        np.fill_diagonal(beta, 1.0)
+        oracle = _active_set_oracle(beta, float(n))
+        got = bounded_coefficients(beta, float(n))
+        active += bool(np.any(oracle < 1e-9))
+        np.testing.assert_allclose(got, oracle, atol=1e-6)
+    assert active > 5  # the bounds matter in many of the draws
+
+
 def test_shift_match_limits():
     eye = torch.eye(D_IN, dtype=torch.float64)
     blocks = [eye[:, 4 * i : 4 * i + 4] for i in range(N)]
@@ -313,7 +354,9 @@ def test_new_methods_skip_an_absent_adapter(method):
     grams = [_gram(i) + _gram(5 + i, eye[:, :3]) for i in range(N)]
     deltas = [_dense(terms[0]), _dense(terms[2])]
     if method == "shift_match":  # no equation for the absent adapter's domain
-        c = _shift_coefficients(terms[0::2], grams[0::2])
+        K = _shift_k(deltas, [grams[0], grams[2]])
+        c = np.linalg.solve(K, np.diag(K))
+        assert np.all((c > 0) & (c < 2)), c  # inside the bounds: the exact solution
         reference = sum(float(ci) * d for ci, d in zip(c, deltas, strict=True))
     else:  # its Ĝ still enters M (N = 3)
         reference = soft_reference(
@@ -462,8 +505,7 @@ def test_predictors_from_grams_equal_those_from_raw_activations(two_domains, qa_
 
 
 @pytest.mark.parametrize(
-    "method",
-    ["regmean", "regmean_rescaled", "orthogonal_projection", "soft_projection", "shift_match"],
+    "method", ["regmean", "regmean_rescaled", "orthogonal_projection", "soft_projection"]
 )
 def test_factorisations_are_reused_by_identity_only(method):
     """Modules sharing one Gram object (q/k/v) give what separate copies give; new objects,

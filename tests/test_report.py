@@ -24,7 +24,14 @@ from lorasum.cli import main
 from lorasum.report import rebuild_report, write_report
 from lorasum.report_blocks import Note, Para, Table
 from lorasum.report_findings import what_this_means
-from lorasum.report_sections import _curves, _headline, _methods, _scatter, _split
+from lorasum.report_sections import (
+    _curves,
+    _decomposition,
+    _headline,
+    _methods,
+    _scatter,
+    _split,
+)
 from lorasum.stats import (
     correlation,
     delta_pct,
@@ -672,3 +679,13 @@ def test_decomposition_section_shows_both_factors_and_both_rankings(full_report)
         f"| `rms_cosine` | {res['prediction']['rms_cosine']['spearman_rho']:.2f} | {rho:.2f} |"
         in text
     )
+
+
+def test_decomposition_of_older_results_is_a_note():
+    res = full_results()
+    for r in res["combinations"]:
+        for k in ("ppl_singles", "delta_vs_singles_pct", "merged_gain_pct"):
+            r.pop(k)
+    res.pop("prediction_vs_singles")
+    blocks = _decomposition(res)
+    assert len(blocks) == 1 and isinstance(blocks[0], Note) and "predate" in blocks[0].text

@@ -14,6 +14,7 @@ from lorasum.adapters import read_adapter
 from lorasum.errors import LorasumError
 from lorasum.experiment import reproduce
 from lorasum.factors import delta
+from lorasum.methods import method_names
 from lorasum.study_config import default_methods, load_preset, preset_names, resolve_study
 
 
@@ -76,9 +77,10 @@ def test_delta_splits_into_sum_vs_own_adapters_and_merged_gain(study):
                 (m["ppl"] / row["ppl_singles"] - 1) * 100
             )
     loo = res["prediction_vs_singles"]["rms_cosine"]
-    assert [p["measured"] for p in loo["points"]] == [
-        r["delta_vs_singles_pct"] for r in res["combinations"]
+    per_seed = [
+        (s["seed"], s["delta_vs_singles_pct"]) for r in res["combinations"] for s in r["per_seed"]
     ]
+    assert [(p["seed"], p["measured"]) for p in loo["points"]] == per_seed
     report = (out / "report.md").read_text()
     assert "## What Δ% is made of" in report and "sum vs own adapters" in report
 
@@ -223,9 +225,10 @@ def test_shipped_experiment_files_are_valid():
 
     files = sorted((Path(__file__).parent.parent / "experiments").glob("*.yaml"))
     assert files
+    known = set(method_names()) | {"calibrated"}
     for path in files:
         cfg = resolve_study(None, path, {})
-        assert "sum" in cfg.methods
+        assert set(cfg.methods) <= known and len(cfg.methods) > 1
     cfg = resolve_study(None, files[0].parent / "interference-240.yaml", {})
     assert cfg.seeds == [1, 2, 3] and cfg.preset == "quick"
     assert {k: cfg.train[k] for k in ("max_train", "max_eval", "lr", "max_length")} == {

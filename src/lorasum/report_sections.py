@@ -391,8 +391,9 @@ def _decomposition(results: dict) -> list:
             "lrrr",
         ),
         Para(
-            "(1 + Δ%) = (1 + sum vs own adapters) × (1 + merged-data gain), all in percent of "
-            "perplexity on the combination's test set: *sum vs own adapters* compares the sum "
+            "Per seed, (1 + Δ%/100) = (1 + sum vs own adapters/100) × (1 + merged-data gain/100) "
+            "exactly (the means over seeds shown here multiply out only approximately), all in "
+            "percent of perplexity on the combination's test set: *sum vs own adapters* compares the sum "
             "with each domain's test rows scored by that domain's own adapter (negative: the "
             "sum helps each domain beyond its own adapter); *merged-data gain* is how much "
             "better merged-data training is than those adapters. A predictor can only see the "

@@ -23,9 +23,13 @@ a LoRA of rank Σr: B = [B_1 …], A = [c_1 s_1 A_1; …]; only r×r cores are f
 - Where no coefficients in [0, N] satisfy every equation (one adapter's shift is repeated
   several times over by the others, so the exact solution would flip its sign), the bounded
   least squares in the equations' own units, Σ_j c_j β_{j→i} = 1 with β_{j→i} = K_ij / K_ii,
-  0 ≤ c ≤ N (scipy's `lsq_linear`): the bounds are guards, not tuned. A ridge of 1e-6 toward
-  c = 1 makes the solution unique where K is singular (identical adapters on identical inputs:
-  c = 1/N, the mean, to 1e-6).
+  0 ≤ c ≤ N (scipy's `lsq_linear`, bounded-variable least squares run to convergence): the
+  bounds are guards, not tuned. A ridge of 1e-6 toward c = 1 makes the solution unique where K
+  is singular (identical adapters on identical inputs: c = 1/N, the mean, to 1e-6).
+- Each domain counts once whatever the size of its adapter's shift, so a domain whose adapter
+  barely moves this module still asks the others not to add along that direction; an equation
+  is dropped only when its own shift is below 1e-6 of the largest one at the module (the
+  result is not continuous at that cut-off).
 - An adapter absent from the module has ΔW = 0 there and no equation; its domain's inputs are
   not constrained.
 """
@@ -35,6 +39,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from lorasum.factors import LoraFactors
@@ -46,6 +51,22 @@ if TYPE_CHECKING:
     from lorasum.methods.config import MergeConfig
 
 RIDGE = 1e-6  # weight of ‖c − 1‖² against the equations (unique solution)
+NEGLIGIBLE = 1e-6  # an own shift below this share of the module's largest sets no equation
+
+
+def bounded_coefficients(beta: np.ndarray, upper: float) -> np.ndarray:
+    """argmin_c ‖β c − 1‖² + RIDGE·‖c − 1‖² subject to 0 ≤ c ≤ upper; β (equations, N)."""
+    from scipy.optimize import lsq_linear
+
+    n = beta.shape[1]
+    system = np.vstack([beta, np.sqrt(RIDGE) * np.eye(n)])
+    target = np.concatenate([np.ones(beta.shape[0]), np.sqrt(RIDGE) * np.ones(n)])
+    fit = lsq_linear(
+        system, target, bounds=(0.0, upper), method="bvls", tol=1e-12, max_iter=100 * (n + 1)
+    )
+    if fit.status <= 0:  # bvls stops at max_iter otherwise; never seen at this limit
+        raise RuntimeError(f"shift_match: bounded least squares did not converge ({fit.message})")
+    return fit.x
 
 
 def shift_coefficients(
@@ -53,21 +74,16 @@ def shift_coefficients(
 ) -> torch.Tensor:
     """c (N,) float64: Σ_j c_j K_ij = K_ii for every i in the least-squares sense (rows in units
     of K_ii), 0 ≤ c ≤ N, ridge toward 1; K_ij = tr(ΔW_j Ĝ_i ΔW_iᵀ)."""
-    import numpy as np
-    from scipy.optimize import lsq_linear
-
     n = len(factors)
     K = np.empty((n, n))
     for i, (fi, G) in enumerate(zip(factors, grams, strict=True)):
         for j, fj in enumerate(factors):
             K[i, j] = activation_inner(fj, fi, G)
     own = np.diag(K).copy()
-    rows = own > 0  # an adapter with no output on its own domain's inputs sets no equation
-    beta = K[rows] / own[rows, None]  # β_{j→i}, diagonal 1
-    system = np.vstack([beta, np.sqrt(RIDGE) * np.eye(n)])
-    target = np.concatenate([np.ones(int(rows.sum())), np.sqrt(RIDGE) * np.ones(n)])
-    fit = lsq_linear(system, target, bounds=(0.0, float(n)), method="bvls", tol=1e-12)
-    return torch.from_numpy(fit.x)
+    rows = own > NEGLIGIBLE * own.max() if own.max() > 0 else np.zeros(n, dtype=bool)
+    if not rows.any():  # no adapter moves its own domain's outputs here: the sum
+        return torch.ones(n, dtype=torch.float64)
+    return torch.from_numpy(bounded_coefficients(K[rows] / own[rows, None], float(n)))
 
 
 def merge_shift_match(

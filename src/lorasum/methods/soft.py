@@ -1,5 +1,5 @@
 """`soft_projection`: the sum's full strength wherever domain j has at least its fair share
-of the input energy, RegMean's suppression where the other domains dominate.
+of the input energy, `regmean_rescaled`'s shrinking (N·μ) where the other domains dominate.
 
 Where the idea comes from: in the generalised eigenbasis of (Ĝ_j, M), M = Σ_i Ĝ_i + λI, RegMean
 (arXiv 2212.09849, α = 1) scales ΔW_j by μ_k (domain j's share of the input energy along
@@ -15,7 +15,8 @@ adapt the module still has its Ĝ in M (its domain wants the base weights there)
 RegMean. Factored as in `orthogonal_projection`: A_j P_j = ((A_j L) Q diag(f) Qᵀ) L⁻¹ with
 M = L Lᵀ and L⁻¹ Ĝ_j L⁻ᵀ = Q diag(μ) Qᵀ; the Cholesky of M is shared by all adapters.
 
-Properties (tested): identical input statistics (μ = 1/N everywhere) give the sum; inputs on
+Properties (tested): identical input statistics (μ = 1/N everywhere) give the sum on the span
+of the inputs (the ridge makes μ slightly below 1/N where the inputs have no energy); inputs on
 disjoint subspaces give ΔW_j exactly on domain j's inputs (μ = 1 there, 0 on the others'
 directions); no threshold or other constant to tune.
 """
