@@ -27,9 +27,8 @@ class MergeResult:
 def resolve_weights(method: MergeMethod, weights: Sequence[float] | None, n: int) -> list[float]:
     """The per-adapter weights the method uses (mean: 1/N; weighted: given; else given or 1)."""
     if method.weights == "refused" and weights is not None:
-        raise LorasumError(
-            f"--method {method.name} sets the adapters' weights itself; drop --weights"
-        )
+        how = "sets every weight to 1/N" if method.name == "mean" else "sets its own weights"
+        raise LorasumError(f"--method {method.name} {how}; drop --weights")
     if method.weights == "required" and weights is None:
         raise LorasumError(f"--method {method.name} needs --weights (one number per adapter)")
     if method.name == "mean":
