@@ -409,7 +409,7 @@ def _decomposition(results: dict) -> list:
                     "predictor",
                     "LOO ρ: Δ% vs merged",
                     "LOO ρ: sum vs own adapters",
-                    "mean |error| (points)",
+                    "mean absolute error (points)",
                 ],
                 [
                     [
