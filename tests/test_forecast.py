@@ -133,3 +133,18 @@ def test_best_predictor_and_method_recommendation():
     near = recommend_method([study], "max_cross_talk", 0.0, nearest=2)
     assert near["n_combinations"] == 2
     assert recommend_method([{"combinations": []}]) is None
+
+
+def test_fit_points_and_forecast_of_the_second_target():
+    """``target="delta_vs_singles_pct"`` reads that key per row and skips rows without it
+    (studies from before the split); the forecast fits those points alone."""
+    study = _study([(["a", "b"], [(0.1, 1.0), (0.2, 2.0)]), (["a", "c"], [(0.3, 3.0), (0.4, 4.0)])])
+    for k, row in enumerate(r for c in study["combinations"] for r in c["per_seed"]):
+        if k != 1:
+            row["delta_vs_singles_pct"] = -10.0 * row["predictors"]["max_cross_talk"] + 0.5
+    x, y, groups = fit_points([study], "max_cross_talk", "delta_vs_singles_pct")
+    assert x == [0.1, 0.3, 0.4] and y == pytest.approx([-0.5, -2.5, -3.5])
+    assert groups == ["0:a+b", "0:a+c", "0:a+c"]
+    out = forecast([study], "max_cross_talk", 0.25, target="delta_vs_singles_pct")
+    assert out["delta_pct"] == pytest.approx(-2.0) and out["fit"]["n"] == 3
+    assert forecast([study], "max_cross_talk", 0.25)["fit"]["n"] == 4  # Δ% keeps every row

@@ -17,6 +17,7 @@ from lorasum.predict import predict_interference
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 SLOPE, INTERCEPT, NOISE = 30.0, -2.0, 0.05
+VS_SLOPE, VS_INTERCEPT = -30.0, 1.5  # the sum vs own adapters: a different known line
 
 
 @pytest.fixture(autouse=True)
@@ -44,6 +45,7 @@ def _write_study(path, xs_per_combination, rng):
             {
                 "seed": s,
                 "delta_pct": SLOPE * x + INTERCEPT + NOISE * rng.normal(),
+                "delta_vs_singles_pct": VS_SLOPE * x + VS_INTERCEPT + NOISE * rng.normal(),
                 # the weight cosine follows x loosely: a worse leave-one-out rank
                 "predictors": {"max_cross_talk": x, "rms_cosine": x * rng.uniform(0.2, 1.8)},
             }
@@ -85,6 +87,13 @@ def test_predict_recovers_a_known_linear_relation(adapters, calibration, tmp_pat
     truth = SLOPE * x0 + INTERCEPT
     assert f["low"] < truth < f["high"]
     assert out["recommendation"]["method"] == "regmean_rescaled"
+    v = out["forecast_vs_singles"]  # the second target, fitted on its own points
+    assert v["predictor"] == "max_cross_talk" and v["fit"]["n"] == 24
+    assert v["fit"]["slope"] == pytest.approx(VS_SLOPE, abs=5 * v["fit"]["slope_stderr"])
+    assert v["low"] < VS_SLOPE * x0 + VS_INTERCEPT < v["high"]
+    assert main([*args, "--predictor", "max_cross_talk"]) == 0
+    text = capsys.readouterr().out
+    assert f"vs each domain's own adapter: {v['delta_pct']:+.2f} %" in text
     # the drivers' shares are parts of κ: they sum to the driving pair's cross-talk
     d = out["drivers"]
     assert d["value"] == pytest.approx(x0)

@@ -115,13 +115,14 @@ def _rows(combination: dict) -> list[dict]:
 
 
 def fit_points(
-    study_results: Sequence[dict], predictor: str
+    study_results: Sequence[dict], predictor: str, target: str = "delta_pct"
 ) -> tuple[list[float], list[float], list[str]]:
     """(x, y, groups) from results.json dicts: one point per (combination, seed) row.
 
     x = ``row["predictors"][predictor]`` (for ``rms_cosine`` also ``row["rms_cosine"]``, where
-    older results keep it), y = ``row["delta_pct"]``, group = ``"<study index>:a+b"``. Rows
-    without a finite predictor value or Δ% are skipped.
+    older results keep it), y = ``row[target]`` (Δ% vs merged-data training, or
+    ``delta_vs_singles_pct``: the sum vs each domain's own adapter, where the study recorded
+    it), group = ``"<study index>:a+b"``. Rows without a finite x or y are skipped.
     """
     x: list[float] = []
     y: list[float] = []
@@ -130,7 +131,7 @@ def fit_points(
         for combination in results.get("combinations") or []:
             label = f"{k}:" + "+".join(combination.get("domains") or [])
             for row in _rows(combination):
-                value, delta = _value(row, predictor), row.get("delta_pct")
+                value, delta = _value(row, predictor), row.get(target)
                 if value is None or not isinstance(delta, int | float) or not math.isfinite(delta):
                     continue
                 x.append(value)
@@ -174,14 +175,15 @@ def available_predictors(study_results: Sequence[dict]) -> list[str]:
     return known + sorted(n for n in names if n not in PREDICTORS)
 
 
-def rank_predictors(study_results: Sequence[dict], names: Sequence[str] | None = None) -> dict:
-    """Leave-one-combination-out Spearman and Pearson of each predictor over the studies.
-
-    Returns name -> {"n", "spearman_rho", "pearson_r", "mae"}.
+def rank_predictors(
+    study_results: Sequence[dict], names: Sequence[str] | None = None, target: str = "delta_pct"
+) -> dict:
+    """Leave-one-combination-out Spearman and Pearson of each predictor over the studies
+    (``target``: as in `fit_points`). Returns name -> {"n", "spearman_rho", "pearson_r", "mae"}.
     """
     out = {}
     for name in names or available_predictors(study_results):
-        x, y, groups = fit_points(study_results, name)
+        x, y, groups = fit_points(study_results, name, target)
         s = loo_summary(x, y, groups)
         out[name] = {k: s[k] for k in ("n", "spearman_rho", "pearson_r", "mae")}
     return out
@@ -211,16 +213,20 @@ def prediction_interval(fit: dict, x0: float, confidence: float = 0.95) -> tuple
 
 
 def forecast(
-    study_results: Sequence[dict], predictor: str, x0: float, confidence: float = 0.95
+    study_results: Sequence[dict],
+    predictor: str,
+    x0: float,
+    confidence: float = 0.95,
+    target: str = "delta_pct",
 ) -> dict:
     """Predicted Δ% at predictor value x0 from every point of the studies, with an interval.
 
     Returns ``{"predictor", "x", "delta_pct", "low", "high", "confidence", "fit", "loo",
     "range"}`` (``range``: the predictor's min and max over the points: outside it the line is
-    extrapolated). One line (LorasumError) when the studies have fewer than 3 points with
+    extrapolated; ``delta_pct`` is the predicted ``target``). One line (LorasumError) when the studies have fewer than 3 points with
     that predictor or a constant predictor.
     """
-    x, y, groups = fit_points(study_results, predictor)
+    x, y, groups = fit_points(study_results, predictor, target)
     if not x:
         have = ", ".join(available_predictors(study_results)) or "none"
         raise LorasumError(

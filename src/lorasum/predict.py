@@ -409,6 +409,7 @@ def predict_interference(
         "drivers": drivers(result, chosen, top),
         "ranking": ranking,
         "forecast": None,
+        "forecast_vs_singles": None,
         "recommendation": None,
     }
     if studies:
@@ -416,6 +417,17 @@ def predict_interference(
         if x0 is None:
             raise LorasumError(f"predictor {chosen!r} is undefined for these adapters")
         out["forecast"] = forecast.forecast(studies, chosen, x0)
+        # the sum vs each domain's own adapter: the part of Δ% the adapters determine (studies
+        # from this version on record it); its own best predictor under 'auto'
+        vs = "delta_vs_singles_pct"
+        ranking_vs = forecast.rank_predictors(studies, target=vs)
+        chosen_vs = forecast.best_predictor(ranking_vs, usable) if predictor == "auto" else chosen
+        x_vs = values.get(chosen_vs) if chosen_vs else None
+        if x_vs is not None and len(forecast.fit_points(studies, chosen_vs, vs)[0]) >= 3:
+            try:
+                out["forecast_vs_singles"] = forecast.forecast(studies, chosen_vs, x_vs, target=vs)
+            except LorasumError:  # a constant predictor over those points: no line
+                out["forecast_vs_singles"] = None
         # zero-training methods (the calibrated family needs validation data and a fit)
         plain = ("calibrated",)
         out["recommendation"] = forecast.recommend_method(studies, exclude_categories=plain)
@@ -488,6 +500,15 @@ def format_prediction(out: dict, warning: bool = False) -> str:
         f"= {f['x']:.4f} [{how}; {f['fit']['n']} points in {f['n_groups']} combinations, "
         f"leave-one-out Spearman {'n/a' if rho is None else f'{rho:.2f}'}]"
     )
+    v = out.get("forecast_vs_singles")
+    if v is not None:
+        rho_vs = v["loo"]["spearman_rho"]
+        lines.append(
+            f"  predicted change of the sum vs each domain's own adapter: {v['delta_pct']:+.2f} % "
+            f"(95 % prediction interval {v['low']:+.2f} … {v['high']:+.2f}) from "
+            f"{v['predictor']} = {v['x']:.4f} [{v['fit']['n']} points, leave-one-out Spearman "
+            f"{'n/a' if rho_vs is None else f'{rho_vs:.2f}'}]"
+        )
     lo, hi = f["range"]
     if not lo <= f["x"] <= hi:
         lines.append(
