@@ -394,6 +394,7 @@ def test_disjoint_targets_of_one_model_still_compose(tiny_llama, tmp_path):
 def test_cli_compose_refusals_exit_2_and_write_nothing(tiny_llama, tmp_path, capsys, args, message):
     a = make_adapter(tiny_llama, tmp_path / "a", seed=1)
     b = make_adapter(tiny_llama, tmp_path / "b", seed=2)
+    capsys.readouterr()  # drop what building the adapters printed (a first model load's bar)
     code = main(["compose", str(a), str(b), "--out", str(tmp_path / "out"), *args])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("lorasum: error: ") and message in err
