@@ -604,6 +604,17 @@ def test_manifest_reads_both_split_shapes(split, expected):
     assert [_split(split, "train"), _split(split, "test")] == expected
 
 
+def test_manifest_reads_what_the_study_writes():
+    """The manifest's split summary (as the study writes it) shows each split's own hash."""
+    fingerprint = {
+        "origin": "o",
+        "train": {"n": 48, "sha256": "aa"},
+        "test": {"n": 24, "sha256": "bb"},
+    }
+    summary = study_results._split_summary(fingerprint)
+    assert [_split(summary, "train"), _split(summary, "test")] == [("48", "aa"), ("24", "bb")]
+
+
 def test_one_seed_study_has_no_intervals():
     res = full_results()
     res["seeds"] = [1]

@@ -517,12 +517,16 @@ def _data_training(results: dict) -> list:
 
 def _split(s: dict, part: str) -> tuple[str, str]:
     """(rows, sha256) of one split of a domain, from a data fingerprint
-    (``{"train": {"n", "sha256"}, "test": {...}}``) or a flat ``{"train": n, "test": n,
-    "sha256": test hash}``."""
+    (``{"train": {"n", "sha256"}, "test": {...}}``), the manifest's summary (``{"train": n,
+    "test": n, "sha256": {split: hash}}``) or an older flat ``{..., "sha256": test hash}``."""
     v = s.get(part)
     if isinstance(v, dict):
         return str(v.get("n", "n/a")), str(v.get("sha256", "n/a"))
-    return str(v if v is not None else "n/a"), str(s.get("sha256", "n/a")) if part == "test" else ""
+    rows = str(v if v is not None else "n/a")
+    h = s.get("sha256")
+    if isinstance(h, dict):
+        return rows, str(h.get(part, "n/a"))
+    return rows, str(h or "n/a") if part == "test" else ""
 
 
 def _manifest(results: dict) -> list:
