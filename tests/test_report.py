@@ -685,7 +685,10 @@ def test_decomposition_section_shows_both_factors_and_both_rankings(full_report)
     for r in res["combinations"]:
         lo, hi = r["ci95"]["delta_vs_singles_pct"]
         assert f"{r['delta_vs_singles_pct']:+.2f} [{lo:+.2f}, {hi:+.2f}]" in text
-    header = "| predictor | LOO ρ: Δ% vs merged | LOO ρ: sum vs own adapters | mean absolute error"
+    header = (
+        "| predictor | LOO ρ: Δ% vs merged | LOO ρ: sum vs own adapters "
+        "| LOO mean absolute error: sum vs own adapters (points) |"
+    )
     assert header in text  # four columns: no "|" inside a cell
     rho = res["prediction_vs_singles"]["rms_cosine"]["spearman_rho"]
     assert (

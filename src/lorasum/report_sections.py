@@ -409,7 +409,7 @@ def _decomposition(results: dict) -> list:
                     "predictor",
                     "LOO ρ: Δ% vs merged",
                     "LOO ρ: sum vs own adapters",
-                    "mean absolute error (points)",
+                    "LOO mean absolute error: sum vs own adapters (points)",
                 ],
                 [
                     [
