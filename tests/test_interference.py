@@ -365,6 +365,31 @@ def test_new_methods_skip_an_absent_adapter(method):
     _close(_merged(method, terms, grams), reference)
 
 
+def test_shift_match_records_its_coefficients_per_module():
+    """The recipe's per-module report carries c, in adapter order, None for an absent adapter;
+    the values are the ones the defining solve gives (and the ones the merge applied)."""
+    eye = torch.eye(D_IN, dtype=torch.float64)
+    terms = [_factors(0), None, _factors(2)]
+    grams = [_gram(i) + _gram(5 + i, eye[:, :3]) for i in range(N)]
+    K = _shift_k([_dense(terms[0]), _dense(terms[2])], [grams[0], grams[2]])
+    c = np.linalg.solve(K, np.diag(K))
+    result = merge_adapters(
+        [{"m": t} for t in terms],
+        [1.0] * N,
+        MergeConfig(method="shift_match"),
+        [{"m": g} for g in grams],
+    )
+    got = result.report["m"]["coefficients"]
+    assert got[1] is None and got[0] == pytest.approx(c[0], abs=1e-5)
+    assert got[2] == pytest.approx(c[1], abs=1e-5) and abs(c[0] - 1) > 1e-3
+    assert (
+        "coefficients"
+        not in merge_adapters(
+            [{"m": t} for t in terms], [1.0] * N, MergeConfig(method="sum")
+        ).report["m"]
+    )
+
+
 def test_missing_module_and_rank_option():
     eye = torch.eye(D_IN, dtype=torch.float64)
     terms = [_factors(0), None, _factors(2)]  # adapter 2 does not adapt the module

@@ -21,7 +21,7 @@ class MergeResult:
     modules: dict[str, LoraFactors]
     rank: int  # the written rank (after --pad-rank-to)
     needed_rank: int  # the largest per-module rank of the result
-    report: dict[str, dict]  # module -> {rank, kept_energy, relative_error}
+    report: dict[str, dict]  # module -> {rank, kept_energy, relative_error, method details}
 
 
 def resolve_weights(method: MergeMethod, weights: Sequence[float] | None, n: int) -> list[float]:
@@ -66,6 +66,7 @@ def _merge_module(
         "rank": f.rank,
         "kept_energy": result.kept_energy,
         "relative_error": result.relative_error,
+        **result.details,
     }
     return f, report
 

@@ -28,6 +28,7 @@ class ModuleMerge:
     factors: LoraFactors
     kept_energy: float = 1.0  # ‖returned ΔW‖² / ‖method's full-rank ΔW‖² (1.0: exact)
     relative_error: float = 0.0  # ‖full − returned‖_F / ‖full‖_F (0.0: exact)
+    details: dict = field(default_factory=dict)  # per-module facts for the recipe (JSON values)
 
 
 MergeFn = Callable[[Sequence[LoraFactors | None], Sequence[float], "MergeConfig", str], ModuleMerge]

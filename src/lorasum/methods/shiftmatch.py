@@ -37,6 +37,7 @@ a LoRA of rank Σr: B = [B_1 …], A = [c_1 s_1 A_1; …]; only r×r cores are f
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -99,7 +100,10 @@ def merge_shift_match(
     A = torch.cat(
         [(float(ci) * t.scale) * t.A.double() for ci, (t, _) in zip(c, here, strict=True)], dim=0
     )
-    return lora_result(B, A, config)
+    # the recipe records c per adapter, in the order given (None: the adapter lacks the module)
+    found = iter(c.tolist())
+    coefficients = [None if t is None else round(next(found), 6) for t in terms]
+    return replace(lora_result(B, A, config), details={"coefficients": coefficients})
 
 
 SHIFT_MATCH = MergeMethod(
