@@ -14,6 +14,7 @@ from lorasum.forecast import (
     forecast,
     loo_predictions,
     loo_summary,
+    oracle_rho,
     rank_predictors,
     recommend_method,
 )
@@ -50,6 +51,36 @@ def test_loo_summary_ranks_a_monotone_relation_perfectly():
     s = loo_summary(x, y, ["a", "b", "c", "d", "e"])
     assert s["spearman_rho"] == pytest.approx(1.0)
     assert s["mae"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_a_predictor_that_knows_each_combination_mean_scores_the_oracle_rho():
+    """x = each combination's true mean Δ%: the leave-one-combination-out line is y = x, so its
+    LOO predictions are the means and its LOO ρ is `oracle_rho`; any other predictor's LOO ρ is
+    reported next to the same value."""
+    rng = np.random.default_rng(3)
+    for trial in range(10):
+        n_groups, per = 4, 3
+        y = np.repeat(rng.normal(size=n_groups), per) + 0.8 * rng.normal(size=n_groups * per)
+        groups = [i // per for i in range(n_groups * per)]
+        means = np.array([y[[g == h for h in groups]].mean() for g in groups])
+        expected = stats.spearmanr(means, y).statistic
+        knows = loo_summary(means.tolist(), y.tolist(), groups)
+        assert np.allclose(knows["predicted"], means, atol=1e-9), trial
+        assert knows["spearman_rho"] == pytest.approx(expected, abs=1e-12)
+        assert oracle_rho(y.tolist(), groups) == pytest.approx(expected, abs=1e-12)
+        other = loo_summary(rng.normal(size=y.size).tolist(), y.tolist(), groups)
+        assert other["oracle_rho"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_oracle_rho_edges():
+    # no spread within combinations: knowing the means ranks every point
+    assert oracle_rho([1.0, 1.0, 5.0, 5.0, 3.0, 3.0], list("aabbcc")) == pytest.approx(1.0)
+    # combinations with the same mean: knowing it ranks nothing
+    assert oracle_rho([1.0, 2.0, 1.0, 2.0], list("aabb")) is None  # constant prediction
+    assert oracle_rho([1.0, 2.0, 3.0], ["a", "a", "a"]) is None
+    assert oracle_rho([1.0, 2.0], ["a", "b"]) is None
+    with pytest.raises(ValueError):
+        oracle_rho([1.0], ["a", "b"])
 
 
 def _study(points, with_methods=False, old=False):

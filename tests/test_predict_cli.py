@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from conftest import make_adapter
 from safetensors.torch import load_file
+from scipy import stats
 
 from lorasum.cli import main
 from lorasum.factors import single_threaded
@@ -113,6 +114,17 @@ def test_predict_recovers_a_known_linear_relation(adapters, calibration, tmp_pat
     assert "predicted Δ% of the sum vs merged-data training" in text
     assert "auto: best leave-one-out Spearman" in text and "from max_cross_talk" in text
     assert "driven by" in text and "recommended method (no training): regmean_rescaled" in text
+    # next to the predictors' ρ: what knowing each combination's mean Δ% exactly would score
+    # (every point predicted by its own (study, combination)'s mean; from the files, by hand)
+    ys, means = [], []
+    for study in studies:
+        for c in json.loads((study / "results.json").read_text())["combinations"]:
+            d = [r["delta_pct"] for r in c["per_seed"]]
+            ys += d
+            means += [float(np.mean(d))] * len(d)
+    oracle = stats.spearmanr(means, ys).statistic
+    assert out["ranking"]["max_cross_talk"]["oracle_rho"] == pytest.approx(oracle, abs=1e-12)
+    assert f"knowing each combination's mean Δ% exactly: {oracle:.2f})" in text
 
 
 def test_predict_without_fit_lists_predictors_and_falls_back_without_data(

@@ -410,6 +410,18 @@ def test_full_results_fill_every_section(full_report):
     assert f"Pearson r = {boot['pearson_r']:.2f} [{boot['pearson_low']:.2f}," in md
     assert f"Spearman ρ = {boot['spearman_rho']:.2f} [" in md
     assert f"slope {fit['slope']:.2f} ± {fit['slope_stderr']:.2f} (SE)" in md
+    # predicted vs measured: next to the predictors' ρ, what knowing each combination's mean
+    # Δ% exactly would score (computed here from the per-seed rows)
+    ys = [s["delta_pct"] for r in res["combinations"] for s in r["per_seed"]]
+    means = [
+        float(np.mean([s["delta_pct"] for s in r["per_seed"]]))
+        for r in res["combinations"]
+        for _ in r["per_seed"]
+    ]
+    oracle = sps.spearmanr(means, ys).statistic
+    for p in res["prediction"].values():
+        assert p["oracle_rho"] == pytest.approx(oracle, abs=1e-12)
+    assert f"nothing of each seed's luck would reach ρ = {oracle:.2f};" in md
     # the manifest: versions, hardware, split hashes, every unit's time
     manifest = sections["Run manifest"]
     for d in DOMAINS:

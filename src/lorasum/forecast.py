@@ -8,6 +8,11 @@ points (x = a predictor, y = Δ%), fits y on x by least squares, and answers two
 - **how well does a predictor rank unseen combinations?** ``loo_predictions`` refits the line
   without every point of one combination (all its seeds: its *group*) and predicts that
   combination's points; ``loo_summary`` gives Pearson and Spearman of predicted vs measured;
+- **what would ranking the combinations correctly score, given the seeds' spread?**
+  ``oracle_rho``: the Spearman of every point's measured value against its own combination's
+  mean — what a predictor that knew each combination's mean Δ% exactly, but nothing of a
+  seed's luck (the merged-data adapter's training noise above all), would reach. A LOO ρ far
+  below it is the predictor's shortfall, not noise;
 - **what Δ% should a new set of adapters expect?** ``forecast`` evaluates the line fitted on
   every point at the new predictor value, with the 95 % prediction interval of a new
   observation, ŷ₀ ± t_{0.975, n−2} · s · √(1 + 1/n + (x₀ − x̄)² / Sxx).
@@ -78,12 +83,32 @@ def loo_predictions(
     return out
 
 
+def oracle_rho(y: Sequence[float], groups: Sequence[Hashable]) -> float | None:
+    """Spearman of y against each point's group mean of y (None for < 3 points or one group).
+
+    What a predictor that knows every combination's mean Δ% exactly — it ranks the
+    combinations correctly — but nothing of a seed's deviation from it reaches over the
+    points (under leave-one-combination-out too: the line of y on group means is y = x).
+    Measured in-sample: a reference to read a leave-one-out ρ against, not a score and not a
+    strict bound (ties between predictions can score a little higher).
+    """
+    if len(y) != len(groups):
+        raise ValueError(f"y and groups need one entry per point (got {len(y)}, {len(groups)})")
+    labels = list(groups)
+    if len(labels) < 3 or len(set(labels)) < 2:
+        return None
+    ys = np.asarray(y, dtype=np.float64)
+    means = {g: float(ys[[lab == g for lab in labels]].mean()) for g in set(labels)}
+    return pearson_spearman([means[g] for g in labels], ys.tolist())["spearman_rho"]
+
+
 def loo_summary(x: Sequence[float], y: Sequence[float], groups: Sequence[Hashable]) -> dict:
     """Leave-one-group-out predictions and how they compare with the measured values.
 
-    Returns ``{"predicted", "n", "pearson_r", "spearman_rho", "mae"}``: correlations of
-    predicted vs measured over the points that have a prediction (None for fewer than 3 or
-    a constant side), and their mean absolute error.
+    Returns ``{"predicted", "n", "pearson_r", "spearman_rho", "mae", "oracle_rho"}``:
+    correlations of predicted vs measured over the points that have a prediction (None for
+    fewer than 3 or a constant side), their mean absolute error, and `oracle_rho` over
+    the same points.
     """
     predicted = loo_predictions(x, y, groups)
     pts = [(p, t) for p, t in zip(predicted, y, strict=True) if p is not None]
@@ -94,6 +119,10 @@ def loo_summary(x: Sequence[float], y: Sequence[float], groups: Sequence[Hashabl
         "pearson_r": corr["pearson_r"],
         "spearman_rho": corr["spearman_rho"],
         "mae": sum(abs(p - t) for p, t in pts) / len(pts) if pts else None,
+        "oracle_rho": oracle_rho(
+            [t for (p, t) in zip(predicted, y, strict=True) if p is not None],
+            [g for (p, g) in zip(predicted, groups, strict=True) if p is not None],
+        ),
     }
 
 
@@ -179,13 +208,14 @@ def rank_predictors(
     study_results: Sequence[dict], names: Sequence[str] | None = None, target: str = "delta_pct"
 ) -> dict:
     """Leave-one-combination-out Spearman and Pearson of each predictor over the studies
-    (``target``: as in `fit_points`). Returns name -> {"n", "spearman_rho", "pearson_r", "mae"}.
+    (``target``: as in `fit_points`). Returns name -> {"n", "spearman_rho", "pearson_r", "mae",
+    "oracle_rho"}.
     """
     out = {}
     for name in names or available_predictors(study_results):
         x, y, groups = fit_points(study_results, name, target)
         s = loo_summary(x, y, groups)
-        out[name] = {k: s[k] for k in ("n", "spearman_rho", "pearson_r", "mae")}
+        out[name] = {k: s[k] for k in ("n", "spearman_rho", "pearson_r", "mae", "oracle_rho")}
     return out
 
 
@@ -254,7 +284,7 @@ def forecast(
         "high": high,
         "confidence": confidence,
         "fit": fit,
-        "loo": {k: summary[k] for k in ("n", "spearman_rho", "pearson_r", "mae")},
+        "loo": {k: summary[k] for k in ("n", "spearman_rho", "pearson_r", "mae", "oracle_rho")},
         "range": [min(x), max(x)],
         "n_groups": len(set(groups)),
     }

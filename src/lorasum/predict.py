@@ -520,7 +520,11 @@ def format_prediction(out: dict, warning: bool = False) -> str:
             f"{k} {v['spearman_rho']:.2f}" if v["spearman_rho"] is not None else f"{k} n/a"
             for k, v in out["ranking"].items()
         )
-        lines.append(f"  leave-one-out Spearman per predictor: {ranks}")
+        oracle = {v.get("oracle_rho") for v in out["ranking"].values()} - {None}
+        bound = (
+            f" (knowing each combination's mean Δ% exactly: {max(oracle):.2f})" if oracle else ""
+        )
+        lines.append(f"  leave-one-out Spearman per predictor: {ranks}{bound}")
     rec = out["recommendation"]
     if rec is not None:
         near = out.get("recommendation_nearby")

@@ -364,9 +364,31 @@ def _prediction(results: dict) -> list:
             "predicted_vs_measured",
             png,
             "Δ% predicted by a line fitted on the other combinations (leave one combination "
-            "out) against the measured Δ%; dashed: perfect prediction. " + summary + ".",
+            "out) against the measured Δ%; dashed: perfect prediction. "
+            + summary
+            + "."
+            + _oracle(pred),
         )
     ]
+
+
+def _oracle(pred: dict) -> str:
+    """The ρ of ranking the combinations correctly (`forecast.oracle_rho`), once when every
+    predictor has the same points."""
+    values = {n: p.get("oracle_rho") for n, p in pred.items()}
+    shown = {fmt(v, 2) for v in values.values() if plots.is_number(v)}
+    if not shown:
+        return ""
+    what = (
+        next(iter(shown))
+        if len(shown) == 1
+        else ", ".join(f"`{n}` {fmt(v, 2)}" for n, v in values.items() if plots.is_number(v))
+    )
+    return (
+        f" A predictor that knew each combination's mean Δ% exactly (ranks the combinations "
+        f"correctly) but nothing of each seed's luck would reach ρ = {what}; a ρ well below "
+        "it is the predictor's shortfall, not the seeds' noise."
+    )
 
 
 def _decomposition(results: dict) -> list:

@@ -308,8 +308,10 @@ def statistics(rows: list[dict]) -> dict:
 def loo_prediction(rows: list[dict], target: str = "delta_pct") -> dict:
     """Leave-one-combination-out: each point's ``target`` (Δ% vs merged-data training, or
     ``delta_vs_singles_pct``: the sum vs each domain's own adapter) predicted by the line fitted
-    on the other combinations; Pearson and Spearman of predicted vs measured, per predictor."""
-    from lorasum.forecast import loo_predictions
+    on the other combinations; Pearson and Spearman of predicted vs measured, per predictor, and
+    ``oracle_rho`` (`forecast.oracle_rho`): the Spearman that predicting each point by its
+    combination's mean measured value would reach — what the seeds' spread leaves."""
+    from lorasum.forecast import loo_predictions, oracle_rho
 
     out = {}
     for predictor in rows[0]["predictors"] if rows else []:
@@ -337,6 +339,8 @@ def loo_prediction(rows: list[dict], target: str = "delta_pct") -> dict:
             "mean_abs_error": (
                 mean([abs(p["predicted"] - p["measured"]) for p in ok]) if ok else None
             ),
+            # the ρ of a predictor that knows each combination's mean exactly
+            "oracle_rho": oracle_rho([p["measured"] for p in ok], [p["combination"] for p in ok]),
         }
     return out
 
