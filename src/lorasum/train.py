@@ -8,7 +8,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -17,7 +17,7 @@ from torch import nn
 from lorasum import __version__
 from lorasum.data import Source, check_answers_fit, load_split, make_batches
 from lorasum.errors import LorasumError, raise_all
-from lorasum.evaluate import autocast_context, evaluate_batches, token_nll
+from lorasum.evaluate import autocast_context, evaluate_batches, perplexity_from, token_nll
 from lorasum.io import atomic_dir, check_output_dir, config_key, read_json
 from lorasum.lean import lean
 from lorasum.models import (
@@ -79,12 +79,39 @@ class TrainConfig:
     )
     device: str = _f("auto", "auto, cpu or cuda")
     eval_val: bool = _f(True, "report validation perplexity after training")
+    snapshots: list[int] = _f(
+        (),
+        "optimizer steps at which to also save the adapter, in <out>/snapshots/step-<N>/ "
+        "(e.g. 2,4). A snapshot is taken mid-schedule: its learning rate has not decayed, so "
+        "it is not the adapter a full training of that length gives (that is --max-steps N); "
+        "it equals a training with --stop-at N",
+    )
+    stop_at: int = _f(
+        0,
+        "stop after this many optimizer steps on the unchanged schedule (its learning rate "
+        "still decays over --epochs/--max-steps); 0 = off",
+    )
+    eval_every: int = _f(
+        0,
+        "converged budget: evaluate the validation loss every this many steps (and at the "
+        "last), stop after --patience evaluations without improvement and keep the best "
+        "weights; 0 = off",
+    )
+    patience: int = _f(
+        3, "with --eval-every: evaluations without a lower validation loss before stopping"
+    )
+    max_epochs: float = _f(
+        0.0,
+        "with --eval-every: at most this many passes; the learning rate decays over them "
+        "(0 = the cap is --epochs/--max-steps)",
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.data, str):
             self.data = [d for d in self.data.split(",") if d]
         self.data = list(self.data)
         problems = []
+        self.snapshots = _step_list(self.snapshots, problems)
         if not self.data:
             problems.append("no data given (--data math or --data a.jsonl,b.jsonl)")
         if len(set(self.data)) != len(self.data):
@@ -110,14 +137,61 @@ class TrainConfig:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1")
         if self.precision not in ("auto", "bf16", "fp32"):
             problems.append(f"--precision {self.precision!r}: use auto, bf16 or fp32")
+        problems += self._budget_problems()
         raise_all(problems, "invalid training config")
+
+    def _budget_problems(self) -> list[str]:
+        problems = []
+        for name in ("stop_at", "eval_every", "max_epochs"):
+            if getattr(self, name) < 0:
+                problems.append(f"--{name.replace('_', '-')} must be >= 0")
+        if self.patience < 1:
+            problems.append("--patience must be >= 1")
+        if self.max_epochs > 0 and self.eval_every == 0:
+            problems.append(
+                "--max-epochs caps a --eval-every run; set --eval-every or use --epochs"
+            )
+        if self.eval_every > 0 and self.max_epochs > 0 and self.max_steps > 0:
+            problems.append("give the cap as --max-epochs or as --max-steps, not both")
+        return problems
 
     def identity(self) -> dict:
         """The fields that determine the result (device and reporting do not)."""
         d = asdict(self)
         for k in ("device", "eval_val"):
             d.pop(k)
+        # The budget fields join the identity only when used: adapters trained without them
+        # keep the keys they had before the fields existed, so finished studies are reused.
+        unused = [k for k in ("snapshots", "stop_at") if not d[k]]
+        if not self.eval_every:
+            unused += ["eval_every", "patience", "max_epochs"]
+        for k in unused:
+            d.pop(k)
         return d
+
+    def uses_val(self) -> bool:
+        """Whether the val split decides something recorded (its metric or the weights)."""
+        return self.eval_val or self.eval_every > 0
+
+
+def _step_list(value, problems: list[str]) -> list[int]:
+    """``"2,4"`` / ``["2", "4"]`` / ``(2, 4)`` → ``[2, 4]`` (sorted, once each)."""
+    if isinstance(value, str):
+        value = value.split(",")
+    steps = set()
+    for v in value:
+        text = str(v).strip()
+        if not text:
+            continue
+        try:
+            step = int(text)
+        except ValueError:
+            problems.append(f"--snapshots {text!r}: give optimizer steps as integers, e.g. 2,4")
+            continue
+        if step < 1:
+            problems.append(f"--snapshots {step}: snapshot steps must be >= 1")
+        steps.add(step)
+    return sorted(steps)
 
 
 def load_sources(cfg: TrainConfig) -> list[Source]:
@@ -132,8 +206,8 @@ def load_sources(cfg: TrainConfig) -> list[Source]:
 def adapter_key(cfg: TrainConfig, sources: list[Source]) -> str:
     """Hash of what determines the trained weights (and the reported val metric, if any)."""
     identity = cfg.identity()
-    splits = ("train", "val") if cfg.eval_val else ("train",)
-    if not cfg.eval_val:
+    splits = ("train", "val") if cfg.uses_val() else ("train",)
+    if not cfg.uses_val():
         identity.pop("max_eval")  # only decides which val/test rows exist
     data = []
     for s in sources:
@@ -187,6 +261,296 @@ def existing_kind(path: Path) -> str | None:
         return None
 
 
+def schedule_steps(cfg: TrainConfig, train_rows: int) -> tuple[int, int, int]:
+    """(steps per epoch, steps of the LR schedule, the step the run stops at at the latest)."""
+    steps_per_epoch = math.ceil(train_rows / cfg.batch_size)
+    if cfg.eval_every > 0 and cfg.max_epochs > 0:
+        total_steps = max(1, math.ceil(cfg.max_epochs * steps_per_epoch))
+    else:
+        total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    problems = []
+    if cfg.stop_at > total_steps:
+        problems.append(f"--stop-at {cfg.stop_at} is beyond the run's {total_steps} steps")
+    late = [s for s in cfg.snapshots if s > total_steps]
+    if late:
+        problems.append(f"--snapshots {late} are beyond the run's {total_steps} steps")
+    raise_all(problems, f"{train_rows} training rows / batch {cfg.batch_size}")
+    return steps_per_epoch, total_steps, cfg.stop_at or total_steps
+
+
+def patience_stop(val_losses: list[float], patience: int) -> tuple[int, int | None]:
+    """Early stopping on a validation curve: (index of the best loss, index to stop at or None).
+
+    The best is the lowest loss, the earlier one on ties (NaN counts as +inf); the run stops at
+    the first evaluation that is the ``patience``-th in a row not lower than the best so far.
+    """
+    best, stop = 0, None
+    for i, loss in enumerate(val_losses):
+        if _finite_or_inf(loss) < _finite_or_inf(val_losses[best]):
+            best = i
+        elif i - best >= patience:
+            stop = i
+            break
+    return best, stop
+
+
+def _finite_or_inf(x: float) -> float:
+    return x if not math.isnan(x) else math.inf
+
+
+def validation_loss(model: nn.Module, batches, names, device, amp) -> float:
+    """Token-weighted mean NLL on the validation batches (counted tokens): what early stopping
+    watches. The training loop calls it through this module, so tests can script it."""
+    result = evaluate_batches(model, batches, names, device, amp)
+    return result["nll"] / max(result["tokens"], 1)
+
+
+def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of the trainable (LoRA) weights; consumes no random numbers."""
+    return {
+        n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad
+    }
+
+
+@torch.no_grad()
+def load_lora_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    for n, p in model.named_parameters():
+        if n in state:
+            p.copy_(state[n])
+
+
+@dataclass
+class _Run:
+    """One training run's moving parts and running totals."""
+
+    cfg: TrainConfig
+    peft_model: nn.Module
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    device: torch.device
+    amp: torch.dtype | None
+    train_rows: int
+    step: int = 0
+    real_tokens: int = 0  # every non-padding token processed (prompt + answer)
+    answer_tokens: int = 0  # tokens in the loss
+    log_rows: list[dict] = field(default_factory=list)
+
+    @property
+    def epochs(self) -> float:
+        """Passes over the training rows so far (steps × batch size / rows)."""
+        return self.step * self.cfg.batch_size / self.train_rows
+
+    def point(self) -> dict:
+        return {
+            "step": self.step,
+            "epoch": self.epochs,
+            "real_tokens": self.real_tokens,
+            "answer_tokens": self.answer_tokens,
+        }
+
+
+def _attach_lora(model: nn.Module, cfg: TrainConfig, targets: list[str]) -> nn.Module:
+    """Seed, then wrap ``model`` in fresh LoRA layers (PEFT's init draws from the seed)."""
+    from peft import LoraConfig, get_peft_model
+
+    _seed_everything(cfg.seed)
+    lora_config = LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets,
+        fan_in_fan_out=uses_conv1d(model, targets),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, lora_config)
+    peft_model.peft_config["default"].base_model_name_or_path = cfg.model
+    return peft_model
+
+
+def _start_run(peft_model, cfg: TrainConfig, total_steps: int, amp, train_rows: int) -> _Run:
+    """AdamW over the LoRA weights with linear warmup and decay over ``total_steps``."""
+    from transformers import get_linear_schedule_with_warmup
+
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, min(cfg.warmup_steps, total_steps), total_steps
+    )
+    device = next(peft_model.parameters()).device
+    return _Run(cfg, peft_model, params, optimizer, scheduler, device, amp, train_rows)
+
+
+def _optimizer_step(run: _Run, batch, epoch: int, out: Path) -> float:
+    """Forward, backward, clip and update on one batch; log it; return its loss."""
+    cfg, model = run.cfg, run.peft_model
+    t_step = time.perf_counter()
+    batch = batch.to(run.device)
+    with autocast_context(run.device, run.amp):
+        row_nll, row_tokens = token_nll(model, batch)
+    n_tokens = int(row_tokens.sum())
+    loss = row_nll.sum() / max(n_tokens, 1)  # token-weighted mean over the batch
+    loss_value = float(loss.detach())
+    if not math.isfinite(loss_value):  # checked before any update: weights are good
+        _diverged(model, out, run.step + 1, f"loss {loss_value}", run.log_rows, cfg)
+    loss.backward()
+    grad_norm = (
+        torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip)
+        if cfg.grad_clip > 0
+        else torch.tensor(float("nan"))
+    )
+    if cfg.grad_clip > 0 and not math.isfinite(float(grad_norm)):
+        what = f"gradient norm {float(grad_norm)}"
+        _diverged(model, out, run.step + 1, what, run.log_rows, cfg)
+    step_lr = run.scheduler.get_last_lr()[0]  # the rate this step used
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    real_tokens = int(batch.attention_mask.sum())
+    run.real_tokens += real_tokens
+    run.answer_tokens += n_tokens
+    run.log_rows.append(
+        {
+            "step": run.step,
+            "epoch": epoch,
+            "loss": loss_value,
+            "lr": step_lr,
+            "grad_norm": float(grad_norm),
+            "tokens": n_tokens,
+            "real_tokens": real_tokens,
+            "positions": batch.input_ids.numel(),  # computed, padding included
+            "seconds": time.perf_counter() - t_step,
+        }
+    )
+    return loss_value
+
+
+@dataclass
+class _Watch:
+    """What happens between optimizer steps: snapshots, validation and early stopping."""
+
+    snapshot_steps: list[int]
+    eval_every: int
+    patience: int
+    last_step: int  # the run's last step is evaluated too
+    validate: object  # () -> validation loss of the current weights; None without --eval-every
+    snapshots: list[dict] = field(default_factory=list)  # point + "state"
+    curve: list[dict] = field(default_factory=list)  # point + val_loss, val_perplexity
+    best_state: dict | None = None
+    best_index: int | None = None
+    stopped_early: bool = False
+
+    def after_step(self, run: _Run) -> bool:
+        """Take what is due at ``run.step``; True when the run should stop here."""
+        if run.step in self.snapshot_steps:
+            self.snapshots.append({**run.point(), "state": lora_state(run.peft_model)})
+        due = run.step % self.eval_every == 0 or run.step == self.last_step
+        if self.validate is None or not due:
+            return False
+        loss = float(self.validate())
+        self.curve.append(
+            {**run.point(), "val_loss": loss, "val_perplexity": perplexity_from(loss, 1)}
+        )
+        best, stop = patience_stop([p["val_loss"] for p in self.curve], self.patience)
+        if best == len(self.curve) - 1:
+            self.best_state, self.best_index = lora_state(run.peft_model), best
+        self.stopped_early = stop is not None and run.step < self.last_step
+        return stop is not None
+
+
+def _run_epochs(run: _Run, watch: _Watch, train_items, pad_id: int, out: Path, bar) -> None:
+    """Optimizer steps over reshuffled passes of the rows until the last step or a stop."""
+    epoch = 0
+    while run.step < watch.last_step:
+        batches = make_batches(
+            train_items, run.cfg.batch_size, pad_id, shuffle=True, seed=run.cfg.seed + epoch
+        )
+        for batch in batches:
+            if run.step >= watch.last_step:
+                break
+            loss_value = _optimizer_step(run, batch, epoch, out)
+            bar.set_postfix(loss=f"{loss_value:.3f}")
+            bar.update(1)
+            if watch.after_step(run):
+                return
+        epoch += 1
+
+
+def _val_batches(cfg: TrainConfig, tokenizer, sources: list[Source]) -> list | None:
+    if not any(s.splits["val"] for s in sources):
+        if cfg.eval_every > 0:
+            names = "+".join(s.name for s in sources)
+            raise LorasumError(
+                f"--eval-every needs validation rows and {names} has none; use more data or "
+                "--eval-every 0"
+            )
+        return None
+    items = tokenize_cached(tokenizer, sources, "val", cfg.max_length, cfg.answer_only)
+    return make_batches(items, cfg.batch_size, tokenizer.pad_token_id, shuffle=False)
+
+
+def _metrics(run: _Run, watch: _Watch, total_steps: int, seconds: float) -> dict:
+    rows = run.log_rows
+    best = watch.curve[watch.best_index] if watch.best_index is not None else None
+    return {
+        "steps": run.step,  # optimizer steps taken
+        "schedule_steps": total_steps,  # the LR schedule's length
+        "best_step": best["step"] if best else None,  # the weights kept (--eval-every)
+        "epochs": run.epochs,
+        "train_rows": run.train_rows,
+        "real_tokens": run.real_tokens,
+        "answer_tokens": run.answer_tokens,
+        "val_curve": watch.curve,
+        "stopped_early": watch.stopped_early,  # by the patience rule, before the cap
+        "final_loss": sum(r["loss"] for r in rows[-10:]) / len(rows[-10:]),
+        "first_loss": rows[0]["loss"],
+        "seconds": seconds,
+        "tokens_per_second": run.real_tokens / seconds if seconds > 0 else None,
+        "precision": str(run.amp).replace("torch.", "") if run.amp else "fp32",
+        "device": str(run.device),
+    }
+
+
+def snapshot_key(cfg: TrainConfig, sources: list[Source], step: int) -> str:
+    """A snapshot's own key: what its weights depend on (not the other snapshots' steps)."""
+    weights_key = adapter_key(replace(cfg, snapshots=[], eval_val=False), sources)
+    return config_key({"snapshot_of": weights_key, "step": step})
+
+
+def _save(out: Path, marker: dict, run: _Run, watch: _Watch, sources: list[Source]) -> None:
+    """The adapter (+ train_log.jsonl, + snapshots/step-<N>/) into ``out``, atomically."""
+    val_rows = [
+        {k: p[k] for k in ("step", "epoch", "val_loss", "val_perplexity")} for p in watch.curve
+    ]
+    log_rows = sorted(
+        run.log_rows + val_rows,
+        key=lambda r: (r["step"], "val_loss" in r),
+    )
+    with atomic_dir(out, marker=marker) as tmp:
+        run.peft_model.save_pretrained(str(tmp))
+        with open(tmp / "train_log.jsonl", "w") as f:
+            for row in log_rows:
+                f.write(json.dumps(row) + "\n")
+        if not watch.snapshots:
+            return
+        kept = lora_state(run.peft_model)
+        for snap in watch.snapshots:
+            point = {k: v for k, v in snap.items() if k != "state"}
+            snap_marker = {
+                "kind": "snapshot",
+                "key": snapshot_key(run.cfg, sources, point["step"]),
+                "parent": marker["key"],
+                **point,
+                **{k: marker[k] for k in ("lorasum_version", "config", "target_modules", "data")},
+            }
+            load_lora_state(run.peft_model, snap["state"])
+            with atomic_dir(tmp / "snapshots" / f"step-{point['step']}", snap_marker) as snap_tmp:
+                run.peft_model.save_pretrained(str(snap_tmp))
+        load_lora_state(run.peft_model, kept)
+
+
 def train(
     cfg: TrainConfig,
     out: str | Path,
@@ -201,11 +565,11 @@ def train(
 
     A finished adapter with the same config and data in ``out`` is reused, not retrained.
     ``model``/``tokenizer`` may be passed to share one loaded base model across trainings; the
-    model is left unchanged (LoRA layers are removed again).
+    model is left unchanged (LoRA layers are removed again). With ``cfg.snapshots`` the adapter
+    at those steps is saved too, in ``out/snapshots/step-<N>/``; with ``cfg.eval_every`` the
+    run stops by the patience rule and the weights of the lowest validation loss are saved.
     """
-    from peft import LoraConfig, get_peft_model
     from tqdm.auto import tqdm
-    from transformers import get_linear_schedule_with_warmup
 
     out = Path(out)
     sources = sources if sources is not None else load_sources(cfg)
@@ -225,124 +589,35 @@ def train(
 
     train_items = tokenize_cached(tokenizer, sources, "train", cfg.max_length, cfg.answer_only)
     check_answers_fit(train_items, sources, "train", cfg.max_length)
-    steps_per_epoch = math.ceil(len(train_items) / cfg.batch_size)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-
-    _seed_everything(cfg.seed)
-    lora_config = LoraConfig(
-        r=cfg.rank,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=targets,
-        fan_in_fan_out=uses_conv1d(model, targets),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+    _, total_steps, last_step = schedule_steps(cfg, len(train_items))
+    val_batches = _val_batches(cfg, tokenizer, sources) if cfg.uses_val() else None
+    names = [s.name for s in sources]
     peft_model = None
     lean_layers = contextlib.ExitStack()
     try:
-        peft_model = get_peft_model(model, lora_config)
-        peft_model.peft_config["default"].base_model_name_or_path = cfg.model
-        params = [p for p in peft_model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        scheduler = get_linear_schedule_with_warmup(
-            optimizer, min(cfg.warmup_steps, total_steps), total_steps
-        )
-        log_rows: list[dict] = []
-        peft_model.train()
+        peft_model = _attach_lora(model, cfg, targets)
+        run = _start_run(peft_model, cfg, total_steps, amp, len(train_items))
+        validate = None
+        if cfg.eval_every > 0:
+            validate = lambda: validation_loss(run.peft_model, val_batches, names, device, amp)  # noqa: E731
+        watch = _Watch(cfg.snapshots, cfg.eval_every or 1, cfg.patience, last_step, validate)
+        run.peft_model.train()
         t0 = time.perf_counter()
-        tokens_seen = 0
-        bar = tqdm(total=total_steps, desc=f"train {'+'.join(cfg.data)}", disable=not progress)
-        step, epoch = 0, 0
+        bar = tqdm(total=last_step, desc=f"train {'+'.join(cfg.data)}", disable=not progress)
         # fp32 on a CPU: the same LoRA numbers with about half the activation memory (lean_lora)
-        lean_layers.enter_context(lean(peft_model, enabled=device.type == "cpu" and amp is None))
-        while step < total_steps:
-            batches = make_batches(
-                train_items,
-                cfg.batch_size,
-                tokenizer.pad_token_id,
-                shuffle=True,
-                seed=cfg.seed + epoch,
-            )
-            for batch in batches:
-                if step >= total_steps:
-                    break
-                t_step = time.perf_counter()
-                batch = batch.to(device)
-                with autocast_context(device, amp):
-                    row_nll, row_tokens = token_nll(peft_model, batch)
-                n_tokens = int(row_tokens.sum())
-                loss = row_nll.sum() / max(n_tokens, 1)  # token-weighted mean over the batch
-                loss_value = float(loss.detach())
-                if not math.isfinite(loss_value):  # checked before any update: weights are good
-                    _diverged(peft_model, out, step + 1, f"loss {loss_value}", log_rows, cfg)
-                loss.backward()
-                grad_norm = (
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                    if cfg.grad_clip > 0
-                    else torch.tensor(float("nan"))
-                )
-                if cfg.grad_clip > 0 and not math.isfinite(float(grad_norm)):
-                    _diverged(
-                        peft_model,
-                        out,
-                        step + 1,
-                        f"gradient norm {float(grad_norm)}",
-                        log_rows,
-                        cfg,
-                    )
-                step_lr = scheduler.get_last_lr()[0]  # the rate this step used
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                real_tokens = int(batch.attention_mask.sum())
-                tokens_seen += real_tokens
-                log_rows.append(
-                    {
-                        "step": step,
-                        "epoch": epoch,
-                        "loss": loss_value,
-                        "lr": step_lr,
-                        "grad_norm": float(grad_norm),
-                        "tokens": n_tokens,
-                        "real_tokens": real_tokens,
-                        "positions": batch.input_ids.numel(),  # computed, padding included
-                        "seconds": time.perf_counter() - t_step,
-                    }
-                )
-                bar.set_postfix(loss=f"{loss_value:.3f}")
-                bar.update(1)
-            epoch += 1
+        lean_layers.enter_context(
+            lean(run.peft_model, enabled=device.type == "cpu" and amp is None)
+        )
+        _run_epochs(run, watch, train_items, tokenizer.pad_token_id, out, bar)
         lean_layers.close()
         bar.close()
-        seconds = time.perf_counter() - t0
-        metrics = {
-            "steps": total_steps,
-            "train_rows": len(train_items),
-            "real_tokens": tokens_seen,  # every non-padding token processed (prompt + answer)
-            "answer_tokens": sum(r["tokens"] for r in log_rows),  # tokens in the loss
-            "final_loss": sum(r["loss"] for r in log_rows[-10:]) / len(log_rows[-10:]),
-            "first_loss": log_rows[0]["loss"],
-            "seconds": seconds,
-            "tokens_per_second": tokens_seen / seconds if seconds > 0 else None,
-            "precision": str(amp).replace("torch.", "") if amp else "fp32",
-            "device": str(device),
-        }
-        if cfg.eval_val and any(s.splits["val"] for s in sources):
+        metrics = _metrics(run, watch, total_steps, time.perf_counter() - t0)
+        if watch.best_state is not None:
+            load_lora_state(run.peft_model, watch.best_state)
+            metrics["val_perplexity"] = watch.curve[watch.best_index]["val_perplexity"]
+        elif cfg.eval_val and val_batches is not None:
             val = evaluate_batches(
-                peft_model,
-                make_batches(
-                    tokenize_cached(tokenizer, sources, "val", cfg.max_length, cfg.answer_only),
-                    cfg.batch_size,
-                    tokenizer.pad_token_id,
-                    shuffle=False,
-                ),
-                [s.name for s in sources],
-                device,
-                amp,
-                progress=progress,
-                desc="val",
+                run.peft_model, val_batches, names, device, amp, progress=progress, desc="val"
             )
             metrics["val_perplexity"] = val["perplexity"]
         marker = {
@@ -354,11 +629,7 @@ def train(
             "data": {s.name: s.fingerprint() for s in sources},
             "metrics": metrics,
         }
-        with atomic_dir(out, marker=marker) as tmp:
-            peft_model.save_pretrained(str(tmp))
-            with open(tmp / "train_log.jsonl", "w") as f:
-                for row in log_rows:
-                    f.write(json.dumps(row) + "\n")
+        _save(out, marker, run, watch, sources)
         return marker
     finally:
         lean_layers.close()
