@@ -513,6 +513,20 @@ def _metrics(run: _Run, watch: _Watch, total_steps: int, seconds: float) -> dict
     }
 
 
+def _final_val(run: _Run, watch: _Watch, val_batches, names, progress: bool) -> dict:
+    """Put the weights to keep in place and report their val perplexity (if one is wanted):
+    the best evaluation's weights and number under --eval-every, else the last weights'."""
+    if watch.best_state is not None:
+        load_lora_state(run.peft_model, watch.best_state)
+        return {"val_perplexity": watch.curve[watch.best_index]["val_perplexity"]}
+    if run.cfg.eval_val and val_batches is not None:
+        val = evaluate_batches(
+            run.peft_model, val_batches, names, run.device, run.amp, progress=progress, desc="val"
+        )
+        return {"val_perplexity": val["perplexity"]}
+    return {}
+
+
 def snapshot_key(cfg: TrainConfig, sources: list[Source], step: int) -> str:
     """A snapshot's own key: what its weights depend on (not the other snapshots' steps)."""
     weights_key = adapter_key(replace(cfg, snapshots=[], eval_val=False), sources)
@@ -612,14 +626,7 @@ def train(
         lean_layers.close()
         bar.close()
         metrics = _metrics(run, watch, total_steps, time.perf_counter() - t0)
-        if watch.best_state is not None:
-            load_lora_state(run.peft_model, watch.best_state)
-            metrics["val_perplexity"] = watch.curve[watch.best_index]["val_perplexity"]
-        elif cfg.eval_val and val_batches is not None:
-            val = evaluate_batches(
-                run.peft_model, val_batches, names, device, amp, progress=progress, desc="val"
-            )
-            metrics["val_perplexity"] = val["perplexity"]
+        metrics.update(_final_val(run, watch, val_batches, names, progress))
         marker = {
             "kind": "adapter",
             "key": key,
