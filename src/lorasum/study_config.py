@@ -37,9 +37,11 @@ STUDY_METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "dare_linear": {"density": 0.5},
     "dare_ties": {"density": 0.5},
     "svd": {"rank": 4},
+    "knots_ties": {"density": 0.2},
 }
-# weighted with no weights is the sum; every other registered method runs in a study
-NOT_IN_STUDIES = ("weighted",)
+# weighted with no weights is the sum, and so is knots_ta (task arithmetic in the KnOTS basis);
+# every other registered method runs in a study
+NOT_IN_STUDIES = ("weighted", "knots_ta")
 # Study-only methods (they need a model and validation data, so they are not merge methods of
 # `lorasum compose`): the `calibrated` family (lorasum.methods.calibrated), with the share of
 # the merged-data training's tokens its fit may process.

@@ -46,8 +46,9 @@ class MergeConfig:
         default=None,
         metadata={
             "help": "rank of the result: K, or 'auto' (per module the smallest rank "
-            "keeping --keep of the energy); svd: required; ties/dare/magnitude_prune: "
-            "default Σr; tsv/iso: default their own rank; the calibration methods "
+            "keeping --keep of the energy); svd: required; ties/dare/magnitude_prune/pico: "
+            "default Σr; tsv/iso/knots_*: default their own rank; lora_lego: the number of "
+            "clusters (an integer, default the largest input rank); the calibration methods "
             "(regmean, …, shift_match): default Σr (exact)"
         },
     )
@@ -57,15 +58,23 @@ class MergeConfig:
     )
     density: float | None = field(
         default=None,
-        metadata={"help": "ties/dare/magnitude_prune: fraction of each ΔW's entries kept, (0, 1]"},
+        metadata={
+            "help": "ties/dare/magnitude_prune: fraction of each ΔW's entries kept, (0, 1]; "
+            "knots_ties: of each task's ΣVᵢᵀ"
+        },
     )
     majority_sign: str | None = field(
         default=None,
-        metadata={"help": "ties/dare_ties: sign election by 'total' (default) or 'frequency'"},
+        metadata={
+            "help": "ties/dare_ties/knots_ties: sign election by 'total' (default) or 'frequency'"
+        },
     )
     seed: int | None = field(
         default=None,
-        metadata={"help": "dare_linear/dare_ties: seed of the random masks (default 0)"},
+        metadata={
+            "help": "dare_linear/dare_ties: seed of the random masks; lora_lego: of the "
+            "k-means initialisation (default 0)"
+        },
     )
     method_scale: float | None = field(
         default=None, metadata={"help": "tsv/iso: overall scaling coefficient α (default 1.0)"}
