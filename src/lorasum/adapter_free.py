@@ -33,6 +33,7 @@ from lorasum.errors import LorasumError
 from lorasum.factors import rms
 from lorasum.forecast import DATA_PREDICTORS
 from lorasum.gradients import (
+    DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_BYTES,
     domain_gradients,
     gradient_cosines,
@@ -73,7 +74,7 @@ def gradient_statistics(
     target_modules: str | Sequence[str] = "auto",
     *,
     model_spec: str | None = None,
-    batch_size: int = 16,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     max_bytes: int = DEFAULT_MAX_BYTES,
     cache_dir: str | Path | None = None,
     cache: bool = True,
@@ -200,7 +201,7 @@ def predict_domains(
     split_seed: int = 42,
     target_modules: str | Sequence[str] = "auto",
     max_order: int | None = None,
-    batch_size: int = 16,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     max_bytes: int = DEFAULT_MAX_BYTES,
     device: str = "auto",
 ) -> dict:

@@ -53,6 +53,10 @@ from lorasum.data import Batch, Source
 from lorasum.errors import LorasumError
 
 DEFAULT_MAX_BYTES = 256 * 2**20
+# rows per forward+backward: the result is a sum, so only memory depends on it (SmolLM2-135M,
+# 64 tokens: peak RSS 3.7 GB at 16 rows, 1.9 GB at 4, the same seconds; see
+# benchmarks/gradient_predictors.py)
+DEFAULT_BATCH_SIZE = 4
 FILE_PREFIX = "grad-"
 _ACC = torch.float64
 
@@ -239,14 +243,15 @@ def domain_gradients(
     shapes: Mapping[str, tuple[int, int]],
     *,
     model_spec: str,
-    batch_size: int = 16,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     max_bytes: int = DEFAULT_MAX_BYTES,
     cache_dir: str | Path | None = None,
     cache: bool = True,
 ) -> DomainGradients:
     """G per module (``shapes``: full module names from `target_module_names`) and the base
     loss of one domain's train split, cached under ``cache_dir`` (default
-    ``$LORASUM_HOME/gradients``); ``cache`` False keeps every G in memory instead."""
+    ``$LORASUM_HOME/gradients``); ``cache`` False keeps every G in memory instead. The batch
+    size changes memory only (padding has δ = 0)."""
     from lorasum.data import make_batches
     from lorasum.io import MARKER, atomic_dir, write_json
     from lorasum.models import lorasum_home
