@@ -53,7 +53,7 @@ def _add_dataclass_flags(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lorasum.forecast import PREDICTORS
+    from lorasum.forecast import DATA_PREDICTORS, PREDICTORS
     from lorasum.methods import MergeConfig
     from lorasum.study_config import preset_names
     from lorasum.train import TrainConfig
@@ -131,9 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser(
         "predict",
         help="interference of adapters before composing: predictors, and with --fit the "
-        "predicted Δ%% of their sum vs merged-data training, the driving pair and a method",
+        "predicted Δ%% of their sum vs merged-data training, the driving pair and a method; "
+        "with --domains instead of adapters, predictors that need no adapter (before training)",
     )
-    pr.add_argument("adapters", nargs="+", help="PEFT LoRA adapter directories (two or more)")
+    pr.add_argument("adapters", nargs="*", help="PEFT LoRA adapter directories (two or more)")
+    pr.add_argument(
+        "--domains",
+        default=None,
+        help="instead of adapters: a comma list of domains (builtin names or NAME=SOURCE) whose "
+        "adapter-free predictors (gradient cosine at the base model, base loss) are computed "
+        "for every combination, before any training",
+    )
     pr.add_argument(
         "--fit",
         nargs="+",
@@ -144,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "--predictor",
         default="auto",
-        help=f"{', '.join(PREDICTORS)} or auto (the best leave-one-combination-out Spearman "
-        "over the --fit studies; default)",
+        help=f"{', '.join(PREDICTORS)} (with --domains: {', '.join(DATA_PREDICTORS)}) or auto "
+        "(the best leave-one-combination-out Spearman over the --fit studies; default)",
     )
     pr.add_argument(
         "--calibration",
@@ -155,7 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="per adapter, the data whose inputs calibrate it (a comma list of sources, or "
         "'own'); default: each adapter's own training data from its lorasum.json",
     )
-    pr.add_argument("--model", default=None, help="base model (default: the adapters')")
+    pr.add_argument(
+        "--model",
+        default=None,
+        help="base model (default: the adapters'; with --domains the embedded SmolLM2-135M)",
+    )
+    for flag, kind, default, help_text in (
+        ("--max-length", int, 128, "with --domains: tokens per row (match the --fit studies)"),
+        ("--max-train", int, 64, "with --domains: train rows per domain (match the studies)"),
+        ("--split-seed", int, 42, "with --domains: seed of the 80/10/10 split"),
+        ("--max-order", int, None, "with --domains: combinations of at most this many domains"),
+        ("--target-modules", str, "auto", "with --domains: the modules adapters would target"),
+    ):
+        pr.add_argument(flag, type=kind, default=default, help=help_text)
     pr.add_argument("--json", action="store_true", help="print JSON")
 
     s = sub.add_parser(
@@ -359,6 +379,24 @@ def _run(args: argparse.Namespace) -> int:
         print(f"composed adapter written to {args.out} ({detail})")
         if args.merge_into_base:
             print(f"merged model written to {marker['merged_model']}")
+    elif args.command == "predict" and args.domains is not None:
+        from lorasum.adapter_free import format_domain_prediction, predict_domains
+        from lorasum.experiment import parse_domains
+
+        if args.adapters or args.calibration:
+            raise LorasumError("--domains replaces adapters and --calibration; give one or other")
+        result = predict_domains(
+            parse_domains(args.domains),
+            model=args.model or "default",
+            fit=args.fit,
+            predictor=args.predictor,
+            max_length=args.max_length,
+            max_train=args.max_train,
+            split_seed=args.split_seed,
+            target_modules=args.target_modules,
+            max_order=args.max_order,
+        )
+        print(dumps_strict(result) if args.json else format_domain_prediction(result))
     elif args.command == "predict":
         from lorasum.predict import format_prediction, predict_interference
 

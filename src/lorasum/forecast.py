@@ -42,6 +42,16 @@ PREDICTORS = (
     "max_orthogonal_cross_talk",
     "mean_orthogonal_cross_talk",
 )
+# predictors that need no adapter (`lorasum.adapter_free`): base model and training rows alone
+DATA_PREDICTORS = (
+    "grad_cosine_rms",
+    "grad_cosine_mean",
+    "grad_cosine_global",
+    "base_loss_mean",
+    "base_loss_spread",
+)
+# from the single adapters' cross-domain matrix (`lorasum.adapter_free.transfer_predictor`)
+TRANSFER_PREDICTORS = ("transfer", "transfer_share")
 
 
 def _line(x: np.ndarray, y: np.ndarray) -> tuple[float, float] | None:
@@ -200,8 +210,9 @@ def available_predictors(study_results: Sequence[dict]) -> list[str]:
                     names[name] = None
                 if row.get("rms_cosine") is not None:
                     names["rms_cosine"] = None
-    known = [p for p in PREDICTORS if p in names]
-    return known + sorted(n for n in names if n not in PREDICTORS)
+    order = (*PREDICTORS, *DATA_PREDICTORS, *TRANSFER_PREDICTORS)
+    known = [p for p in order if p in names]
+    return known + sorted(n for n in names if n not in order)
 
 
 def rank_predictors(

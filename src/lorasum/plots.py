@@ -16,6 +16,13 @@ PREDICTOR_LABELS = {
     "rms_activation_cosine": "RMS activation-weighted cosine of the ΔW",
     "max_cross_talk": "max cross-talk",
     "mean_cross_talk": "mean cross-talk",
+    "grad_cosine_rms": "RMS cosine of the domains' mean gradients at the base model",
+    "grad_cosine_mean": "mean cosine of the domains' mean gradients at the base model",
+    "grad_cosine_global": "cosine of the domains' whole mean gradients at the base model",
+    "base_loss_mean": "mean base-model loss of the domains",
+    "base_loss_spread": "spread (max − min) of the domains' base-model loss",
+    "transfer": "cross-domain transfer (% ppl change of a domain under another's adapter)",
+    "transfer_share": "share of a domain's own-adapter gain that another's adapter gets",
 }
 
 
@@ -456,7 +463,11 @@ def predicted_vs_measured(prediction: dict, colors: dict | None = None) -> bytes
     names = [n for n, p in prediction.items() if (p or {}).get("points")]
     if not names:
         return None
-    fig, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names) + 0.4, 3.4), squeeze=False)
+    cols = min(len(names), 4)  # at most 4 panels a row: a study records up to 14 predictors
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols + 0.4, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(names) :]:
+        ax.set_visible(False)
     present = {pt["combination"] for n in names for pt in prediction[n]["points"]}
     combos = [c for c in colors or {} if c in present] + sorted(present - set(colors or {}))
     cmap = plt.get_cmap("tab10" if len(combos) <= 10 else "tab20")
@@ -465,7 +476,7 @@ def predicted_vs_measured(prediction: dict, colors: dict | None = None) -> bytes
         c: "#4c72b0" if many else (colors or {}).get(c, cmap(i % cmap.N))
         for i, c in enumerate(combos)
     }
-    for ax, name in zip(axes.flat, names, strict=True):
+    for ax, name in zip(axes.flat, names, strict=False):
         pts = [
             p
             for p in prediction[name]["points"]
@@ -492,7 +503,8 @@ def predicted_vs_measured(prediction: dict, colors: dict | None = None) -> bytes
         ax.set_xlabel("measured Δ%", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    axes.flat[0].set_ylabel("predicted Δ% (leave one combination out)", fontsize=8)
-    _legend(axes.flat[-1], 7)  # outside, right of the last panel (none when many)
+    for row in axes:
+        row[0].set_ylabel("predicted Δ% (leave one combination out)", fontsize=8)
+    _legend(axes.flat[len(names) - 1], 7)  # outside, right of the last panel (none when many)
     fig.tight_layout()
     return _png(fig)

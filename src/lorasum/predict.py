@@ -358,7 +358,9 @@ def predict_interference(
     from lorasum.similarity import _unique_names
 
     if len(paths) < 2:
-        raise LorasumError("predict needs at least two adapters")
+        raise LorasumError(
+            "predict needs at least two adapters (or --domains a,b for predictors before training)"
+        )
     known = ("auto", *forecast.PREDICTORS)
     if predictor not in known:
         raise LorasumError(f"unknown predictor {predictor!r}; choose one of: {', '.join(known)}")
