@@ -587,7 +587,10 @@ CASES: list[tuple[str, Callable[[World, Path], list[str]], str]] = [
 # every merge method refuses a mismatched weight count (or weights it does not take) alike
 NEEDS = {
     "svd": ["--rank", "4"],
-    **{m: ["--density", "0.5"] for m in ("ties", "magnitude_prune", "dare_linear", "dare_ties", "knots_ties")},
+    **{
+        m: ["--density", "0.5"]
+        for m in ("ties", "magnitude_prune", "dare_linear", "dare_ties", "knots_ties")
+    },
 }
 CASES += [
     (

@@ -316,8 +316,8 @@ def test_cli_reproduce_with_config(tiny_llama, qa_files, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "best" in captured.out
     # the bar ends with every unit counted: 2 single + 1 merged trainings, base eval, 2 single
-    # evals, merged + sum + mean evals, the mean's compose = 10
-    assert re.search(r"\b10/10 units", captured.err), captured.err[-300:]
+    # evals, merged + sum + mean evals, the sum's and the mean's composes = 11
+    assert re.search(r"\b11/11 units", captured.err), captured.err[-300:]
     assert "100%" in captured.err
     res = json.loads((out / "results.json").read_text())
     assert res["config"]["train"]["max_train"] == 6

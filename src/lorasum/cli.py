@@ -283,7 +283,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="worker processes for the study's units (default: one per CPU core, at most 4, "
-        "memory allowing; 1 on a GPU). Results do not depend on it",
+        "memory allowing; one per GPU). Results do not depend on it",
+    )
+    r.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        default="local",
+        help="where units run: local worker processes, or Ray actors (extra lorasum[ray]); "
+        "results do not depend on it",
+    )
+    r.add_argument(
+        "--plan",
+        action="store_true",
+        help="print the plan (units by kind, cached / to run, estimated time) and run nothing",
     )
     _add_dataclass_flags(r, TrainConfig, skip={"model", "data", "eval_val"}, defaults=False)
 
@@ -469,8 +481,13 @@ def _run(args: argparse.Namespace) -> int:
             seeds=args.seeds,
             workers=args.workers,
             max_order=args.max_order,
+            executor=args.executor,
+            plan_only=args.plan,
             **overrides,
         )
+        if args.plan:
+            print(results["plan"])
+            return 0
         for row in results["combinations"]:
             print(
                 f"{' + '.join(row['domains']):<32} RMS cos {row['rms_cosine']:.4f}  "
@@ -512,7 +529,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     if not args.verbose:
-        _quiet_libraries()
+        from lorasum.logs import quiet_libraries
+
+        quiet_libraries()
     try:
         _apply_safety_flags(args)
         return _run(args)
@@ -525,20 +544,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-
-
-def _quiet_libraries() -> None:
-    import warnings
-
-    warnings.filterwarnings("ignore", module="peft")
-    warnings.filterwarnings("ignore", module="transformers")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import logging
 import math
 import shlex
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +191,71 @@ def _model_card(recipe: dict) -> str:
     )
 
 
+@dataclass
+class _ComposeInputs:
+    """What a composition reads and the key its output is cached under."""
+
+    adapters: list[Adapter]
+    method: Any
+    given: list[float] | None
+    weights: list[float]
+    base: str | None
+    shas: list[str]
+    fingerprints: list[str]
+    calibration_data: list | None
+    modules: list[str] | None
+    resolved: dict
+    key: str
+
+    @classmethod
+    def read(cls, paths, weights, model, config: MergeConfig, calibration) -> _ComposeInputs:
+        if len(paths) < 1:
+            raise LorasumError("compose needs at least one adapter")
+        merge_method = get_method(config.method)
+        adapters = [read_adapter(p, strict=True) for p in paths]
+        given = None if weights is None else parse_weights(weights, len(adapters))
+        w = resolve_weights(merge_method, given, len(adapters))
+        check_compatible(adapters)
+        base = model or next((a.base_model for a in adapters if a.base_model), None)
+        shas = [_weights_sha256(a) for a in adapters]
+        fingerprints = [adapter_fingerprint(a, sha) for a, sha in zip(adapters, shas, strict=True)]
+        key_fields: dict[str, Any] = {
+            "sources": fingerprints,
+            "weights": w,
+            "base_model": base,
+            "version": __version__,
+        }
+        calibration_data = parse_calibration(calibration, len(adapters))
+        union = None
+        if merge_method.calibration:
+            if calibration_data is None:
+                calibration_data = [None] * len(adapters)
+            union = sorted(set().union(*(a.modules for a in adapters)))
+            key_fields["calibration"] = calibration_keys(
+                adapters, calibration_data, model=model, modules=union
+            )
+        elif calibration_data is not None:
+            users = [m for m in method_names() if get_method(m).calibration]
+            raise LorasumError(
+                f"--calibration does not apply to {merge_method.name} (it applies to "
+                f"{', '.join(users)})"
+            )
+        resolved = config.resolved()
+        if config.method != "sum" or config.pad_rank_to is not None:
+            key_fields["merge"] = resolved  # the plain sum keeps the key it always had
+        return cls(
+            adapters, merge_method, given, w, base, shas, fingerprints,
+            calibration_data, union, resolved, config_key(key_fields),
+        )  # fmt: skip
+
+
+def compose_key(
+    paths: Sequence[str | Path], config: MergeConfig, weights=None, model=None, calibration=None
+) -> str:
+    """The key `compose` caches its output under, without composing (for a study's plan)."""
+    return _ComposeInputs.read(paths, weights, model, config, calibration).key
+
+
 def compose(
     paths: Sequence[str | Path],
     out: str | Path,
@@ -218,40 +284,15 @@ def compose(
         config = MergeConfig(method=method, **options)
     elif options or method != "sum":
         raise TypeError("pass either config or method/options, not both")
-    if len(paths) < 1:
-        raise LorasumError("compose needs at least one adapter")
-    merge_method = get_method(config.method)
-    adapters = [read_adapter(p, strict=True) for p in paths]
-    given = None if weights is None else parse_weights(weights, len(adapters))
-    w = resolve_weights(merge_method, given, len(adapters))
-    check_compatible(adapters)
-    base = model or next((a.base_model for a in adapters if a.base_model), None)
-    shas = [_weights_sha256(a) for a in adapters]
-    fingerprints = [adapter_fingerprint(a, sha) for a, sha in zip(adapters, shas, strict=True)]
-    key_fields: dict[str, Any] = {
-        "sources": fingerprints,
-        "weights": w,
-        "base_model": base,
-        "version": __version__,
-    }
-    calibration_data = parse_calibration(calibration, len(adapters))
-    if merge_method.calibration:
-        if calibration_data is None:
-            calibration_data = [None] * len(adapters)
-        union = sorted(set().union(*(a.modules for a in adapters)))
-        key_fields["calibration"] = calibration_keys(
-            adapters, calibration_data, model=model, modules=union
-        )
-    elif calibration_data is not None:
-        users = [m for m in method_names() if get_method(m).calibration]
-        raise LorasumError(
-            f"--calibration does not apply to {merge_method.name} (it applies to "
-            f"{', '.join(users)})"
-        )
-    resolved = config.resolved()
-    if config.method != "sum" or config.pad_rank_to is not None:
-        key_fields["merge"] = resolved  # the plain sum keeps the key it always had
-    key = config_key(key_fields)
+    inputs = _ComposeInputs.read(paths, weights, model, config, calibration)
+    adapters, merge_method, given, w = inputs.adapters, inputs.method, inputs.given, inputs.weights
+    base, shas, fingerprints = inputs.base, inputs.shas, inputs.fingerprints
+    calibration_data, union, resolved, key = (
+        inputs.calibration_data,
+        inputs.modules,
+        inputs.resolved,
+        inputs.key,
+    )
     out = Path(out)
     _check_inside(out, [a.path for a in adapters], "--out")
     # reuse_same: with overwrite, still keep a finished result that has the same key.

@@ -213,6 +213,37 @@ def _check_train_types(train: dict[str, Any], problems: list[str]) -> dict[str, 
     return out
 
 
+def parse_domains(domains: str | list[str] | dict[str, str]) -> dict[str, str]:
+    """'math,medicine', 'all' (every builtin domain), 'fin=hf:org/ds,mine=my.jsonl' or
+    {name: source} → {name: source}."""
+    from lorasum.data import ALL_DOMAINS
+
+    if isinstance(domains, dict):
+        domains = [f"{k}={v}" for k, v in domains.items()]
+    if not isinstance(domains, str | list | tuple):
+        raise LorasumError("domains: give a list of names, 'all', or {name: source}")
+    items = domains.split(",") if isinstance(domains, str) else [str(d) for d in domains]
+    items = [d for item in items for d in (ALL_DOMAINS if item.strip() == "all" else [item])]
+    out: dict[str, str] = {}
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        name, sep, source = item.partition("=")
+        name, source = (name.strip(), source.strip()) if sep else (item, item)
+        if not name or not source or "+" in name or "/" in name:
+            raise LorasumError(
+                f"--domains entry {item!r}: use NAME or NAME=SOURCE (no '+' or '/' in NAME)"
+            )
+        if name in out:
+            raise LorasumError(f"--domains names {name!r} twice; give each domain once")
+        out[name] = source
+    if len(out) < 2:
+        raise LorasumError("--domains needs at least two domains to compose")
+    if len(set(out.values())) != len(out):
+        raise LorasumError("--domains uses one data source for two domains; give each its own")
+    return out
+
+
 def resolve_study(
     preset: str | None = "quick",
     config_file: str | Path | None = None,
@@ -223,7 +254,6 @@ def resolve_study(
     ``overrides``: top-level keys (model, domains, seeds, …) and TrainConfig field names (put
     under ``train``); None values are ignored (flag not given).
     """
-    from lorasum.experiment import parse_domains
     from lorasum.train import TrainConfig
 
     file_cfg = load_config_file(config_file) if config_file is not None else {}

@@ -1,0 +1,230 @@
+"""Executors: where a plan's units run. They know nothing of what units mean.
+
+An executor has ``slots`` (units it runs at once), ``submit(unit)`` and ``wait()`` (at least one
+finished unit: ``(unit, result, seconds)``); `execute` walks the plan in dependency order,
+skips finished units, submits the longest ready ones first and advances the progress bar.
+
+`LocalExecutor` (the default): units inline in this process (1 worker) or in ``workers`` spawned
+processes, each holding one copy of the base model, loaded once. A 135M model on a small CPU
+does not keep two threads busy: measured on a 2-core AVX2 EPYC, one training process gets about
+1.5× from its second thread, while two single-threaded processes each keep most of their
+one-thread speed. So on CPUs it runs ``workers`` processes of ``cores // workers`` threads; on a
+machine with several GPUs one worker per GPU. Units are deterministic functions of their key,
+so the results do not depend on which worker ran them (up to float summation order across
+thread counts).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor
+from concurrent.futures import wait as wait_futures
+from typing import Any, Protocol
+
+import torch
+
+from lorasum.study.units import Unit
+
+log = logging.getLogger(__name__)
+
+_WORKER: dict = {}  # in a worker process: the loaded base model and tokenizer
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _available_memory_gb() -> float:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 8.0
+
+
+def auto_workers(device: torch.device, n_units: int, gb_per_worker: float = 4.0) -> int:
+    """How many worker processes: one per GPU; on CPUs one per core, at most 4, memory allowing."""
+    env = os.environ.get("LORASUM_WORKERS")
+    if env:
+        return max(1, int(env))
+    if device.type == "cuda":
+        return max(1, min(torch.cuda.device_count(), n_units))
+    if device.type != "cpu":
+        return 1
+    by_memory = int(_available_memory_gb() // gb_per_worker)
+    return max(1, min(available_cores(), 4, by_memory, n_units))
+
+
+class Executor(Protocol):
+    slots: int
+
+    def submit(self, unit: Unit) -> None: ...
+
+    def wait(self) -> list[tuple[Unit, Any, float]]: ...
+
+    def close(self) -> None: ...
+
+
+def run_unit(unit: Unit, model, tokenizer) -> tuple[Any, float]:
+    """Run one unit on a loaded model; its result and seconds."""
+    t0 = time.perf_counter()
+    result = unit.fn(*unit.args, model=model, tokenizer=tokenizer, **unit.kwargs)
+    return result, time.perf_counter() - t0
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose study process died (SIGKILL, OOM) stops too, instead of computing on."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="lorasum-parent-watch").start()
+
+
+def init_worker(model_spec: str, device: str, threads: int, verbose: bool, parent: int | None):
+    """Load the base model once per worker process (``device``: this worker's device)."""
+    if parent is not None:
+        _exit_with_parent(parent)
+    torch.set_num_threads(threads)
+    if not verbose:
+        from lorasum.logs import quiet_libraries
+
+        quiet_libraries()
+    from lorasum.models import load_model, load_tokenizer
+
+    _WORKER["tokenizer"] = load_tokenizer(model_spec)
+    _WORKER["model"] = load_model(model_spec, device)
+
+
+def _in_worker(unit: Unit) -> tuple[Any, float]:
+    return run_unit(unit, _WORKER["model"], _WORKER["tokenizer"])
+
+
+def _worker_device(device: torch.device, index: int) -> str:
+    return f"cuda:{index}" if device.type == "cuda" else str(device)
+
+
+class LocalExecutor:
+    """Units inline (1 worker: the caller's loaded model) or in ``workers`` processes; on a
+    machine with several GPUs each worker process owns one GPU."""
+
+    name = "local"
+
+    def __init__(self, model_spec: str, model, tokenizer, device: torch.device, workers: int):
+        self.model_spec, self.model, self.tokenizer = model_spec, model, tokenizer
+        self.device, self.slots = device, max(1, workers)
+        self._pools: list[ProcessPoolExecutor] = []
+        self._queue: list[Unit] = []  # inline: submitted, not yet run
+        self._futures: dict[Future, Unit] = {}
+        self._next = 0
+
+    def _pool(self) -> ProcessPoolExecutor:
+        """One pool of ``slots`` processes on a CPU; one single-process pool per GPU."""
+        import multiprocessing as mp
+
+        if not self._pools:
+            per_gpu = self.device.type == "cuda" and self.slots > 1
+            n_pools, size = (self.slots, 1) if per_gpu else (1, self.slots)
+            threads = max(1, available_cores() // self.slots)
+            for i in range(n_pools):
+                init = (self.model_spec, _worker_device(self.device, i) if per_gpu else str(self.device),
+                        threads, log.isEnabledFor(logging.INFO), os.getpid())  # fmt: skip
+                self._pools.append(
+                    ProcessPoolExecutor(size, mp.get_context("spawn"), init_worker, init)
+                )
+        return min(self._pools, key=lambda p: sum(1 for f in self._futures if f.pool is p))
+
+    def submit(self, unit: Unit) -> None:
+        if self.slots == 1:
+            self._queue.append(unit)
+            return
+        pool = self._pool()
+        fut = pool.submit(_in_worker, unit)
+        fut.pool = pool  # type: ignore[attr-defined]
+        self._futures[fut] = unit
+
+    def wait(self) -> list[tuple[Unit, Any, float]]:
+        if self.slots == 1:
+            unit = self._queue.pop(0)
+            return [(unit, *run_unit(unit, self.model, self.tokenizer))]
+        done, _ = wait_futures(list(self._futures), return_when=FIRST_COMPLETED)
+        out = []
+        for fut in done:
+            unit = self._futures.pop(fut)
+            out.append((unit, *fut.result()))  # re-raises a worker's exception here
+        return out
+
+    def close(self) -> None:
+        for fut in self._futures:
+            fut.cancel()
+        self._futures.clear()
+        for pool in self._pools:
+            pool.shutdown(wait=True, cancel_futures=True)
+        self._pools.clear()
+
+
+def execute(
+    units: Sequence[Unit],
+    executor: Executor,
+    bar=None,
+    on_run: Callable[[Unit, float], None] | None = None,
+) -> dict[str, Any]:
+    """Run every unit that is not finished, each after its dependencies; results by unit id
+    (a finished unit's cached result included). The longest ready unit goes first, and no
+    more than ``executor.slots`` run at once, so a unit that becomes ready jumps the queue."""
+    results: dict[str, Any] = {}
+    waiting = {u.id: u for u in units}
+    running: set[str] = set()
+    to_run: set[str] = set()
+    try:
+        while waiting or running:
+            ready = sorted(
+                (u for u in waiting.values() if all(d in results for d in u.deps)),
+                key=lambda u: -u.cost,
+            )
+            progressed = False
+            for u in ready:
+                cached = None if u.id in to_run else u.cached()
+                if cached is not None:
+                    del waiting[u.id]
+                    results[u.id] = cached
+                    _advance(bar, u)
+                    progressed = True
+                    continue
+                to_run.add(u.id)  # probed once: a unit found missing is not probed again
+                if len(running) < executor.slots:
+                    del waiting[u.id]
+                    executor.submit(u)
+                    running.add(u.id)
+            if progressed:
+                continue  # finished units may have readied others
+            if not running:
+                raise RuntimeError(f"units wait on each other: {sorted(waiting)}")
+            for u, result, seconds in executor.wait():
+                running.discard(u.id)
+                results[u.id] = result
+                if on_run is not None:
+                    on_run(u, seconds)
+                if bar is not None:
+                    bar.set_postfix_str(u.label)
+                _advance(bar, u)
+    finally:
+        executor.close()
+    return results
+
+
+def _advance(bar, unit: Unit) -> None:
+    if bar is not None:
+        bar.update(unit.cost)

@@ -1,0 +1,374 @@
+"""The units a study is made of: a frozen description (what, key, inputs, resources, cost) and
+the functions that run them.
+
+A unit function is ``fn(*args, model=..., tokenizer=...)``: it reads its inputs from paths,
+writes its output atomically under its own path with its key, and returns a small JSON-able
+result. It is a pure function of its key and its inputs, so any executor (any worker, any node)
+may run it, and run it again if a worker died. ``probe`` (run in the driver, once the unit's
+dependencies are finished) returns the cached result of a finished unit, or None.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lorasum import __version__
+from lorasum.adapters import read_adapter
+from lorasum.data import Source, make_batches
+from lorasum.io import check_output_dir, config_key, existing_key, read_json, write_json
+from lorasum.models import autocast_dtype, sha256_file
+from lorasum.tokens import tokenize_cached
+from lorasum.train import TrainConfig
+
+# Evaluation batches are length-sorted, so a larger batch adds little padding.
+EVAL_BATCH_SIZE = 32
+KINDS = ("train", "eval", "calibrate", "compose", "fit", "predictors")
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one run of a unit needs: CPU threads (0 = the worker's share), GPUs, memory."""
+
+    threads: int = 0
+    gpus: int = 0
+    memory_gb: float = 2.0
+
+
+@dataclass(frozen=True, eq=False)
+class Unit:
+    """One cached piece of a study. ``key`` is the cache key where it is known before the
+    inputs exist (trainings, the base evaluation); None where it hashes its inputs' contents
+    (compositions, their evaluations), which ``probe`` computes once they exist."""
+
+    kind: str  # one of KINDS
+    seed: int | None  # None: seed-independent (the base model's evaluation)
+    name: str  # e.g. "math", "merged-math+medicine", "sum-math+medicine", "method-tsv-a+b"
+    label: str  # for the progress bar
+    fn: Callable[..., Any]
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    deps: tuple[str, ...] = ()
+    cost: float = 1.0  # relative work (≈ tokens / 1000), for the ETA and longest-first order
+    resources: Resources = Resources()
+    output: Path | None = None
+    key: str | None = None
+    probe: Callable[[], Any] | None = None  # the cached result, or None: run it
+
+    @property
+    def id(self) -> str:
+        """Unique in a plan: kind, seed and name."""
+        return f"{self.kind}/{self.seed}/{self.name}"
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Unit) and other.id == self.id
+
+    def cached(self) -> Any | None:
+        return None if self.probe is None else self.probe()
+
+
+def job_cost(kind: str, rows: int, max_length: int) -> float:
+    """Relative cost of a unit: ~3 passes per training row (forward, backward), one per
+    evaluated row; ~token-proportional."""
+    return rows * max_length * (3.0 if kind == "train" else 1.0) / 1000.0
+
+
+# --- train --------------------------------------------------------------------------------------
+
+
+def cached_training(path: Path, key: str, overwrite: bool) -> dict | None:
+    """The finished adapter's marker, or None. --overwrite replaces units made with other
+    settings; identical ones are reused."""
+    unit_overwrite = overwrite and existing_key(path) != key
+    if check_output_dir(path, key, unit_overwrite):
+        return read_json(path / "lorasum.json")
+    return None
+
+
+def train_unit(cfg: TrainConfig, path: Path, sources: list[Source], overwrite: bool, **kw) -> dict:
+    from lorasum.train import adapter_key, train
+
+    unit_overwrite = overwrite and existing_key(path) != adapter_key(cfg, sources)
+    progress = kw.pop("progress", False)
+    return train(cfg, path, overwrite=unit_overwrite, sources=sources, progress=progress, **kw)
+
+
+# --- evaluate -----------------------------------------------------------------------------------
+
+
+def eval_key(unit_key: str, domains: tuple[str, ...], sources: dict[str, Source], cfg) -> str:
+    """What determines an evaluation: the unit's weights, the test rows and how they are scored."""
+    return config_key(
+        {
+            "unit": unit_key,
+            "domains": list(domains),
+            "data": [sources[d].fingerprint()["test"] for d in domains],
+            "max_length": cfg.max_length,
+            "answer_only": cfg.answer_only,
+            "precision": cfg.precision,
+            "version": __version__,
+        }
+    )
+
+
+def _read_json_or_none(path: Path) -> dict | None:
+    """A cache file, or None when it is missing or unreadable (then it is recomputed)."""
+    try:
+        obj = read_json(path)
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def cached_eval(path: Path, key: str) -> dict | None:
+    cached = _read_json_or_none(path)
+    return cached["result"] if cached is not None and cached.get("key") == key else None
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """One evaluation: the adapter (None = the base model) on the test rows of ``domains``.
+    ``unit_key`` None: the adapter's weights file's sha256 (composed units)."""
+
+    path: Path
+    adapter_dir: Path | None
+    unit_key: str | None
+    domains: tuple[str, ...]
+
+    def key(self, sources: dict[str, Source], cfg: TrainConfig) -> str:
+        unit_key = self.unit_key
+        if unit_key is None:
+            unit_key = sha256_file(self.adapter_dir / "adapter_model.safetensors")
+        return eval_key(unit_key, self.domains, sources, cfg)
+
+    def cached(self, sources: dict[str, Source], cfg: TrainConfig) -> dict | None:
+        try:
+            return cached_eval(self.path, self.key(sources, cfg))
+        except OSError:  # the adapter is not there yet
+            return None
+
+
+def eval_unit(
+    spec: EvalSpec,
+    sources: dict[str, Source],
+    cfg: TrainConfig,
+    *,
+    model,
+    tokenizer,
+    progress: bool = False,
+) -> dict:
+    """Perplexity of the base model (with the adapter, if any) on the test splits, written
+    atomically to ``spec.path`` with its key. The shared ``model`` is left unchanged."""
+    from lorasum.evaluate import evaluate_batches
+
+    key = spec.key(sources, cfg)
+    device = next(model.parameters()).device
+    srcs = [sources[d] for d in spec.domains]
+    items = tokenize_cached(tokenizer, srcs, "test", cfg.max_length, cfg.answer_only)
+    batches = make_batches(items, EVAL_BATCH_SIZE, tokenizer.pad_token_id, shuffle=False)
+    net = model
+    if spec.adapter_dir is not None:
+        from peft import PeftModel
+
+        net = PeftModel.from_pretrained(model, str(spec.adapter_dir))
+    try:
+        result = evaluate_batches(
+            net,
+            batches,
+            list(spec.domains),
+            device,
+            autocast_dtype(cfg.precision, device),
+            progress=progress,
+            desc=f"eval {spec.path.stem}",
+        )
+    finally:
+        if spec.adapter_dir is not None:
+            net.unload()
+    write_json(spec.path, {"key": key, "result": result})
+    return result
+
+
+# --- calibrate, compose, fit, predictors ---------------------------------------------------------
+
+
+def cached_calibration(adapter_dir: Path) -> float | None:
+    """0.0 when the domain adapter's input statistics are cached (nothing to run), else None."""
+    from lorasum.calibration import _plan
+
+    try:
+        found = _plan(adapter_dir, None, None, None, None, None, None).cached()
+    except (OSError, ValueError):
+        return None
+    return None if found is None else 0.0
+
+
+def calibrate_unit(adapter_dir: Path, *, model, tokenizer) -> float:
+    """Input statistics of a domain adapter on its own training data (cached beside it)."""
+    from lorasum.calibration import calibrate
+
+    t0 = time.perf_counter()
+    calibrate(adapter_dir, model=model, tokenizer=tokenizer, device=str(model.device))
+    return time.perf_counter() - t0
+
+
+def cached_compose(paths: list[Path], out: Path, method: str, options: dict) -> float | None:
+    """0.0 when ``out`` holds this composition already, else None."""
+    from lorasum.compose import compose_key
+    from lorasum.methods import MergeConfig
+
+    if existing_key(out) is None:
+        return None
+    try:
+        key = compose_key(paths, MergeConfig(method=method, **options))
+    except (OSError, ValueError):
+        return None
+    return 0.0 if existing_key(out) == key else None
+
+
+def compose_unit(
+    paths: list[Path], out: Path, method: str, options: dict, overwrite: bool, *, model, tokenizer
+) -> float:
+    """One composition of the study; its seconds."""
+    from lorasum.compose import compose
+    from lorasum.methods import MergeConfig
+
+    t0 = time.perf_counter()
+    config = MergeConfig(method=method, **options)
+    compose(paths, out, overwrite=overwrite, reuse_same=True, config=config)
+    return time.perf_counter() - t0
+
+
+def calibrated_key(
+    paths: list[Path], merged: Path, val_sources: list[Source], fraction: float, max_length: int
+) -> str:
+    from lorasum.compose import adapter_fingerprint
+
+    training_tokens = int(read_json(merged / "lorasum.json")["metrics"]["real_tokens"])
+    return config_key(
+        {
+            "method": "calibrated",
+            "sources": [adapter_fingerprint(read_adapter(p, strict=True)) for p in paths],
+            "val": [s.fingerprint()["val"] for s in val_sources],
+            "training_tokens": training_tokens,
+            "fraction": fraction,
+            "max_length": max_length,
+            "version": __version__,
+        }
+    )
+
+
+def cached_calibrated(paths, out, merged, val_sources, fraction, max_length) -> dict | None:
+    if existing_key(out) is None:
+        return None
+    key = calibrated_key(paths, merged, val_sources, fraction, max_length)
+    return read_json(out / "lorasum.json")["budget"] if existing_key(out) == key else None
+
+
+def calibrated_unit(
+    paths: list[Path],
+    out: Path,
+    merged: Path,
+    val_sources: list[Source],
+    fraction: float,
+    max_length: int,
+    overwrite: bool,
+    *,
+    model,
+    tokenizer,
+) -> dict:
+    """The `calibrated` family on one combination: one coefficient per adapter and module
+    type, fitted on the combination's validation rows within ``fraction`` of the merged-data
+    training's tokens (read from ``merged``, its adapter). Returns the budget report."""
+    from lorasum.adapters import write_adapter
+    from lorasum.factors import pad_rank
+    from lorasum.io import atomic_dir
+    from lorasum.methods.calibrated import fit_calibrated
+
+    adapters = [read_adapter(p, strict=True) for p in paths]
+    key = calibrated_key(paths, merged, val_sources, fraction, max_length)
+    if check_output_dir(out, key, overwrite and existing_key(out) != key):
+        return read_json(out / "lorasum.json")["budget"]
+    training_tokens = int(read_json(merged / "lorasum.json")["metrics"]["real_tokens"])
+    t0 = time.perf_counter()
+    fit, report = fit_calibrated(
+        model,
+        tokenizer,
+        [a.modules for a in adapters],
+        val_sources,
+        training_tokens,
+        fraction=fraction,
+        max_length=max_length,
+    )
+    rank = max(f.rank for f in fit.modules.values())
+    modules = {m: pad_rank(f, rank) for m, f in fit.modules.items()}
+    report = {
+        **report,
+        "granularity": fit.granularity,
+        "coefficient_values": fit.coefficients,  # group -> one coefficient per adapter
+        "seconds": time.perf_counter() - t0,
+    }
+    marker = {
+        "kind": "composed",
+        "key": key,
+        "lorasum_version": __version__,
+        "method": "calibrated",
+        "sources": [str(p) for p in paths],
+        "base_model": adapters[0].base_model,
+        "budget": report,
+    }
+    with atomic_dir(out, marker=marker) as tmp:
+        write_adapter(
+            tmp,
+            modules,
+            adapters[0].base_model,
+            fan_in_fan_out=any(a.config.get("fan_in_fan_out") for a in adapters),
+        )
+    return report
+
+
+def predictors_key(adapters: Path, names: list[str], combos) -> str:
+    """The activation-space predictors depend on the adapters' weights and their statistics'
+    data (both in the weights' sha256 and the adapters' markers)."""
+    return config_key(
+        {
+            "adapters": [sha256_file(adapters / n / "adapter_model.safetensors") for n in names],
+            "markers": [read_json(adapters / n / "lorasum.json").get("key") for n in names],
+            "combinations": [list(c) for c in combos],
+            "version": __version__,
+        }
+    )
+
+
+def cached_predictors(path: Path, adapters: Path, names: list[str], combos) -> dict | None:
+    try:
+        return cached_eval(path, predictors_key(adapters, names, combos))
+    except (OSError, ValueError):
+        return None
+
+
+def predictors_unit(
+    path: Path, adapters: Path, names: list[str], combos, *, model, tokenizer
+) -> dict[str, dict]:
+    """Activation-space predictors of every combination, from the cached input statistics;
+    written to ``path`` with its key."""
+    from lorasum.calibration import calibrate
+    from lorasum.predict import combination_predictors, interference_predictors
+
+    factors = {n: read_adapter(adapters / n).modules for n in names}
+    grams = {
+        n: calibrate(adapters / n, model=model, tokenizer=tokenizer, device=str(model.device))
+        for n in names
+    }
+    result = interference_predictors(factors, grams)
+    out = {}
+    for combo in combos:
+        values = combination_predictors(result, combo)
+        out["+".join(combo)] = {k: v for k, v in values.items() if k != "rms_cosine"}
+    write_json(path, {"key": predictors_key(adapters, names, combos), "result": out})
+    return out
