@@ -55,7 +55,7 @@ def _add_dataclass_flags(
 def build_parser() -> argparse.ArgumentParser:
     from lorasum.forecast import DATA_PREDICTORS, PREDICTORS
     from lorasum.methods import MergeConfig
-    from lorasum.study_config import preset_names
+    from lorasum.study_config import BUDGETS, STUDY_TRAIN_EXCLUDED, preset_names
     from lorasum.train import TrainConfig
 
     p = argparse.ArgumentParser(
@@ -297,7 +297,23 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the plan (units by kind, cached / to run, estimated time) and run nothing",
     )
-    _add_dataclass_flags(r, TrainConfig, skip={"model", "data", "eval_val"}, defaults=False)
+    r.add_argument(
+        "--budget",
+        choices=list(BUDGETS),
+        default=None,
+        help="how long each adapter trains: epochs (default, the paper's: equal passes), "
+        "steps (every adapter of a combination takes the merged-data adapter's optimizer "
+        "steps) or converged (early stopping on validation loss: --eval-every, --patience, "
+        "--max-epochs); see docs/BUDGETS.md",
+    )
+    r.add_argument(
+        "--snapshots",
+        default=None,
+        metavar="EPOCHS",
+        help="evaluate along each run at these epochs, e.g. 0.25,0.5,1,2,4 (each adapter "
+        "trains for the last; pairs singles and merged adapters by equal epochs and steps)",
+    )
+    _add_dataclass_flags(r, TrainConfig, skip=set(STUDY_TRAIN_EXCLUDED), defaults=False)
 
     rep = sub.add_parser(
         "report", help="rebuild report.md and report.html of a study from its results.json"
@@ -459,12 +475,13 @@ def _run(args: argparse.Namespace) -> int:
             )
     elif args.command == "reproduce":
         from lorasum.experiment import reproduce
+        from lorasum.study_config import STUDY_TRAIN_EXCLUDED
         from lorasum.train import TrainConfig
 
         overrides = {
             f.name: getattr(args, f.name)
             for f in dataclasses.fields(TrainConfig)
-            if f.name not in ("model", "data", "eval_val")
+            if f.name not in STUDY_TRAIN_EXCLUDED
         }
         results = reproduce(
             args.out,
@@ -483,6 +500,8 @@ def _run(args: argparse.Namespace) -> int:
             max_order=args.max_order,
             executor=args.executor,
             plan_only=args.plan,
+            budget=args.budget,
+            snapshots=args.snapshots,
             **overrides,
         )
         if args.plan:

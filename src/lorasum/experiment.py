@@ -25,6 +25,7 @@ from lorasum.io import atomic_write_text, config_key, read_json, write_json
 from lorasum.models import load_model, load_tokenizer, pick_device, resolve_target_modules
 from lorasum.similarity import similarity_matrix
 from lorasum.stats import correlation
+from lorasum.study.budget import budget_summary, snapshot_summary
 from lorasum.study.executors import LocalExecutor, auto_workers, execute
 from lorasum.study.plan import (
     Plan,
@@ -33,9 +34,12 @@ from lorasum.study.plan import (
     combo_name,
     plan_study,
     record_rates,
+    snapshot_label,
+    snapshot_methods,
+    step_at,
 )
 from lorasum.study.units import cached_eval, eval_key  # noqa: F401 (re-exported)
-from lorasum.study_config import STUDY_ONLY_METHODS, StudyConfig, parse_domains  # noqa: F401
+from lorasum.study_config import BUDGETS, STUDY_ONLY_METHODS, StudyConfig, parse_domains  # noqa: F401
 from lorasum.study_results import (
     aggregate_combination,
     cross_domain,
@@ -116,6 +120,10 @@ def resolve(out: str | Path, preset, config, overrides: dict, overwrite: bool) -
     }
     if study_cfg.max_order is not None:  # absent = all orders: older directories keep their key
         identity["max_order"] = study_cfg.max_order
+    if study_cfg.budget != "epochs":  # likewise: the default budget keeps older keys
+        identity["budget"] = study_cfg.budget
+    if study_cfg.snapshots:
+        identity["snapshots"] = study_cfg.snapshots
     key = config_key(identity)
     previous = _check_out_dir(out, key, overwrite)
     sources = _load_sources(study_cfg.domains, base_cfg)
@@ -171,6 +179,7 @@ def _layout(out, study_cfg: StudyConfig, base_cfg, sources, overwrite) -> StudyL
         seed_per_domain=study_cfg.seed_per_domain, combos=combos,
         methods={m: o for m, o in study_cfg.methods.items() if m != "sum"}, variants=variants,
         cross_domain=study_cfg.cross_domain, predictors=study_cfg.predictors, overwrite=overwrite,
+        budget=study_cfg.budget, snapshot_epochs=tuple(study_cfg.snapshots),
     )  # fmt: skip
 
 
@@ -338,11 +347,37 @@ def aggregate(
         "prediction_vs_singles": loo_prediction(rows, "delta_vs_singles_pct"),
         "paper_comparison": paper_comparison(rows, lay.model, study.identity["train"]),
         "train_curves": train_curves(lay.out, seeds, [n for n in names] + [f"merged-{combo_name(c)}" for c in combos]),
+        "training_budget": budget_summary(
+            cfg.budget, BUDGETS[cfg.budget], combos,
+            {c: [lay.single(d, c) for d in c] for c in combos}, metrics,
+        ),
+        "snapshots": _snapshots(lay, plan, seed_evals, metrics) if lay.snapshot_epochs else None,
         "wall_seconds": wall,
     }  # fmt: skip
     timings = _timings(plan, results, ran)
     summary["manifest"] = manifest(seeds, lay.sources, device, workers, timings, wall)
     return summary
+
+
+def _snapshots(lay: StudyLayout, plan: Plan, seed_evals: list[dict], metrics: dict) -> dict:
+    """Δ% along the runs: each snapshot's step per training unit, from the plan's layout."""
+    epochs = lay.snapshot_epochs
+    units = {u.name: u for u in plan.units if u.kind == "train"}
+    seed_steps = {}
+    for seed in lay.seeds:
+        steps = {}
+        for name in units:
+            doms = name.removeprefix("merged-").split("+")
+            steps[name] = {e: step_at(lay.base_cfg, lay.train_rows(doms), e) for e in epochs[:-1]}
+            steps[name][epochs[-1]] = metrics[seed][name]["steps"]
+        seed_steps[seed] = steps
+    methods = snapshot_methods(lay)
+    evals = dict(zip(lay.seeds, seed_evals, strict=True))
+    return {
+        "epochs": list(epochs),
+        "methods": methods,
+        "combinations": snapshot_summary(lay.combos, epochs, evals, seed_steps, methods, snapshot_label),
+    }  # fmt: skip
 
 
 def _budget(fits: dict) -> dict:

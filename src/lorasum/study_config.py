@@ -11,6 +11,8 @@ experiment file has the same shape, and command-line flags override either.
     cross_domain: true                 # every single adapter on every domain's test split
     paper_variants: true               # triples: merged-data pair adapter + third single, summed
     predictors: true                   # activation-space predictors (needs calibration)
+    budget: epochs                     # epochs | steps | converged (see BUDGETS)
+    snapshots: [0.5, 1, 2]             # epochs along each run at which to also evaluate
     train: {rank: 4, alpha: 64, lr: 2e-4, max_train: 48, ...}   # TrainConfig fields
 
 `resolve_study` validates the whole result once and reports every problem together.
@@ -46,6 +48,23 @@ NOT_IN_STUDIES = ("weighted", "knots_ta")
 # `lorasum compose`): the `calibrated` family (lorasum.methods.calibrated), with the share of
 # the merged-data training's tokens its fit may process.
 STUDY_ONLY_METHODS: dict[str, dict[str, Any]] = {"calibrated": {"fraction": 0.01}}
+# How long each adapter trains. The merged-data adapter of a combination always takes
+# `train.epochs` passes over the union of its domains' rows.
+BUDGETS = {
+    "epochs": "every adapter takes train.epochs passes over its own rows (the paper's budget): "
+    "a pair's merged-data adapter takes twice the optimizer steps of each single adapter",
+    "steps": "every adapter of a combination takes the same number of optimizer steps, the "
+    "merged-data adapter's: single adapters cycle through their rows (a domain in combinations "
+    "of several sizes gets one single adapter per step count)",
+    "converged": "every adapter trains until its validation loss has not improved for "
+    "train.patience evaluations every train.eval_every steps (at most train.max_epochs "
+    "passes, the learning rate decaying over them); the best evaluation's weights are kept",
+}
+# The converged budget's settings where the study gives none: validation every 2 optimizer
+# steps (a single adapter of the standard preset takes 8 per epoch), patience 3, at most 4 passes.
+CONVERGED_DEFAULTS = {"eval_every": 2, "patience": 3, "max_epochs": 4.0}
+# TrainConfig fields a study sets itself (snapshots are epochs at study level; see `snapshots`)
+STUDY_TRAIN_EXCLUDED = ("model", "data", "eval_val", "snapshots", "stop_at")
 _TOP_KEYS = {
     "preset",
     "model",
@@ -58,6 +77,8 @@ _TOP_KEYS = {
     "paper_variants",
     "predictors",
     "workers",
+    "budget",
+    "snapshots",
     "train",
 }
 
@@ -77,6 +98,8 @@ class StudyConfig:
     paper_variants: bool = True
     predictors: bool = True
     workers: int | None = None
+    budget: str = "epochs"
+    snapshots: list[float] = field(default_factory=list)  # epochs; empty: none
     train: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -203,6 +226,7 @@ def _check_train_types(train: dict[str, Any], problems: list[str]) -> dict[str, 
         if typ is float and isinstance(value, str):  # YAML reads 2e-4 as a string
             with contextlib.suppress(ValueError):
                 value = float(value)
+        typ = typing.get_origin(typ) or typ  # list[int] -> list (isinstance needs a class)
         ok = isinstance(value, typ) and not (typ is int and isinstance(value, bool))
         if not ok:
             problems.append(
@@ -273,7 +297,7 @@ def resolve_study(
             problems.append(f"{where}: train is a mapping of training settings")
     merged: dict[str, Any] = {**base, **{k: v for k, v in file_cfg.items() if k != "train"}}
     train = {**(base.get("train") or {}), **(file_cfg.get("train") or {})}
-    train_fields = {f.name for f in fields(TrainConfig)} - {"model", "data", "eval_val"}
+    train_fields = {f.name for f in fields(TrainConfig)} - set(STUDY_TRAIN_EXCLUDED)
     for key, value in (overrides or {}).items():
         if value is None:
             continue
@@ -337,6 +361,7 @@ def resolve_study(
             "seed_per_domain offsets each domain's seed by its index; space the seeds at least "
             f"{len(study.domains)} apart (e.g. 0,100,200) so runs never share an init"
         )
+    study.budget, study.snapshots = _parse_budget(merged, train, problems)
     try:
         TrainConfig(model=study.model, data=["-"], **{**train, "eval_val": False})
     except LorasumError as e:
@@ -346,6 +371,46 @@ def resolve_study(
     study.train = train
     raise_all(problems, "invalid study settings")
     return study
+
+
+def _parse_budget(merged: dict, train: dict, problems: list[str]) -> tuple[str, list[float]]:
+    """The training budget and the snapshot epochs; fills ``train`` with what they imply."""
+    budget = merged.get("budget") or "epochs"
+    if budget not in BUDGETS:
+        problems.append(f"--budget {budget!r}: use one of {', '.join(BUDGETS)}")
+        return "epochs", []
+    if budget == "converged":
+        for k, v in CONVERGED_DEFAULTS.items():
+            train.setdefault(k, v)
+        if not train["eval_every"]:
+            problems.append("budget converged needs train.eval_every > 0 (steps between checks)")
+    elif train.get("eval_every"):
+        problems.append(
+            f"train.eval_every is the converged budget's setting; use --budget converged "
+            f"(this study's budget is {budget})"
+        )
+    snaps = merged.get("snapshots") or []
+    if isinstance(snaps, str):
+        snaps = [s for s in snaps.split(",") if s.strip()]
+    if isinstance(snaps, int | float):
+        snaps = [snaps]
+    try:
+        epochs = sorted({float(s) for s in snaps})
+    except (TypeError, ValueError):
+        problems.append(f"--snapshots {snaps!r}: give epochs as numbers (e.g. 0.5,1,2)")
+        return budget, []
+    if any(e <= 0 for e in epochs):
+        problems.append(f"--snapshots {epochs}: epochs must be > 0")
+    elif epochs and budget != "epochs":
+        problems.append(
+            "--snapshots pair single and merged adapters by equal epochs and equal steps along "
+            "one run each; use them with --budget epochs"
+        )
+    elif epochs:
+        if len(epochs) < 2:
+            problems.append("--snapshots: give at least two epochs (the last is the run's length)")
+        train["epochs"] = epochs[-1]  # each run is as long as its last snapshot
+    return budget, epochs
 
 
 def dump_yaml(study: StudyConfig) -> str:

@@ -37,7 +37,7 @@ from lorasum.study.units import (
     train_unit,
 )
 from lorasum.study_config import STUDY_ONLY_METHODS
-from lorasum.train import TrainConfig, adapter_key
+from lorasum.train import TrainConfig, adapter_key, schedule_steps
 
 COMPOSE_COST_ROWS = 8  # a composition takes a few seconds: like evaluating ~8 rows
 
@@ -70,6 +70,8 @@ class StudyLayout:
     cross_domain: bool
     predictors: bool
     overwrite: bool
+    budget: str = "epochs"  # study_config.BUDGETS
+    snapshot_epochs: tuple[float, ...] = ()  # epochs along each run; the last is its length
 
     def seed_dir(self, seed: int | None) -> Path:
         return self.out if seed is None else self.out / f"seed-{seed}"
@@ -77,11 +79,51 @@ class StudyLayout:
     def test_rows(self, domains) -> int:
         return sum(len(self.sources[d].splits["test"]) for d in domains)
 
+    def train_rows(self, domains) -> int:
+        return sum(len(self.sources[d].splits["train"]) for d in domains)
+
+    def merged_steps(self, combo) -> int:
+        """Optimizer steps of a combination's merged-data adapter under the epochs schedule."""
+        return schedule_steps(self.base_cfg, self.train_rows(combo))[1]
+
+    def single(self, domain: str, combo=None) -> str:
+        """The single adapter (unit name) of ``domain`` that ``combo`` composes: the domain's
+        name, except under the `steps` budget where a domain in combinations of several step
+        counts has one adapter per count (``math@24steps``; the smallest count keeps the name)."""
+        if self.budget != "steps" or combo is None:
+            return domain
+        counts = single_step_counts(self, domain)
+        steps = self.merged_steps(combo)
+        return domain if steps == counts[0] else f"{domain}@{steps}steps"
+
+    def singles(self) -> list[str]:
+        """Every single adapter's unit name (a domain's own first)."""
+        return list(self.names) + sorted(
+            {self.single(d, c) for c in self.combos for d in c} - set(self.names)
+        )
+
     @property
     def calibrating(self) -> bool:
         return self.predictors or any(
             m not in STUDY_ONLY_METHODS and get_method(m).calibration for m in self.methods
         )
+
+
+def single_step_counts(lay: StudyLayout, domain: str) -> list[int]:
+    """Under the `steps` budget: the distinct step counts of the merged-data adapters of the
+    combinations that contain ``domain``, smallest first."""
+    return sorted({lay.merged_steps(c) for c in lay.combos if domain in c})
+
+
+def snapshot_steps(cfg: TrainConfig, rows: int, epochs: tuple[float, ...]) -> list[int]:
+    """The optimizer steps at which a run of ``rows`` training rows is at each of ``epochs``
+    (the last entry is the run's end, which is the adapter itself)."""
+    return sorted({step_at(cfg, rows, e) for e in epochs[:-1]})
+
+
+def step_at(cfg: TrainConfig, rows: int, epochs: float) -> int:
+    """The optimizer step at which a run over ``rows`` training rows has done ``epochs``."""
+    return max(1, round(epochs * schedule_steps(cfg, rows)[0]))
 
 
 def training_units(
@@ -91,13 +133,25 @@ def training_units(
     names: list[str],
     combos: list[tuple[str, ...]],
     seed_per_domain: bool,
+    lay: StudyLayout | None = None,
 ) -> list[tuple[str, TrainConfig, list[Source]]]:
-    """One seed's trainings: an adapter per domain, a merged-data adapter per combination."""
-    units = [((n,), n) for n in names] + [(c, f"merged-{combo_name(c)}") for c in combos]
+    """One seed's trainings: an adapter per domain (under the `steps` budget one per step
+    count it is composed at), a merged-data adapter per combination; with snapshots, each
+    run also saves its adapter at the snapshot epochs."""
+    units = [((n,), n, 0) for n in names] + [(c, f"merged-{combo_name(c)}", 0) for c in combos]
+    if lay is not None and lay.budget == "steps":
+        units = [((d,), lay.single(d, c), lay.merged_steps(c)) for c in combos for d in c]
+        units = list(dict.fromkeys(sorted(units, key=lambda u: names.index(u[0][0]))))
+        units += [(c, f"merged-{combo_name(c)}", 0) for c in combos]
     out = []
-    for doms, unit in units:
+    for doms, unit, max_steps in units:
         unit_seed = cfg.seed + (names.index(doms[0]) if seed_per_domain and len(doms) == 1 else 0)
         unit_cfg = replace(cfg, data=[domain_sources[d] for d in doms], seed=unit_seed)
+        if max_steps:
+            unit_cfg = replace(unit_cfg, max_steps=max_steps)
+        if lay is not None and lay.snapshot_epochs:
+            rows = sum(len(sources[d].splits["train"]) for d in doms)
+            unit_cfg = replace(unit_cfg, snapshots=snapshot_steps(cfg, rows, lay.snapshot_epochs))
         out.append((unit, unit_cfg, [sources[d] for d in doms]))
     return out
 
@@ -107,7 +161,7 @@ def _train_units(lay: StudyLayout) -> list[Unit]:
     for seed in lay.seeds:
         cfg = replace(lay.base_cfg, seed=seed)
         plan = training_units(
-            cfg, lay.domain_sources, lay.sources, lay.names, lay.combos, lay.seed_per_domain
+            cfg, lay.domain_sources, lay.sources, lay.names, lay.combos, lay.seed_per_domain, lay
         )
         for name, unit_cfg, srcs in plan:
             path = lay.seed_dir(seed) / "adapters" / name
@@ -150,7 +204,7 @@ def _seed_units(lay: StudyLayout, seed: int) -> list[Unit]:
     """Sums, variants, calibrations, predictors, methods and every evaluation of one seed."""
     d = lay.seed_dir(seed)
     adapters = d / "adapters"
-    tid = {n: f"train/{seed}/{n}" for n in lay.names}
+    tid = {n: f"train/{seed}/{n}" for n in lay.singles()}
     tid.update({f"merged-{combo_name(c)}": f"train/{seed}/merged-{combo_name(c)}" for c in lay.combos})  # fmt: skip
     units: list[Unit] = []
     for n in lay.names:
@@ -160,20 +214,21 @@ def _seed_units(lay: StudyLayout, seed: int) -> list[Unit]:
         c = combo_name(combo)
         merged = f"merged-{c}"
         units.append(_eval(lay, seed, merged, adapters / merged, combo, [tid[merged]]))
-        paths = [adapters / x for x in combo]
-        units.append(_compose(lay, seed, f"sum-{c}", paths, d / "sums" / c, "sum", {}, [tid[x] for x in combo]))  # fmt: skip
+        singles = [lay.single(x, combo) for x in combo]
+        paths = [adapters / x for x in singles]
+        units.append(_compose(lay, seed, f"sum-{c}", paths, d / "sums" / c, "sum", {}, [tid[x] for x in singles]))  # fmt: skip
         units.append(_eval(lay, seed, f"sum-{c}", d / "sums" / c, combo, [f"compose/{seed}/sum-{c}"]))  # fmt: skip
     for combo, pair, third in lay.variants:
         name = f"variant-{combo_name(pair)}+{third}"
         out = d / "variants" / name.removeprefix("variant-")
-        merged = f"merged-{combo_name(pair)}"
-        paths = [adapters / merged, adapters / third]
-        units.append(_compose(lay, seed, name, paths, out, "sum", {}, [tid[merged], tid[third]]))
+        merged, single = f"merged-{combo_name(pair)}", lay.single(third, combo)
+        paths = [adapters / merged, adapters / single]
+        units.append(_compose(lay, seed, name, paths, out, "sum", {}, [tid[merged], tid[single]]))
         units.append(_eval(lay, seed, name, out, combo, [f"compose/{seed}/{name}"]))
-    calib: dict[str, str] = {}  # domain -> its calibration unit
+    calib: dict[str, str] = {}  # single adapter -> its calibration unit
     if lay.calibrating:
-        for n in lay.names:
-            rows = len(lay.sources[n].splits["train"])
+        for n in lay.singles():
+            rows = len(lay.sources[n.split("@")[0]].splits["train"])
             units.append(
                 Unit(
                     "calibrate", seed, f"calibrate-{n}", f"calibrate {n} seed {seed}",
@@ -189,11 +244,54 @@ def _seed_units(lay: StudyLayout, seed: int) -> list[Unit]:
         units.append(
             Unit(
                 "predictors", seed, "predictors", f"predictors seed {seed}", predictors_unit,
-                args, deps=tuple(calib.values()), cost=job_cost("eval", COMPOSE_COST_ROWS, lay.base_cfg.max_length),
+                args, deps=tuple(calib[n] for n in lay.names), cost=job_cost("eval", COMPOSE_COST_ROWS, lay.base_cfg.max_length),
                 output=path, probe=partial(cached_predictors, *args),
             )
         )  # fmt: skip
     units += _method_units(lay, seed, tid, calib)
+    units += _snapshot_units(lay, seed, tid)
+    return units
+
+
+def snapshot_label(epochs: float) -> str:
+    return f"{epochs:g}ep"
+
+
+def snapshot_dir(lay: StudyLayout, seed: int, unit: str, domains, epochs: float) -> Path:
+    """Where a training's snapshot at ``epochs`` lies (the adapter's own step count)."""
+    step = step_at(lay.base_cfg, lay.train_rows(domains), epochs)
+    return lay.seed_dir(seed) / "adapters" / unit / "snapshots" / f"step-{step}"
+
+
+def snapshot_methods(lay: StudyLayout) -> list[str]:
+    """The methods evaluated at every snapshot: the sum and the data-free methods (those that
+    need no calibration statistics of each snapshot)."""
+    return ["sum"] + [
+        m for m in lay.methods if m not in STUDY_ONLY_METHODS and not get_method(m).calibration
+    ]
+
+
+def _snapshot_units(lay: StudyLayout, seed: int, tid: dict) -> list[Unit]:
+    """At every snapshot but the last (the adapters themselves): each combination's merged-data
+    snapshot and the sum (and data-free methods) of its singles' snapshots of equal epochs.
+    Equal-steps pairs are read off these by the aggregation (a single at 2 epochs has the
+    steps of a pair's merged adapter at 1)."""
+    d = lay.seed_dir(seed)
+    units: list[Unit] = []
+    for e in lay.snapshot_epochs[:-1]:
+        tag = snapshot_label(e)
+        for combo in lay.combos:
+            c = combo_name(combo)
+            merged = f"merged-{c}"
+            merged_dir = snapshot_dir(lay, seed, merged, combo, e)
+            units.append(_eval(lay, seed, f"snap-{tag}-{merged}", merged_dir, combo, [tid[merged]]))
+            paths = [snapshot_dir(lay, seed, x, (x,), e) for x in combo]
+            for m in snapshot_methods(lay):
+                name = f"snap-{tag}-{'sum' if m == 'sum' else 'method-' + m}-{c}"
+                out = d / "snapshots" / tag / (c if m == "sum" else f"{m}/{c}")
+                opts = {} if m == "sum" else lay.methods[m]
+                units.append(_compose(lay, seed, name, paths, out, m, opts, [tid[x] for x in combo]))  # fmt: skip
+                units.append(_eval(lay, seed, name, out, combo, [f"compose/{seed}/{name}"]))
     return units
 
 
@@ -204,9 +302,10 @@ def _method_units(lay: StudyLayout, seed: int, tid: dict, calib: dict) -> list[U
         for combo in lay.combos:
             c = combo_name(combo)
             name = f"method-{m}-{c}"
-            paths = [d / "adapters" / x for x in combo]
+            singles = [lay.single(x, combo) for x in combo]
+            paths = [d / "adapters" / x for x in singles]
             out = d / "methods" / m / c
-            deps = [tid[x] for x in combo]
+            deps = [tid[x] for x in singles]
             if m == "calibrated":
                 merged = d / "adapters" / f"merged-{c}"
                 args = (
@@ -223,7 +322,7 @@ def _method_units(lay: StudyLayout, seed: int, tid: dict, calib: dict) -> list[U
                 )  # fmt: skip
             else:
                 if m not in STUDY_ONLY_METHODS and get_method(m).calibration:
-                    deps += [calib[x] for x in combo]
+                    deps += [calib[x] for x in singles]
                 units.append(_compose(lay, seed, name, paths, out, m, opts, deps))
             kind = "fit" if m == "calibrated" else "compose"
             units.append(_eval(lay, seed, name, out, combo, [f"{kind}/{seed}/{name}"]))

@@ -1,0 +1,182 @@
+"""The training budget a study's Δ% was measured under, and Δ% along the training runs.
+
+`budget_summary`: per combination, the optimizer steps, epochs and tokens of each side — the
+single adapters the sum composes (trained once, reused by every combination that contains
+them) and the combination's merged-data adapter (which serves that combination alone).
+
+`snapshot_summary`: with snapshots, Δ% of the sum (and the data-free methods) at every point
+along the runs, paired two ways: by equal epochs (singles and merged adapter each after ``e``
+passes over their own rows) and by equal steps (every single at the step count of the merged
+adapter's snapshot; for a pair of equal-sized domains, singles at 2e against merged at e).
+Pure functions over the finished units' results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from lorasum.stats import delta_pct
+from lorasum.study_results import ci95, combo_name, mean
+
+_ADAPTER_FIELDS = ("steps", "best_step", "epochs", "real_tokens", "stopped_early")
+
+
+def adapter_budget(metrics: dict) -> dict:
+    """What one adapter's training cost, from its marker's metrics (best_step: the kept
+    weights' step under the converged budget, else the last step)."""
+    out = {k: metrics.get(k) for k in _ADAPTER_FIELDS}
+    if out["best_step"] is None:
+        out["best_step"] = out["steps"]
+    return out
+
+
+def budget_summary(
+    budget: str,
+    rule: str,
+    combos: Sequence[tuple[str, ...]],
+    singles: dict[tuple[str, ...], list[str]],
+    metrics: dict[int, dict[str, dict]],
+) -> dict:
+    """``singles``: combination → the single adapters (unit names) its sum composes;
+    ``metrics``: seed → unit name → training metrics."""
+    seeds = list(metrics)
+    rows = []
+    for combo in combos:
+        merged = f"merged-{combo_name(combo)}"
+        per_seed = []
+        for s in seeds:
+            sides = [adapter_budget(metrics[s][u]) for u in singles[combo]]
+            m = adapter_budget(metrics[s][merged])
+            per_seed.append(
+                {
+                    "seed": s,
+                    "single_steps": [a["steps"] for a in sides],
+                    "single_epochs": [a["epochs"] for a in sides],
+                    "single_tokens": sum(a["real_tokens"] for a in sides),
+                    "merged_steps": m["steps"],
+                    "merged_epochs": m["epochs"],
+                    "merged_tokens": m["real_tokens"],
+                    "single_best_steps": [a["best_step"] for a in sides],
+                    "merged_best_step": m["best_step"],
+                }
+            )
+        rows.append(
+            {
+                "combination": combo_name(combo),
+                "singles": singles[combo],
+                "single_steps_mean": [
+                    mean([p["single_steps"][i] for p in per_seed]) for i in range(len(combo))
+                ],
+                "merged_steps_mean": mean([p["merged_steps"] for p in per_seed]),
+                "single_tokens_mean": mean([p["single_tokens"] for p in per_seed]),
+                "merged_tokens_mean": mean([p["merged_tokens"] for p in per_seed]),
+                "per_seed": per_seed,
+            }
+        )
+    adapters = {u: [adapter_budget(metrics[s][u]) for s in seeds] for u in metrics[seeds[0]]}
+    return {"name": budget, "rule": rule, "combinations": rows, "adapters": adapters}
+
+
+def snapshot_points(
+    combo: tuple[str, ...],
+    epochs: Sequence[float],
+    evals: dict[str, dict],
+    steps: dict[str, dict[float, int]],
+    methods: Sequence[str],
+    tag,
+) -> list[dict]:
+    """One seed's points along the runs of one combination: at each snapshot epoch (the last
+    is the finished adapters' own evaluations) the perplexities of the merged adapter and of
+    every method over the singles; ``steps``: unit → epochs → optimizer step."""
+    c = combo_name(combo)
+    points = []
+    for i, e in enumerate(epochs):
+        last = i == len(epochs) - 1
+        pre = "" if last else f"snap-{tag(e)}-"
+        merged = evals[f"{pre}merged-{c}"]
+        ppl = {}
+        for m in methods:
+            unit = f"{pre}sum-{c}" if m == "sum" else f"{pre}method-{m}-{c}"
+            if unit in evals:
+                ppl[m] = evals[unit]["perplexity"]
+        points.append(
+            {
+                "epochs": e,
+                "single_steps": [steps[d][e] for d in combo],
+                "merged_steps": steps[f"merged-{c}"][e],
+                "ppl_merged": merged["perplexity"],
+                "ppl": ppl,
+            }
+        )
+    return points
+
+
+def pair_points(points: list[dict]) -> dict[str, list[dict]]:
+    """Δ% per method, paired by equal epochs and by equal steps (the singles' step counts all
+    equal the merged adapter's), from one seed's points of one combination."""
+    equal_epochs = [
+        {
+            "epochs": p["epochs"],
+            "single_steps": p["single_steps"],
+            "merged_steps": p["merged_steps"],
+            "delta_pct": {m: delta_pct(v, p["ppl_merged"]) for m, v in p["ppl"].items()},
+        }
+        for p in points
+    ]
+    equal_steps = []
+    for merged in points:
+        for single in points:
+            if set(single["single_steps"]) != {merged["merged_steps"]}:
+                continue
+            equal_steps.append(
+                {
+                    "steps": merged["merged_steps"],
+                    "single_epochs": single["epochs"],
+                    "merged_epochs": merged["epochs"],
+                    "delta_pct": {
+                        m: delta_pct(v, merged["ppl_merged"]) for m, v in single["ppl"].items()
+                    },
+                }
+            )
+    return {"equal_epochs": equal_epochs, "equal_steps": equal_steps}
+
+
+def _mean_over_seeds(per_seed: list[list[dict]], key: str) -> list[dict]:
+    """Average paired points over seeds, point by point (every seed has the same points)."""
+    out = []
+    for i, first in enumerate(per_seed[0]):
+        same = [pts[i] for pts in per_seed if i < len(pts)]
+        deltas = {}
+        for m in first["delta_pct"]:
+            values = [p["delta_pct"][m] for p in same if m in p["delta_pct"]]
+            deltas[m] = {"mean": mean(values), "ci95": ci95(values), "n": len(values)}
+        out.append({**{k: v for k, v in first.items() if k != "delta_pct"}, "delta_pct": deltas})
+        out[-1][key] = first[key]
+    return out
+
+
+def snapshot_summary(
+    combos: Sequence[tuple[str, ...]],
+    epochs: Sequence[float],
+    seed_evals: dict[int, dict[str, dict]],
+    seed_steps: dict[int, dict[str, dict[float, int]]],
+    methods: Sequence[str],
+    tag,
+) -> list[dict]:
+    """Per combination: Δ% against training length, paired by equal epochs and equal steps,
+    mean and 95 % interval over seeds, with each seed's points."""
+    rows = []
+    for combo in combos:
+        paired = [
+            pair_points(snapshot_points(combo, epochs, seed_evals[s], seed_steps[s], methods, tag))
+            for s in seed_evals
+        ]
+        rows.append(
+            {
+                "combination": combo_name(combo),
+                "equal_epochs": _mean_over_seeds([p["equal_epochs"] for p in paired], "epochs"),
+                "equal_steps": _mean_over_seeds([p["equal_steps"] for p in paired], "steps"),
+                "per_seed": dict(zip(seed_evals, paired, strict=True)),
+            }
+        )
+    return rows

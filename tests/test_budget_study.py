@@ -1,0 +1,143 @@
+"""The study's training budget (epochs / steps / converged) and snapshots along the runs."""
+
+from __future__ import annotations
+
+import pytest
+
+from lorasum.errors import LorasumError
+from lorasum.experiment import reproduce
+from lorasum.io import read_json
+from lorasum.stats import delta_pct
+from lorasum.study_config import resolve_study
+from lorasum.train import patience_stop
+
+
+def _domains(qa_files) -> list[str]:
+    return [f"{n}={p}" for n, p in qa_files.items()]
+
+
+def _run(tiny_llama, qa_files, out, **kw):
+    return reproduce(
+        out, preset="tiny", model=str(tiny_llama), domains=_domains(qa_files), progress=False, **kw
+    )
+
+
+def test_steps_budget_gives_every_adapter_of_a_combination_the_merged_steps(
+    tiny_llama, qa_files, tmp_path
+):
+    res = _run(tiny_llama, qa_files, tmp_path / "s", budget="steps")
+    assert res["training_budget"]["name"] == "steps"
+    rows = res["training_budget"]["combinations"]
+    assert len(rows) == 4  # three pairs and the triple
+    for row in rows:
+        for p in row["per_seed"]:
+            # read the adapters' own markers, not the summary's copy
+            seed_dir = tmp_path / "s" / f"seed-{p['seed']}" / "adapters"
+            merged = read_json(seed_dir / f"merged-{row['combination']}" / "lorasum.json")
+            singles = [read_json(seed_dir / u / "lorasum.json") for u in row["singles"]]
+            steps = {m["metrics"]["steps"] for m in singles}
+            assert steps == {merged["metrics"]["steps"]}
+    # the triple takes more steps than the pairs, so each domain has a second single adapter
+    triple = rows[-1]
+    assert all("@" in u for u in triple["singles"])
+    assert triple["single_steps_mean"][0] > rows[0]["single_steps_mean"][0]
+    # the sum composes exactly those adapters
+    marker = read_json(tmp_path / "s" / "seed-42" / "sums" / triple["combination"] / "lorasum.json")
+    assert [s.rsplit("/", 1)[-1] for s in marker["sources"]] == triple["singles"]
+
+
+def test_converged_budget_records_curves_and_keeps_the_patience_rules_best(
+    tiny_llama, qa_files, tmp_path
+):
+    res = _run(tiny_llama, qa_files, tmp_path / "c", budget="converged", eval_every=1, patience=1)
+    cfg = read_json(tmp_path / "c" / "config.json")
+    assert cfg["budget"] == "converged"
+    adapters = tmp_path / "c" / "seed-42" / "adapters"
+    for unit in res["training_budget"]["adapters"]:
+        metrics = read_json(adapters / unit / "lorasum.json")["metrics"]
+        losses = [p["val_loss"] for p in metrics["val_curve"]]
+        assert losses, unit
+        best, stop = patience_stop(losses, 1)
+        assert metrics["best_step"] == metrics["val_curve"][best]["step"]
+        assert metrics["stopped_early"] == (
+            stop is not None and metrics["steps"] < metrics["schedule_steps"]
+        )
+
+
+def test_snapshots_pair_by_equal_epochs_and_equal_steps_and_are_reused(
+    tiny_llama, qa_files, tmp_path
+):
+    out = tmp_path / "snap"
+    res = _run(tiny_llama, qa_files, out, snapshots="0.5,1,2", methods="sum,tsv")
+    snap = res["snapshots"]
+    assert snap["epochs"] == [0.5, 1.0, 2.0] and snap["methods"] == ["sum", "tsv"]
+    evals = out / "seed-42" / "evals"
+    pair = next(r for r in snap["combinations"] if r["combination"] == "arith+colors")
+    # equal epochs at 1: the sum of the singles' 1-epoch snapshots vs the merged 1-epoch one
+    at1 = next(p for p in pair["equal_epochs"] if p["epochs"] == 1.0)
+    ppl_sum = read_json(evals / "snap-1ep-sum-arith+colors.json")["result"]["perplexity"]
+    ppl_merged = read_json(evals / "snap-1ep-merged-arith+colors.json")["result"]["perplexity"]
+    assert at1["delta_pct"]["sum"]["mean"] == pytest.approx(delta_pct(ppl_sum, ppl_merged))
+    # equal steps: each point's singles' snapshots really have the merged snapshot's step
+    assert pair["equal_steps"], "a pair of equal-sized domains pairs singles at 2e with merged e"
+    adapters = out / "seed-42" / "adapters"
+    for p in pair["equal_steps"]:
+        assert p["single_epochs"] == 2 * p["merged_epochs"]
+        for unit, e in (("arith", p["single_epochs"]), ("merged-arith+colors", p["merged_epochs"])):
+            steps = [
+                read_json(d / "lorasum.json")["step"]
+                for d in (adapters / unit / "snapshots").iterdir()
+            ]
+            final = read_json(adapters / unit / "lorasum.json")["metrics"]["steps"]
+            assert p["steps"] in steps + [final]
+    # rerun: every unit is finished, so the plan runs nothing
+    plan = _run(tiny_llama, qa_files, out, snapshots="0.5,1,2", methods="sum,tsv", plan_only=True)
+    assert set(plan["units"].values()) == {"cached"}
+    assert "nothing to run" in plan["plan"]
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"budget": "forever"}, "--budget 'forever'"),
+        ({"budget": "steps", "snapshots": "0.5,1"}, "use them with --budget epochs"),
+        ({"eval_every": 2}, "use --budget converged"),
+        ({"snapshots": "1"}, "at least two epochs"),
+        ({"snapshots": "0,1"}, "must be > 0"),
+        ({"snapshots": "a,b"}, "give epochs as numbers"),
+    ],
+)
+def test_budget_settings_are_checked_before_anything_runs(
+    tiny_llama, qa_files, tmp_path, settings, message
+):
+    with pytest.raises(LorasumError, match=message):
+        _run(tiny_llama, qa_files, tmp_path / "x", **settings)
+    assert not (tmp_path / "x").exists()
+
+
+def test_budget_in_experiment_files_and_defaults():
+    study = resolve_study("tiny", overrides={"budget": "converged"})
+    assert study.budget == "converged"
+    assert study.train["eval_every"] > 0 and study.train["max_epochs"] > 0
+    study = resolve_study("tiny", overrides={"snapshots": [0.25, 2, 1]})
+    assert study.snapshots == [0.25, 1.0, 2.0] and study.train["epochs"] == 2.0
+    assert resolve_study("tiny").budget == "epochs"
+
+
+def test_cli_budget_flags(tiny_llama, qa_files, tmp_path, capsys):
+    from lorasum.cli import main
+
+    rc = main(
+        ["reproduce", "--preset", "tiny", "--model", str(tiny_llama), "--domains",
+         ",".join(_domains(qa_files)), "--out", str(tmp_path / "p"), "--budget", "steps",
+         "--snapshots", "0.5,1", "--plan"]
+    )  # fmt: skip
+    assert rc != 0
+    assert "use them with --budget epochs" in capsys.readouterr().err
+    rc = main(
+        ["reproduce", "--preset", "tiny", "--model", str(tiny_llama), "--domains",
+         ",".join(_domains(qa_files)), "--out", str(tmp_path / "p"), "--budget", "steps", "--plan"]
+    )  # fmt: skip
+    assert rc == 0
+    assert "train" in capsys.readouterr().out
+    assert not (tmp_path / "p").exists()
