@@ -83,7 +83,7 @@ def test_snapshots_pair_by_equal_epochs_and_equal_steps_and_are_reused(
     adapters = out / "seed-42" / "adapters"
     for p in pair["equal_steps"]:
         assert p["single_epochs"] == 2 * p["merged_epochs"]
-        for unit, e in (("arith", p["single_epochs"]), ("merged-arith+colors", p["merged_epochs"])):
+        for unit in ("arith", "colors", "merged-arith+colors"):
             steps = [
                 read_json(d / "lorasum.json")["step"]
                 for d in (adapters / unit / "snapshots").iterdir()
