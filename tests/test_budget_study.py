@@ -90,6 +90,9 @@ def test_snapshots_pair_by_equal_epochs_and_equal_steps_and_are_reused(
             ]
             final = read_json(adapters / unit / "lorasum.json")["metrics"]["steps"]
             assert p["steps"] in steps + [final]
+    report = (out / "report.md").read_text()
+    assert "## Training budget" in report and "figures/delta_vs_length.png" in report
+    assert (out / "figures" / "delta_vs_length.png").stat().st_size > 1000
     # rerun: every unit is finished, so the plan runs nothing
     plan = _run(tiny_llama, qa_files, out, snapshots="0.5,1,2", methods="sum,tsv", plan_only=True)
     assert set(plan["units"].values()) == {"cached"}

@@ -508,3 +508,55 @@ def predicted_vs_measured(prediction: dict, colors: dict | None = None) -> bytes
     _legend(axes.flat[len(names) - 1], 7)  # outside, right of the last panel (none when many)
     fig.tight_layout()
     return _png(fig)
+
+
+def delta_vs_length(snapshots: dict, top_methods: int = 3) -> bytes | None:
+    """Δ% against training length along the runs (results["snapshots"]): left, singles and
+    merged adapter after equal epochs; right, after equal optimizer steps per adapter. The sum
+    of every combination as a thin line, its mean over combinations bold, and the mean of the
+    ``top_methods`` data-free methods with the lowest mean Δ% dashed."""
+    rows = (snapshots or {}).get("combinations") or []
+    if not rows:
+        return None
+    plt = _plt()
+    from matplotlib.ticker import ScalarFormatter
+
+    panels = [("equal_epochs", "epochs", "equal epochs (passes over each adapter's own rows)"),
+              ("equal_steps", "steps", "equal optimizer steps per adapter")]  # fmt: skip
+    fig, axes = plt.subplots(1, 2, figsize=(10.0, 3.6), squeeze=False)
+    cmap = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20")
+    methods = [m for m in snapshots.get("methods", []) if m != "sum"]
+    for ax, (key, x, title) in zip(axes.flat, panels, strict=True):
+        by_method: dict[str, dict[float, list[float]]] = {}
+        for i, row in enumerate(rows):
+            pts = sorted(row.get(key) or [], key=lambda p: p[x])
+            xs = [p[x] for p in pts if is_number((p["delta_pct"].get("sum") or {}).get("mean"))]
+            ys = [p["delta_pct"]["sum"]["mean"] for p in pts if p[x] in xs]
+            if xs:
+                ax.plot(xs, ys, lw=0.8, alpha=0.6, marker="o", ms=2.5, color=cmap(i % cmap.N),
+                        label=row["combination"] if len(rows) <= 10 else None)  # fmt: skip
+            for p in pts:
+                for m, d in p["delta_pct"].items():
+                    if is_number(d.get("mean")):
+                        by_method.setdefault(m, {}).setdefault(p[x], []).append(d["mean"])
+        means = {m: {k: sum(v) / len(v) for k, v in pts.items()} for m, pts in by_method.items()}
+        best = sorted(
+            (m for m in methods if m in means),
+            key=lambda m: sum(means[m].values()) / len(means[m]),
+        )[:top_methods]
+        for m, style in [("sum", "-")] + [(m, "--") for m in best]:
+            if m in means:
+                xs = sorted(means[m])
+                ax.plot(xs, [means[m][k] for k in xs], style, lw=2.0 if m == "sum" else 1.4,
+                        color="black" if m == "sum" else None, label=f"{m} (mean)")  # fmt: skip
+        ax.axhline(0.0, color="grey", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.set_xlabel("epochs" if x == "epochs" else "optimizer steps per adapter", fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+    axes.flat[0].set_ylabel("Δ% vs merged-data training (< 0: the sum wins)", fontsize=8)
+    fig.tight_layout()
+    return _png(fig)

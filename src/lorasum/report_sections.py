@@ -537,6 +537,78 @@ def _data_training(results: dict) -> list:
     return blocks
 
 
+def _budget(results: dict) -> list:
+    """Under which training budget Δ% was measured, beside each side's training compute."""
+    tb = results.get("training_budget")
+    if not tb:
+        return [Note("these results predate training budgets: every adapter took one epoch.")]
+    by_combo = {combo_label(r["domains"]): r for r in results["combinations"]}
+    rows = []
+    for c in tb["combinations"]:
+        row = by_combo.get(combo_label(c["combination"].split("+")), {})
+        best = row.get("best_method")
+        rows.append(
+            [
+                combo_label(c["combination"].split("+")),
+                " + ".join(f"{s:g}" for s in c["single_steps_mean"]),
+                f"{c['merged_steps_mean']:g}",
+                f"{c['single_tokens_mean']:,.0f}",
+                f"{c['merged_tokens_mean']:,.0f}",
+                fmt_ci(row, "delta_pct", signed=True) if row else "n/a",
+                f"{best} {fmt(row['methods'][best]['delta_pct'], signed=True)}" if best else "n/a",
+            ]
+        )
+    blocks: list = [
+        Para(f"Budget **{tb['name']}**: {tb['rule']}."),
+        Table(
+            [
+                "combination",
+                "single steps",
+                "merged steps",
+                "sum-side tokens",
+                "merged tokens",
+                "Δ% sum",
+                "best method Δ%",
+            ],
+            rows,
+            "lrrrrrr",
+        ),  # fmt: skip
+        Para(
+            "Single adapters are trained once and reused by every combination that contains "
+            "them; a merged-data adapter serves its combination alone. Tokens: every non-padding "
+            "token processed in training (means over seeds)."
+        ),
+    ]
+    snaps = results.get("snapshots")
+    if snaps:
+        png = plots.delta_vs_length(snaps)
+        if png:
+            blocks.append(
+                Figure(
+                    "delta_vs_length",
+                    png,
+                    "Δ% against training length, from snapshots along one run per adapter "
+                    f"(epochs {', '.join(f'{e:g}' for e in snaps['epochs'])}; a snapshot is "
+                    "taken mid-schedule, its learning rate not yet decayed). Left: singles and "
+                    "merged adapter after equal epochs; right: after equal optimizer steps.",
+                )
+            )
+        steps_rows = [
+            [c["combination"], f"{p['steps']}", f"{p['single_epochs']:g} / {p['merged_epochs']:g}",
+             fmt_interval(p["delta_pct"]["sum"]["mean"], p["delta_pct"]["sum"]["ci95"], signed=True)]
+            for c in snaps["combinations"] for p in c["equal_steps"]
+        ]  # fmt: skip
+        if steps_rows:
+            blocks.append(
+                Table(
+                    ["combination", "steps per adapter", "epochs single / merged", "Δ% sum"],
+                    steps_rows,
+                    "lrrr",
+                )  # fmt: skip
+            )
+    return blocks
+
+
 def _split(s: dict, part: str) -> tuple[str, str]:
     """(rows, sha256) of one split of a domain, from a data fingerprint
     (``{"train": {"n", "sha256"}, "test": {...}}``), the manifest's summary (``{"train": n,
@@ -675,6 +747,7 @@ def build_report(results: dict, run_dir: str | Path | None = None) -> list[Secti
         Section("Cross-domain perplexity", "cross", _cross_domain(results)),
         Section("Per-domain perplexity", "per-domain", _per_domain(results)),
         Section("Training loss", "curves", _curves(results, run_dir)),
+        Section("Training budget", "budget", _budget(results)),
         Section("Data and training", "data", _data_training(results)),
         Section("Run manifest", "manifest", _manifest(results)),
         Section("How to read these numbers", "how", [Bullets(HOW_TO_READ)]),
