@@ -22,7 +22,13 @@ from lorasum.adapters import read_adapter
 from lorasum.data import load_split
 from lorasum.errors import LorasumError
 from lorasum.io import atomic_write_text, config_key, read_json, write_json
-from lorasum.models import load_model, load_tokenizer, pick_device, resolve_target_modules
+from lorasum.models import (
+    autocast_dtype,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    resolve_target_modules,
+)
 from lorasum.similarity import similarity_matrix
 from lorasum.stats import correlation
 from lorasum.study.budget import budget_summary, snapshot_summary
@@ -224,6 +230,8 @@ def reproduce(
             "plan": plan.describe(n_workers),
             "units": {u.id: ("cached" if status[u.id] else "run") for u in plan.units},
         }
+    # precision auto: settled here, once, before any worker starts (each unit reads the verdict)
+    autocast_dtype(lay.base_cfg.precision, device)
     tokenizer = load_tokenizer(lay.model)
     base_model = load_model(lay.model, device)
     resolve_target_modules(base_model, lay.base_cfg.target_modules)  # fail before writing

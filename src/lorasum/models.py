@@ -346,20 +346,24 @@ def cpu_bf16_verdict(refresh: bool = False) -> dict:
     ARM BF16: without it bf16 is emulated, measured 25× slower than fp32 on a 2-core AVX2 EPYC),
     and a micro-benchmark of a linear layer's forward+backward, fp32 and bf16 interleaved
     several times and the best of each kept (robust to a busy machine), finds bf16 at least
-    ``BF16_MIN_SPEEDUP`` faster. The cache is keyed by CPU, flags, torch version and thread
-    count; deleting it only costs the measurement again (a few seconds).
+    ``BF16_MIN_SPEEDUP`` faster. The cache is keyed by CPU, flags and torch version; deleting it
+    only costs the measurement again (a few seconds).
     """
     import json
 
     from lorasum.io import config_key, write_json
 
+    # Not keyed by thread count: a study's worker processes run fewer threads than its driver,
+    # and one verdict per machine keeps every unit of a study in one precision (a verdict
+    # re-measured per process on a busy machine once trained some adapters of a study in fp32
+    # and others in bf16). The driver settles it before any worker starts.
     ident = {
         "cpu": cpu_name(),
         "flags": config_key(sorted(_cpu_flags())),
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
     }
     key = config_key(ident)
+    ident["threads"] = torch.get_num_threads()  # recorded: the measurement's thread count
     path = lorasum_home() / "hardware.json"
     if not refresh:
         try:
