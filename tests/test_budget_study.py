@@ -144,3 +144,29 @@ def test_cli_budget_flags(tiny_llama, qa_files, tmp_path, capsys):
     assert rc == 0
     assert "train" in capsys.readouterr().out
     assert not (tmp_path / "p").exists()
+
+
+def test_study_predictors_include_the_adapter_free_ones(tiny_llama, qa_files, tmp_path):
+    from lorasum.adapter_free import data_predictors, transfer_predictor
+    from lorasum.models import load_model, load_tokenizer
+
+    res = _run(tiny_llama, qa_files, tmp_path / "p", predictors=True, cross_domain=True)
+    res_combos = [tuple(r["domains"]) for r in res["combinations"]]
+    model, tok = load_model(str(tiny_llama), "cpu"), load_tokenizer(str(tiny_llama))
+    from lorasum.experiment import resolve
+
+    study = resolve(tmp_path / "p", "tiny", None, {"model": str(tiny_llama), "domains": _domains(qa_files), "predictors": True}, False)  # fmt: skip
+    data = data_predictors(
+        model, tok, study.layout.sources, res_combos, study.layout.base_cfg.max_length,
+        model_spec=str(tiny_llama), cache=False,
+    )  # fmt: skip
+    seed_rows = {r["domains"][0] + "+" + "+".join(r["domains"][1:]): r for r in res["combinations"]}
+    table = {**res["cross_domain"]["perplexity"]}
+    transfer = transfer_predictor(table, res_combos)
+    for name, row in seed_rows.items():
+        got = row["per_seed"][0]["predictors"]
+        for k, v in data[name].items():
+            assert got[k] == pytest.approx(v, rel=1e-5), k
+        assert got["transfer"] == pytest.approx(transfer[name]["transfer"], rel=1e-9)
+    for k in ("grad_cosine_rms", "base_loss_mean", "transfer", "rms_cosine"):
+        assert k in res["prediction"] and "oracle_rho" in res["prediction"][k]

@@ -304,7 +304,7 @@ def aggregate(
     for u in plan.units:
         by_kind.setdefault(u.kind, {})[(u.seed, u.name)] = results[u.id]
     markers, evals = by_kind["train"], by_kind["eval"]
-    predictors = {s: by_kind.get("predictors", {}).get((s, "predictors"), {}) for s in seeds}
+    predictors = {s: _predictors(by_kind, s, names, combos, evals) for s in seeds}
     pairs = {
         s: similarity_matrix({n: read_adapter(lay.seed_dir(s) / "adapters" / n).modules for n in names})
         for s in seeds
@@ -365,6 +365,28 @@ def aggregate(
     timings = _timings(plan, results, ran)
     summary["manifest"] = manifest(seeds, lay.sources, device, workers, timings, wall)
     return summary
+
+
+def _predictors(by_kind: dict, seed: int, names, combos, evals: dict) -> dict[str, dict]:
+    """Per combination: the activation-space predictors of this seed's adapters, the
+    adapter-free ones of the data (seed-independent) and the cross-domain transfer of this
+    seed's single adapters (with --cross-domain)."""
+    from lorasum.adapter_free import transfer_predictor
+
+    units = by_kind.get("predictors", {})
+    data = units.get((None, "data-predictors")) or {}
+    out = {c: {**data.get(c, {}), **v} for c, v in (units.get((seed, "predictors")) or {}).items()}
+    singles = {n: evals.get((seed, f"single-{n}")) for n in names}
+    if units and all(
+        ev is not None and set(names) <= set(ev["per_dataset"]) for ev in singles.values()
+    ):
+        table = {
+            n: {d: ev["per_dataset"][d]["perplexity"] for d in names} for n, ev in singles.items()
+        }
+        table["base"] = {d: evals[(None, "base")]["per_dataset"][d]["perplexity"] for d in names}
+        for c, values in transfer_predictor(table, combos).items():
+            out.setdefault(c, {}).update(values)
+    return out
 
 
 def _snapshots(lay: StudyLayout, plan: Plan, seed_evals: list[dict], metrics: dict) -> dict:

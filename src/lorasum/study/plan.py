@@ -26,11 +26,13 @@ from lorasum.study.units import (
     cached_calibrated,
     cached_calibration,
     cached_compose,
+    cached_data_predictors,
     cached_predictors,
     cached_training,
     calibrate_unit,
     calibrated_unit,
     compose_unit,
+    data_predictors_unit,
     eval_unit,
     job_cost,
     predictors_unit,
@@ -333,6 +335,16 @@ def plan_study(lay: StudyLayout) -> Plan:
     """Every unit of the study, in dependency order (a unit after the units it reads)."""
     units = _train_units(lay)
     units.append(_eval(lay, None, "base", None, tuple(lay.names), [], unit_key=f"base:{lay.model}"))
+    if lay.predictors:
+        args = (lay.out / "data_predictors.json", lay.model, lay.sources, lay.combos, lay.base_cfg.max_length)  # fmt: skip
+        rows = lay.train_rows(lay.names)
+        units.append(
+            Unit(
+                "predictors", None, "data-predictors", "predictors of the data", data_predictors_unit,
+                args, cost=job_cost("train", rows, lay.base_cfg.max_length), output=args[0],
+                resources=Resources(memory_gb=4.0), probe=partial(cached_data_predictors, *args),
+            )
+        )  # fmt: skip
     for seed in lay.seeds:
         units += _seed_units(lay, seed)
     return Plan(units)

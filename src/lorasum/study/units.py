@@ -372,3 +372,34 @@ def predictors_unit(
         out["+".join(combo)] = {k: v for k, v in values.items() if k != "rms_cosine"}
     write_json(path, {"key": predictors_key(adapters, names, combos), "result": out})
     return out
+
+
+def data_predictors_key(
+    model_spec: str, sources: dict[str, Source], combos, max_length: int
+) -> str:
+    """The adapter-free predictors depend on the base model and the domains' training rows."""
+    return config_key(
+        {
+            "model": model_spec,
+            "data": {n: s.fingerprint()["train"] for n, s in sources.items()},
+            "combinations": [list(c) for c in combos],
+            "max_length": max_length,
+            "version": __version__,
+        }
+    )
+
+
+def cached_data_predictors(path: Path, model_spec: str, sources, combos, max_length) -> dict | None:
+    return cached_eval(path, data_predictors_key(model_spec, sources, combos, max_length))
+
+
+def data_predictors_unit(
+    path: Path, model_spec: str, sources: dict, combos, max_length: int, *, model, tokenizer
+) -> dict[str, dict]:
+    """Predictors of the base model and the data alone (`lorasum.adapter_free`: the domains'
+    mean-gradient cosines, base loss): one per study, not per seed; written to ``path``."""
+    from lorasum.adapter_free import data_predictors
+
+    out = data_predictors(model, tokenizer, sources, combos, max_length, model_spec=model_spec)
+    write_json(path, {"key": data_predictors_key(model_spec, sources, combos, max_length), "result": out})  # fmt: skip
+    return out
