@@ -14,13 +14,10 @@ The Python API mirrors the CLI:
 ``sys.modules["lorasum.compose"]`` etc., imported as ``from lorasum.compose import …``.)
 """
 
+from lorasum._version import __version__
+from lorasum.compose import compose
 from lorasum.errors import LorasumError
-
-__version__ = "0.1.0"
-
-# after __version__: these modules import it
-from lorasum.compose import compose  # noqa: E402
-from lorasum.methods import MergeConfig, method_names  # noqa: E402
-from lorasum.similarity import similarity  # noqa: E402
+from lorasum.methods import MergeConfig, method_names
+from lorasum.similarity import similarity
 
 __all__ = ["LorasumError", "MergeConfig", "__version__", "compose", "method_names", "similarity"]

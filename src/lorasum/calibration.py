@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorasum import __version__
+from lorasum._version import __version__
 from lorasum.adapters import Adapter, check_fits, delta_shape, read_adapter
 from lorasum.data import Source, load_split, make_batches
 from lorasum.errors import LorasumError

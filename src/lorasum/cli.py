@@ -12,7 +12,7 @@ import sys
 import types
 import typing
 
-from lorasum import __version__
+from lorasum._version import __version__
 from lorasum.errors import LorasumError
 from lorasum.io import dumps_strict
 

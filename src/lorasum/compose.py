@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from lorasum import __version__
+from lorasum._version import __version__
 from lorasum.adapters import Adapter, check_fits, read_adapter, weights_file, write_adapter
 from lorasum.calibration import calibrate_adapters, calibration_keys, parse_calibration
 from lorasum.errors import LorasumError

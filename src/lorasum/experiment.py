@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lorasum import __version__
+from lorasum._version import __version__
 from lorasum.adapters import read_adapter
 from lorasum.data import load_split
 from lorasum.errors import LorasumError

@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorasum import __version__
+from lorasum._version import __version__
 from lorasum.data import Batch, Source
 from lorasum.errors import LorasumError
 

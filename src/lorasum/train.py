@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorasum import __version__
+from lorasum._version import __version__
 from lorasum.data import Source, check_answers_fit, load_split, make_batches
 from lorasum.errors import LorasumError, raise_all
 from lorasum.evaluate import autocast_context, evaluate_batches, perplexity_from, token_nll

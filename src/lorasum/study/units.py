@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorasum import __version__
+from lorasum._version import __version__
 from lorasum.adapters import read_adapter
 from lorasum.data import Source, make_batches
 from lorasum.io import check_output_dir, config_key, existing_key, read_json, write_json
