@@ -170,3 +170,27 @@ def test_study_predictors_include_the_adapter_free_ones(tiny_llama, qa_files, tm
         assert got["transfer"] == pytest.approx(transfer[name]["transfer"], rel=1e-9)
     for k in ("grad_cosine_rms", "base_loss_mean", "transfer", "rms_cosine"):
         assert k in res["prediction"] and "oracle_rho" in res["prediction"][k]
+
+
+def test_compare_budgets_pools_points_and_leaves_a_combination_out_everywhere():
+    from lorasum.study.budget import compare_budgets
+
+    def study(offset: float) -> dict:
+        rows = []
+        for i, c in enumerate((("a", "b"), ("a", "c"), ("b", "c"), ("a", "d"))):
+            per_seed = [
+                {"seed": s, "delta_pct": 2.0 * i + offset + 0.1 * s, "predictors": {"x": i + 0.01 * s}}
+                for s in (1, 2)
+            ]  # fmt: skip
+            rows.append({"domains": list(c), "delta_pct": 2.0 * i + offset, "methods": {},
+                         "per_seed": per_seed, "ci95": {"delta_pct": [0.0, 1.0]}})  # fmt: skip
+        return {"combinations": rows, "prediction": {"x": {"spearman_rho": 1.0}}}
+
+    table = compare_budgets({"epochs": study(5.0), "steps": study(-5.0)})
+    assert table["budgets"] == ["epochs", "steps"]
+    assert table["combinations"]["a+b"]["steps"]["sum"]["delta_pct"] == -5.0
+    pred = table["prediction"]["x"]
+    assert pred["epochs"] == 1.0 and pred["pooled_n"] == 16
+    # pooled, the budget offset (±5) is noise the predictor cannot see: ρ well below 1
+    assert pred["pooled"] is not None and pred["pooled"] < 0.9
+    assert pred["pooled_oracle_rho"] == pytest.approx(1.0, abs=0.05)

@@ -180,3 +180,47 @@ def snapshot_summary(
             }
         )
     return rows
+
+
+def compare_budgets(studies: dict[str, dict]) -> dict:
+    """Several studies of the same combinations under different budgets (label → results):
+    per combination Δ% of the sum and of every method under each budget (mean, 95 % interval),
+    each predictor's leave-one-combination-out Spearman per budget, and pooled over the
+    budgets (a point per combination, seed and budget; the combination left out under every
+    budget at once, so no budget's copy of it helps predict another)."""
+    from lorasum.forecast import loo_predictions, oracle_rho
+    from lorasum.stats import pearson_spearman
+    from lorasum.study_results import predictor_points
+
+    combos: dict[str, dict] = {}
+    for label, res in studies.items():
+        steps = {c["combination"]: c for c in (res.get("training_budget") or {}).get("combinations", [])}  # fmt: skip
+        for row in res["combinations"]:
+            c = combo_name(row["domains"])
+            entry = combos.setdefault(c, {})
+            entry[label] = {
+                "sum": {"delta_pct": row["delta_pct"], "ci95": (row.get("ci95") or {}).get("delta_pct")},
+                "methods": {m: {"delta_pct": v["delta_pct"], "ci95": v.get("ci95")} for m, v in row.get("methods", {}).items()},
+                "best_method": row.get("best_method"),
+                "single_steps": (steps.get(c) or {}).get("single_steps_mean"),
+                "merged_steps": (steps.get(c) or {}).get("merged_steps_mean"),
+            }  # fmt: skip
+    predictors: dict[str, dict] = {}
+    pooled: dict[str, list] = {}
+    for label, res in studies.items():
+        for name, pred in (res.get("prediction") or {}).items():
+            predictors.setdefault(name, {})[label] = pred.get("spearman_rho")
+            xs, ys, groups = predictor_points(res["combinations"], name)
+            pooled.setdefault(name, []).extend(zip(xs, ys, groups, [label] * len(xs), strict=True))
+    for name, pts in pooled.items():
+        xs, ys, groups = [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts]
+        predicted = loo_predictions(xs, ys, groups)
+        ok = [(p, q) for p, q in zip(predicted, pts, strict=True) if p is not None]
+        corr = pearson_spearman([p for p, _ in ok], [q[1] for _, q in ok])
+        predictors[name]["pooled"] = corr["spearman_rho"]
+        predictors[name]["pooled_n"] = len(ok)
+        # the reference: knowing each (budget, combination)'s mean Δ% exactly
+        predictors[name]["pooled_oracle_rho"] = oracle_rho(
+            [q[1] for _, q in ok], [f"{q[3]}/{q[2]}" for _, q in ok]
+        )
+    return {"budgets": list(studies), "combinations": combos, "prediction": predictors}
