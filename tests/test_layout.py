@@ -1,4 +1,5 @@
-"""The package's layout: no import cycles between modules, and nothing imports the CLI."""
+"""The package's layout: no import cycles between modules (lazy imports included), and nothing
+imports the CLI."""
 
 from __future__ import annotations
 
@@ -23,19 +24,19 @@ def _is_type_checking(node: ast.If) -> bool:
 
 
 def _imports(path: Path, modules: set[str]) -> set[str]:
-    """The lorasum modules ``path`` imports when it is imported (module level, not the
-    imports inside functions or under TYPE_CHECKING)."""
+    """The lorasum modules ``path`` imports, at module level or lazily inside functions (a
+    lazy import still ties the two modules together); imports under TYPE_CHECKING do not run."""
     name = _module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out = set()
-    body = list(ast.parse(path.read_text()).body)
-    while body:
-        node = body.pop(0)
-        if isinstance(node, ast.If) and not _is_type_checking(node):
-            body += node.body + node.orelse
-        elif isinstance(node, ast.Try):
-            body += node.body + node.orelse + node.finalbody
-        elif isinstance(node, ast.Import):
+    nodes = [ast.parse(path.read_text())]
+    while nodes:
+        node = nodes.pop()
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            nodes += node.orelse
+            continue
+        nodes += ast.iter_child_nodes(node)
+        if isinstance(node, ast.Import):
             out |= {a.name for a in node.names if a.name.startswith("lorasum")}
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
@@ -46,7 +47,7 @@ def _imports(path: Path, modules: set[str]) -> set[str]:
                 for alias in node.names:
                     sub = f"{base}.{alias.name}"
                     out.add(sub if sub in modules else base)
-    return out
+    return out - {name}
 
 
 def import_graph() -> dict[str, set[str]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from lorasum.errors import LorasumError
 from lorasum.factors import LoraFactors
+from lorasum.io import sha256_file
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -139,7 +141,7 @@ def _load_weights(path: Path, allow_pickle: bool | None) -> dict[str, torch.Tens
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from lorasum.models import pickle_allowed
+    from lorasum.io import pickle_allowed
 
     w_path, bin_path = path / WEIGHTS_NAME, path / PICKLE_NAME
     if not w_path.is_file():
@@ -340,3 +342,61 @@ def check_fits(adapter: Adapter, model: nn.Module, model_name: str) -> None:
             f"adapter {adapter.path} does not fit model {model_name} ({'; '.join(problems)}); "
             f"it was made for {adapter.base_model!r}: pass that --model"
         )
+
+
+def _layer_root(module: str) -> str | None:
+    """The path to a module's layer list: 'model.layers' for 'model.layers.0.self_attn.q_proj'."""
+    parts = module.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[:i])
+    return None
+
+
+def check_compatible(adapters: Sequence[Adapter], fan_in_fan_out: bool = True) -> None:
+    """Refuse adapters that cannot belong to one base model (or one fan_in_fan_out layout).
+
+    Same base model where recorded; the same ΔW shape for every shared module; adapters that
+    share no module must at least index their layers under a common root (``model.layers``
+    vs ``transformer.h`` means two architectures); with ``fan_in_fan_out``, one setting of it.
+    """
+    bases = {a.base_model for a in adapters if a.base_model}
+    if len(bases) > 1:
+        raise LorasumError(
+            f"adapters were trained on different base models ({', '.join(sorted(bases))}); "
+            "compose adapters of one base model"
+        )
+    shapes: dict[str, tuple[tuple[int, int], Path]] = {}
+    for a in adapters:
+        for name, f in a.modules.items():
+            if name in shapes and shapes[name][0] != f.shape:
+                raise LorasumError(
+                    f"module {name} has ΔW {shapes[name][0]} in {shapes[name][1]} but {f.shape} "
+                    f"in {a.path}; these adapters belong to different base models"
+                )
+            shapes.setdefault(name, (f.shape, a.path))
+    for i, a in enumerate(adapters):
+        for b in adapters[i + 1 :]:
+            if a.modules.keys() & b.modules.keys():
+                continue
+            roots_a = {_layer_root(n) for n in a.modules} - {None}
+            roots_b = {_layer_root(n) for n in b.modules} - {None}
+            if roots_a and roots_b and not roots_a & roots_b:
+                raise LorasumError(
+                    f"adapters {a.path} and {b.path} adapt modules of different model "
+                    f"architectures ({min(a.modules)} vs {min(b.modules)}); compose adapters "
+                    "of one base model"
+                )
+    if fan_in_fan_out:
+        layouts = {bool(a.config.get("fan_in_fan_out")) for a in adapters}
+        if len(layouts) > 1:
+            mixed = ", ".join(f"{a.path}={bool(a.config.get('fan_in_fan_out'))}" for a in adapters)
+            raise LorasumError(
+                f"adapters mix fan_in_fan_out settings ({mixed}); they were made for different "
+                "layer types (Conv1D vs Linear): compose adapters of one base model"
+            )
+
+
+def weights_sha256(a: Adapter) -> str:
+    """The sha256 of an adapter's weights file."""
+    return sha256_file(weights_file(a.path))

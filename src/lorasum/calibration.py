@@ -158,7 +158,7 @@ def _model_spec(adapter: Adapter, cfg: dict, model: str | nn.Module | None) -> s
 def calibration_key(
     adapter: Adapter, sources: Sequence[Source], model_spec: str, max_length: int, modules
 ) -> str:
-    from lorasum.compose import _weights_sha256
+    from lorasum.adapters import weights_sha256 as _weights_sha256
 
     return config_key(
         {
@@ -414,7 +414,7 @@ def calibrate(
 
 
 def _compute(plan: _Plan, model, tokenizer, batch_size: int, device: str, cache: bool):
-    from lorasum.compose import _weights_sha256
+    from lorasum.adapters import weights_sha256 as _weights_sha256
     from lorasum.models import load_model, load_tokenizer, pick_device
     from lorasum.tokens import tokenize_cached
 

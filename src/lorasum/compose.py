@@ -19,7 +19,15 @@ from typing import Any
 import torch
 
 from lorasum._version import __version__
-from lorasum.adapters import Adapter, check_fits, read_adapter, weights_file, write_adapter
+from lorasum.adapters import (  # noqa: F401 (check_compatible: re-exported)
+    Adapter,
+    check_compatible,
+    check_fits,
+    read_adapter,
+    weights_file,
+    write_adapter,
+)
+from lorasum.adapters import weights_sha256 as _weights_sha256
 from lorasum.calibration import calibrate_adapters, calibration_keys, parse_calibration
 from lorasum.errors import LorasumError
 from lorasum.io import (
@@ -43,59 +51,6 @@ log = logging.getLogger(__name__)
 
 RECIPE_NAME = "recipe.json"
 CARD_NAME = "README.md"
-
-
-def _layer_root(module: str) -> str | None:
-    """The path to a module's layer list: 'model.layers' for 'model.layers.0.self_attn.q_proj'."""
-    parts = module.split(".")
-    for i, part in enumerate(parts):
-        if part.isdigit():
-            return ".".join(parts[:i])
-    return None
-
-
-def check_compatible(adapters: Sequence[Adapter], fan_in_fan_out: bool = True) -> None:
-    """Refuse adapters that cannot belong to one base model (or one fan_in_fan_out layout).
-
-    Same base model where recorded; the same ΔW shape for every shared module; adapters that
-    share no module must at least index their layers under a common root (``model.layers``
-    vs ``transformer.h`` means two architectures); with ``fan_in_fan_out``, one setting of it.
-    """
-    bases = {a.base_model for a in adapters if a.base_model}
-    if len(bases) > 1:
-        raise LorasumError(
-            f"adapters were trained on different base models ({', '.join(sorted(bases))}); "
-            "compose adapters of one base model"
-        )
-    shapes: dict[str, tuple[tuple[int, int], Path]] = {}
-    for a in adapters:
-        for name, f in a.modules.items():
-            if name in shapes and shapes[name][0] != f.shape:
-                raise LorasumError(
-                    f"module {name} has ΔW {shapes[name][0]} in {shapes[name][1]} but {f.shape} "
-                    f"in {a.path}; these adapters belong to different base models"
-                )
-            shapes.setdefault(name, (f.shape, a.path))
-    for i, a in enumerate(adapters):
-        for b in adapters[i + 1 :]:
-            if a.modules.keys() & b.modules.keys():
-                continue
-            roots_a = {_layer_root(n) for n in a.modules} - {None}
-            roots_b = {_layer_root(n) for n in b.modules} - {None}
-            if roots_a and roots_b and not roots_a & roots_b:
-                raise LorasumError(
-                    f"adapters {a.path} and {b.path} adapt modules of different model "
-                    f"architectures ({min(a.modules)} vs {min(b.modules)}); compose adapters "
-                    "of one base model"
-                )
-    if fan_in_fan_out:
-        layouts = {bool(a.config.get("fan_in_fan_out")) for a in adapters}
-        if len(layouts) > 1:
-            mixed = ", ".join(f"{a.path}={bool(a.config.get('fan_in_fan_out'))}" for a in adapters)
-            raise LorasumError(
-                f"adapters mix fan_in_fan_out settings ({mixed}); they were made for different "
-                "layer types (Conv1D vs Linear): compose adapters of one base model"
-            )
 
 
 def _check_inside(out: Path, inputs: Sequence[Path], flag: str) -> None:
@@ -124,12 +79,6 @@ def parse_weights(weights: str | Sequence[float] | None, n: int) -> list[float]:
     if not all(math.isfinite(w) for w in weights):
         raise LorasumError(f"--weights {weights}: every weight must be a finite number")
     return weights
-
-
-def _weights_sha256(a: Adapter) -> str:
-    from lorasum.models import sha256_file
-
-    return sha256_file(weights_file(a.path))
 
 
 def adapter_fingerprint(a: Adapter, weights_sha256: str | None = None) -> str:

@@ -290,3 +290,23 @@ def atomic_dir(out: str | Path, marker: dict[str, Any] | None = None) -> Iterato
         if err is e:
             raise
         raise err from None
+
+
+ALLOW_PICKLE_ENV = "LORASUM_ALLOW_PICKLE"
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def pickle_allowed(explicit: bool | None = None) -> bool:
+    """May pickle checkpoints be loaded (always through ``torch.load(weights_only=True)``)?"""
+    return _env_flag(ALLOW_PICKLE_ENV) if explicit is None else explicit
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

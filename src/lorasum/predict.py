@@ -352,9 +352,8 @@ def predict_interference(
     cost nothing. Returns a dict (see `format_prediction`).
     """
     from lorasum import forecast
-    from lorasum.adapters import read_adapter
+    from lorasum.adapters import check_compatible, read_adapter
     from lorasum.calibration import calibrate_adapters, parse_calibration
-    from lorasum.compose import check_compatible
     from lorasum.similarity import _unique_names
 
     if len(paths) < 2:

@@ -164,7 +164,7 @@ def similarity(paths: Sequence[str | Path], plot: str | Path | None = None) -> d
 
     ``plot`` writes a heatmap, a per-layer line plot and the result as JSON into that directory.
     """
-    from lorasum.compose import check_compatible
+    from lorasum.adapters import check_compatible
 
     if len(paths) < 2:
         raise LorasumError("similarity needs at least two adapters")
