@@ -94,12 +94,16 @@ def _unit(fn, *args, gpus: int = 0) -> Unit:
     return Unit("eval", 0, fn.__name__, fn.__name__, fn, args, resources=Resources(gpus=gpus))
 
 
-def test_ray_gives_the_same_study_and_a_rerun_runs_nothing(
+def test_ray_gives_the_same_study_with_a_killed_actor_and_a_rerun_runs_nothing(
     ray_session, local_study, tiny_llama, qa_files, tmp_path, monkeypatch
 ):
     from lorasum.study.ray_executor import RayExecutor
 
-    on_ray = _study(tiny_llama, qa_files, tmp_path / "ray", "ray")
+    with monkeypatch.context() as m:
+        m.setattr("lorasum.study.plan.eval_unit", _eval_killed_once)
+        on_ray = _study(tiny_llama, qa_files, tmp_path / "ray", "ray")
+    pids = (tmp_path / "attempts").read_text().split()
+    assert len(pids) == 2 and pids[0] != pids[1]  # killed once, run again in a new process
     assert _numbers(on_ray) == pytest.approx(_numbers(local_study), rel=1e-5)
     assert not list((tmp_path / "ray").glob(".lorasum-storage-*"))  # the marker is removed
 
@@ -109,16 +113,6 @@ def test_ray_gives_the_same_study_and_a_rerun_runs_nothing(
     again = _study(tiny_llama, qa_files, tmp_path / "ray", "ray")
     assert submitted == []
     assert _numbers(again) == _numbers(on_ray)
-
-
-def test_a_killed_actor_is_restarted_and_its_unit_retried(
-    ray_session, local_study, tiny_llama, qa_files, tmp_path, monkeypatch
-):
-    monkeypatch.setattr("lorasum.study.plan.eval_unit", _eval_killed_once)
-    on_ray = _study(tiny_llama, qa_files, tmp_path / "study", "ray")
-    pids = (tmp_path / "attempts").read_text().split()
-    assert len(pids) == 2 and pids[0] != pids[1]  # killed once, run again in a new process
-    assert _numbers(on_ray) == pytest.approx(_numbers(local_study), rel=1e-5)
 
 
 def test_a_user_error_is_not_retried(ray_session, tiny_llama, tmp_path):
