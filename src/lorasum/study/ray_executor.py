@@ -92,6 +92,10 @@ class RayExecutor:
     def __init__(self, model_spec: str, out: Path, device: str, workers: int, address=None):
         self.ray = ray = import_ray()
         self.verbose = log.isEnabledFor(logging.INFO)
+        self.marker: Path | None = None
+        self._idle: list = []  # actors waiting for a unit
+        self._actors: list = []
+        self._running: dict = {}  # ObjectRef -> (unit, actor)
         self._started = not ray.is_initialized()
         if self._started:
             _init_ray(ray, address, self.verbose)
@@ -113,9 +117,6 @@ class RayExecutor:
         self.marker = Path(out).resolve() / f"{MARKER_PREFIX}{uuid.uuid4().hex}"
         self.marker.parent.mkdir(parents=True, exist_ok=True)
         self.marker.write_text(f"written by the lorasum driver on {socket.gethostname()}\n")
-        self._idle: list = []  # actors waiting for a unit
-        self._actors: list = []
-        self._running: dict = {}  # ObjectRef -> (unit, actor)
 
     def check(self, units: list[Unit]) -> None:
         """Refuse, before anything runs, the units this cluster cannot run."""
@@ -192,7 +193,7 @@ class RayExecutor:
         self._actors.clear()
         self._idle.clear()
         self._running.clear()
-        if getattr(self, "marker", None) is not None:
+        if self.marker is not None:
             self.marker.unlink(missing_ok=True)
         if self._started and self.ray.is_initialized():
             self.ray.shutdown()
@@ -203,7 +204,7 @@ def _init_ray(ray, address: str | None, verbose: bool) -> None:
     kwargs: dict = {
         "include_dashboard": False,
         "log_to_driver": verbose,
-        "logging_level": logging.INFO if verbose else logging.WARNING,
+        "logging_level": logging.INFO if verbose else logging.ERROR,
     }
     if address is None:
         kwargs["num_cpus"] = available_cores()
