@@ -125,7 +125,7 @@ class RayExecutor:
             where = "has no GPU" if not self.gpus else "runs on CPUs (--device cpu)"
             raise LorasumError(
                 f"{len(need_gpu)} unit(s) need a GPU (e.g. {need_gpu[0].label}) but the Ray "
-                f"cluster {where}; add GPU nodes (`ray start --num-gpus N`) or drop --executor ray"
+                f"cluster {where}; add GPU nodes (`ray start --num-gpus N`)"
             )
         several = [u for u in units if u.resources.gpus > 1]
         if several:
