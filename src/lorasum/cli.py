@@ -293,6 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
         "results do not depend on it",
     )
     r.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="auto|HOST:PORT",
+        help="with --executor ray: the running Ray cluster to use (auto: the one `ray start` "
+        "made on this node); default: start a local Ray instance on this machine",
+    )
+    r.add_argument(
         "--plan",
         action="store_true",
         help="print the plan (units by kind, cached / to run, estimated time) and run nothing",
@@ -499,6 +506,7 @@ def _run(args: argparse.Namespace) -> int:
             workers=args.workers,
             max_order=args.max_order,
             executor=args.executor,
+            ray_address=args.ray_address,
             plan_only=args.plan,
             budget=args.budget,
             snapshots=args.snapshots,

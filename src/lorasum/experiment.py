@@ -203,6 +203,7 @@ def reproduce(
     config: str | Path | None = None,
     methods: str | list[str] | dict | None = None,
     executor: str = "local",
+    ray_address: str | None = None,
     plan_only: bool = False,
     **overrides,
 ) -> dict:
@@ -210,12 +211,21 @@ def reproduce(
 
     Settings: the ``preset`` (a YAML file shipped in the package), then the experiment file
     ``config``, then the arguments (None = not given); see `lorasum.study_config`.
+    ``executor``: "local" (worker processes here) or "ray" (Ray actors; ``ray_address`` "auto"
+    or HOST:PORT of a running cluster, None: a local Ray instance).
     ``plan_only``: describe the plan (units by kind, cached / to run, estimated time) and
     return it without running or writing anything.
     """
     t_start = time.perf_counter()
     if executor not in EXECUTORS:
         raise LorasumError(f"--executor {executor!r}: use one of {', '.join(EXECUTORS)}")
+    if ray_address is not None and executor != "ray":
+        raise LorasumError("--ray-address applies to --executor ray; add it or drop --ray-address")
+    if executor == "ray":  # every node reads and writes the study at the same, absolute path
+        from lorasum.study.ray_executor import import_ray
+
+        import_ray()  # installed? (one line if not), before anything is written
+        out = Path(out).absolute()
     args = {"model": model, "domains": domains, "seed_per_domain": seed_per_domain,
             "seeds": seeds, "workers": workers, "max_order": max_order, "methods": methods}  # fmt: skip
     study = resolve(out, preset, config, {**args, **overrides}, overwrite)
@@ -236,7 +246,8 @@ def reproduce(
     base_model = load_model(lay.model, device)
     resolve_target_modules(base_model, lay.base_cfg.target_modules)  # fail before writing
     _write_study_files(study)
-    results, timings = _execute(plan, study, base_model, tokenizer, device, n_workers, executor, progress)  # fmt: skip
+    runner = (executor, ray_address)
+    results, timings = _execute(plan, study, base_model, tokenizer, device, n_workers, runner, progress)  # fmt: skip
     wall = time.perf_counter() - t_start
     summary = aggregate(study, plan, results, timings, str(device), n_workers, wall)
     write_json(lay.out / "results.json", summary)
@@ -259,11 +270,13 @@ def _write_study_files(study: Study) -> None:
     atomic_write_text(out / "experiment.yaml", dump_yaml(study.cfg))
 
 
-def _make_executor(name: str, study: Study, model, tokenizer, device, workers: int):
+def _make_executor(runner: tuple[str, str | None], study: Study, model, tokenizer, device, workers):
+    name, address = runner
     if name == "ray":
         from lorasum.study.ray_executor import RayExecutor
 
-        return RayExecutor(study.layout.model, study.layout.out, device, workers)
+        lay = study.layout
+        return RayExecutor(lay.model, lay.out, lay.base_cfg.device, workers, address)
     return LocalExecutor(study.layout.model, model, tokenizer, device, workers)
 
 

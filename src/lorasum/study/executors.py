@@ -189,6 +189,9 @@ def execute(
     running: set[str] = set()
     to_run: set[str] = set()
     try:
+        check = getattr(executor, "check", None)  # refuses units it cannot run, before any runs
+        if check is not None:
+            check(list(units))
         while waiting or running:
             ready = sorted(
                 (u for u in waiting.values() if all(d in results for d in u.deps)),
