@@ -235,3 +235,24 @@ def test_console_script_entry_point():
         [sys.executable, "-m", "lorasum.cli", "--version"], capture_output=True, text=True
     )
     assert res.returncode == 0 and "lorasum" in res.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "names"),
+    [
+        (["reproduce", "--preset", "nonexistent", "--out", "x"], "--preset"),
+        (["train", "--rank", "abc", "--data", "math", "--out", "x"], "--rank"),
+        ([], "command"),
+        (["compose"], "required"),
+        (["nosuchcommand"], "invalid choice"),
+    ],
+)
+def test_argparse_errors_are_one_line(argv, names, capsys):
+    from lorasum.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and names in err and "--help" in err
+    assert "usage:" not in err

@@ -52,13 +52,20 @@ def _add_dataclass_flags(
             )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: what is wrong and where to look, not the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lorasum.forecast import DATA_PREDICTORS, PREDICTORS
     from lorasum.methods import MergeConfig
     from lorasum.study_config import BUDGETS, STUDY_TRAIN_EXCLUDED, preset_names
     from lorasum.train import TrainConfig
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="lorasum",
         description="Modular fine-tuning by adding LoRA adapters: train, compose exactly, "
         "measure orthogonality, evaluate, and run the naive-summation study.",
