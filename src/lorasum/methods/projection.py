@@ -26,8 +26,10 @@ Exact definition, for one module, N adapters, per-token input Gram matrices Ĝ_i
 4. ΔW = Σ_j w_j ΔW_j P_j = Σ_j s_j B_j (w_j A_j P_j), a LoRA of rank Σ r_j.
 
 Computed as M_j = L Lᵀ (Cholesky), C = L⁻¹ Ĝ_j L⁻ᵀ = Q diag(μ) Qᵀ, V = L⁻ᵀ Q, so
-A_j P_j = ((A_j L) Q_K Q_Kᵀ) L⁻¹: one d_in×d_in Cholesky and eigendecomposition per adapter,
-never a d_out×d_in matrix. ``--rank`` truncates the result (factored SVD).
+A_j P_j = ((A_j L) Q_K Q_Kᵀ) L⁻¹: never a d_out×d_in matrix. One Cholesky per distinct M_j
+(with N = 2 both adapters have M = Ĝ_1 + Ĝ_2: one), the whitenings C_j of adapters sharing an
+L as one batched pair of triangular solves, and all eigendecompositions as one batched float32
+call on one thread (`spectra`). ``--rank`` truncates the result (factored SVD).
 
 What it guarantees (tested): when the domains' inputs lie in disjoint subspaces, the
 composition acts on domain j's inputs exactly as ΔW_j, whatever directions the ΔW_i read (the
