@@ -26,8 +26,10 @@ Exact definition, for one module, N adapters, per-token input Gram matrices Ĝ_i
 4. ΔW = Σ_j w_j ΔW_j P_j = Σ_j s_j B_j (w_j A_j P_j), a LoRA of rank Σ r_j.
 
 Computed as M_j = L Lᵀ (Cholesky), C = L⁻¹ Ĝ_j L⁻ᵀ = Q diag(μ) Qᵀ, V = L⁻ᵀ Q, so
-A_j P_j = ((A_j L) Q_K Q_Kᵀ) L⁻¹: one d_in×d_in Cholesky and eigendecomposition per adapter,
-never a d_out×d_in matrix. ``--rank`` truncates the result (factored SVD).
+A_j P_j = ((A_j L) Q_K Q_Kᵀ) L⁻¹: never a d_out×d_in matrix. One Cholesky per distinct M_j
+(with N = 2 both adapters have M = Ĝ_1 + Ĝ_2: one), the whitenings C_j of adapters sharing an
+L as one batched pair of triangular solves, and all eigendecompositions as one batched float32
+call on one thread (`spectra`). ``--rank`` truncates the result (factored SVD).
 
 What it guarantees (tested): when the domains' inputs lie in disjoint subspaces, the
 composition acts on domain j's inputs exactly as ΔW_j, whatever directions the ΔW_i read (the
@@ -44,7 +46,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lorasum.factors import LoraFactors
+from lorasum.factors import LoraFactors, single_threaded
 from lorasum.methods.registry import MergeMethod, ModuleMerge
 from lorasum.methods.regmean import _FACTORED, lora_result, with_ridge
 
@@ -52,27 +54,68 @@ if TYPE_CHECKING:
     from lorasum.methods.config import MergeConfig
 
 
-def projection_basis(
-    own: torch.Tensor, others: torch.Tensor, ratio: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L, Q_kept): M_j = L Lᵀ and the kept eigenvectors of C = L⁻¹ Ĝ_j L⁻ᵀ (float64).
+def whitened(L: torch.Tensor, grams: torch.Tensor) -> torch.Tensor:
+    """C_j = L⁻¹ Ĝ_j L⁻ᵀ, symmetrised, for a stack of Ĝ_j (k, d_in, d_in), float64.
 
-    C is formed in float64; its eigenvalues lie in [0, 1], so its eigendecomposition runs in
-    float32 (2–3× faster than float64; the projector moves by ~1e-6 relative, and only an
-    eigenvalue within ~1e-7 of the threshold could be kept or dropped differently).
-    """
-    L = torch.linalg.cholesky(with_ridge(own + others))  # M_j = L Lᵀ, (d_in, d_in)
-    half = torch.linalg.solve_triangular(L, own, upper=False)  # L⁻¹ Ĝ_j
-    C = torch.linalg.solve_triangular(L, half.T, upper=False)  # L⁻¹ Ĝ_j L⁻ᵀ
-    mu, Q = torch.linalg.eigh(((C + C.T) / 2).float())  # (d_in,), (d_in, d_in)
-    return L, Q[:, mu > 1.0 / (1.0 + ratio)].double()  # (d_in, k)
+    One batched pair of triangular solves for every adapter that shares L (soft_projection:
+    all of them; orthogonal_projection with N = 2: both)."""
+    half = torch.linalg.solve_triangular(L, grams, upper=False)  # L⁻¹ Ĝ_j, (k, d_in, d_in)
+    C = torch.linalg.solve_triangular(L, half.mT, upper=False)  # L⁻¹ Ĝ_j L⁻ᵀ
+    return (C + C.mT) / 2
+
+
+def spectra(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenpairs (μ (k, d_in), Q (k, d_in, d_in)) of a stack of C_j, float32, on one thread.
+
+    The eigenvalues lie in [0, 1], so float32 suffices (2–3× faster than float64; the
+    projector moves by ~1e-6 relative). One thread: LAPACK's threaded eigensolver stalls when
+    another process holds a core (measured on this 2-core machine: 1536² in 0.54 s on one
+    thread, 2.3 s on two with one core busy), and it gains little on an idle machine."""
+    with single_threaded():
+        return torch.linalg.eigh(C.float())
+
+
+def projection_bases(
+    grams: Sequence[torch.Tensor], present: Sequence[bool], ratio: float
+) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """Per present adapter (L_j, Q_kept): M_j = L_j L_jᵀ and the eigenvectors of
+    C_j = L_j⁻¹ Ĝ_j L_j⁻ᵀ with μ > 1/(1 + ρ) (float64); None for an absent one.
+
+    M_j = Ĝ_j + Ḡ_j; adapters with equal M_j (always with N = 2) share one Cholesky and one
+    batched whitening; all the eigendecompositions run as one batched call."""
+    n = len(grams)
+    factors: list[tuple[torch.Tensor, torch.Tensor]] = []  # (M, L), one per distinct M_j
+    owner: dict[int, int] = {}  # adapter -> index into factors
+    for j in range(n):
+        if not present[j]:
+            continue
+        rest = [g for i, g in enumerate(grams) if i != j]
+        others = sum(rest) / len(rest) if rest else torch.zeros_like(grams[j])  # Ḡ_j
+        M = with_ridge(grams[j] + others)  # (d_in, d_in)
+        same = next((k for k, (m, _) in enumerate(factors) if torch.equal(m, M)), None)
+        if same is None:
+            factors.append((M, torch.linalg.cholesky(M)))
+            same = len(factors) - 1
+        owner[j] = same
+    if not owner:
+        return [None] * n
+    order = sorted(owner)  # present adapters
+    C = torch.empty(len(order), *grams[order[0]].shape, dtype=torch.float64)  # (k, d_in, d_in)
+    for k, (_, L) in enumerate(factors):
+        rows = [i for i, j in enumerate(order) if owner[j] == k]
+        C[rows] = whitened(L, torch.stack([grams[order[i]] for i in rows]))
+    mu, Q = spectra(C)  # (k, d_in), (k, d_in, d_in)
+    out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n
+    for i, j in enumerate(order):
+        out[j] = (factors[owner[j]][1], Q[i][:, mu[i] > 1.0 / (1.0 + ratio)].double())
+    return out
 
 
 def projected_A(A: torch.Tensor, basis: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """A P (r, d_in) for rows A (r, d_in) and ``projection_basis``'s (L, Q_kept)."""
-    L, Q_kept = basis
-    Y = ((A @ L) @ Q_kept) @ Q_kept.T  # (r, d_in)
-    return torch.linalg.solve_triangular(L.T, Y.T, upper=True).T  # Y L⁻¹
+    """A P (r, d_in) for rows A (r, d_in) and a basis (L, Y): P = L Y Yᵀ L⁻¹."""
+    L, Y = basis
+    Z = ((A @ L) @ Y) @ Y.T  # (r, d_in)
+    return torch.linalg.solve_triangular(L.T, Z.T, upper=True).T  # Z L⁻¹
 
 
 def merge_orthogonal_projection(
@@ -85,16 +128,10 @@ def merge_orthogonal_projection(
     ratio = config.option("projection_ratio")
     grams = [g.double() for g in grams]  # the same objects when already float64
 
-    def bases() -> list[tuple[torch.Tensor, torch.Tensor] | None]:
-        out = []
-        for j, t in enumerate(terms):
-            rest = [g for i, g in enumerate(grams) if i != j]
-            others = sum(rest) / len(rest) if rest else torch.zeros_like(grams[j])  # Ḡ_j
-            out.append(None if t is None else projection_basis(grams[j], others, ratio))
-        return out
-
     present = tuple(t is not None for t in terms)
-    found = _FACTORED.get(grams, ("projection", ratio, present), bases)  # q/k/v: once
+    found = _FACTORED.get(  # q/k/v: once
+        grams, ("projection", ratio, present), lambda: projection_bases(grams, present, ratio)
+    )
     Bs, As = [], []
     for t, w, basis in zip(terms, weights, found, strict=True):
         if t is None:

@@ -1,0 +1,129 @@
+"""The batched projection merges (one Cholesky per distinct M, whitenings and
+eigendecompositions stacked) against the per-adapter dense computation they replaced, written
+plainly here from the methods' definitions: random LoRA factors with non-zero B, several
+shapes, full-rank, rank-deficient and overlapping input statistics, an absent adapter."""
+
+import pytest
+import torch
+
+from lorasum.factors import LoraFactors
+from lorasum.methods import MergeConfig, merge_adapters
+from lorasum.methods.regmean import _FACTORED
+
+
+def _ridged(M: torch.Tensor) -> torch.Tensor:
+    return M + 1e-6 * torch.trace(M) * torch.eye(M.shape[0], dtype=M.dtype)
+
+
+def _pencil(own: torch.Tensor, M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """μ, V with Ĝ_j V = M V diag(μ), Vᵀ M V = I, one adapter at a time.
+
+    As in the per-adapter code this replaced, the eigendecomposition of C = L⁻¹ Ĝ_j L⁻ᵀ runs
+    in float32 (its eigenvalues lie in [0, 1]); the rest is float64. With a ridge-dominated
+    null space (rank-deficient inputs) that rounding alone moves the result by ~1e-5 from a
+    float64 eigendecomposition, so the reference keeps it to test the restructuring exactly.
+    """
+    L = torch.linalg.cholesky(M)
+    Linv = torch.linalg.inv(L)
+    C = Linv @ own @ Linv.T
+    mu, Q = torch.linalg.eigh(((C + C.T) / 2).float())
+    return mu.double(), Linv.T @ Q.double()
+
+
+def projection_dense(deltas, grams, ratio: float) -> torch.Tensor:
+    """Σ_j ΔW_j M_j V_K V_Kᵀ, M_j = Ĝ_j + mean_{i≠j} Ĝ_i + λI, K = {μ > 1/(1+ρ)}."""
+    total = 0
+    for j, d in enumerate(deltas):
+        if d is None:
+            continue
+        others = [g for i, g in enumerate(grams) if i != j]
+        M = _ridged(grams[j] + (sum(others) / len(others) if others else 0 * grams[j]))
+        mu, V = _pencil(grams[j], M)
+        K = V[:, mu > 1 / (1 + ratio)]
+        total = total + d @ M @ K @ K.T
+    return total
+
+
+def soft_dense(deltas, grams) -> torch.Tensor:
+    """Σ_j ΔW_j M V_j diag(min(1, N μ_j)) V_jᵀ, M = Σ Ĝ_i + λI."""
+    M = _ridged(sum(grams))
+    total = 0
+    for j, d in enumerate(deltas):
+        if d is None:
+            continue
+        mu, V = _pencil(grams[j], M)
+        total = total + d @ M @ V @ torch.diag((len(grams) * mu).clamp(0, 1)) @ V.T
+    return total
+
+
+def _gram(g: torch.Generator, basis: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Per-token Gram of ``tokens`` random inputs inside span(basis) (d_in, k)."""
+    X = basis @ torch.randn(basis.shape[1], tokens, generator=g, dtype=torch.float64)
+    return X @ X.T / tokens
+
+
+def _grams(kind: str, n: int, d_in: int, g: torch.Generator) -> list[torch.Tensor]:
+    eye = torch.eye(d_in, dtype=torch.float64)
+    if kind == "full":
+        return [_gram(g, eye, 4 * d_in) for _ in range(n)]
+    if kind == "rank_deficient":  # fewer tokens than dimensions: each Ĝ_j singular
+        return [_gram(g, eye, d_in // 3) for _ in range(n)]
+    if kind == "overlapping":  # a shared subspace plus a few directions of one's own
+        shared = torch.randn(d_in, d_in // 3, generator=g, dtype=torch.float64)
+        own = [eye[:, 2 * j : 2 * j + 3] for j in range(n)]  # neighbours overlap in one axis
+        return [_gram(g, shared, 2 * d_in) + 3 * _gram(g, own[j], 50) for j in range(n)]
+    if kind == "identical":  # every M_j equal, also for N = 3
+        return [_gram(g, eye, 2 * d_in)] * n
+    raise ValueError(kind)
+
+
+def _factors(g: torch.Generator, d_out: int, d_in: int, r: int) -> LoraFactors:
+    A = torch.randn(r, d_in, generator=g)
+    B = torch.randn(d_out, r, generator=g)  # non-zero B: ΔW ≠ 0
+    return LoraFactors(A=A, B=B, scale=0.5 + float(torch.rand(1, generator=g)))
+
+
+def _dense(f: LoraFactors | None) -> torch.Tensor | None:
+    return None if f is None else f.scale * f.B.double() @ f.A.double()
+
+
+CASES = [  # (d_out, d_in, ranks (None = absent adapter), Gram kind)
+    (10, 12, (2, 3), "full"),
+    (7, 24, (4, 4, 2), "full"),
+    (16, 30, (4, 8), "rank_deficient"),
+    (9, 18, (3, None, 2), "rank_deficient"),
+    (12, 20, (2, 4, 3), "overlapping"),
+    (8, 16, (4, 4), "overlapping"),
+    (6, 15, (2, 3, 4), "identical"),
+]
+
+
+@pytest.mark.parametrize(
+    "method,ratio",
+    [("soft_projection", None), ("orthogonal_projection", 4.0), ("orthogonal_projection", 1.5)],
+)
+@pytest.mark.parametrize("d_out,d_in,ranks,kind", CASES)
+def test_batched_projection_equals_the_per_adapter_dense_definition(
+    method, ratio, d_out, d_in, ranks, kind
+):
+    g = torch.Generator().manual_seed(d_in * 31 + len(ranks))
+    grams = _grams(kind, len(ranks), d_in, g)
+    terms = [None if r is None else _factors(g, d_out, d_in, r) for r in ranks]
+    deltas = [_dense(t) for t in terms]
+    options = {} if ratio is None else {"projection_ratio": ratio}
+    _FACTORED.clear()
+    result = merge_adapters(
+        [{"m": t} if t is not None else {} for t in terms],
+        [1.0] * len(terms),
+        MergeConfig(method=method, **options),
+        [{"m": G} for G in grams],
+    )
+    f = result.modules["m"]
+    got = f.scale * f.B.double() @ f.A.double()
+    if method == "soft_projection":
+        reference = soft_dense(deltas, grams)
+    else:
+        reference = projection_dense(deltas, grams, ratio)
+    assert float(reference.norm()) > 1e-3 * sum(float(d.norm()) for d in deltas if d is not None)
+    err = float((got - reference).norm() / reference.norm())
+    assert err < 1e-5, err
