@@ -248,6 +248,7 @@ def test_compose_projection_with_explicit_calibration_and_refusals(
     )
 
     elsewhere = make_adapter(tiny_llama, tmp_path / "elsewhere", r=2)
+    capsys.readouterr()  # drop the model loads' progress bars above: only main's lines count
     rc = main([
         "compose", str(trained_pair[0]), str(elsewhere), "--method", "regmean",
         "--out", str(tmp_path / "x"),
