@@ -120,6 +120,16 @@ def qa_files(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(autouse=True)
+def _own_calibration_cache(monkeypatch, tmp_path_factory):
+    """Each test its own calibration cache (it is shared across studies under $LORASUM_HOME):
+    tests that count forward passes must not find another test's statistics."""
+    import lorasum.calibration
+
+    path = tmp_path_factory.mktemp("calibration")
+    monkeypatch.setattr(lorasum.calibration, "cache_dir", lambda: path)
+
+
+@pytest.fixture(autouse=True)
 def _offline(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

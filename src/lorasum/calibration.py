@@ -1,4 +1,4 @@
-"""Input statistics of a domain at every adapted module: Gram matrices, cached beside the adapter.
+"""Input statistics of a domain at every adapted module: Gram matrices, cached per domain.
 
 For an adapter and its domain's data, every adapted module m (``nn.Linear`` or GPT-2 ``Conv1D``)
 gets
@@ -25,13 +25,14 @@ Choices, and why:
   over a batch's ~2k tokens left rounding of ~1e-6 that made rank-deficient Grams
   indefinite), added into a float64 accumulator. Modules that read the same tensor (q/k/v
   projections) share one product and one stored matrix.
-- **Cache**: ``<adapter>/calibration-<key>.safetensors``, written atomically, fp32 on disk,
-  each symmetric matrix as its packed upper triangle (a quarter of the bytes of a float64
-  square; a freshly computed result is rounded the same way, so results do not depend on the
-  cache; files written before packing, with square matrices, are read as they are). The key hashes the adapter's weights file (conservative: the
-  statistics do not depend on the weights, but a file beside the adapter must not outlive
-  it), the data's fingerprints, the model spec, max_length and the module list. Files made
-  for older weights of the adapter are removed when a new one is written.
+- **Cache**: ``$LORASUM_HOME/calibration/calibration-<key>.safetensors``, written
+  atomically, fp32 on disk, each symmetric matrix as its packed upper triangle (a quarter of
+  the bytes of a float64 square; a freshly computed result is rounded the same way, so results
+  do not depend on the cache). The key hashes what the statistics depend on — the data's
+  fingerprints, the model spec, max_length and the module list — and not the adapter: every
+  adapter of a domain (every seed and budget of a study, every study) shares one file, so a
+  3-seed study calibrates each domain once. (Earlier versions kept a file beside each adapter,
+  keyed by its weights too; those files are no longer read.)
 """
 
 from __future__ import annotations
@@ -156,20 +157,27 @@ def _model_spec(adapter: Adapter, cfg: dict, model: str | nn.Module | None) -> s
 
 
 def calibration_key(
-    adapter: Adapter, sources: Sequence[Source], model_spec: str, max_length: int, modules
+    adapter: Adapter | None, sources: Sequence[Source], model_spec: str, max_length: int, modules
 ) -> str:
-    from lorasum.adapters import weights_sha256 as _weights_sha256
-
+    """What the statistics depend on: the base model, the data's train split, max_length and
+    the modules — not the adapter (``adapter`` is accepted for the callers' convenience), so
+    every adapter of a domain (each seed, each budget) shares one file."""
     return config_key(
         {
-            "adapter_weights": _weights_sha256(adapter),
             "data": [{"origin": s.origin, "train": s.fingerprint()["train"]} for s in sources],
             "model": model_spec,
             "max_length": max_length,
             "modules": sorted(modules),
-            "version": 1,  # of this file's statistics
+            "version": 2,  # of this file's statistics (1: keyed by the adapter's weights too)
         }
     )
+
+
+def cache_dir() -> Path:
+    """Where the statistics are cached: $LORASUM_HOME/calibration (shared by all studies)."""
+    from lorasum.models import lorasum_home
+
+    return lorasum_home() / "calibration"
 
 
 # --- streaming the statistics ----------------------------------------------------------------
@@ -296,20 +304,20 @@ def _read_cache(path: Path, key: str) -> Calibration | None:
     )
 
 
-def _write_cache(path: Path, calibration: Calibration, aliases: dict[str, str], adapter_sha: str):
-    """Atomically write the statistics (temp file + rename); a read-only adapter dir is skipped."""
+def _write_cache(path: Path, calibration: Calibration, aliases: dict[str, str]) -> None:
+    """Atomically write the statistics (temp file + rename); an unwritable cache is skipped."""
     from safetensors.torch import save_file
 
     owners = {m: g for m, g in calibration.grams.items() if m not in aliases}
     meta = {
         "key": calibration.key,
-        "adapter_sha256": adapter_sha,
         "tokens": calibration.tokens,
         "aliases": aliases,
         "info": calibration.info,
     }
     tensors = {f"gram.{m}": pack_symmetric(g.float()) for m, g in owners.items()}
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_beside(path)
     except OSError as e:
         log.warning("cannot cache calibration statistics in %s (%s)", path.parent, e)
@@ -322,24 +330,6 @@ def _write_cache(path: Path, calibration: Calibration, aliases: dict[str, str], 
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _remove_stale(path, adapter_sha)
-
-
-def _remove_stale(keep: Path, adapter_sha: str) -> None:
-    """Delete cache files made for other weights of this adapter (they can never match again)."""
-    from safetensors.torch import safe_open
-
-    for other in keep.parent.glob(f"{FILE_PREFIX}*.safetensors"):
-        if other == keep:
-            continue
-        try:
-            with safe_open(str(other), framework="pt") as f:
-                sha = json.loads((f.metadata() or {})["lorasum"]).get("adapter_sha256")
-        except Exception:  # noqa: BLE001 - an unreadable cache file is stale too
-            sha = None
-        if sha != adapter_sha:
-            with contextlib.suppress(OSError):
-                other.unlink()
 
 
 # --- the entry points ------------------------------------------------------------------------
@@ -358,7 +348,7 @@ class _Plan:
 
     @property
     def path(self) -> Path:
-        return self.adapter.path / f"{FILE_PREFIX}{self.key}.safetensors"
+        return cache_dir() / f"{FILE_PREFIX}{self.key}.safetensors"
 
     def cached(self) -> Calibration | None:
         return _read_cache(self.path, self.key) if self.path.is_file() else None
@@ -414,7 +404,6 @@ def calibrate(
 
 
 def _compute(plan: _Plan, model, tokenizer, batch_size: int, device: str, cache: bool):
-    from lorasum.adapters import weights_sha256 as _weights_sha256
     from lorasum.models import load_model, load_tokenizer, pick_device
     from lorasum.tokens import tokenize_cached
 
@@ -451,7 +440,7 @@ def _compute(plan: _Plan, model, tokenizer, batch_size: int, device: str, cache:
     full = {m: stored[aliases.get(m, m)] for m in plan.modules}
     result = Calibration(grams=full, tokens=tokens, key=plan.key, info=info, computed=True)
     if cache:
-        _write_cache(plan.path, result, aliases, _weights_sha256(plan.adapter))
+        _write_cache(plan.path, result, aliases)
         result.path = plan.path if plan.path.is_file() else None
     return result
 
