@@ -171,23 +171,10 @@ def weights_file(path: str | Path) -> Path:
     return w_path if w_path.is_file() or not (path / PICKLE_NAME).is_file() else path / PICKLE_NAME
 
 
-def read_adapter(
-    path: str | Path, strict: bool = False, allow_pickle: bool | None = None
-) -> Adapter:
-    """Read and validate a PEFT LoRA adapter directory into fp32 factors.
-
-    ``strict`` (compose, similarity) also refuses what a sum of ΔW cannot represent:
-    ``modules_to_save``, trainable tokens, base-changing inits, any tensor that is not a
-    lora_A/lora_B weight. Without it (evaluation, where PEFT applies the adapter itself) such
-    extras are ignored, but DoRA, LoRA bias and embedding LoRA are still refused.
-    Weights are read from safetensors; a pickle ``adapter_model.bin`` only with
-    ``allow_pickle`` (default: ``$LORASUM_ALLOW_PICKLE``, set by ``--allow-pickle``), and then
-    through ``torch.load(weights_only=True)``.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise LorasumError(f"adapter {path} is not a directory; pass a PEFT adapter directory")
-    cfg_path, w_path = path / CONFIG_NAME, weights_file(path)
+def _read_config(path: Path, strict: bool) -> dict:
+    """The adapter's adapter_config.json, checked: a PEFT LoRA config with valid r/lora_alpha
+    and nothing that ``unsupported_config`` refuses."""
+    cfg_path = path / CONFIG_NAME
     if not cfg_path.is_file():
         raise LorasumError(
             f"adapter {path} has no {CONFIG_NAME}; pass a directory that PEFT's "
@@ -219,8 +206,14 @@ def read_adapter(
     problem = unsupported_config(config, strict)
     if problem:
         raise LorasumError(f"adapter {path} {problem}")
-    tensors = _load_weights(path, allow_pickle)
+    return config
 
+
+def _lora_pairs(
+    path: Path, w_path: Path, tensors: dict[str, torch.Tensor], strict: bool
+) -> dict[str, dict[str, torch.Tensor]]:
+    """{module: {"A": lora_A, "B": lora_B}} from the saved tensors; refuses the other tensors
+    a sum of ΔW cannot represent (all of them when ``strict``)."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     others = [key for key in tensors if _KEY.match(key) is None]
     if not strict:  # PEFT applies e.g. modules_to_save copies itself; ΔW ignores them
@@ -236,41 +229,66 @@ def read_adapter(
         pairs.setdefault(module, {})[m.group("AB")] = tensor
     if not pairs:
         raise LorasumError(f"{w_path} holds no lora_A/lora_B tensors; is it a LoRA adapter?")
+    return pairs
 
-    r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    modules: dict[str, LoraFactors] = {}
-    for module, ab in sorted(pairs.items()):
-        if set(ab) != {"A", "B"}:
-            raise LorasumError(
-                f"adapter {path}: module {module} has lora_{set(ab).pop()} only; "
-                "re-save the adapter"
-            )
-        if not (ab["A"].is_floating_point() and ab["B"].is_floating_point()):
-            raise LorasumError(
-                f"adapter {path}: module {module} has {ab['A'].dtype}/{ab['B'].dtype} weights, "
-                "not floating point; re-save the adapter"
-            )
-        A, B = ab["A"].float(), ab["B"].float()
-        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
-            raise LorasumError(
-                f"adapter {path}: module {module} has incompatible shapes "
-                f"A {tuple(A.shape)} and B {tuple(B.shape)}"
-            )
-        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-            raise LorasumError(
-                f"adapter {path}: module {module} holds NaN/inf weights; re-train or re-save it"
-            )
-        r = _pattern_value(rank_pattern, module, r_default)
-        alpha = _pattern_value(alpha_pattern, module, alpha_default)
-        if r != A.shape[0]:
-            raise LorasumError(
-                f"adapter {path}: module {module} has rank {A.shape[0]} but the config says {r}; "
-                "fix r/rank_pattern in its adapter_config.json"
-            )
-        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        modules[module] = LoraFactors(A=A, B=B, scale=float(scale))
+
+def _module_factors(
+    path: Path, module: str, ab: dict[str, torch.Tensor], config: dict
+) -> LoraFactors:
+    """One module's checked fp32 factors and its scale (alpha/r, or alpha/√r with rsLoRA)."""
+    if set(ab) != {"A", "B"}:
+        raise LorasumError(
+            f"adapter {path}: module {module} has lora_{set(ab).pop()} only; re-save the adapter"
+        )
+    if not (ab["A"].is_floating_point() and ab["B"].is_floating_point()):
+        raise LorasumError(
+            f"adapter {path}: module {module} has {ab['A'].dtype}/{ab['B'].dtype} weights, "
+            "not floating point; re-save the adapter"
+        )
+    A, B = ab["A"].float(), ab["B"].float()  # (r, in), (out, r)
+    if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+        raise LorasumError(
+            f"adapter {path}: module {module} has incompatible shapes "
+            f"A {tuple(A.shape)} and B {tuple(B.shape)}"
+        )
+    if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+        raise LorasumError(
+            f"adapter {path}: module {module} holds NaN/inf weights; re-train or re-save it"
+        )
+    r = _pattern_value(config.get("rank_pattern") or {}, module, config.get("r", 8))
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
+    if r != A.shape[0]:
+        raise LorasumError(
+            f"adapter {path}: module {module} has rank {A.shape[0]} but the config says {r}; "
+            "fix r/rank_pattern in its adapter_config.json"
+        )
+    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    return LoraFactors(A=A, B=B, scale=float(scale))
+
+
+def read_adapter(
+    path: str | Path, strict: bool = False, allow_pickle: bool | None = None
+) -> Adapter:
+    """Read and validate a PEFT LoRA adapter directory into fp32 factors.
+
+    ``strict`` (compose, similarity) also refuses what a sum of ΔW cannot represent:
+    ``modules_to_save``, trainable tokens, base-changing inits, any tensor that is not a
+    lora_A/lora_B weight. Without it (evaluation, where PEFT applies the adapter itself) such
+    extras are ignored, but DoRA, LoRA bias and embedding LoRA are still refused.
+    Weights are read from safetensors; a pickle ``adapter_model.bin`` only with
+    ``allow_pickle`` (default: ``$LORASUM_ALLOW_PICKLE``, set by ``--allow-pickle``), and then
+    through ``torch.load(weights_only=True)``.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise LorasumError(f"adapter {path} is not a directory; pass a PEFT adapter directory")
+    w_path = weights_file(path)
+    config = _read_config(path, strict)
+    tensors = _load_weights(path, allow_pickle)
+    pairs = _lora_pairs(path, w_path, tensors, strict)
+    modules = {
+        module: _module_factors(path, module, ab, config) for module, ab in sorted(pairs.items())
+    }
     return Adapter(path=path, config=config, modules=modules)
 
 

@@ -205,6 +205,103 @@ def compose_key(
     return _ComposeInputs.read(paths, weights, model, config, calibration).key
 
 
+def _check_merged_out(
+    merge_into_base: str | Path | None, out: Path, inputs: _ComposeInputs, overwrite: bool
+) -> Path | None:
+    """The --merge-into-base directory, checked (a base model, apart from --out and the
+    inputs, empty or overwritable); None when not asked for."""
+    merged_out = Path(merge_into_base) if merge_into_base else None
+    if merged_out is not None:
+        if inputs.base is None:
+            raise LorasumError("the adapters do not name their base model; pass --model")
+        if merged_out.resolve() == out.resolve():
+            raise LorasumError("--merge-into-base must differ from --out")
+        _check_inside(merged_out, [a.path for a in inputs.adapters], "--merge-into-base")
+        check_output_dir(merged_out, None, overwrite)
+    return merged_out
+
+
+def _recipe(
+    inputs: _ComposeInputs, out: Path, config: MergeConfig, result: Any, calibrated: list | None
+) -> dict:
+    """The recipe.json of a composed adapter: command, method, inputs and their hashes,
+    calibration statistics used, and the per-module report of the merge."""
+    adapters = inputs.adapters
+    return {
+        "lorasum_version": __version__,
+        "command": _command(
+            [a.path for a in adapters], out, config, inputs.given, inputs.calibration_data
+        ),
+        "method": inputs.method.name,
+        "options": {k: v for k, v in inputs.resolved.items() if k != "method"},
+        "weights": inputs.weights,
+        "base_model": inputs.base,
+        "inputs": [
+            {
+                "path": str(a.path),
+                "fingerprint": fp,
+                "weights_sha256": sha,
+                "r": a.config.get("r"),
+                "lora_alpha": a.config.get("lora_alpha"),
+                "use_rslora": bool(a.config.get("use_rslora")),
+                "modules": len(a.modules),
+            }
+            for a, fp, sha in zip(adapters, inputs.fingerprints, inputs.shas, strict=True)
+        ],
+        "rank": result.rank,
+        "needed_rank": result.needed_rank,
+        **(
+            {
+                "calibration": [
+                    {"key": c.key, "file": str(c.path) if c.path else None, **c.info}
+                    for c in calibrated
+                ]
+            }
+            if calibrated is not None
+            else {}
+        ),
+        "modules": result.report,
+    }
+
+
+def _write_composed(
+    inputs: _ComposeInputs, out: Path, config: MergeConfig, model: str | None
+) -> dict:
+    """Merge the inputs and write the adapter, its recipe and model card atomically into
+    ``out``; returns the lorasum.json marker."""
+    adapters, w, base = inputs.adapters, inputs.weights, inputs.base
+    grams, calibrated = None, None
+    if inputs.method.calibration:
+        calibrated = calibrate_adapters(
+            adapters, inputs.calibration_data, model=model, modules=inputs.modules
+        )
+        grams = [c.normalised() for c in calibrated]
+    result = merge_adapters([a.modules for a in adapters], w, config, grams)
+    recipe = _recipe(inputs, out, config, result, calibrated)
+    marker = {
+        "kind": "composed",
+        "key": inputs.key,
+        "lorasum_version": __version__,
+        "sources": [str(a.path) for a in adapters],
+        "weights": w,
+        "base_model": base,
+        "method": inputs.method.name,
+        "recipe": recipe,
+    }
+    fan_in_fan_out = any(a.config.get("fan_in_fan_out") for a in adapters)
+    with atomic_dir(out, marker=marker) as tmp:
+        write_adapter(
+            tmp,
+            result.modules,
+            base,
+            fan_in_fan_out=fan_in_fan_out,
+            task_type=adapters[0].config.get("task_type") or "CAUSAL_LM",
+        )
+        write_json(tmp / RECIPE_NAME, recipe)
+        atomic_write_text(tmp / CARD_NAME, _model_card(recipe))
+    return marker
+
+
 def compose(
     paths: Sequence[str | Path],
     out: str | Path,
@@ -234,90 +331,18 @@ def compose(
     elif options or method != "sum":
         raise TypeError("pass either config or method/options, not both")
     inputs = _ComposeInputs.read(paths, weights, model, config, calibration)
-    adapters, merge_method, given, w = inputs.adapters, inputs.method, inputs.given, inputs.weights
-    base, shas, fingerprints = inputs.base, inputs.shas, inputs.fingerprints
-    calibration_data, union, resolved, key = (
-        inputs.calibration_data,
-        inputs.modules,
-        inputs.resolved,
-        inputs.key,
-    )
     out = Path(out)
-    _check_inside(out, [a.path for a in adapters], "--out")
+    _check_inside(out, [a.path for a in inputs.adapters], "--out")
     # reuse_same: with overwrite, still keep a finished result that has the same key.
+    key = inputs.key
     reuse = check_output_dir(out, key, overwrite and not (reuse_same and existing_key(out) == key))
-    merged_out = Path(merge_into_base) if merge_into_base else None
-    if merged_out is not None:
-        if base is None:
-            raise LorasumError("the adapters do not name their base model; pass --model")
-        if merged_out.resolve() == out.resolve():
-            raise LorasumError("--merge-into-base must differ from --out")
-        _check_inside(merged_out, [a.path for a in adapters], "--merge-into-base")
-        check_output_dir(merged_out, None, overwrite)
+    merged_out = _check_merged_out(merge_into_base, out, inputs, overwrite)
     if not reuse:
-        grams, calibrated = None, None
-        if merge_method.calibration:
-            calibrated = calibrate_adapters(adapters, calibration_data, model=model, modules=union)
-            grams = [c.normalised() for c in calibrated]
-        result = merge_adapters([a.modules for a in adapters], w, config, grams)
-        recipe = {
-            "lorasum_version": __version__,
-            "command": _command([a.path for a in adapters], out, config, given, calibration_data),
-            "method": merge_method.name,
-            "options": {k: v for k, v in resolved.items() if k != "method"},
-            "weights": w,
-            "base_model": base,
-            "inputs": [
-                {
-                    "path": str(a.path),
-                    "fingerprint": fp,
-                    "weights_sha256": sha,
-                    "r": a.config.get("r"),
-                    "lora_alpha": a.config.get("lora_alpha"),
-                    "use_rslora": bool(a.config.get("use_rslora")),
-                    "modules": len(a.modules),
-                }
-                for a, fp, sha in zip(adapters, fingerprints, shas, strict=True)
-            ],
-            "rank": result.rank,
-            "needed_rank": result.needed_rank,
-            **(
-                {
-                    "calibration": [
-                        {"key": c.key, "file": str(c.path) if c.path else None, **c.info}
-                        for c in calibrated
-                    ]
-                }
-                if calibrated is not None
-                else {}
-            ),
-            "modules": result.report,
-        }
-        marker = {
-            "kind": "composed",
-            "key": key,
-            "lorasum_version": __version__,
-            "sources": [str(a.path) for a in adapters],
-            "weights": w,
-            "base_model": base,
-            "method": merge_method.name,
-            "recipe": recipe,
-        }
-        fan_in_fan_out = any(a.config.get("fan_in_fan_out") for a in adapters)
-        with atomic_dir(out, marker=marker) as tmp:
-            write_adapter(
-                tmp,
-                result.modules,
-                base,
-                fan_in_fan_out=fan_in_fan_out,
-                task_type=adapters[0].config.get("task_type") or "CAUSAL_LM",
-            )
-            write_json(tmp / RECIPE_NAME, recipe)
-            atomic_write_text(tmp / CARD_NAME, _model_card(recipe))
+        marker = _write_composed(inputs, out, config, model)
     else:
         marker = read_json(out / "lorasum.json")
     if merged_out is not None:
-        merge_adapter_into_base(out, base, merged_out, recipe=marker.get("recipe"))
+        merge_adapter_into_base(out, inputs.base, merged_out, recipe=marker.get("recipe"))
         marker = {**marker, "merged_model": str(merged_out)}
     return marker
 

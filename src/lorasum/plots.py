@@ -89,67 +89,53 @@ def _legend(ax, n: int) -> None:
 MANY = 12  # beyond this many combinations, figures stop naming each one in a legend
 
 
-def delta_vs_predictor(results: dict, name: str) -> bytes | None:
-    """Δ% against one predictor: every (combination, seed) point, each combination's mean, and
-    the least-squares line with its 95 % confidence band (``results["statistics"][name]``, or
-    ``results["correlation"]`` for RMS cosine in older results: line only).
+def _plot_combination(
+    ax, r: dict, name: str, color: str, label: str | None, many: bool, several: bool
+) -> list[float]:
+    """One combination's mean (with its CI bar if any) and, over several seeds, its seed
+    points; returns the x values drawn."""
+    x, y = predictor_value(r, name), r["delta_pct"]
+    xs = [x]
+    if several:
+        seed_pts = [(predictor_value(s, name), s.get("delta_pct")) for s in r.get("per_seed") or []]
+        seed_pts = [(a, b) for a, b in seed_pts if a is not None and is_number(b)]
+        if seed_pts:
+            xs += [a for a, _ in seed_pts]
+            ax.scatter(*zip(*seed_pts, strict=True), color=color, alpha=0.3, s=10)
+    ci = (r.get("ci95") or {}).get("delta_pct")
+    if ci and is_number(ci[0]) and is_number(ci[1]):
+        ax.errorbar(
+            [x],
+            [y],
+            yerr=[[y - ci[0]], [ci[1] - y]],
+            fmt="o",
+            color=color,
+            capsize=3,
+            label=label,
+            zorder=3,
+            ms=5 if many else 6,
+        )
+    else:
+        ax.scatter([x], [y], color=color, s=30, label=label, zorder=3)
+    return xs
 
-    Up to ``MANY`` combinations each has its colour and legend entry; beyond, one colour, and
-    the three highest and three lowest Δ% are named beside their points."""
-    plt = _plt()
-    rows = [
-        r
-        for r in results["combinations"]
-        if predictor_value(r, name) is not None and is_number(r.get("delta_pct"))
-    ]
-    if not rows:
-        return None
-    many = len(rows) > MANY
-    colors = combo_colors(results)
-    stats = (results.get("statistics") or {}).get(name) or {}
-    points = stats.get("points") or {}
-    several = len(results.get("seeds") or []) > 1
-    fig, ax = plt.subplots(figsize=(6.0, 4.0))
-    xs_all = []
-    for r in rows:
-        cname = combo_name(r["domains"])
-        color = "#4c72b0" if many else colors[cname]
-        label = None if many else cname
-        x, y = predictor_value(r, name), r["delta_pct"]
-        xs_all.append(x)
-        if several:
-            seed_pts = [
-                (predictor_value(s, name), s.get("delta_pct")) for s in r.get("per_seed") or []
-            ]
-            seed_pts = [(a, b) for a, b in seed_pts if a is not None and is_number(b)]
-            if seed_pts:
-                xs_all += [a for a, _ in seed_pts]
-                ax.scatter(*zip(*seed_pts, strict=True), color=color, alpha=0.3, s=10)
-        ci = (r.get("ci95") or {}).get("delta_pct")
-        if ci and is_number(ci[0]) and is_number(ci[1]):
-            ax.errorbar(
-                [x],
-                [y],
-                yerr=[[y - ci[0]], [ci[1] - y]],
-                fmt="o",
-                color=color,
-                capsize=3,
-                label=label,
-                zorder=3,
-                ms=5 if many else 6,
-            )
-        else:
-            ax.scatter([x], [y], color=color, s=30, label=label, zorder=3)
-    if many:
-        ranked = sorted(rows, key=lambda r: r["delta_pct"])
-        for r in ranked[:3] + ranked[-3:]:
-            ax.annotate(
-                combo_name(r["domains"]),
-                (predictor_value(r, name), r["delta_pct"]),
-                xytext=(4, 3),
-                textcoords="offset points",
-                fontsize=6.5,
-            )
+
+def _name_extremes(ax, rows: list[dict], name: str) -> None:
+    """Name the three highest and three lowest Δ% beside their points."""
+    ranked = sorted(rows, key=lambda r: r["delta_pct"])
+    for r in ranked[:3] + ranked[-3:]:
+        ax.annotate(
+            combo_name(r["domains"]),
+            (predictor_value(r, name), r["delta_pct"]),
+            xytext=(4, 3),
+            textcoords="offset points",
+            fontsize=6.5,
+        )
+
+
+def _plot_fit(ax, results: dict, name: str, points: dict, xs_all: list[float]) -> None:
+    """The least-squares line with its confidence band, or the bare line from the fit (or
+    ``results["correlation"]`` for RMS cosine in older results) over the drawn x range."""
     band = points.get("band") or {}
     fit = points.get("fit") or {}
     line = fit if fit.get("slope") is not None else None
@@ -180,6 +166,38 @@ def delta_vs_predictor(results: dict, name: str) -> bytes | None:
             lw=1,
             label="least squares",
         )
+
+
+def delta_vs_predictor(results: dict, name: str) -> bytes | None:
+    """Δ% against one predictor: every (combination, seed) point, each combination's mean, and
+    the least-squares line with its 95 % confidence band (``results["statistics"][name]``, or
+    ``results["correlation"]`` for RMS cosine in older results: line only).
+
+    Up to ``MANY`` combinations each has its colour and legend entry; beyond, one colour, and
+    the three highest and three lowest Δ% are named beside their points."""
+    plt = _plt()
+    rows = [
+        r
+        for r in results["combinations"]
+        if predictor_value(r, name) is not None and is_number(r.get("delta_pct"))
+    ]
+    if not rows:
+        return None
+    many = len(rows) > MANY
+    colors = combo_colors(results)
+    stats = (results.get("statistics") or {}).get(name) or {}
+    points = stats.get("points") or {}
+    several = len(results.get("seeds") or []) > 1
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    xs_all = []
+    for r in rows:
+        cname = combo_name(r["domains"])
+        color = "#4c72b0" if many else colors[cname]
+        label = None if many else cname
+        xs_all += _plot_combination(ax, r, name, color, label, many, several)
+    if many:
+        _name_extremes(ax, rows, name)
+    _plot_fit(ax, results, name, points, xs_all)
     ax.axhline(0, color="grey", lw=0.8, ls="--")
     ax.margins(x=0.12, y=0.15)
     ax.set_xlabel(PREDICTOR_LABELS.get(name, name))

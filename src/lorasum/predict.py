@@ -333,6 +333,78 @@ def drivers(result: dict, predictor: str, top: int = 5) -> dict:
     }
 
 
+def _fit_studies(fit: Sequence | None) -> tuple[list, dict]:
+    """(the --fit studies, their predictor ranking); refuses studies without predictors."""
+    from lorasum import forecast
+
+    studies = forecast.read_studies(fit) if fit else []
+    ranking = forecast.rank_predictors(studies) if studies else {}
+    if studies and not ranking:
+        raise LorasumError(
+            "the --fit studies have no predictor values (rms_cosine or predictors); "
+            "rerun them with this version of lorasum"
+        )
+    return studies, ranking
+
+
+def _measure_predictors(
+    adapters: list, names: list[str], predictor: str, calibration: Sequence | None, model
+) -> tuple[dict, dict, str | None]:
+    """(per-pair result, combination predictor values, note): the activation predictors when
+    calibration works (or is asked for), else the weight cosine alone, with why in the note."""
+    from lorasum.calibration import calibrate_adapters, parse_calibration
+
+    factors = {n: a.modules for n, a in zip(names, adapters, strict=True)}
+    data = parse_calibration(calibration, len(adapters))
+    union = sorted(set().union(*(a.modules for a in adapters)))
+    note, calibrated = None, None
+    if predictor == "rms_cosine":
+        note = "activation predictors not computed (--predictor rms_cosine)"
+    else:
+        try:
+            calibrated = calibrate_adapters(adapters, data, model=model, modules=union)
+        except LorasumError as e:
+            if predictor != "auto" or data is not None:
+                raise
+            note = f"activation predictors not computed: {e}"
+    if calibrated is not None:
+        result = interference_predictors(factors, dict(zip(names, calibrated, strict=True)))
+        values = combination_predictors(result, names)
+    else:  # the weight cosine needs no inputs
+        result = cosine_predictors(factors)
+        values = {"rms_cosine": rms([p["rms_cosine"] for p in result["pairs"]])}
+    return result, values, note
+
+
+def _add_forecasts(
+    out: dict, studies: list, chosen: str, values: dict, usable: list[str], predictor: str
+) -> None:
+    """Fill ``out``'s forecast, forecast_vs_singles and recommendations from the studies."""
+    from lorasum import forecast
+
+    x0 = values.get(chosen)
+    if x0 is None:
+        raise LorasumError(f"predictor {chosen!r} is undefined for these adapters")
+    out["forecast"] = forecast.forecast(studies, chosen, x0)
+    # the sum vs each domain's own adapter: the part of Δ% the adapters determine (studies
+    # from this version on record it); its own best predictor under 'auto'
+    vs = "delta_vs_singles_pct"
+    ranking_vs = forecast.rank_predictors(studies, target=vs)
+    chosen_vs = forecast.best_predictor(ranking_vs, usable) if predictor == "auto" else chosen
+    x_vs = values.get(chosen_vs) if chosen_vs else None
+    if x_vs is not None and len(forecast.fit_points(studies, chosen_vs, vs)[0]) >= 3:
+        try:
+            out["forecast_vs_singles"] = forecast.forecast(studies, chosen_vs, x_vs, target=vs)
+        except LorasumError:  # a constant predictor over those points: no line
+            out["forecast_vs_singles"] = None
+    # zero-training methods (the calibrated family needs validation data and a fit)
+    plain = ("calibrated",)
+    out["recommendation"] = forecast.recommend_method(studies, exclude_categories=plain)
+    out["recommendation_nearby"] = forecast.recommend_method(
+        studies, chosen, x0, nearest=3, exclude_categories=plain
+    )
+
+
 def predict_interference(
     paths: Sequence,
     fit: Sequence | None = None,
@@ -353,7 +425,6 @@ def predict_interference(
     """
     from lorasum import forecast
     from lorasum.adapters import check_compatible, read_adapter
-    from lorasum.calibration import calibrate_adapters, parse_calibration
     from lorasum.similarity import _unique_names
 
     if len(paths) < 2:
@@ -363,35 +434,11 @@ def predict_interference(
     known = ("auto", *forecast.PREDICTORS)
     if predictor not in known:
         raise LorasumError(f"unknown predictor {predictor!r}; choose one of: {', '.join(known)}")
-    studies = forecast.read_studies(fit) if fit else []
-    ranking = forecast.rank_predictors(studies) if studies else {}
-    if studies and not ranking:
-        raise LorasumError(
-            "the --fit studies have no predictor values (rms_cosine or predictors); "
-            "rerun them with this version of lorasum"
-        )
+    studies, ranking = _fit_studies(fit)
     adapters = [read_adapter(p, strict=True) for p in paths]
     check_compatible(adapters, fan_in_fan_out=False)
     names = _unique_names(adapters)
-    factors = {n: a.modules for n, a in zip(names, adapters, strict=True)}
-    data = parse_calibration(calibration, len(adapters))
-    union = sorted(set().union(*(a.modules for a in adapters)))
-    note, calibrated = None, None
-    if predictor == "rms_cosine":
-        note = "activation predictors not computed (--predictor rms_cosine)"
-    else:
-        try:
-            calibrated = calibrate_adapters(adapters, data, model=model, modules=union)
-        except LorasumError as e:
-            if predictor != "auto" or data is not None:
-                raise
-            note = f"activation predictors not computed: {e}"
-    if calibrated is not None:
-        result = interference_predictors(factors, dict(zip(names, calibrated, strict=True)))
-        values = combination_predictors(result, names)
-    else:  # the weight cosine needs no inputs
-        result = cosine_predictors(factors)
-        values = {"rms_cosine": rms([p["rms_cosine"] for p in result["pairs"]])}
+    result, values, note = _measure_predictors(adapters, names, predictor, calibration, model)
     pairs = [{k: p[k] for k in p if k != "modules"} for p in result["pairs"]]
     usable = [k for k, v in values.items() if v is not None]
     if predictor == "auto":
@@ -414,27 +461,7 @@ def predict_interference(
         "recommendation": None,
     }
     if studies:
-        x0 = values.get(chosen)
-        if x0 is None:
-            raise LorasumError(f"predictor {chosen!r} is undefined for these adapters")
-        out["forecast"] = forecast.forecast(studies, chosen, x0)
-        # the sum vs each domain's own adapter: the part of Δ% the adapters determine (studies
-        # from this version on record it); its own best predictor under 'auto'
-        vs = "delta_vs_singles_pct"
-        ranking_vs = forecast.rank_predictors(studies, target=vs)
-        chosen_vs = forecast.best_predictor(ranking_vs, usable) if predictor == "auto" else chosen
-        x_vs = values.get(chosen_vs) if chosen_vs else None
-        if x_vs is not None and len(forecast.fit_points(studies, chosen_vs, vs)[0]) >= 3:
-            try:
-                out["forecast_vs_singles"] = forecast.forecast(studies, chosen_vs, x_vs, target=vs)
-            except LorasumError:  # a constant predictor over those points: no line
-                out["forecast_vs_singles"] = None
-        # zero-training methods (the calibrated family needs validation data and a fit)
-        plain = ("calibrated",)
-        out["recommendation"] = forecast.recommend_method(studies, exclude_categories=plain)
-        out["recommendation_nearby"] = forecast.recommend_method(
-            studies, chosen, x0, nearest=3, exclude_categories=plain
-        )
+        _add_forecasts(out, studies, chosen, values, usable, predictor)
     return out
 
 

@@ -623,7 +623,62 @@ def _split(s: dict, part: str) -> tuple[str, str]:
     return rows, str(h or "n/a") if part == "test" else ""
 
 
+def _unit_blocks(m: dict, results: dict) -> list:
+    """Time per kind of unit and the table of every unit's time (from the manifest, or
+    rebuilt from the training records of older results); empty when none."""
+    blocks: list = []
+    units = m.get("units")
+    if units is None:
+        units = [
+            {"unit": u, "seed": t.get("seed"), "kind": "train", "seconds": t.get("seconds")}
+            for u, ts in [(n, s["train"]) for n, s in (results.get("singles") or {}).items()]
+            + list((results.get("merged_training") or {}).items())
+            for t in ts
+        ]
+    if units:
+        totals: dict[str, float] = {}
+        for u in units:
+            totals[u["kind"]] = totals.get(u["kind"], 0.0) + (u.get("seconds") or 0.0)
+        blocks.append(
+            Para(
+                "Time per kind of unit: "
+                + ", ".join(f"{k} {v:.0f} s" for k, v in totals.items())
+                + f" ({len(units)} units)."
+            )
+        )
+        blocks.append(
+            Table(
+                ["unit", "seed", "kind", "seconds"],
+                [
+                    [
+                        u["unit"],
+                        "" if u.get("seed") is None else str(u["seed"]),
+                        u["kind"],
+                        fmt(u.get("seconds"), 1),
+                    ]
+                    for u in units
+                ],
+                "lrlr",
+                collapsed=f"time of every unit ({len(units)} rows)" if len(units) > 10 else "",
+            )
+        )
+    return blocks
+
+
+def _budget_blocks(results: dict) -> list:
+    """The training budget: a list of its settings, or its JSON when nested."""
+    blocks: list = []
+    budget = results.get("budget")
+    if isinstance(budget, dict) and all(isinstance(v, str | int | float) for v in budget.values()):
+        blocks.append(Para("Budget:"))
+        blocks.append(Bullets([f"**{k.replace('_', ' ')}**: {v}" for k, v in budget.items()]))
+    elif budget:
+        blocks.append(Code("budget (JSON)", json.dumps(budget, indent=2, default=str)))
+    return blocks
+
+
 def _manifest(results: dict) -> list:
+    """Versions, hardware, seeds, data splits, unit times and budget: what the run was."""
     m = results.get("manifest") or {}
     blocks: list = []
     if not m:
@@ -662,47 +717,8 @@ def _manifest(results: dict) -> list:
                 "lrlrl",
             )
         )
-    units = m.get("units")
-    if units is None:
-        units = [
-            {"unit": u, "seed": t.get("seed"), "kind": "train", "seconds": t.get("seconds")}
-            for u, ts in [(n, s["train"]) for n, s in (results.get("singles") or {}).items()]
-            + list((results.get("merged_training") or {}).items())
-            for t in ts
-        ]
-    if units:
-        totals: dict[str, float] = {}
-        for u in units:
-            totals[u["kind"]] = totals.get(u["kind"], 0.0) + (u.get("seconds") or 0.0)
-        blocks.append(
-            Para(
-                "Time per kind of unit: "
-                + ", ".join(f"{k} {v:.0f} s" for k, v in totals.items())
-                + f" ({len(units)} units)."
-            )
-        )
-        blocks.append(
-            Table(
-                ["unit", "seed", "kind", "seconds"],
-                [
-                    [
-                        u["unit"],
-                        "" if u.get("seed") is None else str(u["seed"]),
-                        u["kind"],
-                        fmt(u.get("seconds"), 1),
-                    ]
-                    for u in units
-                ],
-                "lrlr",
-                collapsed=f"time of every unit ({len(units)} rows)" if len(units) > 10 else "",
-            )
-        )
-    budget = results.get("budget")
-    if isinstance(budget, dict) and all(isinstance(v, str | int | float) for v in budget.values()):
-        blocks.append(Para("Budget:"))
-        blocks.append(Bullets([f"**{k.replace('_', ' ')}**: {v}" for k, v in budget.items()]))
-    elif budget:
-        blocks.append(Code("budget (JSON)", json.dumps(budget, indent=2, default=str)))
+    blocks += _unit_blocks(m, results)
+    blocks += _budget_blocks(results)
     return blocks
 
 

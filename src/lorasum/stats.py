@@ -100,6 +100,40 @@ def pearson_spearman(x: Sequence[float], y: Sequence[float]) -> dict:
     return out
 
 
+def _group_members(labels: Sequence[Hashable]) -> list[np.ndarray]:
+    """Point indices of each group, groups in order of first appearance."""
+    order: dict[Hashable, list[int]] = {}
+    for i, label in enumerate(labels):
+        order.setdefault(label, []).append(i)
+    return [np.array(v, dtype=np.int64) for v in order.values()]  # point indices per group
+
+
+def _resampled_correlations(
+    xs: np.ndarray, ys: np.ndarray, members: list[np.ndarray], n_resamples: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(r, ρ) of each group resample, each (R,); NaN where x or y is constant."""
+    from scipy import stats
+
+    n_groups = len(members)
+    picks = np.random.default_rng(seed).integers(0, n_groups, size=(n_resamples, n_groups))
+    sizes = np.array([m.size for m in members])
+    lengths = sizes[picks].sum(axis=1)  # (R,) points per resample
+    r = np.full(n_resamples, np.nan)
+    rho = np.full(n_resamples, np.nan)
+    for length in np.unique(lengths):  # resamples of one length are stacked and done at once
+        rows = np.flatnonzero(lengths == length)
+        idx = np.stack([np.concatenate([members[g] for g in picks[i]]) for i in rows])  # (m, L)
+        bx, by = xs[idx], ys[idx]
+        ok = (np.ptp(bx, axis=1) > 0) & (np.ptp(by, axis=1) > 0)
+        if not ok.any():
+            continue
+        bx, by, rows = bx[ok], by[ok], rows[ok]
+        r[rows] = stats.pearsonr(bx, by, axis=1).statistic
+        rx, ry = stats.rankdata(bx, axis=1), stats.rankdata(by, axis=1)
+        rho[rows] = stats.pearsonr(rx, ry, axis=1).statistic
+    return r, rho
+
+
 def bootstrap_correlation(
     x: Sequence[float],
     y: Sequence[float],
@@ -128,18 +162,13 @@ def bootstrap_correlation(
     "spearman_high"}``: the point estimates are those of ``pearson_spearman`` on all points;
     the intervals are None with fewer than 3 groups or when every resample was skipped.
     """
-    from scipy import stats
-
     if n_resamples < 1:
         raise ValueError(f"n_resamples must be at least 1, got {n_resamples}")
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must lie strictly between 0 and 1, got {confidence}")
     xs, ys, labels = _finite(x, y, groups)
     point = pearson_spearman(xs.tolist(), ys.tolist())
-    order: dict[Hashable, list[int]] = {}
-    for i, label in enumerate(labels):
-        order.setdefault(label, []).append(i)
-    members = [np.array(v, dtype=np.int64) for v in order.values()]  # point indices per group
+    members = _group_members(labels)
     n_groups = len(members)
     out: dict = {
         "n": int(xs.size),
@@ -159,22 +188,7 @@ def bootstrap_correlation(
     if n_groups < 3:
         return out
 
-    picks = np.random.default_rng(seed).integers(0, n_groups, size=(n_resamples, n_groups))
-    sizes = np.array([m.size for m in members])
-    lengths = sizes[picks].sum(axis=1)  # (R,) points per resample
-    r = np.full(n_resamples, np.nan)
-    rho = np.full(n_resamples, np.nan)
-    for length in np.unique(lengths):  # resamples of one length are stacked and done at once
-        rows = np.flatnonzero(lengths == length)
-        idx = np.stack([np.concatenate([members[g] for g in picks[i]]) for i in rows])  # (m, L)
-        bx, by = xs[idx], ys[idx]
-        ok = (np.ptp(bx, axis=1) > 0) & (np.ptp(by, axis=1) > 0)
-        if not ok.any():
-            continue
-        bx, by, rows = bx[ok], by[ok], rows[ok]
-        r[rows] = stats.pearsonr(bx, by, axis=1).statistic
-        rx, ry = stats.rankdata(bx, axis=1), stats.rankdata(by, axis=1)
-        rho[rows] = stats.pearsonr(rx, ry, axis=1).statistic
+    r, rho = _resampled_correlations(xs, ys, members, n_resamples, seed)
     used = ~np.isnan(r)
     out["n_used"] = int(used.sum())
     out["n_skipped"] = int(n_resamples - used.sum())

@@ -268,18 +268,10 @@ def parse_domains(domains: str | list[str] | dict[str, str]) -> dict[str, str]:
     return out
 
 
-def resolve_study(
-    preset: str | None = "quick",
-    config_file: str | Path | None = None,
-    overrides: dict[str, Any] | None = None,
-) -> StudyConfig:
-    """Preset ← experiment file ← flags (later wins); every problem reported at once.
-
-    ``overrides``: top-level keys (model, domains, seeds, …) and TrainConfig field names (put
-    under ``train``); None values are ignored (flag not given).
-    """
-    from lorasum.train import TrainConfig
-
+def _base_settings(
+    preset: str | None, config_file: str | Path | None
+) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """(preset settings, experiment-file settings, preset name) before any merging."""
     file_cfg = load_config_file(config_file) if config_file is not None else {}
     base_name = preset if preset is not None else file_cfg.get("preset", "quick")
     if config_file is not None and preset is None and "preset" not in file_cfg:
@@ -287,7 +279,18 @@ def resolve_study(
         base_name = "custom"
     else:
         base = load_preset(str(base_name))
-    problems: list[str] = []
+    return base, file_cfg, base_name
+
+
+def _merge_settings(
+    base: dict[str, Any],
+    file_cfg: dict[str, Any],
+    overrides: dict[str, Any] | None,
+    problems: list[str],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Preset ← file ← flags → (top-level settings, type-checked training settings)."""
+    from lorasum.train import TrainConfig
+
     for where, cfg in (("preset", base), ("config", file_cfg)):
         for key in sorted(set(cfg) - _TOP_KEYS):
             problems.append(
@@ -312,14 +315,15 @@ def resolve_study(
             f"train: unknown setting {key!r}; use one of: {', '.join(sorted(train_fields))}"
         )
     train = {k: v for k, v in train.items() if k in train_fields}
-    train = _check_train_types(train, problems)
+    return merged, _check_train_types(train, problems)
 
-    study = StudyConfig(preset=str(merged.get("preset", base_name)))
-    study.model = str(merged.get("model", study.model))
-    try:
-        study.domains = parse_domains(merged.get("domains", list(DEFAULT_DOMAINS)))
-    except LorasumError as e:
-        problems.append(str(e))
+
+def _set_seeds(
+    study: StudyConfig, merged: dict[str, Any], train: dict[str, Any], problems: list[str]
+) -> None:
+    """``study.seeds`` from the settings (default: the training seed); kept as is if invalid."""
+    from lorasum.train import TrainConfig
+
     seeds = merged.get("seeds")
     if seeds is None:
         seeds = [train.get("seed", TrainConfig.seed)]
@@ -333,6 +337,10 @@ def resolve_study(
         problems.append(f"--seeds {seeds!r}: not integers (e.g. 1,2,3)")
     if len(set(study.seeds)) != len(study.seeds):
         problems.append(f"--seeds {study.seeds} repeats a seed; give distinct seeds")
+
+
+def _set_flags_and_counts(study: StudyConfig, merged: dict[str, Any], problems: list[str]) -> None:
+    """The true/false switches and the integer settings (max_order, workers) of ``study``."""
     for flag in ("seed_per_domain", "cross_domain", "paper_variants", "predictors"):
         value = merged.get(flag, getattr(study, flag))
         if not isinstance(value, bool):
@@ -351,7 +359,10 @@ def resolve_study(
             problems.append(f"--workers {value}: use 1 or more worker processes")
         else:
             setattr(study, key, value)
-    study.methods = _parse_methods(merged.get("methods", ["sum"]), problems)
+
+
+def _check_seed_spacing(study: StudyConfig, problems: list[str]) -> None:
+    """With seed_per_domain, seeds closer than the domain count would share an init."""
     if (
         study.seed_per_domain
         and len(study.seeds) > 1
@@ -361,6 +372,34 @@ def resolve_study(
             "seed_per_domain offsets each domain's seed by its index; space the seeds at least "
             f"{len(study.domains)} apart (e.g. 0,100,200) so runs never share an init"
         )
+
+
+def resolve_study(
+    preset: str | None = "quick",
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> StudyConfig:
+    """Preset ← experiment file ← flags (later wins); every problem reported at once.
+
+    ``overrides``: top-level keys (model, domains, seeds, …) and TrainConfig field names (put
+    under ``train``); None values are ignored (flag not given).
+    """
+    from lorasum.train import TrainConfig
+
+    base, file_cfg, base_name = _base_settings(preset, config_file)
+    problems: list[str] = []
+    merged, train = _merge_settings(base, file_cfg, overrides, problems)
+
+    study = StudyConfig(preset=str(merged.get("preset", base_name)))
+    study.model = str(merged.get("model", study.model))
+    try:
+        study.domains = parse_domains(merged.get("domains", list(DEFAULT_DOMAINS)))
+    except LorasumError as e:
+        problems.append(str(e))
+    _set_seeds(study, merged, train, problems)
+    _set_flags_and_counts(study, merged, problems)
+    study.methods = _parse_methods(merged.get("methods", ["sum"]), problems)
+    _check_seed_spacing(study, problems)
     study.budget, study.snapshots = _parse_budget(merged, train, problems)
     try:
         TrainConfig(model=study.model, data=["-"], **{**train, "eval_val": False})

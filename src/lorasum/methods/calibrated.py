@@ -118,6 +118,44 @@ def _hook_modules(model: nn.Module, adapters: Sequence[Factors], index, coeffs: 
     return handles
 
 
+def _adam_steps(
+    model: nn.Module,
+    batches: Sequence,
+    sizes: list[int],
+    coeffs: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    max_tokens: int,
+    max_steps: int | None,
+) -> tuple[list[float], int, int, int]:
+    """Adam steps on the answer-only NLL of ``batches`` (cycled, through the hooked model)
+    until the next batch would pass ``max_tokens`` or ``max_steps`` are done;
+    returns (losses, tokens, rows, steps)."""
+    from lorasum.evaluate import token_nll
+
+    device = next(model.parameters()).device
+    losses: list[float] = []
+    tokens = rows = steps = 0
+    k = 0
+    while max_steps is None or steps < max_steps:
+        j = k % len(batches)
+        if tokens + sizes[j] > max_tokens:
+            break
+        batch = batches[j].to(device)
+        nll, counted = token_nll(model, batch)
+        loss = nll.sum() / counted.sum().clamp(min=1)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        tokens, rows, steps, k = (
+            tokens + sizes[j],
+            rows + batch.input_ids.shape[0],
+            steps + 1,
+            k + 1,
+        )
+    return losses, tokens, rows, steps
+
+
 def fit_coefficients(
     model: nn.Module,
     adapters: Sequence[Factors],
@@ -135,8 +173,6 @@ def fit_coefficients(
     stops before processing more than ``max_tokens`` non-padding tokens (see
     `coefficient_budget`) or after ``max_steps``. At least one batch must fit the budget.
     """
-    from lorasum.evaluate import token_nll
-
     if not adapters:
         raise LorasumError("fit_coefficients needs at least one adapter")
     names = sorted(set().union(*(a.keys() for a in adapters)))
@@ -156,27 +192,10 @@ def fit_coefficients(
     handles = _hook_modules(model, adapters, index, coeffs)
     was_training = model.training
     model.eval()  # no dropout: the coefficients see the model as it will be used
-    losses: list[float] = []
-    tokens = rows = steps = 0
     try:
-        k = 0
-        while max_steps is None or steps < max_steps:
-            j = k % len(batches)
-            if tokens + sizes[j] > max_tokens:
-                break
-            batch = batches[j].to(device)
-            nll, counted = token_nll(model, batch)
-            loss = nll.sum() / counted.sum().clamp(min=1)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
-            tokens, rows, steps, k = (
-                tokens + sizes[j],
-                rows + batch.input_ids.shape[0],
-                steps + 1,
-                k + 1,
-            )
+        losses, tokens, rows, steps = _adam_steps(
+            model, batches, sizes, coeffs, optimizer, max_tokens, max_steps
+        )
     finally:
         for h in handles:
             h.remove()
