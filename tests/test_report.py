@@ -36,6 +36,7 @@ from lorasum.stats import (
     correlation,
     delta_pct,
 )
+from lorasum.study.budget import budget_summary
 
 DOMAINS = ["math", "medicine", "finance"]
 SEEDS = [1, 2, 3]
@@ -50,6 +51,8 @@ NEW_FIELDS = [
     "train_curves",
     "budget",
     "config",
+    "training_budget",
+    "snapshots",
 ]
 EVERY_FIGURE = {
     "delta_vs_rms_cosine",
@@ -60,6 +63,7 @@ EVERY_FIGURE = {
     "train_curves",
     "per_domain",
     "predicted_vs_measured",
+    "delta_vs_length",
 }
 
 
@@ -311,7 +315,43 @@ def full_results(domains: list[str] = DOMAINS, max_order: int | None = None) -> 
             "methods": "zero gradient steps",
         },
         "config": {"preset": "quick", "seeds": SEEDS},
+        "training_budget": budget_summary(
+            "epochs",
+            "every adapter takes one pass",
+            combos,
+            {c: list(c) for c in combos},
+            {
+                s: {
+                    u: {
+                        "seed": s,
+                        **train,
+                        "steps": 6 * (u.count("+") + 1) if u.startswith("merged-") else 6,
+                    }
+                    for u in units
+                }
+                for s in SEEDS
+            },
+        ),  # fmt: skip
+        "snapshots": _snapshots(combos, rows),
     }
+
+
+def _snapshots(combos, rows) -> dict:
+    """Δ% along the runs: at 0.5 epochs 2 points lower than at 1 (the finished adapters)."""
+
+    def point(x: float, key: str, value: float) -> dict:
+        return {key: x, "delta_pct": {"sum": {"mean": value, "ci95": [value - 1, value + 1], "n": 3},
+                                      "tsv": {"mean": value - 3, "ci95": None, "n": 3}}}  # fmt: skip
+
+    out = []
+    for c, r in zip(combos, rows, strict=True):
+        d = r["delta_pct"]
+        out.append({
+            "combination": "+".join(c),
+            "equal_epochs": [point(0.5, "epochs", d - 2), point(1.0, "epochs", d)],
+            "equal_steps": [{**point(6, "steps", d - 8), "single_epochs": 1.0, "merged_epochs": 0.5}],
+        })  # fmt: skip
+    return {"epochs": [0.5, 1.0], "methods": ["sum", "tsv"], "combinations": out}
 
 
 def old_results() -> dict:
@@ -381,7 +421,7 @@ def test_full_results_fill_every_section(full_report):
     for name in EVERY_FIGURE:
         assert f"](figures/{name}.png)" in md
     assert paths["plot"].read_bytes() == (out / "figures" / "delta_vs_rms_cosine.png").read_bytes()
-    assert len(sections) == 16
+    assert len(sections) == 17
     ids = _parse(paths["html"]).ids
     assert {
         "settings",
@@ -397,6 +437,7 @@ def test_full_results_fill_every_section(full_report):
         "cross",
         "per-domain",
         "curves",
+        "budget",
         "data",
         "manifest",
     } <= ids
@@ -556,6 +597,7 @@ def test_older_results_render_with_a_note_per_missing_section(tmp_path):
         "Predicted vs measured Δ%",
         "Triples: the paper's variants",
         "Cross-domain perplexity",
+        "Training budget",
         "Run manifest",
     }
     assert all(len(n) == 1 for n in notes.values())
@@ -595,7 +637,7 @@ def test_bare_results_render_every_section_or_a_note(tmp_path):
         r.pop("ci95")
     paths = write_report(res, tmp_path)
     md = paths["markdown"].read_text()
-    assert len(_md_sections(md)) == 16
+    assert len(_md_sections(md)) == 17
     assert set(_notes(md)) >= {"Per-domain perplexity", "Data and training", "Training loss"}
     assert {p.stem for p in (tmp_path / "figures").iterdir()} == {
         "delta_vs_rms_cosine",
