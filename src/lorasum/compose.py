@@ -258,6 +258,8 @@ def compose(
     resolved = config.resolved()
     if config.method != "sum" or config.pad_rank_to is not None:
         key_fields["merge"] = resolved  # the plain sum keeps the key it always had
+    if merge_method.dense and config.rank is None:
+        key_fields["dense_rank"] = "file"  # truncation at the file's rank, not per-module Σr
     key = config_key(key_fields)
     out = Path(out)
     _check_inside(out, [a.path for a in adapters], "--out")

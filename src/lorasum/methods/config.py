@@ -47,7 +47,7 @@ class MergeConfig:
         metadata={
             "help": "rank of the result: K, or 'auto' (per module the smallest rank "
             "keeping --keep of the energy); svd: required; ties/dare/magnitude_prune: "
-            "default Σr; tsv/iso: default their own rank; the calibration methods "
+            "default the file's rank (the largest Σr over modules); tsv/iso: default their own rank; the calibration methods "
             "(regmean, …, shift_match): default Σr (exact)"
         },
     )
