@@ -144,7 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("adapter", help="PEFT LoRA adapter directory")
     x.add_argument("--format", default="gguf", choices=["gguf"], help="output format")
     x.add_argument("--out", required=True, help="the .gguf file to write")
-    x.add_argument("--outtype", default="f32", choices=list(OUTTYPES), help="GGUF tensor type")
+    x.add_argument(
+        "--outtype",
+        default=None,
+        choices=sorted({*OUTTYPES, "base"}),
+        help="GGUF tensor type: f32 (default), f16, q8_0; with --merged: base (default: each "
+        "weight in the base file's type), f32, f16",
+    )
+    x.add_argument(
+        "--merged",
+        action="store_true",
+        help="write the base GGUF with the adapter added: a full model file, no adapter needed",
+    )
     x.add_argument(
         "--model",
         default=None,
@@ -446,13 +457,28 @@ def _run(args: argparse.Namespace) -> int:
         )
         print(dumps_strict(result) if args.json else format_domain_prediction(result))
     elif args.command == "export":
-        from lorasum.export import export_adapter
+        from lorasum.export import export_adapter, export_merged
 
+        if args.merged:
+            info = export_merged(
+                args.adapter,
+                args.out,
+                outtype=args.outtype or "base",
+                model=args.model,
+                base_gguf=args.base_gguf,
+                overwrite=args.overwrite,
+            )
+            print(
+                f"merged GGUF model written to {info['gguf']} ({info['merged_tensors']} weights "
+                f"merged, requantisation error {info['requant_error_median']:.3g} of ΔW, median); "
+                "Modelfile and README.md beside it"
+            )
+            return 0
         info = export_adapter(
             args.adapter,
             args.out,
             format=args.format,
-            outtype=args.outtype,
+            outtype=args.outtype or "f32",
             model=args.model,
             base_gguf=args.base_gguf,
             overwrite=args.overwrite,

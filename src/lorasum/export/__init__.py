@@ -2,5 +2,13 @@
 
 from lorasum.export.gguf_lora import OUTTYPES, GgufBase, lora_tensors, write_gguf_lora
 from lorasum.export.lora import export_adapter
+from lorasum.export.merged import export_merged
 
-__all__ = ["OUTTYPES", "GgufBase", "export_adapter", "lora_tensors", "write_gguf_lora"]
+__all__ = [
+    "OUTTYPES",
+    "GgufBase",
+    "export_adapter",
+    "export_merged",
+    "lora_tensors",
+    "write_gguf_lora",
+]

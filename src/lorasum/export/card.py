@@ -54,3 +54,35 @@ def model_card(info: dict) -> str:
         "ollama run my-adapter\n"
         "```\n"
     )
+
+
+def merged_card(info: dict) -> str:
+    """README.md for a merged model file: its base, the requantisation error, how to run it."""
+    model = shlex.quote(str(Path(info["gguf"]).resolve()))
+    fallback = info["f32_fallback"]
+    kept = (
+        f"{len(fallback)} weights whose base type the gguf package cannot write are stored as F32."
+        if fallback
+        else "Every merged weight is stored in the type it has in the base file."
+        if info["outtype"] == "base"
+        else f"Merged weights are stored as {info['outtype'].upper()}."
+    )
+    return (
+        f"{CARD_MARK}\n"
+        f"# Merged GGUF model ({info['arch']})\n\n"
+        f"Written by lorasum {info['lorasum_version']}: the base model with the adapter "
+        f"`{info['adapter']}` added to {info['merged_tensors']} weights, with\n\n"
+        f"```bash\n{info['command']}\n```\n\n"
+        f"Base model GGUF: `{info['base_gguf']}` (sha256 `{info['base_gguf_sha256']}`). "
+        f"{kept} Writing W + ΔW adds an error relative to ΔW of "
+        f"{info['requant_error_median']:.3g} (median over weights; max "
+        f"{info['requant_error_max']:.3g}); 0 means ΔW is kept exactly, 1 means the "
+        "requantisation noise is as large as ΔW itself.\n\n"
+        "## llama.cpp\n\n"
+        f"```bash\nllama-cli -m {model} -p 'Question: …'\nllama-server -m {model}\n```\n\n"
+        "## Ollama\n\n"
+        "```bash\n"
+        f"ollama create my-model -f {shlex.quote(str(Path(info['gguf']).resolve().parent / 'Modelfile'))}\n"
+        "ollama run my-model\n"
+        "```\n"
+    )

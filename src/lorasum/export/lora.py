@@ -53,7 +53,7 @@ def resolve_base(model: str | None, base_gguf: str | Path | None) -> GgufBase:
     return base_from_hf_config(config)
 
 
-def _check_companions(out: Path, overwrite: bool) -> None:
+def check_companions(out: Path, overwrite: bool) -> None:
     """Refuse to replace files beside the output unless a lorasum export wrote them (its
     card carries CARD_MARK) or ``overwrite``."""
     card = out.parent / CARD_NAME
@@ -105,7 +105,7 @@ def export_adapter(
     spec = model or a.base_model
     base = resolve_base(spec, base_gguf)
     tensors, alpha = lora_tensors(a.modules, base)
-    _check_companions(out, overwrite)
+    check_companions(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_beside(out, ".gguf")
     try:
