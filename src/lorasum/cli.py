@@ -60,6 +60,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lorasum.export.gguf_lora import OUTTYPES
     from lorasum.forecast import DATA_PREDICTORS, PREDICTORS
     from lorasum.methods import MergeConfig
     from lorasum.study_config import BUDGETS, STUDY_TRAIN_EXCLUDED, preset_names
@@ -133,7 +134,49 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="STUDY_DIR",
         help="with --check: finished studies (results.json) to fit the forecast on",
     )
+    c.add_argument(
+        "--format",
+        default="peft",
+        choices=["peft", "gguf"],
+        help="gguf: also write the composed adapter as a GGUF LoRA for llama.cpp/Ollama into "
+        "OUT/gguf/ (adapter.gguf, Modelfile, README.md)",
+    )
+    c.add_argument("--outtype", default="f32", choices=list(OUTTYPES), help="GGUF tensor type")
     _add_dataclass_flags(c, MergeConfig, defaults=False)  # unset = the method's default
+
+    x = sub.add_parser(
+        "export",
+        help="write an adapter for llama.cpp/Ollama: a GGUF LoRA file, a Modelfile and a card",
+    )
+    x.add_argument("adapter", help="PEFT LoRA adapter directory")
+    x.add_argument("--format", default="gguf", choices=["gguf"], help="output format")
+    x.add_argument("--out", required=True, help="the .gguf file to write")
+    x.add_argument(
+        "--outtype",
+        default=None,
+        choices=sorted({*OUTTYPES, "base"}),
+        help="GGUF tensor type: f32 (default), f16, q8_0; with --merged: base (default: each "
+        "weight in the base file's type), f32, f16",
+    )
+    x.add_argument(
+        "--merged",
+        action="store_true",
+        help="write the base GGUF with the adapter added: a full model file, no adapter needed",
+    )
+    x.add_argument(
+        "--model",
+        default=None,
+        help="base model (default: the adapter's; `default` = the embedded GGUF)",
+    )
+    x.add_argument(
+        "--base-gguf",
+        default=None,
+        metavar="FILE",
+        help="the base model's GGUF file (architecture, shape check, Modelfile FROM)",
+    )
+    x.add_argument(
+        "--overwrite", action="store_true", help="replace files beside --out not written by export"
+    )
 
     pr = sub.add_parser(
         "predict",
@@ -410,6 +453,8 @@ def _run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             config=config,
             calibration=args.calibration,
+            format=args.format,
+            outtype=args.outtype,
         )
         recipe = marker.get("recipe") or {}
         detail = f"method {marker.get('method', 'sum')}"
@@ -421,6 +466,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"composed adapter written to {args.out} ({detail})")
         if args.merge_into_base:
             print(f"merged model written to {marker['merged_model']}")
+        if "gguf" in marker:
+            print(f"GGUF LoRA written to {marker['gguf']} (Modelfile and README.md beside it)")
     elif args.command == "predict" and args.domains is not None:
         from lorasum.adapter_free import format_domain_prediction, predict_domains
         from lorasum.experiment import parse_domains
@@ -439,6 +486,37 @@ def _run(args: argparse.Namespace) -> int:
             max_order=args.max_order,
         )
         print(dumps_strict(result) if args.json else format_domain_prediction(result))
+    elif args.command == "export":
+        from lorasum.export import export_adapter, export_merged
+
+        if args.merged:
+            info = export_merged(
+                args.adapter,
+                args.out,
+                outtype=args.outtype or "base",
+                model=args.model,
+                base_gguf=args.base_gguf,
+                overwrite=args.overwrite,
+            )
+            print(
+                f"merged GGUF model written to {info['gguf']} ({info['merged_tensors']} weights "
+                f"merged, requantisation error {info['requant_error_median']:.3g} of ΔW, median); "
+                "Modelfile and README.md beside it"
+            )
+            return 0
+        info = export_adapter(
+            args.adapter,
+            args.out,
+            format=args.format,
+            outtype=args.outtype or "f32",
+            model=args.model,
+            base_gguf=args.base_gguf,
+            overwrite=args.overwrite,
+        )
+        print(
+            f"GGUF LoRA written to {info['gguf']} ({info['arch']}, {info['modules']} modules, "
+            f"rank {info['rank']}, alpha {info['alpha']:g}); Modelfile and README.md beside it"
+        )
     elif args.command == "predict":
         from lorasum.predict import format_prediction, predict_interference
 
@@ -547,12 +625,13 @@ def _run(args: argparse.Namespace) -> int:
         print(f"report: {paths['markdown']}  {paths['html']}  plot: {paths['plot']}")
     elif args.command == "assets":
         from lorasum.data import BUILTIN_DOMAINS, load_builtin
-        from lorasum.models import prepare_default_model
+        from lorasum.models import EMBEDDED_SHA256, embedded_gguf_path, prepare_default_model
 
         for name in BUILTIN_DOMAINS:
             rows, origin = load_builtin(name)
             print(f"data {name:<12} {len(rows):>5} rows  {origin}")
         print(f"model default: {prepare_default_model()}")
+        print(f"base GGUF (llama.cpp): {embedded_gguf_path()}  sha256 {EMBEDDED_SHA256}")
     return 0
 
 

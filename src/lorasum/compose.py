@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 RECIPE_NAME = "recipe.json"
 CARD_NAME = "README.md"
+GGUF_DIR, GGUF_NAME = "gguf", "adapter.gguf"  # compose --format gguf: out/gguf/adapter.gguf
 
 
 def _check_inside(out: Path, inputs: Sequence[Path], flag: str) -> None:
@@ -192,6 +193,8 @@ class _ComposeInputs:
         resolved = config.resolved()
         if config.method != "sum" or config.pad_rank_to is not None:
             key_fields["merge"] = resolved  # the plain sum keeps the key it always had
+        if merge_method.dense and config.rank is None:
+            key_fields["dense_rank"] = "file"  # truncation at the file's rank, not per-module Σr
         return cls(
             adapters, merge_method, given, w, base, shas, fingerprints,
             calibration_data, union, resolved, config_key(key_fields),
@@ -314,6 +317,8 @@ def compose(
     method: str = "sum",
     config: MergeConfig | None = None,
     calibration: Sequence[str | Sequence[str] | None] | None = None,
+    format: str = "peft",
+    outtype: str = "f32",
     **options: Any,
 ) -> dict:
     """`lorasum compose`: merge adapters into one PEFT adapter (and optionally a merged model).
@@ -324,8 +329,12 @@ def compose(
     ``calibration``: per adapter a comma list of data sources or 'own'/None (default: every
     adapter's own training data, from its lorasum.json), computed on ``model`` (default: the
     adapters' base model) and cached beside each adapter (`lorasum.calibration`).
+    ``format="gguf"`` also writes the composed adapter as a GGUF LoRA for llama.cpp/Ollama
+    (``outtype`` f32/f16/q8_0) into ``out/gguf/`` (`lorasum.export`).
     Returns the output's lorasum.json marker, which holds the recipe.
     """
+    if format not in ("peft", "gguf"):
+        raise LorasumError(f"unknown --format {format!r}; use peft or gguf")
     if config is None:
         config = MergeConfig(method=method, **options)
     elif options or method != "sum":
@@ -341,6 +350,13 @@ def compose(
         marker = _write_composed(inputs, out, config, model)
     else:
         marker = read_json(out / "lorasum.json")
+    if format == "gguf":
+        from lorasum.export import export_adapter
+
+        gguf_info = export_adapter(
+            out, out / GGUF_DIR / GGUF_NAME, outtype=outtype, model=model, overwrite=True
+        )
+        marker = {**marker, "gguf": gguf_info["gguf"]}
     if merged_out is not None:
         merge_adapter_into_base(out, inputs.base, merged_out, recipe=marker.get("recipe"))
         marker = {**marker, "merged_model": str(merged_out)}

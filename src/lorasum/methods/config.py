@@ -46,8 +46,9 @@ class MergeConfig:
         default=None,
         metadata={
             "help": "rank of the result: K, or 'auto' (per module the smallest rank "
-            "keeping --keep of the energy); svd: required; ties/dare/magnitude_prune/pico: "
-            "default Σr; tsv/iso/knots_*: default their own rank; lora_lego: the number of "
+            "keeping --keep of the energy); svd: required; ties/dare/magnitude_prune: "
+            "default the file's rank (the largest Σr over modules); pico: default Σr; "
+            "tsv/iso/knots_*: default their own rank; lora_lego: the number of "
             "clusters (an integer, default the largest input rank); the calibration methods "
             "(regmean, …, shift_match): default Σr (exact)"
         },

@@ -25,7 +25,8 @@ def dense_deltas(terms: Sequence[LoraFactors | None]) -> list[torch.Tensor]:
 
 
 def total_rank(terms: Sequence[LoraFactors | None]) -> int:
-    """Σ r_i over the adapters that adapt the module: the default rank of the result."""
+    """Σ r_i over the adapters that adapt the module (the rank of their plain sum;
+    `merge_adapters` truncates at the file's rank, the largest of these over modules)."""
     return sum(t.rank for t in terms if t is not None)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -71,6 +72,13 @@ def _merge_module(
     return f, report
 
 
+def file_rank(adapters: Sequence[Factors]) -> int:
+    """The rank the written adapter has anyway: the largest Σ r_i over modules (the sum's rank
+    of the module that most adapters adapt at the highest ranks)."""
+    names = set().union(*(a.keys() for a in adapters))
+    return max(sum(a[n].rank for a in adapters if n in a) for n in names)
+
+
 def merge_adapters(
     adapters: Sequence[Factors],
     weights: Sequence[float],
@@ -78,6 +86,10 @@ def merge_adapters(
     grams: Sequence[Mapping[str, torch.Tensor]] | None = None,
 ) -> MergeResult:
     """Merge per module (missing module = zero ΔW) and bring every module to one rank.
+
+    The dense methods (ties, dare_*, magnitude_prune) without ``--rank`` truncate every module
+    at the file's rank (`file_rank`); each module's kept energy and relative error are in
+    the report (the recipe's ``modules``).
 
     ``grams``: per adapter, module -> per-token input Gram matrix Ĝ (`lorasum.calibration`),
     needed by the methods registered with ``calibration=True`` (the others ignore it).
@@ -93,6 +105,10 @@ def merge_adapters(
     if grams is not None and len(grams) != len(adapters):
         raise ValueError(f"{len(grams)} Gram sets for {len(adapters)} adapters")
     names = sorted(set().union(*(a.keys() for a in adapters)))
+    if method.dense and config.rank is None:
+        # Every module is padded to the file's rank anyway: truncate each dense result there
+        # (its best approximation at no cost), not at the Σ r_i of the adapters that have it.
+        config = dataclasses.replace(config, rank=file_rank(adapters))
     merged: dict[str, LoraFactors] = {}
     report: dict[str, dict] = {}
     with contextlib.ExitStack() as stack:

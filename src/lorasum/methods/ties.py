@@ -9,7 +9,8 @@ TIES-Merging (Yadav et al., NeurIPS 2023, arXiv 2306.01708) as implemented by
 3. disjoint merge: the mean of the weighted entries w_i·ΔW_i that agree with the elected sign.
 
 `magnitude_prune` (`peft.utils.merge_utils.magnitude_prune`) is step 1 followed by the plain
-weighted sum. The result goes back to LoRA form by a truncated SVD at ``--rank`` (default Σr).
+weighted sum. The result goes back to LoRA form by a truncated SVD at ``--rank`` (default: the
+file's rank, the largest Σr over modules; see `methods.engine.file_rank`).
 """
 
 from __future__ import annotations
