@@ -136,18 +136,26 @@ def test_pico_single_adapter_or_module_is_the_adapter_itself():
 
 
 def test_pico_downscales_the_shared_output_direction():
-    """Two adapters whose B share one column direction: Pico lowers that direction's share."""
-    g = torch.Generator().manual_seed(3)
-    shared = torch.randn(16, 1, generator=g)
-    f1 = LoraFactors(torch.randn(2, 12, generator=g), torch.cat([shared, torch.randn(16, 1)], 1), 1)
-    f2 = LoraFactors(torch.randn(2, 12, generator=g), torch.cat([shared, torch.randn(16, 1)], 1), 1)
-    u = shared[:, 0].double() / shared.norm()
+    """Two adapters that write along one shared output direction (same B column, same A row):
+    Pico lowers that direction's share of ΔW below the plain sum's."""
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        shared_b, shared_a = torch.randn(16, 1, generator=g), torch.randn(1, 12, generator=g)
+        f1, f2 = (
+            LoraFactors(
+                torch.cat([shared_a, torch.randn(1, 12, generator=g)]),
+                torch.cat([shared_b, torch.randn(16, 1, generator=g)], 1),
+                1,
+            )
+            for _ in range(2)
+        )
+        u = shared_b[:, 0].double() / shared_b.norm()
 
-    def share(d):  # fraction of ‖ΔW‖² along the shared output direction
-        return float((u @ d).norm() ** 2 / d.norm() ** 2)
+        def share(d, u=u):  # fraction of ‖ΔW‖² along the shared output direction
+            return float((u @ d).norm() ** 2 / d.norm() ** 2)
 
-    plain = dense_sum([f1, f2], [1.0, 1.0], (16, 12))
-    assert share(merged_dense(run("pico", [f1, f2], [1.0, 1.0]))) < share(plain) - 0.02
+        plain = dense_sum([f1, f2], [1.0, 1.0], (16, 12))
+        assert share(merged_dense(run("pico", [f1, f2], [1.0, 1.0]))) < share(plain) - 0.005
 
 
 def test_pico_truncates_with_rank():

@@ -7,7 +7,7 @@ import os
 import shlex
 from pathlib import Path
 
-from lorasum import __version__
+from lorasum._version import __version__
 from lorasum.adapters import read_adapter
 from lorasum.errors import LorasumError
 from lorasum.export.card import merged_card
