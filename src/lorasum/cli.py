@@ -59,21 +59,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from lorasum.export.gguf_lora import OUTTYPES
-    from lorasum.forecast import DATA_PREDICTORS, PREDICTORS
-    from lorasum.methods import MergeConfig
-    from lorasum.study_config import BUDGETS, STUDY_TRAIN_EXCLUDED, preset_names
+def _add_train(sub) -> None:
+    """`lorasum train`'s flags."""
     from lorasum.train import TrainConfig
-
-    p = _Parser(
-        prog="lorasum",
-        description="Modular fine-tuning by adding LoRA adapters: train, compose exactly, "
-        "measure orthogonality, evaluate, and run the naive-summation study.",
-    )
-    p.add_argument("--version", action="version", version=f"lorasum {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser(
         "train", help="train one LoRA adapter (several --data = merged-data baseline)"
@@ -87,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="count the whole sequence in the loss, not only the answer",
     )
+
+
+def _add_compose(sub) -> None:
+    """`lorasum compose`'s flags."""
+    from lorasum.export.gguf_lora import OUTTYPES
+    from lorasum.methods import MergeConfig
 
     c = sub.add_parser(
         "compose",
@@ -144,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--outtype", default="f32", choices=list(OUTTYPES), help="GGUF tensor type")
     _add_dataclass_flags(c, MergeConfig, defaults=False)  # unset = the method's default
 
+
+def _add_export(sub) -> None:
+    """`lorasum export`'s flags."""
+    from lorasum.export.gguf_lora import OUTTYPES
+
     x = sub.add_parser(
         "export",
         help="write an adapter for llama.cpp/Ollama: a GGUF LoRA file, a Modelfile and a card",
@@ -177,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument(
         "--overwrite", action="store_true", help="replace files beside --out not written by export"
     )
+
+
+def _add_predict(sub) -> None:
+    """`lorasum predict`'s flags."""
+    from lorasum.forecast import DATA_PREDICTORS, PREDICTORS
 
     pr = sub.add_parser(
         "predict",
@@ -228,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
         pr.add_argument(flag, type=kind, default=default, help=help_text)
     pr.add_argument("--json", action="store_true", help="print JSON")
 
+
+def _add_similarity(sub) -> None:
+    """`lorasum similarity`'s flags."""
     s = sub.add_parser(
         "similarity",
         help="how alike adapters are: N×N cosines of ΔW, per layer/type, principal angles",
@@ -241,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a cosine heatmap and a per-layer plot (PNG) and similarity.json to DIR",
     )
 
+
+def _add_eval(sub) -> None:
+    """`lorasum eval`'s flags."""
     e = sub.add_parser("eval", help="answer-only perplexity of a model (and adapter) on data")
     e.add_argument("--model", default="default", help="base model (default: embedded SmolLM2-135M)")
     e.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory to apply")
@@ -265,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     e.add_argument("--device", default="auto")
     e.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _add_reproduce(sub) -> None:
+    """`lorasum reproduce`'s flags."""
+    from lorasum.study_config import STUDY_TRAIN_EXCLUDED, preset_names
+    from lorasum.train import TrainConfig
 
     r = sub.add_parser(
         "reproduce", help="run the paper's study: train, sum, compare, correlate, report"
@@ -328,6 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="combinations of at most this many domains (2 = pairs only; default: all sizes)",
     )
+    _add_run_flags(r)
+    _add_dataclass_flags(r, TrainConfig, skip=set(STUDY_TRAIN_EXCLUDED), defaults=False)
+
+
+def _add_run_flags(r) -> None:
+    """`lorasum reproduce`'s flags of how the study runs: workers, executor, plan, budget."""
+    from lorasum.study_config import BUDGETS
+
     r.add_argument(
         "--workers",
         type=int,
@@ -370,14 +394,40 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate along each run at these epochs, e.g. 0.25,0.5,1,2,4 (each adapter "
         "trains for the last; pairs singles and merged adapters by equal epochs and steps)",
     )
-    _add_dataclass_flags(r, TrainConfig, skip=set(STUDY_TRAIN_EXCLUDED), defaults=False)
 
+
+def _add_report(sub) -> None:
+    """`lorasum report`'s flags."""
     rep = sub.add_parser(
         "report", help="rebuild report.md and report.html of a study from its results.json"
     )
     rep.add_argument("run_dir", help="the study directory (--out of `lorasum reproduce`)")
 
+
+def _add_assets(sub) -> None:
+    """`lorasum assets`'s flags."""
     sub.add_parser("assets", help="check the embedded model and data, and build the model cache")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="lorasum",
+        description="Modular fine-tuning by adding LoRA adapters: train, compose exactly, "
+        "measure orthogonality, evaluate, and run the naive-summation study.",
+    )
+    p.add_argument("--version", action="version", version=f"lorasum {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    _add_train(sub)
+    _add_compose(sub)
+    _add_export(sub)
+    _add_predict(sub)
+    _add_similarity(sub)
+    _add_eval(sub)
+    _add_reproduce(sub)
+    _add_report(sub)
+    _add_assets(sub)
     _add_safety_flags(sub)
     return p
 
@@ -410,229 +460,282 @@ def _apply_safety_flags(args: argparse.Namespace) -> None:
         os.environ[TRUST_REMOTE_CODE_ENV] = "1"
 
 
-def _run(args: argparse.Namespace) -> int:
-    if args.command == "train":
-        from lorasum.train import TrainConfig, train
+def _cmd_train(args: argparse.Namespace) -> int:
+    """`lorasum train`."""
+    from lorasum.train import TrainConfig, train
 
-        cfg = TrainConfig(
-            **{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-        )
-        marker = train(cfg, args.out, overwrite=args.overwrite)
-        m = marker["metrics"]
-        val = f", val ppl {m['val_perplexity']:.3f}" if "val_perplexity" in m else ""
-        print(
-            f"adapter written to {args.out} ({m['steps']} steps, loss {m['first_loss']:.3f} → "
-            f"{m['final_loss']:.3f}{val})"
-        )
-    elif args.command == "compose":
-        from lorasum.compose import compose
-        from lorasum.methods import MergeConfig
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    marker = train(cfg, args.out, overwrite=args.overwrite)
+    m = marker["metrics"]
+    val = f", val ppl {m['val_perplexity']:.3f}" if "val_perplexity" in m else ""
+    print(
+        f"adapter written to {args.out} ({m['steps']} steps, loss {m['first_loss']:.3f} → "
+        f"{m['final_loss']:.3f}{val})"
+    )
+    return 0
 
-        given = {f.name: getattr(args, f.name) for f in dataclasses.fields(MergeConfig)}
-        config = MergeConfig(**{k: v for k, v in given.items() if v is not None})
-        if args.fit and not args.check:
-            raise LorasumError("--fit applies to --check; add --check or drop --fit")
-        if args.check:
-            from lorasum.methods import get_method
-            from lorasum.predict import format_prediction, predict_interference
 
-            uses_data = get_method(config.method).calibration  # else --calibration is refused
-            check = predict_interference(
-                args.adapters,
-                fit=args.fit,
-                calibration=args.calibration if uses_data else None,
-                model=args.model,
-            )
-            print(format_prediction(check, warning=True), flush=True)
-        marker = compose(
+def _cmd_compose(args: argparse.Namespace) -> int:
+    """`lorasum compose`."""
+    from lorasum.compose import compose
+    from lorasum.methods import MergeConfig
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(MergeConfig)}
+    config = MergeConfig(**{k: v for k, v in given.items() if v is not None})
+    if args.fit and not args.check:
+        raise LorasumError("--fit applies to --check; add --check or drop --fit")
+    if args.check:
+        from lorasum.methods import get_method
+        from lorasum.predict import format_prediction, predict_interference
+
+        uses_data = get_method(config.method).calibration  # else --calibration is refused
+        check = predict_interference(
             args.adapters,
-            args.out,
-            weights=args.weights,
-            merge_into_base=args.merge_into_base,
-            model=args.model,
-            overwrite=args.overwrite,
-            config=config,
-            calibration=args.calibration,
-            format=args.format,
-            outtype=args.outtype,
-        )
-        recipe = marker.get("recipe") or {}
-        detail = f"method {marker.get('method', 'sum')}"
-        if recipe:
-            kept = [m["kept_energy"] for m in recipe["modules"].values()]
-            detail += f", rank {recipe['rank']}, {len(kept)} modules"
-            if min(kept) < 1.0:
-                detail += f", kept energy min {min(kept):.4f}"
-        print(f"composed adapter written to {args.out} ({detail})")
-        if args.merge_into_base:
-            print(f"merged model written to {marker['merged_model']}")
-        if "gguf" in marker:
-            print(f"GGUF LoRA written to {marker['gguf']} (Modelfile and README.md beside it)")
-    elif args.command == "predict" and args.domains is not None:
-        from lorasum.adapter_free import format_domain_prediction, predict_domains
-        from lorasum.experiment import parse_domains
-
-        if args.adapters or args.calibration:
-            raise LorasumError("--domains replaces adapters and --calibration; give one or other")
-        result = predict_domains(
-            parse_domains(args.domains),
-            model=args.model or "default",
             fit=args.fit,
-            predictor=args.predictor,
-            max_length=args.max_length,
-            max_train=args.max_train,
-            split_seed=args.split_seed,
-            target_modules=args.target_modules,
-            max_order=args.max_order,
+            calibration=args.calibration if uses_data else None,
+            model=args.model,
         )
-        print(dumps_strict(result) if args.json else format_domain_prediction(result))
-    elif args.command == "export":
-        from lorasum.export import export_adapter, export_merged
+        print(format_prediction(check, warning=True), flush=True)
+    marker = compose(
+        args.adapters,
+        args.out,
+        weights=args.weights,
+        merge_into_base=args.merge_into_base,
+        model=args.model,
+        overwrite=args.overwrite,
+        config=config,
+        calibration=args.calibration,
+        format=args.format,
+        outtype=args.outtype,
+    )
+    recipe = marker.get("recipe") or {}
+    detail = f"method {marker.get('method', 'sum')}"
+    if recipe:
+        kept = [m["kept_energy"] for m in recipe["modules"].values()]
+        detail += f", rank {recipe['rank']}, {len(kept)} modules"
+        if min(kept) < 1.0:
+            detail += f", kept energy min {min(kept):.4f}"
+    print(f"composed adapter written to {args.out} ({detail})")
+    if args.merge_into_base:
+        print(f"merged model written to {marker['merged_model']}")
+    if "gguf" in marker:
+        print(f"GGUF LoRA written to {marker['gguf']} (Modelfile and README.md beside it)")
+    return 0
 
-        if args.merged:
-            info = export_merged(
-                args.adapter,
-                args.out,
-                outtype=args.outtype or "base",
-                model=args.model,
-                base_gguf=args.base_gguf,
-                overwrite=args.overwrite,
-            )
-            print(
-                f"merged GGUF model written to {info['gguf']} ({info['merged_tensors']} weights "
-                f"merged, requantisation error {info['requant_error_median']:.3g} of ΔW, median); "
-                "Modelfile and README.md beside it"
-            )
-            return 0
-        info = export_adapter(
+
+def _cmd_predict_domains(args: argparse.Namespace) -> int:
+    """`lorasum predict` --domains: predictors of the data alone, before training."""
+    from lorasum.adapter_free import format_domain_prediction, predict_domains
+    from lorasum.experiment import parse_domains
+
+    if args.adapters or args.calibration:
+        raise LorasumError("--domains replaces adapters and --calibration; give one or other")
+    result = predict_domains(
+        parse_domains(args.domains),
+        model=args.model or "default",
+        fit=args.fit,
+        predictor=args.predictor,
+        max_length=args.max_length,
+        max_train=args.max_train,
+        split_seed=args.split_seed,
+        target_modules=args.target_modules,
+        max_order=args.max_order,
+    )
+    print(dumps_strict(result) if args.json else format_domain_prediction(result))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    """`lorasum export`."""
+    from lorasum.export import export_adapter, export_merged
+
+    if args.merged:
+        info = export_merged(
             args.adapter,
             args.out,
-            format=args.format,
-            outtype=args.outtype or "f32",
+            outtype=args.outtype or "base",
             model=args.model,
             base_gguf=args.base_gguf,
             overwrite=args.overwrite,
         )
         print(
-            f"GGUF LoRA written to {info['gguf']} ({info['arch']}, {info['modules']} modules, "
-            f"rank {info['rank']}, alpha {info['alpha']:g}); Modelfile and README.md beside it"
+            f"merged GGUF model written to {info['gguf']} ({info['merged_tensors']} weights "
+            f"merged, requantisation error {info['requant_error_median']:.3g} of ΔW, median); "
+            "Modelfile and README.md beside it"
         )
-    elif args.command == "predict":
-        from lorasum.predict import format_prediction, predict_interference
-
-        result = predict_interference(
-            args.adapters,
-            fit=args.fit,
-            predictor=args.predictor,
-            calibration=args.calibration,
-            model=args.model,
-        )
-        print(dumps_strict(result) if args.json else format_prediction(result))
-    elif args.command == "similarity":
-        from lorasum.similarity import format_similarity, similarity
-
-        result = similarity(args.adapters, plot=args.plot)
-        if args.json:
-            print(dumps_strict(result))
-        else:
-            print(format_similarity(result))
-        if args.plot:
-            print(f"plots written to {args.plot}", file=sys.stderr if args.json else sys.stdout)
-    elif args.command == "eval":
-        from lorasum.evaluate import evaluate
-
-        result = evaluate(
-            model=args.model,
-            data=args.data,
-            adapter=args.adapter,
-            split=args.split,
-            max_length=args.max_length,
-            batch_size=args.batch_size,
-            split_seed=args.split_seed,
-            max_eval=args.max_eval,
-            answer_only=args.answer_only,
-            question_field=args.question_field,
-            answer_field=args.answer_field,
-            precision=args.precision,
-            device=args.device,
-            progress=not args.json,
-        )
-        if args.json:
-            print(dumps_strict(result))
-        else:
-            for name, d in result["per_dataset"].items():
-                print(f"{name:<32} perplexity {d['perplexity']:10.4f}  ({d['tokens']} tokens)")
-            print(
-                f"{'all':<32} perplexity {result['perplexity']:10.4f}  ({result['tokens']} tokens)"
-            )
-    elif args.command == "reproduce":
-        from lorasum.experiment import reproduce
-        from lorasum.study_config import STUDY_TRAIN_EXCLUDED
-        from lorasum.train import TrainConfig
-
-        overrides = {
-            f.name: getattr(args, f.name)
-            for f in dataclasses.fields(TrainConfig)
-            if f.name not in STUDY_TRAIN_EXCLUDED
-        }
-        results = reproduce(
-            args.out,
-            preset=args.preset,
-            config=args.config,
-            methods=args.methods,
-            predictors=args.predictors,
-            cross_domain=args.cross_domain,
-            paper_variants=args.paper_variants,
-            model=args.model,
-            domains=args.domains,
-            overwrite=args.overwrite,
-            seed_per_domain=args.seed_per_domain,
-            seeds=args.seeds,
-            workers=args.workers,
-            max_order=args.max_order,
-            executor=args.executor,
-            ray_address=args.ray_address,
-            plan_only=args.plan,
-            budget=args.budget,
-            snapshots=args.snapshots,
-            **overrides,
-        )
-        if args.plan:
-            print(results["plan"])
-            return 0
-        for row in results["combinations"]:
-            print(
-                f"{' + '.join(row['domains']):<32} RMS cos {row['rms_cosine']:.4f}  "
-                f"ppl merged {row['ppl_merged']:.3f}  sum {row['ppl_sum']:.3f}  "
-                f"Δ {row['delta_pct']:+.2f}%"
-                + (
-                    f"  best {row['best_method']} {row['methods'][row['best_method']]['delta_pct']:+.2f}%"
-                    if len(row.get("methods", {})) > 1
-                    else ""
-                )
-            )
-        c = results["correlation"]
-        r_text = "n/a" if c["pearson_r"] is None else f"{c['pearson_r']:.3f}"
-        print(f"Pearson r (Δ% vs RMS cosine): {r_text}")
-        print(
-            f"report: {args.out}/report.html (and .md)  results: {args.out}/results.json  "
-            f"plot: {args.out}/cosine_vs_delta.png  ({results['wall_seconds']:.0f} s)"
-        )
-    elif args.command == "report":
-        from lorasum.report import rebuild_report
-
-        paths = rebuild_report(args.run_dir)
-        print(f"report: {paths['markdown']}  {paths['html']}  plot: {paths['plot']}")
-    elif args.command == "assets":
-        from lorasum.data import BUILTIN_DOMAINS, load_builtin
-        from lorasum.models import EMBEDDED_SHA256, embedded_gguf_path, prepare_default_model
-
-        for name in BUILTIN_DOMAINS:
-            rows, origin = load_builtin(name)
-            print(f"data {name:<12} {len(rows):>5} rows  {origin}")
-        print(f"model default: {prepare_default_model()}")
-        print(f"base GGUF (llama.cpp): {embedded_gguf_path()}  sha256 {EMBEDDED_SHA256}")
+        return 0
+    info = export_adapter(
+        args.adapter,
+        args.out,
+        format=args.format,
+        outtype=args.outtype or "f32",
+        model=args.model,
+        base_gguf=args.base_gguf,
+        overwrite=args.overwrite,
+    )
+    print(
+        f"GGUF LoRA written to {info['gguf']} ({info['arch']}, {info['modules']} modules, "
+        f"rank {info['rank']}, alpha {info['alpha']:g}); Modelfile and README.md beside it"
+    )
     return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    """`lorasum predict`."""
+    from lorasum.predict import format_prediction, predict_interference
+
+    result = predict_interference(
+        args.adapters,
+        fit=args.fit,
+        predictor=args.predictor,
+        calibration=args.calibration,
+        model=args.model,
+    )
+    print(dumps_strict(result) if args.json else format_prediction(result))
+    return 0
+
+
+def _cmd_similarity(args: argparse.Namespace) -> int:
+    """`lorasum similarity`."""
+    from lorasum.similarity import format_similarity, similarity
+
+    result = similarity(args.adapters, plot=args.plot)
+    if args.json:
+        print(dumps_strict(result))
+    else:
+        print(format_similarity(result))
+    if args.plot:
+        print(f"plots written to {args.plot}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    """`lorasum eval`."""
+    from lorasum.evaluate import evaluate
+
+    result = evaluate(
+        model=args.model,
+        data=args.data,
+        adapter=args.adapter,
+        split=args.split,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        split_seed=args.split_seed,
+        max_eval=args.max_eval,
+        answer_only=args.answer_only,
+        question_field=args.question_field,
+        answer_field=args.answer_field,
+        precision=args.precision,
+        device=args.device,
+        progress=not args.json,
+    )
+    if args.json:
+        print(dumps_strict(result))
+    else:
+        for name, d in result["per_dataset"].items():
+            print(f"{name:<32} perplexity {d['perplexity']:10.4f}  ({d['tokens']} tokens)")
+        print(f"{'all':<32} perplexity {result['perplexity']:10.4f}  ({result['tokens']} tokens)")
+    return 0
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    """`lorasum reproduce`."""
+    from lorasum.experiment import reproduce
+    from lorasum.study_config import STUDY_TRAIN_EXCLUDED
+    from lorasum.train import TrainConfig
+
+    overrides = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(TrainConfig)
+        if f.name not in STUDY_TRAIN_EXCLUDED
+    }
+    results = reproduce(
+        args.out,
+        preset=args.preset,
+        config=args.config,
+        methods=args.methods,
+        predictors=args.predictors,
+        cross_domain=args.cross_domain,
+        paper_variants=args.paper_variants,
+        model=args.model,
+        domains=args.domains,
+        overwrite=args.overwrite,
+        seed_per_domain=args.seed_per_domain,
+        seeds=args.seeds,
+        workers=args.workers,
+        max_order=args.max_order,
+        executor=args.executor,
+        ray_address=args.ray_address,
+        plan_only=args.plan,
+        budget=args.budget,
+        snapshots=args.snapshots,
+        **overrides,
+    )
+    if args.plan:
+        print(results["plan"])
+        return 0
+    for row in results["combinations"]:
+        print(
+            f"{' + '.join(row['domains']):<32} RMS cos {row['rms_cosine']:.4f}  "
+            f"ppl merged {row['ppl_merged']:.3f}  sum {row['ppl_sum']:.3f}  "
+            f"Δ {row['delta_pct']:+.2f}%"
+            + (
+                f"  best {row['best_method']} {row['methods'][row['best_method']]['delta_pct']:+.2f}%"
+                if len(row.get("methods", {})) > 1
+                else ""
+            )
+        )
+    c = results["correlation"]
+    r_text = "n/a" if c["pearson_r"] is None else f"{c['pearson_r']:.3f}"
+    print(f"Pearson r (Δ% vs RMS cosine): {r_text}")
+    print(
+        f"report: {args.out}/report.html (and .md)  results: {args.out}/results.json  "
+        f"plot: {args.out}/cosine_vs_delta.png  ({results['wall_seconds']:.0f} s)"
+    )
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    """`lorasum report`."""
+    from lorasum.report import rebuild_report
+
+    paths = rebuild_report(args.run_dir)
+    print(f"report: {paths['markdown']}  {paths['html']}  plot: {paths['plot']}")
+    return 0
+
+
+def _cmd_assets(args: argparse.Namespace) -> int:
+    """`lorasum assets`."""
+    from lorasum.data import BUILTIN_DOMAINS, load_builtin
+    from lorasum.models import EMBEDDED_SHA256, embedded_gguf_path, prepare_default_model
+
+    for name in BUILTIN_DOMAINS:
+        rows, origin = load_builtin(name)
+        print(f"data {name:<12} {len(rows):>5} rows  {origin}")
+    print(f"model default: {prepare_default_model()}")
+    print(f"base GGUF (llama.cpp): {embedded_gguf_path()}  sha256 {EMBEDDED_SHA256}")
+    return 0
+
+
+def _cmd_predict_any(args: argparse.Namespace) -> int:
+    return _cmd_predict_domains(args) if args.domains is not None else _cmd_predict(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    return COMMANDS[args.command](args)
+
+
+COMMANDS = {
+    "train": _cmd_train,
+    "compose": _cmd_compose,
+    "predict": _cmd_predict_any,
+    "export": _cmd_export,
+    "similarity": _cmd_similarity,
+    "eval": _cmd_eval,
+    "reproduce": _cmd_reproduce,
+    "report": _cmd_report,
+    "assets": _cmd_assets,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
