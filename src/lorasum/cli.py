@@ -462,16 +462,18 @@ def _apply_safety_flags(args: argparse.Namespace) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     """`lorasum train`."""
+    from lorasum.distributed import world_from_env
     from lorasum.train import TrainConfig, train
 
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     marker = train(cfg, args.out, overwrite=args.overwrite)
     m = marker["metrics"]
     val = f", val ppl {m['val_perplexity']:.3f}" if "val_perplexity" in m else ""
-    print(
-        f"adapter written to {args.out} ({m['steps']} steps, loss {m['first_loss']:.3f} → "
-        f"{m['final_loss']:.3f}{val})"
-    )
+    if world_from_env().is_main:  # under torchrun: rank 0 speaks for all
+        print(
+            f"adapter written to {args.out} ({m['steps']} steps, loss {m['first_loss']:.3f} → "
+            f"{m['final_loss']:.3f}{val})"
+        )
     return 0
 
 

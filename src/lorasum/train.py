@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from lorasum._version import __version__
-from lorasum.data import Source, check_answers_fit, load_split, make_batches
+from lorasum.data import Batch, Source, check_answers_fit, collate, load_split, make_batches
+from lorasum.distributed import World, process_group, rank_device, rank_rows, world_from_env
 from lorasum.errors import LorasumError, raise_all
 from lorasum.evaluate import autocast_context, evaluate_batches, perplexity_from, token_nll
 from lorasum.io import atomic_dir, check_output_dir, config_key, read_json
@@ -228,11 +229,16 @@ def diverged_dir(out: Path) -> Path:
     return out.with_name(out.name + ".diverged")
 
 
-def _diverged(peft_model, out: Path, step: int, what: str, log_rows: list[dict], cfg) -> None:
-    """Keep the weights before the non-finite step for inspection, then stop with one line."""
+def _diverged(
+    peft_model, out: Path, step: int, what: str, log_rows: list[dict], cfg, write: bool = True
+) -> None:
+    """Keep the weights before the non-finite step for inspection, then stop with one line.
+
+    Under torchrun every rank sees the same global loss and gradient norm, so all stop here;
+    only rank 0 (``write``) keeps the weights."""
     keep = diverged_dir(out)
     kept = ""
-    if not keep.exists() or (existing_kind(keep) == "diverged"):
+    if write and (not keep.exists() or (existing_kind(keep) == "diverged")):
         marker = {
             "kind": "diverged",
             "key": None,
@@ -331,6 +337,10 @@ class _Run:
     device: torch.device
     amp: torch.dtype | None
     train_rows: int
+    forward: (
+        object  # batch -> (row NLL (B,), row counted tokens (B,)); through DDP on several ranks
+    )
+    world: World = field(default_factory=World)
     step: int = 0
     real_tokens: int = 0  # every non-padding token processed (prompt + answer)
     answer_tokens: int = 0  # tokens in the loss
@@ -369,7 +379,36 @@ def _attach_lora(model: nn.Module, cfg: TrainConfig, targets: list[str]) -> nn.M
     return peft_model
 
 
-def _start_run(peft_model, cfg: TrainConfig, total_steps: int, amp, train_rows: int) -> _Run:
+class _TokenNll(nn.Module):
+    """``token_nll`` as a module's forward, so DistributedDataParallel can wrap it (DDP reduces
+    the gradients of whatever its own forward ran; ``token_nll`` may bypass the model's)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, counted, dataset):
+        return token_nll(self.model, Batch(input_ids, attention_mask, counted, dataset))
+
+
+def _forward(peft_model: nn.Module, world: World, device: torch.device):
+    """batch -> (row NLL, row tokens); on several ranks through DDP, which sums (averages) the
+    LoRA gradients over the ranks in the backward."""
+    if not world.distributed:
+        return lambda batch: token_nll(peft_model, batch)
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = DistributedDataParallel(
+        _TokenNll(peft_model),
+        device_ids=[device.index] if device.type == "cuda" else None,
+        broadcast_buffers=False,  # the frozen base's buffers are the same on every rank
+    )
+    return lambda b: ddp(b.input_ids, b.attention_mask, b.counted, b.dataset)
+
+
+def _start_run(
+    peft_model, cfg: TrainConfig, total_steps: int, amp, train_rows: int, world: World
+) -> _Run:
     """AdamW over the LoRA weights with linear warmup and decay over ``total_steps``."""
     from transformers import get_linear_schedule_with_warmup
 
@@ -379,22 +418,58 @@ def _start_run(peft_model, cfg: TrainConfig, total_steps: int, amp, train_rows: 
         optimizer, min(cfg.warmup_steps, total_steps), total_steps
     )
     device = next(peft_model.parameters()).device
-    return _Run(cfg, peft_model, params, optimizer, scheduler, device, amp, train_rows)
+    forward = _forward(peft_model, world, device)
+    return _Run(
+        cfg, peft_model, params, optimizer, scheduler, device, amp, train_rows, forward, world
+    )
 
 
-def _optimizer_step(run: _Run, batch, epoch: int, out: Path) -> float:
-    """Forward, backward, clip and update on one batch; log it; return its loss."""
+def _step_loss(run: _Run, batch: Batch, row_nll, row_tokens, empty: bool):
+    """(loss to backpropagate, the global batch's loss, counted tokens, real tokens, positions).
+
+    The loss is the summed answer-token NLL over the global batch's counted tokens. On several
+    ranks each backpropagates its own sum over the global count, times the world size because
+    DDP averages the ranks' gradients: the reduced gradient is one process's. A rank without
+    rows (``empty``: it ran a stand-in row to join the reduction) backpropagates zero.
+    """
+    world = run.world
+    if not world.distributed:
+        n_tokens = int(row_tokens.sum())
+        loss = row_nll.sum() / max(n_tokens, 1)  # token-weighted mean over the batch
+        real, positions = int(batch.attention_mask.sum()), batch.input_ids.numel()
+        return loss, float(loss.detach()), n_tokens, real, positions
+    local = (
+        [0.0] * 4
+        if empty
+        else [
+            float(row_nll.detach().sum()),
+            int(row_tokens.sum()),
+            int(batch.attention_mask.sum()),
+            batch.input_ids.numel(),
+        ]
+    )
+    nll, n_tokens, real, positions = world.sum(local, run.device)
+    n_tokens, real, positions = int(n_tokens), int(real), int(positions)
+    scale = 0.0 if empty else float(world.size)
+    loss = row_nll.sum() * scale / max(n_tokens, 1)
+    return loss, nll / max(n_tokens, 1), n_tokens, real, positions
+
+
+def _optimizer_step(run: _Run, batch, epoch: int, out: Path, empty: bool = False) -> float:
+    """Forward, backward, clip and update on one batch (this rank's share of the global batch
+    under torchrun); log it; return the global batch's loss."""
     cfg, model = run.cfg, run.peft_model
     t_step = time.perf_counter()
     batch = batch.to(run.device)
     with autocast_context(run.device, run.amp):
-        row_nll, row_tokens = token_nll(model, batch)
-    n_tokens = int(row_tokens.sum())
-    loss = row_nll.sum() / max(n_tokens, 1)  # token-weighted mean over the batch
-    loss_value = float(loss.detach())
+        row_nll, row_tokens = run.forward(batch)
+    loss, loss_value, n_tokens, real_tokens, positions = _step_loss(
+        run, batch, row_nll, row_tokens, empty
+    )
+    write = run.world.is_main
     if not math.isfinite(loss_value):  # checked before any update: weights are good
-        _diverged(model, out, run.step + 1, f"loss {loss_value}", run.log_rows, cfg)
-    loss.backward()
+        _diverged(model, out, run.step + 1, f"loss {loss_value}", run.log_rows, cfg, write)
+    loss.backward()  # under DDP the gradients are reduced over the ranks here
     grad_norm = (
         torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip)
         if cfg.grad_clip > 0
@@ -402,13 +477,12 @@ def _optimizer_step(run: _Run, batch, epoch: int, out: Path) -> float:
     )
     if cfg.grad_clip > 0 and not math.isfinite(float(grad_norm)):
         what = f"gradient norm {float(grad_norm)}"
-        _diverged(model, out, run.step + 1, what, run.log_rows, cfg)
+        _diverged(model, out, run.step + 1, what, run.log_rows, cfg, write)
     step_lr = run.scheduler.get_last_lr()[0]  # the rate this step used
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
-    real_tokens = int(batch.attention_mask.sum())
     run.real_tokens += real_tokens
     run.answer_tokens += n_tokens
     run.log_rows.append(
@@ -420,7 +494,7 @@ def _optimizer_step(run: _Run, batch, epoch: int, out: Path) -> float:
             "grad_norm": float(grad_norm),
             "tokens": n_tokens,
             "real_tokens": real_tokens,
-            "positions": batch.input_ids.numel(),  # computed, padding included
+            "positions": positions,  # computed, padding included (summed over ranks)
             "seconds": time.perf_counter() - t_step,
         }
     )
@@ -460,17 +534,30 @@ class _Watch:
         return stop is not None
 
 
+def _rank_batches(run: _Run, train_items, pad_id: int, seed: int):
+    """(batch, empty) per global batch of one pass: the global batches themselves in one
+    process; under torchrun this rank's rows of each (``rank_rows``), the same global batches in
+    the same order. A rank with no rows in a batch gets its first row as a stand-in, ``empty``."""
+    bs, world = run.cfg.batch_size, run.world
+    if not world.distributed:
+        batches = make_batches(train_items, bs, pad_id, shuffle=True, seed=seed)
+        return ((b, False) for b in batches)
+    groups = make_batches(train_items, bs, pad_id, shuffle=True, seed=seed, lazy=True).groups
+    shares = ((g, rank_rows(g, world.rank, world.size)) for g in groups)
+    return (
+        (collate([train_items[i] for i in (rows or g[:1])], pad_id), not rows) for g, rows in shares
+    )
+
+
 def _run_epochs(run: _Run, watch: _Watch, train_items, pad_id: int, out: Path, bar) -> None:
     """Optimizer steps over reshuffled passes of the rows until the last step or a stop."""
     epoch = 0
     while run.step < watch.last_step:
-        batches = make_batches(
-            train_items, run.cfg.batch_size, pad_id, shuffle=True, seed=run.cfg.seed + epoch
-        )
-        for batch in batches:
+        batches = _rank_batches(run, train_items, pad_id, run.cfg.seed + epoch)
+        for batch, empty in batches:
             if run.step >= watch.last_step:
                 break
-            loss_value = _optimizer_step(run, batch, epoch, out)
+            loss_value = _optimizer_step(run, batch, epoch, out, empty)
             bar.set_postfix(loss=f"{loss_value:.3f}")
             bar.update(1)
             if watch.after_step(run):
@@ -582,19 +669,58 @@ def train(
     model is left unchanged (LoRA layers are removed again). With ``cfg.snapshots`` the adapter
     at those steps is saved too, in ``out/snapshots/step-<N>/``; with ``cfg.eval_every`` the
     run stops by the patience rule and the weights of the lowest validation loss are saved.
-    """
-    from tqdm.auto import tqdm
 
+    Under torchrun (``WORLD_SIZE`` > 1) the processes train one adapter together: each takes
+    its share of every global batch of ``cfg.batch_size`` rows, DDP reduces the gradients, and
+    rank 0 alone writes; every rank returns the same lorasum.json. The key does not depend on
+    the number of processes (see docs/SCALE.md).
+    """
     out = Path(out)
     sources = sources if sources is not None else load_sources(cfg)
     key = adapter_key(cfg, sources)
-    if check_output_dir(out, key, overwrite):
-        log.info("reusing finished adapter %s", out)
-        return read_json(out / "lorasum.json")
+    world = world_from_env()
+    device = None  # one process picks its device after the reuse check, as it always did
+    if world.distributed:
+        device = (
+            next(model.parameters()).device
+            if model is not None
+            else rank_device(world, pick_device(cfg.device))
+        )
+    with process_group(world, device.type if device is not None else "cpu"):
+        finished = _finished(out, key, overwrite, world)
+        if finished is not None:
+            log.info("reusing finished adapter %s", out)
+            return finished
+        marker = _train_new(cfg, out, key, model, tokenizer, sources, device, world, progress)
+        return world.share(marker)
+
+
+def _finished(out: Path, key: str, overwrite: bool, world: World) -> dict | None:
+    """The finished adapter's lorasum.json to reuse, or None to train. Rank 0 decides (it alone
+    writes ``out``); every rank gets its answer, or raises its error."""
+    answer = None
+    if world.is_main:
+        try:
+            answer = (
+                read_json(out / "lorasum.json") if check_output_dir(out, key, overwrite) else None
+            )
+        except LorasumError as e:
+            answer = e
+    answer = world.share(answer)
+    if isinstance(answer, LorasumError):
+        raise answer
+    return answer
+
+
+def _train_new(
+    cfg: TrainConfig, out: Path, key: str, model, tokenizer, sources, device, world, progress
+) -> dict | None:
+    """Train and (on rank 0) write the adapter; rank 0's lorasum.json, None on other ranks."""
+    from tqdm.auto import tqdm
 
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
     if model is None:
-        model = load_model(cfg.model, pick_device(cfg.device))
+        model = load_model(cfg.model, device or pick_device(cfg.device))
     device = next(model.parameters()).device  # a shared model decides where batches go
     amp = autocast_dtype(cfg.precision, device)
     was_training = model.training
@@ -610,14 +736,19 @@ def train(
     lean_layers = contextlib.ExitStack()
     try:
         peft_model = _attach_lora(model, cfg, targets)
-        run = _start_run(peft_model, cfg, total_steps, amp, len(train_items))
+        run = _start_run(peft_model, cfg, total_steps, amp, len(train_items), world)
         validate = None
-        if cfg.eval_every > 0:
-            validate = lambda: validation_loss(run.peft_model, val_batches, names, device, amp)  # noqa: E731
+        if cfg.eval_every > 0:  # rank 0 evaluates; every rank takes the same stopping decision
+            validate = lambda: world.share(  # noqa: E731
+                validation_loss(run.peft_model, val_batches, names, device, amp)
+                if world.is_main
+                else None
+            )
         watch = _Watch(cfg.snapshots, cfg.eval_every or 1, cfg.patience, last_step, validate)
         run.peft_model.train()
         t0 = time.perf_counter()
-        bar = tqdm(total=last_step, desc=f"train {'+'.join(cfg.data)}", disable=not progress)
+        show = progress and world.is_main
+        bar = tqdm(total=last_step, desc=f"train {'+'.join(cfg.data)}", disable=not show)
         # fp32 on a CPU: the same LoRA numbers with about half the activation memory (lean_lora)
         lean_layers.enter_context(
             lean(run.peft_model, enabled=device.type == "cpu" and amp is None)
@@ -625,8 +756,10 @@ def train(
         _run_epochs(run, watch, train_items, tokenizer.pad_token_id, out, bar)
         lean_layers.close()
         bar.close()
+        if not world.is_main:
+            return None
         metrics = _metrics(run, watch, total_steps, time.perf_counter() - t0)
-        metrics.update(_final_val(run, watch, val_batches, names, progress))
+        metrics.update(_final_val(run, watch, val_batches, names, show))
         marker = {
             "kind": "adapter",
             "key": key,
@@ -635,6 +768,7 @@ def train(
             "target_modules": targets,
             "data": {s.name: s.fingerprint() for s in sources},
             "metrics": metrics,
+            "world_size": world.size,  # processes it was trained on (not part of the key)
         }
         _save(out, marker, run, watch, sources)
         return marker
