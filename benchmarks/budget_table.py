@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from lorasum.report import load_results
+from lorasum.report.build import load_results
 from lorasum.study.budget import compare_budgets
 
 

@@ -19,8 +19,8 @@ from lorasum.adapter_free import (
 from lorasum.cli import main
 from lorasum.data import load_split
 from lorasum.errors import LorasumError
-from lorasum.forecast import DATA_PREDICTORS
 from lorasum.models import load_tokenizer
+from lorasum.study.forecast import DATA_PREDICTORS
 
 SLOPE, INTERCEPT, NOISE = -40.0, 5.0, 0.05
 
@@ -104,8 +104,8 @@ def test_data_predictors_follow_the_pairwise_statistics(tiny_llama, sources, tmp
 
 
 def test_study_statistics_and_figure_take_new_predictor_names():
-    from lorasum import plots
-    from lorasum.study_results import loo_prediction, statistics
+    from lorasum.report import plots
+    from lorasum.study.results import loo_prediction, statistics
 
     rng = np.random.default_rng(1)
     rows = []

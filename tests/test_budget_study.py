@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from lorasum.errors import LorasumError
-from lorasum.experiment import reproduce
 from lorasum.io import read_json
-from lorasum.stats import delta_pct
-from lorasum.study_config import resolve_study
+from lorasum.study.config import resolve_study
+from lorasum.study.reproduce import reproduce
+from lorasum.study.stats import delta_pct
 from lorasum.train import patience_stop
 
 
@@ -153,7 +153,7 @@ def test_study_predictors_include_the_adapter_free_ones(tiny_llama, qa_files, tm
     res = _run(tiny_llama, qa_files, tmp_path / "p", predictors=True, cross_domain=True)
     res_combos = [tuple(r["domains"]) for r in res["combinations"]]
     model, tok = load_model(str(tiny_llama), "cpu"), load_tokenizer(str(tiny_llama))
-    from lorasum.experiment import resolve
+    from lorasum.study.reproduce import resolve
 
     study = resolve(tmp_path / "p", "tiny", None, {"model": str(tiny_llama), "domains": _domains(qa_files), "predictors": True}, False)  # fmt: skip
     data = data_predictors(

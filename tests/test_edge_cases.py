@@ -9,7 +9,7 @@ from lorasum.cli import main
 from lorasum.compose import compose
 from lorasum.data import QA, tokenize_qa
 from lorasum.errors import LorasumError
-from lorasum.experiment import reproduce
+from lorasum.study.reproduce import reproduce
 from lorasum.train import TrainConfig, train
 
 

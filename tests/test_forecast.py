@@ -8,7 +8,7 @@ import pytest
 from scipy import stats
 
 from lorasum.errors import LorasumError
-from lorasum.forecast import (
+from lorasum.study.forecast import (
     best_predictor,
     fit_points,
     forecast,

@@ -10,8 +10,8 @@ import torch
 from lorasum import models
 from lorasum.data import load_split, make_batches, tokenize_split
 from lorasum.evaluate import evaluate_batches, token_nll
-from lorasum.experiment import reproduce
 from lorasum.models import load_model, load_tokenizer
+from lorasum.study.reproduce import reproduce
 from lorasum.tokens import clear_cache, tokenize_cached
 
 CPU = torch.device("cpu")
@@ -176,7 +176,7 @@ def test_workers_exit_when_the_study_process_is_killed(tiny_llama, qa_files, tmp
     psutil = pytest.importorskip("psutil")
     domains = [f"{n}={p}" for n, p in qa_files.items()]
     script = (
-        "from lorasum.experiment import reproduce\n"
+        "from lorasum.study.reproduce import reproduce\n"
         f"reproduce({str(tmp_path / 's')!r}, preset='tiny', model={str(tiny_llama)!r}, "
         f"domains={domains!r}, workers=2, progress=False, seeds=[1, 2, 3])\n"
     )
@@ -200,7 +200,7 @@ def test_workers_exit_when_the_study_process_is_killed(tiny_llama, qa_files, tmp
 def test_max_order_and_all_domains(tiny_llama, qa_files, tmp_path):
     from lorasum.data import ALL_DOMAINS
     from lorasum.errors import LorasumError
-    from lorasum.experiment import combinations, parse_domains
+    from lorasum.study.reproduce import combinations, parse_domains
 
     assert list(parse_domains("all")) == list(ALL_DOMAINS)
     assert list(parse_domains(["all"])) == list(ALL_DOMAINS)

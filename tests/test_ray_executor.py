@@ -12,8 +12,8 @@ import pytest
 
 import lorasum
 from lorasum.errors import LorasumError
-from lorasum.experiment import reproduce
 from lorasum.study.executors import execute
+from lorasum.study.reproduce import reproduce
 from lorasum.study.units import Resources, Unit, eval_unit
 
 

@@ -19,12 +19,12 @@ import pytest
 from PIL import Image
 from scipy import stats as sps
 
-from lorasum import plots, study_results
 from lorasum.cli import main
-from lorasum.report import rebuild_report, write_report
-from lorasum.report_blocks import Note, Para, Table
-from lorasum.report_findings import what_this_means
-from lorasum.report_sections import (
+from lorasum.report import plots
+from lorasum.report.blocks import Note, Para, Table
+from lorasum.report.build import rebuild_report, write_report
+from lorasum.report.findings import what_this_means
+from lorasum.report.sections import (
     _curves,
     _decomposition,
     _headline,
@@ -32,11 +32,12 @@ from lorasum.report_sections import (
     _scatter,
     _split,
 )
-from lorasum.stats import (
+from lorasum.study import results as study_results
+from lorasum.study.budget import budget_summary
+from lorasum.study.stats import (
     correlation,
     delta_pct,
 )
-from lorasum.study.budget import budget_summary
 
 DOMAINS = ["math", "medicine", "finance"]
 SEEDS = [1, 2, 3]
@@ -81,7 +82,7 @@ def full_results(domains: list[str] = DOMAINS, max_order: int | None = None) -> 
     """A 3-seed study with every field of the results contract (by default the paper's three
     domains, all pairs and the triple), its numbers made consistent the way the study makes
     them (Δ% from the perplexities, means and t-intervals over seeds, statistics from
-    lorasum.stats, Δ% rising with RMS cosine)."""
+    lorasum.study.stats, Δ% rising with RMS cosine)."""
     slope = 40.0
     rng = np.random.default_rng(0)
     base = {"math": 18.0, "medicine": 105.0, "finance": 44.0}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from lorasum.stats import (
+from lorasum.study.stats import (
     bootstrap_correlation,
     confidence_band,
     correlation,

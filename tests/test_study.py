@@ -12,10 +12,10 @@ import yaml
 
 from lorasum.adapters import read_adapter
 from lorasum.errors import LorasumError
-from lorasum.experiment import reproduce
 from lorasum.factors import delta
 from lorasum.methods import method_names
-from lorasum.study_config import default_methods, load_preset, preset_names, resolve_study
+from lorasum.study.config import default_methods, load_preset, preset_names, resolve_study
+from lorasum.study.reproduce import reproduce
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +142,7 @@ def test_cross_domain_matrix(study):
 def test_predictors_statistics_and_loo(study):
     from scipy import stats
 
-    from lorasum.forecast import loo_predictions
+    from lorasum.study.forecast import loo_predictions
 
     _, res = study
     rows = res["combinations"]

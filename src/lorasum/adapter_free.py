@@ -13,7 +13,7 @@ From the base model and each domain's training rows (`lorasum.gradients`):
   of the base model's answer-token loss (mean NLL) on their training rows.
 
 Once single adapters exist, from the study's cross-domain matrix (every single adapter on every
-domain's test split, `lorasum.study_results.cross_domain`):
+domain's test split, `lorasum.study.results.cross_domain`):
 
 - ``transfer``: mean over ordered pairs i ≠ j in the combination of the change of domain i's
   perplexity under adapter j relative to the base model, in % (negative: j helps i);
@@ -31,7 +31,6 @@ from pathlib import Path
 
 from lorasum.errors import LorasumError
 from lorasum.factors import rms
-from lorasum.forecast import DATA_PREDICTORS
 from lorasum.gradients import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_BYTES,
@@ -39,6 +38,7 @@ from lorasum.gradients import (
     gradient_cosines,
     target_module_names,
 )
+from lorasum.study.forecast import DATA_PREDICTORS
 
 
 def combo_name(combo: Sequence[str]) -> str:
@@ -136,7 +136,7 @@ def transfer_predictor(
 ) -> dict[str, dict[str, float | None]]:
     """combination name -> {"transfer", "transfer_share"} from a cross-domain perplexity matrix.
 
-    ``cross_domain``: `study_results.cross_domain`'s dict, or its ``perplexity`` table itself:
+    ``cross_domain``: `study.results.cross_domain`'s dict, or its ``perplexity`` table itself:
     adapter name (and "base") -> {domain: perplexity}.
     """
     table = cross_domain.get("perplexity", cross_domain)
@@ -179,7 +179,7 @@ def _check_settings(predictor: str, max_length: int, max_train: int | None, max_
 
 
 def _ranking(studies: list[dict]) -> dict:
-    from lorasum import forecast
+    from lorasum.study import forecast
 
     names = [n for n in DATA_PREDICTORS if n in forecast.available_predictors(studies)]
     if not names:
@@ -211,9 +211,9 @@ def predict_domains(
     combination from ``predictor`` ('auto': the best leave-one-combination-out Spearman). The
     studies are read before the model runs. The values depend on the rows (``max_train``,
     ``split_seed``) and ``max_length``: match the studies' settings when forecasting."""
-    from lorasum import forecast
     from lorasum.data import load_split
     from lorasum.models import load_model, load_tokenizer, pick_device
+    from lorasum.study import forecast
 
     _check_settings(predictor, max_length, max_train, max_order)
     studies = forecast.read_studies(fit) if fit else []

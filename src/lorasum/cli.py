@@ -180,7 +180,7 @@ def _add_export(sub) -> None:
 
 def _add_predict(sub) -> None:
     """`lorasum predict`'s flags."""
-    from lorasum.forecast import DATA_PREDICTORS, PREDICTORS
+    from lorasum.study.forecast import DATA_PREDICTORS, PREDICTORS
 
     pr = sub.add_parser(
         "predict",
@@ -279,7 +279,7 @@ def _add_eval(sub) -> None:
 
 def _add_reproduce(sub) -> None:
     """`lorasum reproduce`'s flags."""
-    from lorasum.study_config import STUDY_TRAIN_EXCLUDED, preset_names
+    from lorasum.study.config import STUDY_TRAIN_EXCLUDED, preset_names
     from lorasum.train import TrainConfig
 
     r = sub.add_parser(
@@ -350,7 +350,7 @@ def _add_reproduce(sub) -> None:
 
 def _add_run_flags(r) -> None:
     """`lorasum reproduce`'s flags of how the study runs: workers, executor, plan, budget."""
-    from lorasum.study_config import BUDGETS
+    from lorasum.study.config import BUDGETS
 
     r.add_argument(
         "--workers",
@@ -528,7 +528,7 @@ def _cmd_compose(args: argparse.Namespace) -> int:
 def _cmd_predict_domains(args: argparse.Namespace) -> int:
     """`lorasum predict` --domains: predictors of the data alone, before training."""
     from lorasum.adapter_free import format_domain_prediction, predict_domains
-    from lorasum.experiment import parse_domains
+    from lorasum.study.reproduce import parse_domains
 
     if args.adapters or args.calibration:
         raise LorasumError("--domains replaces adapters and --calibration; give one or other")
@@ -642,8 +642,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     """`lorasum reproduce`."""
-    from lorasum.experiment import reproduce
-    from lorasum.study_config import STUDY_TRAIN_EXCLUDED
+    from lorasum.study.config import STUDY_TRAIN_EXCLUDED
+    from lorasum.study.reproduce import reproduce
     from lorasum.train import TrainConfig
 
     overrides = {
@@ -699,7 +699,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     """`lorasum report`."""
-    from lorasum.report import rebuild_report
+    from lorasum.report.build import rebuild_report
 
     paths = rebuild_report(args.run_dir)
     print(f"report: {paths['markdown']}  {paths['html']}  plot: {paths['plot']}")

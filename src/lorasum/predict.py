@@ -20,7 +20,7 @@ For adapters i, j, a module m with ΔW = s·B·A, and domain i's per-token input
   that domain i's adapter does not write at all. Combination level: mean β, max and mean κ⊥.
 
 `predict_interference` is `lorasum predict` (and `compose --check`): these predictors for given
-adapters, and with finished studies the Δ% forecast of `lorasum.forecast`, the pair and modules
+adapters, and with finished studies the Δ% forecast of `lorasum.study.forecast`, the pair and modules
 that drive the chosen predictor, and the method the studies found best.
 
 Every trace is taken on r×r cores, never a d_out×d_in matrix:
@@ -335,7 +335,7 @@ def drivers(result: dict, predictor: str, top: int = 5) -> dict:
 
 def _fit_studies(fit: Sequence | None) -> tuple[list, dict]:
     """(the --fit studies, their predictor ranking); refuses studies without predictors."""
-    from lorasum import forecast
+    from lorasum.study import forecast
 
     studies = forecast.read_studies(fit) if fit else []
     ranking = forecast.rank_predictors(studies) if studies else {}
@@ -380,7 +380,7 @@ def _add_forecasts(
     out: dict, studies: list, chosen: str, values: dict, usable: list[str], predictor: str
 ) -> None:
     """Fill ``out``'s forecast, forecast_vs_singles and recommendations from the studies."""
-    from lorasum import forecast
+    from lorasum.study import forecast
 
     x0 = values.get(chosen)
     if x0 is None:
@@ -423,9 +423,9 @@ def predict_interference(
     base model for calibration. The studies are read before any model runs, so their mistakes
     cost nothing. Returns a dict (see `format_prediction`).
     """
-    from lorasum import forecast
     from lorasum.adapters import check_compatible, read_adapter
     from lorasum.similarity import _unique_names
+    from lorasum.study import forecast
 
     if len(paths) < 2:
         raise LorasumError(

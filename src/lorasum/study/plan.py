@@ -18,6 +18,7 @@ from lorasum.data import Source
 from lorasum.io import atomic_write_text
 from lorasum.methods import get_method
 from lorasum.models import lorasum_home
+from lorasum.study.config import STUDY_ONLY_METHODS
 from lorasum.study.units import (
     KINDS,
     EvalSpec,
@@ -38,7 +39,6 @@ from lorasum.study.units import (
     predictors_unit,
     train_unit,
 )
-from lorasum.study_config import STUDY_ONLY_METHODS
 from lorasum.train import TrainConfig, adapter_key, schedule_steps
 
 COMPOSE_COST_ROWS = 8  # a composition takes a few seconds: like evaluating ~8 rows
@@ -72,7 +72,7 @@ class StudyLayout:
     cross_domain: bool
     predictors: bool
     overwrite: bool
-    budget: str = "epochs"  # study_config.BUDGETS
+    budget: str = "epochs"  # study.config.BUDGETS
     snapshot_epochs: tuple[float, ...] = ()  # epochs along each run; the last is its length
 
     def seed_dir(self, seed: int | None) -> Path:

@@ -10,8 +10,8 @@ import contextlib
 import json
 from pathlib import Path
 
-from lorasum import plots
-from lorasum.report_blocks import (
+from lorasum.report import plots
+from lorasum.report.blocks import (
     Bullets,
     Code,
     Figure,
@@ -28,7 +28,7 @@ from lorasum.report_blocks import (
     fmt_tokens,
     pair_means,
 )
-from lorasum.report_findings import best_method_of, paper_vs_run, what_this_means
+from lorasum.report.findings import best_method_of, paper_vs_run, what_this_means
 
 
 def _settings(results: dict) -> list:

@@ -5,8 +5,8 @@ the paper found, and how strong the evidence is), all generated from the results
 
 from __future__ import annotations
 
-from lorasum import plots
-from lorasum.report_blocks import (
+from lorasum.report import plots
+from lorasum.report.blocks import (
     Bullets,
     Note,
     Para,

@@ -5,8 +5,8 @@ hyper-parameters) and the exact naive sum of the domain adapters; perplexities o
 combination's test set (union of its domains' test splits) and per domain; Δ% of sum vs merged;
 RMS cosine per combination; Pearson r and least-squares line of Δ% on RMS cosine.
 
-settings (`study_config`) → `study.plan.plan_study` (units with keys, dependencies, cost) →
-an executor (`study.executors`) runs what is not finished → `study_results` aggregates the
+settings (`study.config`) → `study.plan.plan_study` (units with keys, dependencies, cost) →
+an executor (`study.executors`) runs what is not finished → `study.results` aggregates the
 finished units into results.json → `report`. Every unit is written atomically with its key; a
 restarted run reuses what finished.
 """
@@ -30,8 +30,8 @@ from lorasum.models import (
     resolve_target_modules,
 )
 from lorasum.similarity import similarity_matrix
-from lorasum.stats import correlation
 from lorasum.study.budget import budget_summary, snapshot_summary
+from lorasum.study.config import BUDGETS, STUDY_ONLY_METHODS, StudyConfig, parse_domains  # noqa: F401
 from lorasum.study.executors import LocalExecutor, auto_workers, execute
 from lorasum.study.plan import (
     Plan,
@@ -44,9 +44,7 @@ from lorasum.study.plan import (
     snapshot_methods,
     step_at,
 )
-from lorasum.study.units import cached_eval, eval_key  # noqa: F401 (re-exported)
-from lorasum.study_config import BUDGETS, STUDY_ONLY_METHODS, StudyConfig, parse_domains  # noqa: F401
-from lorasum.study_results import (
+from lorasum.study.results import (
     aggregate_combination,
     cross_domain,
     loo_prediction,
@@ -57,6 +55,8 @@ from lorasum.study_results import (
     statistics,
     train_curves,
 )
+from lorasum.study.stats import correlation
+from lorasum.study.units import cached_eval, eval_key  # noqa: F401 (re-exported)
 from lorasum.train import TrainConfig
 
 EXECUTORS = ("local", "ray")
@@ -106,7 +106,7 @@ class Study:
 def resolve(out: str | Path, preset, config, overrides: dict, overwrite: bool) -> Study:
     """Settings, data splits (checked) and the unit layout; refuses a directory it must not
     touch. Nothing is written."""
-    from lorasum.study_config import resolve_study
+    from lorasum.study.config import resolve_study
 
     study_cfg = resolve_study(preset, config, overrides)
     train_settings = {**study_cfg.train, "eval_val": False}
@@ -210,7 +210,7 @@ def reproduce(
     """`lorasum reproduce`: run the study; write results.json, report.md/html and plots.
 
     Settings: the ``preset`` (a YAML file shipped in the package), then the experiment file
-    ``config``, then the arguments (None = not given); see `lorasum.study_config`.
+    ``config``, then the arguments (None = not given); see `lorasum.study.config`.
     ``executor``: "local" (worker processes here) or "ray" (Ray actors; ``ray_address`` "auto"
     or HOST:PORT of a running cluster, None: a local Ray instance).
     ``plan_only``: describe the plan (units by kind, cached / to run, estimated time) and
@@ -251,14 +251,14 @@ def reproduce(
     wall = time.perf_counter() - t_start
     summary = aggregate(study, plan, results, timings, str(device), n_workers, wall)
     write_json(lay.out / "results.json", summary)
-    from lorasum.report import write_report
+    from lorasum.report.build import write_report
 
     write_report(summary, lay.out)
     return summary
 
 
 def _write_study_files(study: Study) -> None:
-    from lorasum.study_config import dump_yaml
+    from lorasum.study.config import dump_yaml
 
     out = study.layout.out
     if study.previous is not None and study.previous.get("key") != study.key:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lorasum.evaluate import perplexity_from
 from lorasum.similarity import combination_rms
-from lorasum.stats import (
+from lorasum.study.stats import (
     bootstrap_correlation,
     confidence_band,
     delta_pct,
@@ -311,7 +311,7 @@ def loo_prediction(rows: list[dict], target: str = "delta_pct") -> dict:
     on the other combinations; Pearson and Spearman of predicted vs measured, per predictor, and
     ``oracle_rho`` (`forecast.oracle_rho`): the Spearman that predicting each point by its
     combination's mean measured value would reach — what the seeds' spread leaves."""
-    from lorasum.forecast import loo_predictions, oracle_rho
+    from lorasum.study.forecast import loo_predictions, oracle_rho
 
     out = {}
     for predictor in rows[0]["predictors"] if rows else []:

@@ -2,14 +2,14 @@
 notes) grouped in sections, and the number formatting every section shares.
 
 Block text uses markdown's inline `code` and **bold**; ``report.render_markdown`` and
-``report_html.render_html`` render the same blocks.
+``html.render_html`` render the same blocks.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lorasum.plots import is_number
+from lorasum.report.plots import is_number
 
 # ---------------------------------------------------------------------------------------------
 # Blocks: what a section is made of (text uses markdown's `code` and **bold** inline)

@@ -1,7 +1,7 @@
 """The study's report: report.md, a self-contained report.html and cosine_vs_delta.png.
 
-``build_report`` (report_sections) turns a study's ``results`` dict into sections of plain
-blocks, figures included; ``render_markdown`` here and ``report_html.render_html`` render the
+``build_report`` (`sections`) turns a study's ``results`` dict into sections of plain
+blocks, figures included; ``render_markdown`` here and ``html.render_html`` render the
 same sections. Fields that older studies lack (method × combination tables, statistics with
 intervals, cross-domain perplexities, predictions, the run manifest) each skip their section
 with a one-line note. ``rebuild_report(run_dir)`` rewrites the reports from
@@ -16,11 +16,11 @@ import os
 import tempfile
 from pathlib import Path
 
-from lorasum import plots
 from lorasum.errors import LorasumError
 from lorasum.io import atomic_write_text
-from lorasum.report_blocks import Bullets, Code, Figure, Note, Para, Section, Table
-from lorasum.report_sections import build_report
+from lorasum.report import plots
+from lorasum.report.blocks import Bullets, Code, Figure, Note, Para, Section, Table
+from lorasum.report.sections import build_report
 
 __all__ = ["build_report", "load_results", "rebuild_report", "render_markdown", "write_report"]
 
@@ -85,7 +85,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 def write_report(results: dict, out: str | Path) -> dict[str, Path]:
     """Write report.md (figures in figures/), the self-contained report.html and
     cosine_vs_delta.png into ``out``; returns their paths."""
-    from lorasum.report_html import render_html
+    from lorasum.report.html import render_html
 
     out = Path(out)
     sections = build_report(results, out)

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from lorasum.errors import LorasumError
-from lorasum.stats import linear_fit, pearson_spearman
+from lorasum.study.stats import linear_fit, pearson_spearman
 
 # predictors that a study's rows may carry; rms_cosine is also read from the row's top level
 PREDICTORS = (

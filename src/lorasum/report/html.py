@@ -10,7 +10,7 @@ import base64
 import html
 import re
 
-from lorasum.report_blocks import Bullets, Code, Figure, Note, Para, Section, Table
+from lorasum.report.blocks import Bullets, Code, Figure, Note, Para, Section, Table
 
 CSS = """
 body { font: 15px/1.5 -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif;
