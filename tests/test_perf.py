@@ -69,8 +69,10 @@ def test_bf16_and_fp32_paths_agree(tiny_llama, qa_files):
 def test_bf16_verdict_is_measured_and_only_a_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LORASUM_HOME", str(tmp_path))
     monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(models, "load_average", lambda: 0.1)  # a quiet machine
     timings = {None: [2.0, 9.0, 2.0], torch.bfloat16: [1.0, 1.0, 8.0]}  # busy spells in between
     calls = []
+    rounds = models.VERDICT_ROUNDS
 
     def fake_time(dtype, repeats=3):
         calls.append(dtype)
@@ -80,27 +82,75 @@ def test_bf16_verdict_is_measured_and_only_a_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(models, "time_linear_step", fake_time)
     v1 = models.cpu_bf16_verdict()
     assert v1["use_bf16"] is True and (v1["fp32_s"], v1["bf16_s"]) == (2.0, 1.0)
-    assert calls == [None, torch.bfloat16] * 3  # interleaved, best of each
+    assert calls == [None, torch.bfloat16] * rounds  # interleaved, best of each
+    assert v1["provisional"] is False and v1["load_per_core"] == 0.1
     assert models.autocast_dtype("auto", CPU) is torch.bfloat16
-    assert len(calls) == 6  # the second call read the cache
+    assert len(calls) == 2 * rounds  # the second call read the cache
     threads = torch.get_num_threads()
     try:  # a study's workers run fewer threads than its driver: one verdict for all of them
         torch.set_num_threads(1 if threads > 1 else 2)
-        assert models.cpu_bf16_verdict()["key"] == v1["key"] and len(calls) == 6
+        assert models.cpu_bf16_verdict()["key"] == v1["key"] and len(calls) == 2 * rounds
     finally:
         torch.set_num_threads(threads)
     (tmp_path / "hardware.json").unlink()  # deleting the cache only costs a re-measurement
     v2 = models.cpu_bf16_verdict()
-    assert v2["use_bf16"] == v1["use_bf16"] and len(calls) == 12
+    assert v2["use_bf16"] == v1["use_bf16"] and len(calls) == 4 * rounds
     # a stale entry (other CPU/flags/torch) is measured again, and 1.1x does not pay
     data = json.loads((tmp_path / "hardware.json").read_text())
     (tmp_path / "hardware.json").write_text(json.dumps({**data, "key": "other-machine"}))
     timings[torch.bfloat16] = [2.0 / 1.1]
     timings[None] = [2.0]
-    assert models.cpu_bf16_verdict()["use_bf16"] is False and len(calls) == 18
+    assert models.cpu_bf16_verdict()["use_bf16"] is False and len(calls) == 6 * rounds
     assert models.autocast_dtype("auto", CPU) is None
     assert models.autocast_dtype("fp32", CPU) is None
     assert models.autocast_dtype("bf16", CPU) is torch.bfloat16
+
+
+def test_bf16_verdict_measured_on_a_busy_machine_is_provisional(tmp_path, monkeypatch):
+    """Measured under load (a running study made fp32 look faster than bf16 on an AMX CPU), the
+    verdict stands while the machine stays busy and is measured again once it is quiet."""
+    monkeypatch.setenv("LORASUM_HOME", str(tmp_path))
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: True)
+    load = {"now": 3.0}
+    monkeypatch.setattr(models, "load_average", lambda: load["now"])
+    speed = {None: 0.27, torch.bfloat16: 0.35}  # the busy measurement: bf16 looks slower
+    calls = []
+
+    def fake_time(dtype, repeats=3):
+        calls.append(dtype)
+        return speed[dtype]
+
+    monkeypatch.setattr(models, "time_linear_step", fake_time)
+    busy = models.cpu_bf16_verdict()
+    assert busy["use_bf16"] is False and busy["provisional"] is True
+    n = len(calls)
+    assert models.cpu_bf16_verdict()["use_bf16"] is False and len(calls) == n  # still busy
+    load["now"] = 0.2
+    speed.update({None: 0.027, torch.bfloat16: 0.013})
+    quiet = models.cpu_bf16_verdict()
+    assert quiet["use_bf16"] is True and quiet["provisional"] is False and len(calls) == 2 * n
+    load["now"] = 3.0
+    assert models.cpu_bf16_verdict()["use_bf16"] is True and len(calls) == 2 * n  # final now
+
+
+def test_settled_verdict_is_what_a_study_worker_uses(tmp_path, monkeypatch):
+    """A study's driver hands its verdict to the workers: they never measure their own."""
+    monkeypatch.setenv("LORASUM_HOME", str(tmp_path))
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: True)
+
+    def must_not_measure(dtype, repeats=3):
+        raise AssertionError("a worker with a settled verdict measured again")
+
+    monkeypatch.setattr(models, "time_linear_step", must_not_measure)
+    try:
+        models.settle_cpu_bf16(True)
+        assert models.autocast_dtype("auto", CPU) is torch.bfloat16
+        models.settle_cpu_bf16(False)
+        assert models.autocast_dtype("auto", CPU) is None
+        assert models.autocast_dtype("bf16", CPU) is torch.bfloat16  # asked for: not overridden
+    finally:
+        models.settle_cpu_bf16(None)
+    assert models._SETTLED_BF16 is None
 
 
 def test_bf16_never_chosen_without_bf16_hardware(tmp_path, monkeypatch):
@@ -226,3 +276,17 @@ def test_max_order_and_all_domains(tiny_llama, qa_files, tmp_path):
             progress=False,
         )
     assert not (tmp_path / "x").exists()
+
+
+def test_study_workers_start_with_the_drivers_verdict(tiny_llama):
+    from lorasum.study.executors import init_worker
+
+    threads = torch.get_num_threads()
+    try:
+        init_worker(str(tiny_llama), "cpu", 1, False, None, True)
+        assert models.autocast_dtype("auto", CPU) is torch.bfloat16
+        init_worker(str(tiny_llama), "cpu", 1, False, None, False)
+        assert models.autocast_dtype("auto", CPU) is None
+    finally:
+        models.settle_cpu_bf16(None)
+        torch.set_num_threads(threads)

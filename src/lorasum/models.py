@@ -336,48 +336,82 @@ def _null():
     return contextlib.nullcontext()
 
 
+_SETTLED_BF16: bool | None = None  # a study's verdict, handed to its workers (see settle_cpu_bf16)
+VERDICT_ROUNDS = 5  # fp32 and bf16 timed alternately this many times; the best of each is kept
+
+
+def settle_cpu_bf16(use_bf16: bool | None) -> None:
+    """Fix this process's CPU bf16 verdict (None: back to the cached measurement).
+
+    A study's driver settles the verdict once and hands it to every worker process or actor,
+    so that no worker measures again on a machine the study itself keeps busy: every unit of
+    a study runs in one precision."""
+    global _SETTLED_BF16
+    _SETTLED_BF16 = use_bf16
+
+
+def load_average() -> float | None:
+    """The 1-minute load average per core (None where the OS does not say)."""
+    try:
+        return os.getloadavg()[0] / (os.cpu_count() or 1)
+    except (OSError, AttributeError):
+        return None
+
+
+BUSY_LOAD = 0.75  # load per core above which a micro-benchmark is not trusted for good
+
+
 def cpu_bf16_verdict(refresh: bool = False) -> dict:
     """Does bf16 autocast pay on this CPU? Decided once, cached in $LORASUM_HOME/hardware.json.
 
     Two conditions, both required: the CPU reports bf16 arithmetic (AMX-BF16, AVX512-BF16 or
     ARM BF16: without it bf16 is emulated, measured 25× slower than fp32 on a 2-core AVX2 EPYC),
     and a micro-benchmark of a linear layer's forward+backward, fp32 and bf16 interleaved
-    several times and the best of each kept (robust to a busy machine), finds bf16 at least
+    ``VERDICT_ROUNDS`` times and the best of each kept, finds bf16 at least
     ``BF16_MIN_SPEEDUP`` faster. The cache is keyed by CPU, flags and torch version; deleting it
     only costs the measurement again (a few seconds).
+
+    A busy machine can still make the benchmark lie (measured: fp32 0.27 s vs bf16 0.35 s under
+    a running study, 0.027 / 0.013 s quiet on the same AMX CPU), so a verdict measured while
+    the load per core was above ``BUSY_LOAD`` is cached as provisional and measured again by
+    the first call that finds the machine quiet. Inside a study the driver's verdict is settled
+    for all workers (`settle_cpu_bf16`), so a study never mixes precisions.
     """
+    if _SETTLED_BF16 is not None and not refresh:
+        return {"use_bf16": _SETTLED_BF16, "settled": True}
     import json
 
     from lorasum.io import config_key, write_json
 
-    # Not keyed by thread count: a study's worker processes run fewer threads than its driver,
-    # and one verdict per machine keeps every unit of a study in one precision (a verdict
-    # re-measured per process on a busy machine once trained some adapters of a study in fp32
-    # and others in bf16). The driver settles it before any worker starts.
+    # Not keyed by thread count: a study's workers run fewer threads than its driver.
     ident = {
         "cpu": cpu_name(),
         "flags": config_key(sorted(_cpu_flags())),
         "torch": torch.__version__,
+        "method": 2,  # 2: load recorded, provisional under load (1's busy verdicts are redone)
     }
     key = config_key(ident)
     ident["threads"] = torch.get_num_threads()  # recorded: the measurement's thread count
     path = lorasum_home() / "hardware.json"
+    load = load_average()
+    busy = load is not None and load > BUSY_LOAD
     if not refresh:
         try:
             cached = json.loads(path.read_text())
-            if cached.get("key") == key:
+            if cached.get("key") == key and (busy or not cached.get("provisional")):
                 return cached
         except (OSError, ValueError):
             pass
     verdict = {"key": key, **ident, "fast_bf16_flags": cpu_has_fast_bf16()}
     if verdict["fast_bf16_flags"]:
         fp32 = bf16 = float("inf")
-        for _ in range(3):  # interleaved: a busy spell hurts both sides, the best run survives
+        for _ in range(VERDICT_ROUNDS):  # interleaved: a busy spell hurts both sides
             fp32 = min(fp32, time_linear_step(None, repeats=1))
             bf16 = min(bf16, time_linear_step(torch.bfloat16, repeats=1))
         verdict.update(fp32_s=fp32, bf16_s=bf16, use_bf16=fp32 / bf16 >= BF16_MIN_SPEEDUP)
     else:
         verdict.update(fp32_s=None, bf16_s=None, use_bf16=False)
+    verdict.update(load_per_core=load, provisional=busy and verdict["fast_bf16_flags"])
     try:
         write_json(path, verdict)
     except OSError:

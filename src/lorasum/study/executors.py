@@ -93,10 +93,21 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True, name="lorasum-parent-watch").start()
 
 
-def init_worker(model_spec: str, device: str, threads: int, verbose: bool, parent: int | None):
-    """Load the base model once per worker process (``device``: this worker's device)."""
+def init_worker(
+    model_spec: str,
+    device: str,
+    threads: int,
+    verbose: bool,
+    parent: int | None,
+    bf16: bool | None = None,
+):
+    """Load the base model once per worker process (``device``: this worker's device; ``bf16``:
+    the driver's CPU bf16 verdict, so that the worker does not measure its own)."""
+    from lorasum.models import settle_cpu_bf16
+
     if parent is not None:
         _exit_with_parent(parent)
+    settle_cpu_bf16(bf16)
     torch.set_num_threads(threads)
     if not verbose:
         from lorasum.logs import quiet_libraries
@@ -122,9 +133,17 @@ class LocalExecutor:
 
     name = "local"
 
-    def __init__(self, model_spec: str, model, tokenizer, device: torch.device, workers: int):
+    def __init__(
+        self,
+        model_spec: str,
+        model,
+        tokenizer,
+        device: torch.device,
+        workers: int,
+        bf16: bool | None = None,
+    ):
         self.model_spec, self.model, self.tokenizer = model_spec, model, tokenizer
-        self.device, self.slots = device, max(1, workers)
+        self.device, self.slots, self.bf16 = device, max(1, workers), bf16
         self._pools: list[ProcessPoolExecutor] = []
         self._queue: list[Unit] = []  # inline: submitted, not yet run
         self._futures: dict[Future, Unit] = {}
@@ -140,7 +159,7 @@ class LocalExecutor:
             threads = max(1, available_cores() // self.slots)
             for i in range(n_pools):
                 init = (self.model_spec, _worker_device(self.device, i) if per_gpu else str(self.device),
-                        threads, log.isEnabledFor(logging.INFO), os.getpid())  # fmt: skip
+                        threads, log.isEnabledFor(logging.INFO), os.getpid(), self.bf16)  # fmt: skip
                 self._pools.append(
                     ProcessPoolExecutor(size, mp.get_context("spawn"), init_worker, init)
                 )

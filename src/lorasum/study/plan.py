@@ -374,7 +374,7 @@ class Plan:
             done[u.id] = all(done[d] for d in u.deps) and u.cached() is not None
         return done
 
-    def describe(self, workers: int) -> str:
+    def describe(self, workers: int, profile: str = "") -> str:
         """Units by kind (cached / to run), and the estimated time of what would run."""
         status = self.status()
         lines = [f"{'unit kind':<12}{'total':>7}{'cached':>8}{'to run':>8}"]
@@ -386,7 +386,7 @@ class Plan:
         cached = sum(status.values())
         lines.append(f"{'all':<12}{len(self.units):>7}{cached:>8}{len(self.units) - cached:>8}")
         to_run = [u for u in self.units if not status[u.id]]
-        lines.append(estimate_line(to_run, read_rates(), workers))
+        lines.append(estimate_line(to_run, read_rates(profile), workers))
         return "\n".join(lines)
 
 
@@ -397,17 +397,26 @@ def rates_path() -> Path:
     return lorasum_home() / "rates.json"
 
 
-def read_rates() -> dict[str, float]:
-    """Seconds per unit of cost, per unit kind, measured on this machine (empty: none yet)."""
+def rate_profile(lay: StudyLayout, device, bf16: bool) -> str:
+    """What a unit's seconds per unit of cost depend on beyond the cost itself: the model, the
+    device kind, the precision and the row length (a cost unit is a row of ``max_length``)."""
+    precision = "bf16" if bf16 else "fp32"
+    return f"{lay.model}|{getattr(device, 'type', device)}|{precision}|{lay.base_cfg.max_length}"
+
+
+def read_rates(profile: str = "") -> dict[str, float]:
+    """Seconds per unit of cost, per unit kind, measured on this machine for ``profile`` (see
+    `rate_profile`; empty: none measured yet)."""
     try:
-        rates = json.loads(rates_path().read_text())
-    except (OSError, ValueError):
+        rates = json.loads(rates_path().read_text()).get("profiles", {}).get(profile, {})
+    except (OSError, ValueError, AttributeError):
         return {}
     return {k: float(v) for k, v in rates.items() if isinstance(v, int | float) and v > 0}
 
 
-def record_rates(timings: list[tuple[str, float, float]]) -> None:
-    """Update the rates from (kind, cost, seconds) of units run here (one worker's seconds)."""
+def record_rates(timings: list[tuple[str, float, float]], profile: str = "") -> None:
+    """Update ``profile``'s rates from (kind, cost, seconds) of units run here (one worker's
+    seconds). Rates of other models, devices or precisions are kept beside them."""
     totals: dict[str, list[float]] = {}
     for kind, cost, seconds in timings:
         if cost > 0 and seconds and seconds > 0:
@@ -416,11 +425,18 @@ def record_rates(timings: list[tuple[str, float, float]]) -> None:
             t[1] += seconds
     if not totals:
         return
-    rates = read_rates()
+    try:
+        data = json.loads(rates_path().read_text())
+        profiles = data["profiles"] if isinstance(data.get("profiles"), dict) else {}
+    except (OSError, ValueError, AttributeError, KeyError):
+        profiles = {}  # none yet, or the old unkeyed file: its rates mixed models
+    rates = read_rates(profile)
     rates.update({k: s / c for k, (c, s) in totals.items()})
+    profiles[profile] = rates
     try:
         rates_path().parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(rates_path(), json.dumps(rates, indent=1, sort_keys=True))
+        text = json.dumps({"profiles": profiles}, indent=1, sort_keys=True)
+        atomic_write_text(rates_path(), text)
     except OSError:
         pass  # a read-only home only loses the estimate
 
@@ -430,7 +446,10 @@ def estimate_line(to_run: list[Unit], rates: dict[str, float], workers: int) -> 
         return "nothing to run: every unit is finished"
     unknown = sorted({u.kind for u in to_run if u.kind not in rates})
     if len(unknown) == len({u.kind for u in to_run}):
-        return "estimated time: no rate measured on this machine yet (a first study records them)"
+        return (
+            "estimated time: no rate measured yet for this model, device and precision on "
+            "this machine (a first study records them)"
+        )
     seconds = sum(u.cost * rates[u.kind] for u in to_run if u.kind in rates) / max(1, workers)
     extra = f" (+ {', '.join(unknown)} units: no rate yet)" if unknown else ""
     return f"estimated time: {seconds / 60:.1f} min with {workers} worker(s){extra}"

@@ -54,11 +54,24 @@ class UnitActor:
     A problem while starting (the storage check, loading the model) is raised again by `run`,
     where Ray hands the exception itself to the driver (from a constructor it only gives text)."""
 
-    def __init__(self, model_spec: str, device: str, threads: int, marker: str, verbose: bool):
+    def __init__(
+        self,
+        model_spec: str,
+        device: str,
+        threads: int,
+        marker: str,
+        verbose: bool,
+        bf16: bool | None = None,
+    ):
         self.problem: Exception | None = None
         try:
             check_storage(marker)
             import torch
+
+            from lorasum.models import cpu_has_fast_bf16, settle_cpu_bf16
+
+            # the driver's CPU verdict, unless this node's CPU would only emulate bf16
+            settle_cpu_bf16(None if bf16 is None else bf16 and cpu_has_fast_bf16())
 
             torch.set_num_threads(threads)
             if not verbose:
@@ -89,8 +102,17 @@ class RayExecutor:
 
     name = "ray"
 
-    def __init__(self, model_spec: str, out: Path, device: str, workers: int, address=None):
+    def __init__(
+        self,
+        model_spec: str,
+        out: Path,
+        device: str,
+        workers: int,
+        address=None,
+        bf16: bool | None = None,
+    ):
         self.ray = ray = import_ray()
+        self.bf16 = bf16  # the driver's CPU bf16 verdict, handed to every actor
         self.verbose = log.isEnabledFor(logging.INFO)
         self.marker: Path | None = None
         self._idle: list = []  # actors waiting for a unit
@@ -149,7 +171,9 @@ class RayExecutor:
             options["memory"] = math.floor(memory)
         device = "cuda" if self.use_gpu else "cpu"
         actor = self.ray.remote(UnitActor).options(**options)
-        handle = actor.remote(self.model_spec, device, self.threads, str(self.marker), self.verbose)
+        handle = actor.remote(
+            self.model_spec, device, self.threads, str(self.marker), self.verbose, self.bf16
+        )
         self._actors.append(handle)
         return handle
 

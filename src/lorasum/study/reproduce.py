@@ -28,6 +28,7 @@ from lorasum.models import (
     load_tokenizer,
     pick_device,
     resolve_target_modules,
+    settle_cpu_bf16,
 )
 from lorasum.similarity import similarity_matrix
 from lorasum.study.budget import budget_summary, snapshot_summary
@@ -39,6 +40,7 @@ from lorasum.study.plan import (
     combinations,
     combo_name,
     plan_study,
+    rate_profile,
     record_rates,
     snapshot_label,
     snapshot_methods,
@@ -237,19 +239,27 @@ def reproduce(
     if plan_only:
         status = plan.status()
         return {
-            "plan": plan.describe(n_workers),
+            "plan": plan.describe(n_workers, rate_profile(lay, device, _uses_bf16(lay, device))),
             "units": {u.id: ("cached" if status[u.id] else "run") for u in plan.units},
         }
-    # precision auto: settled here, once, before any worker starts (each unit reads the verdict)
-    autocast_dtype(lay.base_cfg.precision, device)
+    # precision auto: settled here, once, and handed to every worker (one precision per study)
+    dtype = autocast_dtype(lay.base_cfg.precision, device)
+    bf16 = dtype is not None if device.type == "cpu" else None
     tokenizer = load_tokenizer(lay.model)
     base_model = load_model(lay.model, device)
     resolve_target_modules(base_model, lay.base_cfg.target_modules)  # fail before writing
     _write_study_files(study)
-    runner = (executor, ray_address)
-    results, timings = _execute(plan, study, base_model, tokenizer, device, n_workers, runner, progress)  # fmt: skip
+    runner = (executor, ray_address, bf16)
+    settle_cpu_bf16(bf16)
+    try:
+        results, timings, slots = _execute(plan, study, base_model, tokenizer, device, n_workers, runner, progress)  # fmt: skip
+    finally:
+        settle_cpu_bf16(None)
     wall = time.perf_counter() - t_start
-    summary = aggregate(study, plan, results, timings, str(device), n_workers, wall)
+    summary = aggregate(study, plan, results, timings, str(device), slots, wall)
+    summary["manifest"]["hardware"].update(
+        executor=executor, precision="bf16" if dtype is not None else "fp32"
+    )
     write_json(lay.out / "results.json", summary)
     from lorasum.report.build import write_report
 
@@ -270,18 +280,22 @@ def _write_study_files(study: Study) -> None:
     atomic_write_text(out / "experiment.yaml", dump_yaml(study.cfg))
 
 
-def _make_executor(runner: tuple[str, str | None], study: Study, model, tokenizer, device, workers):
-    name, address = runner
+def _uses_bf16(lay: StudyLayout, device) -> bool:
+    return autocast_dtype(lay.base_cfg.precision, device) is not None
+
+
+def _make_executor(runner: tuple, study: Study, model, tokenizer, device, workers):
+    name, address, bf16 = runner
     if name == "ray":
         from lorasum.study.ray_executor import RayExecutor
 
         lay = study.layout
-        return RayExecutor(lay.model, lay.out, lay.base_cfg.device, workers, address)
-    return LocalExecutor(study.layout.model, model, tokenizer, device, workers)
+        return RayExecutor(lay.model, lay.out, lay.base_cfg.device, workers, address, bf16)
+    return LocalExecutor(study.layout.model, model, tokenizer, device, workers, bf16)
 
 
 def _execute(plan: Plan, study: Study, model, tokenizer, device, workers, executor, progress):
-    """Run the plan; (results by unit id, timings of the units run here)."""
+    """Run the plan; (results by unit id, timings of the units run here, worker slots used)."""
     from tqdm.auto import tqdm
 
     # The bar counts work (≈ tokens), so its ETA follows the measured speed of what is left;
@@ -303,8 +317,9 @@ def _execute(plan: Plan, study: Study, model, tokenizer, device, workers, execut
     finally:
         bar.close()
     by_id = {u.id: u for u in plan.units}
-    record_rates([(by_id[i].kind, by_id[i].cost, s) for i, s in ran.items()])
-    return results, ran
+    profile = rate_profile(study.layout, device, _uses_bf16(study.layout, device))
+    record_rates([(by_id[i].kind, by_id[i].cost, s) for i, s in ran.items()], profile)
+    return results, ran, getattr(runner, "slots", workers)
 
 
 def aggregate(
