@@ -338,14 +338,34 @@ def _add_reproduce(sub) -> None:
         help="give each domain adapter its own LoRA init seed (default: one shared seed, "
         "as in the paper's scripts)",
     )
+    _add_grid_flags(r)
+    _add_run_flags(r)
+    _add_dataclass_flags(r, TrainConfig, skip=set(STUDY_TRAIN_EXCLUDED), defaults=False)
+
+
+def _add_grid_flags(r) -> None:
+    """`lorasum reproduce`'s flags of which combinations run: max order, sample."""
     r.add_argument(
         "--max-order",
         type=int,
         default=None,
         help="combinations of at most this many domains (2 = pairs only; default: all sizes)",
     )
-    _add_run_flags(r)
-    _add_dataclass_flags(r, TrainConfig, skip=set(STUDY_TRAIN_EXCLUDED), defaults=False)
+    r.add_argument(
+        "--sample",
+        type=int,
+        default=None,
+        metavar="K",
+        help="run K of the combinations of each order (all of an order with at most K), "
+        "chosen with --sample-seed, the same for every training seed; default 0: all",
+    )
+    r.add_argument(
+        "--sample-seed",
+        type=int,
+        default=None,
+        metavar="S",
+        help="seed of the --sample choice (default 0; not a training seed)",
+    )
 
 
 def _add_run_flags(r) -> None:
@@ -666,6 +686,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         workers=args.workers,
         max_order=args.max_order,
+        sample=args.sample,
+        sample_seed=args.sample_seed,
         executor=args.executor,
         ray_address=args.ray_address,
         plan_only=args.plan,

@@ -60,6 +60,15 @@ def _settings(results: dict) -> list:
             "`--seed-per-domain` gives each its own."
         ),
     ]
+    sample = results.get("sample")
+    if sample:
+        blocks.append(
+            Para(
+                f"Combinations: {sample['description']}, the same for every training seed. "
+                "Correlations and statistics below are over these combinations only; rerun "
+                "without `--sample` for the whole grid (finished units are reused)."
+            )
+        )
     if results.get("config"):
         blocks.append(
             Code(

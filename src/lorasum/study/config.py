@@ -7,6 +7,8 @@ experiment file has the same shape, and command-line flags override either.
     seeds: [42]
     seed_per_domain: false
     max_order: null                    # combinations of at most this many domains
+    sample: 0                          # K > 0: K combinations of each order (seeded); 0: all
+    sample_seed: 0                     # the seed of that choice (not a training seed)
     methods: [sum, mean, ties]         # or {ties: {density: 0.2}, ...}
     cross_domain: true                 # every single adapter on every domain's test split
     paper_variants: true               # triples: merged-data pair adapter + third single, summed
@@ -72,6 +74,8 @@ _TOP_KEYS = {
     "seeds",
     "seed_per_domain",
     "max_order",
+    "sample",
+    "sample_seed",
     "methods",
     "cross_domain",
     "paper_variants",
@@ -93,6 +97,11 @@ class StudyConfig:
     seeds: list[int] = field(default_factory=lambda: [42])
     seed_per_domain: bool = False
     max_order: int | None = None
+    # K > 0: run K of the combinations of each order ≥ 2 (all of an order that has at most K),
+    # chosen by a random generator seeded with sample_seed (`study.plan.sample_combinations`);
+    # the same combinations for every training seed and every rerun. 0: every combination.
+    sample: int = 0
+    sample_seed: int = 0
     methods: dict[str, dict[str, Any]] = field(default_factory=lambda: {"sum": {}})
     cross_domain: bool = True
     paper_variants: bool = True
@@ -340,23 +349,30 @@ def _set_seeds(
 
 
 def _set_flags_and_counts(study: StudyConfig, merged: dict[str, Any], problems: list[str]) -> None:
-    """The true/false switches and the integer settings (max_order, workers) of ``study``."""
+    """The true/false switches and the integer settings (max_order, workers, sample,
+    sample_seed) of ``study``."""
     for flag in ("seed_per_domain", "cross_domain", "paper_variants", "predictors"):
         value = merged.get(flag, getattr(study, flag))
         if not isinstance(value, bool):
             problems.append(f"{flag}: {value!r} is not true/false")
         else:
             setattr(study, flag, value)
-    for key in ("max_order", "workers"):
+    hints = {
+        "max_order": "combinations have at least 2 domains",
+        "workers": "use 1 or more worker processes",
+        "sample": "use 0 (every combination) or K > 0 combinations of each order",
+        "sample_seed": "use an integer ≥ 0",
+    }
+    least = {"max_order": 2, "workers": 1, "sample": 0, "sample_seed": 0}
+    for key, hint in hints.items():
         value = merged.get(key)
         if value is None:
             continue
+        flag = f"--{key.replace('_', '-')}"
         if not isinstance(value, int) or isinstance(value, bool):
-            problems.append(f"--{key.replace('_', '-')} {value!r}: not an integer")
-        elif key == "max_order" and value < 2:
-            problems.append(f"--max-order {value}: combinations have at least 2 domains")
-        elif key == "workers" and value < 1:
-            problems.append(f"--workers {value}: use 1 or more worker processes")
+            problems.append(f"{flag} {value!r}: not an integer; {hint}")
+        elif value < least[key]:
+            problems.append(f"{flag} {value}: {hint}")
         else:
             setattr(study, key, value)
 

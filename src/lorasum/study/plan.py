@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import random
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -54,6 +55,65 @@ def combo_name(combo: tuple[str, ...]) -> str:
     return "+".join(combo)
 
 
+def sample_combinations(combos: list[tuple[str, ...]], k: int, seed: int) -> list[tuple[str, ...]]:
+    """``k`` of the combinations of each order (every one of an order that has at most ``k``),
+    in their given order; ``k`` = 0 keeps all.
+
+    Each order draws with its own generator, seeded by (``seed``, order), from its combinations
+    sorted by their sorted domain names: the choice depends on the domain set, ``k``, ``seed``
+    and the order only (not on the order in which domains are listed, the training seeds or
+    the other orders present), so a rerun, another training seed or a higher max order keeps it.
+    """
+    if k <= 0:
+        return list(combos)
+    kept: set[tuple[str, ...]] = set()
+    for order in sorted({len(c) for c in combos}):
+        of_order = sorted(tuple(sorted(c)) for c in combos if len(c) == order)
+        if len(of_order) > k:
+            of_order = random.Random(f"lorasum-sample/{seed}/{order}").sample(of_order, k)
+        kept.update(of_order)
+    return [c for c in combos if tuple(sorted(c)) in kept]
+
+
+def order_label(order: int, count: int | None = None) -> str:
+    """pairs, triples, or combinations of N (singular when ``count`` is 1)."""
+    one = count == 1
+    if order == 2:
+        return "pair" if one else "pairs"
+    if order == 3:
+        return "triple" if one else "triples"
+    return f"combination{'' if one else 's'} of {order}"
+
+
+def sample_summary(combos, available, k: int, seed: int) -> dict | None:
+    """What results.json records of a sampled study (None when every combination runs): per
+    order the combinations available and the ones kept, the totals, and a sentence saying it
+    ('sampled 3 of 15 pairs and 3 of 20 triples (--sample 3, seed 0)')."""
+    if k <= 0:
+        return None
+    orders = [
+        {
+            "order": n,
+            "available": sum(len(c) == n for c in available),
+            "kept": [list(c) for c in combos if len(c) == n],
+        }
+        for n in sorted({len(c) for c in available})
+    ]
+    parts = [
+        f"{len(o['kept'])} of {o['available']} {order_label(o['order'], o['available'])}"
+        for o in orders
+    ]
+    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return {
+        "k": k,
+        "seed": seed,
+        "orders": orders,
+        "available": len(available),
+        "kept": len(combos),
+        "description": f"sampled {text} (--sample {k}, seed {seed})",
+    }
+
+
 @dataclass(frozen=True)
 class StudyLayout:
     """What the plan is built from: the resolved study and where its units live."""
@@ -74,6 +134,15 @@ class StudyLayout:
     overwrite: bool
     budget: str = "epochs"  # study.config.BUDGETS
     snapshot_epochs: tuple[float, ...] = ()  # epochs along each run; the last is its length
+    # with --sample: every combination of the grid (``combos`` is the sample run); None: all run
+    available: tuple[tuple[str, ...], ...] | None = None
+    sample: int = 0
+    sample_seed: int = 0
+
+    @property
+    def every_combo(self) -> list[tuple[str, ...]]:
+        """Every combination of the grid, sampled or not."""
+        return list(self.combos if self.available is None else self.available)
 
     def seed_dir(self, seed: int | None) -> Path:
         return self.out if seed is None else self.out / f"seed-{seed}"
@@ -104,6 +173,13 @@ class StudyLayout:
             {self.single(d, c) for c in self.combos for d in c} - set(self.names)
         )
 
+    def merged_combos(self) -> list[tuple[str, ...]]:
+        """The combinations with a merged-data adapter: every combination run, and the pairs
+        of the paper's triple variants (with --sample, a kept triple's pair may be left out
+        as a combination; its merged-data adapter is still trained for the variant)."""
+        pairs = [pair for _, pair, _ in self.variants if pair not in self.combos]
+        return list(self.combos) + list(dict.fromkeys(pairs))
+
     @property
     def calibrating(self) -> bool:
         return self.predictors or any(
@@ -113,8 +189,9 @@ class StudyLayout:
 
 def single_step_counts(lay: StudyLayout, domain: str) -> list[int]:
     """Under the `steps` budget: the distinct step counts of the merged-data adapters of the
-    combinations that contain ``domain``, smallest first."""
-    return sorted({lay.merged_steps(c) for c in lay.combos if domain in c})
+    combinations that contain ``domain``, smallest first. Over the whole grid, sampled or not,
+    so that a single adapter has the same name (and directory) in both."""
+    return sorted({lay.merged_steps(c) for c in lay.every_combo if domain in c})
 
 
 def snapshot_steps(cfg: TrainConfig, rows: int, epochs: tuple[float, ...]) -> list[int]:
@@ -140,11 +217,15 @@ def training_units(
     """One seed's trainings: an adapter per domain (under the `steps` budget one per step
     count it is composed at), a merged-data adapter per combination; with snapshots, each
     run also saves its adapter at the snapshot epochs."""
-    units = [((n,), n, 0) for n in names] + [(c, f"merged-{combo_name(c)}", 0) for c in combos]
+    merged = combos if lay is None else lay.merged_combos()
+    units = [((n,), n, 0) for n in names] + [(c, f"merged-{combo_name(c)}", 0) for c in merged]
     if lay is not None and lay.budget == "steps":
         units = [((d,), lay.single(d, c), lay.merged_steps(c)) for c in combos for d in c]
+        # every domain's own single (its smallest step count), also when a sample left it in
+        # no combination: the single evaluations and the cross-domain matrix read it
+        units += [((n,), n, single_step_counts(lay, n)[0]) for n in names]
         units = list(dict.fromkeys(sorted(units, key=lambda u: names.index(u[0][0]))))
-        units += [(c, f"merged-{combo_name(c)}", 0) for c in combos]
+        units += [(c, f"merged-{combo_name(c)}", 0) for c in merged]
     out = []
     for doms, unit, max_steps in units:
         unit_seed = cfg.seed + (names.index(doms[0]) if seed_per_domain and len(doms) == 1 else 0)
@@ -207,7 +288,7 @@ def _seed_units(lay: StudyLayout, seed: int) -> list[Unit]:
     d = lay.seed_dir(seed)
     adapters = d / "adapters"
     tid = {n: f"train/{seed}/{n}" for n in lay.singles()}
-    tid.update({f"merged-{combo_name(c)}": f"train/{seed}/merged-{combo_name(c)}" for c in lay.combos})  # fmt: skip
+    tid.update({f"merged-{combo_name(c)}": f"train/{seed}/merged-{combo_name(c)}" for c in lay.merged_combos()})  # fmt: skip
     units: list[Unit] = []
     for n in lay.names:
         doms = tuple(lay.names) if lay.cross_domain else (n,)

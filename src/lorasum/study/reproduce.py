@@ -42,6 +42,8 @@ from lorasum.study.plan import (
     plan_study,
     rate_profile,
     record_rates,
+    sample_combinations,
+    sample_summary,
     snapshot_label,
     snapshot_methods,
     step_at,
@@ -172,7 +174,8 @@ def _load_sources(domain_sources: dict[str, str], cfg: TrainConfig) -> dict:
 
 def _layout(out, study_cfg: StudyConfig, base_cfg, sources, overwrite) -> StudyLayout:
     names = list(study_cfg.domains)
-    combos = combinations(names, study_cfg.max_order)
+    every = combinations(names, study_cfg.max_order)
+    combos = sample_combinations(every, study_cfg.sample, study_cfg.sample_seed)
     variants = []
     if study_cfg.paper_variants and (study_cfg.max_order is None or study_cfg.max_order >= 3):
         variants = [
@@ -188,6 +191,8 @@ def _layout(out, study_cfg: StudyConfig, base_cfg, sources, overwrite) -> StudyL
         methods={m: o for m, o in study_cfg.methods.items() if m != "sum"}, variants=variants,
         cross_domain=study_cfg.cross_domain, predictors=study_cfg.predictors, overwrite=overwrite,
         budget=study_cfg.budget, snapshot_epochs=tuple(study_cfg.snapshots),
+        available=tuple(every) if study_cfg.sample else None,
+        sample=study_cfg.sample, sample_seed=study_cfg.sample_seed,
     )  # fmt: skip
 
 
@@ -238,8 +243,10 @@ def reproduce(
     n_workers = study.cfg.workers or auto_workers(device, n_train)
     if plan_only:
         status = plan.status()
+        sampled = _sample(lay)
         return {
-            "plan": plan.describe(n_workers, rate_profile(lay, device, _uses_bf16(lay, device))),
+            "plan": plan.describe(n_workers, rate_profile(lay, device, _uses_bf16(lay, device)))
+            + (f"\n{sampled['description']}" if sampled else ""),
             "units": {u.id: ("cached" if status[u.id] else "run") for u in plan.units},
         }
     # precision auto: settled here, once, and handed to every worker (one precision per study)
@@ -360,6 +367,7 @@ def aggregate(
         "seeds": seeds,
         "seed_per_domain": lay.seed_per_domain,
         "max_order": cfg.max_order,
+        "sample": _sample(lay),
         "config": cfg.to_dict(),
         "train_config": {k: v for k, v in asdict(lay.base_cfg).items() if k not in ("data", "seed")},
         "budget": _budget(by_kind.get("fit", {})),
@@ -393,6 +401,10 @@ def aggregate(
     timings = _timings(plan, results, ran)
     summary["manifest"] = manifest(seeds, lay.sources, device, workers, timings, wall)
     return summary
+
+
+def _sample(lay: StudyLayout) -> dict | None:
+    return sample_summary(lay.combos, lay.every_combo, lay.sample, lay.sample_seed)
 
 
 def _predictors(by_kind: dict, seed: int, names, combos, evals: dict) -> dict[str, dict]:
