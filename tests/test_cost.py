@@ -122,13 +122,23 @@ def test_projection_adds_phases_and_scales_with_gpus():
         domains=20, max_order=2, seeds=3, methods=("regmean_rescaled",), train_rows=1000,
         test_rows=100,
     )  # fmt: skip
-    model, hw = cost.Model(params=1e9), cost.Hardware(peak_bf16=1e15, peak_fp64=1e14, mfu=0.5)
+    model = cost.Model(params=1e9)
+    hw = cost.Hardware(peak_bf16=1e15, peak_fp32=2e14, peak_fp64=1e14, mfu=0.5)
     one, many = (cost.projection(grid, 100, g, model, hw, compose_seconds=2.0) for g in (1, 10**6))
     train_tokens = cost.token_counts(grid, 100)["train"]["total"]
     # trainings: 4 FLOP per parameter and token at half of 1e15 FLOP/s
     assert one["gpu_hours"]["train"] == pytest.approx(train_tokens * 4e9 / 5e14 / 3600)
     gram = model.gram_flops()
-    calib = 20 * 1000 * 100 * (2e9 / 5e14 + gram / 5e13) / 3600
+    calib = 20 * 1000 * 100 * (2e9 / 1e14 + gram / 5e13) / 3600  # fp32 forward, fp64 Grams
+    # data predictors: ⌈4 B × adapted weights / max_bytes⌉ forward+backward passes (4 FLOP per
+    # parameter), plus δᵀx once per adapted weight, in fp32
+    adapted = 32 * (4 * 4096**2 + 4096 * 11008)
+    for max_bytes, passes in ((2**40, 1), (2**30, math.ceil(4 * adapted / 2**30))):
+        p = cost.projection(grid, 100, 1, model, hw, gradient_max_bytes=max_bytes)
+        per_token = passes * 4e9 + 2 * adapted
+        assert p["gpu_hours"]["predictors"] == pytest.approx(
+            20 * 1000 * 100 * per_token / 1e14 / 3600
+        )
     assert one["gpu_hours"]["calibrate"] == pytest.approx(calib)
     assert one["gpu_hours"]["compose"] == pytest.approx(one["units"]["compose"] * 2 / 3600)
     # on one GPU the wall time is the work; with unbounded GPUs, the longest unit per phase

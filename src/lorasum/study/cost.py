@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from lorasum.gradients import DEFAULT_MAX_BYTES
 from lorasum.study.config import STUDY_ONLY_METHODS
 from lorasum.study.units import KINDS
 
@@ -187,6 +188,7 @@ class Hardware:
 
     name: str = "H100 SXM"
     peak_bf16: float = 989e12  # FLOP/s, dense BF16 Tensor Core (NVIDIA H100 datasheet)
+    peak_fp32: float = 67e12  # FLOP/s, FP32 (same datasheet; TF32 Tensor Core is off in torch)
     peak_fp64: float = 67e12  # FLOP/s, FP64 Tensor Core (same datasheet)
     mfu: float = 0.40
 
@@ -201,7 +203,18 @@ class Model:
     d_model: int = 4096
     d_ff: int = 11008
     train_flops: float = 4.0  # per parameter per token: LoRA (2P forward + 2P input-gradient)
-    data_predictor_flops: float = 6.0  # full backward with weight gradients (Kaplan's 6P)
+
+    def target_params(self) -> float:
+        """Weights of the adapted modules of a Llama block (q, k, v, o: d×d; down: d_ff×d)."""
+        return self.layers * (4 * self.d_model**2 + self.d_model * self.d_ff)
+
+    def gradient_flops(self, max_bytes: int) -> float:
+        """FLOP per token of the data predictors (`lorasum.gradients`): one forward +
+        activation-gradient backward (4P) per module group whose fp32 sums fit ``max_bytes``
+        (at least ⌈4·target_params / max_bytes⌉ groups), plus each module's δᵀx (2 FLOP per
+        adapted weight)."""
+        passes = max(1, math.ceil(4 * self.target_params() / max_bytes))
+        return passes * 4.0 * self.params + 2.0 * self.target_params()
 
     def gram_flops(self) -> float:
         """FP64 FLOP per token of a calibration's input Gram matrices Σ x xᵀ at the adapted
@@ -210,11 +223,20 @@ class Model:
         return self.layers * 2.0 * (2 * self.d_model**2 + self.d_ff**2)
 
 
-def kind_seconds(kind: str, tokens: float, model: Model, hw: Hardware) -> float:
-    """GPU-seconds of ``tokens`` processed by a unit of ``kind``."""
-    bf16 = hw.peak_bf16 * hw.mfu
-    per_param = {"train": model.train_flops, "predictors": model.data_predictor_flops}
-    seconds = tokens * per_param.get(kind, 2.0) * model.params / bf16
+# Units that run the base model as loaded (fp32 weights, no autocast): calibrations (the
+# statistics are fp32 forward passes) and the data predictors (fp32 gradients).
+FP32_KINDS = ("calibrate", "predictors")
+
+
+def kind_seconds(
+    kind: str, tokens: float, model: Model, hw: Hardware, max_bytes: int = DEFAULT_MAX_BYTES
+) -> float:
+    """GPU-seconds of ``tokens`` processed by a unit of ``kind``: its model FLOPs at the BF16
+    peak (FP32 for `FP32_KINDS`), plus a calibration's FP64 Gram products at the FP64 peak.
+    ``max_bytes``: the data predictors' memory bound per module group."""
+    flops = {"train": model.train_flops * model.params, "predictors": model.gradient_flops(max_bytes)}  # fmt: skip
+    peak = hw.peak_fp32 if kind in FP32_KINDS else hw.peak_bf16
+    seconds = tokens * flops.get(kind, 2.0 * model.params) / (peak * hw.mfu)
     if kind == "calibrate":
         seconds += tokens * model.gram_flops() / (hw.peak_fp64 * hw.mfu)
     return seconds
@@ -230,6 +252,8 @@ def projection(
     model: Model = Model(),
     hw: Hardware = Hardware(),
     compose_seconds: float = 10.0,
+    gradient_max_bytes: int = DEFAULT_MAX_BYTES,
+    split_data_predictors: bool = False,
 ) -> dict:
     """GPU-hours per kind and wall hours on ``gpus`` GPUs (one unit per GPU at a time).
 
@@ -237,7 +261,10 @@ def projection(
     calibrations, then compositions, fits and evaluations; units of one phase are independent,
     so a phase takes max(its GPU-seconds / G, its longest unit) — the ideal list schedule
     (Graham's bound adds at most one longest unit per phase). ``compose_seconds``: seconds of
-    one composition (LoRA factors only; no tokens), an assumption."""
+    one composition (LoRA factors only; no tokens), an assumption; ``gradient_max_bytes``: the
+    data predictors' bound on one module group's gradient sums (the study's default today);
+    ``split_data_predictors``: as if the data predictors were one unit per domain (today they
+    are one unit: every domain's gradients in one process)."""
     counts = unit_counts(grid)
     tokens = token_counts(grid, tokens_per_row)
     gpu_s, longest = {}, {}
@@ -246,8 +273,9 @@ def projection(
             gpu_s[kind], longest[kind] = n * compose_seconds, compose_seconds
         else:
             t = tokens[kind]
-            gpu_s[kind] = kind_seconds(kind, t["total"], model, hw)
-            longest[kind] = kind_seconds(kind, t["largest"], model, hw)
+            gpu_s[kind] = kind_seconds(kind, t["total"], model, hw, gradient_max_bytes)
+            largest = t["largest"] / grid.domains if kind == "predictors" and split_data_predictors else t["largest"]  # fmt: skip
+            longest[kind] = kind_seconds(kind, largest, model, hw, gradient_max_bytes)
     wall = 0.0
     for phase in PHASES:
         kinds = [k for k in phase if k in counts]
