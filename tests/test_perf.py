@@ -290,3 +290,78 @@ def test_study_workers_start_with_the_drivers_verdict(tiny_llama):
     finally:
         models.settle_cpu_bf16(None)
         torch.set_num_threads(threads)
+
+
+def test_frozen_linears_cast_once_and_restored_bit_for_bit(tiny_llama):
+    from peft import LoraConfig, get_peft_model
+
+    model = load_model(str(tiny_llama), CPU)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    peft = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "down_proj"]))
+    ptrs = {n: p.data_ptr() for n, p in peft.named_parameters()}
+    with models.frozen_linears_as(peft, torch.bfloat16) as n_cast:
+        dtypes = {n: p.dtype for n, p in peft.named_parameters()}
+        assert n_cast > 0
+    for n, dt in dtypes.items():
+        frozen_linear = n.endswith("proj.weight") or n.endswith("base_layer.weight")
+        if "lora_" in n or "embed" in n or "norm" in n:
+            assert dt == torch.float32, n  # trainable, embeddings and norms untouched
+        elif frozen_linear:
+            assert dt == torch.bfloat16, n
+    # the tied head is the embedding: left alone
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    for n, p in peft.named_parameters():
+        assert p.dtype == torch.float32 and p.data_ptr() == ptrs[n], n  # the same tensors back
+    restored = peft.unload()
+    for n, p in restored.named_parameters():
+        assert torch.equal(p, before[n]), n
+    with models.frozen_linears_as(restored, None) as n_cast:
+        assert n_cast == 0
+
+
+def _null_cast(model, dtype):
+    import contextlib
+
+    return contextlib.nullcontext(0)
+
+
+def test_bf16_training_and_eval_equal_with_and_without_the_cast_once(
+    tiny_llama, qa_files, tmp_path, monkeypatch
+):
+    """Casting the frozen weights once gives autocast's own numbers (autocast rounds every
+    fp32 weight the same way on every matmul): bitwise the same adapter and perplexity."""
+    from safetensors.torch import load_file
+
+    import lorasum.evaluate as evaluate_mod
+    import lorasum.train as train_mod
+    from lorasum.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        model=str(tiny_llama), data=[str(qa_files["arith"])], max_steps=6, lr=3e-3,
+        batch_size=8, max_length=32, dropout=0.1, precision="bf16", eval_val=True,
+    )  # fmt: skip
+    cast = train(cfg, tmp_path / "cast", progress=False)
+    monkeypatch.setattr(train_mod, "frozen_linears_as", _null_cast)
+    monkeypatch.setattr(evaluate_mod, "frozen_linears_as", _null_cast)
+    plain = train(cfg, tmp_path / "plain", progress=False)
+    a = load_file(tmp_path / "cast" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "plain" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert cast["metrics"]["val_perplexity"] == plain["metrics"]["val_perplexity"]
+    assert cast["metrics"]["final_loss"] == plain["metrics"]["final_loss"]
+
+    # evaluation of the trained adapter: the same perplexity with and without the cast
+    tok = load_tokenizer(str(tiny_llama))
+    from peft import PeftModel
+
+    from lorasum.data import load_split
+
+    src = [load_split(str(qa_files["arith"]), 42)]
+    batches = make_batches(tokenize_split(tok, src, "test", 32), 8, tok.pad_token_id, False)
+    model = PeftModel.from_pretrained(load_model(str(tiny_llama), CPU), tmp_path / "cast")
+    without = evaluate_batches(model, batches, ["arith"], CPU, torch.bfloat16)
+    monkeypatch.undo()
+    with_cast = evaluate_batches(model, batches, ["arith"], CPU, torch.bfloat16)
+    assert with_cast["perplexity"] == without["perplexity"]
+    fp32 = evaluate_batches(model, batches, ["arith"], CPU, None)
+    assert fp32["perplexity"] != with_cast["perplexity"]  # bf16 really ran

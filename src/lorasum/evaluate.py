@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorasum.data import Batch
+from lorasum.models import frozen_linears_as
 
 # Architectures whose logits are exactly lm_head(last hidden state): for them the head is applied
 # to counted positions only, which skips most of the vocabulary projection on prompts and padding.
@@ -93,15 +94,16 @@ def evaluate_batches(
     real_tokens = positions = 0
     t0 = time.perf_counter()
     try:
-        for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
-            real_tokens += int(batch.attention_mask.sum())
-            positions += batch.input_ids.numel()
-            batch = batch.to(device)
-            with autocast_context(device, amp_dtype):
-                row_nll, row_tokens = token_nll(model, batch)
-            ds = batch.dataset.cpu()
-            nll.index_add_(0, ds, row_nll.double().cpu())
-            tokens.index_add_(0, ds, row_tokens.cpu())
+        with frozen_linears_as(model, amp_dtype):
+            for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+                real_tokens += int(batch.attention_mask.sum())
+                positions += batch.input_ids.numel()
+                batch = batch.to(device)
+                with autocast_context(device, amp_dtype):
+                    row_nll, row_tokens = token_nll(model, batch)
+                ds = batch.dataset.cpu()
+                nll.index_add_(0, ds, row_nll.double().cpu())
+                tokens.index_add_(0, ds, row_tokens.cpu())
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - t0

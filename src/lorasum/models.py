@@ -7,6 +7,7 @@ safetensors + tokenizer so later loads take seconds.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import logging
@@ -448,3 +449,36 @@ def pick_device(requested: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LorasumError("--device cuda requested but no CUDA GPU is available; use --device cpu")
     return device
+
+
+@contextlib.contextmanager
+def frozen_linears_as(model: nn.Module, dtype: torch.dtype | None):
+    """Within the block, every frozen ``nn.Linear`` weight (and bias) of ``model`` is held in
+    ``dtype``; the original tensors come back at the end, bit for bit.
+
+    Under autocast to ``dtype`` this gives the numbers autocast gives with fp32 weights —
+    autocast rounds each fp32 weight to ``dtype`` on every matmul, the same rounding done here
+    once — without re-casting every frozen weight on every forward. Only linear layers change
+    (autocast's matmuls): embeddings, norms and the residual stream keep their dtype, and a
+    linear weight shared with an embedding (tied heads) is left alone. Trainable weights (LoRA)
+    stay fp32. Yields how many tensors were cast (0 when ``dtype`` is None).
+    """
+    if dtype is None:
+        yield 0
+        return
+    shared = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for m in model.modules():
+        if not isinstance(m, nn.Linear):
+            continue
+        for p in (m.weight, m.bias):
+            if p is None or p.requires_grad or id(p) in shared or not p.is_floating_point():
+                continue
+            if p.dtype != dtype:
+                saved.append((p, p.data))
+                p.data = p.data.to(dtype)
+    try:
+        yield len(saved)
+    finally:
+        for p, data in saved:
+            p.data = data

@@ -23,6 +23,7 @@ from lorasum.io import atomic_dir, check_output_dir, config_key, read_json
 from lorasum.lean import lean
 from lorasum.models import (
     autocast_dtype,
+    frozen_linears_as,
     load_model,
     load_tokenizer,
     pick_device,
@@ -753,6 +754,8 @@ def _train_new(
         lean_layers.enter_context(
             lean(run.peft_model, enabled=device.type == "cpu" and amp is None)
         )
+        # bf16 autocast: the frozen linear weights cast once, not on every matmul (same numbers)
+        lean_layers.enter_context(frozen_linears_as(run.peft_model, amp))
         _run_epochs(run, watch, train_items, tokenizer.pad_token_id, out, bar)
         lean_layers.close()
         bar.close()
