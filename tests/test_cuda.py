@@ -220,3 +220,64 @@ def test_gpu_table_says_what_is_missing(tmp_path):
     out = _table(tmp_path, None, None, ["pytest=124", "bench=2"])
     assert "no JUnit report" in out and "no bench results" in out
     assert "FAIL (exit 124, timed out)" in out and "FAIL (exit 2)" in out
+
+
+def _fake_side(name: str, a) -> dict:
+    """A side's result with the keys throughput.py reads (numbers made up, GPU keys included)."""
+    if name == "peak":
+        return {
+            "threads": 1,
+            "body_linear_params": 10,
+            "head_params": 2,
+            "linear_gflops": 50.0,
+            "linear_gflops_bf16": 400.0,
+        }
+    if name == "score":
+        return {"answer_ppl": 3.0, "full_sequence_ppl": 4.0}
+    lorasum = name.endswith("lorasum")
+    return {
+        "s_per_step": 0.5,
+        "seconds": 1.0,
+        "tokens_per_s": 2500.0 if lorasum else 1000.0,
+        "real_tokens": 100,
+        "positions": 120,
+        "head_positions": 30 if lorasum else 120,
+        "peak_rss_mb": 900.0,
+        "peak_gpu_mb": 2000.0 if lorasum else 3000.0,
+        "precision": "bfloat16",
+    }
+
+
+def test_the_gpu_bench_json_feeds_the_gpu_table(tmp_path, monkeypatch):
+    """throughput.py --device cuda on made-up sides (no GPU needed): the peak GPU memory rows,
+    no two-processes run, and gpu_table.py reads what it wrote."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import throughput
+    finally:
+        sys.path.pop(0)
+    called = []
+
+    def fake_run_side(name, a, **kw):
+        called.append(name)
+        return _fake_side(name, a)
+
+    def no_parallel(*a, **kw):
+        pytest.fail("two training processes on one GPU")
+
+    monkeypatch.setattr(throughput, "run_side", fake_run_side)
+    monkeypatch.setattr(throughput, "run_side_parallel", no_parallel)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    out = tmp_path / "bench.json"
+    argv = ["throughput.py", "--device", "cuda", "--repeats", "1", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    throughput.main()
+    assert called.count("peak") == 1  # the 1-thread peak is a CPU matter
+    result = json.loads(out.read_text())
+    assert result["device"] == "Fake GPU" and "train_two_processes" not in result
+    gpu_mb = result["table"]["train_peak_gpu_mb"]
+    assert (gpu_mb["baseline"], gpu_mb["lorasum"]) == (3000.0, 2000.0)
+    table = _table(tmp_path, result, JUNIT, ["pytest=0", "bench=0"])
+    assert "| bench device | Fake GPU |" in table
+    assert "2500 vs 1000 (2.50x)" in table and "2000 vs 3000 (0.67x)" in table
