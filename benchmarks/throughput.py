@@ -1,6 +1,7 @@
 """Throughput: lorasum vs the paper's pipeline (HF Trainer + PEFT), side by side in one run.
 
     .venv/bin/python benchmarks/throughput.py [--steps 6] [--eval-rows 24] [--repeats 2]
+        [--device cpu|cuda]
 
 Both sides use the default model, the same rows (the study's three domains, mixed), LoRA r=4,
 alpha=64, dropout 0.1, targets `auto`, batch 8, max length 128, lr 1e-4, seed 0.
@@ -16,6 +17,11 @@ Each side runs in its own subprocess (so peak RSS is its own), alternating A B A
 drift cancels; the table shows medians. Tokens/s counts real (non-padding) tokens only. After
 training, both sides' adapters are scored with the same honest evaluator: answer-only and
 full-sequence test perplexity. Writes benchmarks/results/throughput.json and prints a table.
+
+``--device cuda`` runs every side on the GPU (the baseline Trainer without ``use_cpu``, lorasum
+with its own precision choice there: bf16 where the GPU supports it), adds each side's peak GPU
+memory (``torch.cuda.max_memory_allocated``) and leaves out the two-processes run (a study on
+GPUs runs one worker per GPU, not two on one). The default, ``cpu``, is the CPU benchmark.
 """
 
 from __future__ import annotations
@@ -46,6 +52,22 @@ def _set_threads() -> None:
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _with_gpu_peak(result: dict, device: str) -> dict:
+    """On a GPU, the side's peak GPU memory (MiB) joins its result; on a CPU nothing changes."""
+    if device == "cuda":
+        import torch
+
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
 
 
 def _sources(rows_per_domain: int, eval_rows: int):
@@ -120,7 +142,7 @@ def side_train_baseline(a: argparse.Namespace) -> dict:
             report_to=[],
             save_strategy="no",
             logging_strategy="no",
-            use_cpu=True,
+            use_cpu=a.device == "cpu",
             disable_tqdm=True,
         )
         trainer = Trainer(
@@ -138,7 +160,9 @@ def side_train_baseline(a: argparse.Namespace) -> dict:
     real = sum(int(r["attention_mask"].sum()) for r in used)
     positions = sum(r["input_ids"].numel() for r in used)  # every position, padding included
     # HF computes the vocabulary projection at every position (full logits)
-    return _train_result(step_times, wall, real, a.steps, positions, positions)
+    return _with_gpu_peak(
+        _train_result(step_times, wall, real, a.steps, positions, positions), a.device
+    )
 
 
 def side_train_lorasum(a: argparse.Namespace) -> dict:
@@ -154,6 +178,7 @@ def side_train_lorasum(a: argparse.Namespace) -> dict:
         warmup_steps=2,
         weight_decay=0.01,
         eval_val=False,
+        device=a.device,
         **SETTINGS,
     )
     t0 = time.perf_counter()
@@ -167,7 +192,7 @@ def side_train_lorasum(a: argparse.Namespace) -> dict:
     out = _train_result(step_times, wall, real, a.steps, positions, head_positions)
     out["precision"] = read_json(Path(a.adapter_out) / "lorasum.json")["metrics"]["precision"]
     del marker
-    return out
+    return _with_gpu_peak(out, a.device)
 
 
 def _train_result(
@@ -199,7 +224,7 @@ def side_eval_baseline(a: argparse.Namespace) -> dict:
 
     from lorasum.models import load_model, load_tokenizer
 
-    tokenizer, model = load_tokenizer("default"), load_model("default")
+    tokenizer, model = load_tokenizer("default"), load_model("default", a.device)
     model = PeftModel.from_pretrained(model, a.adapter).eval()
     rows = _padded_rows(tokenizer, _sources(1, a.eval_rows), "test")
     bs = SETTINGS["batch_size"]
@@ -207,15 +232,15 @@ def side_eval_baseline(a: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     with torch.no_grad():
         for s in range(0, len(rows), bs):
-            batch = {k: torch.stack([r[k] for r in rows[s : s + bs]]) for k in rows[0]}
+            batch = {k: torch.stack([r[k] for r in rows[s : s + bs]]).to(a.device) for k in rows[0]}
             loss = model(**batch).loss
             n = int((batch["labels"][:, 1:] != -100).sum())
             nll += float(loss) * n
             counted += n
             real += int(batch["attention_mask"].sum())
             positions += batch["input_ids"].numel()
-    seconds = time.perf_counter() - t0
-    return {
+    seconds = time.perf_counter() - t0  # float(loss) above waited for the GPU
+    result = {
         "seconds": seconds,
         "real_tokens": real,
         "tokens_per_s": real / seconds,
@@ -224,6 +249,7 @@ def side_eval_baseline(a: argparse.Namespace) -> dict:
         "full_sequence_ppl": float(torch.tensor(nll / counted).exp()),
         "peak_rss_mb": _peak_rss_mb(),
     }
+    return _with_gpu_peak(result, a.device)
 
 
 def side_eval_lorasum(a: argparse.Namespace) -> dict:
@@ -231,9 +257,11 @@ def side_eval_lorasum(a: argparse.Namespace) -> dict:
     from lorasum.evaluate import evaluate
 
     t0 = time.perf_counter()
-    r = evaluate(data=DOMAINS, adapter=a.adapter, max_eval=a.eval_rows, progress=False)
+    r = evaluate(
+        data=DOMAINS, adapter=a.adapter, max_eval=a.eval_rows, device=a.device, progress=False
+    )
     seconds = time.perf_counter() - t0
-    return {
+    result = {
         "seconds": r["timing"]["seconds"],
         "seconds_with_load": seconds,
         "real_tokens": r["timing"]["real_tokens"],
@@ -243,13 +271,16 @@ def side_eval_lorasum(a: argparse.Namespace) -> dict:
         "answer_ppl": r["perplexity"],
         "peak_rss_mb": _peak_rss_mb(),
     }
+    return _with_gpu_peak(result, a.device)
 
 
 def side_score(a: argparse.Namespace) -> dict:
     """Test perplexity of a trained adapter, answer-only and full sequence, same evaluator."""
     from lorasum.evaluate import evaluate
 
-    kw = dict(data=DOMAINS, adapter=a.adapter, max_eval=a.eval_rows, progress=False)
+    kw = dict(
+        data=DOMAINS, adapter=a.adapter, max_eval=a.eval_rows, device=a.device, progress=False
+    )
     return {
         "answer_ppl": evaluate(**kw)["perplexity"],
         "full_sequence_ppl": evaluate(**kw, answer_only=False)["perplexity"],
@@ -257,16 +288,15 @@ def side_score(a: argparse.Namespace) -> dict:
 
 
 def side_peak(a: argparse.Namespace) -> dict:
-    """The default model's linear-layer sizes and this CPU's matmul rate at their shapes.
+    """The default model's linear-layer sizes and this device's matmul rate at their shapes.
 
     The rate is the best of 5 timings of each distinct decoder projection on 1024 rows (one batch
     of 8 x 128), weighted by how many such layers the model has: what a forward pass could reach
-    if nothing but its matrix products took time.
+    if nothing but its matrix products took time. In fp32; on a GPU also in bf16.
     """
     from collections import Counter
 
     import torch
-    import torch.nn.functional as F
     from torch import nn
 
     from lorasum.models import load_model
@@ -277,24 +307,38 @@ def side_peak(a: argparse.Namespace) -> dict:
     shapes = Counter(
         tuple(m.weight.shape) for m in model.modules() if isinstance(m, nn.Linear) and m is not head
     )
-    rows, flops, seconds = 1024, 0.0, 0.0
-    with torch.inference_mode():
-        for (out_f, in_f), count in shapes.items():
-            x, w = torch.randn(rows, in_f), torch.randn(out_f, in_f)
-            F.linear(x, w)  # warm-up
-            times = []
-            for _ in range(5):
-                t = time.perf_counter()
-                F.linear(x, w)
-                times.append(time.perf_counter() - t)
-            flops += count * 2 * rows * out_f * in_f
-            seconds += count * min(times)
-    return {
+    out = {
         "threads": torch.get_num_threads(),
         "body_linear_params": sum(o * i * c for (o, i), c in shapes.items()),
         "head_params": head.weight.numel(),
-        "linear_gflops": flops / seconds / 1e9,
+        "linear_gflops": _linear_gflops(shapes, a.device, torch.float32),
     }
+    if a.device == "cuda":
+        out["linear_gflops_bf16"] = _linear_gflops(shapes, a.device, torch.bfloat16)
+    return out
+
+
+def _linear_gflops(shapes, device: str, dtype) -> float:
+    """GFLOP/s of ``F.linear`` on 1024 rows at each (out, in) shape, weighted by its count."""
+    import torch
+    import torch.nn.functional as F
+
+    rows, flops, seconds = 1024, 0.0, 0.0
+    with torch.inference_mode():
+        for (out_f, in_f), count in shapes.items():
+            x = torch.randn(rows, in_f, device=device, dtype=dtype)
+            w = torch.randn(out_f, in_f, device=device, dtype=dtype)
+            F.linear(x, w)  # warm-up
+            times = []
+            for _ in range(5):
+                _sync(device)
+                t = time.perf_counter()
+                F.linear(x, w)
+                _sync(device)
+                times.append(time.perf_counter() - t)
+            flops += count * 2 * rows * out_f * in_f
+            seconds += count * min(times)
+    return flops / seconds / 1e9
 
 
 def model_flops(kind: str, body: int, head: int, positions: int, head_positions: int) -> float:
@@ -320,7 +364,7 @@ SIDES = {
 
 def _side_cmd(name: str, a: argparse.Namespace, **extra) -> list[str]:
     cmd = [sys.executable, __file__, "--side", name, "--steps", str(a.steps)]
-    cmd += ["--rows", str(a.rows), "--eval-rows", str(a.eval_rows)]
+    cmd += ["--rows", str(a.rows), "--eval-rows", str(a.eval_rows), "--device", a.device]
     for k, v in extra.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
     return cmd
@@ -408,6 +452,12 @@ def main() -> None:
     p.add_argument("--eval-rows", type=int, default=24, help="test rows per domain")
     p.add_argument("--repeats", type=int, default=2, help="A B pairs per measurement")
     p.add_argument("--out", default="benchmarks/results/throughput.json")
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="where every side runs (cuda: the GPU, with peak GPU memory; default cpu)",
+    )
     p.add_argument("--side", choices=list(SIDES), help=argparse.SUPPRESS)
     p.add_argument("--adapter", help=argparse.SUPPRESS)
     p.add_argument("--adapter-out", help=argparse.SUPPRESS)
@@ -420,12 +470,17 @@ def main() -> None:
 
     import torch
 
+    if a.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: torch sees no CUDA GPU here; use --device cpu")
+    gpu = a.device == "cuda"
+
     t_start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="lorasum-bench-"))
     runs: dict[str, list[dict]] = {k: [] for k in SIDES if k not in ("score", "peak")}
-    runs["train-lorasum-x2"] = []
+    train_sides = ("train-baseline", "train-lorasum") + (() if gpu else ("train-lorasum-x2",))
+    runs.update({"train-lorasum-x2": []} if not gpu else {})
     for i in range(a.repeats):
-        for side in ("train-baseline", "train-lorasum", "train-lorasum-x2"):
+        for side in train_sides:
             print(f"[{i + 1}/{a.repeats}] {side} …", file=sys.stderr, flush=True)
             if side == "train-lorasum-x2":  # two trainings at once, 1 thread each (`reproduce`)
                 both = run_side_parallel("train-lorasum", a, 2, adapter_out=work / f"x2-{i}")
@@ -448,7 +503,7 @@ def main() -> None:
     }
     print("matmul peak …", file=sys.stderr, flush=True)
     peak = run_side("peak", a)
-    peak_1 = run_side("peak", a, threads=1)
+    peak_1 = peak if gpu else run_side("peak", a, threads=1)  # threads: a CPU matter
 
     def med(side: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[side])
@@ -483,51 +538,71 @@ def main() -> None:
             scores["lorasum"]["full_sequence_ppl"],
         ),
     }
+    if gpu:
+        for kind in ("train", "eval"):
+            table[f"{kind}_peak_gpu_mb"] = (
+                med(f"{kind}-baseline", "peak_gpu_mb"),
+                med(f"{kind}-lorasum", "peak_gpu_mb"),
+            )
     roofline = _roofline(runs, peak, peak_1)
     result = {
         "cpu": cpu_name(),
         "cores": os.cpu_count(),
+        "device": torch.cuda.get_device_name() if gpu else "cpu",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "settings": {**SETTINGS, "steps": a.steps, "rows_per_domain": a.rows},
         "eval_rows_per_domain": a.eval_rows,
         "lorasum_precision": runs["train-lorasum"][0].get("precision"),
         "table": {
-            k: {"baseline": b, "lorasum": s, "ratio": s / b if "ppl" in k or "rss" in k else None}
+            k: {
+                "baseline": b,
+                "lorasum": s,
+                "ratio": s / b if any(x in k for x in ("ppl", "rss", "gpu")) else None,
+            }
             for k, (b, s) in table.items()
         },
         "speedup": {
             "train": table["train_tokens_per_s"][1] / table["train_tokens_per_s"][0],
             "eval": table["eval_tokens_per_s"][1] / table["eval_tokens_per_s"][0],
         },
-        "train_two_processes": {
-            "tokens_per_s": med("train-lorasum-x2", "tokens_per_s"),
-            "peak_rss_mb_each": med("train-lorasum-x2", "peak_rss_mb"),
-            "vs_baseline": med("train-lorasum-x2", "tokens_per_s") / table["train_tokens_per_s"][0],
-        },
         "roofline": roofline,
         "runs": runs,
         "scores": scores,
         "wall_s": time.perf_counter() - t_start,
     }
+    if not gpu:
+        result["train_two_processes"] = {
+            "tokens_per_s": med("train-lorasum-x2", "tokens_per_s"),
+            "peak_rss_mb_each": med("train-lorasum-x2", "peak_rss_mb"),
+            "vs_baseline": med("train-lorasum-x2", "tokens_per_s") / table["train_tokens_per_s"][0],
+        }
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
 
     print(f"CPU: {result['cpu']} ({result['cores']} cores), torch {result['torch']}")
+    if gpu:
+        print(f"GPU: {result['device']} (every side ran there)")
     print(f"{'measure':<40}{'baseline':>12}{'lorasum':>12}{'ratio':>8}")
     for k, (b, s) in table.items():
         ratio = b / s if k == "train_s_per_step" else s / b
         print(f"{k:<40}{b:>12.2f}{s:>12.2f}{ratio:>8.2f}")
-    two = result["train_two_processes"]
-    print(
-        f"{'train_tokens_per_s, 2 lorasum processes':<40}{'':>12}{two['tokens_per_s']:>12.2f}"
-        f"{two['vs_baseline']:>8.2f}"
-    )
-    print(
-        f"\nmatmul peak at the model's shapes: {peak['linear_gflops']:.1f} GFLOP/s "
-        f"({peak['threads']} threads), {peak_1['linear_gflops']:.1f} GFLOP/s (1 thread)"
-    )
+    if gpu:
+        print(
+            f"\nmatmul peak at the model's shapes on the GPU: {peak['linear_gflops']:.1f} GFLOP/s "
+            f"fp32, {peak['linear_gflops_bf16']:.1f} GFLOP/s bf16 (shares below: of fp32)"
+        )
+    else:
+        two = result["train_two_processes"]
+        print(
+            f"{'train_tokens_per_s, 2 lorasum processes':<40}{'':>12}{two['tokens_per_s']:>12.2f}"
+            f"{two['vs_baseline']:>8.2f}"
+        )
+        print(
+            f"\nmatmul peak at the model's shapes: {peak['linear_gflops']:.1f} GFLOP/s "
+            f"({peak['threads']} threads), {peak_1['linear_gflops']:.1f} GFLOP/s (1 thread)"
+        )
     print(f"{'linear-layer FLOPs':<40}{'baseline':>12}{'lorasum':>12}{'ratio':>8}")
     for kind in ("train", "eval"):
         r = roofline[kind]

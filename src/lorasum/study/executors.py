@@ -124,7 +124,10 @@ def _in_worker(unit: Unit) -> tuple[Any, float]:
 
 
 def _worker_device(device: torch.device, index: int) -> str:
-    return f"cuda:{index}" if device.type == "cuda" else str(device)
+    """Worker ``index``'s device: the GPUs in turn (more workers than GPUs share them)."""
+    if device.type != "cuda":
+        return str(device)
+    return f"cuda:{index % max(1, torch.cuda.device_count())}"
 
 
 class LocalExecutor:
