@@ -100,7 +100,8 @@ def _padded_rows(tokenizer, sources, split: str) -> list[dict]:
     ]
 
 
-def side_train_baseline(a: argparse.Namespace) -> dict:
+def side_train_baseline(a: argparse.Namespace, bf16: bool = False) -> dict:
+    """(a); ``bf16``: the same with `TrainingArguments(bf16=True)` (bf16 autocast)."""
     _set_threads()
     import torch
     from peft import LoraConfig, get_peft_model
@@ -143,6 +144,7 @@ def side_train_baseline(a: argparse.Namespace) -> dict:
             save_strategy="no",
             logging_strategy="no",
             use_cpu=a.device == "cpu",
+            bf16=bf16,
             disable_tqdm=True,
         )
         trainer = Trainer(
@@ -354,6 +356,7 @@ def model_flops(kind: str, body: int, head: int, positions: int, head_positions:
 
 SIDES = {
     "train-baseline": side_train_baseline,
+    "train-baseline-bf16": lambda a: side_train_baseline(a, bf16=True),
     "train-lorasum": side_train_lorasum,
     "eval-baseline": side_eval_baseline,
     "eval-lorasum": side_eval_lorasum,
@@ -439,6 +442,17 @@ def _roofline(runs: dict, peak: dict, peak_1: dict) -> dict:
     return out
 
 
+def _bf16_pays(gpu: bool) -> bool:
+    """Is bf16 real arithmetic here (a GPU with bf16, or a CPU with AMX/AVX512-BF16)?"""
+    import torch
+
+    if gpu:
+        return torch.cuda.is_bf16_supported()
+    from lorasum.models import cpu_has_fast_bf16
+
+    return cpu_has_fast_bf16()
+
+
 def cpu_name() -> str:
     from lorasum.models import cpu_name
 
@@ -478,6 +492,11 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="lorasum-bench-"))
     runs: dict[str, list[dict]] = {k: [] for k in SIDES if k not in ("score", "peak")}
     train_sides = ("train-baseline", "train-lorasum") + (() if gpu else ("train-lorasum-x2",))
+    bf16_baseline = _bf16_pays(gpu)  # the Trainer with bf16=True: only where bf16 is real
+    if bf16_baseline:
+        train_sides += ("train-baseline-bf16",)
+    else:
+        runs.pop("train-baseline-bf16", None)
     runs.update({"train-lorasum-x2": []} if not gpu else {})
     for i in range(a.repeats):
         for side in train_sides:
@@ -571,6 +590,13 @@ def main() -> None:
         "scores": scores,
         "wall_s": time.perf_counter() - t_start,
     }
+    if bf16_baseline:
+        b16 = med("train-baseline-bf16", "tokens_per_s")
+        result["train_vs_baseline_bf16"] = {
+            "baseline_bf16_tokens_per_s": b16,
+            "lorasum_tokens_per_s": table["train_tokens_per_s"][1],
+            "speedup": table["train_tokens_per_s"][1] / b16,
+        }
     if not gpu:
         result["train_two_processes"] = {
             "tokens_per_s": med("train-lorasum-x2", "tokens_per_s"),
@@ -588,6 +614,12 @@ def main() -> None:
     for k, (b, s) in table.items():
         ratio = b / s if k == "train_s_per_step" else s / b
         print(f"{k:<40}{b:>12.2f}{s:>12.2f}{ratio:>8.2f}")
+    if bf16_baseline:
+        v = result["train_vs_baseline_bf16"]
+        print(
+            f"{'train_tokens_per_s vs Trainer bf16=True':<40}{v['baseline_bf16_tokens_per_s']:>12.2f}"
+            f"{v['lorasum_tokens_per_s']:>12.2f}{v['speedup']:>8.2f}"
+        )
     if gpu:
         print(
             f"\nmatmul peak at the model's shapes on the GPU: {peak['linear_gflops']:.1f} GFLOP/s "
