@@ -447,7 +447,10 @@ def _bf16_pays(gpu: bool) -> bool:
     import torch
 
     if gpu:
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        try:
+            return torch.cuda.is_bf16_supported()
+        except (AssertionError, RuntimeError):  # no usable CUDA build after all
+            return False
     from lorasum.models import cpu_has_fast_bf16
 
     return cpu_has_fast_bf16()
