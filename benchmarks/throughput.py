@@ -315,7 +315,7 @@ def side_peak(a: argparse.Namespace) -> dict:
         "head_params": head.weight.numel(),
         "linear_gflops": _linear_gflops(shapes, a.device, torch.float32),
     }
-    if a.device == "cuda":
+    if _bf16_pays(a.device == "cuda"):  # bf16 is real arithmetic here: its peak too
         out["linear_gflops_bf16"] = _linear_gflops(shapes, a.device, torch.bfloat16)
     return out
 
@@ -414,17 +414,20 @@ def run_side_parallel(name: str, a: argparse.Namespace, copies: int, **extra) ->
     return outs
 
 
-def _roofline(runs: dict, peak: dict, peak_1: dict) -> dict:
+def _roofline(runs: dict, peak: dict, peak_1: dict, lorasum_bf16: bool = False) -> dict:
     """FLOPs per real token of each side, and the share of the matmul peak each side reaches.
 
     ``flop_ratio`` (baseline FLOPs / lorasum FLOPs per real token) is the speedup lorasum would
     show if both sides ran their products equally fast: the part of the speedup that comes from
-    doing less work (padding, the vocabulary projection) rather than doing it faster.
+    doing less work (padding, the vocabulary projection) rather than doing it faster. Each
+    side's share is of the peak of the precision it ran in (the baseline: fp32; lorasum: bf16
+    where it chose bf16 and the bf16 peak was measured).
     """
     body, head = peak["body_linear_params"], peak["head_params"]
     out = {
         "linear_gflops_peak": peak["linear_gflops"],
         "linear_gflops_peak_1_thread": peak_1["linear_gflops"],
+        "linear_gflops_peak_bf16": peak.get("linear_gflops_bf16"),
     }
     for kind in ("train", "eval"):
         row = {}
@@ -436,7 +439,10 @@ def _roofline(runs: dict, peak: dict, peak_1: dict) -> dict:
                 x["tokens_per_s"] * flops / r["real_tokens"] / 1e9 for x in runs[f"{kind}-{side}"]
             ]
             row[f"{side}_gflops"] = statistics.median(rates)
-            row[f"{side}_fraction_of_peak"] = row[f"{side}_gflops"] / peak["linear_gflops"]
+            bf16 = side == "lorasum" and lorasum_bf16 and "linear_gflops_bf16" in peak
+            side_peak = peak["linear_gflops_bf16"] if bf16 else peak["linear_gflops"]
+            row[f"{side}_peak_precision"] = "bf16" if bf16 else "fp32"
+            row[f"{side}_fraction_of_peak"] = row[f"{side}_gflops"] / side_peak
         row["flop_ratio"] = row["baseline_gflop_per_token"] / row["lorasum_gflop_per_token"]
         out[kind] = row
     return out
@@ -566,7 +572,8 @@ def main() -> None:
                 med(f"{kind}-baseline", "peak_gpu_mb"),
                 med(f"{kind}-lorasum", "peak_gpu_mb"),
             )
-    roofline = _roofline(runs, peak, peak_1)
+    lorasum_bf16 = runs["train-lorasum"][0].get("precision") == "bf16"
+    roofline = _roofline(runs, peak, peak_1, lorasum_bf16)
     result = {
         "cpu": cpu_name(),
         "cores": os.cpu_count(),
@@ -637,6 +644,11 @@ def main() -> None:
         print(
             f"\nmatmul peak at the model's shapes: {peak['linear_gflops']:.1f} GFLOP/s "
             f"({peak['threads']} threads), {peak_1['linear_gflops']:.1f} GFLOP/s (1 thread)"
+            + (
+                f"; bf16 {peak['linear_gflops_bf16']:.1f} GFLOP/s"
+                if "linear_gflops_bf16" in peak
+                else ""
+            )
         )
     print(f"{'linear-layer FLOPs':<40}{'baseline':>12}{'lorasum':>12}{'ratio':>8}")
     for kind in ("train", "eval"):
@@ -648,6 +660,7 @@ def main() -> None:
         print(
             f"{kind + ': % of matmul peak':<40}{100 * r['baseline_fraction_of_peak']:>12.1f}"
             f"{100 * r['lorasum_fraction_of_peak']:>12.1f}"
+            f"   (of the {r['baseline_peak_precision']} / {r['lorasum_peak_precision']} peak)"
         )
     print(
         f"speedup (real tokens/s): train {result['speedup']['train']:.2f}x, "
