@@ -10,6 +10,7 @@ from conftest import load_tiny
 from peft import LoraConfig, get_peft_model
 
 from lorasum.lean import LoraBranch, SwiGLU, lean, leanable, swiglu_mlps
+from lorasum.models import load_model
 
 
 def _peft(model_dir, dropout=0.1):
@@ -130,6 +131,7 @@ def test_train_gives_the_same_adapter_with_and_without_lean(
         lr=1e-3,
         target_modules="q_proj,k_proj,v_proj,o_proj,down_proj",
         eval_val=False,
+        precision="fp32",  # the fp32 path draws nn.Dropout's own numbers: bitwise PEFT's
     )
     train(cfg, tmp_path / "lean", progress=False)
     real_lean = train_mod.lean
@@ -146,3 +148,79 @@ def test_train_gives_the_same_adapter_with_and_without_lean(
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-7)
+
+
+def _peft_tiny(tiny_llama, dropout: float):
+    from peft import LoraConfig, get_peft_model
+
+    model = load_model(str(tiny_llama))
+    torch.manual_seed(0)
+    cfg = LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["q_proj", "down_proj"]
+    )
+    peft = get_peft_model(model, cfg)
+    for n, p in peft.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)  # B non-zero: the branch must matter
+    return peft.train()
+
+
+def _bf16_grads(peft, ids, taken_over: bool, seed: int = 0):
+    peft.zero_grad()
+    torch.manual_seed(seed)
+    with lean(peft, enabled=taken_over) as n, torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = peft(input_ids=ids).logits.float().square().mean()
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in peft.named_parameters() if p.grad is not None}
+    return n, float(loss.detach()), grads
+
+
+def test_bf16_autocast_branch_equals_peft_without_dropout(tiny_llama):
+    """Under CPU bf16 autocast the lean branch skips PEFT's fp32 round trip of x; without
+    dropout it computes the same products in bf16: same loss and LoRA gradients to bf16 accuracy."""
+    peft = _peft_tiny(tiny_llama, 0.0)
+    ids = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(1))
+    n, loss_lean, g_lean = _bf16_grads(peft, ids, True)
+    assert n > 0
+    _, loss_peft, g_peft = _bf16_grads(peft, ids, False)
+    assert loss_lean == pytest.approx(loss_peft, rel=1e-2)
+    assert g_lean.keys() == g_peft.keys() and g_lean
+    for k in g_lean:
+        assert g_lean[k].dtype == torch.float32  # the LoRA weights' gradients stay fp32
+        cos = torch.nn.functional.cosine_similarity(g_lean[k].flatten(), g_peft[k].flatten(), 0)
+        assert cos > 0.99, k
+
+
+def test_bf16_autocast_branch_dropout_is_seeded_and_bernoulli():
+    """The bf16 path's mask: kept with probability 1 − p, the same for a seed, another for
+    another seed; the branch's gradients follow the mask it drew."""
+    from lorasum.lean import keep_mask
+
+    torch.manual_seed(3)
+    m1 = keep_mask(torch.Size([400_000]), 0.1, torch.device("cpu"))
+    torch.manual_seed(3)
+    m2 = keep_mask(torch.Size([400_000]), 0.1, torch.device("cpu"))
+    torch.manual_seed(4)
+    m3 = keep_mask(torch.Size([400_000]), 0.1, torch.device("cpu"))
+    assert m1.dtype == torch.bool and torch.equal(m1, m2) and not torch.equal(m1, m3)
+    kept = m1.double().mean().item()
+    assert abs(kept - 0.9) < 4 * (0.9 * 0.1 / 400_000) ** 0.5  # binomial: within 4 sigma
+    for p in (0.05, 0.3, 0.5):  # not quantised: P(keep) tracks 1 - p at any p
+        torch.manual_seed(0)
+        f = keep_mask(torch.Size([400_000]), p, torch.device("cpu")).double().mean().item()
+        assert abs(f - (1 - p)) < 4 * ((1 - p) * p / 400_000) ** 0.5
+
+    # the branch: with a = I-like and b = I, the output is x·mask/(1−p)·scaling, in bf16
+    x = torch.randn(64, 8, dtype=torch.bfloat16, requires_grad=True)
+    a = torch.eye(8, requires_grad=True)
+    b = torch.eye(8, requires_grad=True)
+    torch.manual_seed(7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = LoraBranch.apply(x, a, b, 0.25, 2.0, True)
+    torch.manual_seed(7)
+    mask = keep_mask(x.shape, 0.25, x.device)
+    want = (x.float() * mask / 0.75 * 2.0).to(torch.bfloat16)
+    torch.testing.assert_close(out, want, rtol=2e-2, atol=1e-2)
+    out.float().sum().backward()
+    assert a.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
+    assert torch.equal(x.grad == 0, ~mask)  # dropped elements get no gradient

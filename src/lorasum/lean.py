@@ -13,9 +13,16 @@ Two autograd functions replace, during ``train`` only, what autograd would other
    and up; :class:`SwiGLU` keeps gate and up and recomputes silu(gate) in the backward.
 
 Measured on the default model, one batch of 8 x 128: autograd keeps 2,158 MB without these and
-1,444 MB with them (-33 %); the forward is bitwise identical. Used by ``train`` on a CPU in fp32
-only: there the draws are the ones ``nn.Dropout`` makes (CUDA's fused dropout draws
-differently), and autocast stays out of the way.
+1,444 MB with them (-33 %); the forward is bitwise identical. Used by ``train`` on a CPU: in
+fp32 the draws are the ones ``nn.Dropout`` makes (CUDA's fused dropout draws differently).
+
+Under CPU bf16 autocast the LoRA branch is taken over too, with two differences from PEFT's:
+x is not cast to fp32 and back around the dropout (PEFT casts it to the LoRA weights' dtype,
+autocast casts it back for the matmul: two copies per module), and the dropout mask is drawn
+by `keep_mask` (uniform floats below 1 − p: exactly Bernoulli(1 − p) per element to 2⁻²⁴,
+seeded by torch's generator, 1.5–1.8× faster than ``bernoulli_``) — the same distribution as
+PEFT's dropout, not the same random stream. Measured on the default model, one bf16 step of
+8 × 128 on a 2-core AMX Xeon: 2.47 s → 2.22 s (−10 %). The SwiGLU takeover stays fp32-only.
 """
 
 from __future__ import annotations
@@ -69,12 +76,29 @@ def swiglu_mlps(model: nn.Module) -> list[nn.Module]:
     ]
 
 
+def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+    """A bool mask whose elements are kept (True) with probability 1 − p, independently: uniform
+    floats below 1 − p (torch's float32 uniforms are multiples of 2⁻²⁴, so the probability is
+    1 − p to within 6e-8, not quantised to 1/256). Seeded by torch's global generator; 1.5–1.8×
+    faster than ``bernoulli_`` on a CPU (measured on 8×128×576 and ×1536 inputs)."""
+    return torch.rand(shape, device=device) < (1.0 - p)
+
+
 class LoraBranch(torch.autograd.Function):
-    """``F.linear(F.linear(dropout(x), a), b) * scaling`` keeping x, a bool mask and h."""
+    """``F.linear(F.linear(dropout(x), a), b) * scaling`` keeping x, a bool mask and h.
+
+    ``fast_mask`` False draws what ``nn.Dropout`` draws on a CPU (``bernoulli_``: the fp32 path,
+    bitwise PEFT's); True draws `keep_mask` (the bf16 autocast path, where the draws are not
+    PEFT's: the same distribution, another stream). Under autocast the backward runs under the
+    forward's autocast state (``custom_bwd``), so its products are bf16 like autograd's."""
 
     @staticmethod
-    def forward(ctx, x, a, b, p: float, scaling: float):
-        if p > 0:
+    @torch.amp.custom_fwd(device_type="cpu")
+    def forward(ctx, x, a, b, p: float, scaling: float, fast_mask: bool = False):
+        if p > 0 and fast_mask:
+            keep = keep_mask(x.shape, p, x.device)
+            xd = x * keep / (1 - p)
+        elif p > 0:
             noise = torch.empty_like(x).bernoulli_(1 - p)  # nn.Dropout's draws on a CPU
             noise.div_(1 - p)
             xd = x * noise
@@ -89,6 +113,7 @@ class LoraBranch(torch.autograd.Function):
         return F.linear(h, b) * scaling
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad):
         x, keep, h, a, b = ctx.saved_tensors
         p = ctx.p
@@ -106,12 +131,16 @@ class LoraBranch(torch.autograd.Function):
             if noise is not None:
                 grad_x = grad_x * noise
             grad_x = grad_x.reshape(x.shape)
-        return grad_x, grad_a, grad_b, None, None
+        return grad_x, grad_a, grad_b, None, None, None
 
 
 def _lean_forward(layer, original, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """PEFT's ``Linear.forward`` for one active vanilla adapter in training; else the original."""
     adapters = [n for n in layer.active_adapters if n in layer.lora_A]
+    amp = torch.is_autocast_enabled(x.device.type)  # only CPU bf16 autocast is taken over
+    other_amp = amp and (
+        x.device.type != "cpu" or torch.get_autocast_dtype("cpu") != torch.bfloat16
+    )
     if (
         not layer.training
         or args
@@ -120,7 +149,7 @@ def _lean_forward(layer, original, x: torch.Tensor, *args, **kwargs) -> torch.Te
         or layer.merged
         or len(adapters) != 1
         or adapters[0] in getattr(layer, "lora_variant", {})
-        or torch.is_autocast_enabled(x.device.type)
+        or other_amp
     ):
         return original(x, *args, **kwargs)
     name = adapters[0]
@@ -129,8 +158,10 @@ def _lean_forward(layer, original, x: torch.Tensor, *args, **kwargs) -> torch.Te
     result = layer.base_layer(x)
     dtype = result.dtype
     a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
-    xa = x.to(a.dtype)
-    branch = LoraBranch.apply(xa, a, b, p, layer.scaling[name])
+    # fp32: PEFT's cast of x to the LoRA weights' dtype. bf16 autocast: x stays as it comes
+    # (PEFT would cast it to fp32 for dropout and autocast back to bf16: two copies)
+    xa = x if amp else x.to(a.dtype)
+    branch = LoraBranch.apply(xa, a, b, p, layer.scaling[name], amp)
     return (result + branch).to(dtype)
 
 
