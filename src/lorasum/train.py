@@ -751,9 +751,7 @@ def _train_new(
         show = progress and world.is_main
         bar = tqdm(total=last_step, desc=f"train {'+'.join(cfg.data)}", disable=not show)
         # fp32 on a CPU: the same LoRA numbers with about half the activation memory (lean_lora)
-        lean_layers.enter_context(
-            lean(run.peft_model, enabled=device.type == "cpu")
-        )
+        lean_layers.enter_context(lean(run.peft_model, enabled=device.type == "cpu"))
         # bf16 autocast: the frozen linear weights cast once, not on every matmul (same numbers)
         lean_layers.enter_context(frozen_linears_as(run.peft_model, amp))
         _run_epochs(run, watch, train_items, tokenizer.pad_token_id, out, bar)
