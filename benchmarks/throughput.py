@@ -572,7 +572,7 @@ def main() -> None:
                 med(f"{kind}-baseline", "peak_gpu_mb"),
                 med(f"{kind}-lorasum", "peak_gpu_mb"),
             )
-    lorasum_bf16 = runs["train-lorasum"][0].get("precision") == "bf16"
+    lorasum_bf16 = runs["train-lorasum"][0].get("precision") in ("bf16", "bfloat16")
     roofline = _roofline(runs, peak, peak_1, lorasum_bf16)
     result = {
         "cpu": cpu_name(),
