@@ -21,7 +21,7 @@ from lorasum._version import __version__
 from lorasum.adapters import read_adapter
 from lorasum.data import load_split
 from lorasum.errors import LorasumError
-from lorasum.io import atomic_write_text, config_key, read_json, write_json
+from lorasum.io import atomic_write_text, config_key, write_json
 from lorasum.models import (
     autocast_dtype,
     load_model,
@@ -60,18 +60,10 @@ from lorasum.study.results import (
     train_curves,
 )
 from lorasum.study.stats import correlation
-from lorasum.study.units import cached_eval, eval_key  # noqa: F401 (re-exported)
+from lorasum.study.units import cached_eval, eval_key, read_json_or_none  # noqa: F401
 from lorasum.train import TrainConfig
 
 EXECUTORS = ("local", "ray")
-
-
-def _read_json_or_none(path: Path) -> dict | None:
-    try:
-        obj = read_json(path)
-    except (OSError, ValueError):
-        return None
-    return obj if isinstance(obj, dict) else None
 
 
 class StudyProgress:
@@ -144,7 +136,7 @@ def _check_out_dir(out: Path, key: str, overwrite: bool) -> dict | None:
     if out.exists() and not out.is_dir():
         raise LorasumError(f"output path {out} is a file; choose another --out")
     cfg_path = out / "config.json"
-    previous = _read_json_or_none(cfg_path) if cfg_path.is_file() else None
+    previous = read_json_or_none(cfg_path) if cfg_path.is_file() else None
     if previous is not None:
         if previous.get("key") != key and not overwrite:
             raise LorasumError(

@@ -117,7 +117,7 @@ def eval_key(unit_key: str, domains: tuple[str, ...], sources: dict[str, Source]
     )
 
 
-def _read_json_or_none(path: Path) -> dict | None:
+def read_json_or_none(path: Path) -> dict | None:
     """A cache file, or None when it is missing or unreadable (then it is recomputed)."""
     try:
         obj = read_json(path)
@@ -127,7 +127,7 @@ def _read_json_or_none(path: Path) -> dict | None:
 
 
 def cached_eval(path: Path, key: str) -> dict | None:
-    cached = _read_json_or_none(path)
+    cached = read_json_or_none(path)
     return cached["result"] if cached is not None and cached.get("key") == key else None
 
 
