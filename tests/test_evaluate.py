@@ -264,3 +264,28 @@ def test_evaluate_rejects_bad_arguments(tiny_llama, qa_files):
         evaluate(model=str(tiny_llama), data=[src], split="dev", progress=False)
     with pytest.raises(LorasumError, match="--max-length"):
         evaluate(model=str(tiny_llama), data=[src], max_length=4, progress=False)
+
+
+def test_chunked_vocabulary_projection_gives_the_same_nll(tiny_llama, qa_files, monkeypatch):
+    """Evaluation projects the counted positions onto the vocabulary HEAD_CHUNK at a time (no
+    N × V logits at once): per-row NLL equal to the whole projection's, to float rounding."""
+    import torch
+
+    from lorasum.data import load_split, make_batches, tokenize_split
+    from lorasum.models import load_model, load_tokenizer
+
+    model, tok = load_model(str(tiny_llama)), load_tokenizer(str(tiny_llama))
+    sources = [load_split(str(p), 42) for p in qa_files.values()]
+    for answer_only in (True, False):
+        items = tokenize_split(tok, sources, "test", 32, answer_only)
+        batch = make_batches(items, 8, tok.pad_token_id, False)[0]
+        with torch.no_grad():
+            whole = evaluate_mod.token_nll(model, batch)
+            monkeypatch.setattr(evaluate_mod, "HEAD_CHUNK", 3)  # many chunks, a ragged last one
+            chunked = evaluate_mod.token_nll(model, batch)
+            monkeypatch.undo()
+        with torch.enable_grad():  # training keeps the one projection (its backward needs it)
+            grad_path = evaluate_mod.token_nll(model, batch)
+        assert torch.equal(whole[1], chunked[1]) and int(whole[1].sum()) > 3
+        torch.testing.assert_close(chunked[0], whole[0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(grad_path[0].detach(), whole[0], rtol=1e-6, atol=1e-6)

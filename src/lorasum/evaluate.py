@@ -48,11 +48,36 @@ def counted_logits(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.
     return logits.float(), targets[mask]
 
 
+HEAD_CHUNK = 256  # counted positions per vocabulary projection when no gradient is needed
+
+
+def _chunked_nll(hf: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """NLL at each counted position (N,), the vocabulary projection HEAD_CHUNK positions at a
+    time: without autograd, N × V logits (and their log-softmax) never exist at once."""
+    head = hf.get_output_embeddings()
+    parts = [
+        F.cross_entropy(head(h).float(), t, reduction="none")
+        for h, t in zip(hidden.split(HEAD_CHUNK), targets.split(HEAD_CHUNK), strict=True)
+    ]
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+
 def token_nll(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed NLL and counted-token count per row: ((B,), (B,))."""
-    logits, targets = counted_logits(model, batch)
-    nll = F.cross_entropy(logits, targets, reduction="none")  # (N,)
-    mask = batch.counted[:, 1:]
+    """Summed NLL and counted-token count per row: ((B,), (B,)).
+
+    Without autograd (evaluation) and on a plain-head model the vocabulary projection runs in
+    chunks of HEAD_CHUNK counted positions (same numbers: each position's NLL is its own);
+    a batch of 16 × 128 otherwise holds two N × V float32 tensors (~0.6 GB with a 49k vocabulary)."""
+    hf = unwrap(model)
+    mask = batch.counted[:, 1:]  # (B, T-1)
+    if not torch.is_grad_enabled() and getattr(hf.config, "model_type", None) in PLAIN_HEAD_TYPES:
+        hidden = hf.base_model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask
+        ).last_hidden_state  # (B, T, H)
+        nll = _chunked_nll(hf, hidden[:, :-1][mask], batch.input_ids[:, 1:][mask])  # (N,)
+    else:
+        logits, targets = counted_logits(model, batch)
+        nll = F.cross_entropy(logits, targets, reduction="none")  # (N,)
     rows = torch.arange(mask.shape[0], device=mask.device).unsqueeze(1).expand_as(mask)[mask]
     per_row = torch.zeros(mask.shape[0], device=nll.device).index_add_(0, rows, nll)
     return per_row, mask.sum(1)
