@@ -127,3 +127,37 @@ def test_batched_projection_equals_the_per_adapter_dense_definition(
     assert float(reference.norm()) > 1e-3 * sum(float(d.norm()) for d in deltas if d is not None)
     err = float((got - reference).norm() / reference.norm())
     assert err < 1e-5, err
+
+
+@pytest.mark.parametrize("method", ["regmean_rescaled", "orthogonal_projection", "soft_projection"])
+def test_threaded_modules_give_what_one_thread_gives(method):
+    """`merge_adapters` spreads the calibration methods' input groups over torch's threads,
+    each running on one thread: the result must not depend on how many (bitwise), and q/k/v
+    reading one Ĝ object must still get what separate copies give."""
+    from lorasum.methods.engine import input_groups
+
+    g = torch.Generator().manual_seed(7)
+    n, d_in = 2, 24
+    grams = _grams("overlapping", n, d_in, g)
+    layers = [[G * (1 + k) for G in grams] for k in range(3)]  # 3 layers, distinct objects
+    adapters = [{} for _ in range(n)]
+    stats = [{} for _ in range(n)]
+    for k, per in enumerate(layers):
+        for m in ("q", "k", "v", "o"):
+            for j in range(n):
+                adapters[j][f"{k}.{m}"] = _factors(g, 16, d_in, 3)
+                stats[j][f"{k}.{m}"] = per[j] if m != "o" else per[j].clone()
+    names = sorted(adapters[0])
+    assert len(input_groups(names, stats)) == 6  # q/k/v of a layer share, o is apart
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = merge_adapters(adapters, [1.0] * n, MergeConfig(method=method), stats)
+        torch.set_num_threads(3)
+        many = merge_adapters(adapters, [1.0] * n, MergeConfig(method=method), stats)
+    finally:
+        torch.set_num_threads(threads)
+    assert list(many.modules) == list(one.modules)
+    for name in names:
+        a, b = one.modules[name], many.modules[name]
+        assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B), name

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +73,41 @@ def _merge_module(
     return f, report
 
 
+def input_groups(
+    names: Sequence[str], grams: Sequence[Mapping[str, torch.Tensor]]
+) -> list[list[str]]:
+    """Modules grouped by the Gram matrix objects they read (q/k/v of a layer share them, as
+    `Calibration.normalised` gives them), in ``names`` order: a group's factorisations are
+    computed once (`GramCache`), so a group is one task."""
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for name in names:
+        groups.setdefault(tuple(id(g.get(name)) for g in grams), []).append(name)
+    return list(groups.values())
+
+
+def _merge_groups_threaded(
+    method: MergeMethod,
+    adapters: Sequence[Factors],
+    weights: Sequence[float],
+    config: MergeConfig,
+    names: Sequence[str],
+    grams: Sequence[Mapping[str, torch.Tensor]],
+    threads: int,
+) -> dict[str, tuple[LoraFactors, dict]]:
+    """`_merge_module` over every module, input groups spread over ``threads`` threads that
+    each run torch on one thread (torch releases the GIL in its kernels). Every module is
+    computed exactly as on one thread, whatever the scheduling: the results do not depend on
+    ``threads``."""
+
+    def run(group: list[str]) -> list[tuple[str, tuple[LoraFactors, dict]]]:
+        return [
+            (name, _merge_module(method, adapters, weights, config, name, grams)) for name in group
+        ]
+
+    with single_threaded(), ThreadPoolExecutor(threads) as pool:
+        return dict(pair for part in pool.map(run, input_groups(names, grams)) for pair in part)
+
+
 def file_rank(adapters: Sequence[Factors]) -> int:
     """The rank the written adapter has anyway: the largest Σ r_i over modules (the sum's rank
     of the module that most adapters adapt at the highest ranks)."""
@@ -111,15 +147,22 @@ def merge_adapters(
         config = dataclasses.replace(config, rank=file_rank(adapters))
     merged: dict[str, LoraFactors] = {}
     report: dict[str, dict] = {}
-    with contextlib.ExitStack() as stack:
-        if not (method.dense or method.calibration):
-            # small factored algebra: threads only add stalls (see factors.py); the calibrated
-            # methods factor d_in×d_in matrices, which threads do speed up
-            stack.enter_context(single_threaded())
+    threads = torch.get_num_threads()
+    if method.calibration and threads > 1:
+        # d_in×d_in factorisations per input: one LAPACK call per core on different modules
+        # beats one threaded call (eigh barely scales and stalls next to a busy core)
+        done = _merge_groups_threaded(method, adapters, weights, config, names, grams, threads)
         for name in names:
-            merged[name], report[name] = _merge_module(
-                method, adapters, weights, config, name, grams
-            )
+            merged[name], report[name] = done[name]
+    else:
+        with contextlib.ExitStack() as stack:
+            if not method.dense:
+                # small factored algebra: threads only add stalls (see factors.py)
+                stack.enter_context(single_threaded())
+            for name in names:
+                merged[name], report[name] = _merge_module(
+                    method, adapters, weights, config, name, grams
+                )
     needed = max(1, max(f.rank for f in merged.values()))
     rank = needed
     if config.pad_rank_to is not None:

@@ -29,6 +29,7 @@ N·ΔW*: the sum where all domains' inputs coincide, N× the sum where they are 
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING
@@ -69,25 +70,36 @@ class GramCache:
     `lorasum.calibration.Calibration.normalised`, so their d_in×d_in factorisations are done
     once. An entry holds references to its matrices, so an id cannot be reused while it lives;
     a hit also checks identity (``is``), never values. Least recently used entries go first.
+    Each thread has its own entries (`merge_adapters` gives every input group to one thread),
+    so threads neither race on the entries nor evict each other's.
     """
 
     def __init__(self, size: int = 4):
         self.size = size
-        self._entries: OrderedDict[tuple, tuple[tuple[torch.Tensor, ...], object]] = OrderedDict()
+        self._local = threading.local()
+
+    @property
+    def _entries(self) -> OrderedDict[tuple, tuple[tuple[torch.Tensor, ...], object]]:
+        entries = getattr(self._local, "entries", None)
+        if entries is None:
+            entries = self._local.entries = OrderedDict()
+        return entries
 
     def get(self, grams: Sequence[torch.Tensor], extra: Hashable, compute: Callable[[], object]):
+        entries = self._entries
         key = (tuple(id(g) for g in grams), extra)
-        hit = self._entries.get(key)
+        hit = entries.get(key)
         if hit is not None and all(a is b for a, b in zip(hit[0], grams, strict=True)):
-            self._entries.move_to_end(key)
+            entries.move_to_end(key)
             return hit[1]
         value = compute()
-        self._entries[key] = (tuple(grams), value)
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
+        entries[key] = (tuple(grams), value)
+        while len(entries) > self.size:
+            entries.popitem(last=False)
         return value
 
     def clear(self) -> None:
+        """Drop this thread's entries."""
         self._entries.clear()
 
 
