@@ -563,3 +563,47 @@ def test_factorisations_are_reused_by_identity_only(method):
     )
     assert torch.equal(got.A, fresh.modules["k"].A)
     assert not torch.allclose(got.A, shared.modules["k"].A)
+
+
+def test_predictors_read_from_the_cache_file_module_by_module_equal_those_in_memory(
+    tiny_llama, qa_files, tmp_path
+):
+    """The study's predictors unit reads each domain's Ĝ from the calibration cache one module
+    at a time (memory bounded by one module, not by the number of domains): the result must be
+    bitwise the one from the Calibrations in memory, and each Ĝ read once per domain."""
+    from lorasum.models import load_tokenizer
+
+    model, tok = load_tiny(tiny_llama), load_tokenizer(str(tiny_llama))
+    names = ("arith", "colors", "finance")
+    paths = {n: make_adapter(tiny_llama, tmp_path / n, seed=i, r=3) for i, n in enumerate(names)}
+    cal = {
+        n: calibrate(p, [str(qa_files[n])], model=model, tokenizer=tok, max_length=32)
+        for n, p in paths.items()
+    }
+    factors = {n: read_adapter(p).modules for n, p in paths.items()}
+    in_memory = interference_predictors(factors, cal)
+    reads: list[tuple[str, str]] = []
+
+    class Counted(dict):
+        def __init__(self, name, grams):
+            super().__init__()
+            self.name, self.grams = name, grams
+
+        def __contains__(self, m):
+            return m in self.grams
+
+        def __getitem__(self, m):
+            reads.append((self.name, m))
+            return self.grams[m]
+
+    lazy = {n: cal[n].per_token(from_file=True) for n in names}
+    assert all(c.path is not None and c.path.is_file() for c in cal.values())
+    assert type(lazy["arith"]).__name__ == "PerTokenGrams"
+    from_file = interference_predictors(factors, {n: Counted(n, lazy[n]) for n in names})
+    assert from_file == in_memory
+    modules = sorted(factors["arith"])
+    assert sorted(reads) == sorted((n, m) for n in names for m in modules)
+    # a domain's statistics missing a module of the adapters: the same clear error as before
+    short = {n: dict(itertools.islice(lazy[n].items(), 1)) for n in names}
+    with pytest.raises(LorasumError, match="calibrate every adapter on the union"):
+        interference_predictors(factors, short)

@@ -44,7 +44,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,6 +90,36 @@ class Calibration:
                 done[key] = g.double() / n
             out[m] = done[key]
         return out
+
+    def per_token(self, *, from_file: bool = False) -> PerTokenGrams:
+        """module -> Ĝ, each normalised when it is asked for and not kept.
+
+        ``from_file``: read each matrix from the cache file on access (equal to the in-memory
+        one: both are rounded the same way), so that the caller can drop this object and hold
+        no Gram matrix between uses; in memory when there is no cache file.
+        """
+        if from_file and self.path is not None and self.path.is_file():
+            return _file_grams(self.path, self.key) or self.per_token()
+        return PerTokenGrams(self.grams.__getitem__, self.tokens)
+
+
+class PerTokenGrams(Mapping):
+    """module -> per-token Ĝ (float64) computed on each access from ``read(module)`` (raw sums)
+    and the token counts: a consumer that goes module by module holds one module's matrices."""
+
+    def __init__(self, read: Callable[[str], torch.Tensor], tokens: Mapping[str, int]):
+        self._read, self.tokens = read, dict(tokens)
+
+    def __getitem__(self, module: str) -> torch.Tensor:
+        if module not in self.tokens:
+            raise KeyError(module)
+        return self._read(module).double() / max(self.tokens[module], 1)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tokens)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
 
 
 # --- which data, which key -------------------------------------------------------------------
@@ -302,6 +332,27 @@ def _read_cache(path: Path, key: str) -> Calibration | None:
     return Calibration(
         grams=grams, tokens=meta["tokens"], key=key, path=path, info=meta["info"], computed=False
     )
+
+
+def _file_grams(path: Path, key: str) -> PerTokenGrams | None:
+    """The cache file's matrices as a `PerTokenGrams` that reads one module per access."""
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["lorasum"])
+    except (OSError, ValueError, KeyError, SafetensorError):
+        return None
+    if meta.get("key") != key:
+        return None
+
+    def read(module: str) -> torch.Tensor:
+        with safe_open(str(path), framework="pt") as f:
+            owner = meta["aliases"].get(module, module)
+            return unpack_symmetric(f.get_tensor(f"gram.{owner}"))
+
+    return PerTokenGrams(read, meta["tokens"])
 
 
 def _write_cache(path: Path, calibration: Calibration, aliases: dict[str, str]) -> None:

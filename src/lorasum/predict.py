@@ -63,12 +63,13 @@ def _gram(grams: Mapping[str, torch.Tensor], name: str, module: str) -> torch.Te
 
 def _normalised(grams) -> dict[str, Mapping[str, torch.Tensor]]:
     """Accept Calibration objects (raw sums) or ready per-token Gram matrices."""
-    return {n: g.normalised() if hasattr(g, "normalised") else g for n, g in grams.items()}
+    return {n: g.per_token() if hasattr(g, "per_token") else g for n, g in grams.items()}
 
 
 class _Products:
     """A_i Ĝ_k (r_i, d_in) per (adapter, domain, module), each computed once: every trace of
-    the predictors is then an r×r product, and G = Ĝ_a + Ĝ_b is never formed."""
+    the predictors is then an r×r product, and G = Ĝ_a + Ĝ_b is never formed. Keeps the
+    matrices it was given alive (ids stay unique): one per module in `interference_predictors`."""
 
     def __init__(self):
         self._memo: dict[tuple[int, int, str], torch.Tensor] = {}
@@ -100,55 +101,46 @@ def _split_cross_talk(direction: str, energy: float, shared: float, own: float) 
     }
 
 
-def pair_predictors(
-    a: Factors,
-    b: Factors,
-    grams_a: Mapping[str, torch.Tensor],
-    grams_b: Mapping[str, torch.Tensor],
-    names: tuple[str, str] = ("a", "b"),
-    products: _Products | None = None,
-) -> dict:
-    """Every predictor for one pair, per module and aggregated (grams: per-token Ĝ).
+def _module_row(fa: LoraFactors | None, fb: LoraFactors | None, Ga, Gb, products, m) -> dict:
+    """One module's output energies of a pair (per-token Ĝ of a's and b's domains)."""
+    row: dict = {}
+    own_a = products.inner(fa, fa, [Ga], m) if fa is not None else 0.0
+    own_b = products.inner(fb, fb, [Gb], m) if fb is not None else 0.0
+    b_on_a = products.inner(fb, fb, [Ga], m) if fb is not None else 0.0
+    a_on_b = products.inner(fa, fa, [Gb], m) if fa is not None else 0.0
+    # ⟨ΔW_b X_a, ΔW_a X_a⟩ and ⟨ΔW_a X_b, ΔW_b X_b⟩: how much of the own shift the other repeats
+    both = fa is not None and fb is not None
+    shared_a = products.inner(fa, fb, [Ga], m) if both else 0.0
+    shared_b = products.inner(fa, fb, [Gb], m) if both else 0.0
+    row["energy_b_to_a"], row["energy_own_a"] = b_on_a, own_a  # ‖ΔW_b X_a‖², ‖ΔW_a X_a‖²
+    row["energy_a_to_b"], row["energy_own_b"] = a_on_b, own_b
+    row["shared_b_to_a"], row["shared_a_to_b"] = shared_a, shared_b
+    row["cross_talk_b_to_a"] = b_on_a / own_a if own_a > 0 else None
+    row["cross_talk_a_to_b"] = a_on_b / own_b if own_b > 0 else None
+    if both:
+        num = shared_a + shared_b  # tr(ΔW_a (Ĝ_a + Ĝ_b) ΔW_bᵀ)
+        da = own_a + a_on_b  # tr(ΔW_a (Ĝ_a + Ĝ_b) ΔW_aᵀ)
+        db = b_on_a + own_b
+        row["activation_cosine"] = (
+            max(-1.0, min(1.0, num / math.sqrt(da * db))) if da > 0 and db > 0 else 0.0
+        )
+    return row
 
-    ``products``: shared across the pairs of `interference_predictors`, so that A_i Ĝ_k is
-    computed once per adapter and domain.
-    """
-    products = products or _Products()
-    every = sorted(a.keys() | b.keys())
+
+def _pair_summary(a: Factors, b: Factors, modules: dict[str, dict]) -> dict:
+    """A pair's predictors from its per-module rows (`_module_row`), summed over modules."""
     shared = sorted(a.keys() & b.keys())
-    modules: dict[str, dict] = {}
-    act_num = act_den_a = act_den_b = 0.0
+
+    def total(field: str, among=None) -> float:
+        return sum(modules[m][field] for m in (among if among is not None else modules))
+
     # cross-talk sums: [b on a's inputs, a's own on a's inputs], and the other way round
-    ba_num = ba_den = ab_num = ab_den = 0.0
-    ba_shared = ab_shared = 0.0
-    for m in every:
-        row: dict = {}
-        fa, fb = a.get(m), b.get(m)
-        Ga, Gb = _gram(grams_a, names[0], m), _gram(grams_b, names[1], m)
-        own_a = products.inner(fa, fa, [Ga], m) if fa is not None else 0.0
-        own_b = products.inner(fb, fb, [Gb], m) if fb is not None else 0.0
-        b_on_a = products.inner(fb, fb, [Ga], m) if fb is not None else 0.0
-        a_on_b = products.inner(fa, fa, [Gb], m) if fa is not None else 0.0
-        ba_num, ba_den = ba_num + b_on_a, ba_den + own_a
-        ab_num, ab_den = ab_num + a_on_b, ab_den + own_b
-        # ⟨ΔW_b X_a, ΔW_a X_a⟩ and ⟨ΔW_a X_b, ΔW_b X_b⟩: how much of the own shift the other repeats
-        shared_a = products.inner(fa, fb, [Ga], m) if fa is not None and fb is not None else 0.0
-        shared_b = products.inner(fa, fb, [Gb], m) if fa is not None and fb is not None else 0.0
-        ba_shared, ab_shared = ba_shared + shared_a, ab_shared + shared_b
-        row["energy_b_to_a"], row["energy_own_a"] = b_on_a, own_a  # ‖ΔW_b X_a‖², ‖ΔW_a X_a‖²
-        row["energy_a_to_b"], row["energy_own_b"] = a_on_b, own_b
-        row["shared_b_to_a"], row["shared_a_to_b"] = shared_a, shared_b
-        row["cross_talk_b_to_a"] = b_on_a / own_a if own_a > 0 else None
-        row["cross_talk_a_to_b"] = a_on_b / own_b if own_b > 0 else None
-        if fa is not None and fb is not None:
-            num = shared_a + shared_b  # tr(ΔW_a (Ĝ_a + Ĝ_b) ΔW_bᵀ)
-            da = own_a + a_on_b  # tr(ΔW_a (Ĝ_a + Ĝ_b) ΔW_aᵀ)
-            db = b_on_a + own_b
-            act_num, act_den_a, act_den_b = act_num + num, act_den_a + da, act_den_b + db
-            row["activation_cosine"] = (
-                max(-1.0, min(1.0, num / math.sqrt(da * db))) if da > 0 and db > 0 else 0.0
-            )
-        modules[m] = row
+    ba_num, ba_den = total("energy_b_to_a"), total("energy_own_a")
+    ab_num, ab_den = total("energy_a_to_b"), total("energy_own_b")
+    ba_shared, ab_shared = total("shared_b_to_a"), total("shared_a_to_b")
+    act_num = total("shared_b_to_a", shared) + total("shared_a_to_b", shared)
+    act_den_a = total("energy_own_a", shared) + total("energy_a_to_b", shared)
+    act_den_b = total("energy_b_to_a", shared) + total("energy_own_b", shared)
     cos = module_cosines(a, b)
     for m, c in cos.items():
         modules[m]["cosine"] = c
@@ -167,11 +159,29 @@ def pair_predictors(
     }
 
 
+def pair_predictors(
+    a: Factors,
+    b: Factors,
+    grams_a: Mapping[str, torch.Tensor],
+    grams_b: Mapping[str, torch.Tensor],
+    names: tuple[str, str] = ("a", "b"),
+) -> dict:
+    """Every predictor for one pair, per module and aggregated (grams: per-token Ĝ)."""
+    products = _Products()
+    rows = {}
+    for m in sorted(a.keys() | b.keys()):
+        Ga, Gb = _gram(grams_a, names[0], m), _gram(grams_b, names[1], m)
+        rows[m] = _module_row(a.get(m), b.get(m), Ga, Gb, products, m)
+    return _pair_summary(a, b, rows)
+
+
 def interference_predictors(adapters: Mapping[str, Factors], grams: Mapping[str, object]) -> dict:
     """Interference predictors for every pair of named adapters, before composing.
 
     ``adapters``: name -> factors; ``grams``: name -> that adapter's domain statistics, either
-    a `lorasum.calibration.Calibration` or module -> per-token Gram matrix Ĝ. Returns
+    a `lorasum.calibration.Calibration` or module -> per-token Gram matrix Ĝ (a mapping that
+    reads each matrix on access, `Calibration.per_token(from_file=True)`, keeps memory to one
+    module's matrices: the work goes module by module, each Ĝ read once). Returns
 
     - ``pairs``: per unordered pair {a, b, rms_cosine, rms_activation_cosine,
       global_activation_cosine, cross_talk_b_to_a, cross_talk_a_to_b, modules: {module: …}};
@@ -193,11 +203,26 @@ def interference_predictors(adapters: Mapping[str, Factors], grams: Mapping[str,
     talk = [[1.0 if i == j else None for j in range(size)] for i in range(size)]
     over = [[1.0 if i == j else None for j in range(size)] for i in range(size)]
     ortho = [[0.0 if i == j else None for j in range(size)] for i in range(size)]
-    pairs = []
-    products = _Products()
+    combos = list(itertools.combinations(names, 2))
+    rows: dict[tuple[str, str], dict[str, dict]] = {c: {} for c in combos}
+    every = sorted(set().union(*(adapters[n].keys() for n in names)))
     with single_threaded():
-        for na, nb in itertools.combinations(names, 2):
-            p = pair_predictors(adapters[na], adapters[nb], norm[na], norm[nb], (na, nb), products)
+        for m in every:  # one module's Ĝ of each domain at a time, read once
+            loaded: dict[str, torch.Tensor] = {}
+
+            def gram(n: str, m: str = m, loaded=loaded) -> torch.Tensor:
+                if n not in loaded:
+                    loaded[n] = _gram(norm[n], n, m)
+                return loaded[n]
+
+            products = _Products()
+            for na, nb in combos:
+                fa, fb = adapters[na].get(m), adapters[nb].get(m)
+                if fa is not None or fb is not None:
+                    rows[na, nb][m] = _module_row(fa, fb, gram(na), gram(nb), products, m)
+        pairs = []
+        for na, nb in combos:
+            p = _pair_summary(adapters[na], adapters[nb], rows[na, nb])
             i, j = index[na], index[nb]
             cos[i][j] = cos[j][i] = p["rms_cosine"]
             act[i][j] = act[j][i] = p["rms_activation_cosine"]

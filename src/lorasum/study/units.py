@@ -361,12 +361,13 @@ def predictors_unit(
     from lorasum.predict import combination_predictors, interference_predictors
 
     factors = {n: read_adapter(adapters / n).modules for n in names}
-    # per-token Ĝ kept, each domain's raw sums dropped as soon as it is normalised: holding
-    # both for six domains of the default model was 8.7 GB (the standard study's 11.7 GB peak)
+    # each domain's Ĝ read from the calibration cache one module at a time: holding every
+    # domain's matrices (raw and normalised, ≈725 MB each for the default model) was 8.7 GB
+    # for six domains, the standard study's 11.7 GB worker peak
     grams = {
         n: calibrate(
             adapters / n, model=model, tokenizer=tokenizer, device=str(model.device)
-        ).normalised()
+        ).per_token(from_file=True)
         for n in names
     }
     result = interference_predictors(factors, grams)
