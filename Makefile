@@ -41,10 +41,17 @@ bench: install
 	$(BIN)/python benchmarks/throughput.py
 
 # peak memory under load: compose 50 adapters, similarity over 20 (190 pairs), eval over
-# 100,000 examples, plus the slow tests marked `load` (a few minutes on 2 cores)
+# 100,000 examples, the slow tests marked `load`, then every process of a `quick` study
+# (its own empty LORASUM_HOME, so calibration runs too) held to 6 GB peak RSS (about
+# 8 minutes on 2 cores; `benchmarks/study_memory.py -- --preset standard` for the big one)
+LOAD_HOME ?= runs/load-home
 load: install
+	$(BIN)/lorasum assets
 	$(BIN)/python benchmarks/load.py
 	$(BIN)/python -m pytest -q -m load
+	rm -rf $(LOAD_HOME) runs/load-quick
+	LORASUM_HOME=$(LOAD_HOME) $(BIN)/python benchmarks/study_memory.py --limit-gb 6 \
+		--json benchmarks/results/study_memory_quick.json -- --preset quick --out runs/load-quick
 
 # A real llama.cpp check of the GGUF exports (not in `make test`: it compiles llama.cpp, several
 # minutes on 2 cores). llama-cpp-python is built from PyPI's source into its own venv; native

@@ -194,7 +194,7 @@ def test_bf16_autocast_branch_equals_peft_without_dropout(tiny_llama):
 def test_bf16_autocast_branch_dropout_is_seeded_and_bernoulli():
     """The bf16 path's mask: kept with probability 1 − p, the same for a seed, another for
     another seed; the branch's gradients follow the mask it drew."""
-    from lorasum.lean import keep_mask
+    from lorasum.lean import keep_mask, keep_threshold
 
     torch.manual_seed(3)
     m1 = keep_mask(torch.Size([400_000]), 0.1, torch.device("cpu"))
@@ -205,10 +205,20 @@ def test_bf16_autocast_branch_dropout_is_seeded_and_bernoulli():
     assert m1.dtype == torch.bool and torch.equal(m1, m2) and not torch.equal(m1, m3)
     kept = m1.double().mean().item()
     assert abs(kept - 0.9) < 4 * (0.9 * 0.1 / 400_000) ** 0.5  # binomial: within 4 sigma
-    for p in (0.05, 0.3, 0.5):  # not quantised: P(keep) tracks 1 - p at any p
+    for p in (0.05, 0.3, 0.5, 1e-6):  # not quantised: P(keep) = t / 2³¹ tracks 1 - p at any p
+        assert abs(keep_threshold(p) / 2**31 - (1 - p)) <= 2**-32
         torch.manual_seed(0)
         f = keep_mask(torch.Size([400_000]), p, torch.device("cpu")).double().mean().item()
-        assert abs(f - (1 - p)) < 4 * ((1 - p) * p / 400_000) ** 0.5
+        assert abs(f - (1 - p)) < 4 * ((1 - p) * p / 400_000) ** 0.5 + 1e-6
+    # two elements come from one 64-bit draw: each half uniform, the halves independent
+    torch.manual_seed(1)
+    m = keep_mask(torch.Size([1_000_001]), 0.5, torch.device("cpu"))  # odd: the last half cut
+    assert m.shape == (1_000_001,)
+    low, high = m[:-1:2].double(), m[1::2].double()
+    sigma = (0.25 / low.numel()) ** 0.5
+    assert abs(low.mean() - 0.5) < 4 * sigma and abs(high.mean() - 0.5) < 4 * sigma
+    assert abs((low * high).mean() - 0.25) < 4 * (0.1875 / low.numel()) ** 0.5
+    assert keep_mask(torch.Size([3, 5, 7]), 0.1, torch.device("cpu")).shape == (3, 5, 7)
 
     # the branch: with a = I-like and b = I, the output is x·mask/(1−p)·scaling, in bf16
     x = torch.randn(64, 8, dtype=torch.bfloat16, requires_grad=True)

@@ -308,8 +308,15 @@ def test_frozen_linears_cast_once_and_restored_bit_for_bit(tiny_llama):
             assert dt == torch.float32, n  # trainable, embeddings and norms untouched
         elif frozen_linear:
             assert dt == torch.bfloat16, n
-    # the tied head is the embedding: left alone
+    # the tied head is the embedding: its tensor left alone, the head reads a bf16 copy
     assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert "forward" not in vars(model.lm_head)  # the head's own forward back
+    x = torch.randn(3, model.lm_head.in_features)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model.lm_head(x)
+        with models.frozen_linears_as(peft, torch.bfloat16):
+            assert "forward" in vars(model.lm_head)
+            assert torch.equal(model.lm_head(x), expected)  # autocast's numbers
     for n, p in peft.named_parameters():
         assert p.dtype == torch.float32 and p.data_ptr() == ptrs[n], n  # the same tensors back
     restored = peft.unload()
@@ -359,9 +366,13 @@ def test_bf16_training_and_eval_equal_with_and_without_the_cast_once(
     src = [load_split(str(qa_files["arith"]), 42)]
     batches = make_batches(tokenize_split(tok, src, "test", 32), 8, tok.pad_token_id, False)
     model = PeftModel.from_pretrained(load_model(str(tiny_llama), CPU), tmp_path / "cast")
+    monkeypatch.setattr(evaluate_mod, "norm_outputs_as", _null_cast)
     without = evaluate_batches(model, batches, ["arith"], CPU, torch.bfloat16)
     monkeypatch.undo()
     with_cast = evaluate_batches(model, batches, ["arith"], CPU, torch.bfloat16)
     assert with_cast["perplexity"] == without["perplexity"]
+    assert with_cast["per_dataset"] == without["per_dataset"]
+    with models.norm_outputs_as(model.get_base_model(), torch.bfloat16) as hooked:
+        assert hooked == 2 * model.config.num_hidden_layers  # both norms of every layer
     fp32 = evaluate_batches(model, batches, ["arith"], CPU, None)
     assert fp32["perplexity"] != with_cast["perplexity"]  # bf16 really ran

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorasum.data import Batch
-from lorasum.models import frozen_linears_as
+from lorasum.models import frozen_linears_as, norm_outputs_as
 
 # Architectures whose logits are exactly lm_head(last hidden state): for them the head is applied
 # to counted positions only, which skips most of the vocabulary projection on prompts and padding.
@@ -119,7 +119,7 @@ def evaluate_batches(
     real_tokens = positions = 0
     t0 = time.perf_counter()
     try:
-        with frozen_linears_as(model, amp_dtype):
+        with frozen_linears_as(model, amp_dtype), norm_outputs_as(unwrap(model), amp_dtype):
             for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
                 real_tokens += int(batch.attention_mask.sum())
                 positions += batch.input_ids.numel()

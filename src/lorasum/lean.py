@@ -19,8 +19,8 @@ fp32 the draws are the ones ``nn.Dropout`` makes (CUDA's fused dropout draws dif
 Under CPU bf16 autocast the LoRA branch is taken over too, with two differences from PEFT's:
 x is not cast to fp32 and back around the dropout (PEFT casts it to the LoRA weights' dtype,
 autocast casts it back for the matmul: two copies per module), and the dropout mask is drawn
-by `keep_mask` (uniform floats below 1 − p: exactly Bernoulli(1 − p) per element to 2⁻²⁴,
-seeded by torch's generator, 1.5–1.8× faster than ``bernoulli_``) — the same distribution as
+by `keep_mask` (31 uniform random bits per element below a threshold: exactly Bernoulli(1 − p)
+per element to 2⁻³², seeded by torch's generator, from int64 draws: faster than ``bernoulli_``) — the same distribution as
 PEFT's dropout, not the same random stream. Measured on the default model, one bf16 step of
 8 × 128 on a 2-core AMX Xeon: 2.47 s → 2.22 s (−10 %). The SwiGLU takeover stays fp32-only.
 """
@@ -28,6 +28,7 @@ PEFT's dropout, not the same random stream. Measured on the default model, one b
 from __future__ import annotations
 
 import contextlib
+import math
 import types
 
 import torch
@@ -76,12 +77,26 @@ def swiglu_mlps(model: nn.Module) -> list[nn.Module]:
     ]
 
 
+KEEP_BITS = 31  # uniform bits per element of a dropout mask
+
+
+def keep_threshold(p: float) -> int:
+    """The integer t with P(u < t) = t / 2³¹ for u uniform on [0, 2³¹): within 2⁻³² of 1 − p."""
+    return round((1.0 - p) * 2**KEEP_BITS)
+
+
 def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
-    """A bool mask whose elements are kept (True) with probability 1 − p, independently: uniform
-    floats below 1 − p (torch's float32 uniforms are multiples of 2⁻²⁴, so the probability is
-    1 − p to within 6e-8, not quantised to 1/256). Seeded by torch's global generator; 1.5–1.8×
-    faster than ``bernoulli_`` on a CPU (measured on 8×128×576 and ×1536 inputs)."""
-    return torch.rand(shape, device=device) < (1.0 - p)
+    """A bool mask whose elements are kept (True) with probability 1 − p, independently.
+
+    Each element compares 31 uniform random bits with `keep_threshold` (P(keep) = t/2³¹,
+    within 2⁻³² of 1 − p: not quantised to 1/256 or 2⁻²⁴). The bits come from
+    ``random_()`` on int64 (values uniform on [0, 2⁶³): the low 32 bits and the next 31 are
+    uniform and independent), two elements per 64-bit draw — half the generator calls of
+    ``torch.rand`` and no float conversion. Seeded by torch's global generator."""
+    n = math.prod(shape)
+    words = torch.empty((n + 1) // 2, dtype=torch.int64, device=device).random_()
+    halves = words.view(torch.int32)[:n]  # low, high, low, high, ... of each word
+    return (halves.bitwise_and_(0x7FFFFFFF) < keep_threshold(p)).view(shape)
 
 
 class LoraBranch(torch.autograd.Function):

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lorasum.errors import LorasumError
@@ -459,26 +460,82 @@ def frozen_linears_as(model: nn.Module, dtype: torch.dtype | None):
     Under autocast to ``dtype`` this gives the numbers autocast gives with fp32 weights —
     autocast rounds each fp32 weight to ``dtype`` on every matmul, the same rounding done here
     once — without re-casting every frozen weight on every forward. Only linear layers change
-    (autocast's matmuls): embeddings, norms and the residual stream keep their dtype, and a
-    linear weight shared with an embedding (tied heads) is left alone. Trainable weights (LoRA)
-    stay fp32. Yields how many tensors were cast (0 when ``dtype`` is None).
+    (autocast's matmuls): embeddings, norms and the residual stream keep their dtype. A frozen
+    linear weight shared with an embedding (a tied head: 28M parameters in the default model,
+    cast on every forward otherwise) keeps its tensor for the embedding, and the linear layer
+    reads a ``dtype`` copy made once. Trainable weights (LoRA) stay fp32. Yields how many
+    tensors were cast (0 when ``dtype`` is None).
     """
     if dtype is None:
         yield 0
         return
     shared = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    tied: list[nn.Linear] = []
     for m in model.modules():
         if not isinstance(m, nn.Linear):
             continue
         for p in (m.weight, m.bias):
-            if p is None or p.requires_grad or id(p) in shared or not p.is_floating_point():
+            if p is None or p.requires_grad or not p.is_floating_point() or p.dtype == dtype:
                 continue
-            if p.dtype != dtype:
-                saved.append((p, p.data))
-                p.data = p.data.to(dtype)
+            if id(p) in shared:
+                if p is m.weight and (m.bias is None or not m.bias.requires_grad):
+                    tied.append(m)
+                continue
+            saved.append((p, p.data))
+            p.data = p.data.to(dtype)
+    for m in tied:
+        weight = m.weight.detach().to(dtype)
+        m.forward = functools.partial(_cast_linear, m, weight)
     try:
-        yield len(saved)
+        yield len(saved) + len(tied)
     finally:
         for p, data in saved:
             p.data = data
+        for m in tied:
+            del m.forward  # back to nn.Linear.forward
+
+
+# Decoder layers whose two norms feed nothing but linear layers (the attention's q/k/v
+# projections, the MLP's gate/up): their outputs may be cast once instead of in every consumer.
+NORM_FEEDS_LINEARS = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
+@contextlib.contextmanager
+def norm_outputs_as(model: nn.Module, dtype: torch.dtype | None):
+    """Within the block and without autograd, each decoder layer's ``input_layernorm`` and
+    ``post_attention_layernorm`` output is cast to ``dtype`` once.
+
+    Under autocast to ``dtype`` every linear layer casts its fp32 input itself: q, k, v (and
+    each LoRA branch on them) cast the same normed tensor again and again. Casting once gives
+    the same numbers (the same rounding of the same tensor). Only for `NORM_FEEDS_LINEARS`
+    architectures and only while gradients are off (with autograd, one bf16 tensor would sum
+    its consumers' gradients in bf16, where autocast sums them in fp32). Yields the number of
+    norms hooked."""
+    config = getattr(model, "config", None)
+    hooks = []
+    if dtype is not None and getattr(config, "model_type", None) in NORM_FEEDS_LINEARS:
+        for m in model.modules():
+            for name in ("input_layernorm", "post_attention_layernorm"):
+                norm = getattr(m, name, None)
+                if isinstance(norm, nn.Module):
+                    hooks.append(norm.register_forward_hook(functools.partial(_cast_out, dtype)))
+    try:
+        yield len(hooks)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _cast_out(dtype: torch.dtype, module, args, output):
+    if torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
+        return None
+    return output.to(dtype)
+
+
+def _cast_linear(layer: nn.Linear, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``layer``'s forward with its weight replaced by a copy in another dtype (tied heads)."""
+    bias = layer.bias
+    if bias is not None and bias.dtype != weight.dtype:
+        bias = bias.to(weight.dtype)
+    return F.linear(x, weight, bias)
