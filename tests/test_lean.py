@@ -1,15 +1,18 @@
-"""lean: PEFT's LoRA numbers (same dropout draws, same gradients) with fewer kept tensors."""
+"""lean: PEFT's LoRA numbers (same gradients; the same dropout draws when PEFT's dropout draws
+lean's `keep_mask`) with fewer kept tensors."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
 import torch
 from conftest import load_tiny
 from peft import LoraConfig, get_peft_model
+from torch import nn
 
-from lorasum.lean import LoraBranch, SwiGLU, lean, leanable, swiglu_mlps
+from lorasum.lean import LoraBranch, SwiGLU, keep_mask, lean, leanable, swiglu_mlps
 from lorasum.models import load_model
 
 
@@ -26,6 +29,23 @@ def _peft(model_dir, dropout=0.1):
     return get_peft_model(model, cfg).train()
 
 
+@contextlib.contextmanager
+def _patched(cls, forward):
+    original = cls.forward
+    cls.forward = forward
+    try:
+        yield
+    finally:
+        cls.forward = original
+
+
+def _keep_mask_dropout(self, x):
+    """nn.Dropout drawing lean's mask (`keep_mask`): PEFT's branch with the draws lean makes."""
+    if not self.training or self.p == 0:
+        return x
+    return x * keep_mask(x.shape, self.p, x.device) / (1 - self.p)
+
+
 def _step(model, ids, enabled: bool, seed: int = 11):
     """Loss and LoRA gradients of one forward+backward, and the bytes autograd kept for it."""
     kept: dict[int, int] = {}
@@ -36,7 +56,12 @@ def _step(model, ids, enabled: bool, seed: int = 11):
 
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
-    with lean(model, enabled) as n, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    reference = contextlib.nullcontext() if enabled else _patched(nn.Dropout, _keep_mask_dropout)
+    with (
+        reference,
+        lean(model, enabled) as n,
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+    ):
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
@@ -131,11 +156,12 @@ def test_train_gives_the_same_adapter_with_and_without_lean(
         lr=1e-3,
         target_modules="q_proj,k_proj,v_proj,o_proj,down_proj",
         eval_val=False,
-        precision="fp32",  # the fp32 path draws nn.Dropout's own numbers: bitwise PEFT's
+        precision="fp32",
     )
     train(cfg, tmp_path / "lean", progress=False)
     real_lean = train_mod.lean
     monkeypatch.setattr(train_mod, "lean", lambda m, enabled=True: real_lean(m, False))
+    monkeypatch.setattr(nn.Dropout, "forward", _keep_mask_dropout)  # PEFT drawing lean's masks
     train(cfg, tmp_path / "peft", progress=False)
 
     def log(d):
@@ -234,3 +260,67 @@ def test_bf16_autocast_branch_dropout_is_seeded_and_bernoulli():
     out.float().sum().backward()
     assert a.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
     assert torch.equal(x.grad == 0, ~mask)  # dropped elements get no gradient
+
+
+def test_attention_under_autograd_runs_in_fp32_and_gives_sdpa_numbers(tiny_llama, monkeypatch):
+    """bf16 autocast on a CPU: with autograd the attention runs in fp32 (the output and the
+    gradients agree with an fp32 attention to bf16 rounding); without autograd it is sdpa's own
+    bf16 call, bitwise; the model's attention implementation is back after the block."""
+    from lorasum.lean import FP32_ATTENTION, fp32_attention_backward
+
+    peft = _peft_tiny(tiny_llama, dropout=0.0)
+    ids = torch.randint(3, 100, (2, 16))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding: the mask path, not only is_causal
+
+    def run(grad: bool, takeover: bool):
+        peft.zero_grad()
+        with (
+            fp32_attention_backward(peft, enabled=takeover) as switched,
+            torch.autocast("cpu", dtype=torch.bfloat16),
+            torch.set_grad_enabled(grad),
+        ):
+            assert switched == takeover
+            if takeover:
+                assert peft.get_base_model().config._attn_implementation == FP32_ATTENTION
+            logits = peft(input_ids=ids, attention_mask=mask).logits.float()
+        grads = {}
+        if grad:
+            logits[mask.bool()].square().mean().backward()
+            grads = {k: p.grad.clone() for k, p in peft.named_parameters() if p.grad is not None}
+        return logits.detach(), grads
+
+    seen: list[torch.dtype] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, *args, **kwargs):
+        seen.append(q.dtype)
+        return sdpa(q, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    layers = peft.get_base_model().config.num_hidden_layers
+    assert torch.equal(run(False, True)[0], run(False, False)[0])  # no autograd: sdpa's own
+    seen.clear()
+    with torch.autocast("cpu", enabled=False):
+        inner = torch.nn.functional.scaled_dot_product_attention
+        spied_autocast: list[bool] = []
+
+        def spy_autocast(q, *args, **kwargs):  # was autocast on inside the attention call?
+            spied_autocast.append(torch.is_autocast_enabled("cpu"))
+            return inner(q, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy_autocast)
+    taken, g_taken = run(True, True)
+    assert spied_autocast == [False] * layers and seen == [torch.float32] * layers  # fp32
+    spied_autocast.clear()
+    seen.clear()
+    plain, g_plain = run(True, False)
+    assert spied_autocast == [True] * layers  # autocast's own (bf16) attention
+    assert not torch.equal(taken, plain)
+    assert peft.get_base_model().config._attn_implementation == "sdpa"
+    keep = mask.bool()
+    torch.testing.assert_close(taken[keep], plain[keep], rtol=5e-2, atol=5e-2)
+    assert g_taken.keys() == g_plain.keys() and g_taken
+    for k in g_taken:
+        cos = torch.nn.functional.cosine_similarity(g_taken[k].flatten(), g_plain[k].flatten(), 0)
+        assert cos > 0.99, k

@@ -317,6 +317,9 @@ def test_frozen_linears_cast_once_and_restored_bit_for_bit(tiny_llama):
         with models.frozen_linears_as(peft, torch.bfloat16):
             assert "forward" in vars(model.lm_head)
             assert torch.equal(model.lm_head(x), expected)  # autocast's numbers
+            with models.frozen_linears_as(peft, torch.bfloat16):  # nested (eval in training)
+                assert torch.equal(model.lm_head(x), expected)
+            assert "forward" in vars(model.lm_head)  # the outer block's copy still in use
     for n, p in peft.named_parameters():
         assert p.dtype == torch.float32 and p.data_ptr() == ptrs[n], n  # the same tensors back
     restored = peft.unload()

@@ -13,16 +13,20 @@ Two autograd functions replace, during ``train`` only, what autograd would other
    and up; :class:`SwiGLU` keeps gate and up and recomputes silu(gate) in the backward.
 
 Measured on the default model, one batch of 8 x 128: autograd keeps 2,158 MB without these and
-1,444 MB with them (-33 %); the forward is bitwise identical. Used by ``train`` on a CPU: in
-fp32 the draws are the ones ``nn.Dropout`` makes (CUDA's fused dropout draws differently).
+1,444 MB with them (-33 %). Used by ``train`` on a CPU.
 
-Under CPU bf16 autocast the LoRA branch is taken over too, with two differences from PEFT's:
-x is not cast to fp32 and back around the dropout (PEFT casts it to the LoRA weights' dtype,
-autocast casts it back for the matmul: two copies per module), and the dropout mask is drawn
-by `keep_mask` (31 uniform random bits per element below a threshold: exactly Bernoulli(1 − p)
-per element to 2⁻³², seeded by torch's generator, from int64 draws: faster than ``bernoulli_``) — the same distribution as
-PEFT's dropout, not the same random stream. Measured on the default model, one bf16 step of
-8 × 128 on a 2-core AMX Xeon: 2.47 s → 2.22 s (−10 %). The SwiGLU takeover stays fp32-only.
+**Dropout draws.** The branch draws its mask with `keep_mask` (31 uniform random bits per
+element below a threshold: exactly Bernoulli(1 − p) per element to 2⁻³², seeded by torch's
+generator, two elements per int64 draw), not with ``bernoulli_`` as ``nn.Dropout`` does: the
+same distribution, another random stream, so a lorasum adapter trained with dropout is not
+bitwise the one PEFT's own loop would train (with dropout 0 it is, in fp32). Earlier versions
+drew ``bernoulli_`` on the fp32 path; that stream cost about 15 % of an fp32 step. With the
+same mask, the branch's forward equals PEFT's bitwise (tested by giving PEFT a dropout that
+draws `keep_mask`).
+
+Under CPU bf16 autocast, x is also not cast to fp32 and back around the dropout (PEFT casts it
+to the LoRA weights' dtype, autocast casts it back for the matmul: two copies per module).
+The SwiGLU takeover stays fp32-only.
 """
 
 from __future__ import annotations
@@ -102,10 +106,10 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor
 class LoraBranch(torch.autograd.Function):
     """``F.linear(F.linear(dropout(x), a), b) * scaling`` keeping x, a bool mask and h.
 
-    ``fast_mask`` False draws what ``nn.Dropout`` draws on a CPU (``bernoulli_``: the fp32 path,
-    bitwise PEFT's); True draws `keep_mask` (the bf16 autocast path, where the draws are not
-    PEFT's: the same distribution, another stream). Under autocast the backward runs under the
-    forward's autocast state (``custom_bwd``), so its products are bf16 like autograd's."""
+    ``fast_mask`` True (what ``lean`` uses) draws `keep_mask`; False draws what ``nn.Dropout``
+    draws on a CPU (``bernoulli_``): the same distribution, another stream. Under autocast the
+    backward runs under the forward's autocast state (``custom_bwd``), so its products are bf16
+    like autograd's."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu")
@@ -176,7 +180,7 @@ def _lean_forward(layer, original, x: torch.Tensor, *args, **kwargs) -> torch.Te
     # fp32: PEFT's cast of x to the LoRA weights' dtype. bf16 autocast: x stays as it comes
     # (PEFT would cast it to fp32 for dropout and autocast back to bf16: two copies)
     xa = x if amp else x.to(a.dtype)
-    branch = LoraBranch.apply(xa, a, b, p, layer.scaling[name], amp)
+    branch = LoraBranch.apply(xa, a, b, p, layer.scaling[name], True)
     return (result + branch).to(dtype)
 
 
@@ -220,3 +224,64 @@ def lean(model: nn.Module, enabled: bool = True):
     finally:
         for m in layers + mlps:
             del m.forward  # back to the class's forward
+
+
+# --- attention: fp32 where autograd runs it on a CPU ------------------------------------------
+
+FP32_ATTENTION = "lorasum_sdpa_fp32_backward"
+
+
+def _sdpa_fp32_backward(module, query, key, value, attention_mask, **kwargs):
+    """Transformers' sdpa attention; with autograd on a CPU under bf16, run in fp32.
+
+    PyTorch's CPU flash attention takes about twice as long forward + backward in bf16 as in
+    fp32 (8 × 9 heads × 128 × 64, 2 cores, AMX Xeon: 31–39 ms vs 16 ms), while its bf16
+    forward alone is the faster one; so only a pass that autograd records runs in fp32
+    (inputs and output cast, the attention itself more precise than autocast's bf16)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if (
+        torch.is_grad_enabled()
+        and query.device.type == "cpu"
+        and torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    ):  # autocast would cast q, k, v (fp32 after the rotary embedding, or bf16) to bf16
+        with torch.autocast("cpu", enabled=False):
+            out, weights = sdpa_attention_forward(
+                module, query.float(), key.float(), value.float(), attention_mask, **kwargs
+            )
+        return out.to(torch.bfloat16), weights  # the dtype autocast's attention returns
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+@contextlib.contextmanager
+def fp32_attention_backward(model: nn.Module, enabled: bool = True):
+    """Within the block, a model using transformers' ``sdpa`` attention uses
+    `_sdpa_fp32_backward` instead (registered with transformers' attention and mask
+    interfaces under `FP32_ATTENTION`; the mask is sdpa's). Yields whether it was switched."""
+    config = getattr(model, "config", None)
+    if not enabled or getattr(config, "_attn_implementation", None) != "sdpa":
+        yield False
+        return
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(FP32_ATTENTION, _sdpa_fp32_backward)
+    AttentionMaskInterface.register(FP32_ATTENTION, sdpa_mask)
+    configs = {id(c): c for c in _configs(model)}.values()
+    saved = [(c, c._attn_implementation) for c in configs]
+    for c, _ in saved:
+        c._attn_implementation = FP32_ATTENTION
+    try:
+        yield True
+    finally:
+        for c, impl in saved:
+            c._attn_implementation = impl
+
+
+def _configs(model: nn.Module):
+    """Every config object the model's modules hold (attention layers read their own)."""
+    for m in model.modules():
+        c = getattr(m, "config", None)
+        if c is not None and hasattr(c, "_attn_implementation"):
+            yield c

@@ -478,8 +478,9 @@ def frozen_linears_as(model: nn.Module, dtype: torch.dtype | None):
         for p in (m.weight, m.bias):
             if p is None or p.requires_grad or not p.is_floating_point() or p.dtype == dtype:
                 continue
-            if id(p) in shared:
-                if p is m.weight and (m.bias is None or not m.bias.requires_grad):
+            if id(p) in shared:  # (not again inside an enclosing block: it holds the copy)
+                frozen_bias = m.bias is None or not m.bias.requires_grad
+                if p is m.weight and frozen_bias and "forward" not in vars(m):
                     tied.append(m)
                 continue
             saved.append((p, p.data))

@@ -20,7 +20,7 @@ from lorasum.distributed import World, process_group, rank_device, rank_rows, wo
 from lorasum.errors import LorasumError, raise_all
 from lorasum.evaluate import autocast_context, evaluate_batches, perplexity_from, token_nll
 from lorasum.io import atomic_dir, check_output_dir, config_key, read_json
-from lorasum.lean import lean
+from lorasum.lean import fp32_attention_backward, lean
 from lorasum.models import (
     autocast_dtype,
     frozen_linears_as,
@@ -754,6 +754,9 @@ def _train_new(
         lean_layers.enter_context(lean(run.peft_model, enabled=device.type == "cpu"))
         # bf16 autocast: the frozen linear weights cast once, not on every matmul (same numbers)
         lean_layers.enter_context(frozen_linears_as(run.peft_model, amp))
+        # bf16 on a CPU: attention under autograd in fp32 (the bf16 flash backward is slower)
+        cpu_bf16 = device.type == "cpu" and amp == torch.bfloat16
+        lean_layers.enter_context(fp32_attention_backward(run.peft_model, enabled=cpu_bf16))
         _run_epochs(run, watch, train_items, tokenizer.pad_token_id, out, bar)
         lean_layers.close()
         bar.close()
