@@ -102,6 +102,12 @@ def test_modules_reading_one_input_share_one_matrix(tiny_llama, qa_files, tmp_pa
         assert g["model.layers.0.self_attn.q_proj"] is g["model.layers.0.self_attn.v_proj"]
         assert n["model.layers.0.self_attn.q_proj"] is n["model.layers.0.self_attn.k_proj"]
         assert n["model.layers.0.self_attn.q_proj"] is not n["model.layers.0.self_attn.o_proj"]
+        # in place (compose): the same matrices bitwise, still shared, and the sums given up
+        taken = c.take_normalised()
+        assert taken.keys() == n.keys() and all(torch.equal(taken[m], n[m]) for m in n)
+        assert taken["model.layers.0.self_attn.q_proj"] is taken["model.layers.0.self_attn.v_proj"]
+        assert taken["model.layers.0.self_attn.q_proj"] is g["model.layers.0.self_attn.q_proj"]
+        assert c.grams == {}
 
 
 def test_cache_stores_packed_triangles_and_reads_square_files(tiny_llama, qa_files, tmp_path):

@@ -91,6 +91,25 @@ class Calibration:
             out[m] = done[key]
         return out
 
+    def take_normalised(self) -> dict[str, torch.Tensor]:
+        """`normalised` without a copy: the float64 sums are divided in place and this object
+        keeps no matrices (``grams`` empties), so a caller holds each domain's statistics once.
+        """
+        groups: dict[int, list[str]] = {}
+        for m, g in self.grams.items():
+            groups.setdefault(id(g), []).append(m)
+        out = {}
+        for modules in groups.values():
+            g = self.grams[modules[0]]
+            counts = {max(self.tokens[m], 1) for m in modules}
+            if len(counts) == 1 and g.dtype == torch.float64:
+                shared = g.div_(counts.pop())
+                out.update(dict.fromkeys(modules, shared))
+            else:  # shared by modules with other token counts, or not float64: copies
+                out.update({m: g.double() / max(self.tokens[m], 1) for m in modules})
+        self.grams = {}
+        return out
+
     def per_token(self, *, from_file: bool = False) -> PerTokenGrams:
         """module -> Ĝ, each normalised when it is asked for and not kept.
 

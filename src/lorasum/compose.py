@@ -12,7 +12,7 @@ import logging
 import math
 import shlex
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -278,10 +278,9 @@ def _write_composed(
         calibrated = calibrate_adapters(
             adapters, inputs.calibration_data, model=model, modules=inputs.modules
         )
-        grams = [c.normalised() for c in calibrated]
-        # the raw sums are not needed once normalised (≈725 MB per domain of the default
-        # model, held beside Ĝ through the merge: the standard study's 6.2 GB worker peak)
-        calibrated = [replace(c, grams={}) for c in calibrated]
+        # normalised in place: raw sums and Ĝ side by side were 2 × 725 MB per domain of the
+        # default model (with the model, the standard study's 6.2 GB worker peak)
+        grams = [c.take_normalised() for c in calibrated]
     result = merge_adapters([a.modules for a in adapters], w, config, grams)
     recipe = _recipe(inputs, out, config, result, calibrated)
     marker = {
