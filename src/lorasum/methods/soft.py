@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lorasum.factors import LoraFactors
-from lorasum.methods.projection import projected_A, spectra, whitened
+from lorasum.methods.projection import projected_A, spectrum, whitened
 from lorasum.methods.registry import MergeMethod, ModuleMerge
 from lorasum.methods.regmean import _FACTORED, lora_result, with_ridge
 
@@ -41,19 +41,18 @@ def soft_basis(
     grams: Sequence[torch.Tensor], present: Sequence[bool]
 ) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
     """Per adapter (L, Q diag(f)^½): M = L Lᵀ and the eigenvectors of L⁻¹ Ĝ_j L⁻ᵀ scaled so
-    that Y Yᵀ = Q diag(f) Qᵀ (float64; one Cholesky, the present adapters' whitenings and
-    eigendecompositions batched, eigenvalues in float32 as in `projection_bases`)."""
+    that Y Yᵀ = Q diag(f) Qᵀ (float64; one Cholesky for all, eigenpairs in float32 as in
+    `projection_bases`)."""
     n = len(grams)
     L = torch.linalg.cholesky(with_ridge(sum(grams)))  # (d_in, d_in)
-    order = [j for j in range(n) if present[j]]
-    if not order:
-        return [None] * n
-    mu, Q = spectra(whitened(L, torch.stack([grams[j] for j in order])))  # (k, d), (k, d, d)
     out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n
-    for i, j in enumerate(order):
-        f = (n * mu[i].double()).clamp(0.0, 1.0)  # min(1, N μ); μ < 0 only by rounding
+    for j in range(n):
+        if not present[j]:
+            continue
+        mu, Q = spectrum(whitened(L, grams[j]))  # (d_in,), (d_in, d_in)
+        f = (n * mu.double()).clamp(0.0, 1.0)  # min(1, N μ); μ < 0 only by rounding
         keep = f > 0
-        out[j] = (L, Q[i].double()[:, keep] * f[keep].sqrt())
+        out[j] = (L, Q.double()[:, keep] * f[keep].sqrt())
     return out
 
 
