@@ -12,7 +12,15 @@ from conftest import load_tiny
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from lorasum.lean import LoraBranch, SwiGLU, keep_mask, lean, leanable, swiglu_mlps
+from lorasum.lean import (
+    LoraBranch,
+    SwiGLU,
+    folded_lora,
+    keep_mask,
+    lean,
+    leanable,
+    swiglu_mlps,
+)
 from lorasum.models import load_model
 
 
@@ -324,3 +332,113 @@ def test_attention_under_autograd_runs_in_fp32_and_gives_sdpa_numbers(tiny_llama
     for k in g_taken:
         cos = torch.nn.functional.cosine_similarity(g_taken[k].flatten(), g_plain[k].flatten(), 0)
         assert cos > 0.99, k
+
+
+# --- evaluation: folded LoRA weights ------------------------------------------------------------
+
+
+def _count_folds(monkeypatch) -> list[int]:
+    import lorasum.lean as lean_module
+
+    calls: list[int] = []
+    real = lean_module.folded_weight
+
+    def counting(layer, name):
+        calls.append(1)
+        return real(layer, name)
+
+    monkeypatch.setattr(lean_module, "folded_weight", counting)
+    return calls
+
+
+def test_folded_lora_gives_peft_logits_in_fp32_eval_and_leaves_the_weights(tiny_llama, monkeypatch):
+    model = _peft(tiny_llama).eval()  # dropout 0.1: identity in eval, as PEFT has it
+    ids = torch.randint(3, 100, (3, 20))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = _count_folds(monkeypatch)
+    with torch.no_grad():
+        peft_logits = model(input_ids=ids).logits
+        with folded_lora(model) as n:
+            folded = model(input_ids=ids).logits
+    assert n == len(leanable(model)) == 2 * 5 and len(calls) == n  # every module, once
+    torch.testing.assert_close(folded, peft_logits, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all("forward" not in vars(m) for m in leanable(model))
+    # the oracle of one module: x (W + s B A)ᵀ + bias in float64
+    layer = leanable(model)[0]
+    x = torch.randn(5, layer.in_features)
+    W = layer.base_layer.weight.double() + layer.scaling["default"] * (
+        layer.lora_B["default"].weight.double() @ layer.lora_A["default"].weight.double()
+    )
+    with torch.no_grad(), folded_lora(model):
+        torch.testing.assert_close(layer(x).double(), x.double() @ W.T, rtol=1e-5, atol=1e-6)
+
+
+def test_folded_lora_leaves_grad_train_bf16_and_disabled_adapters_to_peft(tiny_llama, monkeypatch):
+    model = _peft(tiny_llama)
+    ids = torch.randint(3, 100, (2, 12))
+    calls = _count_folds(monkeypatch)
+    model.eval()
+    with folded_lora(model):
+        with_grad = model(input_ids=ids).logits  # autograd on: PEFT's own forward
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            amp = model(input_ids=ids).logits
+        with torch.no_grad(), model.disable_adapter():
+            base = model(input_ids=ids).logits
+    assert calls == []
+    assert torch.equal(with_grad, model(input_ids=ids).logits)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(amp, model(input_ids=ids).logits)
+    with torch.no_grad(), model.disable_adapter():
+        assert torch.equal(base, model(input_ids=ids).logits)
+    model.train()
+    with torch.no_grad(), folded_lora(model):
+        torch.manual_seed(0)
+        trained = model(input_ids=ids).logits  # dropout on: not folded
+    torch.manual_seed(0)
+    with torch.no_grad():
+        assert torch.equal(trained, model(input_ids=ids).logits)
+    assert calls == []
+
+
+def test_folded_lora_inside_lean_restores_lean_then_the_class_forward(tiny_llama, monkeypatch):
+    """Validation during training: the fold nests in `lean` and gives lean's binding back."""
+    model = _peft(tiny_llama)
+    calls = _count_folds(monkeypatch)
+    ids = torch.randint(3, 100, (2, 12))
+    with lean(model):
+        leaned = {id(m): vars(m)["forward"] for m in leanable(model)}
+        model.eval()
+        with torch.no_grad(), folded_lora(model):
+            model(input_ids=ids)
+        assert all(vars(m)["forward"] is leaned[id(m)] for m in leanable(model))
+        model.train()
+    assert calls and all("forward" not in vars(m) for m in leanable(model))
+
+
+def test_evaluate_batches_folds_in_fp32_with_the_same_perplexity(tiny_llama, monkeypatch):
+    import lorasum.evaluate as ev
+    from lorasum.data import Batch
+
+    model = _peft(tiny_llama).eval()
+    ids = torch.randint(3, 100, (4, 16))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[1, 10:] = False  # padding
+    counted = mask.clone()
+    counted[:, :6] = False  # prompt
+    batch = Batch(
+        input_ids=ids,
+        attention_mask=mask.long(),
+        counted=counted,
+        dataset=torch.tensor([0, 1, 0, 1]),
+    )
+    calls = _count_folds(monkeypatch)
+    folded = ev.evaluate_batches(model, [batch], ["a", "b"], torch.device("cpu"))
+    assert calls
+    monkeypatch.setattr(ev, "folded_lora", lambda model, enabled: contextlib.nullcontext(0))
+    peft = ev.evaluate_batches(model, [batch], ["a", "b"], torch.device("cpu"))
+    assert folded["tokens"] == peft["tokens"] > 0
+    for name in ("a", "b"):
+        assert folded["per_dataset"][name]["nll"] == pytest.approx(
+            peft["per_dataset"][name]["nll"], rel=1e-6
+        )

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorasum.data import Batch
+from lorasum.lean import folded_lora
 from lorasum.models import frozen_linears_as, norm_outputs_as
 
 # Architectures whose logits are exactly lm_head(last hidden state): for them the head is applied
@@ -109,7 +110,10 @@ def evaluate_batches(
     progress: bool = False,
     desc: str = "eval",
 ) -> dict:
-    """Perplexity over all batches and per source (token-weighted)."""
+    """Perplexity over all batches and per source (token-weighted).
+
+    In fp32 each LoRA module runs as one product with its folded weight W + s·B·A
+    (`lorasum.lean.folded_lora`; same numbers to fp32 rounding)."""
     from tqdm.auto import tqdm
 
     was_training = model.training
@@ -119,7 +123,11 @@ def evaluate_batches(
     real_tokens = positions = 0
     t0 = time.perf_counter()
     try:
-        with frozen_linears_as(model, amp_dtype), norm_outputs_as(unwrap(model), amp_dtype):
+        with (
+            frozen_linears_as(model, amp_dtype),
+            norm_outputs_as(unwrap(model), amp_dtype),
+            folded_lora(model, enabled=amp_dtype is None),
+        ):
             for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
                 real_tokens += int(batch.attention_mask.sum())
                 positions += batch.input_ids.numel()
