@@ -442,3 +442,22 @@ def test_evaluate_batches_folds_in_fp32_with_the_same_perplexity(tiny_llama, mon
         assert folded["per_dataset"][name]["nll"] == pytest.approx(
             peft["per_dataset"][name]["nll"], rel=1e-6
         )
+
+
+@pytest.mark.filterwarnings("ignore:`lora_bias=True` was passed")
+def test_folded_lora_leaves_a_lora_bias_to_peft(tiny_llama, monkeypatch):
+    """PEFT's ``lora_bias`` adds a bias to lora_B, which W + s·B·A does not hold: not folded."""
+    model = load_tiny(tiny_llama)
+    torch.manual_seed(3)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], lora_bias=True)
+    model = get_peft_model(model, cfg).eval()
+    for layer in leanable(model):
+        nn.init.normal_(layer.lora_B["default"].weight)
+        nn.init.normal_(layer.lora_B["default"].bias)
+    calls = _count_folds(monkeypatch)
+    ids = torch.randint(3, 100, (2, 12))
+    with torch.no_grad():
+        peft_logits = model(input_ids=ids).logits
+        with folded_lora(model):
+            assert torch.equal(model(input_ids=ids).logits, peft_logits)
+    assert calls == []

@@ -265,6 +265,8 @@ def _folded_forward(layer, original, x: torch.Tensor, *args, **kwargs) -> torch.
         or x.dtype != torch.float32
         or layer.base_layer.weight.dtype != torch.float32
         or layer.lora_A[adapters[0]].weight.dtype != torch.float32
+        or getattr(layer, "fan_in_fan_out", False)  # W stored transposed
+        or layer.lora_B[adapters[0]].bias is not None  # PEFT's lora_bias
     ):
         return original(x, *args, **kwargs)
     base = layer.base_layer
