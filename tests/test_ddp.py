@@ -98,7 +98,12 @@ def test_torchrun_two_ranks_equal_one_process(tiny_llama, qa_files, tmp_path):
     for k in a:
         assert a[k].abs().max() > 0, k  # trained: B moved away from its zero init
         scale = a[k].abs().max()
-        assert (a[k] - b[k]).abs().max() <= 1e-5 * scale, k
+        # Two ranks sum the rows' gradients in another order; after 6 Adam steps the worst
+        # tensor (layer 0's down_proj lora_A) differs by up to ~1e-5 of its scale (measured over
+        # three data seeds, with either cross-entropy backward). The weights are no check of
+        # the loss scale (Adam and clipping hide a uniform factor): the per-step loss, token
+        # counts and gradient norms below are.
+        assert (a[k] - b[k]).abs().max() <= 3e-5 * scale, k
 
     # The same global loss, token count and clipped-before gradient norm at every step.
     for r1, r2 in zip(_log(single), _log(multi), strict=True):

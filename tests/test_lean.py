@@ -244,14 +244,25 @@ def test_bf16_autocast_branch_dropout_is_seeded_and_bernoulli():
         torch.manual_seed(0)
         f = keep_mask(torch.Size([400_000]), p, torch.device("cpu")).double().mean().item()
         assert abs(f - (1 - p)) < 4 * ((1 - p) * p / 400_000) ** 0.5 + 1e-6
-    # two elements come from one 64-bit draw: each half uniform, the halves independent
+    # eight elements come from one 64-bit draw: each byte position uniform, neighbours independent
     torch.manual_seed(1)
-    m = keep_mask(torch.Size([1_000_001]), 0.5, torch.device("cpu"))  # odd: the last half cut
-    assert m.shape == (1_000_001,)
-    low, high = m[:-1:2].double(), m[1::2].double()
-    sigma = (0.25 / low.numel()) ** 0.5
-    assert abs(low.mean() - 0.5) < 4 * sigma and abs(high.mean() - 0.5) < 4 * sigma
-    assert abs((low * high).mean() - 0.25) < 4 * (0.1875 / low.numel()) ** 0.5
+    m = keep_mask(torch.Size([1_000_003]), 0.5, torch.device("cpu"))  # not a multiple of 8
+    assert m.shape == (1_000_003,)
+    per_position = m[:1_000_000].double().view(-1, 8)
+    sigma = (0.25 / per_position.shape[0]) ** 0.5
+    assert (per_position.mean(0) - 0.5).abs().max() < 4.5 * sigma
+    pairs = per_position[:, :-1] * per_position[:, 1:]
+    assert abs(pairs.mean() - 0.25) < 4 * (0.1875 / pairs.numel()) ** 0.5
+    # the 23 bits behind a tie on the first 8 decide: with t = 128·2²³ + 2²², P(keep) = 1/2 +
+    # 1/512 (ties dropped would give 1/2, ties kept 1/2 + 1/256: both ~8 sigma away)
+    p_tie = 1 - (128 * 2**23 + 2**22) / 2**31
+    assert keep_threshold(p_tie) == 128 * 2**23 + 2**22
+    n = 4_000_000
+    torch.manual_seed(5)
+    f = keep_mask(torch.Size([n]), p_tie, torch.device("cpu")).double().mean().item()
+    assert abs(f - (0.5 + 1 / 512)) < 4 * (0.25 / n) ** 0.5
+    assert keep_mask(torch.Size([1000]), 1e-13, torch.device("cpu")).all()  # t = 2³¹: all kept
+    assert not keep_mask(torch.Size([1000]), 1.0, torch.device("cpu")).any()
     assert keep_mask(torch.Size([3, 5, 7]), 0.1, torch.device("cpu")).shape == (3, 5, 7)
 
     # the branch: with a = I-like and b = I, the output is x·mask/(1−p)·scaling, in bf16
@@ -268,6 +279,51 @@ def test_bf16_autocast_branch_dropout_is_seeded_and_bernoulli():
     out.float().sum().backward()
     assert a.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
     assert torch.equal(x.grad == 0, ~mask)  # dropped elements get no gradient
+
+
+def test_softmax_nll_is_cross_entropy_with_its_gradient():
+    """SoftmaxNll against F.cross_entropy: forward bitwise, gradients to float rounding for any
+    upstream weights (zero and negative included); a second backward raises."""
+    from lorasum.lean import SoftmaxNll
+
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(37, 211)).requires_grad_()
+    targets = torch.randint(0, 211, (37,))
+    weights = torch.randn(37)
+    weights[:5] = 0.0
+    ref = nn.functional.cross_entropy(logits, targets, reduction="none")
+    (want,) = torch.autograd.grad((ref * weights).sum(), logits)
+    got = SoftmaxNll.apply(logits, targets)
+    assert torch.equal(got, ref.detach())
+    (grad,) = torch.autograd.grad((got * weights).sum(), logits, retain_graph=True)
+    torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-7)
+    assert torch.equal(grad[:5], torch.zeros_like(grad[:5]))
+    with pytest.raises(RuntimeError, match="twice"):
+        torch.autograd.grad(got.sum(), logits)
+
+
+def test_token_nll_with_autograd_matches_cross_entropy(tiny_llama):
+    """token_nll's training loss (SoftmaxNll) gives the per-row NLL and the LoRA gradients of
+    the same model scored with F.cross_entropy."""
+    from lorasum.data import Batch
+    from lorasum.evaluate import counted_logits, token_nll
+
+    peft = _peft_tiny(tiny_llama, dropout=0.0)
+    torch.manual_seed(2)
+    ids = torch.randint(3, 100, (3, 12))
+    counted = torch.ones_like(ids, dtype=torch.bool)
+    counted[0, :4] = False
+    batch = Batch(ids, torch.ones_like(ids), counted, torch.zeros(3, dtype=torch.long))
+    params = [p for p in peft.parameters() if p.requires_grad]
+
+    per_row, counts = token_nll(peft, batch)
+    got = torch.autograd.grad(per_row.sum() / counts.sum(), params)
+    logits, targets = counted_logits(peft, batch)
+    ref = nn.functional.cross_entropy(logits, targets, reduction="sum") / counts.sum()
+    want = torch.autograd.grad(ref, params)
+    torch.testing.assert_close(per_row.sum() / counts.sum(), ref.detach())
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
 
 
 def test_attention_under_autograd_runs_in_fp32_and_gives_sdpa_numbers(tiny_llama, monkeypatch):

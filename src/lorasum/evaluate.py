@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorasum.data import Batch
-from lorasum.lean import folded_lora
+from lorasum.lean import SoftmaxNll, folded_lora
 from lorasum.models import frozen_linears_as, norm_outputs_as
 
 # Architectures whose logits are exactly lm_head(last hidden state): for them the head is applied
@@ -68,7 +68,9 @@ def token_nll(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tenso
 
     Without autograd (evaluation) and on a plain-head model the vocabulary projection runs in
     chunks of HEAD_CHUNK counted positions (same numbers: each position's NLL is its own);
-    a batch of 16 × 128 otherwise holds two N × V float32 tensors (~0.6 GB with a 49k vocabulary)."""
+    a batch of 16 × 128 otherwise holds two N × V float32 tensors (~0.6 GB with a 49k vocabulary).
+    With autograd the loss is `lean.SoftmaxNll` (cross-entropy whose backward reuses the saved
+    log-probabilities in place)."""
     hf = unwrap(model)
     mask = batch.counted[:, 1:]  # (B, T-1)
     if not torch.is_grad_enabled() and getattr(hf.config, "model_type", None) in PLAIN_HEAD_TYPES:
@@ -78,7 +80,7 @@ def token_nll(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tenso
         nll = _chunked_nll(hf, hidden[:, :-1][mask], batch.input_ids[:, 1:][mask])  # (N,)
     else:
         logits, targets = counted_logits(model, batch)
-        nll = F.cross_entropy(logits, targets, reduction="none")  # (N,)
+        nll = SoftmaxNll.apply(logits, targets)  # (N,): cross_entropy with a shorter backward
     rows = torch.arange(mask.shape[0], device=mask.device).unsqueeze(1).expand_as(mask)[mask]
     per_row = torch.zeros(mask.shape[0], device=nll.device).index_add_(0, rows, nll)
     return per_row, mask.sum(1)

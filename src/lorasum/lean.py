@@ -16,11 +16,11 @@ Measured on the default model, one batch of 8 x 128: autograd keeps 2,158 MB wit
 1,444 MB with them (-33 %). Used by ``train`` on a CPU.
 
 **Dropout draws.** The branch draws its mask with `keep_mask` (31 uniform random bits per
-element below a threshold: exactly Bernoulli(1 − p) per element to 2⁻³², seeded by torch's
-generator, two elements per int64 draw), not with ``bernoulli_`` as ``nn.Dropout`` does: the
-same distribution, another random stream, so a lorasum adapter trained with dropout is not
-bitwise the one PEFT's own loop would train (with dropout 0 it is, in fp32). Earlier versions
-drew ``bernoulli_`` on the fp32 path; that stream cost about 15 % of an fp32 step. With the
+element below a threshold, compared 8 bits first: exactly Bernoulli(1 − p) per element to
+2⁻³², seeded by torch's generator, about 1/4 of the random bits of a full draw), not with
+``bernoulli_`` as ``nn.Dropout`` does: the same distribution, another random stream, so a
+lorasum adapter trained with dropout is not bitwise the one PEFT's own loop would train (with
+dropout 0 it is, in fp32). Earlier versions drew ``bernoulli_`` on the fp32 path; that stream cost about 15 % of an fp32 step. With the
 same mask, the branch's forward equals PEFT's bitwise (tested by giving PEFT a dropout that
 draws `keep_mask`).
 
@@ -83,6 +83,7 @@ def swiglu_mlps(model: nn.Module) -> list[nn.Module]:
 
 
 KEEP_BITS = 31  # uniform bits per element of a dropout mask
+LEAD_BITS = 8  # bits drawn for every element; the other 23 only where the first 8 tie
 
 
 def keep_threshold(p: float) -> int:
@@ -93,15 +94,27 @@ def keep_threshold(p: float) -> int:
 def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
     """A bool mask whose elements are kept (True) with probability 1 − p, independently.
 
-    Each element compares 31 uniform random bits with `keep_threshold` (P(keep) = t/2³¹,
-    within 2⁻³² of 1 − p: not quantised to 1/256 or 2⁻²⁴). The bits come from
-    ``random_()`` on int64 (values uniform on [0, 2⁶³): the low 32 bits and the next 31 are
-    uniform and independent), two elements per 64-bit draw — half the generator calls of
-    ``torch.rand`` and no float conversion. Seeded by torch's global generator."""
+    Each element is kept when a 31-bit uniform integer u falls below `keep_threshold` t
+    (P(keep) = t/2³¹, within 2⁻³² of 1 − p: not quantised to 1/256 or 2⁻²⁴). u is compared
+    lazily, most significant bits first: every element draws its top 8 bits b, and only where
+    b equals t's top 8 bits (probability 1/256) are u's other 23 bits drawn and compared with
+    t's. The same distribution as drawing all 31 bits, with about 1/4 of the random bits.
+    The bytes come from ``random_(-2⁶³, None)`` on int64 (all 64 bits uniform: eight elements
+    per draw), seeded by torch's global generator."""
     n = math.prod(shape)
-    words = torch.empty((n + 1) // 2, dtype=torch.int64, device=device).random_()
-    halves = words.view(torch.int32)[:n]  # low, high, low, high, ... of each word
-    return (halves.bitwise_and_(0x7FFFFFFF) < keep_threshold(p)).view(shape)
+    rest_bits = KEEP_BITS - LEAD_BITS
+    t = keep_threshold(p)
+    if t >= 1 << KEEP_BITS:  # p below 2⁻³²: every element is kept
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    lead, rest = t >> rest_bits, t & ((1 << rest_bits) - 1)
+    words = torch.empty((n + 7) // 8, dtype=torch.int64, device=device)
+    top = words.random_(-(2**63), None).view(torch.uint8)[:n]  # all 64 bits: 8 uniform bytes
+    keep = top < lead
+    tied = (top == lead).nonzero().squeeze(1)  # ~n/256 elements
+    if tied.numel():
+        low = torch.empty(tied.numel(), dtype=torch.int64, device=device).random_()
+        keep[tied] = low.bitwise_and_((1 << rest_bits) - 1) < rest
+    return keep.view(shape)
 
 
 class LoraBranch(torch.autograd.Function):
@@ -152,6 +165,36 @@ class LoraBranch(torch.autograd.Function):
                 grad_x = grad_x * noise
             grad_x = grad_x.reshape(x.shape)
         return grad_x, grad_a, grad_b, None, None, None
+
+
+class SoftmaxNll(torch.autograd.Function):
+    """Per-row NLL of ``targets`` under ``log_softmax(logits)``: ``F.cross_entropy(logits,
+    targets, reduction="none")`` with a shorter backward.
+
+    Autograd's backward for cross_entropy fills an N × V zero tensor, scatters the row
+    gradients into it and runs the log-softmax backward over both (three passes over N × V and
+    a new tensor). The gradient is g·(softmax − onehot): here the saved log-probabilities are
+    exponentiated and scaled in place, then g is subtracted at the targets. Same forward
+    bitwise; the gradient to float rounding. Its saved tensor is consumed: a second backward
+    through the same graph (``retain_graph=True``) raises instead of giving wrong numbers."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(logits, dim=-1)  # (N, V)
+        ctx.save_for_backward(logp, targets)
+        ctx.consumed = False
+        return -logp.gather(1, targets.unsqueeze(1)).squeeze(1)  # (N,)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if ctx.consumed:
+            raise RuntimeError("SoftmaxNll's backward ran twice on one forward")
+        ctx.consumed = True
+        logp, targets = ctx.saved_tensors
+        g = grad.to(logp.dtype).unsqueeze(1)  # (N, 1)
+        probs = logp.exp_().mul_(g)  # g · softmax, in the saved tensor's memory
+        probs.scatter_add_(1, targets.unsqueeze(1), -g)  # − g at each row's target
+        return probs, None
 
 
 def _lean_forward(layer, original, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
