@@ -301,6 +301,19 @@ def test_softmax_nll_is_cross_entropy_with_its_gradient():
     with pytest.raises(RuntimeError, match="twice"):
         torch.autograd.grad(got.sum(), logits)
 
+    # under CPU bf16 autocast, cross_entropy runs in fp32: so does SoftmaxNll (same NLL bitwise)
+    w = torch.randn(16, 211, requires_grad=True)
+    h = torch.randn(37, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = h @ w  # bf16
+        ref = nn.functional.cross_entropy(logits, targets, reduction="none")
+        got = SoftmaxNll.apply(logits, targets)
+    assert logits.dtype == torch.bfloat16 and got.dtype == ref.dtype == torch.float32
+    assert torch.equal(got, ref)
+    (want,) = torch.autograd.grad(ref.sum(), w, retain_graph=True)
+    (grad,) = torch.autograd.grad(got.sum(), w)
+    torch.testing.assert_close(grad, want)
+
 
 def test_token_nll_with_autograd_matches_cross_entropy(tiny_llama):
     """token_nll's training loss (SoftmaxNll) gives the per-row NLL and the LoRA gradients of

@@ -180,9 +180,11 @@ class SoftmaxNll(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logp = torch.log_softmax(logits, dim=-1)  # (N, V)
+        # In fp32 whatever the logits' dtype, as autocast runs cross_entropy (its CPU autocast
+        # leaves a bare log_softmax in bf16); the gradient goes back in the logits' dtype.
+        logp = torch.log_softmax(logits.float(), dim=-1)  # (N, V)
         ctx.save_for_backward(logp, targets)
-        ctx.consumed = False
+        ctx.consumed, ctx.logits_dtype = False, logits.dtype
         return -logp.gather(1, targets.unsqueeze(1)).squeeze(1)  # (N,)
 
     @staticmethod
@@ -194,7 +196,7 @@ class SoftmaxNll(torch.autograd.Function):
         g = grad.to(logp.dtype).unsqueeze(1)  # (N, 1)
         probs = logp.exp_().mul_(g)  # g · softmax, in the saved tensor's memory
         probs.scatter_add_(1, targets.unsqueeze(1), -g)  # − g at each row's target
-        return probs, None
+        return probs.to(ctx.logits_dtype), None
 
 
 def _lean_forward(layer, original, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
