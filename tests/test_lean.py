@@ -281,6 +281,36 @@ def test_bf16_autocast_branch_dropout_is_seeded_and_bernoulli():
     assert torch.equal(x.grad == 0, ~mask)  # dropped elements get no gradient
 
 
+def _keep_mask_reference(n: int, p: float) -> torch.Tensor:
+    """keep_mask written out plainly: 8 bytes per int64 draw, each byte against the threshold's
+    top 8 bits, every tie (in index order) decided by 23 more bits from one int64 draw each."""
+    from lorasum.lean import keep_threshold
+
+    t = keep_threshold(p)
+    lead, rest = t >> 23, t & (2**23 - 1)
+    draws = torch.empty((n + 7) // 8, dtype=torch.int64).random_(-(2**63), None)
+    top = draws.view(torch.uint8)[:n].tolist()
+    keep = [b < lead for b in top]
+    ties = [i for i, b in enumerate(top) if b == lead]
+    if ties:
+        low = torch.empty(len(ties), dtype=torch.int64).random_().tolist()
+        for i, bits in zip(ties, low, strict=True):
+            keep[i] = (bits & (2**23 - 1)) < rest
+    return torch.tensor(keep, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 1000, 100_003])
+def test_keep_mask_equals_the_plain_lazy_comparison(n):
+    """Same seed, same mask as the element-by-element definition, ties included (p = 0.1: the
+    threshold's top byte is 230 and its other 23 bits 3,355,443; ~n/256 ties)."""
+    for p in (0.1, 0.5, 0.999):
+        torch.manual_seed(n)
+        want = _keep_mask_reference(n, p)
+        torch.manual_seed(n)
+        got = keep_mask(torch.Size([n]), p, torch.device("cpu"))
+        assert torch.equal(got, want), (n, p)
+
+
 def test_softmax_nll_is_cross_entropy_with_its_gradient():
     """SoftmaxNll against F.cross_entropy: forward bitwise, gradients to float rounding for any
     upstream weights (zero and negative included); a second backward raises."""

@@ -109,9 +109,14 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor
         return torch.ones(shape, dtype=torch.bool, device=device)
     lead, rest = t >> rest_bits, t & ((1 << rest_bits) - 1)
     words = torch.empty((n + 7) // 8, dtype=torch.int64, device=device)
-    top = words.random_(-(2**63), None).view(torch.uint8)[:n]  # all 64 bits: 8 uniform bytes
-    keep = top < lead
-    tied = (top == lead).nonzero().squeeze(1)  # ~n/256 elements
+    draws = words.random_(-(2**63), None).view(torch.uint8)  # all 64 bits: 8 uniform bytes
+    keep = draws[:n] < lead
+    # The ties (~n/256), in ascending order: found among the 8-byte words that hold one (a
+    # scan of n/8 words instead of n bytes), then the bytes of those words.
+    tie = draws == lead  # (8 · words,)
+    hit = tie.view(torch.int64).nonzero().squeeze(1)  # words with a tied byte
+    tied = (hit.unsqueeze(1) * 8 + torch.arange(8, device=device)).reshape(-1)
+    tied = tied[tie[tied] & (tied < n)]
     if tied.numel():
         low = torch.empty(tied.numel(), dtype=torch.int64, device=device).random_()
         keep[tied] = low.bitwise_and_((1 << rest_bits) - 1) < rest
