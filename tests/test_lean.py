@@ -19,6 +19,7 @@ from lorasum.lean import (
     keep_mask,
     lean,
     leanable,
+    rms_norms,
     swiglu_mlps,
 )
 from lorasum.models import load_model
@@ -81,7 +82,8 @@ def test_same_loss_and_gradients_as_peft(tiny_llama):
     ids = torch.randint(3, 100, (4, 24))
     loss_peft, g_peft, kept_peft, n0 = _step(model, ids, enabled=False)
     loss_lean, g_lean, kept_lean, n = _step(model, ids, enabled=True)
-    assert n0 == 0 and n == len(leanable(model)) + len(swiglu_mlps(model)) == 2 * 5 + 2
+    takes = len(leanable(model)) + len(swiglu_mlps(model)) + len(rms_norms(model))
+    assert n0 == 0 and n == takes == 2 * 5 + 2 + 5
     torch.testing.assert_close(loss_lean, loss_peft, rtol=0, atol=0)  # same draws, same forward
     assert g_lean.keys() == g_peft.keys()
     for k in g_peft:
@@ -279,6 +281,64 @@ def test_bf16_autocast_branch_dropout_is_seeded_and_bernoulli():
     out.float().sum().backward()
     assert a.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
     assert torch.equal(x.grad == 0, ~mask)  # dropped elements get no gradient
+
+
+def test_rmsnorm_equals_the_models_norm_and_its_gradient():
+    """RMSNorm against LlamaRMSNorm: forward bitwise, input gradient to float rounding (and
+    float64 gradcheck)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from lorasum.lean import RMSNorm
+
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(48, eps=1e-5)
+    nn.init.normal_(norm.weight)
+    norm.weight.requires_grad_(False)
+    x = (3 * torch.randn(2, 7, 48)).requires_grad_()
+    g = torch.randn(2, 7, 48)
+    want = norm(x)
+    (want_grad,) = torch.autograd.grad(want, x, g)
+    got = RMSNorm.apply(x, norm.weight, norm.variance_epsilon)
+    (got_grad,) = torch.autograd.grad(got, x, g)
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-6)
+    x64 = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    w64 = torch.randn(5, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: RMSNorm.apply(x, w64, 1e-6), (x64,))
+
+
+def test_lean_norms_survive_train_eval_switches_and_are_restored(tiny_llama):
+    """transformers re-kernelizes RMSNorm layers on every train/eval switch: the takeover must
+    outlive a validation pass inside the block; afterwards the norms are the model's class
+    again. A trainable norm weight falls back to autograd (and gets its gradient)."""
+    from lorasum.lean import RMSNorm
+
+    model = _peft(tiny_llama, dropout=0.0)
+    norms = rms_norms(model)
+    classes = [type(m) for m in norms]
+    calls = []
+    real = RMSNorm.apply
+
+    def counting(*args):
+        calls.append(1)
+        return real(*args)
+
+    ids = torch.randint(3, 100, (2, 12))
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(lean(model))
+        RMSNorm.apply = counting
+        stack.callback(lambda: setattr(RMSNorm, "apply", real))
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=ids)
+        assert not calls  # evaluation: the class's own forward
+        model.train()
+        model(input_ids=ids).logits.sum().backward()
+        assert len(calls) == len(norms)  # every norm taken over after the switch
+        norms[0].weight.requires_grad_(True)
+        model(input_ids=ids).logits.sum().backward()
+        assert len(calls) == 2 * len(norms) - 1 and norms[0].weight.grad is not None
+    assert [type(m) for m in norms] == classes
 
 
 def _keep_mask_reference(n: int, p: float) -> torch.Tensor:

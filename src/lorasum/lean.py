@@ -33,6 +33,7 @@ The SwiGLU takeover stays fp32-only.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import types
 from collections.abc import Callable
@@ -81,6 +82,62 @@ def swiglu_mlps(model: nn.Module) -> list[nn.Module]:
         for m in model.modules()
         if type(m).__name__ in SWIGLU_MLPS and isinstance(m.act_fn, (SiLUActivation, nn.SiLU))
     ]
+
+
+class RMSNorm(torch.autograd.Function):
+    """``weight * (x * rsqrt(mean(x²) + eps))`` with a frozen weight, keeping x and the
+    (…, 1) factor only; the backward in one formula, r·(g·w − x·r²·mean(g·w·x)), instead of
+    autograd's chain through pow, mean, rsqrt and two products (which also keeps x², x·r)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)  # (…, 1)
+        ctx.save_for_backward(x, r, weight)
+        return weight * (x * r)  # the model's own operations, in its order: bitwise the same
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, r, weight = ctx.saved_tensors
+        gw = grad * weight
+        c = (gw * x).mean(-1, keepdim=True).mul_(r).mul_(r)  # (…, 1)
+        return torch.addcmul(gw, x, c, value=-1.0).mul_(r), None, None
+
+
+# Norm classes whose forward is exactly weight * (x.float() * rsqrt(mean(x²) + eps)).to(dtype)
+RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
+
+
+def _rmsnorm_forward(norm, x: torch.Tensor, base: type) -> torch.Tensor:
+    """`RMSNorm` in fp32 training with a frozen weight; else ``base``'s (the class's) forward."""
+    w = norm.weight
+    if (
+        not norm.training
+        or not torch.is_grad_enabled()
+        or torch.is_autocast_enabled(x.device.type)
+        or x.dtype != torch.float32
+        or w.dtype != torch.float32
+        or w.requires_grad  # a trained norm weight: autograd's path gives its gradient
+    ):
+        return base.forward(norm, x)
+    return RMSNorm.apply(x, w, norm.variance_epsilon)
+
+
+def rms_norms(model: nn.Module) -> list[nn.Module]:
+    """The RMSNorms ``lean`` can take over (known class)."""
+    return [m for m in model.modules() if type(m).__name__ in RMS_NORMS]
+
+
+@functools.cache
+def _lean_norm_class(cls: type) -> type:
+    """A subclass of the norm class whose forward is `_rmsnorm_forward`. ``lean`` swaps the
+    norms' class rather than binding an instance ``forward``: transformers re-kernelizes
+    hub-kernel layers (RMSNorm is one) on every train/eval switch, which drops an instance
+    ``forward`` (a validation pass inside training would end the takeover)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _rmsnorm_forward(self, x, cls)
+
+    return type(f"Lean{cls.__name__}", (cls,), {"forward": forward})
 
 
 KEEP_BITS = 31  # uniform bits per element of a dropout mask
@@ -285,22 +342,29 @@ def _bind(layer: nn.Module, take_over) -> Callable[[], None]:
 
 @contextlib.contextmanager
 def lean(model: nn.Module, enabled: bool = True):
-    """Within the block, train through :class:`LoraBranch` and :class:`SwiGLU` where they apply.
+    """Within the block, train through :class:`LoraBranch`, :class:`SwiGLU` and :class:`RMSNorm`
+    where they apply.
 
     Yields the number of modules taken over; outside training mode they run their own forward.
     """
     layers = leanable(model) if enabled else []
     mlps = swiglu_mlps(model) if enabled else []
+    norms = rms_norms(model) if enabled else []
     restores = [_bind(m, _lean_forward) for m in layers]
     for m in mlps:
         m.forward = types.MethodType(_swiglu_forward, m)
+    classes = [type(m) for m in norms]
+    for m, cls in zip(norms, classes, strict=True):
+        m.__class__ = _lean_norm_class(cls)
     try:
-        yield len(layers) + len(mlps)
+        yield len(layers) + len(mlps) + len(norms)
     finally:
         for restore in reversed(restores):
             restore()
         for m in mlps:
             del m.forward  # back to the class's forward
+        for m, cls in zip(norms, classes, strict=True):
+            m.__class__ = cls
 
 
 # --- evaluation: one product per LoRA module ---------------------------------------------------
