@@ -18,6 +18,12 @@ drift cancels; the table shows medians. Tokens/s counts real (non-padding) token
 training, both sides' adapters are scored with the same honest evaluator: answer-only and
 full-sequence test perplexity. Writes benchmarks/results/throughput.json and prints a table.
 
+The matmul peak (the model's projection shapes, `side_peak`) is read before every repeat's
+train and eval sides and once at the end (on a CPU; a GPU once): shares of the peak are of the
+best reading, since one reading taken while a shared machine was slow flatters every share
+(readings ranged 136-177 GFLOP/s over one day on a 2-core EPYC); each side's median share of
+the reading taken just before it is printed too.
+
 ``--device cuda`` runs every side on the GPU (the baseline Trainer without ``use_cpu``, lorasum
 with its own precision choice there: bf16 where the GPU supports it), adds each side's peak GPU
 memory (``torch.cuda.max_memory_allocated``) and leaves out the two-processes run (a study on
@@ -414,7 +420,24 @@ def run_side_parallel(name: str, a: argparse.Namespace, copies: int, **extra) ->
     return outs
 
 
-def _roofline(runs: dict, peak: dict, peak_1: dict, lorasum_bf16: bool = False) -> dict:
+def _best_peak(readings: list[dict]) -> dict:
+    """The highest of the run's matmul-peak readings (fp32 and, where measured, bf16 each at
+    its own best): what this machine could reach at best while the sides ran, so a share of it
+    is never flattered by a reading taken while the machine was slow."""
+    best = dict(max(readings, key=lambda r: r["linear_gflops"]))
+    bf16 = [r["linear_gflops_bf16"] for r in readings if "linear_gflops_bf16" in r]
+    if bf16:
+        best["linear_gflops_bf16"] = max(bf16)
+    return best
+
+
+def _roofline(
+    runs: dict,
+    peak: dict,
+    peak_1: dict,
+    lorasum_bf16: bool = False,
+    adjacent: dict[str, list[dict]] | None = None,
+) -> dict:
     """FLOPs per real token of each side, and the share of the matmul peak each side reaches.
 
     ``flop_ratio`` (baseline FLOPs / lorasum FLOPs per real token) is the speedup lorasum would
@@ -422,6 +445,11 @@ def _roofline(runs: dict, peak: dict, peak_1: dict, lorasum_bf16: bool = False) 
     doing less work (padding, the vocabulary projection) rather than doing it faster. Each
     side's share is of the peak of the precision it ran in (the baseline: fp32; lorasum: bf16
     where it chose bf16 and the bf16 peak was measured).
+
+    ``peak`` is the best reading of the run (`_best_peak`); ``adjacent`` maps "train"/"eval" to
+    the reading taken just before each repeat's sides of that kind, and gives each side's
+    median per-repeat share of it too (``*_fraction_of_adjacent_peak``): the share with the
+    machine's drift paired out, where the headline share is against the best reading.
     """
     body, head = peak["body_linear_params"], peak["head_params"]
     out = {
@@ -443,6 +471,11 @@ def _roofline(runs: dict, peak: dict, peak_1: dict, lorasum_bf16: bool = False) 
             side_peak = peak["linear_gflops_bf16"] if bf16 else peak["linear_gflops"]
             row[f"{side}_peak_precision"] = "bf16" if bf16 else "fp32"
             row[f"{side}_fraction_of_peak"] = row[f"{side}_gflops"] / side_peak
+            if adjacent and adjacent.get(kind):
+                key = "linear_gflops_bf16" if bf16 else "linear_gflops"
+                row[f"{side}_fraction_of_adjacent_peak"] = statistics.median(
+                    rate / reading[key] for rate, reading in zip(rates, adjacent[kind], strict=True)
+                )
         row["flop_ratio"] = row["baseline_gflop_per_token"] / row["lorasum_gflop_per_token"]
         out[kind] = row
     return out
@@ -507,7 +540,11 @@ def main() -> None:
     else:
         runs.pop("train-baseline-bf16", None)
     runs.update({"train-lorasum-x2": []} if not gpu else {})
+    peaks: dict[str, list[dict]] = {"train": [], "eval": [], "end": []}  # readings over the run
     for i in range(a.repeats):
+        if not gpu:  # the GPU's peak does not drift with the host's load: read once, at the end
+            print(f"[{i + 1}/{a.repeats}] matmul peak …", file=sys.stderr, flush=True)
+            peaks["train"].append(run_side("peak", a))
         for side in train_sides:
             print(f"[{i + 1}/{a.repeats}] {side} …", file=sys.stderr, flush=True)
             if side == "train-lorasum-x2":  # two trainings at once, 1 thread each (`reproduce`)
@@ -523,6 +560,9 @@ def main() -> None:
             runs[side].append(run_side(side, a, adapter_out=work / f"{side}-{i}"))
     adapter = work / "train-lorasum-0"
     for i in range(a.repeats):
+        if not gpu:
+            print(f"[{i + 1}/{a.repeats}] matmul peak …", file=sys.stderr, flush=True)
+            peaks["eval"].append(run_side("peak", a))
         for side in ("eval-baseline", "eval-lorasum"):
             print(f"[{i + 1}/{a.repeats}] {side} …", file=sys.stderr, flush=True)
             runs[side].append(run_side(side, a, adapter=adapter))
@@ -530,7 +570,9 @@ def main() -> None:
         s: run_side("score", a, adapter=work / f"train-{s}-0") for s in ("baseline", "lorasum")
     }
     print("matmul peak …", file=sys.stderr, flush=True)
-    peak = run_side("peak", a)
+    peaks["end"].append(run_side("peak", a))
+    readings = [r for part in peaks.values() for r in part]
+    peak = _best_peak(readings)
     peak_1 = peak if gpu else run_side("peak", a, threads=1)  # threads: a CPU matter
 
     def med(side: str, key: str) -> float:
@@ -573,7 +615,8 @@ def main() -> None:
                 med(f"{kind}-lorasum", "peak_gpu_mb"),
             )
     lorasum_bf16 = runs["train-lorasum"][0].get("precision") in ("bf16", "bfloat16")
-    roofline = _roofline(runs, peak, peak_1, lorasum_bf16)
+    roofline = _roofline(runs, peak, peak_1, lorasum_bf16, adjacent=peaks)
+    roofline["linear_gflops_peak_readings"] = [r["linear_gflops"] for r in readings]
     result = {
         "cpu": cpu_name(),
         "cores": os.cpu_count(),
@@ -643,7 +686,9 @@ def main() -> None:
         )
         print(
             f"\nmatmul peak at the model's shapes: {peak['linear_gflops']:.1f} GFLOP/s "
-            f"({peak['threads']} threads), {peak_1['linear_gflops']:.1f} GFLOP/s (1 thread)"
+            f"({peak['threads']} threads; best of {len(readings)} readings over the run, "
+            f"{min(roofline['linear_gflops_peak_readings']):.1f} the lowest), "
+            f"{peak_1['linear_gflops']:.1f} GFLOP/s (1 thread)"
             + (
                 f"; bf16 {peak['linear_gflops_bf16']:.1f} GFLOP/s"
                 if "linear_gflops_bf16" in peak
@@ -662,6 +707,13 @@ def main() -> None:
             f"{100 * r['lorasum_fraction_of_peak']:>12.1f}"
             f"   (of the {r['baseline_peak_precision']} / {r['lorasum_peak_precision']} peak)"
         )
+        if "lorasum_fraction_of_adjacent_peak" in r:
+            print(
+                f"{kind + ': % of the reading before it':<40}"
+                f"{100 * r['baseline_fraction_of_adjacent_peak']:>12.1f}"
+                f"{100 * r['lorasum_fraction_of_adjacent_peak']:>12.1f}"
+                "   (median over repeats)"
+            )
     print(
         f"speedup (real tokens/s): train {result['speedup']['train']:.2f}x, "
         f"eval {result['speedup']['eval']:.2f}x; at equal FLOP/s the FLOP counts alone would give "

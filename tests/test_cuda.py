@@ -281,3 +281,50 @@ def test_the_gpu_bench_json_feeds_the_gpu_table(tmp_path, monkeypatch):
     table = _table(tmp_path, result, JUNIT, ["pytest=0", "bench=0"])
     assert "| bench device | Fake GPU |" in table
     assert "2500 vs 1000 (2.50x)" in table and "2000 vs 3000 (0.67x)" in table
+
+
+def test_the_cpu_bench_shares_are_of_the_best_peak_reading(tmp_path, monkeypatch):
+    """throughput.py on a CPU reads the matmul peak before every repeat's train and eval sides
+    and at the end: the headline share is of the best reading (a slow reading never flatters
+    it), and each side's share of the reading taken just before it is reported beside it."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import throughput
+    finally:
+        sys.path.pop(0)
+    readings = iter([40.0, 100.0, 50.0, 25.0, 80.0, 50.0])  # train 1, 2; eval 1, 2; end; 1 thread
+    called = []
+
+    def fake_run_side(name, a, **kw):
+        called.append(name)
+        side = _fake_side(name, a)
+        if name == "peak":
+            side = {k: v for k, v in side.items() if k != "linear_gflops_bf16"}
+            side["linear_gflops"] = next(readings)
+        return side
+
+    def fake_parallel(name, a, copies, **kw):
+        return [_fake_side(name, a) for _ in range(copies)]
+
+    monkeypatch.setattr(throughput, "run_side", fake_run_side)
+    monkeypatch.setattr(throughput, "run_side_parallel", fake_parallel)
+    monkeypatch.setattr(throughput, "_bf16_pays", lambda gpu: False)
+    out = tmp_path / "bench.json"
+    argv = ["throughput.py", "--repeats", "2", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    throughput.main()
+    assert called.count("peak") == 6
+    roof = json.loads(out.read_text())["roofline"]
+    assert roof["linear_gflops_peak"] == 100.0 and roof["linear_gflops_peak_1_thread"] == 50.0
+    assert roof["linear_gflops_peak_readings"] == [40.0, 100.0, 50.0, 25.0, 80.0]
+    # lorasum: 2500 real tokens/s, 120 positions and 30 head positions per 100 real tokens,
+    # body 10 and head 2 parameters: (4 * (10 * 120 + 2 * 30)) / 100 = 50.4 FLOP per token
+    train = roof["train"]
+    rate = 2500 * 50.4 / 1e9
+    assert train["lorasum_gflops"] == pytest.approx(rate)
+    assert train["lorasum_fraction_of_peak"] == pytest.approx(rate / 100.0)
+    assert train["lorasum_fraction_of_adjacent_peak"] == pytest.approx((rate / 40 + rate / 100) / 2)
+    ev = roof["eval"]
+    assert ev["lorasum_fraction_of_adjacent_peak"] == pytest.approx(
+        (ev["lorasum_gflops"] / 50 + ev["lorasum_gflops"] / 25) / 2
+    )
