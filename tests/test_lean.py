@@ -405,6 +405,68 @@ def test_softmax_nll_is_cross_entropy_with_its_gradient():
     torch.testing.assert_close(grad, want)
 
 
+def test_head_nll_is_the_projection_then_softmax_nll():
+    """HeadNll against SoftmaxNll(F.linear(h, w)): the NLL and the input gradient bitwise, the
+    weight gradient when the weight needs one; a second backward raises."""
+    from lorasum.lean import HeadNll, SoftmaxNll
+
+    torch.manual_seed(0)
+    h = torch.randn(37, 16, requires_grad=True)
+    w = (0.5 * torch.randn(211, 16)).requires_grad_()
+    targets = torch.randint(0, 211, (37,))
+    weights = torch.randn(37)
+    ref = SoftmaxNll.apply(nn.functional.linear(h, w), targets)
+    want = torch.autograd.grad((ref * weights).sum(), (h, w))
+    got = HeadNll.apply(h, w, targets)
+    assert torch.equal(got, ref)
+    grad = torch.autograd.grad((got * weights).sum(), (h, w), retain_graph=True)
+    assert torch.equal(grad[0], want[0])
+    torch.testing.assert_close(grad[1], want[1], rtol=1e-6, atol=1e-7)
+    with pytest.raises(RuntimeError, match="twice"):
+        torch.autograd.grad(got.sum(), h)
+    frozen = w.detach()  # the tied embeddings in LoRA training: no weight gradient computed
+    (gh,) = torch.autograd.grad(HeadNll.apply(h, frozen, targets).sum(), h)
+    (want_h,) = torch.autograd.grad(SoftmaxNll.apply(h @ frozen.t(), targets).sum(), h)
+    assert torch.equal(gh, want_h)
+
+
+def test_token_nll_trains_through_head_nll_with_the_same_numbers(tiny_llama, monkeypatch):
+    """fp32 training takes the fused head (HeadNll) and gives the per-row NLL and the LoRA
+    gradients of the unfused path bitwise; under bf16 autocast it is not taken."""
+    from lorasum import lean
+    from lorasum.data import Batch
+    from lorasum.evaluate import token_nll
+
+    peft = _peft_tiny(tiny_llama, dropout=0.0)
+    torch.manual_seed(2)
+    ids = torch.randint(3, 100, (3, 12))
+    counted = torch.ones_like(ids, dtype=torch.bool)
+    counted[0, :4] = False
+    batch = Batch(ids, torch.ones_like(ids), counted, torch.zeros(3, dtype=torch.long))
+    params = [p for p in peft.parameters() if p.requires_grad]
+    calls = []
+    original = lean.HeadNll.forward
+    monkeypatch.setattr(
+        lean.HeadNll, "forward", staticmethod(lambda *a: calls.append(1) or original(*a))
+    )
+
+    def run():
+        per_row, counts = token_nll(peft, batch)
+        return per_row, torch.autograd.grad(per_row.sum() / counts.sum(), params)
+
+    fused, fused_grads = run()
+    assert calls == [1]
+    monkeypatch.setattr("lorasum.evaluate.fused_head", lambda head, hidden: False)
+    plain, plain_grads = run()
+    assert calls == [1] and torch.equal(fused, plain)
+    for a, b in zip(fused_grads, plain_grads, strict=True):
+        assert torch.equal(a, b)
+    monkeypatch.undo()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        token_nll(peft, batch)[0].sum().backward()
+    assert not lean.fused_head(peft.get_output_embeddings(), torch.zeros(1, dtype=torch.bfloat16))
+
+
 def test_token_nll_with_autograd_matches_cross_entropy(tiny_llama):
     """token_nll's training loss (SoftmaxNll) gives the per-row NLL and the LoRA gradients of
     the same model scored with F.cross_entropy."""

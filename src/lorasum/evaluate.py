@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorasum.data import Batch
-from lorasum.lean import SoftmaxNll, folded_lora
+from lorasum.lean import HeadNll, SoftmaxNll, folded_lora, fused_head
 from lorasum.models import frozen_linears_as, norm_outputs_as
 
 # Architectures whose logits are exactly lm_head(last hidden state): for them the head is applied
@@ -70,14 +70,23 @@ def token_nll(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tenso
     chunks of HEAD_CHUNK counted positions (same numbers: each position's NLL is its own);
     a batch of 16 × 128 otherwise holds two N × V float32 tensors (~0.6 GB with a 49k vocabulary).
     With autograd the loss is `lean.SoftmaxNll` (cross-entropy whose backward reuses the saved
-    log-probabilities in place)."""
+    log-probabilities in place), with the projection folded in (`lean.HeadNll`) for a plain
+    fp32 head outside autocast."""
     hf = unwrap(model)
     mask = batch.counted[:, 1:]  # (B, T-1)
-    if not torch.is_grad_enabled() and getattr(hf.config, "model_type", None) in PLAIN_HEAD_TYPES:
+    plain = getattr(hf.config, "model_type", None) in PLAIN_HEAD_TYPES
+    if plain:
         hidden = hf.base_model(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask
-        ).last_hidden_state  # (B, T, H)
-        nll = _chunked_nll(hf, hidden[:, :-1][mask], batch.input_ids[:, 1:][mask])  # (N,)
+        ).last_hidden_state[:, :-1][mask]  # (N, H)
+        targets = batch.input_ids[:, 1:][mask]  # (N,)
+        head = hf.get_output_embeddings()
+    if plain and not torch.is_grad_enabled():
+        nll = _chunked_nll(hf, hidden, targets)  # (N,)
+    elif plain and fused_head(head, hidden):  # fp32 training: one N × V tensor, not two
+        nll = HeadNll.apply(hidden, head.weight, targets)
+    elif plain:
+        nll = SoftmaxNll.apply(head(hidden).float(), targets)  # as `counted_logits` gives them
     else:
         logits, targets = counted_logits(model, batch)
         nll = SoftmaxNll.apply(logits, targets)  # (N,): cross_entropy with a shorter backward

@@ -280,6 +280,51 @@ class SoftmaxNll(torch.autograd.Function):
         return probs.to(ctx.logits_dtype), None
 
 
+class HeadNll(torch.autograd.Function):
+    """Per-row NLL of ``targets`` under ``log_softmax(F.linear(hidden, weight))``: a bias-free
+    vocabulary projection and `SoftmaxNll` in one function, fp32.
+
+    The logits are this function's own N × V tensor, so the log-softmax overwrites them: one
+    N × V tensor per step instead of two (the projection's output and the log-softmax's, each
+    ~130 MB at 650 counted positions and a 49k vocabulary, each a fresh allocation that the
+    kernel zero-fills page by page). Forward and input gradient bitwise those of
+    ``SoftmaxNll.apply(F.linear(hidden, weight), targets)``; the weight gradient is computed
+    only when the weight needs one (the tied embeddings are frozen in LoRA training)."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
+        logp = F.linear(hidden, weight)  # (N, V)
+        torch.log_softmax(logp, dim=-1, out=logp)  # in place: rows are read before written
+        ctx.save_for_backward(logp, targets, hidden, weight)
+        ctx.consumed = False
+        return -logp.gather(1, targets.unsqueeze(1)).squeeze(1)  # (N,)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if ctx.consumed:
+            raise RuntimeError("HeadNll's backward ran twice on one forward")
+        ctx.consumed = True
+        logp, targets, hidden, weight = ctx.saved_tensors
+        g = grad.unsqueeze(1)  # (N, 1)
+        probs = logp.exp_().mul_(g)  # g · softmax, in the saved tensor's memory
+        probs.scatter_add_(1, targets.unsqueeze(1), -g)  # − g at each row's target
+        grad_hidden = probs.mm(weight) if ctx.needs_input_grad[0] else None  # (N, H)
+        grad_weight = probs.t().mm(hidden) if ctx.needs_input_grad[1] else None  # (V, H)
+        return grad_hidden, grad_weight, None
+
+
+def fused_head(head: nn.Module, hidden: torch.Tensor) -> bool:
+    """Whether `HeadNll` can stand in for ``head`` and the loss: a plain bias-free fp32
+    ``nn.Linear`` (not a LoRA-wrapped head), fp32 inputs, no autocast."""
+    return (
+        type(head) is nn.Linear
+        and head.bias is None
+        and head.weight.dtype == torch.float32
+        and hidden.dtype == torch.float32
+        and not torch.is_autocast_enabled(hidden.device.type)
+    )
+
+
 def _lean_forward(layer, original, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """PEFT's ``Linear.forward`` for one active vanilla adapter in training; else the original."""
     adapters = [n for n in layer.active_adapters if n in layer.lora_A]
