@@ -127,6 +127,15 @@ def test_swiglu_gradients_against_autograd_reference():
     assert torch.autograd.gradcheck(SwiGLU.apply, (gate, up))
     out = SwiGLU.apply(gate, up)
     torch.testing.assert_close(out, torch.nn.functional.silu(gate) * up, rtol=0, atol=0)
+    # fp32: the forward and both gradients bitwise autograd's through silu(gate) * up
+    g32, u32 = (t.detach().float().requires_grad_() for t in (gate, up))
+    upstream = torch.randn(2, 5, 7)
+    want_out = torch.nn.functional.silu(g32) * u32
+    want = torch.autograd.grad(want_out, (g32, u32), upstream)
+    got_out = SwiGLU.apply(g32, u32)
+    got = torch.autograd.grad(got_out, (g32, u32), upstream)
+    assert torch.equal(got_out, want_out)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])

@@ -51,14 +51,14 @@ class SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
         ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
+        return F.silu(gate).mul_(up)  # in silu's output: bitwise silu(gate) * up
 
     @staticmethod
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
         grad_gate = grad_up = None
         if ctx.needs_input_grad[1]:
-            grad_up = grad * F.silu(gate)
+            grad_up = F.silu(gate).mul_(grad)  # bitwise grad * silu(gate), one tensor fewer
         if ctx.needs_input_grad[0]:
             grad_gate = torch.ops.aten.silu_backward(grad * up, gate)  # autograd's own formula
         return grad_gate, grad_up
@@ -95,7 +95,7 @@ class RMSNorm(torch.autograd.Function):
     def forward(ctx, x, weight, eps: float):
         r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)  # (…, 1)
         ctx.save_for_backward(x, r, weight)
-        return weight * (x * r)  # the model's own operations, in its order: bitwise the same
+        return (x * r).mul_(weight)  # the model's weight * (x * r), bitwise, one tensor fewer
 
     @staticmethod
     def backward(ctx, grad):
