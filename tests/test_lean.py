@@ -140,7 +140,9 @@ def test_swiglu_gradients_against_autograd_reference():
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_branch_with_dropout_matches_definition(p):
-    """The backward rebuilds dropout(x) from the kept mask: same gradients as the definition."""
+    """The backward rebuilds dropout(x) from the kept mask: same gradients as the definition
+    (to float32 rounding of each tensor's scale: the backward orders its products for speed)."""
+    torch.manual_seed(11)  # the inputs do not depend on what earlier tests drew
     x = torch.randn(3, 7, 6, requires_grad=True)
     a = torch.randn(2, 6, requires_grad=True)
     b = torch.randn(5, 2, requires_grad=True)
@@ -155,7 +157,7 @@ def test_branch_with_dropout_matches_definition(p):
     torch.testing.assert_close(out, ref)
     ref.square().sum().backward()
     for g, r in zip(got, (x.grad, a.grad, b.grad), strict=True):
-        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6 * float(r.abs().max()))
 
 
 def test_train_gives_the_same_adapter_with_and_without_lean(
