@@ -141,6 +141,15 @@ def _own_calibration_cache(monkeypatch, tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
+def _own_spectra_cache(monkeypatch, tmp_path_factory):
+    """Each test its own eigenpair cache (shared across compositions under $LORASUM_HOME)."""
+    import lorasum.methods.projection
+
+    path = tmp_path_factory.mktemp("spectra")
+    monkeypatch.setattr(lorasum.methods.projection, "spectra_dir", lambda: path)
+
+
+@pytest.fixture(autouse=True)
 def _offline(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

@@ -161,3 +161,70 @@ def test_threaded_modules_give_what_one_thread_gives(method):
     for name in names:
         a, b = one.modules[name], many.modules[name]
         assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B), name
+
+
+def _compose(method: str, terms, grams):
+    _FACTORED.clear()  # no in-process reuse: only the disk cache may carry eigenpairs over
+    result = merge_adapters(
+        [{"m": t} for t in terms],
+        [1.0] * len(terms),
+        MergeConfig(method=method),
+        [{"m": G} for G in grams],
+    )
+    return result.modules["m"]
+
+
+def test_cached_eigenpairs_give_the_same_composition_bitwise(monkeypatch):
+    """The second composition over the same calibration statistics (another seed's adapters, or
+    the other projection method of a pair) reads the eigenpairs the first wrote: no whitening
+    or eigendecomposition runs, and the factors are bitwise those of a computation without the
+    cache. Other statistics miss; a damaged file is recomputed."""
+    from lorasum.methods import projection
+
+    calls = []
+    original = projection.spectrum
+    monkeypatch.setattr(projection, "spectrum", lambda C: calls.append(1) or original(C))
+    g = torch.Generator().manual_seed(3)
+    grams = _grams("overlapping", 2, 20, g)
+    seed1 = [_factors(g, 8, 20, 4) for _ in range(2)]
+    seed2 = [_factors(g, 8, 20, 4) for _ in range(2)]
+
+    monkeypatch.setenv("LORASUM_SPECTRA_GB", "0")  # no cache: the reference
+    want = {m: _compose(m, seed2, grams) for m in ("soft_projection", "orthogonal_projection")}
+    assert len(calls) == 4 and not list(projection.spectra_dir().iterdir())
+    monkeypatch.delenv("LORASUM_SPECTRA_GB")
+
+    calls.clear()
+    _compose("soft_projection", seed1, grams)  # fills the cache: one file per adapter
+    assert len(calls) == 2 and len(list(projection.spectra_dir().glob("spectrum-*"))) == 2
+    for method in ("soft_projection", "orthogonal_projection"):  # N = 2: the same M, hits
+        got = _compose(method, seed2, grams)
+        assert torch.equal(got.A, want[method].A) and torch.equal(got.B, want[method].B)
+    assert len(calls) == 2
+
+    other = _grams("overlapping", 2, 20, g)  # other statistics: computed, not read
+    _compose("soft_projection", seed2, other)
+    assert len(calls) == 4
+    for f in projection.spectra_dir().glob("spectrum-*"):
+        f.write_bytes(b"not a safetensors file")
+    got = _compose("soft_projection", seed2, grams)
+    assert len(calls) == 6 and torch.equal(got.A, want["soft_projection"].A)
+
+
+def test_the_eigenpair_cache_keeps_to_its_cap(monkeypatch):
+    """Past $LORASUM_SPECTRA_GB the least recently used files go; the newest stay."""
+    import time
+
+    from lorasum.methods import projection
+
+    g = torch.Generator().manual_seed(4)
+    terms = [_factors(g, 6, 30, 2) for _ in range(2)]
+    names = lambda: {f.name for f in projection.spectra_dir().glob("spectrum-*")}  # noqa: E731
+    _compose("soft_projection", terms, _grams("full", 2, 30, g))
+    size = next(projection.spectra_dir().glob("spectrum-*")).stat().st_size
+    monkeypatch.setenv("LORASUM_SPECTRA_GB", str(3.5 * size / 2**30))
+    for _ in range(3):
+        time.sleep(0.02)  # distinct modification times
+        before = names()
+        _compose("soft_projection", terms, _grams("full", 2, 30, g))
+    assert len(names()) == 3 and len(names() - before) == 2  # the last composition's two kept

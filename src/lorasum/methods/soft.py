@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lorasum.factors import LoraFactors
-from lorasum.methods.projection import projected_A, spectrum, whitened
+from lorasum.methods.projection import cached_spectrum, projected_A, tensor_digest
 from lorasum.methods.registry import MergeMethod, ModuleMerge
 from lorasum.methods.regmean import _FACTORED, lora_result, with_ridge
 
@@ -46,10 +46,11 @@ def soft_basis(
     n = len(grams)
     L = torch.linalg.cholesky(with_ridge(sum(grams)))  # (d_in, d_in)
     out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n
+    digest = tensor_digest(L)
     for j in range(n):
         if not present[j]:
             continue
-        mu, Q = spectrum(whitened(L, grams[j]))  # (d_in,), (d_in, d_in)
+        mu, Q = cached_spectrum(L, grams[j], digest)  # (d_in,), (d_in, d_in); once per (L, Ĝ_j)
         f = (n * mu.double()).clamp(0.0, 1.0)  # min(1, N μ); μ < 0 only by rounding
         keep = f > 0
         out[j] = (L, Q.double()[:, keep] * f[keep].sqrt())
