@@ -228,3 +228,38 @@ def test_the_eigenpair_cache_keeps_to_its_cap(monkeypatch):
         before = names()
         _compose("soft_projection", terms, _grams("full", 2, 30, g))
     assert len(names()) == 3 and len(names() - before) == 2  # the last composition's two kept
+
+
+def test_two_compositions_at_once_compute_each_entry_once(monkeypatch):
+    """Two workers needing the same eigenpairs at the same time (two seeds' compositions
+    started together): one computes under the entry's lock, the other waits and reads it."""
+    import threading
+    import time
+
+    from lorasum.methods import projection
+
+    calls = []
+    original = projection.spectrum
+
+    def slow(C):
+        calls.append(1)
+        time.sleep(0.3)  # long enough for the other thread to arrive while this one computes
+        return original(C)
+
+    monkeypatch.setattr(projection, "spectrum", slow)
+    g = torch.Generator().manual_seed(5)
+    G = _grams("full", 2, 16, g)
+    L = torch.linalg.cholesky(_ridged(sum(G)))
+    results = [None, None]
+
+    def work(i):
+        results[i] = projection.cached_spectrum(L, G[0])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert not list(projection.spectra_dir().glob("*.lock"))  # the lock file went with the write

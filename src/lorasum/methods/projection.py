@@ -45,7 +45,7 @@ import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -134,26 +134,61 @@ def cached_spectrum(
     h.update(L_digest or tensor_digest(L))
     h.update(tensor_digest(gram))
     path = spectra_dir() / f"spectrum-{h.hexdigest()[:40]}.safetensors"
-    with contextlib.suppress(Exception):  # missing, evicted by another process, or damaged
-        found = load_file(str(path))
-        os.utime(path)  # recently used
-        return found["mu"], found["Q"]
-    mu, Q = spectrum(whitened(L, gram))
-    tmp = None
+
+    def read() -> tuple[torch.Tensor, torch.Tensor] | None:
+        with contextlib.suppress(Exception):  # missing, evicted by another process, or damaged
+            found = load_file(str(path))
+            os.utime(path)  # recently used
+            return found["mu"], found["Q"]
+        return None
+
+    if (found := read()) is not None:
+        return found
+    with _entry_lock(path):  # two study workers composing two seeds at once: one computes
+        if (found := read()) is not None:  # written while this process waited
+            return found
+        mu, Q = spectrum(whitened(L, gram))
+        tmp = None
+        try:
+            tmp = temp_beside(path)
+            save_file({"mu": mu.contiguous(), "Q": Q.contiguous()}, tmp)
+            commit_temp(tmp, path)
+            tmp = None
+            _evict(path.parent, cap)
+        except Exception as e:  # a full or read-only disk: the numbers are already computed
+            log.warning("cannot cache eigenpairs in %s (%s)", path.parent, e)
+        finally:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+    return mu, Q
+
+
+@contextlib.contextmanager
+def _entry_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on one cache entry across processes and threads (``flock`` on its own
+    ``.lock`` file; no lock where that cannot be had: then two computations race, and the
+    atomic rename still leaves one whole file). The lock file goes once the entry is written:
+    a process still waiting on it then finds the entry."""
+    try:
+        import fcntl
+    except ImportError:  # not on Linux/macOS
+        yield
+        return
+    lock = path.with_name(path.name + ".lock")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_beside(path)
-        save_file({"mu": mu.contiguous(), "Q": Q.contiguous()}, tmp)
-        commit_temp(tmp, path)
-        tmp = None
-        _evict(path.parent, cap)
-    except Exception as e:  # a full or read-only disk: the numbers are already computed
-        log.warning("cannot cache eigenpairs in %s (%s)", path.parent, e)
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
     finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-    return mu, Q
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        os.close(fd)  # releases the lock
 
 
 def _evict(folder: Path, cap: int) -> None:
