@@ -150,6 +150,7 @@ def cached_spectrum(
         mu, Q = spectrum(whitened(L, gram))
         tmp = None
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             tmp = temp_beside(path)
             save_file({"mu": mu.contiguous(), "Q": Q.contiguous()}, tmp)
             commit_temp(tmp, path)
