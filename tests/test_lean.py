@@ -473,6 +473,11 @@ def test_token_nll_trains_through_head_nll_with_the_same_numbers(tiny_llama, mon
     for a, b in zip(fused_grads, plain_grads, strict=True):
         assert torch.equal(a, b)
     monkeypatch.undo()
+    head = peft.get_output_embeddings()
+    handle = head.register_forward_hook(lambda *a: None)  # a hook must run: not fused
+    assert not lean.fused_head(head, torch.zeros(1))
+    handle.remove()
+    assert lean.fused_head(head, torch.zeros(1))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         token_nll(peft, batch)[0].sum().backward()
     assert not lean.fused_head(peft.get_output_embeddings(), torch.zeros(1, dtype=torch.bfloat16))

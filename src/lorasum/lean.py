@@ -315,9 +315,12 @@ class HeadNll(torch.autograd.Function):
 
 def fused_head(head: nn.Module, hidden: torch.Tensor) -> bool:
     """Whether `HeadNll` can stand in for ``head`` and the loss: a plain bias-free fp32
-    ``nn.Linear`` (not a LoRA-wrapped head), fp32 inputs, no autocast."""
+    ``nn.Linear`` (not a LoRA-wrapped head) without hooks (HeadNll never calls the module, so
+    a hook on it, e.g. `gradients.py` reading a targeted head, would not run), fp32 inputs, no
+    autocast."""
     return (
         type(head) is nn.Linear
+        and not (head._forward_hooks or head._forward_pre_hooks or head._backward_hooks)
         and head.bias is None
         and head.weight.dtype == torch.float32
         and hidden.dtype == torch.float32
