@@ -382,6 +382,23 @@ def test_keep_mask_equals_the_plain_lazy_comparison(n):
         assert torch.equal(got, want), (n, p)
 
 
+def test_keep_mask_ignores_ties_in_the_last_words_padding():
+    """n = 9: the second int64 draw holds one element and 7 padding bytes. A seed whose padding
+    ties the threshold's top byte (and whose element does not) still gives the reference mask."""
+    lead = 230  # p = 0.1
+    for seed in range(5000):
+        torch.manual_seed(seed)
+        top = torch.empty(2, dtype=torch.int64).random_(-(2**63), None).view(torch.uint8)
+        if lead in top[9:].tolist() and lead not in top[:9].tolist():
+            break
+    else:
+        pytest.fail("no seed with a tie in the padding only")
+    torch.manual_seed(seed)
+    want = _keep_mask_reference(9, 0.1)
+    torch.manual_seed(seed)
+    assert torch.equal(keep_mask(torch.Size([9]), 0.1, torch.device("cpu")), want)
+
+
 def test_softmax_nll_is_cross_entropy_with_its_gradient():
     """SoftmaxNll against F.cross_entropy: forward bitwise, gradients to float rounding for any
     upstream weights (zero and negative included); a second backward raises."""

@@ -179,8 +179,10 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor
     # scan of n/8 words instead of n bytes), then the bytes of those words.
     tie = torch.eq(draws, lead, out=torch.empty_like(draws))  # (8 · words,) 0/1 bytes
     hit = tie.view(torch.int64).nonzero().squeeze(1)  # words with a tied byte
-    tied = (hit.unsqueeze(1) * 8 + torch.arange(8, device=device)).reshape(-1)
-    tied = tied[tie[tied].bool() & (tied < n)]
+    row, col = tie.view(-1, 8).index_select(0, hit).nonzero().unbind(1)  # bytes in those words
+    tied = hit.index_select(0, row).mul_(8).add_(col)  # ascending
+    if tied.numel() and tied[-1] >= n:  # a tie in the last word's padding bytes
+        tied = tied[tied < n]
     if tied.numel():
         low = torch.empty(tied.numel(), dtype=torch.int64, device=device).random_()
         keep[tied] = (low.bitwise_and_((1 << rest_bits) - 1) < rest).to(torch.uint8)
@@ -200,17 +202,19 @@ class LoraBranch(torch.autograd.Function):
     def forward(ctx, x, a, b, p: float, scaling: float, fast_mask: bool = False):
         if p > 0 and fast_mask:
             keep = keep_mask(x.shape, p, x.device)
-            xd = (x * keep).div_(1 - p)  # in place: the same numbers as x * keep / (1 - p)
+            # 1/(1 − p) goes on the (N, r) product, not on the (N, d) dropped input: one pass
+            # over the input fewer; the same numbers to float rounding
+            h = F.linear(x * keep, a).mul_(1.0 / (1.0 - p))
         elif p > 0:
             noise = torch.empty_like(x).bernoulli_(1 - p)  # nn.Dropout's draws on a CPU
             noise.div_(1 - p)
             xd = x * noise
             keep = noise.ne(0).view(torch.uint8)  # 0/1 bytes, as `keep_mask` gives
             del noise
+            h = F.linear(xd, a)
+            del xd
         else:
-            xd, keep = x, None
-        h = F.linear(xd, a)
-        del xd
+            keep, h = None, F.linear(x, a)
         ctx.p, ctx.scaling = p, scaling
         ctx.save_for_backward(x, keep, h, a, b)
         return F.linear(h, b).mul_(scaling)
