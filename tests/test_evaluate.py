@@ -289,3 +289,33 @@ def test_chunked_vocabulary_projection_gives_the_same_nll(tiny_llama, qa_files, 
         assert torch.equal(whole[1], chunked[1]) and int(whole[1].sum()) > 3
         torch.testing.assert_close(chunked[0], whole[0], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(grad_path[0].detach(), whole[0], rtol=1e-6, atol=1e-6)
+
+
+def test_chunked_projection_in_one_buffer_is_cross_entropy_bitwise(
+    tiny_llama, qa_files, monkeypatch
+):
+    """A plain fp32 head projects every chunk into one reused buffer with the log-softmax in
+    place; the same per-row NLL, bitwise, as `F.cross_entropy` over each chunk's own logits (the
+    path a head with a hook takes, since the buffer path never calls the module)."""
+    import torch
+
+    from lorasum.data import load_split, make_batches, tokenize_split
+    from lorasum.lean import fused_head
+    from lorasum.models import load_model, load_tokenizer
+
+    model, tok = load_model(str(tiny_llama)), load_tokenizer(str(tiny_llama))
+    sources = [load_split(str(p), 42) for p in qa_files.values()]
+    items = tokenize_split(tok, sources, "test", 32, False)
+    batch = make_batches(items, 8, tok.pad_token_id, False)[0]
+    head = model.get_output_embeddings()
+    calls = []
+    monkeypatch.setattr(evaluate_mod, "HEAD_CHUNK", 5)  # the buffer reused, a ragged last chunk
+    with torch.no_grad():
+        assert fused_head(head, torch.zeros(1, head.in_features))
+        buffered = evaluate_mod.token_nll(model, batch)
+        hook = head.register_forward_hook(lambda *a: calls.append(1))
+        assert not fused_head(head, torch.zeros(1, head.in_features))
+        per_chunk = evaluate_mod.token_nll(model, batch)
+        hook.remove()
+    assert calls and int(batch.counted[:, 1:].sum()) % 5 and int(batch.counted.sum()) > 10
+    assert torch.equal(buffered[0], per_chunk[0]) and torch.equal(buffered[1], per_chunk[1])

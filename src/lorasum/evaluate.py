@@ -56,10 +56,18 @@ def _chunked_nll(hf: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> 
     """NLL at each counted position (N,), the vocabulary projection HEAD_CHUNK positions at a
     time: without autograd, N × V logits (and their log-softmax) never exist at once."""
     head = hf.get_output_embeddings()
-    parts = [
-        F.cross_entropy(head(h).float(), t, reduction="none")
-        for h, t in zip(hidden.split(HEAD_CHUNK), targets.split(HEAD_CHUNK), strict=True)
-    ]
+    chunks = zip(hidden.split(HEAD_CHUNK), targets.split(HEAD_CHUNK), strict=True)
+    if fused_head(head, hidden) and len(hidden):
+        # One logits buffer for every chunk, the log-softmax in place: the same numbers without
+        # two fresh ~50 MB tensors per chunk (each page-faulted in anew by the kernel)
+        buf = hidden.new_empty(min(HEAD_CHUNK, len(hidden)), head.weight.shape[0])
+        parts = []
+        for h, t in chunks:
+            logp = torch.mm(h, head.weight.t(), out=buf[: len(h)])  # (n, V)
+            torch.log_softmax(logp, dim=-1, out=logp)  # rows are read before written
+            parts.append(logp.gather(1, t.unsqueeze(1)).squeeze(1).neg_())
+        return torch.cat(parts)
+    parts = [F.cross_entropy(head(h).float(), t, reduction="none") for h, t in chunks]
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
 
