@@ -14,7 +14,10 @@ alpha=64, dropout 0.1, targets `auto`, batch 8, max length 128, lr 1e-4, seed 0.
 - (d) `lorasum.evaluate` on the same rows and adapter.
 
 Each side runs in its own subprocess (so peak RSS is its own), alternating A B A B so machine
-drift cancels; the table shows medians. Tokens/s counts real (non-padding) tokens only. After
+drift cancels; the table shows medians. Tokens/s counts real (non-padding) tokens only: a
+training side's rate is the real tokens of its steps after the first over their time, taken as
+the median time per computed position times their positions (`_train_result`: lorasum's
+length-grouped steps differ in size; for the baseline's equal steps it is the median step). After
 training, both sides' adapters are scored with the same honest evaluator: answer-only and
 full-sequence test perplexity. Writes benchmarks/results/throughput.json and prints a table.
 
@@ -129,6 +132,12 @@ def side_train_baseline(a: argparse.Namespace, bf16: bool = False) -> dict:
         ),
     )
     step_times: list[float] = []
+    batches: list[tuple[int, int]] = []  # (real tokens, positions) of each batch, in step order
+
+    def collate(features):
+        batch = default_data_collator(features)
+        batches.append((int(batch["attention_mask"].sum()), batch["input_ids"].numel()))
+        return batch
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
@@ -157,20 +166,17 @@ def side_train_baseline(a: argparse.Namespace, bf16: bool = False) -> dict:
             model=peft_model,
             args=args,
             train_dataset=rows,
-            data_collator=default_data_collator,
+            data_collator=collate,
             callbacks=[Clock()],
         )
         t0 = time.perf_counter()
         trainer.train()
         wall = time.perf_counter() - t0
     peft_model.save_pretrained(a.adapter_out)
-    used = rows[: a.steps * SETTINGS["batch_size"]]
-    real = sum(int(r["attention_mask"].sum()) for r in used)
-    positions = sum(r["input_ids"].numel() for r in used)  # every position, padding included
+    real = [r for r, _ in batches[: a.steps]]
+    positions = [p for _, p in batches[: a.steps]]  # every position, padding included
     # HF computes the vocabulary projection at every position (full logits)
-    return _with_gpu_peak(
-        _train_result(step_times, wall, real, a.steps, positions, positions), a.device
-    )
+    return _with_gpu_peak(_train_result(step_times, wall, real, positions, positions), a.device)
 
 
 def side_train_lorasum(a: argparse.Namespace) -> dict:
@@ -193,11 +199,13 @@ def side_train_lorasum(a: argparse.Namespace) -> dict:
     marker = train(cfg, a.adapter_out, overwrite=True, progress=False)
     wall = time.perf_counter() - t0
     log = [json.loads(x) for x in (Path(a.adapter_out) / "train_log.jsonl").open()]
-    step_times = [r["seconds"] for r in log]
-    real = sum(r["real_tokens"] for r in log)
-    positions = sum(r["positions"] for r in log)
-    head_positions = sum(r["tokens"] for r in log)  # the head runs on counted positions only
-    out = _train_result(step_times, wall, real, a.steps, positions, head_positions)
+    out = _train_result(
+        [r["seconds"] for r in log],
+        wall,
+        [r["real_tokens"] for r in log],
+        [r["positions"] for r in log],
+        [r["tokens"] for r in log],  # the head runs on counted positions only
+    )
     out["precision"] = read_json(Path(a.adapter_out) / "lorasum.json")["metrics"]["precision"]
     del marker
     return _with_gpu_peak(out, a.device)
@@ -206,20 +214,42 @@ def side_train_lorasum(a: argparse.Namespace) -> dict:
 def _train_result(
     step_times: list[float],
     wall: float,
-    real_tokens: int,
-    steps: int,
-    positions: int,
-    head_positions: int,
+    real_tokens: list[int],
+    positions: list[int],
+    head_positions: list[int],
 ) -> dict:
-    # The first step carries one-time costs (allocations, lazy init) on both sides.
-    med = statistics.median(step_times[1:] or step_times)
+    """A training side's rate: the real tokens of its timed steps over their time, the time
+    taken as the median seconds per computed position times those steps' positions.
+
+    The first step carries one-time costs (allocations, lazy init) on both sides and is left
+    out. The median keeps one slow step of a shared machine from moving the rate, as the
+    median step time did before; per position, because lorasum's length-grouped steps differ
+    in size (384 to 1,024 positions) where the baseline pads every step to the same size, so
+    for the baseline this is the earlier measure exactly. That earlier measure,
+    ``tokens_per_s_median_step`` (all steps' mean real tokens over the median step's time), is
+    kept for comparison: with steps of unequal size it counts a typical step's time against an
+    average step's tokens. ``tokens_per_s_summed`` is the plain ratio of sums. Token and
+    position counts are those of the timed steps, so `_roofline`'s FLOPs per real token times
+    the rate is the FLOP rate of those steps."""
+    if not len(step_times) == len(real_tokens) == len(positions) == len(head_positions):
+        raise ValueError("one time and one count of each kind per step")
+    timed = slice(1, None) if len(step_times) > 1 else slice(None)
+    steps = len(step_times)
+    per_position = statistics.median(
+        t / p for t, p in zip(step_times[timed], positions[timed], strict=True)
+    )
+    real, computed = sum(real_tokens[timed]), sum(positions[timed])
     return {
-        "s_per_step": med,
-        "real_tokens": real_tokens,
-        "positions": positions,
-        "head_positions": head_positions,
+        "s_per_step": statistics.median(step_times[timed]),
+        "step_seconds": step_times,
+        "real_tokens": real,
+        "positions": computed,
+        "head_positions": sum(head_positions[timed]),
         "steps": steps,
-        "tokens_per_s": real_tokens / steps / med,
+        "timed_steps": len(step_times[timed]),
+        "tokens_per_s": real / (per_position * computed),
+        "tokens_per_s_summed": real / sum(step_times[timed]),
+        "tokens_per_s_median_step": sum(real_tokens) / steps / statistics.median(step_times[timed]),
         "wall_s": wall,
         "peak_rss_mb": _peak_rss_mb(),
     }
@@ -586,6 +616,10 @@ def main() -> None:
         "train_tokens_per_s": (
             med("train-baseline", "tokens_per_s"),
             med("train-lorasum", "tokens_per_s"),
+        ),
+        "train_tokens_per_s_median_step": (  # the measure before 2026-12-07 (`_train_result`)
+            med("train-baseline", "tokens_per_s_median_step"),
+            med("train-lorasum", "tokens_per_s_median_step"),
         ),
         "train_peak_rss_mb": (
             med("train-baseline", "peak_rss_mb"),

@@ -239,6 +239,7 @@ def _fake_side(name: str, a) -> dict:
         "s_per_step": 0.5,
         "seconds": 1.0,
         "tokens_per_s": 2500.0 if lorasum else 1000.0,
+        "tokens_per_s_median_step": 2400.0 if lorasum else 1000.0,
         "real_tokens": 100,
         "positions": 120,
         "head_positions": 30 if lorasum else 120,
@@ -328,3 +329,37 @@ def test_the_cpu_bench_shares_are_of_the_best_peak_reading(tmp_path, monkeypatch
     assert ev["lorasum_fraction_of_adjacent_peak"] == pytest.approx(
         (ev["lorasum_gflops"] / 50 + ev["lorasum_gflops"] / 25) / 2
     )
+
+
+def test_train_rate_is_tokens_over_time_of_the_timed_steps():
+    """Steps of unequal size (lorasum's length-grouped batches): the rate is the real tokens of
+    the steps after the first over their time, taken as the median seconds per position times
+    their positions; FLOPs per real token times that rate is those steps' FLOPs over that time.
+    With equal steps (the baseline) it is the median step's rate, as before."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import throughput
+    finally:
+        sys.path.pop(0)
+    seconds, real = [9.0, 4.0, 1.8, 4.4], [700, 1000, 300, 1000]
+    positions, head = [1024, 1024, 384, 1024], [300, 400, 100, 400]
+    r = throughput._train_result(seconds, 1.0, real, positions, head)
+    per_position = 4.4 / 1024  # the median of 4.0/1024, 4.4/1024 and 1.8/384
+    assert r["tokens_per_s"] == pytest.approx(2300 / (per_position * 2432))
+    assert r["tokens_per_s_summed"] == pytest.approx(2300 / 10.2)
+    assert r["tokens_per_s_median_step"] == pytest.approx(3000 / 4 / 4.0)  # the earlier measure
+    assert (r["real_tokens"], r["positions"], r["head_positions"], r["timed_steps"]) == (
+        2300,
+        2432,
+        900,
+        3,
+    )
+    peak = {"body_linear_params": 10, "head_params": 2, "linear_gflops": 1.0}
+    runs = {f"{k}-{s}": [r] for k in ("train", "eval") for s in ("baseline", "lorasum")}
+    roof = throughput._roofline(runs, peak, peak)
+    flops = sum(4 * (10 * p + 2 * h) for p, h in zip(positions[1:], head[1:], strict=True))
+    assert roof["train"]["lorasum_gflops"] == pytest.approx(flops / (per_position * 2432) / 1e9)
+    equal = throughput._train_result([9.0, 4.0, 5.0, 4.4], 1.0, real, [1024] * 4, [1024] * 4)
+    assert equal["tokens_per_s"] == pytest.approx(2300 / 3 / 4.4)
+    with pytest.raises(ValueError, match="per step"):
+        throughput._train_result(seconds, 1.0, real[:2], positions, head)
