@@ -325,6 +325,9 @@ def test_the_cpu_bench_shares_are_of_the_best_peak_reading(tmp_path, monkeypatch
     assert train["lorasum_gflops"] == pytest.approx(rate)
     assert train["lorasum_fraction_of_peak"] == pytest.approx(rate / 100.0)
     assert train["lorasum_fraction_of_adjacent_peak"] == pytest.approx((rate / 40 + rate / 100) / 2)
+    two = json.loads(out.read_text())["train_two_processes"]  # two fake processes of 2500
+    assert two["tokens_per_s"] == 5000
+    assert two["fraction_of_peak"] == pytest.approx(5000 * 50.4 / 1e9 / 100.0)
     ev = roof["eval"]
     assert ev["lorasum_fraction_of_adjacent_peak"] == pytest.approx(
         (ev["lorasum_gflops"] / 50 + ev["lorasum_gflops"] / 25) / 2
