@@ -29,8 +29,13 @@ the reading taken just before it is printed too.
 
 ``--device cuda`` runs every side on the GPU (the baseline Trainer without ``use_cpu``, lorasum
 with its own precision choice there: bf16 where the GPU supports it), adds each side's peak GPU
-memory (``torch.cuda.max_memory_allocated``) and leaves out the two-processes run (a study on
+memory (``torch.cuda.max_memory_allocated``) and leaves out the two-processes runs (a study on
 GPUs runs one worker per GPU, not two on one). The default, ``cpu``, is the CPU benchmark.
+
+On a CPU two more lorasum training sides run beside (b), on the same rows: two independent
+trainings at once with one thread each (how `reproduce`'s workers train), and one training on
+two one-thread processes under torchrun (DDP over gloo; docs/SCALE.md), whose rate is its global
+batches' real tokens over rank 0's step times.
 """
 
 from __future__ import annotations
@@ -198,6 +203,8 @@ def side_train_lorasum(a: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     marker = train(cfg, a.adapter_out, overwrite=True, progress=False)
     wall = time.perf_counter() - t0
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 writes the log
+        return {}
     log = [json.loads(x) for x in (Path(a.adapter_out) / "train_log.jsonl").open()]
     out = _train_result(
         [r["seconds"] for r in log],
@@ -450,6 +457,18 @@ def run_side_parallel(name: str, a: argparse.Namespace, copies: int, **extra) ->
     return outs
 
 
+def run_side_ddp(name: str, a: argparse.Namespace, ranks: int, **extra) -> dict:
+    """One side on ``ranks`` one-thread processes under torchrun (one DDP training); rank 0's
+    result: its log holds the global batches' tokens and its own step times."""
+    cmd = _side_cmd(name, a, **extra)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    launcher += ["--nproc_per_node", str(ranks)]
+    proc = subprocess.run(
+        launcher + cmd[1:], capture_output=True, text=True, env=_side_env(threads=1)
+    )
+    return _side_output(name, proc.returncode, proc.stdout, proc.stderr)
+
+
 def _best_peak(readings: list[dict]) -> dict:
     """The highest of the run's matmul-peak readings (fp32 and, where measured, bf16 each at
     its own best): what this machine could reach at best while the sides ran, so a share of it
@@ -551,7 +570,9 @@ def main() -> None:
     if a.rows is None:  # one epoch of `steps` batches over the three domains
         a.rows = -(-a.steps * SETTINGS["batch_size"] // len(DOMAINS))
     if a.side:
-        print(json.dumps(SIDES[a.side](a)))
+        result = SIDES[a.side](a)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: rank 0's result only
+            print(json.dumps(result))
         return
 
     import torch
@@ -563,13 +584,14 @@ def main() -> None:
     t_start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="lorasum-bench-"))
     runs: dict[str, list[dict]] = {k: [] for k in SIDES if k not in ("score", "peak")}
-    train_sides = ("train-baseline", "train-lorasum") + (() if gpu else ("train-lorasum-x2",))
+    train_sides = ("train-baseline", "train-lorasum")
+    train_sides += () if gpu else ("train-lorasum-x2", "train-lorasum-ddp")
     bf16_baseline = _bf16_pays(gpu)  # the Trainer with bf16=True: only where bf16 is real
     if bf16_baseline:
         train_sides += ("train-baseline-bf16",)
     else:
         runs.pop("train-baseline-bf16", None)
-    runs.update({"train-lorasum-x2": []} if not gpu else {})
+    runs.update({"train-lorasum-x2": [], "train-lorasum-ddp": []} if not gpu else {})
     peaks: dict[str, list[dict]] = {"train": [], "eval": [], "end": []}  # readings over the run
     for i in range(a.repeats):
         if not gpu:  # the GPU's peak does not drift with the host's load: read once, at the end
@@ -586,6 +608,10 @@ def main() -> None:
                         "processes": both,
                     }
                 )
+                continue
+            if side == "train-lorasum-ddp":  # one training on two 1-thread processes (torchrun)
+                out_dir = work / f"ddp-{i}"
+                runs[side].append(run_side_ddp("train-lorasum", a, 2, adapter_out=out_dir))
                 continue
             runs[side].append(run_side(side, a, adapter_out=work / f"{side}-{i}"))
     adapter = work / "train-lorasum-0"
@@ -695,6 +721,16 @@ def main() -> None:
             "gflops": two_gflops,
             "fraction_of_peak": two_gflops / peak["linear_gflops"],
         }
+        ddp_rate = med("train-lorasum-ddp", "tokens_per_s")
+        ddp_gflops = ddp_rate * roofline["train"]["lorasum_gflop_per_token"]
+        result["train_torchrun_2"] = {
+            "tokens_per_s": ddp_rate,
+            "peak_rss_mb_rank0": med("train-lorasum-ddp", "peak_rss_mb"),
+            "vs_baseline": ddp_rate / table["train_tokens_per_s"][0],
+            "vs_one_process": ddp_rate / table["train_tokens_per_s"][1],
+            "gflops": ddp_gflops,
+            "fraction_of_peak": ddp_gflops / peak["linear_gflops"],
+        }
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -718,10 +754,14 @@ def main() -> None:
             f"fp32, {peak['linear_gflops_bf16']:.1f} GFLOP/s bf16 (shares below: of fp32)"
         )
     else:
-        two = result["train_two_processes"]
+        two, ddp = result["train_two_processes"], result["train_torchrun_2"]
         print(
             f"{'train_tokens_per_s, 2 lorasum processes':<40}{'':>12}{two['tokens_per_s']:>12.2f}"
             f"{two['vs_baseline']:>8.2f}"
+        )
+        print(
+            f"{'train_tokens_per_s, torchrun 2 x 1 thread':<40}{'':>12}{ddp['tokens_per_s']:>12.2f}"
+            f"{ddp['vs_baseline']:>8.2f}   ({ddp['vs_one_process']:.2f}x one 2-thread process)"
         )
         print(
             f"\nmatmul peak at the model's shapes: {peak['linear_gflops']:.1f} GFLOP/s "
@@ -759,6 +799,11 @@ def main() -> None:
             f"{'train: % of peak, 2 lorasum processes':<40}{'':>12}"
             f"{100 * two['fraction_of_peak']:>12.1f}"
             "   (1 thread each, as reproduce's workers; together, of the same peak)"
+        )
+        print(
+            f"{'train: % of peak, torchrun 2 x 1 thread':<40}{'':>12}"
+            f"{100 * result['train_torchrun_2']['fraction_of_peak']:>12.1f}"
+            "   (one training on two processes, of the same peak)"
         )
     print(
         f"speedup (real tokens/s): train {result['speedup']['train']:.2f}x, "

@@ -307,14 +307,19 @@ def test_the_cpu_bench_shares_are_of_the_best_peak_reading(tmp_path, monkeypatch
     def fake_parallel(name, a, copies, **kw):
         return [_fake_side(name, a) for _ in range(copies)]
 
+    def fake_ddp(name, a, ranks, **kw):
+        called.append(f"ddp-{ranks}")
+        return {**_fake_side(name, a), "tokens_per_s": 2800.0}  # one training, two ranks
+
     monkeypatch.setattr(throughput, "run_side", fake_run_side)
     monkeypatch.setattr(throughput, "run_side_parallel", fake_parallel)
+    monkeypatch.setattr(throughput, "run_side_ddp", fake_ddp)
     monkeypatch.setattr(throughput, "_bf16_pays", lambda gpu: False)
     out = tmp_path / "bench.json"
     argv = ["throughput.py", "--repeats", "2", "--out", str(out)]
     monkeypatch.setattr(sys, "argv", argv)
     throughput.main()
-    assert called.count("peak") == 6
+    assert called.count("peak") == 6 and called.count("ddp-2") == 2
     roof = json.loads(out.read_text())["roofline"]
     assert roof["linear_gflops_peak"] == 100.0 and roof["linear_gflops_peak_1_thread"] == 50.0
     assert roof["linear_gflops_peak_readings"] == [40.0, 100.0, 50.0, 25.0, 80.0]
@@ -328,6 +333,9 @@ def test_the_cpu_bench_shares_are_of_the_best_peak_reading(tmp_path, monkeypatch
     two = json.loads(out.read_text())["train_two_processes"]  # two fake processes of 2500
     assert two["tokens_per_s"] == 5000
     assert two["fraction_of_peak"] == pytest.approx(5000 * 50.4 / 1e9 / 100.0)
+    ddp = json.loads(out.read_text())["train_torchrun_2"]
+    assert ddp["vs_one_process"] == pytest.approx(2800 / 2500)
+    assert ddp["fraction_of_peak"] == pytest.approx(2800 * 50.4 / 1e9 / 100.0)
     ev = roof["eval"]
     assert ev["lorasum_fraction_of_adjacent_peak"] == pytest.approx(
         (ev["lorasum_gflops"] / 50 + ev["lorasum_gflops"] / 25) / 2
