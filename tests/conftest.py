@@ -95,6 +95,22 @@ def build_tiny_model(kind: str, out: Path) -> Path:
     return out
 
 
+def rel_tol(precision: str, fp32: float, bf16: float) -> float:
+    """A comparison's relative tolerance for the precision its run used (``"fp32"`` or
+    ``"bf16"``, as lorasum records it): every test comparing two computations under
+    ``precision: auto`` states both, since `make test` runs it under each (the machine's own
+    verdict, and the ``precision`` subset with LORASUM_PRECISION forced to bf16 and fp32)."""
+    return {"fp32": fp32, "bf16": bf16}[precision]
+
+
+def run_precision() -> str:
+    """What ``precision: auto`` resolves to on this CPU in this run (LORASUM_PRECISION or the
+    machine's verdict)."""
+    from lorasum.models import resolve_precision
+
+    return resolve_precision("auto", torch.device("cpu"))
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``cuda`` are collected everywhere (a syntax and import check) and run only
     where torch sees a CUDA GPU; `bash benchmarks/gpu_check.sh` runs them on one."""

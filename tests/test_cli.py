@@ -4,7 +4,7 @@ import json
 import sys
 
 import pytest
-from conftest import write_jsonl
+from conftest import rel_tol, run_precision, write_jsonl
 
 from lorasum.cli import main
 
@@ -43,6 +43,7 @@ def trained(tiny_model, qa_files, tmp_path_factory):
     return tiny_model, d
 
 
+@pytest.mark.precision
 def test_cli_train_compose_similarity_eval(trained, qa_files, capsys):
     model, d = trained
     capsys.readouterr()
@@ -103,7 +104,13 @@ def test_cli_train_compose_similarity_eval(trained, qa_files, capsys):
         ],
         capsys,
     )
-    assert json.loads(out)["perplexity"] == pytest.approx(res["perplexity"], rel=1e-4)
+    merged = json.loads(out)
+    assert merged["precision"] == res["precision"] == run_precision()
+    # bf16: the merged weights are rounded once with ΔW inside, base + adapter rounds W alone
+    # and adds the fp32 LoRA branch; measured 1.4e-4 relative on the tiny llama (AVX512-BF16
+    # EPYC), against ~1e-2 for an adapter scaled 0.9 instead of 1
+    tol = rel_tol(res["precision"], fp32=1e-4, bf16=2e-3)
+    assert merged["perplexity"] == pytest.approx(res["perplexity"], rel=tol)
 
 
 def test_cli_reproduce_tiny(tiny_model, qa_files, tmp_path, capsys):

@@ -56,7 +56,7 @@ def test_bf16_training_on_the_gpu_follows_fp32_on_the_same_batches(tiny_llama, q
     bf16, m_bf16 = _train_log(tiny_llama, data, tmp_path / "gpu-bf16", "bf16", "cuda")
     assert m_cpu["device"] == "cpu"
     assert m_fp32["device"].startswith("cuda") and m_bf16["device"].startswith("cuda")
-    assert (m_fp32["precision"], m_bf16["precision"]) == ("fp32", "bfloat16")
+    assert (m_fp32["precision"], m_bf16["precision"]) == ("fp32", "bf16")
     assert len(cpu) == len(fp32) == len(bf16) == 8
     # the same batches, step by step
     tokens = [r["real_tokens"] for r in cpu]

@@ -698,6 +698,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     if args.plan:
         print(results["plan"])
         return 0
+    hw = results["manifest"]["hardware"]
+    print(f"ran in {hw['precision']} on {hw['cpu']} ({hw['cores']} cores, device {hw['device']})")
     for row in results["combinations"]:
         print(
             f"{' + '.join(row['domains']):<32} RMS cos {row['rms_cosine']:.4f}  "

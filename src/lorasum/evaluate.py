@@ -17,7 +17,7 @@ from torch import nn
 
 from lorasum.data import Batch
 from lorasum.lean import HeadNll, SoftmaxNll, folded_lora, fused_head
-from lorasum.models import frozen_linears_as, norm_outputs_as
+from lorasum.models import frozen_linears_as, norm_outputs_as, precision_name
 
 # Architectures whose logits are exactly lm_head(last hidden state): for them the head is applied
 # to counted positions only, which skips most of the vocabulary projection on prompts and padding.
@@ -162,6 +162,7 @@ def evaluate_batches(
     total_nll, total_tokens = float(nll.sum()), int(tokens.sum())
     return {
         "timing": {"seconds": seconds, "real_tokens": real_tokens, "positions": positions},
+        "precision": precision_name(amp_dtype),
         "perplexity": perplexity_from(total_nll, total_tokens),
         "nll": total_nll,
         "tokens": total_tokens,

@@ -421,18 +421,48 @@ def cpu_bf16_verdict(refresh: bool = False) -> dict:
     return verdict
 
 
+PRECISIONS = ("auto", "bf16", "fp32")
+PRECISION_ENV = "LORASUM_PRECISION"  # what `auto` means where it is set: auto, bf16 or fp32
+
+
+def precision_setting(precision: str = "auto") -> str:
+    """``--precision`` as asked: an explicit ``bf16``/``fp32`` stands; ``auto`` becomes
+    ``$LORASUM_PRECISION`` where that is set (so one variable pins every command and every
+    worker of a study), else stays ``auto`` (decided per device, see `autocast_dtype`)."""
+    if precision not in PRECISIONS:
+        raise LorasumError(f"unknown precision {precision!r}; use auto, bf16 or fp32")
+    if precision != "auto":
+        return precision
+    env = os.environ.get(PRECISION_ENV, "").strip().lower()
+    if env not in ("", *PRECISIONS):
+        raise LorasumError(
+            f"{PRECISION_ENV}={os.environ[PRECISION_ENV]!r}: set it to auto, bf16 or fp32, or unset it"
+        )
+    return env or "auto"
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """An autocast dtype as lorasum names precisions: None → ``"fp32"``, bfloat16 → ``"bf16"``."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision a run on ``device`` uses: ``"bf16"`` or ``"fp32"`` (never ``auto``)."""
+    return precision_name(autocast_dtype(precision, device))
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `--precision auto|bf16|fp32` on a device (None = plain fp32).
 
-    ``auto``: bf16 on CUDA GPUs that support it; on CPUs only where a measured micro-benchmark
-    says it pays (see ``cpu_bf16_verdict``); fp32 everywhere else.
+    ``auto`` (after ``$LORASUM_PRECISION``, see `precision_setting`): bf16 on CUDA GPUs that
+    support it; on CPUs only where a measured micro-benchmark says it pays (see
+    ``cpu_bf16_verdict``); fp32 everywhere else.
     """
+    precision = precision_setting(precision)
     if precision == "fp32":
         return None
     if precision == "bf16":
         return torch.bfloat16
-    if precision != "auto":
-        raise LorasumError(f"unknown precision {precision!r}; use auto, bf16 or fp32")
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     if device.type == "cpu":

@@ -27,6 +27,8 @@ from lorasum.models import (
     load_model,
     load_tokenizer,
     pick_device,
+    precision_name,
+    resolve_precision,
     resolve_target_modules,
     uses_conv1d,
 )
@@ -596,7 +598,7 @@ def _metrics(run: _Run, watch: _Watch, total_steps: int, seconds: float) -> dict
         "first_loss": rows[0]["loss"],
         "seconds": seconds,
         "tokens_per_second": run.real_tokens / seconds if seconds > 0 else None,
-        "precision": str(run.amp).replace("torch.", "") if run.amp else "fp32",
+        "precision": precision_name(run.amp),
         "device": str(run.device),
     }
 
@@ -678,7 +680,6 @@ def train(
     """
     out = Path(out)
     sources = sources if sources is not None else load_sources(cfg)
-    key = adapter_key(cfg, sources)
     world = world_from_env()
     device = None  # one process picks its device after the reuse check, as it always did
     if world.distributed:
@@ -688,12 +689,27 @@ def train(
             else rank_device(world, pick_device(cfg.device))
         )
     with process_group(world, device.type if device is not None else "cpu"):
+        cfg = _settle_precision(cfg, model, device, world)
+        key = adapter_key(cfg, sources)
         finished = _finished(out, key, overwrite, world)
         if finished is not None:
             log.info("reusing finished adapter %s", out)
             return finished
         marker = _train_new(cfg, out, key, model, tokenizer, sources, device, world, progress)
         return world.share(marker)
+
+
+def _settle_precision(cfg: TrainConfig, model, device, world: World) -> TrainConfig:
+    """``cfg`` with ``auto`` replaced by the precision this run uses (``$LORASUM_PRECISION``,
+    else the device's verdict; rank 0's on every rank), so the key and lorasum.json name it."""
+    if cfg.precision != "auto":
+        return cfg
+    chosen = None
+    if world.is_main:
+        if device is None:
+            device = next(model.parameters()).device if model is not None else None
+        chosen = resolve_precision(cfg.precision, device or pick_device(cfg.device))
+    return replace(cfg, precision=world.share(chosen))
 
 
 def _finished(out: Path, key: str, overwrite: bool, world: World) -> dict | None:

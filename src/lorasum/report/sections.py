@@ -699,11 +699,12 @@ def _manifest(results: dict) -> list:
     hw = m.get("hardware")
     if hw:
         workers = f", {hw['workers']} worker process(es)" if hw.get("workers") else ""
+        precision = f", precision {hw['precision']}" if hw.get("precision") else ""
         blocks.append(
             Para(
                 f"Hardware: {hw.get('cpu') or 'n/a'}, {hw.get('cores') or 'n/a'} cores, device "
-                f"`{hw.get('device') or 'n/a'}`, {hw.get('torch_threads') or 'n/a'} torch "
-                f"threads{workers}."
+                f"`{hw.get('device') or 'n/a'}`{precision}, {hw.get('torch_threads') or 'n/a'} "
+                f"torch threads{workers}."
             )
         )
     seeds = m.get("seeds") or results.get("seeds") or []

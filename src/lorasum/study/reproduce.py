@@ -14,7 +14,7 @@ restarted run reuses what finished.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from lorasum._version import __version__
@@ -23,10 +23,12 @@ from lorasum.data import load_split
 from lorasum.errors import LorasumError
 from lorasum.io import atomic_write_text, config_key, write_json
 from lorasum.models import (
+    PRECISION_ENV,
     autocast_dtype,
     load_model,
     load_tokenizer,
     pick_device,
+    resolve_precision,
     resolve_target_modules,
     settle_cpu_bf16,
 )
@@ -108,6 +110,10 @@ def resolve(out: str | Path, preset, config, overrides: dict, overwrite: bool) -
     train_settings = {**study_cfg.train, "eval_val": False}
     train_settings.setdefault("seed", study_cfg.seeds[0])
     base_cfg = TrainConfig(model=study_cfg.model, data=["-"], **train_settings)
+    # one precision per study, settled here (flag, else $LORASUM_PRECISION, else this device's
+    # verdict) and part of its identity: every unit, worker and actor runs in it
+    device = pick_device(base_cfg.device)
+    base_cfg = replace(base_cfg, precision=resolve_precision(base_cfg.precision, device))
     out = Path(out)
     # What the trained units depend on; methods and extra rows are units of their own, so a
     # rerun with more methods reuses the study directory.
@@ -127,17 +133,29 @@ def resolve(out: str | Path, preset, config, overrides: dict, overwrite: bool) -
     if study_cfg.snapshots:
         identity["snapshots"] = study_cfg.snapshots
     key = config_key(identity)
-    previous = _check_out_dir(out, key, overwrite)
+    previous = _check_out_dir(out, key, overwrite, base_cfg.precision)
     sources = _load_sources(study_cfg.domains, base_cfg)
     return Study(study_cfg, identity, key, _layout(out, study_cfg, base_cfg, sources, overwrite), previous)  # fmt: skip
 
 
-def _check_out_dir(out: Path, key: str, overwrite: bool) -> dict | None:
+def _check_out_dir(out: Path, key: str, overwrite: bool, precision: str) -> dict | None:
     if out.exists() and not out.is_dir():
         raise LorasumError(f"output path {out} is a file; choose another --out")
     cfg_path = out / "config.json"
     previous = read_json_or_none(cfg_path) if cfg_path.is_file() else None
     if previous is not None:
+        was = (previous.get("train") or {}).get("precision")
+        if (
+            previous.get("key") != key
+            and not overwrite
+            and was in ("bf16", "fp32")
+            and was != precision
+        ):
+            raise LorasumError(
+                f"{out} holds a study run in {was}; this run would use {precision} (from "
+                f"--precision, ${PRECISION_ENV} or this CPU's verdict); pass --precision {was} "
+                "to continue it, or choose a new --out or pass --overwrite"
+            )
         if previous.get("key") != key and not overwrite:
             raise LorasumError(
                 f"{out} holds a study with different settings; choose a new --out or pass --overwrite"
