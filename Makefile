@@ -32,8 +32,18 @@ demo: install
 	$(BIN)/lorasum reproduce --preset quick --out $(OUT)
 	@echo "report: $(OUT)/report.html  (markdown: $(OUT)/report.md, figures: $(OUT)/figures/)"
 
+# The suite in this CPU's own precision verdict (`auto`, measured once here; LORASUM_PRECISION=
+# bf16|fp32 forces one), then the `precision` subset (two computations that must agree) again
+# in the precision the suite did not run in: both precisions tested on every CPU kind.
+VERDICT = $(BIN)/python -c "import torch; from lorasum.models import resolve_precision as r; \
+	print(r('auto', torch.device('cpu')))"
 test: install
-	$(BIN)/python -m pytest -q
+	@ran=$$($(VERDICT)) && echo "the suite in $$ran (LORASUM_PRECISION or this CPU's verdict)" && \
+	LORASUM_PRECISION=$$ran $(BIN)/python -m pytest -q && \
+	for p in bf16 fp32; do [ "$$p" = "$$ran" ] && continue; \
+		echo "the precision subset with LORASUM_PRECISION=$$p"; \
+		LORASUM_PRECISION=$$p $(BIN)/python -m pytest -q -m "precision and not load" || exit 1; \
+	done
 
 # lorasum vs HF Trainer + PEFT, side by side (about 10 minutes on 2 cores)
 bench: install

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -46,6 +47,11 @@ def make_qa(domain: str, n: int, seed: int = 0) -> list[dict]:
                 {"question": f"Should I hold {w} for {a} years?", "answer": f"Hold {w} {b}%."}
             )
     return rows
+
+
+def qa_domains(qa_files: dict[str, Path], n: int = 3) -> list[str]:
+    """The first ``n`` tiny QA files as a study's ``name=path`` domains."""
+    return [f"{name}={path}" for name, path in list(qa_files.items())[:n]]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -109,6 +115,23 @@ def run_precision() -> str:
     from lorasum.models import resolve_precision
 
     return resolve_precision("auto", torch.device("cpu"))
+
+
+def pytest_configure(config):
+    """One precision for the whole run, subprocesses included: LORASUM_PRECISION as given (the
+    forced runs of `make test`), else this CPU's own verdict, measured once here. Tests of the
+    verdict itself unset it and fake the CPU."""
+    from lorasum.models import PRECISION_ENV
+
+    if not os.environ.get(PRECISION_ENV):
+        os.environ[PRECISION_ENV] = run_precision()
+        config._lorasum_precision = f"{os.environ[PRECISION_ENV]} (this CPU's verdict)"
+    else:
+        config._lorasum_precision = f"{os.environ[PRECISION_ENV]} (LORASUM_PRECISION)"
+
+
+def pytest_report_header(config):
+    return f"lorasum precision: {config._lorasum_precision}"
 
 
 def pytest_collection_modifyitems(config, items):

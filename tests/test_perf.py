@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import rel_tol, run_precision
 
 from lorasum import models
 from lorasum.data import load_split, make_batches, tokenize_split
@@ -54,6 +55,13 @@ def test_grouped_batches_give_the_same_per_example_loss_as_single_rows(tiny_llam
         assert nll_g == pytest.approx(float(nll1[0]), rel=1e-4, abs=1e-4)
 
 
+@pytest.fixture
+def unforced(monkeypatch):
+    """``auto`` decided by the (faked) verdict: the run's LORASUM_PRECISION unset."""
+    monkeypatch.delenv(models.PRECISION_ENV, raising=False)
+
+
+@pytest.mark.precision
 def test_bf16_and_fp32_paths_agree(tiny_llama, qa_files):
     model, tok = load_model(str(tiny_llama)), load_tokenizer(str(tiny_llama))
     sources = [load_split(str(p), 42) for p in qa_files.values()]
@@ -66,7 +74,7 @@ def test_bf16_and_fp32_paths_agree(tiny_llama, qa_files):
     assert bf16["perplexity"] != fp32["perplexity"]  # bf16 really ran
 
 
-def test_bf16_verdict_is_measured_and_only_a_cache(tmp_path, monkeypatch):
+def test_bf16_verdict_is_measured_and_only_a_cache(tmp_path, monkeypatch, unforced):
     monkeypatch.setenv("LORASUM_HOME", str(tmp_path))
     monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: True)
     monkeypatch.setattr(models, "load_average", lambda: 0.1)  # a quiet machine
@@ -106,7 +114,7 @@ def test_bf16_verdict_is_measured_and_only_a_cache(tmp_path, monkeypatch):
     assert models.autocast_dtype("bf16", CPU) is torch.bfloat16
 
 
-def test_bf16_verdict_measured_on_a_busy_machine_is_provisional(tmp_path, monkeypatch):
+def test_bf16_verdict_measured_on_a_busy_machine_is_provisional(tmp_path, monkeypatch, unforced):
     """Measured under load (a running study made fp32 look faster than bf16 on an AMX CPU), the
     verdict stands while the machine stays busy and is measured again once it is quiet."""
     monkeypatch.setenv("LORASUM_HOME", str(tmp_path))
@@ -133,7 +141,7 @@ def test_bf16_verdict_measured_on_a_busy_machine_is_provisional(tmp_path, monkey
     assert models.cpu_bf16_verdict()["use_bf16"] is True and len(calls) == 2 * n  # final now
 
 
-def test_settled_verdict_is_what_a_study_worker_uses(tmp_path, monkeypatch):
+def test_settled_verdict_is_what_a_study_worker_uses(tmp_path, monkeypatch, unforced):
     """A study's driver hands its verdict to the workers: they never measure their own."""
     monkeypatch.setenv("LORASUM_HOME", str(tmp_path))
     monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: True)
@@ -153,7 +161,7 @@ def test_settled_verdict_is_what_a_study_worker_uses(tmp_path, monkeypatch):
     assert models._SETTLED_BF16 is None
 
 
-def test_bf16_never_chosen_without_bf16_hardware(tmp_path, monkeypatch):
+def test_bf16_never_chosen_without_bf16_hardware(tmp_path, monkeypatch, unforced):
     """A busy machine can make any micro-benchmark lie; emulated bf16 is never picked."""
     monkeypatch.setenv("LORASUM_HOME", str(tmp_path))
     monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: False)
@@ -163,7 +171,7 @@ def test_bf16_never_chosen_without_bf16_hardware(tmp_path, monkeypatch):
     assert models.autocast_dtype("auto", CPU) is None
 
 
-def test_bf16_verdict_survives_an_unwritable_cache(tmp_path, monkeypatch):
+def test_bf16_verdict_survives_an_unwritable_cache(tmp_path, monkeypatch, unforced):
     home = tmp_path / "file"
     home.write_text("not a directory")
     monkeypatch.setenv("LORASUM_HOME", str(home))
@@ -177,6 +185,11 @@ def test_time_linear_step_runs_both_precisions():
     assert models.time_linear_step(torch.bfloat16, repeats=1) > 0
 
 
+# measured bitwise equal (0.0) in bf16 on a 2-core AVX512-BF16 EPYC; 1e-3 stays under one bf16
+# rounding step (2^-8) for kernels that split the work otherwise
+BF16_WORKERS_REL = 1e-3
+
+
 def _numbers(results: dict) -> list[float]:
     return [
         v
@@ -185,12 +198,22 @@ def _numbers(results: dict) -> list[float]:
     ] + [s["perplexity"] for s in results["singles"].values()]
 
 
+@pytest.mark.precision
 def test_worker_processes_give_the_same_study(tiny_llama, qa_files, tmp_path):
+    """Executor A == executor B: inline (this process, all cores) and two worker processes
+    (one thread each, another summation order) give the same study in the run's precision."""
     domains = [f"{n}={p}" for n, p in qa_files.items()]
     kw = dict(preset="tiny", model=str(tiny_llama), domains=domains, progress=False)
     inline = reproduce(tmp_path / "inline", workers=1, **kw)
     pooled = reproduce(tmp_path / "pooled", workers=2, **kw)
-    assert _numbers(pooled) == pytest.approx(_numbers(inline), rel=1e-4)
+    precision = pooled["manifest"]["hardware"]["precision"]
+    assert precision == inline["manifest"]["hardware"]["precision"] == run_precision()
+    for marker in (tmp_path / "pooled").glob("seed-*/adapters/*/lorasum.json"):
+        assert json.loads(marker.read_text())["metrics"]["precision"] == precision  # each worker
+    # bf16: a summation order that differs in fp32's last bits could round a bf16 activation
+    # the other way, and training would carry that on
+    tol = rel_tol(precision, fp32=1e-4, bf16=BF16_WORKERS_REL)
+    assert _numbers(pooled) == pytest.approx(_numbers(inline), rel=tol)
     # every unit exists once, complete, in the pooled study
     for unit in ("arith", "merged-arith+colors+finance"):
         marker = json.loads(
@@ -278,7 +301,7 @@ def test_max_order_and_all_domains(tiny_llama, qa_files, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_study_workers_start_with_the_drivers_verdict(tiny_llama):
+def test_study_workers_start_with_the_drivers_verdict(tiny_llama, unforced):
     from lorasum.study.executors import init_worker
 
     threads = torch.get_num_threads()
@@ -335,6 +358,7 @@ def _null_cast(model, dtype):
     return contextlib.nullcontext(0)
 
 
+@pytest.mark.precision
 def test_bf16_training_and_eval_equal_with_and_without_the_cast_once(
     tiny_llama, qa_files, tmp_path, monkeypatch
 ):
