@@ -25,7 +25,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from lorasum.errors import LorasumError
-from lorasum.io import read_json, write_json
+from lorasum.io import read_json, write_error, write_json
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +63,28 @@ def read_holder(out: Path) -> dict | None:
     return holder if isinstance(holder, dict) else None
 
 
+def _unwritable(e: OSError, out: Path) -> BaseException:
+    err = write_error(e, out)
+    return err if err is not e else LorasumError(f"cannot write {out} ({e}); choose another --out")
+
+
 def _make_dirs(out: Path) -> list[Path]:
     """mkdir -p ``out``; the directories it created, deepest first."""
     missing = [p for p in (out, *out.parents) if not p.exists()]
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise LorasumError(f"cannot create {out} ({e.strerror}); choose a writable --out") from None
+        _remove_empty(missing)
+        raise _unwritable(e, out) from None
     return missing
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:
+            return
 
 
 def _acquire(out: Path, wait: bool) -> FileLock:
@@ -86,7 +100,7 @@ def _acquire(out: Path, wait: bool) -> FileLock:
         log.warning("%s is being run by %s; waiting for it to finish", out, holder)
         lock.acquire()
     except OSError as e:  # after Timeout, which is one
-        raise LorasumError(f"cannot lock {out} ({e.strerror}); choose a writable --out") from None
+        raise _unwritable(e, out / LOCK_NAME) from None
     return lock
 
 
@@ -105,9 +119,7 @@ class HeldLock:
         it created in a directory that was there."""
         if self.out in self.created and all(is_lock_file(p.name) for p in self.out.iterdir()):
             shutil.rmtree(self.out, ignore_errors=True)
-            for d in self.created[1:]:
-                with contextlib.suppress(OSError):
-                    d.rmdir()
+            _remove_empty(self.created[1:])
         elif self.made_lock_file:
             with contextlib.suppress(OSError):
                 (self.out / LOCK_NAME).unlink()
@@ -127,14 +139,23 @@ def study_lock(out: str | Path, wait: bool = False) -> Iterator[HeldLock]:
     while True:
         created = _make_dirs(out)
         made_lock_file = not (out / LOCK_NAME).exists()
-        lock = _acquire(out, wait)
+        try:
+            lock = _acquire(out, wait)
+        except BaseException:
+            _remove_empty(created)
+            raise
         if (out / LOCK_NAME).exists():
             break
         # the run we waited for failed before its study started and removed what it had made
         lock.release()
+    held = HeldLock(out, created, made_lock_file)
     try:
-        write_json(out / HOLDER_NAME, holder_info())
-        yield HeldLock(out, created, made_lock_file)
+        try:
+            write_json(out / HOLDER_NAME, holder_info())
+        except BaseException:
+            held.discard_created()
+            raise
+        yield held
     finally:
         with contextlib.suppress(OSError):
             (out / HOLDER_NAME).unlink()
