@@ -184,14 +184,18 @@ def test_a_killed_holders_lock_is_taken_over(finished):
     ]
 
 
-def test_second_run_is_refused_at_once_then_waits(tiny_llama, qa_files, tmp_path, capsys, caplog):
+def test_second_run_is_refused_at_once_then_waits(
+    tiny_llama, qa_files, tmp_path, capsys, caplog, monkeypatch
+):
+    import lorasum.study.reproduce as rep
+
     out, release = tmp_path / "study", tmp_path / "release"
     proc = hold_lock(out, release, tmp_path)
     try:
         before = listing(out)
-        t0 = time.monotonic()
-        assert main(study_args(tiny_llama, qa_files, out)) == 2
-        assert time.monotonic() - t0 < 5  # no model loaded, no data read
+        with monkeypatch.context() as mp:  # refused before settings, data, directory or model
+            mp.setattr(rep, "resolve", lambda *a, **k: pytest.fail("resolved under a held lock"))
+            assert main(study_args(tiny_llama, qa_files, out)) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err
         assert f"is being run by pid {proc.pid} on host {socket.gethostname()} since " in err
