@@ -399,6 +399,18 @@ def _add_run_flags(r) -> None:
         help="print the plan (units by kind, cached / to run, estimated time) and run nothing",
     )
     r.add_argument(
+        "--verify",
+        action="store_true",
+        help="check every finished unit's files against the study's ledger (units.json) and "
+        "run nothing: counts per kind, one line per damaged unit, exit 1 if any",
+    )
+    r.add_argument(
+        "--wait",
+        action="store_true",
+        help="if another run holds the study directory, wait for it to finish (default: stop "
+        "at once, naming it)",
+    )
+    r.add_argument(
         "--budget",
         choices=list(BUDGETS),
         default=None,
@@ -691,6 +703,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         executor=args.executor,
         ray_address=args.ray_address,
         plan_only=args.plan,
+        verify=args.verify,
+        wait=args.wait,
         budget=args.budget,
         snapshots=args.snapshots,
         **overrides,
@@ -698,6 +712,9 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     if args.plan:
         print(results["plan"])
         return 0
+    if args.verify:
+        print(results["text"])
+        return 0 if results["ok"] else 1
     hw = results["manifest"]["hardware"]
     print(f"ran in {hw['precision']} on {hw['cpu']} ({hw['cores']} cores, device {hw['device']})")
     for row in results["combinations"]:

@@ -197,15 +197,53 @@ class LocalExecutor:
         self._pools.clear()
 
 
+class Verifier(Protocol):
+    """What `execute` asks before reusing a finished unit and tells after running one (the
+    study's `lorasum.study.ledger.Ledger`); it knows what a unit's output is, `execute` not."""
+
+    def verify(self, unit: Unit) -> str | None: ...  # the output's problem, or None: whole
+
+    def record(self, unit: Unit) -> None: ...  # the unit has just finished
+
+    def invalidate(self, unit: Unit) -> None: ...  # remove its output: it runs from nothing
+
+
+def dependants(units: Sequence[Unit], unit_id: str) -> list[str]:
+    """Every unit that reads ``unit_id``'s output, directly or through others, in plan order."""
+    tainted = {unit_id}
+    for u in units:
+        if any(d in tainted for d in u.deps):
+            tainted.add(u.id)
+    return [u.id for u in units if u.id in tainted and u.id != unit_id]
+
+
+def _recompute(units: Sequence[Unit], unit: Unit, problem: str, verifier: Verifier) -> set[str]:
+    """A damaged unit: one warning line, its output and every dependant's removed; the ids
+    that must now run whatever their probes say."""
+    later = dependants(units, unit.id)
+    log.warning(
+        "%s; recomputing it and %d unit%s that depend%s on it",
+        problem, len(later), "" if len(later) == 1 else "s", "s" if len(later) == 1 else "",
+    )  # fmt: skip
+    by_id = {u.id: u for u in units}
+    for uid in (unit.id, *later):
+        verifier.invalidate(by_id[uid])
+    return {unit.id, *later}
+
+
 def execute(
     units: Sequence[Unit],
     executor: Executor,
     bar=None,
     on_run: Callable[[Unit, float], None] | None = None,
+    verifier: Verifier | None = None,
 ) -> dict[str, Any]:
     """Run every unit that is not finished, each after its dependencies; results by unit id
     (a finished unit's cached result included). The longest ready unit goes first, and no
-    more than ``executor.slots`` run at once, so a unit that becomes ready jumps the queue."""
+    more than ``executor.slots`` run at once, so a unit that becomes ready jumps the queue.
+
+    ``verifier``: asked before a finished unit is reused; a damaged one runs again, and so does
+    every unit that depends on it (their outputs removed first); told of every unit run."""
     results: dict[str, Any] = {}
     waiting = {u.id: u for u in units}
     running: set[str] = set()
@@ -221,6 +259,10 @@ def execute(
             )
             progressed = False
             for u in ready:
+                if u.id not in to_run and verifier is not None:
+                    problem = verifier.verify(u)
+                    if problem is not None:
+                        to_run |= _recompute(units, u, problem, verifier)
                 cached = None if u.id in to_run else u.cached()
                 if cached is not None:
                     del waiting[u.id]
@@ -240,6 +282,8 @@ def execute(
             for u, result, seconds in executor.wait():
                 running.discard(u.id)
                 results[u.id] = result
+                if verifier is not None:
+                    verifier.record(u)
                 if on_run is not None:
                     on_run(u, seconds)
                 if bar is not None:

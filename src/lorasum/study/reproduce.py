@@ -36,6 +36,8 @@ from lorasum.similarity import similarity_matrix
 from lorasum.study.budget import budget_summary, snapshot_summary
 from lorasum.study.config import BUDGETS, STUDY_ONLY_METHODS, StudyConfig, parse_domains  # noqa: F401
 from lorasum.study.executors import LocalExecutor, auto_workers, execute
+from lorasum.study.ledger import Ledger, verify_units
+from lorasum.study.lock import is_lock_file, study_lock
 from lorasum.study.plan import (
     Plan,
     StudyLayout,
@@ -160,7 +162,7 @@ def _check_out_dir(out: Path, key: str, overwrite: bool, precision: str) -> dict
             raise LorasumError(
                 f"{out} holds a study with different settings; choose a new --out or pass --overwrite"
             )
-    elif out.is_dir() and any(out.iterdir()):
+    elif out.is_dir() and any(not is_lock_file(p.name) for p in out.iterdir()):
         # --overwrite never deletes or mixes into a directory that is not a lorasum study.
         raise LorasumError(
             f"output directory {out} is not empty and holds no lorasum study; choose a new --out"
@@ -222,6 +224,8 @@ def reproduce(
     executor: str = "local",
     ray_address: str | None = None,
     plan_only: bool = False,
+    verify: bool = False,
+    wait: bool = False,
     **overrides,
 ) -> dict:
     """`lorasum reproduce`: run the study; write results.json, report.md/html and plots.
@@ -231,13 +235,18 @@ def reproduce(
     ``executor``: "local" (worker processes here) or "ray" (Ray actors; ``ray_address`` "auto"
     or HOST:PORT of a running cluster, None: a local Ray instance).
     ``plan_only``: describe the plan (units by kind, cached / to run, estimated time) and
-    return it without running or writing anything.
+    return it without running or writing anything. ``verify``: check every finished unit's
+    output against the study's ledger (`study.ledger`) without running or writing anything.
+    A run holds the study directory's lock (`study.lock`); another run on it is refused at
+    once, or with ``wait`` waits for it.
     """
     t_start = time.perf_counter()
     if executor not in EXECUTORS:
         raise LorasumError(f"--executor {executor!r}: use one of {', '.join(EXECUTORS)}")
     if ray_address is not None and executor != "ray":
         raise LorasumError("--ray-address applies to --executor ray; add it or drop --ray-address")
+    if plan_only and verify:
+        raise LorasumError("--plan and --verify are two reports; give one of them")
     if executor == "ray":  # every node reads and writes the study at the same, absolute path
         from lorasum.study.ray_executor import import_ray
 
@@ -245,37 +254,80 @@ def reproduce(
         out = Path(out).absolute()
     args = {"model": model, "domains": domains, "seed_per_domain": seed_per_domain,
             "seeds": seeds, "workers": workers, "max_order": max_order, "methods": methods}  # fmt: skip
-    study = resolve(out, preset, config, {**args, **overrides}, overwrite)
+    settings = (preset, config, {**args, **overrides}, overwrite)
+    if plan_only or verify:  # read-only: no lock
+        study = resolve(out, *settings)
+        plan = plan_study(study.layout)
+        if verify:
+            return verify_units(Ledger.load(study.layout.out), plan.units)
+        return _describe_plan(study, plan)
+    with study_lock(out, wait) as held:
+        try:
+            study = resolve(out, *settings)
+            prepared = _prepare(study)
+            _write_study_files(study)  # the study has started: from here on it is resumable
+        except BaseException:
+            held.discard_created()
+            raise
+        return _run(study, prepared, executor, ray_address, progress, t_start)
+
+
+def _describe_plan(study: Study, plan: Plan) -> dict:
+    lay = study.layout
+    device = pick_device(lay.base_cfg.device)
+    n_train = sum(u.kind == "train" for u in plan.units)
+    n_workers = study.cfg.workers or auto_workers(device, n_train)
+    status = plan.status()
+    sampled = _sample(lay)
+    return {
+        "plan": plan.describe(n_workers, rate_profile(lay, device, _uses_bf16(lay, device)))
+        + (f"\n{sampled['description']}" if sampled else ""),
+        "units": {u.id: ("cached" if status[u.id] else "run") for u in plan.units},
+    }
+
+
+@dataclass
+class Prepared:
+    """What a run needs before its first unit: the plan, device, workers, model."""
+
+    plan: Plan
+    device: object
+    workers: int
+    dtype: object
+    tokenizer: object
+    model: object
+
+
+def _prepare(study: Study) -> Prepared:
+    """Plan, device and the loaded model; fails (bad model, targets) before anything is written."""
     lay = study.layout
     plan = plan_study(lay)
     device = pick_device(lay.base_cfg.device)
     n_train = sum(u.kind == "train" for u in plan.units)
     n_workers = study.cfg.workers or auto_workers(device, n_train)
-    if plan_only:
-        status = plan.status()
-        sampled = _sample(lay)
-        return {
-            "plan": plan.describe(n_workers, rate_profile(lay, device, _uses_bf16(lay, device)))
-            + (f"\n{sampled['description']}" if sampled else ""),
-            "units": {u.id: ("cached" if status[u.id] else "run") for u in plan.units},
-        }
     # precision auto: settled here, once, and handed to every worker (one precision per study)
     dtype = autocast_dtype(lay.base_cfg.precision, device)
-    bf16 = dtype is not None if device.type == "cpu" else None
     tokenizer = load_tokenizer(lay.model)
     base_model = load_model(lay.model, device)
     resolve_target_modules(base_model, lay.base_cfg.target_modules)  # fail before writing
-    _write_study_files(study)
+    return Prepared(plan, device, n_workers, dtype, tokenizer, base_model)
+
+
+def _run(study: Study, p: Prepared, executor: str, ray_address, progress: bool, t_start) -> dict:
+    lay, device = study.layout, p.device
+    bf16 = p.dtype is not None if device.type == "cpu" else None
     runner = (executor, ray_address, bf16)
     settle_cpu_bf16(bf16)
     try:
-        results, timings, slots = _execute(plan, study, base_model, tokenizer, device, n_workers, runner, progress)  # fmt: skip
+        results, timings, slots = _execute(
+            p.plan, study, p.model, p.tokenizer, device, p.workers, runner, progress
+        )
     finally:
         settle_cpu_bf16(None)
     wall = time.perf_counter() - t_start
-    summary = aggregate(study, plan, results, timings, str(device), slots, wall)
+    summary = aggregate(study, p.plan, results, timings, str(device), slots, wall)
     summary["manifest"]["hardware"].update(
-        executor=executor, precision="bf16" if dtype is not None else "fp32"
+        executor=executor, precision="bf16" if p.dtype is not None else "fp32"
     )
     write_json(lay.out / "results.json", summary)
     from lorasum.report.build import write_report
@@ -330,7 +382,9 @@ def _execute(plan: Plan, study: Study, model, tokenizer, device, workers, execut
     ran: dict[str, float] = {}
     try:
         runner = _make_executor(executor, study, model, tokenizer, device, workers)
-        results = execute(plan.units, runner, bar, on_run=lambda u, s: ran.__setitem__(u.id, s))
+        ledger = Ledger.load(study.layout.out)
+        on_run = lambda u, s: ran.__setitem__(u.id, s)  # noqa: E731
+        results = execute(plan.units, runner, bar, on_run=on_run, verifier=ledger)
     finally:
         bar.close()
     by_id = {u.id: u for u in plan.units}
