@@ -33,6 +33,7 @@ from lorasum.study.ledger import (
     structural_problem,
 )
 from lorasum.study.lock import HOLDER_NAME, LOCK_NAME, study_lock
+from lorasum.study.reproduce import reproduce
 from lorasum.study.units import Unit
 
 SRC = str(Path(lorasum.__file__).resolve().parents[1])  # this checkout's code, not an install
@@ -245,6 +246,16 @@ def test_damaged_units_and_their_dependants_are_recomputed(
     other = (seed / "evals" / "sum-arith+colors.json").read_text()
     (seed / "evals" / "single-colors.json").write_text(other)  # valid JSON, another unit's
     (out / "evals" / "base.json").write_text("\x00garbage{")
+    # --plan sees what the run will find: the damaged units and their dependants are to run
+    domains = [f"{n}={qa_files[n]}" for n in ("arith", "colors")]
+    kw = dict(preset="tiny", model=str(tiny_llama), domains=domains, precision="fp32")
+    planned = reproduce(out, plan_only=True, **kw)["units"]
+    to_run = {u for u, state in planned.items() if state == "run"}
+    assert to_run == ADAPTER_AND_DEPENDANTS | {
+        "eval/42/merged-arith+colors",
+        "eval/42/single-colors",
+        "eval/None/base",
+    }
     ran = ran_units(monkeypatch)
     caplog.set_level(logging.WARNING)
     assert main(study_args(tiny_llama, qa_files, out)) == 0

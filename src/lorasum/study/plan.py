@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -448,16 +449,20 @@ class Plan:
                 )
             known.add(u.id)
 
-    def status(self) -> dict[str, bool]:
-        """unit id → finished (its cached result is there and none of its inputs will change)."""
+    def status(self, whole: Callable[[Unit], bool] | None = None) -> dict[str, bool]:
+        """unit id → finished (its cached result is there and none of its inputs will change;
+        with ``whole``, its output also passes that check, e.g. the study's ledger)."""
         done: dict[str, bool] = {}
         for u in self.units:
-            done[u.id] = all(done[d] for d in u.deps) and u.cached() is not None
+            ok = all(done[d] for d in u.deps) and (whole is None or whole(u))
+            done[u.id] = ok and u.cached() is not None
         return done
 
-    def describe(self, workers: int, profile: str = "") -> str:
+    def describe(
+        self, workers: int, profile: str = "", whole: Callable[[Unit], bool] | None = None
+    ) -> str:
         """Units by kind (cached / to run), and the estimated time of what would run."""
-        status = self.status()
+        status = self.status(whole)
         lines = [f"{'unit kind':<12}{'total':>7}{'cached':>8}{'to run':>8}"]
         for kind in KINDS:
             of_kind = [u for u in self.units if u.kind == kind]

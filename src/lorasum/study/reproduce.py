@@ -277,10 +277,16 @@ def _describe_plan(study: Study, plan: Plan) -> dict:
     device = pick_device(lay.base_cfg.device)
     n_train = sum(u.kind == "train" for u in plan.units)
     n_workers = study.cfg.workers or auto_workers(device, n_train)
-    status = plan.status()
+    ledger = Ledger.load(lay.out)  # a damaged output is to run again, as a run would find
+
+    def whole(u) -> bool:
+        return ledger.status(u)[0] not in ("damaged", "missing")
+
+    status = plan.status(whole)
     sampled = _sample(lay)
+    profile = rate_profile(lay, device, _uses_bf16(lay, device))
     return {
-        "plan": plan.describe(n_workers, rate_profile(lay, device, _uses_bf16(lay, device)))
+        "plan": plan.describe(n_workers, profile, whole)
         + (f"\n{sampled['description']}" if sampled else ""),
         "units": {u.id: ("cached" if status[u.id] else "run") for u in plan.units},
     }
