@@ -31,6 +31,7 @@ from lorasum.adapters import weights_sha256 as _weights_sha256
 from lorasum.calibration import calibrate_adapters, calibration_keys, parse_calibration
 from lorasum.errors import LorasumError
 from lorasum.io import (
+    MARKER,
     atomic_dir,
     atomic_write_text,
     check_output_dir,
@@ -307,6 +308,22 @@ def _write_composed(
     return marker
 
 
+def _warn_shared_slots(paths: Sequence[Path]) -> None:
+    """One warning line when two adapters trained `--lora-a disjoint` share a slot (the sum
+    is still exact; it only loses the zero input-side cross-talk the slots were for)."""
+    from lorasum.lora_a import shared_slots
+
+    markers = {}
+    for p in paths:
+        try:
+            markers[str(p)] = read_json(Path(p) / MARKER)
+        except (OSError, ValueError):
+            markers[str(p)] = None  # not trained by lorasum: nothing known of its A
+    warning = shared_slots(markers)
+    if warning is not None:
+        log.warning(warning)
+
+
 def compose(
     paths: Sequence[str | Path],
     out: str | Path,
@@ -342,6 +359,7 @@ def compose(
     elif options or method != "sum":
         raise TypeError("pass either config or method/options, not both")
     inputs = _ComposeInputs.read(paths, weights, model, config, calibration)
+    _warn_shared_slots([a.path for a in inputs.adapters])
     out = Path(out)
     _check_inside(out, [a.path for a in inputs.adapters], "--out")
     # reuse_same: with overwrite, still keep a finished result that has the same key.

@@ -21,6 +21,7 @@ from lorasum.errors import LorasumError, raise_all
 from lorasum.evaluate import autocast_context, evaluate_batches, perplexity_from, token_nll
 from lorasum.io import atomic_dir, check_output_dir, config_key, read_json
 from lorasum.lean import fp32_attention_backward, lean
+from lorasum.lora_a import LORA_A, apply_lora_a
 from lorasum.models import (
     autocast_dtype,
     frozen_linears_as,
@@ -59,6 +60,15 @@ class TrainConfig:
     target_modules: str = _f(
         "auto", "modules to adapt: 'auto' (per-architecture table) or a comma list"
     )
+    lora_a: str = _f(
+        "trained",
+        "A matrices: trained (standard LoRA), frozen (A kept at its seeded init, only B "
+        "trains: LoRI) or disjoint (A frozen at its --a-slot's rows of a seeded orthonormal "
+        "basis, so adapters in different slots have A_i A_j^T = 0 and add without input-side "
+        "cross-talk)",
+    )
+    a_slot: int = _f(0, "with --lora-a disjoint: this adapter's slot (rows slot*r .. slot*r+r-1)")
+    a_seed: int = _f(0, "with --lora-a disjoint: seed of the orthonormal basis the slots share")
     epochs: float = _f(1.0, "passes over the training split")
     max_steps: int = _f(0, "stop after this many optimizer steps (0 = use --epochs)")
     lr: float = _f(5e-5, "peak learning rate (AdamW, linear decay)")
@@ -139,6 +149,12 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1")
+        if self.lora_a not in LORA_A:
+            problems.append(f"--lora-a {self.lora_a!r}: use one of {', '.join(LORA_A)}")
+        if self.a_slot < 0:
+            problems.append("--a-slot must be >= 0")
+        if self.lora_a != "disjoint" and (self.a_slot or self.a_seed):
+            problems.append("--a-slot and --a-seed apply to --lora-a disjoint; add it or drop them")
         if self.precision not in ("auto", "bf16", "fp32"):
             problems.append(f"--precision {self.precision!r}: use auto, bf16 or fp32")
         problems += self._budget_problems()
@@ -167,6 +183,10 @@ class TrainConfig:
         # The budget fields join the identity only when used: adapters trained without them
         # keep the keys they had before the fields existed, so finished studies are reused.
         unused = [k for k in ("snapshots", "stop_at") if not d[k]]
+        if self.lora_a == "trained":  # likewise: standard adapters keep their keys
+            unused += ["lora_a", "a_slot", "a_seed"]
+        elif self.lora_a == "frozen":
+            unused += ["a_slot", "a_seed"]
         if not self.eval_every:
             unused += ["eval_every", "patience", "max_epochs"]
         for k in unused:
@@ -379,6 +399,11 @@ def _attach_lora(model: nn.Module, cfg: TrainConfig, targets: list[str]) -> nn.M
     )
     peft_model = get_peft_model(model, lora_config)
     peft_model.peft_config["default"].base_model_name_or_path = cfg.model
+    try:
+        apply_lora_a(peft_model, cfg.lora_a, cfg.a_slot, cfg.a_seed)
+    except BaseException:
+        peft_model.unload()  # the shared model is left as it came
+        raise
     return peft_model
 
 

@@ -66,7 +66,8 @@ BUDGETS = {
 # steps (a single adapter of the standard preset takes 8 per epoch), patience 3, at most 4 passes.
 CONVERGED_DEFAULTS = {"eval_every": 2, "patience": 3, "max_epochs": 4.0}
 # TrainConfig fields a study sets itself (snapshots are epochs at study level; see `snapshots`)
-STUDY_TRAIN_EXCLUDED = ("model", "data", "eval_val", "snapshots", "stop_at")
+# a_slot: a study gives each domain its own (its index), see plan.training_units
+STUDY_TRAIN_EXCLUDED = ("model", "data", "eval_val", "snapshots", "stop_at", "a_slot")
 _TOP_KEYS = {
     "preset",
     "model",

@@ -206,6 +206,16 @@ def step_at(cfg: TrainConfig, rows: int, epochs: float) -> int:
     return max(1, round(epochs * schedule_steps(cfg, rows)[0]))
 
 
+def _lora_a_policy(cfg: TrainConfig, doms: tuple[str, ...], names: list[str]) -> TrainConfig:
+    """A single adapter keeps the study's ``lora_a`` (``disjoint``: the domain's index is its
+    slot); a merged-data adapter is the standard LoRA a user would otherwise train."""
+    if len(doms) > 1:
+        return replace(cfg, lora_a="trained", a_slot=0, a_seed=0)
+    if cfg.lora_a == "disjoint":
+        return replace(cfg, a_slot=names.index(doms[0]))
+    return cfg
+
+
 def training_units(
     cfg: TrainConfig,
     domain_sources: dict[str, str],
@@ -231,6 +241,7 @@ def training_units(
     for doms, unit, max_steps in units:
         unit_seed = cfg.seed + (names.index(doms[0]) if seed_per_domain and len(doms) == 1 else 0)
         unit_cfg = replace(cfg, data=[domain_sources[d] for d in doms], seed=unit_seed)
+        unit_cfg = _lora_a_policy(unit_cfg, doms, names)
         if max_steps:
             unit_cfg = replace(unit_cfg, max_steps=max_steps)
         if lay is not None and lay.snapshot_epochs:
