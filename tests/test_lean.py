@@ -120,6 +120,26 @@ def test_branch_gradients_against_autograd_reference():
     assert torch.autograd.gradcheck(lambda x, a, b: LoraBranch.apply(x, a, b, 0.0, 2.0), (x, a, b))
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_branch_with_a_frozen_a_keeps_no_input_and_gives_the_same_gradients(p):
+    """A frozen A (--lora-a frozen/disjoint): x is not kept for the backward, and the x and B
+    gradients equal those of the branch with a trainable A (same mask: same seed)."""
+    torch.manual_seed(3)
+    x = torch.randn(3, 7, 6, requires_grad=True)
+    a, b = torch.randn(2, 6), torch.randn(5, 2, requires_grad=True)
+    grads = []
+    for a_trains in (True, False):
+        a_in = a.clone().requires_grad_(a_trains)
+        torch.manual_seed(9)
+        out = LoraBranch.apply(x, a_in, b, p, 1.5)
+        saved = out.grad_fn.saved_tensors
+        kept_x = any(t is not None and t.shape == x.shape and t.dtype == x.dtype for t in saved)
+        assert kept_x == a_trains
+        grads.append(torch.autograd.grad(out.square().sum(), (x, b)))
+    for got, want in zip(grads[1], grads[0], strict=True):
+        assert torch.equal(got, want)
+
+
 def test_swiglu_gradients_against_autograd_reference():
     torch.manual_seed(0)
     gate = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True)

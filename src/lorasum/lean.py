@@ -216,7 +216,9 @@ class LoraBranch(torch.autograd.Function):
         else:
             keep, h = None, F.linear(x, a)
         ctx.p, ctx.scaling = p, scaling
-        ctx.save_for_backward(x, keep, h, a, b)
+        # x is read only by A's gradient: a frozen A (--lora-a frozen/disjoint) keeps none
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, keep, h, a, b)
+        ctx.x_shape = x.shape
         return F.linear(h, b).mul_(scaling)
 
     @staticmethod
@@ -225,8 +227,8 @@ class LoraBranch(torch.autograd.Function):
         x, keep, h, a, b = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])  # (N, out)
         h2 = h.reshape(-1, h.shape[-1])  # (N, r)
-        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        keep2 = keep.reshape(x2.shape) if keep is not None else None
+        x_shape = ctx.x_shape
+        keep2 = keep.reshape(-1, x_shape[-1]) if keep is not None else None
         inv = 1.0 / (1.0 - ctx.p) if keep is not None else 1.0
         # The scalings (LoRA's s, dropout's 1/(1-p)) go on the (N, r) and (r, d) products, not on
         # the (N, d) tensors; each product keeps its thin side on the left or as a transposed
@@ -238,6 +240,7 @@ class LoraBranch(torch.autograd.Function):
         gh = F.linear(g, b.t().contiguous()).mul_(ctx.scaling)  # (N, r) = s · g @ b
         grad_a = None
         if ctx.needs_input_grad[1]:
+            x2 = x.reshape(-1, x_shape[-1])  # (N, in)
             xd = x2 * keep2 if keep2 is not None else x2  # dropout(x) · (1 − p)
             grad_a = gh.t().mm(xd)  # (r, in)
             if keep2 is not None:
@@ -248,7 +251,7 @@ class LoraBranch(torch.autograd.Function):
             grad_x = (gh * inv if keep2 is not None else gh).mm(a)  # (N, in)
             if keep2 is not None:
                 grad_x.mul_(keep2)
-            grad_x = grad_x.reshape(x.shape)
+            grad_x = grad_x.reshape(x_shape)
         return grad_x, grad_a, grad_b, None, None, None
 
 
