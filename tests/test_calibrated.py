@@ -132,3 +132,101 @@ def test_fit_calibrated_keeps_to_one_percent_of_merged_training(tiny_llama, qa_f
     fit, report = fit_calibrated(load_tiny(tiny_llama), tok, adapters, sources, 20_000)
     assert report["max_tokens"] == 200 and 0 < report["tokens"] <= 200
     assert report["fraction"] <= 0.01 and report["steps"] == fit.steps >= 1
+
+
+def _mean_nll(model, adapters, batches, coefficients: dict, granularity: str) -> float:
+    """Answer-token NLL per counted token of ``batches`` with Σ c ΔW hooked into the model."""
+    from lorasum.evaluate import token_nll
+
+    groups = sorted(coefficients)
+    names = sorted(set().union(*(a.keys() for a in adapters)))
+    index = {m: groups.index(group_of(m, granularity)) for m in names}
+    coeffs = torch.tensor([coefficients[g] for g in groups])
+    handles = _hook_modules(model, adapters, index, coeffs)
+    try:
+        with torch.no_grad():
+            parts = [token_nll(model, b) for b in batches]
+    finally:
+        for h in handles:
+            h.remove()
+    return float(sum(n.sum() for n, _ in parts) / sum(c.sum() for _, c in parts))
+
+
+def test_learned_fits_per_layer_on_its_rows_and_does_not_lose_to_the_sum(
+    setup, tiny_llama, qa_files
+):
+    """`learned`: one coefficient per layer and adapter, fitted on the first K validation rows
+    of each domain (never the test split); the folded adapter is Σ c·s·B·A (dense oracle), and
+    on its own rows its loss is no higher than the sum's (coefficients all 1)."""
+    from lorasum.methods.calibrated import _interleaved_batches, fit_learned
+
+    adapters, _ = setup
+    tok = load_tokenizer(str(tiny_llama))
+    sources = [load_split(str(qa_files[n]), 42) for n in ("arith", "colors")]
+    for s, n in zip(sources, ("arith", "colors"), strict=True):
+        s.name = n
+    model = load_tiny(tiny_llama)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fit, report = fit_learned(model, tok, adapters, sources, 10_000, rows=3, epochs=5,
+                              max_length=32, lr=0.1)  # fmt: skip
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    layers = model.config.num_hidden_layers
+    assert set(fit.coefficients) == {str(i) for i in range(layers)}
+    assert all(len(c) == 2 for c in fit.coefficients.values())
+    assert report["rows_per_domain"] == {"arith": 3, "colors": 3} and report["split"] == "val"
+    batches = _interleaved_batches(tok, sources, 32, 4, rows=3)
+    assert sum(b.input_ids.shape[0] for b in batches) == 6 and fit.steps == 5 * len(batches)
+    assert report["tokens"] == 5 * sum(int(b.attention_mask.sum()) for b in batches)
+    assert report["fraction"] == pytest.approx(report["tokens"] / 10_000)
+    # folded into the factors: ΔW_m = Σ_i c_{layer(m),i} s_i B_i A_i
+    got, each = _dense(fit.modules), [_dense(a) for a in adapters]
+    for m, d in got.items():
+        c = fit.coefficients[group_of(m, "layer")]
+        want = c[0] * each[0][m] + c[1] * each[1][m]
+        assert torch.allclose(d, want, rtol=1e-5, atol=1e-6)
+    ones = {g: [1.0, 1.0] for g in fit.coefficients}
+    summed = _mean_nll(model, adapters, batches, ones, "layer")
+    learned = _mean_nll(model, adapters, batches, fit.coefficients, "layer")
+    assert learned <= summed
+    assert fit.losses[0] == pytest.approx(
+        _mean_nll(model, adapters, batches[:1], ones, "layer"), rel=1e-5
+    )  # the fit starts at the sum
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"rows": 0}, "rows 0: use a whole number >= 1"),
+        ({"epochs": 1.5}, "epochs 1.5"),
+        ({"granularity": "row"}, "granularity 'row'"),
+        ({"lr": -1}, "lr -1"),
+        ({"fraction": 0.1}, "unknown options ['fraction']"),
+    ],
+)
+def test_learned_options_are_checked_in_one_line(options, message, tiny_llama, qa_files):
+    from lorasum.study.config import resolve_study
+
+    with pytest.raises(LorasumError, match=f"methods.learned: {message}".replace("[", r"\[")):
+        resolve_study("tiny", None, {"methods": {"sum": {}, "learned": options}})
+
+
+def test_learned_runs_in_a_study_with_its_cost_beside_retraining(tiny_llama, qa_files, tmp_path):
+    import json
+
+    from conftest import qa_domains
+
+    from lorasum.study.reproduce import reproduce
+
+    res = reproduce(tmp_path / "s", preset="tiny", model=str(tiny_llama), progress=False,
+                    domains=qa_domains(qa_files, 2), max_order=2,
+                    methods={"learned": {"rows": 2, "epochs": 2}})  # fmt: skip
+    [row] = res["combinations"]
+    assert row["methods"]["learned"]["category"] == "calibrated"
+    [fit] = res["budget"]["calibrated"]
+    name = "+".join(row["domains"])
+    assert fit["method"] == "learned" and fit["combination"] == name
+    assert fit["merged_training_tokens"] > 0 and 0 < fit["fraction"] < 1
+    marker = json.loads((tmp_path / "s" / "seed-42" / "methods" / "learned" / name
+                         / "lorasum.json").read_text())  # fmt: skip
+    assert marker["method"] == "learned" and marker["budget"]["epochs"] == 2
+    assert set(marker["budget"]["coefficient_values"]) == {"0", "1"}  # the tiny model's layers

@@ -22,12 +22,12 @@ def _spy_executed(monkeypatch) -> list[str]:
     ran: list[str] = []
     real = reproduce_mod.execute
 
-    def spy(units, runner, bar, on_run):
+    def spy(units, runner, bar, on_run, **kw):
         def record(u, s):
             ran.append(u.id)
             on_run(u, s)
 
-        return real(units, runner, bar, on_run=record)
+        return real(units, runner, bar, on_run=record, **kw)
 
     monkeypatch.setattr(reproduce_mod, "execute", spy)
     return ran

@@ -240,6 +240,27 @@ def budget_report(fit: CoefficientFit, training_tokens: int) -> dict:
     }
 
 
+def _interleaved_batches(tokenizer, sources: Sequence, max_length: int, batch_size: int,
+                         rows: int | None = None) -> list:  # fmt: skip
+    """Validation batches of ``sources`` (their "val" split; the first ``rows`` of each when
+    given), rows interleaved across domains so that a short budget sees every domain."""
+    from lorasum.data import make_batches
+    from lorasum.tokens import tokenize_cached
+
+    per_source = [tokenize_cached(tokenizer, [s], "val", max_length)[:rows] for s in sources]
+    interleaved = [
+        (item, d)
+        for row in range(max(len(p) for p in per_source))
+        for d, p in enumerate(per_source)
+        if row < len(p)
+        for item, _ in [p[row]]
+    ]
+    return [
+        make_batches(interleaved[s : s + batch_size], batch_size, tokenizer.pad_token_id, False)[0]
+        for s in range(0, len(interleaved), batch_size)
+    ]
+
+
 def fit_calibrated(
     model: nn.Module,
     tokenizer,
@@ -256,21 +277,69 @@ def fit_calibrated(
     """One call for a study: validation batches of ``val_sources`` (`lorasum.data.Source`,
     their "val" split, rows interleaved across domains so that a short budget sees every
     domain), the budget from the merged-data training's tokens, the fit and its report."""
-    from lorasum.data import make_batches
-    from lorasum.tokens import tokenize_cached
-
-    per_source = [tokenize_cached(tokenizer, [s], "val", max_length) for s in val_sources]
-    interleaved = [
-        (item, d)
-        for row in range(max(len(p) for p in per_source))
-        for d, p in enumerate(per_source)
-        if row < len(p)
-        for item, _ in [p[row]]
-    ]
-    batches = [
-        make_batches(interleaved[s : s + batch_size], batch_size, tokenizer.pad_token_id, False)[0]
-        for s in range(0, len(interleaved), batch_size)
-    ]
+    batches = _interleaved_batches(tokenizer, val_sources, max_length, batch_size)
     budget = coefficient_budget(training_tokens, fraction)
     fit = fit_coefficients(model, adapters, batches, budget, granularity=granularity, lr=lr)
     return fit, budget_report(fit, training_tokens)
+
+
+LEARNED_DEFAULTS = {"rows": 64, "epochs": 4, "granularity": "layer", "lr": 0.05}
+
+
+def learned_options_problem(options: Mapping) -> str | None:
+    """What is wrong with the `learned` method's options (None: nothing); one line."""
+    unknown = set(options) - set(LEARNED_DEFAULTS)
+    if unknown:
+        return f"unknown options {sorted(unknown)} (known: {', '.join(LEARNED_DEFAULTS)})"
+    o = {**LEARNED_DEFAULTS, **options}
+    for name in ("rows", "epochs"):
+        if not isinstance(o[name], int) or isinstance(o[name], bool) or o[name] < 1:
+            return f"{name} {o[name]!r}: use a whole number >= 1"
+    if o["granularity"] not in GRANULARITIES:
+        return f"granularity {o['granularity']!r}: use one of {', '.join(GRANULARITIES)}"
+    if not isinstance(o["lr"], int | float) or not o["lr"] > 0:
+        return f"lr {o['lr']!r}: use a learning rate > 0"
+    return None
+
+
+def fit_learned(
+    model: nn.Module,
+    tokenizer,
+    adapters: Sequence[Factors],
+    sources: Sequence,
+    training_tokens: int,
+    *,
+    rows: int = LEARNED_DEFAULTS["rows"],
+    epochs: int = LEARNED_DEFAULTS["epochs"],
+    granularity: str = LEARNED_DEFAULTS["granularity"],
+    lr: float = LEARNED_DEFAULTS["lr"],
+    max_length: int = 128,
+    batch_size: int = 4,
+) -> tuple[CoefficientFit, dict]:
+    """The `learned` method: per-layer (``granularity``) per-adapter coefficients, starting at
+    the sum, fitted by Adam on the answer-only NLL of the first ``rows`` validation rows of each
+    adapter's own domain (``sources``, one per adapter; never a test split), ``epochs`` passes
+    over them. Its cost is reported as a share of the merged-data training's tokens
+    (``training_tokens``; 0 when there is none to compare with)."""
+    problem = learned_options_problem(
+        {"rows": rows, "epochs": epochs, "granularity": granularity, "lr": lr}
+    )
+    if problem is not None:
+        raise LorasumError(f"method learned: {problem}")
+    batches = _interleaved_batches(tokenizer, sources, max_length, batch_size, rows)
+    if not batches:
+        raise LorasumError("method learned: the adapters' domains have no validation rows")
+    fit = fit_coefficients(model, adapters, batches, 2**62, granularity=granularity, lr=lr,
+                           max_steps=epochs * len(batches))  # fmt: skip
+    report = {
+        **budget_report(fit, training_tokens),
+        "category": CATEGORY,
+        "method": "learned",
+        "split": "val",
+        "rows_per_domain": {s.name: min(rows, len(s.splits["val"])) for s in sources},
+        "epochs": epochs,
+        "granularity": granularity,
+        "lr": lr,
+    }
+    report.pop("max_tokens")
+    return fit, report

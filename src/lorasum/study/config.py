@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from lorasum.errors import LorasumError, raise_all
+from lorasum.methods.calibrated import LEARNED_DEFAULTS, learned_options_problem
 
 PRESET_DIR = "presets"
 DEFAULT_DOMAINS = ("math", "medicine", "finance")
@@ -47,9 +48,13 @@ STUDY_METHOD_OPTIONS: dict[str, dict[str, Any]] = {
 # every other registered method runs in a study
 NOT_IN_STUDIES = ("weighted", "knots_ta")
 # Study-only methods (they need a model and validation data, so they are not merge methods of
-# `lorasum compose`): the `calibrated` family (lorasum.methods.calibrated), with the share of
-# the merged-data training's tokens its fit may process.
-STUDY_ONLY_METHODS: dict[str, dict[str, Any]] = {"calibrated": {"fraction": 0.01}}
+# `lorasum compose`), both from lorasum.methods.calibrated: `calibrated`, with the share of the
+# merged-data training's tokens its fit may process, and `learned`, per-layer coefficients
+# fitted on K validation rows of each adapter's own domain.
+STUDY_ONLY_METHODS: dict[str, dict[str, Any]] = {
+    "calibrated": {"fraction": 0.01},
+    "learned": dict(LEARNED_DEFAULTS),
+}
 # How long each adapter trains. The merged-data adapter of a combination always takes
 # `train.epochs` passes over the union of its domains' rows.
 BUDGETS = {
@@ -188,6 +193,13 @@ def _parse_methods(value: Any, problems: list[str]) -> dict[str, dict[str, Any]]
         options = options or {}
         if not isinstance(options, dict):
             problems.append(f"methods.{name}: options are a mapping (e.g. {{density: 0.2}})")
+            continue
+        if name == "learned":
+            problem = learned_options_problem(options)
+            if problem is not None:
+                problems.append(f"methods.learned: {problem}")
+            else:
+                out["learned"] = {**LEARNED_DEFAULTS, **options}
             continue
         if name in STUDY_ONLY_METHODS:
             unknown = set(options) - set(STUDY_ONLY_METHODS[name])

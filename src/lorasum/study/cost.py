@@ -50,6 +50,8 @@ class Grid:
     batch_size: int = 8
     epochs: float = 1.0
     calibrated_fraction: float = STUDY_ONLY_METHODS["calibrated"]["fraction"]
+    learned_rows: int = STUDY_ONLY_METHODS["learned"]["rows"]  # per domain, each epoch
+    learned_epochs: int = STUDY_ONLY_METHODS["learned"]["epochs"]
 
     @property
     def top_order(self) -> int:
@@ -103,7 +105,7 @@ def unit_counts(grid: Grid) -> dict[str, int]:
     """Units per kind (`study.units.KINDS`) of the whole study, every seed."""
     n, s, c, v = grid.domains, grid.seeds, grid.combinations(), grid.variants()
     methods = grid.methods_beside_sum()
-    fitted = int("calibrated" in methods)
+    fitted = sum(m in STUDY_ONLY_METHODS for m in methods)
     calibrating = grid.predictors or any(calibrates(m) for m in methods)
     extra = max(0, grid.snapshots - 1)  # snapshot epochs before the run's end
     snap_m = snapshot_method_count(grid)
@@ -172,10 +174,17 @@ def token_counts(grid: Grid, tokens_per_row: float) -> dict[str, dict[str, float
     if counts.get("calibrate"):  # once per domain: cached across seeds, budgets and studies
         out["calibrate"] = {"total": grid.domains * per_domain, "largest": per_domain}
     if counts.get("fit"):
-        merged = [(k * grid.train_rows * grid.epochs, grid.combinations(k)) for k in range(2, grid.top_order + 1)]  # fmt: skip
-        share = tokens_per_row * grid.calibrated_fraction
-        total = sum(r * c for r, c in merged) * grid.seeds * share
-        out["fit"] = {"total": total, "largest": max(r for r, _ in merged) * share}
+        orders = range(2, grid.top_order + 1)
+        fitted = set(grid.methods_beside_sum())
+        per_combo = []  # (tokens of one fit of a combination of k domains, combinations)
+        if "calibrated" in fitted:  # a share of the merged-data training's tokens
+            share = tokens_per_row * grid.calibrated_fraction
+            per_combo += [(k * grid.train_rows * grid.epochs * share, grid.combinations(k)) for k in orders]  # fmt: skip
+        if "learned" in fitted:  # K validation rows of each domain, every epoch
+            rows = min(grid.learned_rows, max(1, grid.train_rows // 8))  # the val split: 10 %
+            per_combo += [(k * rows * grid.learned_epochs * tokens_per_row, grid.combinations(k)) for k in orders]  # fmt: skip
+        total = sum(t * c for t, c in per_combo) * grid.seeds
+        out["fit"] = {"total": total, "largest": max(t for t, _ in per_combo)}
     if grid.predictors:
         data = grid.domains * per_domain
         out["predictors"] = {"total": data, "largest": data}

@@ -401,10 +401,10 @@ def _method_units(lay: StudyLayout, seed: int, tid: dict, calib: dict) -> list[U
             paths = [d / "adapters" / x for x in singles]
             out = d / "methods" / m / c
             deps = [tid[x] for x in singles]
-            if m == "calibrated":
+            if m in STUDY_ONLY_METHODS:
                 merged = d / "adapters" / f"merged-{c}"
                 args = (
-                    paths, out, merged, [lay.sources[x] for x in combo], opts["fraction"],
+                    m, paths, out, merged, [lay.sources[x] for x in combo], opts,
                     lay.base_cfg.max_length, lay.overwrite,
                 )  # fmt: skip
                 units.append(
@@ -419,7 +419,7 @@ def _method_units(lay: StudyLayout, seed: int, tid: dict, calib: dict) -> list[U
                 if m not in STUDY_ONLY_METHODS and get_method(m).calibration:
                     deps += [calib[x] for x in singles]
                 units.append(_compose(lay, seed, name, paths, out, m, opts, deps))
-            kind = "fit" if m == "calibrated" else "compose"
+            kind = "fit" if m in STUDY_ONLY_METHODS else "compose"
             units.append(_eval(lay, seed, name, out, combo, [f"{kind}/{seed}/{name}"]))
     return units
 

@@ -520,6 +520,14 @@ def _snapshots(lay: StudyLayout, plan: Plan, seed_evals: list[dict], metrics: di
     }  # fmt: skip
 
 
+def _fitted_combination(unit: str) -> str:
+    """``method-learned-a+b`` → ``a+b`` (the study-only methods' names hold no '-')."""
+    for m in STUDY_ONLY_METHODS:
+        if unit.startswith(f"method-{m}-"):
+            return unit[len(f"method-{m}-") :]
+    raise ValueError(f"not a fitted method's unit: {unit}")
+
+
 def _budget(fits: dict) -> dict:
     return {
         "token_policy": "equal tokens per domain: every adapter sees each of its domains' "
@@ -528,8 +536,8 @@ def _budget(fits: dict) -> dict:
         "methods": "zero gradient steps; calibration methods read each domain's training "
         "inputs once (no labels); the calibrated family fits a few coefficients on the "
         "validation split within a share of the merged-data training's tokens (below)",
-        "calibrated": [
-            {"combination": name[len("method-calibrated-") :], "seed": seed, **report}
+        "calibrated": [  # every fitted method's compositions (calibrated, learned)
+            {"combination": _fitted_combination(name), "seed": seed, **report}
             for (seed, name), report in fits.items()
         ],
     }

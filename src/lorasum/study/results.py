@@ -37,6 +37,7 @@ CATEGORIES = {
     "soft_projection": "calibration",
     "shift_match": "calibration",
     "calibrated": "calibrated",
+    "learned": "calibrated",  # coefficients fitted on validation rows, like `calibrated`
 }
 BOOTSTRAP_RESAMPLES = 10_000
 

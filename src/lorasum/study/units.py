@@ -245,66 +245,75 @@ def compose_unit(
 
 
 def calibrated_key(
-    paths: list[Path], merged: Path, val_sources: list[Source], fraction: float, max_length: int
+    method: str,
+    paths: list[Path],
+    merged: Path,
+    val_sources: list[Source],
+    options: dict,
+    max_length: int,
 ) -> str:
+    """What a fitted composition (`calibrated`, `learned`) depends on: the adapters, the
+    validation rows, the merged-data training's tokens (the budget's yardstick), the options."""
     from lorasum.compose import adapter_fingerprint
 
     training_tokens = int(read_json(merged / "lorasum.json")["metrics"]["real_tokens"])
+    settings = {"fraction": options["fraction"]} if method == "calibrated" else {"options": options}
     return config_key(
         {
-            "method": "calibrated",
+            "method": method,
             "sources": [adapter_fingerprint(read_adapter(p, strict=True)) for p in paths],
             "val": [s.fingerprint()["val"] for s in val_sources],
             "training_tokens": training_tokens,
-            "fraction": fraction,
+            **settings,
             "max_length": max_length,
             "version": __version__,
         }
     )
 
 
-def cached_calibrated(paths, out, merged, val_sources, fraction, max_length) -> dict | None:
+def cached_calibrated(method, paths, out, merged, val_sources, options, max_length) -> dict | None:
     if existing_key(out) is None:
         return None
-    key = calibrated_key(paths, merged, val_sources, fraction, max_length)
+    key = calibrated_key(method, paths, merged, val_sources, options, max_length)
     return read_json(out / "lorasum.json")["budget"] if existing_key(out) == key else None
 
 
 def calibrated_unit(
+    method: str,
     paths: list[Path],
     out: Path,
     merged: Path,
     val_sources: list[Source],
-    fraction: float,
+    options: dict,
     max_length: int,
     overwrite: bool,
     *,
     model,
     tokenizer,
 ) -> dict:
-    """The `calibrated` family on one combination: one coefficient per adapter and module
-    type, fitted on the combination's validation rows within ``fraction`` of the merged-data
-    training's tokens (read from ``merged``, its adapter). Returns the budget report."""
+    """A fitted composition of one combination, read from ``merged`` (its adapter) for the
+    merged-data training's tokens: `calibrated` (one coefficient per adapter and module type
+    within ``options["fraction"]`` of those tokens) or `learned` (per-layer coefficients on
+    ``options["rows"]`` validation rows of each domain, ``options["epochs"]`` passes). Returns
+    the budget report (tokens, rows, steps, share of the merged-data training)."""
     from lorasum.adapters import write_adapter
     from lorasum.factors import pad_rank
     from lorasum.io import atomic_dir
-    from lorasum.methods.calibrated import fit_calibrated
+    from lorasum.methods.calibrated import fit_calibrated, fit_learned
 
     adapters = [read_adapter(p, strict=True) for p in paths]
-    key = calibrated_key(paths, merged, val_sources, fraction, max_length)
+    key = calibrated_key(method, paths, merged, val_sources, options, max_length)
     if check_output_dir(out, key, overwrite and existing_key(out) != key):
         return read_json(out / "lorasum.json")["budget"]
     training_tokens = int(read_json(merged / "lorasum.json")["metrics"]["real_tokens"])
     t0 = time.perf_counter()
-    fit, report = fit_calibrated(
-        model,
-        tokenizer,
-        [a.modules for a in adapters],
-        val_sources,
-        training_tokens,
-        fraction=fraction,
-        max_length=max_length,
-    )
+    factors = [a.modules for a in adapters]
+    if method == "learned":
+        fit, report = fit_learned(model, tokenizer, factors, val_sources, training_tokens,
+                                  max_length=max_length, **options)  # fmt: skip
+    else:
+        fit, report = fit_calibrated(model, tokenizer, factors, val_sources, training_tokens,
+                                     fraction=options["fraction"], max_length=max_length)  # fmt: skip
     rank = max(f.rank for f in fit.modules.values())
     modules = {m: pad_rank(f, rank) for m, f in fit.modules.items()}
     report = {
@@ -317,7 +326,7 @@ def calibrated_unit(
         "kind": "composed",
         "key": key,
         "lorasum_version": __version__,
-        "method": "calibrated",
+        "method": method,
         "sources": [str(p) for p in paths],
         "base_model": adapters[0].base_model,
         "budget": report,
