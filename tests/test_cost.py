@@ -26,6 +26,7 @@ CASES = [
     (4, {"max_order": 3, "snapshots": "0.5,1,2", "methods": "sum,tsv,regmean",
          "predictors": True}),
     (4, {"seeds": [3, 4], "methods": "calibrated,orthogonal_projection", "paper_variants": False}),
+    (3, {"methods": "sum,calibrated,learned", "snapshots": "0.5,1"}),
 ]  # fmt: skip
 
 
@@ -101,11 +102,16 @@ def test_tokens_equal_the_plans_rows_at_max_length(tiny_llama, four_domains, tmp
     else:
         assert "calibrate" not in tokens
     merged = {u.name: t for u, t in zip([u for u in units if u.kind == "train"], trains, strict=True)}  # fmt: skip
-    fits = [
-        grid.calibrated_fraction * merged[u.name.replace("method-calibrated-", "merged-")]
-        for u in units
-        if u.kind == "fit"
-    ]
+    val = {len(s.splits["val"]) for s in lay.sources.values()}
+    assert val == {grid.test_rows}  # the model reads the val split's size off the test split's
+    fits = []
+    for u in units:
+        if u.kind == "fit" and u.name.startswith("method-calibrated-"):
+            fits.append(grid.calibrated_fraction * merged[u.name.replace("method-calibrated-", "merged-")])  # fmt: skip
+        elif u.kind == "fit":  # learned: K val rows of each of its domains, every epoch
+            srcs, opts = u.args[4], u.args[5]  # (method, paths, out, merged, srcs, opts, …)
+            rows = sum(min(opts["rows"], len(s.splits["val"])) for s in srcs)
+            fits.append(rows * opts["epochs"] * ml)
     assert tokens.get("fit", {}).get("total", 0) == pytest.approx(sum(fits))
     data = [u.cost * 1000 / 3 for u in units if u.name == "data-predictors"]
     assert tokens.get("predictors", {}).get("total", 0) == pytest.approx(sum(data))

@@ -181,7 +181,7 @@ def token_counts(grid: Grid, tokens_per_row: float) -> dict[str, dict[str, float
             share = tokens_per_row * grid.calibrated_fraction
             per_combo += [(k * grid.train_rows * grid.epochs * share, grid.combinations(k)) for k in orders]  # fmt: skip
         if "learned" in fitted:  # K validation rows of each domain, every epoch
-            rows = min(grid.learned_rows, max(1, grid.train_rows // 8))  # the val split: 10 %
+            rows = min(grid.learned_rows, grid.test_rows)  # val and test: 10 % each, one cap
             per_combo += [(k * rows * grid.learned_epochs * tokens_per_row, grid.combinations(k)) for k in orders]  # fmt: skip
         total = sum(t * c for t, c in per_combo) * grid.seeds
         out["fit"] = {"total": total, "largest": max(t for t, _ in per_combo)}
