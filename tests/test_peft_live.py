@@ -295,3 +295,22 @@ def test_failed_copy_removes_the_new_adapter(tiny_llama, tmp_path, monkeypatch):
         lorasum.add_weighted_adapter(model, ["a", "b"])
     assert_unchanged(model, before)
     assert not any("composed" in k for k, _ in model.named_modules())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_bf16_base_on_device(tiny_llama, tmp_path, device):
+    """A bf16 base on CPU or GPU: the new adapter lives where the sources do, in their dtype,
+    and is still the exact sum (rtol 1e-5, atol 1e-6: the adapters stay fp32 in PEFT)."""
+    from peft import PeftModel
+
+    paths = two_adapters(tiny_llama, tmp_path)
+    base = load_tiny(tiny_llama).to(device=device, dtype=torch.bfloat16)
+    model = PeftModel.from_pretrained(base, str(paths[0]), adapter_name="a")
+    model.load_adapter(str(paths[1]), adapter_name="b")
+    expected = dense_sum(model, ["a", "b"], [1.0, -0.5])
+    lorasum.add_weighted_adapter(model, ["a", "b"], [1.0, -0.5])
+    source = lora_layers(model)["model.layers.0.self_attn.q_proj"].lora_A["a"].weight
+    for layer in lora_layers(model).values():
+        A = layer.lora_A["composed"].weight
+        assert (A.device, A.dtype) == (source.device, source.dtype)
+    assert_deltas_equal(new_deltas(model, "composed"), expected, rtol=1e-5, atol=1e-6)
