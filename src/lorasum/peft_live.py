@@ -13,7 +13,9 @@ GPT-2's Conv1D (``fan_in_fan_out`` only transposes B·A when it is added to the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import re
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -134,6 +136,18 @@ def _check_call(model: Any, adapters: Any, adapter_name: Any) -> dict[str, Any]:
     return layers
 
 
+@contextlib.contextmanager
+def _python_terms() -> Iterator[None]:
+    """Re-word the shared checks' CLI messages for a Python call: ``--density`` → ``density``,
+    ``compose --method sum:`` → ``add_weighted_adapter(method='sum'):``."""
+    try:
+        yield
+    except LorasumError as e:
+        message = re.sub(r"^compose --method (\S+):", r"add_weighted_adapter(method='\1'):", str(e))
+        message = re.sub(r"--([a-z][a-z-]*)", lambda m: m.group(1).replace("-", "_"), message)
+        raise LorasumError(message) from None
+
+
 def _merge_config(method: str, options: dict[str, Any]) -> MergeConfig:
     """The checked MergeConfig of a data-free method (LorasumError for everything else)."""
     merge_method = get_method(method)  # an unknown name lists the known ones
@@ -204,11 +218,13 @@ def add_weighted_adapter(
     adapter is added only after the merge succeeded (and removed again if copying fails).
     """
     layers = _check_call(model, adapters, adapter_name)
-    config = _merge_config(method, method_options)
-    given = None if weights is None else parse_weights(weights, len(adapters))
-    w = resolve_weights(get_method(method), given, len(adapters))
+    with _python_terms():
+        config = _merge_config(method, method_options)
+        given = None if weights is None else parse_weights(weights, len(adapters))
+        w = resolve_weights(get_method(method), given, len(adapters))
     factors = [live_factors(name, layers) for name in adapters]
-    result = merge_adapters(factors, w, config)
+    with _python_terms():
+        result = merge_adapters(factors, w, config)
     model.add_adapter(adapter_name, _new_config(model, adapters, result))
     try:
         _copy_factors(adapter_name, lora_layers(model), result.modules)
