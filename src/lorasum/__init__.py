@@ -9,6 +9,7 @@ The Python API mirrors the CLI:
     import lorasum
     lorasum.compose(["a", "b"], "out", method="svd", rank=16)
     lorasum.similarity(["a", "b", "c"], plot="plots/")
+    lorasum.add_weighted_adapter(peft_model, ["a", "b"], method="sum")  # in memory
 
 (``lorasum.compose`` and ``lorasum.similarity`` are these functions; their modules are
 ``sys.modules["lorasum.compose"]`` etc., imported as ``from lorasum.compose import …``.)
@@ -18,6 +19,15 @@ from lorasum._version import __version__
 from lorasum.compose import compose
 from lorasum.errors import LorasumError
 from lorasum.methods import MergeConfig, method_names
+from lorasum.peft_live import add_weighted_adapter
 from lorasum.similarity import similarity
 
-__all__ = ["LorasumError", "MergeConfig", "__version__", "compose", "method_names", "similarity"]
+__all__ = [
+    "LorasumError",
+    "MergeConfig",
+    "__version__",
+    "add_weighted_adapter",
+    "compose",
+    "method_names",
+    "similarity",
+]
