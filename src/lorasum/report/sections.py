@@ -635,9 +635,8 @@ def _stopping(adapters: dict[str, list[dict]], seeds: list) -> list:
             ended[by] = ended.get(by, 0) + 1
             seed = seeds[i] if i < len(seeds) else "n/a"
             stop = a.get("stop_step", a.get("steps"))
-            rows.append(
-                [unit, str(seed), f"{stop}", f"{a.get('best_step')}", by, a.get("schedule") or "linear"]
-            )  # fmt: skip
+            schedule = a.get("schedule") or "linear"
+            rows.append([unit, str(seed), f"{stop}", f"{a.get('best_step')}", by, schedule])
     if not rows:
         return []
     n, cap = len(rows), ended["cap"]
@@ -650,10 +649,8 @@ def _stopping(adapters: dict[str, list[dict]], seeds: list) -> list:
             " Most ran to the cap: their validation loss had still improved within the last "
             "train.patience evaluations, so they may not have converged; raise train.max_epochs."
         )
-    return [
-        Para(sentence),
-        Table(["adapter", "seed", "stop step", "best step", "stopped by", "schedule"], rows, "lrrrll"),
-    ]  # fmt: skip
+    headers = ["adapter", "seed", "stop step", "best step", "stopped by", "schedule"]
+    return [Para(sentence), Table(headers, rows, "lrrrll")]
 
 
 def _split(s: dict, part: str) -> tuple[str, str]:
