@@ -53,12 +53,15 @@ def test_converged_budget_records_curves_and_reports_what_stopped_each_adapter(
     monkeypatch.setenv("LORASUM_PRECISION", "fp32")
     # 160 rows per domain: validation splits of 16, the fewest a patience stop may use
     files = {n: write_jsonl(tmp_path / f"{n}.jsonl", make_qa(n, 160, seed=i))
-             for i, n in enumerate(("arith", "colors", "finance"))}  # fmt: skip
+             for i, n in enumerate(("arith", "colors"))}  # fmt: skip
     out = tmp_path / "c"
-    res = _run(tiny_llama, files, out, budget="converged", eval_every=1, patience=1, max_eval=16)
+    # 2 steps per epoch for a single adapter, 4 for the merged one: a cap of 5 epochs is
+    # 10 and 20 steps, which some adapters' curves outlast and others do not
+    res = _run(tiny_llama, files, out, budget="converged", eval_every=1, patience=1, max_eval=16,
+               max_epochs=5, cross_domain=False)  # fmt: skip
     cfg = read_json(out / "config.json")
     assert cfg["budget"] == "converged"
-    assert cfg["train"]["schedule"] == "constant" and cfg["train"]["max_epochs"] == 10.0
+    assert cfg["train"]["schedule"] == "constant"
     adapters = out / "seed-42" / "adapters"
     ended = {"patience": 0, "cap": 0}
     for unit, (summary,) in res["training_budget"]["adapters"].items():
@@ -76,11 +79,12 @@ def test_converged_budget_records_curves_and_reports_what_stopped_each_adapter(
         for k in ("stop_step", "best_step", "stopped_by", "schedule"):
             assert summary[k] == metrics[k], (unit, k)
         ended[metrics["stopped_by"]] += 1
-    assert sum(ended.values()) == 7  # 3 singles, 3 merged pairs, the merged triple
+    assert sum(ended.values()) == 3  # 2 singles and the merged pair
+    assert ended["patience"] >= 1 and ended["cap"] >= 1, ended
     report = (out / "report.md").read_text()
     section = report.split("## Training budget", 1)[1]
     assert (
-        f"Of the 7 adapter trainings, {ended['patience']} were stopped by patience"
+        f"Of the 3 adapter trainings, {ended['patience']} were stopped by patience"
         f" (the validation loss stopped improving) and {ended['cap']} by the cap"
     ) in section
     assert "| adapter | seed | stop step | best step | stopped by | schedule |" in section
