@@ -414,6 +414,7 @@ def test_cli_flags_from_the_budget_fields(tiny_llama):
     assert cfg.snapshots == [2, 4] and cfg.eval_every == 3 and cfg.patience == 3
     train_parser = parser._subparsers._group_actions[0].choices["train"]
     text = " ".join(train_parser.format_help().split())
-    for part in ("--snapshots", "--stop-at", "--eval-every", "--patience", "--max-epochs"):
+    for part in ("--snapshots", "--stop-at", "--eval-every", "--patience", "--max-epochs",
+                 "--schedule"):  # fmt: skip
         assert part in text, part
     assert "mid-schedule" in text and "(comma list)" in text
