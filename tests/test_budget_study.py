@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest import make_qa, write_jsonl
 
 from lorasum.errors import LorasumError
 from lorasum.io import read_json
@@ -46,22 +47,50 @@ def test_steps_budget_gives_every_adapter_of_a_combination_the_merged_steps(
     assert [s.rsplit("/", 1)[-1] for s in marker["sources"]] == triple["singles"]
 
 
-def test_converged_budget_records_curves_and_keeps_the_patience_rules_best(
-    tiny_llama, qa_files, tmp_path
+def test_converged_budget_records_curves_and_reports_what_stopped_each_adapter(
+    tiny_llama, tmp_path, monkeypatch
 ):
-    res = _run(tiny_llama, qa_files, tmp_path / "c", budget="converged", eval_every=1, patience=1)
-    cfg = read_json(tmp_path / "c" / "config.json")
+    monkeypatch.setenv("LORASUM_PRECISION", "fp32")
+    # 160 rows per domain: validation splits of 16, the fewest a patience stop may use
+    files = {n: write_jsonl(tmp_path / f"{n}.jsonl", make_qa(n, 160, seed=i))
+             for i, n in enumerate(("arith", "colors"))}  # fmt: skip
+    out = tmp_path / "c"
+    # 2 steps per epoch for a single adapter, 4 for the merged one: a cap of 5 epochs is
+    # 10 and 20 steps, which some adapters' curves outlast and others do not
+    res = _run(tiny_llama, files, out, budget="converged", eval_every=1, patience=1, max_eval=16,
+               max_epochs=5, cross_domain=False)  # fmt: skip
+    cfg = read_json(out / "config.json")
     assert cfg["budget"] == "converged"
-    adapters = tmp_path / "c" / "seed-42" / "adapters"
-    for unit in res["training_budget"]["adapters"]:
+    assert cfg["train"]["schedule"] == "constant"
+    adapters = out / "seed-42" / "adapters"
+    ended = {"patience": 0, "cap": 0}
+    for unit, (summary,) in res["training_budget"]["adapters"].items():
         metrics = read_json(adapters / unit / "lorasum.json")["metrics"]
         losses = [p["val_loss"] for p in metrics["val_curve"]]
         assert losses, unit
         best, stop = patience_stop(losses, 1)
         assert metrics["best_step"] == metrics["val_curve"][best]["step"]
-        assert metrics["stopped_early"] == (
-            stop is not None and metrics["steps"] < metrics["schedule_steps"]
-        )
+        by_patience = stop is not None and metrics["steps"] < metrics["schedule_steps"]
+        assert metrics["stopped_early"] == by_patience
+        assert metrics["stopped_by"] == ("patience" if by_patience else "cap")
+        assert metrics["stop_step"] == metrics["steps"] == metrics["val_curve"][-1]["step"]
+        assert metrics["schedule"] == "constant"
+        # results.json gives each adapter the same record
+        for k in ("stop_step", "best_step", "stopped_by", "schedule"):
+            assert summary[k] == metrics[k], (unit, k)
+        ended[metrics["stopped_by"]] += 1
+    assert sum(ended.values()) == 3  # 2 singles and the merged pair
+    assert ended["patience"] >= 1 and ended["cap"] >= 1, ended
+    report = (out / "report.md").read_text()
+    section = report.split("## Training budget", 1)[1]
+    assert (
+        f"Of the 3 adapter trainings, {ended['patience']} were stopped by patience"
+        f" (the validation loss stopped improving) and {ended['cap']} by the cap"
+    ) in section
+    assert "| adapter | seed | stop step | best step | stopped by | schedule |" in section
+    m = res["training_budget"]["adapters"]["merged-arith+colors"][0]
+    row = f"| merged-arith+colors | 42 | {m['stop_step']} | {m['best_step']} | {m['stopped_by']} |"
+    assert row in section
 
 
 def test_snapshots_pair_by_equal_epochs_and_equal_steps_and_are_reused(
@@ -103,6 +132,8 @@ def test_snapshots_pair_by_equal_epochs_and_equal_steps_and_are_reused(
     ("settings", "message"),
     [
         ({"budget": "forever"}, "--budget 'forever'"),
+        # the tiny preset keeps 4 validation rows per domain: too few to stop on
+        ({"budget": "converged"}, r"at least 16 validation rows; arith has 4 \(.*--max-eval 4\)"),
         ({"budget": "steps", "snapshots": "0.5,1"}, "use them with --budget epochs"),
         ({"eval_every": 2}, "use --budget converged"),
         ({"snapshots": "1"}, "at least two epochs"),
@@ -121,7 +152,10 @@ def test_budget_settings_are_checked_before_anything_runs(
 def test_budget_in_experiment_files_and_defaults():
     study = resolve_study("tiny", overrides={"budget": "converged"})
     assert study.budget == "converged"
-    assert study.train["eval_every"] > 0 and study.train["max_epochs"] > 0
+    assert study.train["eval_every"] > 0 and study.train["max_epochs"] == 10.0
+    assert study.train["schedule"] == "constant"
+    linear = resolve_study("tiny", overrides={"budget": "converged", "schedule": "linear"})
+    assert linear.train["schedule"] == "linear"
     study = resolve_study("tiny", overrides={"snapshots": [0.25, 2, 1]})
     assert study.snapshots == [0.25, 1.0, 2.0] and study.train["epochs"] == 2.0
     assert resolve_study("tiny").budget == "epochs"

@@ -29,7 +29,7 @@ from lorasum.train import (
     train,
 )
 
-BUDGET_FIELDS = {"snapshots", "stop_at", "eval_every", "patience", "max_epochs"}
+BUDGET_FIELDS = {"snapshots", "stop_at", "eval_every", "patience", "max_epochs", "schedule"}
 
 
 def _cfg(model, data, **kw) -> TrainConfig:
@@ -185,6 +185,9 @@ def test_keys_without_budget_fields_are_unchanged():
     assert cfg.identity() == before
     assert TrainConfig(data=["math"], snapshots=[2]).identity()["snapshots"] == [2]
     assert TrainConfig(data=["math"], stop_at=3).identity()["stop_at"] == 3
+    # the linear schedule is the default and not in the identity; constant is, and changes keys
+    assert TrainConfig(data=["math"], schedule="linear").identity() == cfg.identity()
+    assert TrainConfig(data=["math"], schedule="constant").identity()["schedule"] == "constant"
     converged = TrainConfig(data=["math"], eval_every=2, max_epochs=3).identity()
     assert [converged[k] for k in ("eval_every", "patience", "max_epochs")] == [2, 3, 3.0]
     # the val split decides a converged adapter's weights, so it is in its key
@@ -200,6 +203,7 @@ def test_keys_without_budget_fields_are_unchanged():
 def test_converged_stops_by_the_patience_rule_and_keeps_the_best(
     tiny_llama, qa_files, tmp_path, monkeypatch
 ):
+    monkeypatch.setattr(train_mod, "MIN_VAL_ROWS", 1)  # the curve is scripted; 6 val rows do
     script = [5.0, 4.0, 4.5, 3.9, 4.0, 4.1, 1.0, 1.0, 1.0]  # evaluated at steps 2, 4, 6, ...
     calls = []
 
@@ -224,6 +228,7 @@ def test_converged_stops_by_the_patience_rule_and_keeps_the_best(
     m = marker["metrics"]
     assert (m["steps"], m["best_step"], m["schedule_steps"]) == (12, 8, 18)
     assert m["stopped_early"] is True and m["epochs"] == pytest.approx(12 * 8 / 48)
+    assert (m["stop_step"], m["stopped_by"], m["schedule"]) == (12, "patience", "linear")
     assert [p["step"] for p in m["val_curve"]] == [2, 4, 6, 8, 10, 12]
     assert [p["val_loss"] for p in m["val_curve"]] == script[:6]
     assert m["val_curve"][3]["val_perplexity"] == pytest.approx(math.exp(3.9))
@@ -243,7 +248,10 @@ def test_converged_stops_by_the_patience_rule_and_keeps_the_best(
     assert any(not torch.equal(w12[k], w8[k]) for k in w8)  # the best, not the last, was kept
 
 
-def test_converged_with_real_validation_keeps_the_best_val_weights(tiny_llama, qa_files, tmp_path):
+def test_converged_with_real_validation_keeps_the_best_val_weights(
+    tiny_llama, qa_files, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(train_mod, "MIN_VAL_ROWS", 1)  # 6 val rows: enough for this check
     cfg = _cfg(
         tiny_llama, [qa_files["colors"]], max_steps=0, eval_every=2, patience=1, max_epochs=1
     )
@@ -271,9 +279,104 @@ def test_converged_with_real_validation_keeps_the_best_val_weights(tiny_llama, q
 def test_converged_without_val_rows_is_an_error(tiny_llama, qa_files, tmp_path):
     cfg = _cfg(tiny_llama, [qa_files["arith"]], max_steps=0, eval_every=2, max_epochs=1)
     sources = [dataclasses.replace(s, splits={**s.splits, "val": []}) for s in load_sources(cfg)]
-    with pytest.raises(LorasumError, match="--eval-every needs validation rows") as e:
+    with pytest.raises(LorasumError, match="at least 16 validation rows; .* has 0 ") as e:
         train(cfg, tmp_path / "noval", sources=sources, progress=False)
     assert "\n" not in str(e.value)
+    assert not (tmp_path / "noval").exists()
+
+
+def _source(val_rows: int) -> Source:
+    row = QA("What is 1 plus 1?", "2")
+    return Source("s", "o", {"train": [row], "val": [row] * val_rows, "test": [row]})
+
+
+# (validation rows per source, eval_every, max_eval, refused): at least MIN_VAL_ROWS = 16 rows
+# in the union of the sources' validation splits, and only when --eval-every decides the stop
+VAL_ROWS_CASES = [
+    ([15], 2, None, True),
+    ([16], 2, None, False),
+    ([8, 8], 2, None, False),  # a merged adapter validates on the union
+    ([4], 2, 4, True),
+    ([0], 0, None, False),  # no patience stopping: nothing to decide
+]
+
+
+@pytest.mark.parametrize("rows,eval_every,max_eval,refused", VAL_ROWS_CASES)
+def test_val_rows_problem(rows, eval_every, max_eval, refused):
+    cfg = TrainConfig(data=["math"], eval_every=eval_every, max_eval=max_eval)
+    problem = train_mod.val_rows_problem(cfg, [_source(n) for n in rows])
+    assert (problem is not None) == refused
+    if refused:
+        assert f"has {sum(rows)} " in problem and "\n" not in problem
+        assert ("--max-eval 4" in problem) == (max_eval == 4)
+
+
+def test_too_few_validation_rows_exit_2_via_the_cli_and_write_nothing(
+    tiny_llama, qa_files, tmp_path, capsys, monkeypatch
+):
+    from lorasum.cli import main
+
+    monkeypatch.setenv("LORASUM_PRECISION", "fp32")
+    out = tmp_path / "small"
+    argv = ["train", "--model", str(tiny_llama), "--data", str(qa_files["arith"]),
+            "--out", str(out), "--eval-every", "2", "--max-epochs", "1", "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("lorasum: error: ")
+    # 60 rows: a validation split of 6
+    assert "at least 16 validation rows" in err and "has 6 (" in err
+    for fix in ("more data", "--max-eval", "--budget converged"):
+        assert fix in err, fix
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_constant_schedule_ends_by_the_cap_or_by_patience_on_scripted_curves(
+    tiny_llama, qa_files, tmp_path, monkeypatch
+):
+    """Constant learning rate after warmup; a curve that keeps improving runs to the cap
+    (--max-epochs), one that rises stops by patience and keeps its minimum's weights."""
+    monkeypatch.setenv("LORASUM_PRECISION", "fp32")
+    monkeypatch.setattr(train_mod, "MIN_VAL_ROWS", 1)  # the curve is scripted, not measured
+    script: list[float] = []
+    monkeypatch.setattr(train_mod, "validation_loss", lambda *a: script.pop(0))
+    data = [qa_files["arith"]]
+    # 6 steps per epoch, cap 2 epochs = 12 steps, evaluations at steps 2, 4, ..., 12
+    kw = dict(max_steps=0, eval_every=2, patience=2, max_epochs=2, schedule="constant")
+
+    script[:] = [5.0, 4.0, 3.0, 2.0, 1.5, 1.0]  # keeps improving
+    cap = train(_cfg(tiny_llama, data, **kw), tmp_path / "cap", progress=False)["metrics"]
+    assert (cap["stopped_by"], cap["stopped_early"], cap["schedule"]) == ("cap", False, "constant")
+    assert (cap["stop_step"], cap["steps"], cap["best_step"], cap["schedule_steps"]) == (
+        12, 12, 12, 12,
+    )  # fmt: skip
+    assert script == []
+    # the rate is 0, then half the peak during 2 warmup steps, then the peak at every step
+    lrs = [r["lr"] for r in _log(tmp_path / "cap") if "loss" in r]
+    assert lrs[:2] == pytest.approx([0.0, 1.5e-3]) and lrs[2:] == [3e-3] * 10
+    # the default linear schedule of the same run decays to 0 over the cap instead
+    linear = replace(_cfg(tiny_llama, data, **kw), schedule="linear")
+    script[:] = [5.0, 4.0, 3.0, 2.0, 1.5, 1.0]
+    train(linear, tmp_path / "linear", progress=False)
+    lin = [r["lr"] for r in _log(tmp_path / "linear") if "loss" in r]
+    assert all(a > b for a, b in zip(lin[2:], lin[3:], strict=False)) and lin[-1] < 3e-3 / 5
+
+    script[:] = [5.0, 4.0, 3.0, 3.5, 4.0, 9.9]  # lowest at step 6, then rises
+    out = tmp_path / "patience"
+    cfg = _cfg(tiny_llama, data, **kw, snapshots=[6, 10])
+    m = train(cfg, out, progress=False)["metrics"]
+    # by hand: best 3.0 at step 6; 3.5 and 4.0 follow, the 2nd without improvement: step 10
+    assert (m["stopped_by"], m["stopped_early"]) == ("patience", True)
+    assert (m["stop_step"], m["steps"], m["best_step"], m["schedule_steps"]) == (10, 10, 6, 12)
+    assert [p["step"] for p in m["val_curve"]] == [2, 4, 6, 8, 10] and script == [9.9]
+    _assert_same_weights(out, out / "snapshots" / "step-6")
+    # under a constant rate the first 6 steps do not depend on the run's length: the kept
+    # weights are a plain 6-step training's
+    train(
+        _cfg(tiny_llama, data, max_steps=6, schedule="constant"), tmp_path / "six", progress=False
+    )
+    _assert_same_weights(out, tmp_path / "six")
+    w10 = _weights(out / "snapshots" / "step-10")
+    assert any(not torch.equal(w10[k], v) for k, v in _weights(out).items())
 
 
 def test_max_steps_beyond_an_epoch_cycles_through_every_row(
@@ -311,6 +414,7 @@ def test_cli_flags_from_the_budget_fields(tiny_llama):
     assert cfg.snapshots == [2, 4] and cfg.eval_every == 3 and cfg.patience == 3
     train_parser = parser._subparsers._group_actions[0].choices["train"]
     text = " ".join(train_parser.format_help().split())
-    for part in ("--snapshots", "--stop-at", "--eval-every", "--patience", "--max-epochs"):
+    for part in ("--snapshots", "--stop-at", "--eval-every", "--patience", "--max-epochs",
+                 "--schedule"):  # fmt: skip
         assert part in text, part
     assert "mid-schedule" in text and "(comma list)" in text

@@ -25,6 +25,7 @@ from lorasum.report.blocks import Note, Para, Table
 from lorasum.report.build import rebuild_report, write_report
 from lorasum.report.findings import what_this_means
 from lorasum.report.sections import (
+    _budget,
     _curves,
     _decomposition,
     _headline,
@@ -760,3 +761,40 @@ def test_decomposition_of_older_results_is_a_note():
     res.pop("prediction_vs_singles")
     blocks = _decomposition(res)
     assert len(blocks) == 1 and isinstance(blocks[0], Note) and "predate" in blocks[0].text
+
+
+def test_converged_budget_reports_what_stopped_each_adapter_older_results_too(tmp_path):
+    """Each adapter's stop step, kept step and what ended it, and the count of each; a
+    results.json from before ``stopped_by`` existed renders from its ``stopped_early``."""
+    res = full_results()
+    tb = res["training_budget"]
+    assert not [b for b in _budget(res) if isinstance(b, Table) and "stopped by" in b.header]
+    tb["name"] = "converged"
+    units = list(tb["adapters"])
+    for i, unit in enumerate(units):  # older records: no stop_step, stopped_by or schedule
+        tb["adapters"][unit] = [
+            {"steps": 10 + s, "best_step": 7, "epochs": 1.0, "real_tokens": 100,
+             "stopped_early": (i + s) % 3 == 0}
+            for s in range(len(SEEDS))
+        ]  # fmt: skip
+    early = sum((i + s) % 3 == 0 for i in range(len(units)) for s in range(len(SEEDS)))
+    n = len(units) * len(SEEDS)
+    (tmp_path / "results.json").write_text(json.dumps(res))
+    md = rebuild_report(tmp_path)["markdown"].read_text()
+    section = _md_sections(md)["Training budget"]
+    assert (
+        f"Of the {n} adapter trainings, {early} were stopped by patience (the validation loss "
+        f"stopped improving) and {n - early} by the cap (train.max_epochs)."
+    ) in section
+    assert ("Most ran to the cap" in section) == (n - early > n / 2)
+    table = next(b for b in _budget(res) if isinstance(b, Table) and "stopped by" in b.header)
+    assert len(table.rows) == n
+    first = units[0]  # i = 0: seed index 0 stopped early, 1 and 2 ran to the cap
+    assert table.rows[:3] == [
+        [first, str(SEEDS[s]), str(10 + s), "7", by, "linear"]
+        for s, by in enumerate(("patience", "cap", "cap"))
+    ]
+    # newer records say it themselves
+    tb["adapters"][first][1].update(stop_step=11, stopped_by="patience", schedule="constant")
+    table = next(b for b in _budget(res) if isinstance(b, Table) and "stopped by" in b.header)
+    assert table.rows[1] == [first, str(SEEDS[1]), "11", "7", "patience", "constant"]

@@ -416,8 +416,8 @@ def _add_run_flags(r) -> None:
         default=None,
         help="how long each adapter trains: epochs (default, the paper's: equal passes), "
         "steps (every adapter of a combination takes the merged-data adapter's optimizer "
-        "steps) or converged (early stopping on validation loss: --eval-every, --patience, "
-        "--max-epochs); see docs/BUDGETS.md",
+        "steps) or converged (a constant learning rate, early stopping on validation loss: "
+        "--eval-every, --patience, --max-epochs as a cap); see docs/BUDGETS.md",
     )
     r.add_argument(
         "--snapshots",

@@ -38,6 +38,14 @@ from lorasum.tokens import tokenize_cached
 log = logging.getLogger(__name__)
 
 
+# --schedule → the transformers scheduler name: the learning rate after the linear warmup
+SCHEDULES = {"linear": "linear", "constant": "constant_with_warmup"}
+# The fewest validation rows a patience stop may be decided on (docs/BUDGETS.md): two batches
+# of the default batch size, so that one row moves the mean loss by at most 1/16 of its own
+# deviation and a stop is not the verdict of a handful of rows.
+MIN_VAL_ROWS = 16
+
+
 def _f(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
@@ -71,7 +79,7 @@ class TrainConfig:
     a_seed: int = _f(0, "with --lora-a disjoint: seed of the orthonormal basis the slots share")
     epochs: float = _f(1.0, "passes over the training split")
     max_steps: int = _f(0, "stop after this many optimizer steps (0 = use --epochs)")
-    lr: float = _f(5e-5, "peak learning rate (AdamW, linear decay)")
+    lr: float = _f(5e-5, "peak learning rate (AdamW; after warmup see --schedule)")
     warmup_steps: int = _f(2, "linear warmup steps")
     weight_decay: float = _f(0.01, "AdamW weight decay")
     batch_size: int = _f(8, "sequences per optimizer step")
@@ -116,8 +124,13 @@ class TrainConfig:
     )
     max_epochs: float = _f(
         0.0,
-        "with --eval-every: at most this many passes; the learning rate decays over them "
+        "with --eval-every: at most this many passes; a linear schedule decays over them "
         "(0 = the cap is --epochs/--max-steps)",
+    )
+    schedule: str = _f(
+        "linear",
+        "learning rate after warmup: linear (decays to 0 at the run's last step) or constant "
+        "(with --eval-every the validation loss ends the run and the cap only bounds it)",
     )
 
     def __post_init__(self) -> None:
@@ -167,6 +180,8 @@ class TrainConfig:
                 problems.append(f"--{name.replace('_', '-')} must be >= 0")
         if self.patience < 1:
             problems.append("--patience must be >= 1")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"--schedule {self.schedule!r}: use {' or '.join(SCHEDULES)}")
         if self.max_epochs > 0 and self.eval_every == 0:
             problems.append(
                 "--max-epochs caps a --eval-every run; set --eval-every or use --epochs"
@@ -187,6 +202,8 @@ class TrainConfig:
             unused += ["lora_a", "a_slot", "a_seed"]
         elif self.lora_a == "frozen":
             unused += ["a_slot", "a_seed"]
+        if self.schedule == "linear":
+            unused.append("schedule")
         if not self.eval_every:
             unused += ["eval_every", "patience", "max_epochs"]
         for k in unused:
@@ -437,13 +454,17 @@ def _forward(peft_model: nn.Module, world: World, device: torch.device):
 def _start_run(
     peft_model, cfg: TrainConfig, total_steps: int, amp, train_rows: int, world: World
 ) -> _Run:
-    """AdamW over the LoRA weights with linear warmup and decay over ``total_steps``."""
-    from transformers import get_linear_schedule_with_warmup
+    """AdamW over the LoRA weights with linear warmup, then ``cfg.schedule`` over
+    ``total_steps``."""
+    from transformers import get_scheduler
 
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = get_linear_schedule_with_warmup(
-        optimizer, min(cfg.warmup_steps, total_steps), total_steps
+    scheduler = get_scheduler(
+        SCHEDULES[cfg.schedule],
+        optimizer,
+        num_warmup_steps=min(cfg.warmup_steps, total_steps),
+        num_training_steps=total_steps,
     )
     device = next(peft_model.parameters()).device
     forward = _forward(peft_model, world, device)
@@ -593,14 +614,23 @@ def _run_epochs(run: _Run, watch: _Watch, train_items, pad_id: int, out: Path, b
         epoch += 1
 
 
+def val_rows_problem(cfg: TrainConfig, sources: list[Source]) -> str | None:
+    """Why ``sources``' validation split is too small to stop on (``cfg.eval_every`` > 0), or
+    None: patience stopping needs at least ``MIN_VAL_ROWS`` rows (their union, when merged)."""
+    n = sum(len(s.splits["val"]) for s in sources)
+    if cfg.eval_every == 0 or n >= MIN_VAL_ROWS:
+        return None
+    names = "+".join(s.name for s in sources)
+    capped = f", capped by --max-eval {cfg.max_eval}" if cfg.max_eval is not None else ""
+    return (
+        f"--eval-every stops on the validation loss, which needs at least {MIN_VAL_ROWS} "
+        f"validation rows; {names} has {n} (its 10 % validation split{capped}): use more data, "
+        "raise --max-eval, or train without --eval-every (a study: without --budget converged)"
+    )
+
+
 def _val_batches(cfg: TrainConfig, tokenizer, sources: list[Source]) -> list | None:
     if not any(s.splits["val"] for s in sources):
-        if cfg.eval_every > 0:
-            names = "+".join(s.name for s in sources)
-            raise LorasumError(
-                f"--eval-every needs validation rows and {names} has none; use more data or "
-                "--eval-every 0"
-            )
         return None
     items = tokenize_cached(tokenizer, sources, "val", cfg.max_length, cfg.answer_only)
     return make_batches(items, cfg.batch_size, tokenizer.pad_token_id, shuffle=False)
@@ -619,6 +649,9 @@ def _metrics(run: _Run, watch: _Watch, total_steps: int, seconds: float) -> dict
         "answer_tokens": run.answer_tokens,
         "val_curve": watch.curve,
         "stopped_early": watch.stopped_early,  # by the patience rule, before the cap
+        "stop_step": run.step,  # the step the run ended at (= steps)
+        "stopped_by": _stopped_by(run.cfg, watch),
+        "schedule": run.cfg.schedule,
         "final_loss": sum(r["loss"] for r in rows[-10:]) / len(rows[-10:]),
         "first_loss": rows[0]["loss"],
         "seconds": seconds,
@@ -626,6 +659,14 @@ def _metrics(run: _Run, watch: _Watch, total_steps: int, seconds: float) -> dict
         "precision": precision_name(run.amp),
         "device": str(run.device),
     }
+
+
+def _stopped_by(cfg: TrainConfig, watch: _Watch) -> str:
+    """What ended the run: the patience rule, --stop-at, or the cap (the schedule's length:
+    --max-epochs under --eval-every, else --epochs/--max-steps)."""
+    if watch.stopped_early:
+        return "patience"
+    return "stop_at" if cfg.stop_at else "cap"
 
 
 def _final_val(run: _Run, watch: _Watch, val_batches, names, progress: bool) -> dict:
@@ -705,6 +746,9 @@ def train(
     """
     out = Path(out)
     sources = sources if sources is not None else load_sources(cfg)
+    problem = val_rows_problem(cfg, sources)
+    if problem:
+        raise LorasumError(problem)
     world = world_from_env()
     device = None  # one process picks its device after the reuse check, as it always did
     if world.distributed:

@@ -588,6 +588,8 @@ def _budget(results: dict) -> list:
             "token processed in training (means over seeds)."
         ),
     ]
+    if tb["name"] == "converged":
+        blocks += _stopping(tb.get("adapters") or {}, results.get("seeds") or [])
     snaps = results.get("snapshots")
     if snaps:
         png = plots.delta_vs_length(snaps)
@@ -616,6 +618,39 @@ def _budget(results: dict) -> list:
                 )  # fmt: skip
             )
     return blocks
+
+
+def _stopped_by(adapter: dict) -> str:
+    """patience or cap; results.json files from before ``stopped_by`` have ``stopped_early``."""
+    return adapter.get("stopped_by") or ("patience" if adapter.get("stopped_early") else "cap")
+
+
+def _stopping(adapters: dict[str, list[dict]], seeds: list) -> list:
+    """Under the converged budget: what ended each adapter's training (its stop step, the
+    kept best step, patience or the cap) and how many ended each way."""
+    rows, ended = [], {"patience": 0, "cap": 0}
+    for unit, per_seed in adapters.items():
+        for i, a in enumerate(per_seed):
+            by = _stopped_by(a)
+            ended[by] = ended.get(by, 0) + 1
+            seed = seeds[i] if i < len(seeds) else "n/a"
+            stop = a.get("stop_step", a.get("steps"))
+            schedule = a.get("schedule") or "linear"
+            rows.append([unit, str(seed), f"{stop}", f"{a.get('best_step')}", by, schedule])
+    if not rows:
+        return []
+    n, cap = len(rows), ended["cap"]
+    sentence = (
+        f"Of the {n} adapter trainings, {ended['patience']} were stopped by patience (the "
+        f"validation loss stopped improving) and {cap} by the cap (train.max_epochs)."
+    )
+    if cap > n / 2:
+        sentence += (
+            " Most ran to the cap: their validation loss had still improved within the last "
+            "train.patience evaluations, so they may not have converged; raise train.max_epochs."
+        )
+    headers = ["adapter", "seed", "stop step", "best step", "stopped by", "schedule"]
+    return [Para(sentence), Table(headers, rows, "lrrrll")]
 
 
 def _split(s: dict, part: str) -> tuple[str, str]:

@@ -18,15 +18,32 @@ from collections.abc import Sequence
 from lorasum.study.results import ci95, combo_name, mean
 from lorasum.study.stats import delta_pct
 
-_ADAPTER_FIELDS = ("steps", "best_step", "epochs", "real_tokens", "stopped_early")
+_ADAPTER_FIELDS = (
+    "steps",
+    "best_step",
+    "epochs",
+    "real_tokens",
+    "stopped_early",
+    "stop_step",
+    "stopped_by",
+    "schedule",
+)
 
 
 def adapter_budget(metrics: dict) -> dict:
-    """What one adapter's training cost, from its marker's metrics (best_step: the kept
-    weights' step under the converged budget, else the last step)."""
+    """What one adapter's training cost and what ended it, from its marker's metrics
+    (best_step: the kept weights' step under the converged budget, else the last step;
+    stopped_by: patience, cap or stop_at). Markers from before stop_step, stopped_by and
+    schedule existed get them from the fields they had (their schedule was linear)."""
     out = {k: metrics.get(k) for k in _ADAPTER_FIELDS}
     if out["best_step"] is None:
         out["best_step"] = out["steps"]
+    if out["stop_step"] is None:
+        out["stop_step"] = out["steps"]
+    if out["stopped_by"] is None:
+        out["stopped_by"] = "patience" if out["stopped_early"] else "cap"
+    if out["schedule"] is None:
+        out["schedule"] = "linear"
     return out
 
 

@@ -65,7 +65,7 @@ from lorasum.study.results import (
 )
 from lorasum.study.stats import correlation
 from lorasum.study.units import cached_eval, eval_key, read_json_or_none  # noqa: F401
-from lorasum.train import TrainConfig
+from lorasum.train import TrainConfig, val_rows_problem
 
 EXECUTORS = ("local", "ray")
 
@@ -180,6 +180,9 @@ def _load_sources(domain_sources: dict[str, str], cfg: TrainConfig) -> dict:
         for split in ("train", "test"):
             if not s.splits[split]:
                 raise LorasumError(f"domain {n}: the {split} split is empty; use more data")
+        problem = val_rows_problem(cfg, [s])  # the merged adapters' unions are larger
+        if problem:
+            raise LorasumError(problem)
         sources[n] = s
     return sources
 
