@@ -122,8 +122,8 @@ def _make_parents(path: Path) -> list[Path]:
     return missing
 
 
-def _remove_created(dirs: list[Path]) -> None:
-    """Undo ``_make_parents`` after a failed write (only directories that are still empty)."""
+def remove_empty_dirs(dirs: list[Path]) -> None:
+    """Remove ``dirs`` (deepest first) while they are empty: what a failed write created."""
     for d in dirs:
         try:
             d.rmdir()
@@ -158,7 +158,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         remove_stale_temps(path)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path.name), suffix=".tmp")
     except OSError as e:
-        _remove_created(created)
+        remove_empty_dirs(created)
         raise write_error(e, path) from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -169,7 +169,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        _remove_created(created)
+        remove_empty_dirs(created)
         err = write_error(e, path)
         if err is e:
             raise
@@ -264,7 +264,7 @@ def atomic_dir(out: str | Path, marker: dict[str, Any] | None = None) -> Iterato
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=_temp_prefix(out.name), suffix=".tmp"))
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
     except OSError as e:
-        _remove_created(created)
+        remove_empty_dirs(created)
         raise write_error(e, out) from None
     try:
         yield tmp
@@ -285,7 +285,7 @@ def atomic_dir(out: str | Path, marker: dict[str, Any] | None = None) -> Iterato
             os.replace(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        _remove_created(created)
+        remove_empty_dirs(created)
         err = write_error(e, out)
         if err is e:
             raise

@@ -25,7 +25,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from lorasum.errors import LorasumError
-from lorasum.io import read_json, write_error, write_json
+from lorasum.io import read_json, remove_empty_dirs, write_error, write_json
 
 log = logging.getLogger(__name__)
 
@@ -74,17 +74,9 @@ def _make_dirs(out: Path) -> list[Path]:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        _remove_empty(missing)
+        remove_empty_dirs(missing)
         raise _unwritable(e, out) from None
     return missing
-
-
-def _remove_empty(dirs: list[Path]) -> None:
-    for d in dirs:
-        try:
-            d.rmdir()
-        except OSError:
-            return
 
 
 def _acquire(out: Path, wait: bool) -> FileLock:
@@ -119,7 +111,7 @@ class HeldLock:
         it created in a directory that was there."""
         if self.out in self.created and all(is_lock_file(p.name) for p in self.out.iterdir()):
             shutil.rmtree(self.out, ignore_errors=True)
-            _remove_empty(self.created[1:])
+            remove_empty_dirs(self.created[1:])
         elif self.made_lock_file:
             with contextlib.suppress(OSError):
                 (self.out / LOCK_NAME).unlink()
@@ -142,7 +134,7 @@ def study_lock(out: str | Path, wait: bool = False) -> Iterator[HeldLock]:
         try:
             lock = _acquire(out, wait)
         except BaseException:
-            _remove_empty(created)
+            remove_empty_dirs(created)
             raise
         if (out / LOCK_NAME).exists():
             break
