@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import load_tiny, make_adapter, qa_domains
 
 from lorasum.data import QA, load_split, make_batches
 from lorasum.errors import LorasumError
@@ -22,7 +23,6 @@ from lorasum.routing import (
     route,
 )
 from lorasum.tokens import tokenize_cached
-from conftest import load_tiny, make_adapter, qa_domains
 
 
 @pytest.fixture(autouse=True)
@@ -92,6 +92,7 @@ def two_adapters(tiny_llama, qa_files, tmp_path_factory):
 
 def test_routed_to_the_true_domain_is_the_oracle(tiny_llama, two_adapters):
     from peft import PeftModel
+
     paths, sources = two_adapters
     model = load_tiny(tiny_llama)
     tok = load_tokenizer(str(tiny_llama))
@@ -183,7 +184,9 @@ def test_study_reports_routes(routed_study):
     assert routes["oracle"]["routing_accuracy"] == 100.0
     for r in routes.values():
         assert r["delta_pct"] == pytest.approx((r["ppl"] / row["ppl_merged"] - 1) * 100)
-    nearest = json.loads((out / "seed-42" / "evals" / "route-nearest-arith+colors.json").read_text())
+    nearest = json.loads(
+        (out / "seed-42" / "evals" / "route-nearest-arith+colors.json").read_text()
+    )
     assert routes["nearest"]["ppl"] == nearest["result"]["perplexity"]
     assert routes["nearest"]["routing_accuracy"] == nearest["result"]["routing_accuracy"]
     assert 0.0 <= routes["nearest"]["routing_accuracy"] <= 100.0
