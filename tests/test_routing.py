@@ -152,25 +152,28 @@ def routed_study(tiny_llama, qa_files, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("LORASUM_PRECISION", "fp32")
     out = tmp_path_factory.mktemp("routed") / "run"
+    settings = dict(
+        preset="tiny",
+        model=str(tiny_llama),
+        domains=qa_domains(qa_files, 2),
+        max_order=2,
+        paper_variants=False,
+        cross_domain=False,
+        routes="oracle,nearest",
+    )
     try:
-        res = reproduce(
-            out,
-            preset="tiny",
-            model=str(tiny_llama),
-            domains=qa_domains(qa_files, 2),
-            max_order=2,
-            paper_variants=False,
-            cross_domain=False,
-            routes="oracle,nearest",
-            progress=False,
-        )
+        res = reproduce(out, progress=False, **settings)
+        # the routed evaluation is cached by its key like any evaluation: nothing left to run
+        plan = reproduce(out, plan_only=True, **settings)
     finally:
         mp.undo()
-    return out, res
+    return out, res, plan
 
 
 def test_study_reports_routes(routed_study):
-    out, res = routed_study
+    out, res, plan = routed_study
+    assert plan["units"]["eval/42/route-nearest-arith+colors"] == "cached"
+    assert set(plan["units"].values()) == {"cached"}
     (row,) = res["combinations"]
     routes = row["routes"]
     assert list(routes) == ["oracle", "nearest"]
@@ -195,8 +198,14 @@ def test_study_reports_routes(routed_study):
         "colors.safetensors",
     ]
     assert row["per_seed"][0]["routes"]["nearest"]["ppl"] == routes["nearest"]["ppl"]
+    # the tiny domains' prompts are told apart by their first words: every row routed right,
+    # so the nearest route scores exactly what the oracle does
+    assert routes["nearest"]["routing_accuracy"] == 100.0
+    assert routes["nearest"]["ppl"] == pytest.approx(routes["oracle"]["ppl"], rel=1e-6)
     report = (out / "report.md").read_text()
-    assert "| route |" in report or "route" in report.split("Merge methods")[1]
+    assert "| combination | oracle: Δ% · routed right | nearest: Δ% · routed right |" in report
+    oracle_cell = f"{routes['oracle']['delta_pct']:+.2f} · 100%"
+    assert f"| arith + colors | {oracle_cell} |" in report
     assert "--lora" in report
 
 
