@@ -312,6 +312,13 @@ def _add_reproduce(sub) -> None:
         help="merge methods to compare on every combination, comma list or 'all' (every "
         "method a study can run without extra input); the sum always runs",
     )
+    r.add_argument(
+        "--routes",
+        default=None,
+        help="routing instead of adding, reported beside the methods: comma list of oracle "
+        "(each row's own single adapter) and nearest (each row to the adapter whose "
+        "training-prompt centroid is closest); default none",
+    )
     r.add_argument("--out", required=True, help="study directory (results.json, report.md, png)")
     r.add_argument("--overwrite", action="store_true", help="replace a study with other settings")
     r.add_argument(
@@ -688,6 +695,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         preset=args.preset,
         config=args.config,
         methods=args.methods,
+        routes=args.routes,
         predictors=args.predictors,
         cross_domain=args.cross_domain,
         paper_variants=args.paper_variants,

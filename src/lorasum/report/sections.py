@@ -348,6 +348,42 @@ def _methods(results: dict) -> list:
             + ", ".join(f"`{m}` {k}" for m, k in sorted(wins.items(), key=lambda kv: -kv[1]))
             + "."
         ),
+        *_routes(results),
+    ]
+
+
+ROUTE_SERVING = (
+    "Routing needs, at serving time, every single adapter loaded and a choice per request "
+    "(llama.cpp with several `--lora` files and per-request scales, or vLLM / LoRAX "
+    "per-request adapters), where a composed adapter is one file."
+)
+
+
+def _routes(results: dict) -> list:
+    """Routing instead of adding (study option `routes`): combination × route, Δ% vs
+    merged-data training and routing accuracy; nothing when the study ran no route."""
+    rows = [r for r in results["combinations"] if r.get("routes")]
+    if not rows:
+        return []
+    names = list(dict.fromkeys(n for r in rows for n in r["routes"]))
+    header = ["combination"] + [f"{n}: Δ% · routed right" for n in names]
+
+    def cell(r: dict, n: str) -> str:
+        v = r["routes"].get(n)
+        if v is None:
+            return "–"
+        return f"{fmt_delta(v)} · {fmt(v.get('routing_accuracy'), 0)}%"
+
+    table_rows = [[combo_label(r["domains"])] + [cell(r, n) for n in names] for r in rows]
+    return [
+        Table(header, table_rows, "l" + "r" * len(names)),
+        Para(
+            "Routing instead of adding: each test row scored by one single adapter, never their "
+            "sum; Δ% vs the merged-data adapter and the share of rows routed to their own "
+            "domain's adapter. `oracle`: each row's own adapter (the upper bound); `nearest`: "
+            "the adapter whose training-prompt centroid (base model's mean last-layer hidden "
+            "state) is closest in cosine to the row's prompt. " + ROUTE_SERVING
+        ),
     ]
 
 

@@ -10,6 +10,7 @@ experiment file has the same shape, and command-line flags override either.
     sample: 0                          # K > 0: K combinations of each order (seeded); 0: all
     sample_seed: 0                     # the seed of that choice (not a training seed)
     methods: [sum, mean, ties]         # or {ties: {density: 0.2}, ...}
+    routes: [oracle, nearest]          # routing instead of adding (lorasum.routing.ROUTES)
     cross_domain: true                 # every single adapter on every domain's test split
     paper_variants: true               # triples: merged-data pair adapter + third single, summed
     predictors: true                   # activation-space predictors (needs calibration)
@@ -86,6 +87,7 @@ _TOP_KEYS = {
     "sample",
     "sample_seed",
     "methods",
+    "routes",
     "cross_domain",
     "paper_variants",
     "predictors",
@@ -112,6 +114,8 @@ class StudyConfig:
     sample: int = 0
     sample_seed: int = 0
     methods: dict[str, dict[str, Any]] = field(default_factory=lambda: {"sum": {}})
+    # routes compared beside the methods (`lorasum.routing.ROUTES`); none by default
+    routes: list[str] = field(default_factory=list)
     cross_domain: bool = True
     paper_variants: bool = True
     predictors: bool = True
@@ -227,6 +231,23 @@ def _parse_methods(value: Any, problems: list[str]) -> dict[str, dict[str, Any]]
             continue
         out[str(name)] = merged
     return out
+
+
+def _parse_routes(value: Any, problems: list[str]) -> list[str]:
+    """The study's routes (a list or a comma string of `lorasum.routing.ROUTES` names)."""
+    from lorasum.routing import ROUTES
+
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        problems.append(f"routes {value!r}: give a list of route names ({', '.join(ROUTES)})")
+        return []
+    unknown = [v for v in value if v not in ROUTES]
+    if unknown:
+        problems.append(f"routes: unknown {unknown}; use some of: {', '.join(ROUTES)}")
+    return [r for r in dict.fromkeys(value) if r in ROUTES]
 
 
 def _check_train_types(train: dict[str, Any], problems: list[str]) -> dict[str, Any]:
@@ -431,6 +452,7 @@ def resolve_study(
     _set_seeds(study, merged, train, problems)
     _set_flags_and_counts(study, merged, problems)
     study.methods = _parse_methods(merged.get("methods", ["sum"]), problems)
+    study.routes = _parse_routes(merged.get("routes"), problems)
     _check_seed_spacing(study, problems)
     study.budget, study.snapshots = _parse_budget(merged, train, problems)
     try:

@@ -25,6 +25,7 @@ from lorasum.study.units import (
     KINDS,
     EvalSpec,
     Resources,
+    RoutedSpec,
     Unit,
     cached_calibrated,
     cached_calibration,
@@ -39,6 +40,7 @@ from lorasum.study.units import (
     eval_unit,
     job_cost,
     predictors_unit,
+    routed_eval_unit,
     train_unit,
 )
 from lorasum.train import TrainConfig, adapter_key, schedule_steps
@@ -139,6 +141,7 @@ class StudyLayout:
     available: tuple[tuple[str, ...], ...] | None = None
     sample: int = 0
     sample_seed: int = 0
+    routes: tuple[str, ...] = ()  # lorasum.routing.ROUTES compared beside the methods
 
     @property
     def every_combo(self) -> list[tuple[str, ...]]:
@@ -344,7 +347,33 @@ def _seed_units(lay: StudyLayout, seed: int) -> list[Unit]:
             )
         )  # fmt: skip
     units += _method_units(lay, seed, tid, calib)
+    units += _route_units(lay, seed, tid)
     units += _snapshot_units(lay, seed, tid)
+    return units
+
+
+def _route_units(lay: StudyLayout, seed: int, tid: dict) -> list[Unit]:
+    """The ``nearest`` route: one routed evaluation per combination, reading the singles it
+    routes between (the ``oracle`` needs no unit: the singles' evaluations give it)."""
+    if "nearest" not in lay.routes:
+        return []
+    units = []
+    for combo in lay.combos:
+        name = f"route-nearest-{combo_name(combo)}"
+        singles = [lay.single(x, combo) for x in combo]
+        adapters = tuple((x, lay.seed_dir(seed) / "adapters" / s) for x, s in zip(combo, singles, strict=True))  # fmt: skip
+        path = lay.seed_dir(seed) / "evals" / f"{name}.json"
+        spec = RoutedSpec(path, adapters, lay.out / "routers")
+        # scoring the test rows, plus (once per domain, then cached) its training prompts
+        rows = lay.test_rows(combo) * 2 + lay.train_rows(combo) // 3
+        units.append(
+            Unit(
+                "eval", seed, name, f"eval {name} seed {seed}", routed_eval_unit,
+                (spec, lay.sources, lay.base_cfg), deps=tuple(tid[x] for x in singles),
+                cost=job_cost("eval", rows, lay.base_cfg.max_length), output=path,
+                probe=partial(spec.cached, lay.sources, lay.base_cfg),
+            )
+        )  # fmt: skip
     return units
 
 

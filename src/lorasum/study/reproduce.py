@@ -208,6 +208,7 @@ def _layout(out, study_cfg: StudyConfig, base_cfg, sources, overwrite) -> StudyL
         budget=study_cfg.budget, snapshot_epochs=tuple(study_cfg.snapshots),
         available=tuple(every) if study_cfg.sample else None,
         sample=study_cfg.sample, sample_seed=study_cfg.sample_seed,
+        routes=tuple(study_cfg.routes),
     )  # fmt: skip
 
 
@@ -419,8 +420,9 @@ def aggregate(
     }  # fmt: skip
     base_eval = evals[(None, "base")]
     seed_evals = [{u: r for (s, u), r in evals.items() if s == seed} for seed in seeds]
+    methods = list(cfg.methods)
     per_seed = [
-        seed_rows(names, combos, pairs[seed], ev, base_eval, list(cfg.methods), predictors[seed])
+        seed_rows(names, combos, pairs[seed], ev, base_eval, methods, predictors[seed], lay.routes)
         for seed, ev in zip(seeds, seed_evals, strict=True)
     ]
     rows = [

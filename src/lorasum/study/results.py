@@ -86,11 +86,13 @@ def seed_rows(
     base_eval: dict,
     methods: Sequence[str] = ("sum",),
     predictors: dict[str, dict] | None = None,
+    routes: Sequence[str] = (),
 ) -> list[dict]:
     """One seed's rows: per combination the merged-data and composed perplexities and Δ%.
 
     ``evals``: unit name → evaluation (single-<d>, merged-<c>, sum-<c>, method-<m>-<c>,
-    variant-<pair>+<third>); ``predictors``: combination name → {predictor: value}.
+    variant-<pair>+<third>, route-<r>-<c>); ``predictors``: combination name → {predictor:
+    value}; ``routes``: `lorasum.routing.ROUTES` to report (none: no ``routes`` in the rows).
     """
     rows = []
     for combo in combos:
@@ -136,6 +138,8 @@ def seed_rows(
                 "delta_vs_singles_pct": delta_pct(ev["perplexity"], ppl_singles),
                 "per_domain": {d: ev["per_dataset"][d]["perplexity"] for d in combo},
             }
+        if routes:
+            row["routes"] = route_rows(combo, evals, routes, ppl_merged)
         row["predictors"] = {"rms_cosine": row["rms_cosine"], **(predictors or {}).get(cname, {})}
         if len(combo) == 3:
             row["paper_variants"] = []
@@ -154,6 +158,26 @@ def seed_rows(
                     )
         rows.append(row)
     return rows
+
+
+def route_rows(combo, evals: dict[str, dict], routes: Sequence[str], ppl_merged: float) -> dict:
+    """Per route: perplexity, Δ% vs merged-data training and routing accuracy (%) on the
+    combination's test rows. ``oracle`` from the singles' own-domain evaluations (summed NLL
+    and tokens: `routing.oracle_from_singles`), ``nearest`` from its routed evaluation."""
+    from lorasum.routing import oracle_from_singles
+
+    out = {}
+    for r in routes:
+        if r == "oracle":
+            ev = oracle_from_singles({d: evals[f"single-{d}"]["per_dataset"][d] for d in combo})
+        else:
+            ev = evals[f"route-{r}-{combo_name(combo)}"]
+        out[r] = {
+            "ppl": ev["perplexity"],
+            "delta_pct": delta_pct(ev["perplexity"], ppl_merged),
+            "routing_accuracy": ev["routing_accuracy"],
+        }
+    return out
 
 
 def aggregate_combination(combo: Sequence[str], rows: list[dict], seeds: list[int]) -> dict:
@@ -203,6 +227,16 @@ def aggregate_combination(combo: Sequence[str], rows: list[dict], seeds: list[in
             "per_domain": {d: mean([p["per_domain"][d] for p in per]) for d in combo},
         }
     out["best_method"] = min(out["methods"], key=lambda m: out["methods"][m]["delta_pct"])
+    if "routes" in rows[0]:
+        out["routes"] = {}
+        for name in rows[0]["routes"]:
+            per = [r["routes"][name] for r in rows]
+            out["routes"][name] = {
+                "ppl": mean([p["ppl"] for p in per]),
+                "delta_pct": mean([p["delta_pct"] for p in per]),
+                "ci95": ci95([p["delta_pct"] for p in per]),
+                "routing_accuracy": mean([p["routing_accuracy"] for p in per]),
+            }
     if "paper_variants" in rows[0]:
         variants = []
         for i, v in enumerate(rows[0]["paper_variants"]):
@@ -226,6 +260,7 @@ def aggregate_combination(combo: Sequence[str], rows: list[dict], seeds: list[in
                 m: {k: v[k] for k in ("ppl", "delta_pct", "delta_vs_singles_pct")}
                 for m, v in r["methods"].items()
             },
+            **({"routes": r["routes"]} if "routes" in r else {}),
         }
         for s, r in zip(seeds, rows, strict=True)
     ]

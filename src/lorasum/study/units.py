@@ -194,6 +194,102 @@ def eval_unit(
     return result
 
 
+# --- routes (lorasum.routing) -------------------------------------------------------------------
+
+
+def router_key(source: Source, cfg: TrainConfig) -> str:
+    """What a domain's router centroid depends on (beside the study's base model): its
+    training rows, how prompts are cut, the precision."""
+    return config_key(
+        {
+            "router": "prompt-centroid",
+            "train": source.fingerprint()["train"],
+            "max_length": cfg.max_length,
+            "precision": cfg.precision,
+            "version": __version__,
+        }
+    )
+
+
+def router_centroid(path: Path, source: Source, cfg: TrainConfig, *, model, tokenizer):
+    """The domain's centroid (`routing.prompt_centroid` of its own training prompts), cached
+    in ``path`` (a safetensors file with its key; written atomically, recomputed when the key
+    differs or the file is unreadable). Not a unit's output, so the ledger never reads it."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file, save_file
+
+    from lorasum.io import commit_temp, temp_beside
+    from lorasum.routing import prompt_centroid
+
+    key = router_key(source, cfg)
+    try:
+        with safe_open(str(path), "pt") as f:
+            if (f.metadata() or {}).get("key") == key:
+                return load_file(str(path))["centroid"]
+    except (OSError, SafetensorError):
+        pass
+    device = next(model.parameters()).device
+    centroid = prompt_centroid(model, tokenizer, source, cfg.max_length, split="train",
+                               amp_dtype=autocast_dtype(cfg.precision, device))  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_beside(path, ".safetensors")
+    save_file({"centroid": centroid.contiguous()}, tmp, metadata={"key": key})
+    commit_temp(tmp, path)
+    return centroid
+
+
+@dataclass(frozen=True)
+class RoutedSpec:
+    """The ``nearest`` route of one combination: ``adapters`` (domain, single adapter dir) in
+    the combination's order, each domain's centroid cached as ``routers/<domain>.safetensors``."""
+
+    path: Path
+    adapters: tuple[tuple[str, Path], ...]
+    routers: Path
+
+    @property
+    def domains(self) -> tuple[str, ...]:
+        return tuple(d for d, _ in self.adapters)
+
+    def key(self, sources: dict[str, Source], cfg: TrainConfig) -> str:
+        weights = [sha256_file(p / "adapter_model.safetensors") for _, p in self.adapters]
+        unit = config_key(
+            {"route": "nearest", "adapters": weights,
+             "routers": [router_key(sources[d], cfg) for d in self.domains]}
+        )  # fmt: skip
+        return eval_key(unit, self.domains, sources, cfg)
+
+    def cached(self, sources: dict[str, Source], cfg: TrainConfig) -> dict | None:
+        try:
+            return cached_eval(self.path, self.key(sources, cfg))
+        except OSError:  # the adapters are not there yet
+            return None
+
+
+def routed_eval_unit(
+    spec: RoutedSpec, sources: dict[str, Source], cfg: TrainConfig, *, model, tokenizer, **kw
+) -> dict:
+    """Every test row of the combination scored by the single adapter its prompt routes to
+    (`routing.evaluate_routed`, hard top-1 on the cached centroids); written like an eval."""
+    import torch
+
+    from lorasum.routing import evaluate_routed
+
+    key = spec.key(sources, cfg)
+    centroids = torch.stack(
+        [router_centroid(spec.routers / f"{d}.safetensors", sources[d], cfg, model=model,
+                         tokenizer=tokenizer) for d in spec.domains]
+    )  # (K, H)  # fmt: skip
+    device = next(model.parameters()).device
+    result = evaluate_routed(
+        model, tokenizer, dict(spec.adapters), {d: sources[d] for d in spec.domains},
+        cfg.max_length, centroids=centroids, answer_only=cfg.answer_only,
+        batch_size=EVAL_BATCH_SIZE, amp_dtype=autocast_dtype(cfg.precision, device),
+    )  # fmt: skip
+    write_json(spec.path, {"key": key, "result": result})
+    return result
+
+
 # --- calibrate, compose, fit, predictors ---------------------------------------------------------
 
 

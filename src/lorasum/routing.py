@@ -1,0 +1,223 @@
+"""Routing instead of adding: each input goes to one of the single-domain adapters.
+
+A route chooses, per test row, which single adapter scores it; the adapters are never added.
+- ``oracle``: each row's own domain's adapter (the upper bound; computed from the singles'
+  evaluations, `oracle_from_singles`).
+- ``nearest``: a prompt-level router that stays modular. Each adapter carries a centroid of its
+  own domain's training prompts (``Question: …\\nAnswer:``): the mean over rows of the base
+  model's mean last-layer hidden state over the prompt tokens, normalised (`prompt_centroid`,
+  no other domain's data); a row goes to the adapter whose centroid has the highest cosine with
+  its own prompt's mean hidden state (`route`, hard top-1).
+
+`evaluate_routed` scores every row with the adapter it is routed to (the adapters loaded once
+into one PeftModel, `set_adapter` per group of rows), token-weighted like `evaluate_batches`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorasum.data import QA, Source, make_batches, prompt_text
+from lorasum.evaluate import autocast_context, evaluate_batches, perplexity_from, unwrap
+from lorasum.tokens import tokenize_cached
+
+# Registered routes: name → what it does (a study's `routes` option; an unknown name lists these)
+ROUTES: dict[str, str] = {
+    "oracle": "each test row scored by its own domain's single adapter (the upper bound)",
+    "nearest": "each test row sent to the single adapter whose training-prompt centroid has "
+    "the highest cosine with the row's prompt (base model's mean last-layer hidden state)",
+}
+
+
+def prompt_ids(tokenizer, question: str, max_length: int) -> list[int]:
+    """The prompt's token ids (``Question: …\\nAnswer:``), cut from the left at ``max_length``
+    with a leading BOS kept, as `data.tokenize_qa` cuts a long prompt."""
+    ids = tokenizer(prompt_text(question), add_special_tokens=True)["input_ids"]
+    if len(ids) <= max_length:
+        return ids
+    bos = tokenizer.bos_token_id
+    head = ids[:1] if bos is not None and ids[:1] == [bos] else []
+    return head + ids[len(ids) - (max_length - len(head)) :]
+
+
+def _questions(source_or_items, split: str) -> list[str]:
+    if isinstance(source_or_items, Source):
+        return [qa.question for qa in source_or_items.splits[split]]
+    return [x.question if isinstance(x, QA) else str(x) for x in source_or_items]
+
+
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the unmasked positions of each row: (B, T, H), (B, T) → (B, H) float32."""
+    m = mask.to(torch.float32).unsqueeze(-1)  # (B, T, 1)
+    return (hidden.float() * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+@torch.inference_mode()
+def prompt_vectors(
+    model: nn.Module,
+    tokenizer,
+    source_or_items,
+    max_length: int,
+    split: str = "train",
+    batch_size: int = 32,
+    amp_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Each row's mean last-layer hidden state over its prompt tokens: (N, H) float32, in the
+    rows' order. ``model``'s adapters (if it is a PeftModel) are disabled: the base model's."""
+    questions = _questions(source_or_items, split)
+    hf = unwrap(model)
+    device = next(hf.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    disable = getattr(model, "disable_adapter", None)
+    was_training = hf.training
+    hf.eval()
+    out = []
+    try:
+        with disable() if callable(disable) else torch.no_grad():
+            for s in range(0, len(questions), batch_size):
+                rows = [prompt_ids(tokenizer, q, max_length) for q in questions[s : s + batch_size]]
+                T = max(len(r) for r in rows)
+                ids = torch.full((len(rows), T), pad, dtype=torch.long)
+                mask = torch.zeros((len(rows), T), dtype=torch.long)
+                for i, r in enumerate(rows):
+                    ids[i, : len(r)] = torch.tensor(r)
+                    mask[i, : len(r)] = 1
+                ids, mask = ids.to(device), mask.to(device)
+                with autocast_context(device, amp_dtype):
+                    hidden = hf.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+                out.append(masked_mean(hidden, mask).cpu())  # (B, H)
+    finally:
+        hf.train(was_training)
+    if not out:
+        return torch.zeros(0, hf.config.hidden_size)
+    return torch.cat(out)
+
+
+def prompt_centroid(
+    model: nn.Module,
+    tokenizer,
+    source_or_items,
+    max_length: int,
+    split: str = "train",
+    batch_size: int = 32,
+    amp_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """A domain's router summary: the mean over its rows (a Source's ``split``, or QA items /
+    questions) of each prompt's mean last-layer hidden state, normalised: (H,) float32."""
+    vectors = prompt_vectors(
+        model, tokenizer, source_or_items, max_length, split, batch_size, amp_dtype
+    )  # (N, H)
+    return F.normalize(vectors.mean(0), dim=0)
+
+
+def route(prompt_vecs: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Hard top-1: each row's index of the centroid with the highest cosine; (N, H), (K, H) →
+    (N,) long. Ties go to the lowest index (argmax's first maximum)."""
+    cos = F.normalize(prompt_vecs.double(), dim=1) @ F.normalize(centroids.double(), dim=1).T
+    return cos.argmax(dim=1)  # (N,)
+
+
+def oracle_from_singles(per_domain: Mapping[str, Mapping]) -> dict:
+    """The oracle route from each domain's single adapter on its own test rows ({domain:
+    {nll, tokens}}): NLL and tokens summed, perplexity exp(NLL / tokens), accuracy 100 %."""
+    nll = sum(float(v["nll"]) for v in per_domain.values())
+    tokens = sum(int(v["tokens"]) for v in per_domain.values())
+    return {
+        "perplexity": perplexity_from(nll, tokens),
+        "nll": nll,
+        "tokens": tokens,
+        "routing_accuracy": 100.0,
+    }
+
+
+def routing_summary(truth: Sequence[int], chosen: Sequence[int], names: Sequence[str]) -> dict:
+    """Share of rows (in %) routed to their own domain's adapter, and the confusion counts
+    {true domain: {adapter: rows}}."""
+    confusion = {d: {a: 0 for a in names} for d in names}
+    for t, c in zip(truth, chosen, strict=True):
+        confusion[names[t]][names[c]] += 1
+    right = sum(int(t == c) for t, c in zip(truth, chosen, strict=True))
+    accuracy = 100.0 * right / len(truth) if len(truth) else float("nan")
+    return {"routing_accuracy": accuracy, "confusion": confusion}
+
+
+def evaluate_routed(
+    model: nn.Module,
+    tokenizer,
+    adapters: Mapping[str, str | Path],
+    sources: Mapping[str, Source],
+    max_length: int,
+    centroids: torch.Tensor | None = None,
+    assignment: Sequence[int] | None = None,
+    split: str = "test",
+    answer_only: bool = True,
+    batch_size: int = 32,
+    amp_dtype: torch.dtype | None = None,
+) -> dict:
+    """Every row of ``sources``' ``split`` scored with the adapter it is routed to.
+
+    ``adapters`` and ``sources`` are keyed by domain, in the same order (a domain's own
+    adapter is ``adapters[domain]``). The route: ``assignment`` (an adapter index per row, in
+    the rows' order) if given, else `route` of each prompt against ``centroids`` (K, H), one
+    per adapter. Returns an evaluation's shape (perplexity, nll, tokens, per_dataset, timing)
+    with ``routing_accuracy`` (%) and ``confusion``. ``model`` is left as it was."""
+    from peft import PeftModel
+
+    names = list(adapters)
+    if list(sources) != names:
+        raise ValueError(f"adapters {names} and sources {list(sources)} name other domains")
+    t0 = time.perf_counter()
+    srcs = [sources[d] for d in names]
+    items = tokenize_cached(tokenizer, srcs, split, max_length, answer_only)  # [(row, domain)]
+    truth = [d for _, d in items]
+    if assignment is None:
+        if centroids is None:
+            raise ValueError("give the centroids (one per adapter) or the assignment")
+        qa = [qa for s in srcs for qa in s.splits[split]]  # the items' order
+        vecs = prompt_vectors(model, tokenizer, qa, max_length, batch_size=batch_size,
+                              amp_dtype=amp_dtype)  # fmt: skip
+        assignment = route(vecs, centroids).tolist()
+    assignment = [int(a) for a in assignment]
+    if len(assignment) != len(items):
+        raise ValueError(f"{len(assignment)} routes for {len(items)} rows")
+    device = next(model.parameters()).device
+    net = PeftModel.from_pretrained(model, str(adapters[names[0]]), adapter_name=names[0])
+    nll = torch.zeros(len(names), dtype=torch.float64)
+    tokens = torch.zeros(len(names), dtype=torch.long)
+    try:
+        for name in names[1:]:
+            net.load_adapter(str(adapters[name]), adapter_name=name)
+        for k, name in enumerate(names):
+            rows = [items[i] for i, a in enumerate(assignment) if a == k]
+            if not rows:
+                continue
+            net.set_adapter(name)
+            batches = make_batches(rows, batch_size, tokenizer.pad_token_id, shuffle=False)
+            part = evaluate_batches(net, batches, names, device, amp_dtype)
+            for i, d in enumerate(names):
+                nll[i] += part["per_dataset"][d]["nll"]
+                tokens[i] += part["per_dataset"][d]["tokens"]
+    finally:
+        net.unload()
+    total_nll, total_tokens = float(nll.sum()), int(tokens.sum())
+    return {
+        "timing": {"seconds": time.perf_counter() - t0},
+        "perplexity": perplexity_from(total_nll, total_tokens),
+        "nll": total_nll,
+        "tokens": total_tokens,
+        "per_dataset": {
+            d: {
+                "perplexity": perplexity_from(float(nll[i]), int(tokens[i])),
+                "nll": float(nll[i]),
+                "tokens": int(tokens[i]),
+            }
+            for i, d in enumerate(names)
+        },
+        **routing_summary(truth, assignment, names),
+    }

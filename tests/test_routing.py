@@ -1,0 +1,218 @@
+"""Routing instead of adding: the router's math, its centroids, the routed evaluation against
+the oracle rebuilt from single-adapter evaluations, and routes in a tiny study."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import load_tiny, make_adapter, qa_domains
+
+from lorasum.data import QA, load_split, make_batches
+from lorasum.errors import LorasumError
+from lorasum.evaluate import evaluate_batches
+from lorasum.models import load_tokenizer
+from lorasum.routing import (
+    evaluate_routed,
+    oracle_from_singles,
+    prompt_centroid,
+    prompt_ids,
+    route,
+)
+from lorasum.tokens import tokenize_cached
+
+
+@pytest.fixture(autouse=True)
+def _fp32(monkeypatch):
+    monkeypatch.setenv("LORASUM_PRECISION", "fp32")
+
+
+def test_route_picks_the_highest_cosine_and_breaks_ties_to_the_first():
+    centroids = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    vecs = torch.tensor(
+        [
+            [5.0, 0.1],  # nearly along x: centroid 0
+            [0.2, 3.0],  # nearly along y: centroid 1
+            [2.0, 2.1],  # the diagonal: centroid 2 (scale does not matter)
+            [0.0, 0.0],  # every cosine 0: the first
+        ]
+    )
+    assert route(vecs, centroids).tolist() == [0, 1, 2, 0]
+    # an exact tie between two identical centroids goes to the lower index, every time
+    twins = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
+    assert route(torch.tensor([[3.0, 0.0]]), twins).tolist() == [1]
+    # the oracle: argmax of the cosine matrix computed by hand
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.randn(20, 8, generator=g), torch.randn(4, 8, generator=g)
+    cos = (x / x.norm(dim=1, keepdim=True)) @ (c / c.norm(dim=1, keepdim=True)).T
+    assert route(x, c).tolist() == cos.argmax(1).tolist()
+
+
+def test_prompt_centroid_is_the_mean_prompt_hidden_state(tiny_llama):
+    model = load_tiny(tiny_llama)
+    tok = load_tokenizer(str(tiny_llama))
+    row = QA("What is 3 plus 4?", "7")
+    got = prompt_centroid(model, tok, [row], max_length=32)
+    ids = torch.tensor([prompt_ids(tok, row.question, 32)])
+    with torch.no_grad():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0]  # (T, H)
+    expected = F.normalize(hidden.mean(0), dim=0)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    # the answer is never read: another answer, the same centroid
+    other = prompt_centroid(model, tok, [QA(row.question, "a different answer")], max_length=32)
+    torch.testing.assert_close(got, other, rtol=0, atol=0)
+    # several rows (padded in one batch): the mean of each row's own mean, normalised
+    rows = [row, QA("Which colour is item 12 of the long list?", "red")]
+    each = torch.stack([prompt_centroid(model, tok, [r], 32, batch_size=1) for r in rows])
+    raw = []
+    for r in rows:
+        with torch.no_grad():
+            h = model(input_ids=torch.tensor([prompt_ids(tok, r.question, 32)]),
+                      output_hidden_states=True).hidden_states[-1][0]  # fmt: skip
+        raw.append(h.mean(0))
+    together = prompt_centroid(model, tok, rows, 32, batch_size=2)
+    torch.testing.assert_close(together, F.normalize(torch.stack(raw).mean(0), dim=0),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    assert not torch.allclose(each[0], each[1])
+
+
+@pytest.fixture(scope="module")
+def two_adapters(tiny_llama, qa_files, tmp_path_factory):
+    d = tmp_path_factory.mktemp("routing")
+    names = ["arith", "colors"]
+    paths = {n: make_adapter(tiny_llama, d / n, seed=i + 1) for i, n in enumerate(names)}
+    sources = {n: load_split(str(qa_files[n]), 42, None, None, None, 6) for n in names}
+    for n, s in sources.items():
+        s.name = n
+    return paths, sources
+
+
+def test_routed_to_the_true_domain_is_the_oracle(tiny_llama, two_adapters):
+    from peft import PeftModel
+
+    paths, sources = two_adapters
+    model = load_tiny(tiny_llama)
+    tok = load_tokenizer(str(tiny_llama))
+    names = list(paths)
+    # the oracle from each adapter's own evaluation on its own domain's rows
+    singles = {}
+    for n in names:
+        items = tokenize_cached(tok, [sources[n]], "test", 32)
+        net = PeftModel.from_pretrained(model, str(paths[n]))
+        ev = evaluate_batches(net, make_batches(items, 4, tok.pad_token_id, False), [n],
+                              torch.device("cpu"))  # fmt: skip
+        net.unload()
+        singles[n] = ev["per_dataset"][n]
+    oracle = oracle_from_singles(singles)
+    truth = [d for d, n in enumerate(names) for _ in sources[n].splits["test"]]
+    got = evaluate_routed(model, tok, paths, sources, 32, assignment=truth)
+    assert got["perplexity"] == pytest.approx(oracle["perplexity"], rel=1e-5)
+    assert got["tokens"] == oracle["tokens"]
+    for n in names:
+        assert got["per_dataset"][n]["nll"] == pytest.approx(singles[n]["nll"], rel=1e-5)
+    assert got["routing_accuracy"] == 100.0
+    assert got["confusion"] == {
+        "arith": {"arith": len(sources["arith"].splits["test"]), "colors": 0},
+        "colors": {"arith": 0, "colors": len(sources["colors"].splits["test"])},
+    }
+    # everything to the first adapter: half right, and the colours rows score as arith's
+    wrong = evaluate_routed(model, tok, paths, sources, 32, assignment=[0] * len(truth))
+    n_arith = len(sources["arith"].splits["test"])
+    assert wrong["routing_accuracy"] == pytest.approx(100.0 * n_arith / len(truth))
+    assert wrong["per_dataset"]["arith"]["nll"] == pytest.approx(singles["arith"]["nll"], rel=1e-5)
+    assert wrong["per_dataset"]["colors"]["nll"] != pytest.approx(singles["colors"]["nll"])
+    assert wrong["confusion"]["colors"] == {"arith": len(truth) - n_arith, "colors": 0}
+    # the shared model is left without LoRA layers
+    assert not any("lora" in k for k in model.state_dict())
+
+
+def test_nearest_routes_by_the_centroids(tiny_llama, two_adapters):
+    """With the centroids given, the routed rows are `route` of each prompt; centroids built
+    from each domain's own training rows."""
+    paths, sources = two_adapters
+    model = load_tiny(tiny_llama)
+    tok = load_tokenizer(str(tiny_llama))
+    cents = torch.stack([prompt_centroid(model, tok, sources[n], 32) for n in paths])
+    got = evaluate_routed(model, tok, paths, sources, 32, centroids=cents)
+    rows = [qa for n in paths for qa in sources[n].splits["test"]]
+    vecs = torch.stack([prompt_centroid(model, tok, [qa], 32) for qa in rows])
+    chosen = route(vecs, cents).tolist()
+    forced = evaluate_routed(model, tok, paths, sources, 32, assignment=chosen)
+    assert got["perplexity"] == pytest.approx(forced["perplexity"], rel=1e-6)
+    assert got["confusion"] == forced["confusion"]
+
+
+@pytest.fixture(scope="module")
+def routed_study(tiny_llama, qa_files, tmp_path_factory):
+    from lorasum.study.reproduce import reproduce
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LORASUM_PRECISION", "fp32")
+    out = tmp_path_factory.mktemp("routed") / "run"
+    settings = dict(
+        preset="tiny",
+        model=str(tiny_llama),
+        domains=qa_domains(qa_files, 2),
+        max_order=2,
+        paper_variants=False,
+        cross_domain=False,
+        routes="oracle,nearest",
+    )
+    try:
+        res = reproduce(out, progress=False, **settings)
+        # the routed evaluation is cached by its key like any evaluation: nothing left to run
+        plan = reproduce(out, plan_only=True, **settings)
+    finally:
+        mp.undo()
+    return out, res, plan
+
+
+def test_study_reports_routes(routed_study):
+    out, res, plan = routed_study
+    assert plan["units"]["eval/42/route-nearest-arith+colors"] == "cached"
+    assert set(plan["units"].values()) == {"cached"}
+    (row,) = res["combinations"]
+    routes = row["routes"]
+    assert list(routes) == ["oracle", "nearest"]
+    # the oracle rebuilt from the singles' evaluation files
+    nll = tokens = 0.0
+    for d in row["domains"]:
+        ev = json.loads((out / "seed-42" / "evals" / f"single-{d}.json").read_text())["result"]
+        nll += ev["per_dataset"][d]["nll"]
+        tokens += ev["per_dataset"][d]["tokens"]
+    assert routes["oracle"]["ppl"] == pytest.approx(math.exp(nll / tokens), rel=1e-9)
+    assert routes["oracle"]["routing_accuracy"] == 100.0
+    for r in routes.values():
+        assert r["delta_pct"] == pytest.approx((r["ppl"] / row["ppl_merged"] - 1) * 100)
+    nearest = json.loads(
+        (out / "seed-42" / "evals" / "route-nearest-arith+colors.json").read_text()
+    )
+    assert routes["nearest"]["ppl"] == nearest["result"]["perplexity"]
+    assert routes["nearest"]["routing_accuracy"] == nearest["result"]["routing_accuracy"]
+    assert 0.0 <= routes["nearest"]["routing_accuracy"] <= 100.0
+    assert sorted(p.name for p in (out / "routers").iterdir()) == [
+        "arith.safetensors",
+        "colors.safetensors",
+    ]
+    assert row["per_seed"][0]["routes"]["nearest"]["ppl"] == routes["nearest"]["ppl"]
+    # the tiny domains' prompts are told apart by their first words: every row routed right,
+    # so the nearest route scores exactly what the oracle does
+    assert routes["nearest"]["routing_accuracy"] == 100.0
+    assert routes["nearest"]["ppl"] == pytest.approx(routes["oracle"]["ppl"], rel=1e-6)
+    report = (out / "report.md").read_text()
+    assert "| combination | oracle: Δ% · routed right | nearest: Δ% · routed right |" in report
+    oracle_cell = f"{routes['oracle']['delta_pct']:+.2f} · 100%"
+    assert f"| arith + colors | {oracle_cell} |" in report
+    assert "--lora" in report
+
+
+def test_unknown_route_is_one_line():
+    from lorasum.study.config import resolve_study
+
+    with pytest.raises(LorasumError) as e:
+        resolve_study("tiny", overrides={"routes": ["oracle", "nearst"]})
+    assert "\n" not in str(e.value) and "nearst" in str(e.value) and "nearest" in str(e.value)
+    assert resolve_study("tiny").routes == []
