@@ -14,7 +14,13 @@ from lorasum.adapters import read_adapter
 from lorasum.errors import LorasumError
 from lorasum.factors import delta
 from lorasum.methods import method_names
-from lorasum.study.config import default_methods, load_preset, preset_names, resolve_study
+from lorasum.study.config import (
+    STUDY_ONLY_METHODS,
+    default_methods,
+    load_preset,
+    preset_names,
+    resolve_study,
+)
 from lorasum.study.reproduce import reproduce
 
 
@@ -225,7 +231,7 @@ def test_shipped_experiment_files_are_valid():
 
     files = sorted((Path(__file__).parent.parent / "experiments").glob("*.yaml"))
     assert files
-    known = set(method_names()) | {"calibrated"}
+    known = set(method_names()) | set(STUDY_ONLY_METHODS)
     for path in files:
         cfg = resolve_study(None, path, {})
         assert set(cfg.methods) <= known and len(cfg.methods) > 1

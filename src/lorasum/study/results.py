@@ -180,6 +180,20 @@ def route_rows(combo, evals: dict[str, dict], routes: Sequence[str], ppl_merged:
     return out
 
 
+def _routes(rows: list[dict]) -> dict:
+    """Each route's numbers, mean over seeds (Δ% with its interval)."""
+    out = {}
+    for name in rows[0]["routes"]:
+        per = [r["routes"][name] for r in rows]
+        out[name] = {
+            "ppl": mean([p["ppl"] for p in per]),
+            "delta_pct": mean([p["delta_pct"] for p in per]),
+            "ci95": ci95([p["delta_pct"] for p in per]),
+            "routing_accuracy": mean([p["routing_accuracy"] for p in per]),
+        }
+    return out
+
+
 def aggregate_combination(combo: Sequence[str], rows: list[dict], seeds: list[int]) -> dict:
     """Mean over seeds of one combination's numbers, with 95 % intervals and per-seed rows."""
     keys = (
@@ -228,15 +242,7 @@ def aggregate_combination(combo: Sequence[str], rows: list[dict], seeds: list[in
         }
     out["best_method"] = min(out["methods"], key=lambda m: out["methods"][m]["delta_pct"])
     if "routes" in rows[0]:
-        out["routes"] = {}
-        for name in rows[0]["routes"]:
-            per = [r["routes"][name] for r in rows]
-            out["routes"][name] = {
-                "ppl": mean([p["ppl"] for p in per]),
-                "delta_pct": mean([p["delta_pct"] for p in per]),
-                "ci95": ci95([p["delta_pct"] for p in per]),
-                "routing_accuracy": mean([p["routing_accuracy"] for p in per]),
-            }
+        out["routes"] = _routes(rows)
     if "paper_variants" in rows[0]:
         variants = []
         for i, v in enumerate(rows[0]["paper_variants"]):
