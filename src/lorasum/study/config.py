@@ -94,6 +94,7 @@ _TOP_KEYS = {
     "workers",
     "budget",
     "snapshots",
+    "merge_aware",
     "train",
 }
 
@@ -122,6 +123,9 @@ class StudyConfig:
     workers: int | None = None
     budget: str = "epochs"
     snapshots: list[float] = field(default_factory=list)  # epochs; empty: none
+    # converged budget: every single adapter also keeps its weights at each validation point,
+    # and each combination's sum picks its singles' checkpoints by validation perplexity
+    merge_aware: bool = False
     train: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -388,7 +392,7 @@ def _set_seeds(
 def _set_flags_and_counts(study: StudyConfig, merged: dict[str, Any], problems: list[str]) -> None:
     """The true/false switches and the integer settings (max_order, workers, sample,
     sample_seed) of ``study``."""
-    for flag in ("seed_per_domain", "cross_domain", "paper_variants", "predictors"):
+    for flag in ("seed_per_domain", "cross_domain", "paper_variants", "predictors", "merge_aware"):
         value = merged.get(flag, getattr(study, flag))
         if not isinstance(value, bool):
             problems.append(f"{flag}: {value!r} is not true/false")
@@ -455,6 +459,11 @@ def resolve_study(
     study.routes = _parse_routes(merged.get("routes"), problems)
     _check_seed_spacing(study, problems)
     study.budget, study.snapshots = _parse_budget(merged, train, problems)
+    if study.merge_aware and study.budget != "converged":
+        problems.append(
+            "merge_aware picks checkpoints among a converged run's validation points; use it "
+            f"with --budget converged (this study's budget is {study.budget})"
+        )
     try:
         TrainConfig(model=study.model, data=["-"], **{**train, "eval_val": False})
     except LorasumError as e:

@@ -142,6 +142,7 @@ class StudyLayout:
     sample: int = 0
     sample_seed: int = 0
     routes: tuple[str, ...] = ()  # lorasum.routing.ROUTES compared beside the methods
+    merge_aware: bool = False  # singles keep a checkpoint at every validation point
 
     @property
     def every_combo(self) -> list[tuple[str, ...]]:
@@ -204,6 +205,13 @@ def snapshot_steps(cfg: TrainConfig, rows: int, epochs: tuple[float, ...]) -> li
     return sorted({step_at(cfg, rows, e) for e in epochs[:-1]})
 
 
+def validation_steps(cfg: TrainConfig, rows: int) -> list[int]:
+    """Every step at which a converged run over ``rows`` training rows may be validated (each
+    ``eval_every`` steps up to its cap; a run that stops early reaches only some of them)."""
+    cap = schedule_steps(cfg, rows)[2]
+    return list(range(cfg.eval_every, cap + 1, cfg.eval_every))
+
+
 def step_at(cfg: TrainConfig, rows: int, epochs: float) -> int:
     """The optimizer step at which a run over ``rows`` training rows has done ``epochs``."""
     return max(1, round(epochs * schedule_steps(cfg, rows)[0]))
@@ -250,6 +258,9 @@ def training_units(
         if lay is not None and lay.snapshot_epochs:
             rows = sum(len(sources[d].splits["train"]) for d in doms)
             unit_cfg = replace(unit_cfg, snapshots=snapshot_steps(cfg, rows, lay.snapshot_epochs))
+        if lay is not None and lay.merge_aware and len(doms) == 1:
+            rows = sum(len(sources[d].splits["train"]) for d in doms)
+            unit_cfg = replace(unit_cfg, snapshots=validation_steps(unit_cfg, rows))
         out.append((unit, unit_cfg, [sources[d] for d in doms]))
     return out
 

@@ -134,6 +134,8 @@ def resolve(out: str | Path, preset, config, overrides: dict, overwrite: bool) -
         identity["budget"] = study_cfg.budget
     if study_cfg.snapshots:
         identity["snapshots"] = study_cfg.snapshots
+    if study_cfg.merge_aware:
+        identity["merge_aware"] = True
     key = config_key(identity)
     previous = _check_out_dir(out, key, overwrite, base_cfg.precision)
     sources = _load_sources(study_cfg.domains, base_cfg)
@@ -208,7 +210,7 @@ def _layout(out, study_cfg: StudyConfig, base_cfg, sources, overwrite) -> StudyL
         budget=study_cfg.budget, snapshot_epochs=tuple(study_cfg.snapshots),
         available=tuple(every) if study_cfg.sample else None,
         sample=study_cfg.sample, sample_seed=study_cfg.sample_seed,
-        routes=tuple(study_cfg.routes),
+        routes=tuple(study_cfg.routes), merge_aware=study_cfg.merge_aware,
     )  # fmt: skip
 
 
