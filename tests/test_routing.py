@@ -159,7 +159,7 @@ def routed_study(tiny_llama, qa_files, tmp_path_factory):
         max_order=2,
         paper_variants=False,
         cross_domain=False,
-        routes="oracle,nearest",
+        routes="oracle,nearest,arrow",
     )
     try:
         res = reproduce(out, progress=False, **settings)
@@ -173,10 +173,11 @@ def routed_study(tiny_llama, qa_files, tmp_path_factory):
 def test_study_reports_routes(routed_study):
     out, res, plan = routed_study
     assert plan["units"]["eval/42/route-nearest-arith+colors"] == "cached"
+    assert plan["units"]["eval/42/route-arrow-arith+colors"] == "cached"
     assert set(plan["units"].values()) == {"cached"}
     (row,) = res["combinations"]
     routes = row["routes"]
-    assert list(routes) == ["oracle", "nearest"]
+    assert list(routes) == ["oracle", "nearest", "arrow"]
     # the oracle rebuilt from the singles' evaluation files
     nll = tokens = 0.0
     for d in row["domains"]:
@@ -202,11 +203,22 @@ def test_study_reports_routes(routed_study):
     # so the nearest route scores exactly what the oracle does
     assert routes["nearest"]["routing_accuracy"] == 100.0
     assert routes["nearest"]["ppl"] == pytest.approx(routes["oracle"]["ppl"], rel=1e-6)
+    # arrow: PEFT's per-token mix of both singles, no routing accuracy
+    arrow = json.loads((out / "seed-42" / "evals" / "route-arrow-arith+colors.json").read_text())
+    assert routes["arrow"]["ppl"] == arrow["result"]["perplexity"]
+    assert arrow["result"]["arrow"] == {"top_k": 2, "router_temperature": 1.0, "rng_seed": 0}
+    assert arrow["result"]["tokens"] == row["tokens"]
+    assert routes["arrow"]["routing_accuracy"] is None
+    assert row["per_seed"][0]["routes"]["arrow"]["routing_accuracy"] is None
     report = (out / "report.md").read_text()
-    assert "| combination | oracle: Δ% · routed right | nearest: Δ% · routed right |" in report
+    assert (
+        "| combination | oracle: Δ% · routed right | nearest: Δ% · routed right "
+        "| arrow: Δ% · routed right |" in report
+    )
     oracle_cell = f"{routes['oracle']['delta_pct']:+.2f} · 100%"
     assert f"| arith + colors | {oracle_cell} |" in report
-    assert "--lora" in report
+    assert f"{routes['arrow']['delta_pct']:+.2f} · n/a |" in report
+    assert "--lora" in report and "Arrow" in report
 
 
 def test_unknown_route_is_one_line():

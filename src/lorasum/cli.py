@@ -316,8 +316,9 @@ def _add_reproduce(sub) -> None:
         "--routes",
         default=None,
         help="routing instead of adding, reported beside the methods: comma list of oracle "
-        "(each row's own single adapter) and nearest (each row to the adapter whose "
-        "training-prompt centroid is closest); default none",
+        "(each row's own single adapter), nearest (each row to the adapter whose "
+        "training-prompt centroid is closest) and arrow (PEFT's per-token Arrow mix of the "
+        "adapters); default none",
     )
     r.add_argument("--out", required=True, help="study directory (results.json, report.md, png)")
     r.add_argument("--overwrite", action="store_true", help="replace a study with other settings")

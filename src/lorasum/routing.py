@@ -8,6 +8,11 @@ A route chooses, per test row, which single adapter scores it; the adapters are 
   model's mean last-layer hidden state over the prompt tokens, normalised (`prompt_centroid`,
   no other domain's data); a row goes to the adapter whose centroid has the highest cosine with
   its own prompt's mean hidden state (`route`, hard top-1).
+- ``arrow``: PEFT's Arrow (arXiv 2405.11157, `peft.create_arrow_model`), data-free and per
+  token inside every LoRA layer: each adapter's prototype is the top right singular vector of
+  its ΔW = B·A in that layer; a token's hidden state x gets |⟨x, prototype⟩| per adapter, the
+  top_k of them are softmaxed (temperature) and the adapters' outputs mixed with those weights.
+  No per-row choice, so no routing accuracy (`arrow_model`, `evaluate_arrow`).
 
 `evaluate_routed` scores every row with the adapter it is routed to (the adapters loaded once
 into one PeftModel, `set_adapter` per group of rows), token-weighted like `evaluate_batches`.
@@ -24,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorasum.data import QA, Source, make_batches, prompt_text
+from lorasum.errors import LorasumError
 from lorasum.evaluate import autocast_context, evaluate_batches, perplexity_from, unwrap
 from lorasum.tokens import tokenize_cached
 
@@ -32,6 +38,8 @@ ROUTES: dict[str, str] = {
     "oracle": "each test row scored by its own domain's single adapter (the upper bound)",
     "nearest": "each test row sent to the single adapter whose training-prompt centroid has "
     "the highest cosine with the row's prompt (base model's mean last-layer hidden state)",
+    "arrow": "PEFT's Arrow: per token and LoRA layer, the adapters whose ΔW's top right singular "
+    "vector aligns with the hidden state mixed by a softmax (data-free; all adapters, top_k = K)",
 }
 
 
@@ -221,3 +229,162 @@ def evaluate_routed(
         },
         **routing_summary(truth, assignment, names),
     }
+
+
+# --- arrow: PEFT's per-token router over the adapters' own singular directions ---------------
+
+ARROW_TEMPERATURE = 1.0  # PEFT's default router_temperature
+ARROW_SEED = 0  # seeds the prototypes' power iteration (PEFT's default, None, is not repeatable)
+
+
+def arrow_options(
+    n_adapters: int,
+    top_k: int | None = None,
+    temperature: float = ARROW_TEMPERATURE,
+    rng_seed: int = ARROW_SEED,
+) -> dict:
+    """PEFT's `ArrowConfig` arguments for ``n_adapters`` adapters, checked: ``top_k`` (default:
+    all of them, as a study's ``arrow`` route runs), ``router_temperature``, ``rng_seed``."""
+    k = n_adapters if top_k is None else top_k
+    problems = []
+    if n_adapters < 1:
+        problems.append("give at least one adapter")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= max(n_adapters, 1):
+        problems.append(f"top_k {k!r} must be an integer from 1 to the {n_adapters} adapters")
+    if not temperature > 0:
+        problems.append(f"temperature {temperature!r} must be positive")
+    if problems:
+        raise LorasumError("arrow: " + "; ".join(problems))
+    return {"top_k": k, "router_temperature": float(temperature), "rng_seed": int(rng_seed)}
+
+
+def check_arrow_adapters(paths: Sequence[str | Path], model: nn.Module) -> None:
+    """Refuse, in one line, adapters PEFT's Arrow cannot mix or would mix wrongly: anything but
+    plain LoRA on linear modules (DoRA magnitudes, LoRA bias, embedding LoRA, modules_to_save:
+    Arrow reads only lora_A/lora_B, so PEFT would drop them silently), adapters that adapt
+    other modules or with other ranks (PEFT stacks them per layer), and adapters that skip some
+    modules of a name (PEFT puts the router on every module of each targeted name, e.g. every
+    layer's ``q_proj``, and fails there)."""
+    from lorasum.adapters import check_compatible, check_fits, delta_shape, read_adapter
+
+    adapters = [read_adapter(p, strict=True) for p in paths]  # plain LoRA only, else one line
+    check_compatible(adapters)
+    first = adapters[0]
+    model_name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "the model")
+    for a in adapters:
+        check_fits(a, model, model_name)
+        if a.modules.keys() != first.modules.keys():
+            only = sorted(a.modules.keys() ^ first.modules.keys())
+            raise LorasumError(
+                f"arrow: adapters {first.path} and {a.path} adapt different modules (e.g. "
+                f"{only[0]}); Arrow mixes adapters module by module: route adapters trained "
+                "with the same target modules"
+            )
+        ranks = [(m, first.modules[m].rank, f.rank) for m, f in a.modules.items()]
+        other = [x for x in ranks if x[1] != x[2]]
+        if other:
+            m, r0, r1 = other[0]
+            raise LorasumError(
+                f"arrow: {m} has rank {r0} in {first.path} but {r1} in {a.path}; PEFT's Arrow "
+                "stacks the adapters' factors per layer: route adapters of one rank"
+            )
+    names = {m.rsplit(".", 1)[-1] for m in first.modules}
+    reached = {
+        n
+        for n, module in model.named_modules()
+        if n.rsplit(".", 1)[-1] in names and delta_shape(module) is not None
+    }
+    skipped = sorted(reached - first.modules.keys())
+    if skipped:
+        raise LorasumError(
+            f"arrow: adapter {first.path} leaves {skipped[0]} (and {len(skipped) - 1} more) "
+            "without LoRA while adapting other modules of that name; PEFT's Arrow routes on "
+            "every module of each targeted name: route adapters that adapt every layer"
+        )
+
+
+def _strip_lora(model: nn.Module) -> None:
+    """Put back the base layers where PEFT injected LoRA layers into ``model`` (after a failed
+    `create_arrow_model`, which has no model to `unload` yet)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child,
+                    module.get_base_layer())  # fmt: skip
+    if "peft_config" in vars(model):
+        del model.peft_config
+
+
+@torch.no_grad()
+def arrow_model(
+    model: nn.Module,
+    adapters: Sequence[str | Path],
+    top_k: int | None = None,
+    temperature: float = ARROW_TEMPERATURE,
+    rng_seed: int = ARROW_SEED,
+):
+    """PEFT's Arrow over ``adapters`` (PEFT directories) on ``model`` (a PeftModel whose active
+    adapter is ``arrow_router``; `unload` it to get ``model`` back). The prototypes are built
+    here, in float32 from the loaded factors, so they do not depend on the evaluation's
+    precision (PEFT would build them lazily in the first forward's dtype)."""
+    from peft import ArrowConfig, create_arrow_model
+
+    options = arrow_options(len(adapters), top_k, temperature, rng_seed)
+    check_arrow_adapters(adapters, model)
+    try:
+        net = create_arrow_model(model, [str(p) for p in adapters], ArrowConfig(**options))
+    except (ValueError, TypeError, KeyError) as e:  # what PEFT refuses beyond our checks
+        _strip_lora(model)
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LorasumError(
+            f"arrow: PEFT's create_arrow_model refuses {[str(p) for p in adapters]} ({why}); "
+            "route plain LoRA adapters of one rank on the same linear modules"
+        ) from None
+    for module in net.modules():
+        for router in getattr(module, "lora_arrow", {}).values():
+            router.gen_know_sub(module.lora_A, module.lora_B)  # nothing without use_gks
+            router.build_prototypes(module.lora_A, module.lora_B)  # (K, d_in)
+    return net.eval()
+
+
+def evaluate_arrow(
+    model: nn.Module,
+    tokenizer,
+    adapters: Mapping[str, str | Path],
+    sources: Mapping[str, Source],
+    max_length: int,
+    split: str = "test",
+    answer_only: bool = True,
+    batch_size: int = 32,
+    amp_dtype: torch.dtype | None = None,
+    top_k: int | None = None,
+    temperature: float = ARROW_TEMPERATURE,
+    rng_seed: int = ARROW_SEED,
+) -> dict:
+    """Every row of ``sources``' ``split`` scored through PEFT's Arrow over ``adapters`` (keyed
+    by domain like `evaluate_routed`'s; batches and token weighting as `evaluate_batches`).
+    Returns an evaluation's shape with ``routing_accuracy`` None (Arrow mixes adapters per
+    token and layer; PEFT keeps no per-token weights) and the ``arrow`` options used.
+    ``model`` is left as it was."""
+    names = list(adapters)
+    if list(sources) != names:
+        raise ValueError(f"adapters {names} and sources {list(sources)} name other domains")
+    t0 = time.perf_counter()
+    items = tokenize_cached(tokenizer, [sources[d] for d in names], split, max_length, answer_only)
+    options = arrow_options(len(names), top_k, temperature, rng_seed)
+    device = next(model.parameters()).device
+    net = arrow_model(model, [adapters[d] for d in names], **_arrow_kwargs(options))
+    try:
+        batches = make_batches(items, batch_size, tokenizer.pad_token_id, shuffle=False)
+        result = evaluate_batches(net, batches, names, device, amp_dtype)
+    finally:
+        net.unload()
+    result["timing"]["seconds"] = time.perf_counter() - t0
+    return {**result, "routing_accuracy": None, "arrow": options}
+
+
+def _arrow_kwargs(options: Mapping) -> dict:
+    return {"top_k": options["top_k"], "temperature": options["router_temperature"],
+            "rng_seed": options["rng_seed"]}  # fmt: skip

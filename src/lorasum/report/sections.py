@@ -359,6 +359,15 @@ ROUTE_SERVING = (
 )
 
 
+ARROW_NOTE = (
+    " `arrow`: PEFT's Arrow, per token inside every LoRA layer the adapters whose ΔW's top "
+    "right singular vector aligns with the hidden state, mixed by a softmax (all adapters, "
+    "no per-row choice: routed right n/a); it needs every adapter loaded and a per-token mix "
+    "in every layer, which neither llama.cpp's static `--lora` scales nor per-request "
+    "multi-LoRA serving (vLLM, LoRAX) does: PEFT (transformers) serves it."
+)
+
+
 def _routes(results: dict) -> list:
     """Routing instead of adding (study option `routes`): combination × route, Δ% vs
     merged-data training and routing accuracy; nothing when the study ran no route."""
@@ -372,7 +381,8 @@ def _routes(results: dict) -> list:
         v = r["routes"].get(n)
         if v is None:
             return "–"
-        return f"{fmt_delta(v)} · {fmt(v.get('routing_accuracy'), 0)}%"
+        acc = v.get("routing_accuracy")
+        return f"{fmt_delta(v)} · " + ("n/a" if acc is None else f"{fmt(acc, 0)}%")
 
     table_rows = [[combo_label(r["domains"])] + [cell(r, n) for n in names] for r in rows]
     return [
@@ -382,7 +392,9 @@ def _routes(results: dict) -> list:
             "sum; Δ% vs the merged-data adapter and the share of rows routed to their own "
             "domain's adapter. `oracle`: each row's own adapter (the upper bound); `nearest`: "
             "the adapter whose training-prompt centroid (base model's mean last-layer hidden "
-            "state) is closest in cosine to the row's prompt. " + ROUTE_SERVING
+            "state) is closest in cosine to the row's prompt. "
+            + ROUTE_SERVING
+            + (ARROW_NOTE if "arrow" in names else "")
         ),
     ]
 

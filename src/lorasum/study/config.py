@@ -10,7 +10,7 @@ experiment file has the same shape, and command-line flags override either.
     sample: 0                          # K > 0: K combinations of each order (seeded); 0: all
     sample_seed: 0                     # the seed of that choice (not a training seed)
     methods: [sum, mean, ties]         # or {ties: {density: 0.2}, ...}
-    routes: [oracle, nearest]          # routing instead of adding (lorasum.routing.ROUTES)
+    routes: [oracle, nearest, arrow]   # routing instead of adding (lorasum.routing.ROUTES)
     cross_domain: true                 # every single adapter on every domain's test split
     paper_variants: true               # triples: merged-data pair adapter + third single, summed
     predictors: true                   # activation-space predictors (needs calibration)

@@ -23,10 +23,12 @@ from lorasum.models import lorasum_home
 from lorasum.study.config import STUDY_ONLY_METHODS
 from lorasum.study.units import (
     KINDS,
+    ArrowSpec,
     EvalSpec,
     Resources,
     RoutedSpec,
     Unit,
+    arrow_eval_unit,
     cached_calibrated,
     cached_calibration,
     cached_compose,
@@ -364,27 +366,32 @@ def _seed_units(lay: StudyLayout, seed: int) -> list[Unit]:
 
 
 def _route_units(lay: StudyLayout, seed: int, tid: dict) -> list[Unit]:
-    """The ``nearest`` route: one routed evaluation per combination, reading the singles it
-    routes between (the ``oracle`` needs no unit: the singles' evaluations give it)."""
-    if "nearest" not in lay.routes:
-        return []
+    """The ``nearest`` and ``arrow`` routes: one routed evaluation per combination, reading the
+    singles it routes between (the ``oracle`` needs no unit: the singles' evaluations give it)."""
     units = []
-    for combo in lay.combos:
-        name = f"route-nearest-{combo_name(combo)}"
-        singles = [lay.single(x, combo) for x in combo]
-        adapters = tuple((x, lay.seed_dir(seed) / "adapters" / s) for x, s in zip(combo, singles, strict=True))  # fmt: skip
-        path = lay.seed_dir(seed) / "evals" / f"{name}.json"
-        spec = RoutedSpec(path, adapters, lay.out / "routers")
-        # scoring the test rows, plus (once per domain, then cached) its training prompts
-        rows = lay.test_rows(combo) * 2 + lay.train_rows(combo) // 3
-        units.append(
-            Unit(
-                "eval", seed, name, f"eval {name} seed {seed}", routed_eval_unit,
-                (spec, lay.sources, lay.base_cfg), deps=tuple(tid[x] for x in singles),
-                cost=job_cost("eval", rows, lay.base_cfg.max_length), output=path,
-                probe=partial(spec.cached, lay.sources, lay.base_cfg),
-            )
-        )  # fmt: skip
+    for route in ("nearest", "arrow"):
+        if route not in lay.routes:
+            continue
+        for combo in lay.combos:
+            name = f"route-{route}-{combo_name(combo)}"
+            singles = [lay.single(x, combo) for x in combo]
+            adapters = tuple((x, lay.seed_dir(seed) / "adapters" / s) for x, s in zip(combo, singles, strict=True))  # fmt: skip
+            path = lay.seed_dir(seed) / "evals" / f"{name}.json"
+            if route == "nearest":
+                spec, fn = RoutedSpec(path, adapters, lay.out / "routers"), routed_eval_unit
+                # scoring the test rows, plus (once per domain, then cached) its training prompts
+                rows = lay.test_rows(combo) * 2 + lay.train_rows(combo) // 3
+            else:
+                spec, fn = ArrowSpec(path, adapters), arrow_eval_unit
+                rows = lay.test_rows(combo) * 2  # every token through every adapter
+            units.append(
+                Unit(
+                    "eval", seed, name, f"eval {name} seed {seed}", fn,
+                    (spec, lay.sources, lay.base_cfg), deps=tuple(tid[x] for x in singles),
+                    cost=job_cost("eval", rows, lay.base_cfg.max_length), output=path,
+                    probe=partial(spec.cached, lay.sources, lay.base_cfg),
+                )
+            )  # fmt: skip
     return units
 
 

@@ -163,7 +163,8 @@ def seed_rows(
 def route_rows(combo, evals: dict[str, dict], routes: Sequence[str], ppl_merged: float) -> dict:
     """Per route: perplexity, Δ% vs merged-data training and routing accuracy (%) on the
     combination's test rows. ``oracle`` from the singles' own-domain evaluations (summed NLL
-    and tokens: `routing.oracle_from_singles`), ``nearest`` from its routed evaluation."""
+    and tokens: `routing.oracle_from_singles`), ``nearest`` and ``arrow`` from their routed
+    evaluations (``arrow``'s routing accuracy None: it mixes adapters per token)."""
     from lorasum.routing import oracle_from_singles
 
     out = {}
@@ -175,9 +176,14 @@ def route_rows(combo, evals: dict[str, dict], routes: Sequence[str], ppl_merged:
         out[r] = {
             "ppl": ev["perplexity"],
             "delta_pct": delta_pct(ev["perplexity"], ppl_merged),
-            "routing_accuracy": ev["routing_accuracy"],
+            "routing_accuracy": ev.get("routing_accuracy"),
         }
     return out
+
+
+def _mean_or_none(values: Sequence[float | None]) -> float | None:
+    """The mean, or None where any value is None (a route with no routing accuracy)."""
+    return None if any(v is None for v in values) else mean(values)
 
 
 def _routes(rows: list[dict]) -> dict:
@@ -189,7 +195,7 @@ def _routes(rows: list[dict]) -> dict:
             "ppl": mean([p["ppl"] for p in per]),
             "delta_pct": mean([p["delta_pct"] for p in per]),
             "ci95": ci95([p["delta_pct"] for p in per]),
-            "routing_accuracy": mean([p["routing_accuracy"] for p in per]),
+            "routing_accuracy": _mean_or_none([p["routing_accuracy"] for p in per]),
         }
     return out
 

@@ -290,6 +290,67 @@ def routed_eval_unit(
     return result
 
 
+@dataclass(frozen=True)
+class ArrowSpec:
+    """The ``arrow`` route of one combination: PEFT's Arrow over ``adapters`` (domain, single
+    adapter dir), with `routing.arrow_options` for their number (top_k = all of them)."""
+
+    path: Path
+    adapters: tuple[tuple[str, Path], ...]
+
+    @property
+    def domains(self) -> tuple[str, ...]:
+        return tuple(d for d, _ in self.adapters)
+
+    @property
+    def options(self) -> dict:
+        from lorasum.routing import arrow_options
+
+        return arrow_options(len(self.adapters))
+
+    def key(self, sources: dict[str, Source], cfg: TrainConfig) -> str:
+        from importlib.metadata import version
+
+        unit = config_key(
+            {
+                "route": "arrow",
+                "adapters": [
+                    sha256_file(p / "adapter_model.safetensors") for _, p in self.adapters
+                ],
+                "configs": [sha256_file(p / "adapter_config.json") for _, p in self.adapters],
+                "arrow": self.options,
+                "peft": version("peft"),  # the router is PEFT's code
+            }
+        )
+        return eval_key(unit, self.domains, sources, cfg)
+
+    def cached(self, sources: dict[str, Source], cfg: TrainConfig) -> dict | None:
+        try:
+            return cached_eval(self.path, self.key(sources, cfg))
+        except OSError:  # the adapters are not there yet
+            return None
+
+
+def arrow_eval_unit(
+    spec: ArrowSpec, sources: dict[str, Source], cfg: TrainConfig, *, model, tokenizer, **kw
+) -> dict:
+    """Every test row of the combination scored through PEFT's Arrow over its singles
+    (`routing.evaluate_arrow`); written like an eval."""
+    from lorasum.routing import evaluate_arrow
+
+    key = spec.key(sources, cfg)
+    device = next(model.parameters()).device
+    options = spec.options
+    result = evaluate_arrow(
+        model, tokenizer, dict(spec.adapters), {d: sources[d] for d in spec.domains},
+        cfg.max_length, answer_only=cfg.answer_only, batch_size=EVAL_BATCH_SIZE,
+        amp_dtype=autocast_dtype(cfg.precision, device), top_k=options["top_k"],
+        temperature=options["router_temperature"], rng_seed=options["rng_seed"],
+    )  # fmt: skip
+    write_json(spec.path, {"key": key, "result": result})
+    return result
+
+
 # --- calibrate, compose, fit, predictors ---------------------------------------------------------
 
 
