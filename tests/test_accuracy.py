@@ -16,6 +16,7 @@ from lorasum import evaluate as evaluate_mod
 from lorasum.accuracy import (
     answers_match,
     exact_match,
+    first_line,
     is_short_answer,
     normalize_answer,
     pick,
@@ -157,6 +158,11 @@ def test_answers_match(prediction, reference, want):
     assert answers_match(prediction, reference) is want
 
 
+def test_first_line_skips_leading_newlines():
+    assert first_line("\n\n Bulgaria\nQuestion: next") == "Bulgaria"
+    assert first_line(" 9 apples") == "9 apples" and first_line("\n") == ""
+
+
 def test_exact_match_any_reference_and_short_answers():
     assert exact_match("meghan trainor", ("Meghan Trainor", "M. Trainor"))
     assert exact_match("M Trainor", ("Meghan Trainor", "M. Trainor"))
@@ -176,7 +182,7 @@ def _hand_greedy(model, tok, question: str, n: int) -> str:
             if nxt == tok.eos_token_id:
                 break
             new.append(nxt)
-    return tok.decode(new, skip_special_tokens=True).split("\n", 1)[0].strip()
+    return tok.decode(new, skip_special_tokens=True).strip().split("\n", 1)[0].strip()
 
 
 def test_batched_greedy_answers_equal_one_question_at_a_time(model_and_tok):

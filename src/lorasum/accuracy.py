@@ -13,7 +13,7 @@ evaluation (`lorasum.evaluate.inference_context` and `token_nll`).
 
 Free-form rows with a short answer (at most SHORT_ANSWER_WORDS words, or a number first, as in
 ASDiv or NQ-open): exact match of a greedy generation (up to ``max_new_tokens``, cut at EOS and
-at the first newline) against every accepted answer (``QA.accepted``), after SQuAD's
+to its first non-empty line) against every accepted answer (``QA.accepted``), after SQuAD's
 normalisation (`normalize_answer`); answers that start with a number are compared as numbers
 (`answers_match`). Rows with neither options nor a short answer are skipped and counted.
 """
@@ -45,7 +45,7 @@ def pick(logliks: Sequence[float] | torch.Tensor, lengths: Sequence[int]) -> tup
     leading space of its continuation). Ties go to the first option, as ``np.argmax``."""
     ll = torch.as_tensor(logliks, dtype=torch.float64)  # (K,)
     per_char = ll / torch.as_tensor(lengths, dtype=torch.float64).clamp(min=1)  # (K,)
-    return int(_first_argmax(ll)), int(_first_argmax(per_char))
+    return _first_argmax(ll), _first_argmax(per_char)
 
 
 def _first_argmax(x: torch.Tensor) -> int:
@@ -101,8 +101,9 @@ def is_short_answer(answer: str) -> bool:
 
 
 def first_line(generation: str) -> str:
-    """A generation up to its first newline (the prompt's answer is one line)."""
-    return generation.split("\n", 1)[0].strip()
+    """A generation's first non-empty line (the prompt's answer is one line). Leading newlines
+    are skipped, where lm-eval's ``until: ["\\n"]`` would leave an empty answer."""
+    return generation.strip().split("\n", 1)[0].strip()
 
 
 def row_kind(qa: QA) -> str:

@@ -244,7 +244,7 @@ def greedy_answers(
     amp_dtype: torch.dtype | None = None,
 ) -> list[str]:
     """Greedy generations after each question's prompt (left-padded batches), cut at EOS and
-    at the first newline (`first_line`)."""
+    to their first non-empty line (`first_line`)."""
     from transformers import GenerationConfig
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
