@@ -30,8 +30,9 @@ from lorasum.train import (
 )
 
 BUDGET_FIELDS = {"snapshots", "stop_at", "eval_every", "patience", "max_epochs", "schedule"}
-# like the budget fields, --lora-a's join the identity only when not the standard LoRA
-NEWER_FIELDS = BUDGET_FIELDS | {"lora_a", "a_slot", "a_seed"}
+# like the budget fields, --lora-a's join the identity only when not the standard LoRA;
+# --choices-field never does (it only says where options are)
+NEWER_FIELDS = BUDGET_FIELDS | {"lora_a", "a_slot", "a_seed", "choices_field"}
 
 
 def _cfg(model, data, **kw) -> TrainConfig:

@@ -251,7 +251,11 @@ def _add_similarity(sub) -> None:
 
 def _add_eval(sub) -> None:
     """`lorasum eval`'s flags."""
-    e = sub.add_parser("eval", help="answer-only perplexity of a model (and adapter) on data")
+    from lorasum.accuracy import DEFAULT_MAX_NEW_TOKENS, METRICS
+
+    e = sub.add_parser(
+        "eval", help="answer-only perplexity (and task accuracy) of a model (and adapter) on data"
+    )
     e.add_argument("--model", default="default", help="base model (default: embedded SmolLM2-135M)")
     e.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory to apply")
     e.add_argument(
@@ -272,6 +276,24 @@ def _add_eval(sub) -> None:
     )
     e.add_argument("--question-field", default=None)
     e.add_argument("--answer-field", default=None)
+    e.add_argument(
+        "--choices-field",
+        default=None,
+        help="field holding a row's options (a list; default: choices if present)",
+    )
+    e.add_argument(
+        "--metric",
+        default="perplexity",
+        choices=list(METRICS),
+        help="perplexity (default), accuracy (acc/acc_norm over options, exact match of short "
+        "answers; lm-eval conventions) or all",
+    )
+    e.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=DEFAULT_MAX_NEW_TOKENS,
+        help=f"greedy tokens generated for exact match (default: {DEFAULT_MAX_NEW_TOKENS})",
+    )
     e.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     e.add_argument("--device", default="auto")
     e.add_argument("--json", action="store_true", help="print JSON")
@@ -670,13 +692,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         precision=args.precision,
         device=args.device,
         progress=not args.json,
+        metric=args.metric,
+        max_new_tokens=args.max_new_tokens,
+        choices_field=args.choices_field,
     )
     if args.json:
         print(dumps_strict(result))
-    else:
+        return 0
+    if "perplexity" in result:
         for name, d in result["per_dataset"].items():
             print(f"{name:<32} perplexity {d['perplexity']:10.4f}  ({d['tokens']} tokens)")
         print(f"{'all':<32} perplexity {result['perplexity']:10.4f}  ({result['tokens']} tokens)")
+    if "accuracy" in result:
+        from lorasum.accuracy import format_accuracy
+
+        acc = result["accuracy"]
+        for name, d in acc["per_dataset"].items():
+            print(f"{name:<32} {format_accuracy(d)}")
+        print(f"{'all':<32} {format_accuracy(acc)}")
     return 0
 
 

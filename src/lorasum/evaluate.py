@@ -1,7 +1,10 @@
-"""Token-weighted negative log-likelihood and perplexity on counted (answer) tokens only.
+"""Token-weighted negative log-likelihood and perplexity on counted (answer) tokens only; task
+accuracy (acc / acc_norm over options, exact match of greedy answers) beside it.
 
 perplexity = exp(Σ NLL over counted tokens / number of counted tokens), summed across batches,
-so batch size and padding never change the result.
+so batch size and padding never change the result. Accuracy's conventions and math live in
+`lorasum.accuracy`; its model passes (`option_logliks`, `greedy_answers`) run here under the same
+precision and `inference_context` as perplexity.
 """
 
 from __future__ import annotations
@@ -15,7 +18,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorasum.data import Batch
+from lorasum.accuracy import (
+    DEFAULT_MAX_NEW_TOKENS,
+    Tally,
+    cut_left,
+    exact_match,
+    first_line,
+    pick,
+    prompt_ids,
+    question_groups,
+    row_kind,
+    tokenize_choice,
+)
+from lorasum.data import QA, Batch, collate
 from lorasum.lean import HeadNll, SoftmaxNll, folded_lora, fused_head
 from lorasum.models import frozen_linears_as, norm_outputs_as, precision_name
 
@@ -103,6 +118,23 @@ def token_nll(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tenso
     return per_row, mask.sum(1)
 
 
+@contextlib.contextmanager
+def inference_context(model: nn.Module, amp_dtype: torch.dtype | None):
+    """Evaluation mode with the speed-ups of every scoring pass (frozen linears and norm outputs
+    held in ``amp_dtype``, LoRA folded in fp32); the training mode restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with (
+            frozen_linears_as(model, amp_dtype),
+            norm_outputs_as(unwrap(model), amp_dtype),
+            folded_lora(model, enabled=amp_dtype is None),
+        ):
+            yield
+    finally:
+        model.train(was_training)
+
+
 def autocast_context(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
@@ -135,29 +167,20 @@ def evaluate_batches(
     (`lorasum.lean.folded_lora`; same numbers to fp32 rounding)."""
     from tqdm.auto import tqdm
 
-    was_training = model.training
-    model.eval()
     nll = torch.zeros(len(names), dtype=torch.float64)
     tokens = torch.zeros(len(names), dtype=torch.long)
     real_tokens = positions = 0
     t0 = time.perf_counter()
-    try:
-        with (
-            frozen_linears_as(model, amp_dtype),
-            norm_outputs_as(unwrap(model), amp_dtype),
-            folded_lora(model, enabled=amp_dtype is None),
-        ):
-            for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
-                real_tokens += int(batch.attention_mask.sum())
-                positions += batch.input_ids.numel()
-                batch = batch.to(device)
-                with autocast_context(device, amp_dtype):
-                    row_nll, row_tokens = token_nll(model, batch)
-                ds = batch.dataset.cpu()
-                nll.index_add_(0, ds, row_nll.double().cpu())
-                tokens.index_add_(0, ds, row_tokens.cpu())
-    finally:
-        model.train(was_training)
+    with inference_context(model, amp_dtype):
+        for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+            real_tokens += int(batch.attention_mask.sum())
+            positions += batch.input_ids.numel()
+            batch = batch.to(device)
+            with autocast_context(device, amp_dtype):
+                row_nll, row_tokens = token_nll(model, batch)
+            ds = batch.dataset.cpu()
+            nll.index_add_(0, ds, row_nll.double().cpu())
+            tokens.index_add_(0, ds, row_tokens.cpu())
     seconds = time.perf_counter() - t0
     total_nll, total_tokens = float(nll.sum()), int(tokens.sum())
     return {
@@ -177,6 +200,168 @@ def evaluate_batches(
     }
 
 
+# Task accuracy (the math in `lorasum.accuracy`)
+
+
+@torch.inference_mode()
+def option_logliks(
+    model: nn.Module,
+    tokenizer,
+    rows: Sequence[QA],
+    max_length: int,
+    batch_size: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+) -> list[list[float]]:
+    """Each row's options' summed log-likelihoods (one list per row, in option order), every
+    option of a question in the same forward pass."""
+    items = [
+        [tokenize_choice(tokenizer, qa.question, c, max_length) for c in qa.choices] for qa in rows
+    ]
+    sizes = [len(x) for x in items]
+    lengths = [max(len(t.input_ids) for t in x) for x in items]
+    out: list[list[float]] = [[] for _ in rows]
+    with inference_context(model, amp_dtype):
+        for group in question_groups(sizes, lengths, batch_size):
+            batch = collate([(t, 0) for q in group for t in items[q]], tokenizer.pad_token_id)
+            with autocast_context(device, amp_dtype):
+                nll, _ = token_nll(model, batch.to(device))  # (B,)
+            ll = (-nll.double().cpu()).tolist()
+            for q in group:
+                out[q], ll = ll[: sizes[q]], ll[sizes[q] :]
+    return out
+
+
+@torch.inference_mode()
+def greedy_answers(
+    model: nn.Module,
+    tokenizer,
+    questions: Sequence[str],
+    max_new_tokens: int,
+    max_length: int,
+    batch_size: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+) -> list[str]:
+    """Greedy generations after each question's prompt (left-padded batches), cut at EOS and
+    to their first non-empty line (`first_line`)."""
+    from transformers import GenerationConfig
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    keep = max(1, max_length - max_new_tokens)
+    prompts = [cut_left(prompt_ids(tokenizer, q), keep, tokenizer.bos_token_id) for q in questions]
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=pad,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out = [""] * len(prompts)
+    hf = unwrap(model)
+    with inference_context(model, amp_dtype):
+        for s in range(0, len(order), batch_size):
+            group = order[s : s + batch_size]
+            width = max(len(prompts[i]) for i in group)
+            ids = torch.full((len(group), width), pad, dtype=torch.long)  # (B, T) left-padded
+            mask = torch.zeros((len(group), width), dtype=torch.long)
+            for r, i in enumerate(group):
+                ids[r, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+                mask[r, width - len(prompts[i]) :] = 1
+            with autocast_context(device, amp_dtype):
+                new = hf.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    generation_config=config,
+                )[:, width:]  # (B, ≤ max_new_tokens)
+            for r, i in enumerate(group):
+                tokens = new[r].tolist()
+                if tokenizer.eos_token_id in tokens:
+                    tokens = tokens[: tokens.index(tokenizer.eos_token_id)]
+                out[i] = first_line(tokenizer.decode(tokens, skip_special_tokens=True))
+    return out
+
+
+def accuracy_of(
+    model: nn.Module,
+    tokenizer,
+    sources: Sequence,
+    split: str,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    max_length: int = 128,
+    batch_size: int = 16,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+) -> dict:
+    """acc / acc_norm over the rows with options, exact match over the short free-form rows,
+    the skipped rows counted: overall (question-weighted) and per source."""
+    total = Tally()
+    per: dict[str, dict] = {}
+    for src in sources:
+        rows = src.splits[split]
+        tally = Tally(skipped=sum(row_kind(qa) == "skip" for qa in rows))
+        choice = [qa for qa in rows if row_kind(qa) == "choice"]
+        if choice:
+            scores = option_logliks(
+                model, tokenizer, choice, max_length, batch_size, device, amp_dtype
+            )
+            for qa, ll in zip(choice, scores, strict=True):
+                best, best_norm = pick(ll, [len(c) for c in qa.choices])
+                tally.questions += 1
+                tally.correct += best == qa.label
+                tally.correct_norm += best_norm == qa.label
+        match = [qa for qa in rows if row_kind(qa) == "match"]
+        if match:
+            predictions = greedy_answers(
+                model,
+                tokenizer,
+                [qa.question for qa in match],
+                max_new_tokens,
+                max_length,
+                batch_size,
+                device,
+                amp_dtype,
+            )
+            for qa, p in zip(match, predictions, strict=True):
+                tally.generated += 1
+                tally.matched += exact_match(p, qa.accepted or (qa.answer,))
+        per[src.name] = tally.summary()
+        total.add(tally)
+    return {**total.summary(), "max_new_tokens": max_new_tokens, "per_dataset": per}
+
+
+def _eval_data(
+    data: Sequence[str] | str,
+    split: str,
+    max_length: int,
+    batch_size: int,
+    max_eval: int | None,
+    metric: str,
+    max_new_tokens: int,
+) -> list[str]:
+    """`evaluate`'s data sources as a list (commas split), its other arguments checked."""
+    from lorasum.accuracy import METRICS
+    from lorasum.errors import LorasumError
+
+    if isinstance(data, str):
+        data = [data]
+    data = [d for item in data for d in item.split(",") if d]
+    if not data:
+        raise LorasumError("no data given; pass --data math (or a .jsonl/.csv/hf: source)")
+    if split not in ("train", "val", "test"):
+        raise LorasumError(f"--split {split!r}: use train, val or test")
+    if max_length < 8 or batch_size < 1:
+        raise LorasumError("--max-length must be >= 8 and --batch-size >= 1")
+    if max_eval is not None and max_eval < 1:
+        raise LorasumError("--max-eval must be >= 1")
+    if metric not in METRICS:
+        raise LorasumError(f"--metric {metric!r}: use one of {', '.join(METRICS)}")
+    if max_new_tokens < 1:
+        raise LorasumError("--max-new-tokens must be >= 1")
+    return data
+
+
 def evaluate(
     model: str = "default",
     data: Sequence[str] = (),
@@ -192,28 +377,28 @@ def evaluate(
     precision: str = "auto",
     device: str = "auto",
     progress: bool = True,
+    metric: str = "perplexity",
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    choices_field: str | None = None,
 ) -> dict:
-    """`lorasum eval`: perplexity of a base model (optionally with an adapter) on data splits."""
+    """`lorasum eval`: perplexity of a base model (optionally with an adapter) on data splits;
+    with ``metric`` accuracy or all, task accuracy (`lorasum.accuracy`: acc / acc_norm over
+    multiple-choice rows, exact match of greedy answers over short free-form rows) under
+    ``"accuracy"``. The default (perplexity) result is exactly what it was before accuracy."""
+    from lorasum.accuracy import check_scorable
     from lorasum.adapters import check_fits, read_adapter
     from lorasum.data import check_answers_fit, load_split, make_batches, tokenize_split
-    from lorasum.errors import LorasumError
     from lorasum.models import autocast_dtype, load_model, load_tokenizer, pick_device
 
-    if isinstance(data, str):
-        data = [data]
-    data = [d for item in data for d in item.split(",") if d]
-    if not data:
-        raise LorasumError("no data given; pass --data math (or a .jsonl/.csv/hf: source)")
-    if split not in ("train", "val", "test"):
-        raise LorasumError(f"--split {split!r}: use train, val or test")
-    if max_length < 8 or batch_size < 1:
-        raise LorasumError("--max-length must be >= 8 and --batch-size >= 1")
-    if max_eval is not None and max_eval < 1:
-        raise LorasumError("--max-eval must be >= 1")
+    data = _eval_data(data, split, max_length, batch_size, max_eval, metric, max_new_tokens)
     adapter_obj = read_adapter(adapter) if adapter else None  # validate before loading a model
     sources = [
-        load_split(d, split_seed, question_field, answer_field, None, max_eval) for d in data
+        load_split(d, split_seed, question_field, answer_field, None, max_eval, choices_field)
+        for d in data
     ]
+    perplexity, accuracy = metric in ("perplexity", "all"), metric in ("accuracy", "all")
+    if accuracy:
+        check_scorable(sources, split)
     dev = pick_device(device)
     tokenizer = load_tokenizer(model)
     net = load_model(model, dev)
@@ -222,18 +407,20 @@ def evaluate(
 
         check_fits(adapter_obj, net, model)
         net = PeftModel.from_pretrained(net, adapter)
-    items = tokenize_split(tokenizer, sources, split, max_length, answer_only)
-    check_answers_fit(items, sources, split, max_length)
-    batches = make_batches(items, batch_size, tokenizer.pad_token_id, shuffle=False, lazy=True)
-    result = evaluate_batches(
-        net,
-        batches,
-        data,
-        dev,
-        autocast_dtype(precision, dev),
-        progress=progress,
-        desc=f"eval {split}",
-    )
+    amp_dtype = autocast_dtype(precision, dev)
+    result: dict = {}
+    if perplexity:
+        items = tokenize_split(tokenizer, sources, split, max_length, answer_only)
+        check_answers_fit(items, sources, split, max_length)
+        batches = make_batches(items, batch_size, tokenizer.pad_token_id, shuffle=False, lazy=True)
+        result = evaluate_batches(
+            net, batches, data, dev, amp_dtype, progress=progress, desc=f"eval {split}"
+        )
+    if accuracy:
+        result["precision"] = precision_name(amp_dtype)
+        result["accuracy"] = accuracy_of(
+            net, tokenizer, sources, split, dev, amp_dtype, max_length, batch_size, max_new_tokens
+        )
     return {
         **result,
         "model": model,

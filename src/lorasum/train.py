@@ -96,6 +96,10 @@ class TrainConfig:
         None, "question field of .jsonl/.csv/hf sources (auto-detected)"
     )
     answer_field: str | None = _f(None, "answer field of .jsonl/.csv/hf sources (auto-detected)")
+    choices_field: str | None = _f(
+        None,
+        "multiple-choice options field of .jsonl/.csv/hf sources (default: choices if present)",
+    )
     precision: str = _f(
         "auto", "auto (bf16 autocast on CUDA or CPUs with AMX/AVX512-BF16), bf16 or fp32"
     )
@@ -193,7 +197,9 @@ class TrainConfig:
     def identity(self) -> dict:
         """The fields that determine the result (device and reporting do not)."""
         d = asdict(self)
-        for k in ("device", "eval_val"):
+        # choices_field only says where the options are (they never reach training; the answer
+        # text it may pick is in the data fingerprint): keys stay those of before it existed
+        for k in ("device", "eval_val", "choices_field"):
             d.pop(k)
         # The budget fields join the identity only when used: adapters trained without them
         # keep the keys they had before the fields existed, so finished studies are reused.
@@ -238,7 +244,13 @@ def _step_list(value, problems: list[str]) -> list[int]:
 def load_sources(cfg: TrainConfig) -> list[Source]:
     return [
         load_split(
-            spec, cfg.split_seed, cfg.question_field, cfg.answer_field, cfg.max_train, cfg.max_eval
+            spec,
+            cfg.split_seed,
+            cfg.question_field,
+            cfg.answer_field,
+            cfg.max_train,
+            cfg.max_eval,
+            cfg.choices_field,
         )
         for spec in cfg.data
     ]
