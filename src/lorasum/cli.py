@@ -456,6 +456,14 @@ def _add_run_flags(r) -> None:
         help="evaluate along each run at these epochs, e.g. 0.25,0.5,1,2,4 (each adapter "
         "trains for the last; pairs singles and merged adapters by equal epochs and steps)",
     )
+    r.add_argument(
+        "--merge-aware",
+        action="store_true",
+        default=None,
+        help="with --budget converged: single adapters keep a checkpoint at every validation "
+        "point, and each combination also sums its singles' checkpoints chosen by the sum's "
+        "validation perplexity (method row merge_aware; see docs/BUDGETS.md)",
+    )
 
 
 def _add_report(sub) -> None:
@@ -749,6 +757,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         wait=args.wait,
         budget=args.budget,
         snapshots=args.snapshots,
+        merge_aware=args.merge_aware,
         **overrides,
     )
     if args.plan:

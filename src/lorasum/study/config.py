@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from lorasum.errors import LorasumError, raise_all
+from lorasum.merge_aware import MERGE_AWARE_DEFAULTS
 from lorasum.methods.calibrated import LEARNED_DEFAULTS, learned_options_problem
 
 PRESET_DIR = "presets"
@@ -55,6 +56,9 @@ NOT_IN_STUDIES = ("weighted", "knots_ta")
 STUDY_ONLY_METHODS: dict[str, dict[str, Any]] = {
     "calibrated": {"fraction": 0.01},
     "learned": dict(LEARNED_DEFAULTS),
+    # not named in `methods`: the study's `merge_aware: true` adds it (it changes how the
+    # single adapters train: they keep a checkpoint at every validation point)
+    "merge_aware": dict(MERGE_AWARE_DEFAULTS),
 }
 # How long each adapter trains. The merged-data adapter of a combination always takes
 # `train.epochs` passes over the union of its domains' rows.
@@ -184,7 +188,7 @@ def default_methods() -> list[str]:
         if method.required - set(STUDY_METHOD_OPTIONS.get(name, {})):
             continue
         out.append(name)
-    return out + list(STUDY_ONLY_METHODS)
+    return out + [m for m in STUDY_ONLY_METHODS if m != "merge_aware"]
 
 
 def _parse_methods(value: Any, problems: list[str]) -> dict[str, dict[str, Any]]:
@@ -204,6 +208,13 @@ def _parse_methods(value: Any, problems: list[str]) -> dict[str, dict[str, Any]]
         options = options or {}
         if not isinstance(options, dict):
             problems.append(f"methods.{name}: options are a mapping (e.g. {{density: 0.2}})")
+            continue
+        if name == "merge_aware":
+            problems.append(
+                "methods.merge_aware: merge-aware checkpoints are a study setting (the single "
+                "adapters keep a checkpoint at every validation point); set merge_aware: true "
+                "(--merge-aware) with --budget converged instead"
+            )
             continue
         if name == "learned":
             problem = learned_options_problem(options)

@@ -33,6 +33,7 @@ from lorasum.study.units import (
     cached_calibration,
     cached_compose,
     cached_data_predictors,
+    cached_merge_aware,
     cached_predictors,
     cached_training,
     calibrate_unit,
@@ -41,6 +42,7 @@ from lorasum.study.units import (
     data_predictors_unit,
     eval_unit,
     job_cost,
+    merge_aware_unit,
     predictors_unit,
     routed_eval_unit,
     train_unit,
@@ -448,7 +450,19 @@ def _method_units(lay: StudyLayout, seed: int, tid: dict, calib: dict) -> list[U
             paths = [d / "adapters" / x for x in singles]
             out = d / "methods" / m / c
             deps = [tid[x] for x in singles]
-            if m in STUDY_ONLY_METHODS:
+            if m == "merge_aware":
+                merged = d / "adapters" / f"merged-{c}"
+                args = (paths, out, merged, [lay.sources[x] for x in combo], opts, lay.base_cfg,
+                        lay.overwrite)  # fmt: skip
+                units.append(
+                    Unit(
+                        "fit", seed, name, f"fit {name} seed {seed}", merge_aware_unit, args,
+                        deps=(*deps, tid[f"merged-{c}"]),
+                        cost=job_cost("eval", COMPOSE_COST_ROWS, lay.base_cfg.max_length),
+                        output=out, probe=partial(cached_merge_aware, *args[:-1]),
+                    )
+                )  # fmt: skip
+            elif m in STUDY_ONLY_METHODS:
                 merged = d / "adapters" / f"merged-{c}"
                 args = (
                     m, paths, out, merged, [lay.sources[x] for x in combo], opts,

@@ -205,13 +205,22 @@ def _layout(out, study_cfg: StudyConfig, base_cfg, sources, overwrite) -> StudyL
         out=out, model=study_cfg.model, names=names, domain_sources=study_cfg.domains,
         sources=sources, base_cfg=base_cfg, seeds=study_cfg.seeds,
         seed_per_domain=study_cfg.seed_per_domain, combos=combos,
-        methods={m: o for m, o in study_cfg.methods.items() if m != "sum"}, variants=variants,
+        methods=_layout_methods(study_cfg), variants=variants,
         cross_domain=study_cfg.cross_domain, predictors=study_cfg.predictors, overwrite=overwrite,
         budget=study_cfg.budget, snapshot_epochs=tuple(study_cfg.snapshots),
         available=tuple(every) if study_cfg.sample else None,
         sample=study_cfg.sample, sample_seed=study_cfg.sample_seed,
         routes=tuple(study_cfg.routes), merge_aware=study_cfg.merge_aware,
     )  # fmt: skip
+
+
+def _layout_methods(study_cfg: StudyConfig) -> dict[str, dict]:
+    """The study's methods beside the sum, with ``merge_aware`` where the study keeps the
+    singles' checkpoints for it."""
+    methods = {m: o for m, o in study_cfg.methods.items() if m != "sum"}
+    if study_cfg.merge_aware:
+        methods["merge_aware"] = dict(STUDY_ONLY_METHODS["merge_aware"])
+    return methods
 
 
 def reproduce(
@@ -422,7 +431,7 @@ def aggregate(
     }  # fmt: skip
     base_eval = evals[(None, "base")]
     seed_evals = [{u: r for (s, u), r in evals.items() if s == seed} for seed in seeds]
-    methods = list(cfg.methods)
+    methods = ["sum", *lay.methods]
     per_seed = [
         seed_rows(names, combos, pairs[seed], ev, base_eval, methods, predictors[seed], lay.routes)
         for seed, ev in zip(seeds, seed_evals, strict=True)

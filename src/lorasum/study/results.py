@@ -38,6 +38,7 @@ CATEGORIES = {
     "shift_match": "calibration",
     "calibrated": "calibrated",
     "learned": "calibrated",  # coefficients fitted on validation rows, like `calibrated`
+    "merge_aware": "calibrated",  # checkpoints chosen on validation rows (lorasum.merge_aware)
 }
 BOOTSTRAP_RESAMPLES = 10_000
 

@@ -498,6 +498,83 @@ def calibrated_unit(
     return report
 
 
+def merge_aware_key(paths: list[Path], val_sources: list[Source], options: dict, cfg) -> str:
+    """What a merge-aware choice depends on: the singles (their keys cover their checkpoints),
+    the validation rows, the options and how rows are scored."""
+    return config_key(
+        {
+            "method": "merge_aware",
+            "adapters": [existing_key(p) for p in paths],
+            "val": [s.fingerprint()["val"] for s in val_sources],
+            "options": options,
+            "max_length": cfg.max_length,
+            "precision": cfg.precision,
+            "version": __version__,
+        }
+    )
+
+
+def cached_merge_aware(paths, out, merged, val_sources, options, cfg) -> dict | None:
+    if existing_key(out) is None:
+        return None
+    key = merge_aware_key(paths, val_sources, options, cfg)
+    return read_json(out / "lorasum.json")["budget"] if existing_key(out) == key else None
+
+
+def merge_aware_unit(
+    paths: list[Path],
+    out: Path,
+    merged: Path,
+    val_sources: list[Source],
+    options: dict,
+    cfg: TrainConfig,
+    overwrite: bool,
+    *,
+    model,
+    tokenizer,
+) -> dict:
+    """The sum of one combination's merge-aware checkpoints (`lorasum.merge_aware`), with its
+    cost as a share of the merged-data adapter's (``merged``) training tokens."""
+    from lorasum.adapters import write_adapter
+    from lorasum.io import atomic_dir
+    from lorasum.merge_aware import select_checkpoints
+    from lorasum.methods import MergeConfig, merge_adapters
+
+    key = merge_aware_key(paths, val_sources, options, cfg)
+    if check_output_dir(out, key, overwrite and existing_key(out) != key):
+        return read_json(out / "lorasum.json")["budget"]
+    training_tokens = int(read_json(merged / "lorasum.json")["metrics"]["real_tokens"])
+    chosen, report = select_checkpoints(
+        model, tokenizer, paths, val_sources, max_length=cfg.max_length,
+        precision=cfg.precision, **options,
+    )  # fmt: skip
+    report = {
+        **report,
+        "method": "merge_aware",
+        "merged_training_tokens": training_tokens,
+        "fraction": report["tokens"] / training_tokens if training_tokens > 0 else float("nan"),
+    }
+    adapters = [read_adapter(p, strict=True) for p in chosen]
+    result = merge_adapters([a.modules for a in adapters], [1.0] * len(adapters), MergeConfig())
+    marker = {
+        "kind": "composed",
+        "key": key,
+        "lorasum_version": __version__,
+        "method": "merge_aware",
+        "sources": [str(p) for p in chosen],
+        "base_model": adapters[0].base_model,
+        "budget": report,
+    }
+    with atomic_dir(out, marker=marker) as tmp:
+        write_adapter(
+            tmp,
+            result.modules,
+            adapters[0].base_model,
+            fan_in_fan_out=any(a.config.get("fan_in_fan_out") for a in adapters),
+        )
+    return report
+
+
 def predictors_key(adapters: Path, names: list[str], combos) -> str:
     """The activation-space predictors depend on the adapters' weights and their statistics'
     data (both in the weights' sha256 and the adapters' markers)."""
