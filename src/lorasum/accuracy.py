@@ -33,6 +33,9 @@ from lorasum.errors import LorasumError
 METRICS = ("perplexity", "accuracy", "all")
 DEFAULT_MAX_NEW_TOKENS = 16
 SHORT_ANSWER_WORDS = 5  # NQ-open keeps answers of at most five tokens
+# Part of every cached accuracy result's key (a study's accuracy units): raise it when a change
+# here or in `lorasum.evaluate.accuracy_of` changes what a row scores
+ACCURACY_VERSION = 1
 
 # ---------------------------------------------------------------------------------------------
 # Pure functions: picking an option, normalising and matching answers

@@ -342,6 +342,13 @@ def _add_reproduce(sub) -> None:
         "training-prompt centroid is closest) and arrow (PEFT's per-token Arrow mix of the "
         "adapters); default none",
     )
+    r.add_argument(
+        "--metrics",
+        default=None,
+        help="what every evaluation measures: perplexity (default; the primary metric) or "
+        "perplexity,accuracy (also task accuracy, lm-eval conventions: units of their own, "
+        "so adding it later reuses the study; see docs/MANUAL.md)",
+    )
     r.add_argument("--out", required=True, help="study directory (results.json, report.md, png)")
     r.add_argument("--overwrite", action="store_true", help="replace a study with other settings")
     r.add_argument(
@@ -738,6 +745,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         config=args.config,
         methods=args.methods,
         routes=args.routes,
+        metrics=args.metrics,
         predictors=args.predictors,
         cross_domain=args.cross_domain,
         paper_variants=args.paper_variants,

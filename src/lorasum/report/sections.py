@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from lorasum.report import plots
+from lorasum.report.accuracy import accuracy_blocks
 from lorasum.report.blocks import (
     Bullets,
     Code,
@@ -481,7 +482,9 @@ def _decomposition(results: dict) -> list:
     ]
     vs_merged = results.get("prediction") or {}
     vs_singles = results.get("prediction_vs_singles") or {}
+    vs_accuracy = results.get("prediction_vs_accuracy")  # studies with accuracy only
     if vs_singles:
+        acc_header = ["LOO ρ: Δ accuracy of the sum"] if vs_accuracy is not None else []
         blocks.append(
             Table(
                 [
@@ -489,6 +492,7 @@ def _decomposition(results: dict) -> list:
                     "LOO ρ: Δ% vs merged",
                     "LOO ρ: sum vs own adapters",
                     "LOO mean absolute error: sum vs own adapters (points)",
+                    *acc_header,
                 ],
                 [
                     [
@@ -497,9 +501,14 @@ def _decomposition(results: dict) -> list:
                         fmt(p.get("spearman_rho"), 2),
                         fmt(p.get("mean_abs_error"), 2),
                     ]
+                    + (
+                        [fmt((vs_accuracy.get(n) or {}).get("spearman_rho"), 2)]
+                        if vs_accuracy is not None
+                        else []
+                    )
                     for n, p in vs_singles.items()
                 ],
-                "lrrr",
+                "lrrr" + "r" * len(acc_header),
             )
         )
     return blocks
@@ -845,6 +854,11 @@ def build_report(results: dict, run_dir: str | Path | None = None) -> list[Secti
         Section("The paper vs this run", "paper", paper_vs_run(results)),
         Section("Δ% against the predictors", "scatter", _scatter(results)),
         Section("Merge methods × combinations", "methods", _methods(results)),
+        *(
+            [Section("Task accuracy vs perplexity", "accuracy", accuracy_blocks(results))]
+            if results.get("accuracy")
+            else []
+        ),
         Section("Predicted vs measured Δ%", "prediction", _prediction(results)),
         Section("What Δ% is made of", "decomposition", _decomposition(results)),
         Section("Triples: the paper's variants", "variants", _variants(results)),

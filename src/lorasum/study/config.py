@@ -16,6 +16,7 @@ experiment file has the same shape, and command-line flags override either.
     predictors: true                   # activation-space predictors (needs calibration)
     budget: epochs                     # epochs | steps | converged (see BUDGETS)
     snapshots: [0.5, 1, 2]             # epochs along each run at which to also evaluate
+    metrics: [perplexity, accuracy]    # perplexity (always, the primary) and task accuracy
     train: {rank: 4, alpha: 64, lr: 2e-4, max_train: 48, ...}   # TrainConfig fields
 
 `resolve_study` validates the whole result once and reports every problem together.
@@ -99,8 +100,12 @@ _TOP_KEYS = {
     "budget",
     "snapshots",
     "merge_aware",
+    "metrics",
     "train",
 }
+# What a study measures: perplexity always (Δ%, the predictors and the best method are its);
+# accuracy adds task accuracy (`lorasum.accuracy`) of every evaluation as units of their own
+STUDY_METRICS = ("perplexity", "accuracy")
 
 
 @dataclass
@@ -130,10 +135,21 @@ class StudyConfig:
     # converged budget: every single adapter also keeps its weights at each validation point,
     # and each combination's sum picks its singles' checkpoints by validation perplexity
     merge_aware: bool = False
+    # perplexity (always) and, with accuracy, task accuracy beside every evaluation
+    metrics: list[str] = field(default_factory=lambda: ["perplexity"])
     train: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The settings as saved (experiment.yaml, results.json); ``metrics`` only where it
+        is not the default, so a perplexity-only study writes what it wrote before."""
+        out = asdict(self)
+        if out["metrics"] == ["perplexity"]:
+            del out["metrics"]
+        return out
+
+    @property
+    def accuracy(self) -> bool:
+        return "accuracy" in self.metrics
 
 
 def preset_names() -> list[str]:
@@ -263,6 +279,27 @@ def _parse_routes(value: Any, problems: list[str]) -> list[str]:
     if unknown:
         problems.append(f"routes: unknown {unknown}; use some of: {', '.join(ROUTES)}")
     return [r for r in dict.fromkeys(value) if r in ROUTES]
+
+
+def _parse_metrics(value: Any, problems: list[str]) -> list[str]:
+    """The study's metrics (a list or a comma string of STUDY_METRICS); perplexity required."""
+    if value is None:
+        return ["perplexity"]
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    known = ", ".join(STUDY_METRICS)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        problems.append(f"metrics {value!r}: give a list of metric names ({known})")
+        return ["perplexity"]
+    unknown = [v for v in value if v not in STUDY_METRICS]
+    if unknown:
+        problems.append(f"metrics: unknown {unknown}; use some of: {known}")
+    elif "perplexity" not in value:
+        problems.append(
+            "metrics: perplexity is the study's primary metric (Δ%, the predictors and the best "
+            "method are perplexity's); give perplexity,accuracy"
+        )
+    return [m for m in STUDY_METRICS if m in value]
 
 
 def _check_train_types(train: dict[str, Any], problems: list[str]) -> dict[str, Any]:
@@ -468,6 +505,7 @@ def resolve_study(
     _set_flags_and_counts(study, merged, problems)
     study.methods = _parse_methods(merged.get("methods", ["sum"]), problems)
     study.routes = _parse_routes(merged.get("routes"), problems)
+    study.metrics = _parse_metrics(merged.get("metrics"), problems)
     _check_seed_spacing(study, problems)
     study.budget, study.snapshots = _parse_budget(merged, train, problems)
     if study.merge_aware and study.budget != "converged":

@@ -20,6 +20,9 @@ from lorasum.data import Source
 from lorasum.io import atomic_write_text
 from lorasum.methods import get_method
 from lorasum.models import lorasum_home
+from lorasum.study.accuracy import PREFIX as ACCURACY_PREFIX
+from lorasum.study.accuracy import AccuracySpec, accuracy_unit
+from lorasum.study.accuracy import rows_cost as accuracy_rows_cost
 from lorasum.study.config import STUDY_ONLY_METHODS
 from lorasum.study.units import (
     KINDS,
@@ -147,6 +150,7 @@ class StudyLayout:
     sample_seed: int = 0
     routes: tuple[str, ...] = ()  # lorasum.routing.ROUTES compared beside the methods
     merge_aware: bool = False  # singles keep a checkpoint at every validation point
+    accuracy: bool = False  # metrics: [perplexity, accuracy]: an accuracy twin of each eval
 
     @property
     def every_combo(self) -> list[tuple[str, ...]]:
@@ -304,6 +308,28 @@ def _eval(lay: StudyLayout, seed, name, adapter_dir, domains, deps, unit_key=Non
     )  # fmt: skip
 
 
+def _evals(lay: StudyLayout, seed, name, adapter_dir, domains, deps, unit_key=None) -> list[Unit]:
+    """The perplexity evaluation and, with accuracy on, its twin ``acc-<name>``
+    (`study.accuracy`): same adapter, rows and dependencies, its own output and key."""
+    units = [_eval(lay, seed, name, adapter_dir, domains, deps, unit_key)]
+    if lay.accuracy:
+        units.append(_accuracy_eval(lay, seed, name, adapter_dir, domains, deps, unit_key))
+    return units
+
+
+def _accuracy_eval(lay: StudyLayout, seed, name, adapter_dir, domains, deps, unit_key) -> Unit:
+    name = f"{ACCURACY_PREFIX}{name}"
+    path = lay.seed_dir(seed) / "evals" / f"{name}.json"
+    spec = AccuracySpec(path, adapter_dir, unit_key, tuple(domains))
+    rows = accuracy_rows_cost(lay.sources, domains, spec.max_new_tokens)
+    return Unit(
+        "eval", seed, name, f"eval {name}", accuracy_unit, (spec, lay.sources, lay.base_cfg),
+        deps=tuple(deps), cost=job_cost("eval", max(rows, 1), lay.base_cfg.max_length),
+        output=path, key=None if unit_key is None else spec.key(lay.sources, lay.base_cfg),
+        probe=partial(spec.cached, lay.sources, lay.base_cfg),
+    )  # fmt: skip
+
+
 def _compose(lay: StudyLayout, seed, name, paths, out, method, options, deps) -> Unit:
     cost = job_cost("eval", COMPOSE_COST_ROWS, lay.base_cfg.max_length)
     return Unit(
@@ -322,22 +348,22 @@ def _seed_units(lay: StudyLayout, seed: int) -> list[Unit]:
     units: list[Unit] = []
     for n in lay.names:
         doms = tuple(lay.names) if lay.cross_domain else (n,)
-        units.append(_eval(lay, seed, f"single-{n}", adapters / n, doms, [tid[n]]))
+        units += _evals(lay, seed, f"single-{n}", adapters / n, doms, [tid[n]])
     for combo in lay.combos:
         c = combo_name(combo)
         merged = f"merged-{c}"
-        units.append(_eval(lay, seed, merged, adapters / merged, combo, [tid[merged]]))
+        units += _evals(lay, seed, merged, adapters / merged, combo, [tid[merged]])
         singles = [lay.single(x, combo) for x in combo]
         paths = [adapters / x for x in singles]
         units.append(_compose(lay, seed, f"sum-{c}", paths, d / "sums" / c, "sum", {}, [tid[x] for x in singles]))  # fmt: skip
-        units.append(_eval(lay, seed, f"sum-{c}", d / "sums" / c, combo, [f"compose/{seed}/sum-{c}"]))  # fmt: skip
+        units += _evals(lay, seed, f"sum-{c}", d / "sums" / c, combo, [f"compose/{seed}/sum-{c}"])  # fmt: skip
     for combo, pair, third in lay.variants:
         name = f"variant-{combo_name(pair)}+{third}"
         out = d / "variants" / name.removeprefix("variant-")
         merged, single = f"merged-{combo_name(pair)}", lay.single(third, combo)
         paths = [adapters / merged, adapters / single]
         units.append(_compose(lay, seed, name, paths, out, "sum", {}, [tid[merged], tid[single]]))
-        units.append(_eval(lay, seed, name, out, combo, [f"compose/{seed}/{name}"]))
+        units += _evals(lay, seed, name, out, combo, [f"compose/{seed}/{name}"])
     calib: dict[str, str] = {}  # single adapter -> its calibration unit
     if lay.calibrating:
         for n in lay.singles():
@@ -481,14 +507,14 @@ def _method_units(lay: StudyLayout, seed: int, tid: dict, calib: dict) -> list[U
                     deps += [calib[x] for x in singles]
                 units.append(_compose(lay, seed, name, paths, out, m, opts, deps))
             kind = "fit" if m in STUDY_ONLY_METHODS else "compose"
-            units.append(_eval(lay, seed, name, out, combo, [f"{kind}/{seed}/{name}"]))
+            units += _evals(lay, seed, name, out, combo, [f"{kind}/{seed}/{name}"])
     return units
 
 
 def plan_study(lay: StudyLayout) -> Plan:
     """Every unit of the study, in dependency order (a unit after the units it reads)."""
     units = _train_units(lay)
-    units.append(_eval(lay, None, "base", None, tuple(lay.names), [], unit_key=f"base:{lay.model}"))
+    units += _evals(lay, None, "base", None, tuple(lay.names), [], unit_key=f"base:{lay.model}")
     if lay.predictors:
         args = (lay.out / "data_predictors.json", lay.model, lay.sources, lay.combos, lay.base_cfg.max_length)  # fmt: skip
         rows = lay.train_rows(lay.names)

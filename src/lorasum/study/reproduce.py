@@ -33,6 +33,8 @@ from lorasum.models import (
     settle_cpu_bf16,
 )
 from lorasum.similarity import similarity_matrix
+from lorasum.study.accuracy import PREFIX as ACC
+from lorasum.study.accuracy import add_accuracy, seed_accuracy, study_accuracy
 from lorasum.study.budget import budget_summary, snapshot_summary
 from lorasum.study.config import BUDGETS, STUDY_ONLY_METHODS, StudyConfig, parse_domains  # noqa: F401
 from lorasum.study.executors import LocalExecutor, auto_workers, execute
@@ -139,7 +141,21 @@ def resolve(out: str | Path, preset, config, overrides: dict, overwrite: bool) -
     key = config_key(identity)
     previous = _check_out_dir(out, key, overwrite, base_cfg.precision)
     sources = _load_sources(study_cfg.domains, base_cfg)
+    if study_cfg.accuracy:
+        _check_scorable(sources)
     return Study(study_cfg, identity, key, _layout(out, study_cfg, base_cfg, sources, overwrite), previous)  # fmt: skip
+
+
+def _check_scorable(sources: dict) -> None:
+    """Refuse accuracy where no domain's test split has a row it can score."""
+    from lorasum.accuracy import row_kind
+
+    if not any(row_kind(qa) != "skip" for s in sources.values() for qa in s.splits["test"]):
+        raise LorasumError(
+            f"metrics accuracy: no test row of {', '.join(sources)} has options or a short "
+            "answer, so accuracy has nothing to score; give multiple-choice rows a choices "
+            "field (docs/MANUAL.md, 'Task accuracy') or drop accuracy from --metrics"
+        )
 
 
 def _check_out_dir(out: Path, key: str, overwrite: bool, precision: str) -> dict | None:
@@ -176,8 +192,9 @@ def _load_sources(domain_sources: dict[str, str], cfg: TrainConfig) -> dict:
     sources = {}
     for n, src in domain_sources.items():
         s = load_split(
-            src, cfg.split_seed, cfg.question_field, cfg.answer_field, cfg.max_train, cfg.max_eval
-        )
+            src, cfg.split_seed, cfg.question_field, cfg.answer_field, cfg.max_train,
+            cfg.max_eval, cfg.choices_field,
+        )  # fmt: skip
         s.name = n
         for split in ("train", "test"):
             if not s.splits[split]:
@@ -211,6 +228,7 @@ def _layout(out, study_cfg: StudyConfig, base_cfg, sources, overwrite) -> StudyL
         available=tuple(every) if study_cfg.sample else None,
         sample=study_cfg.sample, sample_seed=study_cfg.sample_seed,
         routes=tuple(study_cfg.routes), merge_aware=study_cfg.merge_aware,
+        accuracy=study_cfg.accuracy,
     )  # fmt: skip
 
 
@@ -484,9 +502,36 @@ def aggregate(
         "snapshots": _snapshots(lay, plan, seed_evals, metrics) if lay.snapshot_epochs else None,
         "wall_seconds": wall,
     }  # fmt: skip
+    if lay.accuracy:
+        base_acc = evals[(None, f"{ACC}base")]
+        _accuracy(summary, rows, per_seed_accuracy(lay, seed_evals, base_acc, methods), base_acc)
     timings = _timings(plan, results, ran)
     summary["manifest"] = manifest(seeds, lay.sources, device, workers, timings, wall)
     return summary
+
+
+def per_seed_accuracy(
+    lay: StudyLayout, seed_evals: list[dict], base_acc: dict, methods: list[str]
+) -> list:
+    """Per combination, per seed: `study.accuracy.seed_accuracy` (each seed's evaluations
+    with the base model's beside them)."""
+    base = {f"{ACC}base": base_acc}
+    return [
+        [seed_accuracy(combo, {**ev, **base}, methods) for ev in seed_evals] for combo in lay.combos
+    ]
+
+
+def _accuracy(summary: dict, rows: list[dict], per_combo: list, base: dict) -> None:
+    """Accuracy into results.json: each combination's and method's (`add_accuracy`), the
+    study-wide comparison with perplexity, and the predictors' leave-one-out fit of the sum's
+    Δ accuracy."""
+    from lorasum.accuracy import DEFAULT_MAX_NEW_TOKENS
+
+    for row, per_seed in zip(rows, per_combo, strict=True):
+        add_accuracy(row, per_seed)
+    summary["accuracy"] = study_accuracy(rows, base, DEFAULT_MAX_NEW_TOKENS)
+    summary["base"]["accuracy"] = {d: base["per_dataset"][d] for d in summary["domains"]}
+    summary["prediction_vs_accuracy"] = loo_prediction(rows, "delta_acc_pts")
 
 
 def _sample(lay: StudyLayout) -> dict | None:
