@@ -127,7 +127,7 @@ def test_merge_aware_scores_the_converged_sum_as_compose_and_eval_do(tiny_llama,
     from lorasum.data import make_batches
     from lorasum.evaluate import evaluate_batches
     from lorasum.merge_aware import select_checkpoints
-    from lorasum.models import autocast_dtype
+    from lorasum.models import autocast_dtype, load_tokenizer
     from lorasum.study.reproduce import resolve
     from lorasum.tokens import tokenize_cached
 
@@ -138,7 +138,7 @@ def test_merge_aware_scores_the_converged_sum_as_compose_and_eval_do(tiny_llama,
                     "merge_aware": True}, False)  # fmt: skip
     sources = [resolved.layout.sources[n] for n in ("arith", "colors")]
     dirs = [out / "seed-42" / "adapters" / n for n in ("arith", "colors")]
-    model, tok = load_tiny(tiny_llama)
+    model, tok = load_tiny(tiny_llama), load_tokenizer(str(tiny_llama))
     precision = run_precision()
     _, report = select_checkpoints(model, tok, dirs, sources, rows=8, max_length=64,
                                    precision=precision)  # fmt: skip
