@@ -84,7 +84,7 @@ serve-check: install $(SERVE_VENV)/.installed
 # `lorasum eval --metric accuracy` against lm-evaluation-harness itself (not in `make test`:
 # lm_eval is no dependency of lorasum; this installs it into .venv). The tiny-model test, then
 # the embedded default model on 32 test rows of medicine and science, lm-eval's `hf` model vs
-# lorasum, fp32 on the CPU (several minutes on 2 cores); exits 1 if any question's pick differs.
+# lorasum, fp32 on the CPU (lm-eval's side took 7 min on 2 shared cores); exits 1 if a pick differs.
 LM_EVAL ?= lm_eval==0.4.13
 lm-eval-check: install
 	$(PIP) "$(LM_EVAL)"
