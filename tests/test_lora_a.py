@@ -153,3 +153,44 @@ def test_a_study_gives_each_domain_its_slot_and_keeps_merged_training_standard(
     (a0, _), (a1, _) = (_a_b(adapters / n) for n in names)
     for m in a0:
         assert torch.allclose(a0[m] @ a1[m].t(), torch.zeros(4, 4), atol=1e-6), m
+
+
+def _train_units(tiny_llama, qa_files, tmp_path, **settings) -> dict:
+    from lorasum.study.plan import plan_study
+    from lorasum.study.reproduce import resolve
+
+    overrides = dict(model=str(tiny_llama), domains=qa_domains(qa_files, 2), max_order=2,
+                     **settings)  # fmt: skip
+    study = resolve(tmp_path / "never-written", "tiny", None, overrides, False)
+    return {u.name: u for u in plan_study(study.layout).units if u.kind == "train"}
+
+
+@pytest.mark.parametrize("policy", ["frozen", "disjoint"])
+def test_equal_params_doubles_the_singles_rank_and_keeps_the_merged_baseline(
+    policy, tiny_llama, qa_files, tmp_path
+):
+    plain = _train_units(tiny_llama, qa_files, tmp_path, lora_a=policy)
+    equal = _train_units(tiny_llama, qa_files, tmp_path, lora_a=policy, equal_params=True)
+    assert not (tmp_path / "never-written").exists()
+    names = list(qa_files)[:2]
+    merged = f"merged-{'+'.join(names)}"
+    # the merged-data adapter is the same unit (same key: a copied study directory reuses it)
+    assert equal[merged].key == plain[merged].key
+    assert equal[merged].args[0].rank == plain[merged].args[0].rank
+    assert equal[merged].args[0].lora_a == "trained"
+    for i, n in enumerate(names):
+        cfg, base = equal[n].args[0], plain[n].args[0]
+        assert (cfg.rank, cfg.alpha) == (2 * base.rank, 2 * base.alpha)  # scale α/r kept
+        assert cfg.lora_a == policy and cfg.a_slot == (i if policy == "disjoint" else 0)
+        assert equal[n].key != plain[n].key
+
+
+def test_equal_params_needs_a_frozen_a(tiny_llama, qa_files, tmp_path, capsys):
+    out = tmp_path / "deep" / "out"
+    argv = ["reproduce", "--preset", "tiny", "--model", str(tiny_llama), "--domains",
+            ",".join(qa_domains(qa_files, 2)), "--max-order", "2",
+            "--out", str(out), "--equal-params"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "add --lora-a frozen or --lora-a disjoint" in err[0], err
+    assert not (tmp_path / "deep").exists()

@@ -471,6 +471,14 @@ def _add_run_flags(r) -> None:
         "point, and each combination also sums its singles' checkpoints chosen by the sum's "
         "validation perplexity (method row merge_aware; see docs/BUDGETS.md)",
     )
+    r.add_argument(
+        "--equal-params",
+        action="store_true",
+        default=None,
+        help="with --lora-a frozen or disjoint: single adapters at twice the rank and alpha, "
+        "training about as many parameters as the standard rank-r LoRA (the merged-data "
+        "baseline stays rank r)",
+    )
 
 
 def _add_report(sub) -> None:
@@ -766,6 +774,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         budget=args.budget,
         snapshots=args.snapshots,
         merge_aware=args.merge_aware,
+        equal_params=args.equal_params,
         **overrides,
     )
     if args.plan:

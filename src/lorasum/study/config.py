@@ -100,6 +100,7 @@ _TOP_KEYS = {
     "budget",
     "snapshots",
     "merge_aware",
+    "equal_params",
     "metrics",
     "train",
 }
@@ -135,16 +136,23 @@ class StudyConfig:
     # converged budget: every single adapter also keeps its weights at each validation point,
     # and each combination's sum picks its singles' checkpoints by validation perplexity
     merge_aware: bool = False
+    # lora_a frozen/disjoint: the single adapters at twice the rank and alpha (α/r kept), so
+    # they train about as many parameters as the standard rank-r LoRA (exactly where a
+    # module's input and output widths are equal); the merged-data baseline stays rank r
+    equal_params: bool = False
     # perplexity (always) and, with accuracy, task accuracy beside every evaluation
     metrics: list[str] = field(default_factory=lambda: ["perplexity"])
     train: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        """The settings as saved (experiment.yaml, results.json); ``metrics`` only where it
-        is not the default, so a perplexity-only study writes what it wrote before."""
+        """The settings as saved (experiment.yaml, results.json); ``metrics`` and
+        ``equal_params`` only where they are not the default, so a study without them writes
+        what it wrote before."""
         out = asdict(self)
         if out["metrics"] == ["perplexity"]:
             del out["metrics"]
+        if not out["equal_params"]:
+            del out["equal_params"]
         return out
 
     @property
@@ -440,7 +448,8 @@ def _set_seeds(
 def _set_flags_and_counts(study: StudyConfig, merged: dict[str, Any], problems: list[str]) -> None:
     """The true/false switches and the integer settings (max_order, workers, sample,
     sample_seed) of ``study``."""
-    for flag in ("seed_per_domain", "cross_domain", "paper_variants", "predictors", "merge_aware"):
+    for flag in ("seed_per_domain", "cross_domain", "paper_variants", "predictors", "merge_aware",
+                 "equal_params"):
         value = merged.get(flag, getattr(study, flag))
         if not isinstance(value, bool):
             problems.append(f"{flag}: {value!r} is not true/false")
@@ -512,6 +521,11 @@ def resolve_study(
         problems.append(
             "merge_aware picks checkpoints among a converged run's validation points; use it "
             f"with --budget converged (this study's budget is {study.budget})"
+        )
+    if study.equal_params and train.get("lora_a", "trained") not in ("frozen", "disjoint"):
+        problems.append(
+            "equal_params doubles the rank of single adapters whose A is frozen, to train as "
+            "many parameters as a standard LoRA; add --lora-a frozen or --lora-a disjoint"
         )
     try:
         TrainConfig(model=study.model, data=["-"], **{**train, "eval_val": False})

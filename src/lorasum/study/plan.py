@@ -151,6 +151,7 @@ class StudyLayout:
     routes: tuple[str, ...] = ()  # lorasum.routing.ROUTES compared beside the methods
     merge_aware: bool = False  # singles keep a checkpoint at every validation point
     accuracy: bool = False  # metrics: [perplexity, accuracy]: an accuracy twin of each eval
+    equal_params: bool = False  # frozen/disjoint singles at rank 2r, alpha 2α (config.py)
 
     @property
     def every_combo(self) -> list[tuple[str, ...]]:
@@ -225,11 +226,16 @@ def step_at(cfg: TrainConfig, rows: int, epochs: float) -> int:
     return max(1, round(epochs * schedule_steps(cfg, rows)[0]))
 
 
-def _lora_a_policy(cfg: TrainConfig, doms: tuple[str, ...], names: list[str]) -> TrainConfig:
+def _lora_a_policy(
+    cfg: TrainConfig, doms: tuple[str, ...], names: list[str], equal_params: bool = False
+) -> TrainConfig:
     """A single adapter keeps the study's ``lora_a`` (``disjoint``: the domain's index is its
-    slot); a merged-data adapter is the standard LoRA a user would otherwise train."""
+    slot; ``equal_params``: rank 2r and alpha 2α, the scale α/r kept); a merged-data adapter
+    is the standard LoRA a user would otherwise train, at the study's rank."""
     if len(doms) > 1:
         return replace(cfg, lora_a="trained", a_slot=0, a_seed=0)
+    if equal_params:
+        cfg = replace(cfg, rank=2 * cfg.rank, alpha=2 * cfg.alpha)
     if cfg.lora_a == "disjoint":
         return replace(cfg, a_slot=names.index(doms[0]))
     return cfg
@@ -260,7 +266,7 @@ def training_units(
     for doms, unit, max_steps in units:
         unit_seed = cfg.seed + (names.index(doms[0]) if seed_per_domain and len(doms) == 1 else 0)
         unit_cfg = replace(cfg, data=[domain_sources[d] for d in doms], seed=unit_seed)
-        unit_cfg = _lora_a_policy(unit_cfg, doms, names)
+        unit_cfg = _lora_a_policy(unit_cfg, doms, names, lay is not None and lay.equal_params)
         if max_steps:
             unit_cfg = replace(unit_cfg, max_steps=max_steps)
         if lay is not None and lay.snapshot_epochs:

@@ -138,6 +138,8 @@ def resolve(out: str | Path, preset, config, overrides: dict, overwrite: bool) -
         identity["snapshots"] = study_cfg.snapshots
     if study_cfg.merge_aware:
         identity["merge_aware"] = True
+    if study_cfg.equal_params:
+        identity["equal_params"] = True
     key = config_key(identity)
     previous = _check_out_dir(out, key, overwrite, base_cfg.precision)
     sources = _load_sources(study_cfg.domains, base_cfg)
@@ -228,7 +230,7 @@ def _layout(out, study_cfg: StudyConfig, base_cfg, sources, overwrite) -> StudyL
         available=tuple(every) if study_cfg.sample else None,
         sample=study_cfg.sample, sample_seed=study_cfg.sample_seed,
         routes=tuple(study_cfg.routes), merge_aware=study_cfg.merge_aware,
-        accuracy=study_cfg.accuracy,
+        accuracy=study_cfg.accuracy, equal_params=study_cfg.equal_params,
     )  # fmt: skip
 
 
