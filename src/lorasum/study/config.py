@@ -448,8 +448,8 @@ def _set_seeds(
 def _set_flags_and_counts(study: StudyConfig, merged: dict[str, Any], problems: list[str]) -> None:
     """The true/false switches and the integer settings (max_order, workers, sample,
     sample_seed) of ``study``."""
-    for flag in ("seed_per_domain", "cross_domain", "paper_variants", "predictors", "merge_aware",
-                 "equal_params"):
+    switches = ("seed_per_domain", "cross_domain", "paper_variants", "predictors")
+    for flag in (*switches, "merge_aware", "equal_params"):
         value = merged.get(flag, getattr(study, flag))
         if not isinstance(value, bool):
             problems.append(f"{flag}: {value!r} is not true/false")
