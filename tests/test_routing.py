@@ -16,11 +16,18 @@ from lorasum.errors import LorasumError
 from lorasum.evaluate import evaluate_batches
 from lorasum.models import load_tokenizer
 from lorasum.routing import (
+    GAUSSIAN_FLOOR,
     evaluate_routed,
+    gaussian_of,
+    gaussian_scores,
     oracle_from_singles,
     prompt_centroid,
+    prompt_gaussian,
     prompt_ids,
+    prompt_vectors,
     route,
+    route_gaussian,
+    router_tokens,
 )
 from lorasum.tokens import tokenize_cached
 
@@ -49,6 +56,41 @@ def test_route_picks_the_highest_cosine_and_breaks_ties_to_the_first():
     x, c = torch.randn(20, 8, generator=g), torch.randn(4, 8, generator=g)
     cos = (x / x.norm(dim=1, keepdim=True)) @ (c / c.norm(dim=1, keepdim=True)).T
     assert route(x, c).tolist() == cos.argmax(1).tolist()
+
+
+def test_gaussian_scores_are_diagonal_normal_log_likelihoods():
+    g = torch.Generator().manual_seed(1)
+    mu = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    var = torch.rand(3, 6, generator=g, dtype=torch.float64) + 0.1
+    x = torch.randn(10, 6, generator=g, dtype=torch.float64)
+    got = gaussian_scores(x, torch.stack([mu, var], 1))  # (N, K)
+    floored = var + GAUSSIAN_FLOOR * var.mean(1, keepdim=True)
+    normal = torch.distributions.Normal(mu, floored.sqrt())  # the oracle, per adapter
+    want = torch.stack([normal.log_prob(xi).sum(1) for xi in x])  # (N, K), with its constant
+    const = 0.5 * 6 * math.log(2 * math.pi)
+    assert torch.allclose(got - const, want, atol=1e-10)
+    assert route_gaussian(x, torch.stack([mu, var], 1)).tolist() == want.argmax(1).tolist()
+    # rows drawn from one of two well-separated Gaussians go to it, whatever their scale
+    a = torch.stack([torch.zeros(4), torch.ones(4)])  # mean 0, variance 1
+    b = torch.stack([torch.full((4,), 10.0), torch.full((4,), 4.0)])  # mean 10, variance 4
+    rows = torch.tensor([[0.5, -0.3, 0.1, 0.0], [9.0, 11.0, 12.0, 8.5]])
+    assert route_gaussian(rows, torch.stack([a, b])).tolist() == [0, 1]
+    assert route_gaussian(rows, torch.stack([a, a])).tolist() == [0, 0]  # ties: the first
+    # gaussian_of: mean and unbiased variance, in float32
+    v = torch.randn(7, 5, generator=g)
+    s = gaussian_of(v)
+    assert s.dtype == torch.float32 and s.shape == (2, 5)
+    assert torch.allclose(s[0], v.mean(0)) and torch.allclose(s[1], v.var(0, unbiased=True))
+
+
+def test_prompt_gaussian_reads_only_the_first_prompts(tiny_llama):
+    model = load_tiny(tiny_llama)
+    tok = load_tokenizer(str(tiny_llama))
+    rows = [QA(f"What is {i} plus {i + 2}?", str(2 * i + 2)) for i in range(6)]
+    got = prompt_gaussian(model, tok, rows, max_length=32, prompts=4)
+    assert torch.allclose(got, gaussian_of(prompt_vectors(model, tok, rows[:4], 32)), atol=1e-6)
+    other_tail = rows[:4] + [QA("Which colour is the sky?", "blue")] * 2
+    assert torch.equal(got, prompt_gaussian(model, tok, other_tail, max_length=32, prompts=4))
 
 
 def test_prompt_centroid_is_the_mean_prompt_hidden_state(tiny_llama):
@@ -143,6 +185,22 @@ def test_nearest_routes_by_the_centroids(tiny_llama, two_adapters):
     forced = evaluate_routed(model, tok, paths, sources, 32, assignment=chosen)
     assert got["perplexity"] == pytest.approx(forced["perplexity"], rel=1e-6)
     assert got["confusion"] == forced["confusion"]
+    # gaussian: the rows routed by `route_gaussian` against each domain's own summary
+    gauss = torch.stack([prompt_gaussian(model, tok, sources[n], 32) for n in paths])
+    got = evaluate_routed(model, tok, paths, sources, 32, gaussians=gauss)
+    raw = prompt_vectors(model, tok, rows, 32)  # not normalised: a density is not a direction
+    forced = evaluate_routed(
+        model, tok, paths, sources, 32, assignment=route_gaussian(raw, gauss).tolist()
+    )
+    assert got["perplexity"] == pytest.approx(forced["perplexity"], rel=1e-6)
+    assert got["confusion"] == forced["confusion"]
+    # the prompt tokens a summary reads: the first `prompts` training prompts, cut as routed
+    src = sources[next(iter(paths))]
+    first = [len(prompt_ids(tok, qa.question, 32)) for qa in src.splits["train"][:3]]
+    assert router_tokens(tok, src, 32, prompts=3) == sum(first)
+    assert router_tokens(tok, src, 32) > router_tokens(tok, src, 32, prompts=3)
+    with pytest.raises(ValueError, match="centroids or gaussians"):
+        evaluate_routed(model, tok, paths, sources, 32, centroids=cents, gaussians=gauss)
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +217,7 @@ def routed_study(tiny_llama, qa_files, tmp_path_factory):
         max_order=2,
         paper_variants=False,
         cross_domain=False,
-        routes="oracle,nearest,arrow",
+        routes="oracle,nearest,gaussian,arrow",
     )
     try:
         res = reproduce(out, progress=False, **settings)
@@ -173,11 +231,12 @@ def routed_study(tiny_llama, qa_files, tmp_path_factory):
 def test_study_reports_routes(routed_study):
     out, res, plan = routed_study
     assert plan["units"]["eval/42/route-nearest-arith+colors"] == "cached"
+    assert plan["units"]["eval/42/route-gaussian-arith+colors"] == "cached"
     assert plan["units"]["eval/42/route-arrow-arith+colors"] == "cached"
     assert set(plan["units"].values()) == {"cached"}
     (row,) = res["combinations"]
     routes = row["routes"]
-    assert list(routes) == ["oracle", "nearest", "arrow"]
+    assert list(routes) == ["oracle", "nearest", "gaussian", "arrow"]
     # the oracle rebuilt from the singles' evaluation files
     nll = tokens = 0.0
     for d in row["domains"]:
@@ -195,9 +254,22 @@ def test_study_reports_routes(routed_study):
     assert routes["nearest"]["routing_accuracy"] == nearest["result"]["routing_accuracy"]
     assert 0.0 <= routes["nearest"]["routing_accuracy"] <= 100.0
     assert sorted(p.name for p in (out / "routers").iterdir()) == [
+        "arith-gaussian.safetensors",
         "arith.safetensors",
+        "colors-gaussian.safetensors",
         "colors.safetensors",
     ]
+    # gaussian: its routed evaluation, and the prompt tokens its summaries read (the first
+    # GAUSSIAN_PROMPTS training prompts of each domain; the tiny domains have fewer)
+    gaussian = json.loads(
+        (out / "seed-42" / "evals" / "route-gaussian-arith+colors.json").read_text()
+    )["result"]
+    assert routes["gaussian"]["ppl"] == gaussian["perplexity"]
+    assert routes["gaussian"]["routing_accuracy"] == gaussian["routing_accuracy"]
+    assert routes["gaussian"]["router_tokens"] == sum(gaussian["router_tokens"].values()) > 0
+    # the tiny domains have fewer than 64 training rows: both summaries read every prompt
+    assert routes["nearest"]["router_tokens"] == routes["gaussian"]["router_tokens"]
+    assert routes["oracle"]["router_tokens"] is None and routes["arrow"]["router_tokens"] is None
     assert row["per_seed"][0]["routes"]["nearest"]["ppl"] == routes["nearest"]["ppl"]
     # the tiny domains' prompts are told apart by their first words: every row routed right,
     # so the nearest route scores exactly what the oracle does
@@ -213,7 +285,7 @@ def test_study_reports_routes(routed_study):
     report = (out / "report.md").read_text()
     assert (
         "| combination | oracle: Δ% · routed right | nearest: Δ% · routed right "
-        "| arrow: Δ% · routed right |" in report
+        "| gaussian: Δ% · routed right | arrow: Δ% · routed right |" in report
     )
     oracle_cell = f"{routes['oracle']['delta_pct']:+.2f} · 100%"
     assert f"| arith + colors | {oracle_cell} |" in report

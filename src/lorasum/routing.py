@@ -8,6 +8,12 @@ A route chooses, per test row, which single adapter scores it; the adapters are 
   model's mean last-layer hidden state over the prompt tokens, normalised (`prompt_centroid`,
   no other domain's data); a row goes to the adapter whose centroid has the highest cosine with
   its own prompt's mean hidden state (`route`, hard top-1).
+- ``gaussian``: the same modular idea with a density in place of a direction. Each adapter
+  carries the mean and the per-dimension variance of the same prompt vectors over its domain's
+  first `GAUSSIAN_PROMPTS` training prompts (`prompt_gaussian`, 2·H floats); a row goes to the
+  adapter under whose diagonal Gaussian its prompt vector is likeliest (`route_gaussian`, hard
+  top-1). Chosen over cosine-to-centroid on the realistic study's validation rows (fewer
+  routing errors with a sixth of the prompts: docs/BUDGETS.md).
 - ``arrow``: PEFT's Arrow (arXiv 2405.11157, `peft.create_arrow_model`), data-free and per
   token inside every LoRA layer: each adapter's prototype is the top right singular vector of
   its ΔW = B·A in that layer; a token's hidden state x gets |⟨x, prototype⟩| per adapter, the
@@ -33,11 +39,21 @@ from lorasum.errors import LorasumError
 from lorasum.evaluate import autocast_context, evaluate_batches, perplexity_from, unwrap
 from lorasum.tokens import tokenize_cached
 
+# The gaussian router's summary: a domain's first 64 training prompts (the seeded split's
+# order), and a variance floor of 1e-3 × the domain's mean variance so that no dimension's
+# variance is zero. Both chosen on the realistic study's validation rows (docs/BUDGETS.md).
+GAUSSIAN_PROMPTS = 64
+GAUSSIAN_FLOOR = 1e-3
+
+
 # Registered routes: name → what it does (a study's `routes` option; an unknown name lists these)
 ROUTES: dict[str, str] = {
     "oracle": "each test row scored by its own domain's single adapter (the upper bound)",
     "nearest": "each test row sent to the single adapter whose training-prompt centroid has "
     "the highest cosine with the row's prompt (base model's mean last-layer hidden state)",
+    "gaussian": "each test row sent to the single adapter under whose diagonal Gaussian of its "
+    f"first {GAUSSIAN_PROMPTS} training prompts' base-model hidden states the row's prompt is "
+    "likeliest",
     "arrow": "PEFT's Arrow: per token and LoRA layer, the adapters whose ΔW's top right singular "
     "vector aligns with the hidden state mixed by a softmax (data-free; all adapters, top_k = K)",
 }
@@ -131,6 +147,53 @@ def route(prompt_vecs: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return cos.argmax(dim=1)  # (N,)
 
 
+def gaussian_of(vectors: torch.Tensor) -> torch.Tensor:
+    """A diagonal Gaussian of prompt vectors: (N, H) → (2, H) float32, [mean, unbiased
+    variance] (variance 0 where N = 1)."""
+    v = vectors.double()
+    var = v.var(0, unbiased=True) if len(v) > 1 else torch.zeros_like(v[0])
+    return torch.stack([v.mean(0), var]).float()
+
+
+def prompt_gaussian(
+    model: nn.Module,
+    tokenizer,
+    source_or_items,
+    max_length: int,
+    split: str = "train",
+    prompts: int = GAUSSIAN_PROMPTS,
+    batch_size: int = 32,
+    amp_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """A domain's ``gaussian`` router summary: `gaussian_of` the prompt vectors of its first
+    ``prompts`` rows (a Source's ``split``, or QA items / questions): (2, H) float32."""
+    questions = _questions(source_or_items, split)[:prompts]
+    vectors = prompt_vectors(model, tokenizer, questions, max_length, split, batch_size, amp_dtype)
+    return gaussian_of(vectors)
+
+
+def gaussian_scores(prompt_vecs: torch.Tensor, gaussians: torch.Tensor) -> torch.Tensor:
+    """Each row's log-likelihood under each adapter's diagonal Gaussian, up to the constant
+    −H/2·log 2π: (N, H), (K, 2, H) → (N, K) float64. Each variance is floored at
+    `GAUSSIAN_FLOOR` × its own mean (the summaries never mix)."""
+    x = prompt_vecs.double().unsqueeze(1)  # (N, 1, H)
+    mu, var = gaussians.double().unbind(1)  # (K, H) each
+    var = var + GAUSSIAN_FLOOR * var.mean(1, keepdim=True)  # (K, H)
+    return -0.5 * (((x - mu) ** 2) / var + var.log()).sum(-1)  # (N, K)
+
+
+def route_gaussian(prompt_vecs: torch.Tensor, gaussians: torch.Tensor) -> torch.Tensor:
+    """Hard top-1 by likelihood: (N, H), (K, 2, H) → (N,) long; ties to the lowest index."""
+    return gaussian_scores(prompt_vecs, gaussians).argmax(dim=1)
+
+
+def router_tokens(tokenizer, source: Source, max_length: int, prompts: int | None = None) -> int:
+    """Prompt tokens a router summary reads forward: the first ``prompts`` (None: every)
+    training prompts of ``source``, cut as `prompt_ids` cuts them."""
+    rows = source.splits["train"][:prompts]
+    return sum(len(prompt_ids(tokenizer, qa.question, max_length)) for qa in rows)
+
+
 def oracle_from_singles(per_domain: Mapping[str, Mapping]) -> dict:
     """The oracle route from each domain's single adapter on its own test rows ({domain:
     {nll, tokens}}): NLL and tokens summed, perplexity exp(NLL / tokens), accuracy 100 %."""
@@ -163,6 +226,7 @@ def evaluate_routed(
     max_length: int,
     centroids: torch.Tensor | None = None,
     assignment: Sequence[int] | None = None,
+    gaussians: torch.Tensor | None = None,
     split: str = "test",
     answer_only: bool = True,
     batch_size: int = 32,
@@ -173,7 +237,7 @@ def evaluate_routed(
     ``adapters`` and ``sources`` are keyed by domain, in the same order (a domain's own
     adapter is ``adapters[domain]``). The route: ``assignment`` (an adapter index per row, in
     the rows' order) if given, else `route` of each prompt against ``centroids`` (K, H), one
-    per adapter. Returns an evaluation's shape (perplexity, nll, tokens, per_dataset, timing)
+    per adapter, or `route_gaussian` against ``gaussians`` (K, 2, H). Returns an evaluation's shape (perplexity, nll, tokens, per_dataset, timing)
     with ``routing_accuracy`` (%) and ``confusion``. ``model`` is left as it was."""
     from peft import PeftModel
 
@@ -185,12 +249,13 @@ def evaluate_routed(
     items = tokenize_cached(tokenizer, srcs, split, max_length, answer_only)  # [(row, domain)]
     truth = [d for _, d in items]
     if assignment is None:
-        if centroids is None:
-            raise ValueError("give the centroids (one per adapter) or the assignment")
+        if (centroids is None) == (gaussians is None):
+            raise ValueError("give centroids or gaussians (one per adapter), or the assignment")
         qa = [qa for s in srcs for qa in s.splits[split]]  # the items' order
         vecs = prompt_vectors(model, tokenizer, qa, max_length, batch_size=batch_size,
                               amp_dtype=amp_dtype)  # fmt: skip
-        assignment = route(vecs, centroids).tolist()
+        chosen = route(vecs, centroids) if gaussians is None else route_gaussian(vecs, gaussians)
+        assignment = chosen.tolist()
     assignment = [int(a) for a in assignment]
     if len(assignment) != len(items):
         raise ValueError(f"{len(assignment)} routes for {len(items)} rows")

@@ -393,9 +393,9 @@ def _routes(results: dict) -> list:
             "sum; Δ% vs the merged-data adapter and the share of rows routed to their own "
             "domain's adapter. `oracle`: each row's own adapter (the upper bound); `nearest`: "
             "the adapter whose training-prompt centroid (base model's mean last-layer hidden "
-            "state) is closest in cosine to the row's prompt. "
-            + ROUTE_SERVING
-            + (ARROW_NOTE if "arrow" in names else "")
+            "state) is closest in cosine to the row's prompt; `gaussian`: the adapter under "
+            "whose diagonal Gaussian of its domain's first training prompts' hidden states the "
+            "row's prompt is likeliest. " + ROUTE_SERVING + (ARROW_NOTE if "arrow" in names else "")
         ),
     ]
 

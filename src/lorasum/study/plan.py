@@ -400,10 +400,13 @@ def _seed_units(lay: StudyLayout, seed: int) -> list[Unit]:
 
 
 def _route_units(lay: StudyLayout, seed: int, tid: dict) -> list[Unit]:
-    """The ``nearest`` and ``arrow`` routes: one routed evaluation per combination, reading the
-    singles it routes between (the ``oracle`` needs no unit: the singles' evaluations give it)."""
+    """The ``nearest``, ``gaussian`` and ``arrow`` routes: one routed evaluation per
+    combination, reading the singles it routes between (the ``oracle`` needs no unit: the
+    singles' evaluations give it)."""
+    from lorasum.routing import GAUSSIAN_PROMPTS
+
     units = []
-    for route in ("nearest", "arrow"):
+    for route in ("nearest", "gaussian", "arrow"):
         if route not in lay.routes:
             continue
         for combo in lay.combos:
@@ -411,10 +414,14 @@ def _route_units(lay: StudyLayout, seed: int, tid: dict) -> list[Unit]:
             singles = [lay.single(x, combo) for x in combo]
             adapters = tuple((x, lay.seed_dir(seed) / "adapters" / s) for x, s in zip(combo, singles, strict=True))  # fmt: skip
             path = lay.seed_dir(seed) / "evals" / f"{name}.json"
-            if route == "nearest":
-                spec, fn = RoutedSpec(path, adapters, lay.out / "routers"), routed_eval_unit
+            if route in ("nearest", "gaussian"):
+                spec = RoutedSpec(path, adapters, lay.out / "routers", route)
+                fn = routed_eval_unit
                 # scoring the test rows, plus (once per domain, then cached) its training prompts
-                rows = lay.test_rows(combo) * 2 + lay.train_rows(combo) // 3
+                prompts = lay.train_rows(combo)
+                if route == "gaussian":
+                    prompts = min(prompts, GAUSSIAN_PROMPTS * len(combo))
+                rows = lay.test_rows(combo) * 2 + prompts // 3
             else:
                 spec, fn = ArrowSpec(path, adapters), arrow_eval_unit
                 rows = lay.test_rows(combo) * 2  # every token through every adapter

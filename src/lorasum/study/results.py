@@ -165,7 +165,9 @@ def route_rows(combo, evals: dict[str, dict], routes: Sequence[str], ppl_merged:
     """Per route: perplexity, Δ% vs merged-data training and routing accuracy (%) on the
     combination's test rows. ``oracle`` from the singles' own-domain evaluations (summed NLL
     and tokens: `routing.oracle_from_singles`), ``nearest`` and ``arrow`` from their routed
-    evaluations (``arrow``'s routing accuracy None: it mixes adapters per token)."""
+    evaluations (``arrow``'s routing accuracy None: it mixes adapters per token), with the
+    prompt tokens a prompt-level router's summaries read (``router_tokens``, None for the
+    oracle, Arrow and routes evaluated before it was recorded)."""
     from lorasum.routing import oracle_from_singles
 
     out = {}
@@ -178,6 +180,7 @@ def route_rows(combo, evals: dict[str, dict], routes: Sequence[str], ppl_merged:
             "ppl": ev["perplexity"],
             "delta_pct": delta_pct(ev["perplexity"], ppl_merged),
             "routing_accuracy": ev.get("routing_accuracy"),
+            "router_tokens": sum(ev["router_tokens"].values()) if "router_tokens" in ev else None,
         }
     return out
 
@@ -197,6 +200,7 @@ def _routes(rows: list[dict]) -> dict:
             "delta_pct": mean([p["delta_pct"] for p in per]),
             "ci95": ci95([p["delta_pct"] for p in per]),
             "routing_accuracy": _mean_or_none([p["routing_accuracy"] for p in per]),
+            "router_tokens": per[0].get("router_tokens"),  # the same rows for every seed
         }
     return out
 

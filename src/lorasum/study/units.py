@@ -197,55 +197,77 @@ def eval_unit(
 # --- routes (lorasum.routing) -------------------------------------------------------------------
 
 
-def router_key(source: Source, cfg: TrainConfig) -> str:
-    """What a domain's router centroid depends on (beside the study's base model): its
-    training rows, how prompts are cut, the precision."""
-    return config_key(
-        {
-            "router": "prompt-centroid",
-            "train": source.fingerprint()["train"],
-            "max_length": cfg.max_length,
-            "precision": cfg.precision,
-            "version": __version__,
-        }
-    )
+# A prompt-level router's summary of one domain, by route: (its key's name, its file's suffix
+# in routers/, the tensor's name in it). ``nearest``'s are the names older studies wrote.
+ROUTER_SUMMARIES = {
+    "nearest": ("prompt-centroid", "", "centroid"),
+    "gaussian": ("prompt-gaussian", "-gaussian", "gaussian"),
+}
 
 
-def router_centroid(path: Path, source: Source, cfg: TrainConfig, *, model, tokenizer):
-    """The domain's centroid (`routing.prompt_centroid` of its own training prompts), cached
-    in ``path`` (a safetensors file with its key; written atomically, recomputed when the key
-    differs or the file is unreadable). Not a unit's output, so the ledger never reads it."""
+def router_key(source: Source, cfg: TrainConfig, router: str = "nearest") -> str:
+    """What a domain's router summary depends on (beside the study's base model): its
+    training rows (``gaussian``: the first `routing.GAUSSIAN_PROMPTS`), how prompts are cut,
+    the precision."""
+    from lorasum.routing import GAUSSIAN_PROMPTS
+
+    settings = {
+        "router": ROUTER_SUMMARIES[router][0],
+        "train": source.fingerprint()["train"],
+        "max_length": cfg.max_length,
+        "precision": cfg.precision,
+        "version": __version__,
+    }
+    if router == "gaussian":
+        settings["prompts"] = GAUSSIAN_PROMPTS
+    return config_key(settings)
+
+
+def router_summary(
+    routers: Path, domain: str, source: Source, cfg: TrainConfig, *, model, tokenizer,
+    router: str = "nearest",
+):  # fmt: skip
+    """The domain's router summary — ``nearest``: `routing.prompt_centroid` of its training
+    prompts; ``gaussian``: `routing.prompt_gaussian` of its first ones — cached in
+    ``routers/<domain>[-gaussian].safetensors`` (with its key; written atomically, recomputed
+    when the key differs or the file is unreadable). Not a unit's output, so the ledger never
+    reads it."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file, save_file
 
     from lorasum.io import commit_temp, temp_beside
-    from lorasum.routing import prompt_centroid
+    from lorasum.routing import prompt_centroid, prompt_gaussian
 
-    key = router_key(source, cfg)
+    _, suffix, tensor = ROUTER_SUMMARIES[router]
+    path = routers / f"{domain}{suffix}.safetensors"
+    key = router_key(source, cfg, router)
     try:
         with safe_open(str(path), "pt") as f:
             if (f.metadata() or {}).get("key") == key:
-                return load_file(str(path))["centroid"]
+                return load_file(str(path))[tensor]
     except (OSError, SafetensorError):
         pass
     device = next(model.parameters()).device
-    centroid = prompt_centroid(model, tokenizer, source, cfg.max_length, split="train",
-                               amp_dtype=autocast_dtype(cfg.precision, device))  # fmt: skip
+    build = prompt_centroid if router == "nearest" else prompt_gaussian
+    summary = build(model, tokenizer, source, cfg.max_length, split="train",
+                    amp_dtype=autocast_dtype(cfg.precision, device))  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_beside(path, ".safetensors")
-    save_file({"centroid": centroid.contiguous()}, tmp, metadata={"key": key})
+    save_file({tensor: summary.contiguous()}, tmp, metadata={"key": key})
     commit_temp(tmp, path)
-    return centroid
+    return summary
 
 
 @dataclass(frozen=True)
 class RoutedSpec:
-    """The ``nearest`` route of one combination: ``adapters`` (domain, single adapter dir) in
-    the combination's order, each domain's centroid cached as ``routers/<domain>.safetensors``."""
+    """A prompt-level route (``router``: nearest or gaussian) of one combination: ``adapters``
+    (domain, single adapter dir) in the combination's order, each domain's summary cached in
+    ``routers`` (`router_summary`)."""
 
     path: Path
     adapters: tuple[tuple[str, Path], ...]
     routers: Path
+    router: str = "nearest"
 
     @property
     def domains(self) -> tuple[str, ...]:
@@ -254,8 +276,8 @@ class RoutedSpec:
     def key(self, sources: dict[str, Source], cfg: TrainConfig) -> str:
         weights = [sha256_file(p / "adapter_model.safetensors") for _, p in self.adapters]
         unit = config_key(
-            {"route": "nearest", "adapters": weights,
-             "routers": [router_key(sources[d], cfg) for d in self.domains]}
+            {"route": self.router, "adapters": weights,
+             "routers": [router_key(sources[d], cfg, self.router) for d in self.domains]}
         )  # fmt: skip
         return eval_key(unit, self.domains, sources, cfg)
 
@@ -270,22 +292,29 @@ def routed_eval_unit(
     spec: RoutedSpec, sources: dict[str, Source], cfg: TrainConfig, *, model, tokenizer, **kw
 ) -> dict:
     """Every test row of the combination scored by the single adapter its prompt routes to
-    (`routing.evaluate_routed`, hard top-1 on the cached centroids); written like an eval."""
+    (`routing.evaluate_routed`, hard top-1 on the cached summaries); written like an eval,
+    with ``router_tokens``: the prompt tokens the domains' summaries read forward (each
+    once per study, shared by every combination a domain is in)."""
     import torch
 
-    from lorasum.routing import evaluate_routed
+    from lorasum.routing import GAUSSIAN_PROMPTS, evaluate_routed, router_tokens
 
     key = spec.key(sources, cfg)
-    centroids = torch.stack(
-        [router_centroid(spec.routers / f"{d}.safetensors", sources[d], cfg, model=model,
-                         tokenizer=tokenizer) for d in spec.domains]
-    )  # (K, H)  # fmt: skip
+    summaries = torch.stack(
+        [router_summary(spec.routers, d, sources[d], cfg, model=model, tokenizer=tokenizer,
+                        router=spec.router) for d in spec.domains]
+    )  # nearest (K, H), gaussian (K, 2, H)  # fmt: skip
     device = next(model.parameters()).device
+    by = {"centroids": summaries} if spec.router == "nearest" else {"gaussians": summaries}
     result = evaluate_routed(
         model, tokenizer, dict(spec.adapters), {d: sources[d] for d in spec.domains},
-        cfg.max_length, centroids=centroids, answer_only=cfg.answer_only,
-        batch_size=EVAL_BATCH_SIZE, amp_dtype=autocast_dtype(cfg.precision, device),
+        cfg.max_length, answer_only=cfg.answer_only, batch_size=EVAL_BATCH_SIZE,
+        amp_dtype=autocast_dtype(cfg.precision, device), **by,
     )  # fmt: skip
+    prompts = GAUSSIAN_PROMPTS if spec.router == "gaussian" else None
+    result["router_tokens"] = {
+        d: router_tokens(tokenizer, sources[d], cfg.max_length, prompts) for d in spec.domains
+    }
     write_json(spec.path, {"key": key, "result": result})
     return result
 
