@@ -36,8 +36,8 @@ def main() -> None:
     import torch
 
     from lorasum.adapter_free import gradient_statistics
+    from lorasum.analysis.gradients import module_groups, target_module_names
     from lorasum.data import load_split
-    from lorasum.gradients import module_groups, target_module_names
     from lorasum.models import cpu_name, load_model, load_tokenizer
 
     names = [d.strip() for d in args.domains.split(",") if d.strip()]

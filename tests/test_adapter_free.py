@@ -16,11 +16,11 @@ from lorasum.adapter_free import (
     gradient_statistics,
     transfer_predictor,
 )
+from lorasum.analysis.forecast import DATA_PREDICTORS
 from lorasum.cli import main
 from lorasum.data import load_split
 from lorasum.errors import LorasumError
 from lorasum.models import load_tokenizer
-from lorasum.study.forecast import DATA_PREDICTORS
 
 SLOPE, INTERCEPT, NOISE = -40.0, 5.0, 0.05
 

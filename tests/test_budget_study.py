@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from conftest import make_qa, write_jsonl
 
+from lorasum.analysis.statistics import delta_pct
 from lorasum.errors import LorasumError
 from lorasum.io import read_json
 from lorasum.study.config import resolve_study
 from lorasum.study.reproduce import reproduce
-from lorasum.study.stats import delta_pct
 from lorasum.train import patience_stop
 
 

@@ -12,7 +12,7 @@ import torch
 from conftest import load_tiny, make_adapter
 
 from lorasum.adapters import read_adapter
-from lorasum.calibration import calibrate
+from lorasum.analysis.calibration import calibrate
 from lorasum.data import load_split, tokenize_split
 from lorasum.errors import LorasumError
 from lorasum.factors import LoraFactors, single_threaded

@@ -1,7 +1,7 @@
 """Interference predictors that need no adapter, per combination of domains, and
 `lorasum predict --domains`.
 
-From the base model and each domain's training rows (`lorasum.gradients`):
+From the base model and each domain's training rows (`lorasum.analysis.gradients`):
 
 - ``grad_cosine_rms``: RMS over the combination's pairs of each pair's RMS over modules of the
   cosine between the domains' mean gradients (for a pair: the pair's value; the same
@@ -29,16 +29,16 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from lorasum.errors import LorasumError
-from lorasum.factors import rms
-from lorasum.gradients import (
+from lorasum.analysis.forecast import DATA_PREDICTORS
+from lorasum.analysis.gradients import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_BYTES,
     domain_gradients,
     gradient_cosines,
     target_module_names,
 )
-from lorasum.study.forecast import DATA_PREDICTORS
+from lorasum.errors import LorasumError
+from lorasum.factors import rms
 
 
 def combo_name(combo: Sequence[str]) -> str:
@@ -80,7 +80,7 @@ def gradient_statistics(
     cache: bool = True,
 ) -> dict:
     """`gradients.gradient_cosines` of the named domains (``sources``: name -> Source, their
-    train splits), each domain's gradients computed once and cached (see `lorasum.gradients`)."""
+    train splits), each domain's gradients computed once and cached (see `lorasum.analysis.gradients`)."""
     spec = model_spec or getattr(getattr(model, "config", None), "_name_or_path", None)
     if not spec:
         raise LorasumError("the model has no name for the gradient cache; pass model_spec")
@@ -179,7 +179,7 @@ def _check_settings(predictor: str, max_length: int, max_train: int | None, max_
 
 
 def _ranking(studies: list[dict]) -> dict:
-    from lorasum.study import forecast
+    from lorasum.analysis import forecast
 
     names = [n for n in DATA_PREDICTORS if n in forecast.available_predictors(studies)]
     if not names:
@@ -211,9 +211,9 @@ def predict_domains(
     combination from ``predictor`` ('auto': the best leave-one-combination-out Spearman). The
     studies are read before the model runs. The values depend on the rows (``max_train``,
     ``split_seed``) and ``max_length``: match the studies' settings when forecasting."""
+    from lorasum.analysis import forecast
     from lorasum.data import load_split
     from lorasum.models import load_model, load_tokenizer, pick_device
-    from lorasum.study import forecast
 
     _check_settings(predictor, max_length, max_train, max_order)
     studies = forecast.read_studies(fit) if fit else []

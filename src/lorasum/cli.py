@@ -180,7 +180,7 @@ def _add_export(sub) -> None:
 
 def _add_predict(sub) -> None:
     """`lorasum predict`'s flags."""
-    from lorasum.study.forecast import DATA_PREDICTORS, PREDICTORS
+    from lorasum.analysis.forecast import DATA_PREDICTORS, PREDICTORS
 
     pr = sub.add_parser(
         "predict",
@@ -676,7 +676,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _cmd_similarity(args: argparse.Namespace) -> int:
     """`lorasum similarity`."""
-    from lorasum.similarity import format_similarity, similarity
+    from lorasum.analysis.similarity import format_similarity, similarity
 
     result = similarity(args.adapters, plot=args.plot)
     if args.json:

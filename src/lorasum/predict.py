@@ -1,10 +1,10 @@
 """Interference predicted before composing, from LoRA factors and input Gram matrices.
 
 For adapters i, j, a module m with ΔW = s·B·A, and domain i's per-token input Gram matrix
-Ĝ_i = (1/n_i) X_i X_iᵀ at m (`lorasum.calibration`):
+Ĝ_i = (1/n_i) X_i X_iᵀ at m (`lorasum.analysis.calibration`):
 
 - **cosine** ⟨ΔW_i, ΔW_j⟩_F / ‖ΔW_i‖‖ΔW_j‖ and its RMS over shared modules (the paper's
-  predictor, as in `lorasum.similarity`): blind to which inputs the deltas see;
+  predictor, as in `lorasum.analysis.similarity`): blind to which inputs the deltas see;
 - **activation cosine** tr(ΔW_i G ΔW_jᵀ) / √(tr(ΔW_i G ΔW_iᵀ) · tr(ΔW_j G ΔW_jᵀ)) with
   G = Ĝ_i + Ĝ_j: the cosine of the two deltas' *outputs* on both domains' inputs
   (⟨ΔW_i X, ΔW_j X⟩ over X = [X_i/√n_i, X_j/√n_j]); per module, its RMS over shared modules,
@@ -20,7 +20,7 @@ For adapters i, j, a module m with ΔW = s·B·A, and domain i's per-token input
   that domain i's adapter does not write at all. Combination level: mean β, max and mean κ⊥.
 
 `predict_interference` is `lorasum predict` (and `compose --check`): these predictors for given
-adapters, and with finished studies the Δ% forecast of `lorasum.study.forecast`, the pair and modules
+adapters, and with finished studies the Δ% forecast of `lorasum.analysis.forecast`, the pair and modules
 that drive the chosen predictor, and the method the studies found best.
 
 Every trace is taken on r×r cores, never a d_out×d_in matrix:
@@ -39,16 +39,16 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from lorasum.errors import LorasumError
-from lorasum.factors import Factors, LoraFactors, module_cosines, rms, single_threaded
+from lorasum.factors import (
+    Factors,
+    LoraFactors,
+    activation_inner,  # noqa: F401  (moved to factors; re-exported until predict moves)
+    module_cosines,
+    rms,
+    single_threaded,
+)
 
 _ACC = torch.float64
-
-
-def activation_inner(f1: LoraFactors, f2: LoraFactors, G: torch.Tensor) -> float:
-    """tr(ΔW_1 G ΔW_2ᵀ) from the factors: s1·s2·Σ (B1ᵀB2) ∘ (A1 G A2ᵀ)."""
-    core_b = f1.B.to(_ACC).T @ f2.B.to(_ACC)  # (r1, r2)
-    core_a = f1.A.to(_ACC) @ G.to(_ACC) @ f2.A.to(_ACC).T  # (r1, r2)
-    return float(f1.scale * f2.scale * (core_b * core_a).sum())
 
 
 def _gram(grams: Mapping[str, torch.Tensor], name: str, module: str) -> torch.Tensor:
@@ -179,7 +179,7 @@ def interference_predictors(adapters: Mapping[str, Factors], grams: Mapping[str,
     """Interference predictors for every pair of named adapters, before composing.
 
     ``adapters``: name -> factors; ``grams``: name -> that adapter's domain statistics, either
-    a `lorasum.calibration.Calibration` or module -> per-token Gram matrix Ĝ (a mapping that
+    a `lorasum.analysis.calibration.Calibration` or module -> per-token Gram matrix Ĝ (a mapping that
     reads each matrix on access, `Calibration.per_token(from_file=True)`, keeps memory to one
     module's matrices: the work goes module by module, each Ĝ read once). Returns
 
@@ -360,7 +360,7 @@ def drivers(result: dict, predictor: str, top: int = 5) -> dict:
 
 def _fit_studies(fit: Sequence | None) -> tuple[list, dict]:
     """(the --fit studies, their predictor ranking); refuses studies without predictors."""
-    from lorasum.study import forecast
+    from lorasum.analysis import forecast
 
     studies = forecast.read_studies(fit) if fit else []
     ranking = forecast.rank_predictors(studies) if studies else {}
@@ -377,7 +377,7 @@ def _measure_predictors(
 ) -> tuple[dict, dict, str | None]:
     """(per-pair result, combination predictor values, note): the activation predictors when
     calibration works (or is asked for), else the weight cosine alone, with why in the note."""
-    from lorasum.calibration import calibrate_adapters, parse_calibration
+    from lorasum.analysis.calibration import calibrate_adapters, parse_calibration
 
     factors = {n: a.modules for n, a in zip(names, adapters, strict=True)}
     data = parse_calibration(calibration, len(adapters))
@@ -405,7 +405,7 @@ def _add_forecasts(
     out: dict, studies: list, chosen: str, values: dict, usable: list[str], predictor: str
 ) -> None:
     """Fill ``out``'s forecast, forecast_vs_singles and recommendations from the studies."""
-    from lorasum.study import forecast
+    from lorasum.analysis import forecast
 
     x0 = values.get(chosen)
     if x0 is None:
@@ -448,9 +448,8 @@ def predict_interference(
     base model for calibration. The studies are read before any model runs, so their mistakes
     cost nothing. Returns a dict (see `format_prediction`).
     """
-    from lorasum.adapters import check_compatible, read_adapter
-    from lorasum.similarity import _unique_names
-    from lorasum.study import forecast
+    from lorasum.adapters import check_compatible, read_adapter, unique_names
+    from lorasum.analysis import forecast
 
     if len(paths) < 2:
         raise LorasumError(
@@ -462,7 +461,7 @@ def predict_interference(
     studies, ranking = _fit_studies(fit)
     adapters = [read_adapter(p, strict=True) for p in paths]
     check_compatible(adapters, fan_in_fan_out=False)
-    names = _unique_names(adapters)
+    names = unique_names(adapters)
     result, values, note = _measure_predictors(adapters, names, predictor, calibration, model)
     pairs = [{k: p[k] for k in p if k != "modules"} for p in result["pairs"]]
     usable = [k for k, v in values.items() if v is not None]

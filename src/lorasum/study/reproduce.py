@@ -19,6 +19,8 @@ from pathlib import Path
 
 from lorasum._version import __version__
 from lorasum.adapters import read_adapter
+from lorasum.analysis.similarity import similarity_matrix
+from lorasum.analysis.statistics import correlation
 from lorasum.data import load_split
 from lorasum.errors import LorasumError
 from lorasum.io import atomic_write_text, config_key, write_json
@@ -32,7 +34,6 @@ from lorasum.models import (
     resolve_target_modules,
     settle_cpu_bf16,
 )
-from lorasum.similarity import similarity_matrix
 from lorasum.study.accuracy import PREFIX as ACC
 from lorasum.study.accuracy import add_accuracy, seed_accuracy, study_accuracy
 from lorasum.study.budget import budget_summary, snapshot_summary
@@ -65,7 +66,6 @@ from lorasum.study.results import (
     statistics,
     train_curves,
 )
-from lorasum.study.stats import correlation
 from lorasum.study.units import cached_eval, eval_key, read_json_or_none  # noqa: F401
 from lorasum.train import TrainConfig, val_rows_problem
 

@@ -12,15 +12,15 @@ import platform
 from collections.abc import Sequence
 from pathlib import Path
 
-from lorasum.evaluate import perplexity_from
-from lorasum.similarity import combination_rms
-from lorasum.study.stats import (
+from lorasum.analysis.similarity import combination_rms
+from lorasum.analysis.statistics import (
     bootstrap_correlation,
     confidence_band,
     delta_pct,
     linear_fit,
     pearson_spearman,
 )
+from lorasum.evaluate import perplexity_from
 
 # The paper's pair results (arXiv 2508.11985, GPT-2 small), as {frozenset of domains: Δ%}.
 PAPER_PAIRS: dict[frozenset, tuple[str, float]] = {
@@ -360,7 +360,7 @@ def loo_prediction(rows: list[dict], target: str = "delta_pct") -> dict:
     on the other combinations; Pearson and Spearman of predicted vs measured, per predictor, and
     ``oracle_rho`` (`forecast.oracle_rho`): the Spearman that predicting each point by its
     combination's mean measured value would reach — what the seeds' spread leaves."""
-    from lorasum.study.forecast import loo_predictions, oracle_rho
+    from lorasum.analysis.forecast import loo_predictions, oracle_rho
 
     out = {}
     for predictor in rows[0]["predictors"] if rows else []:

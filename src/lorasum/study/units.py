@@ -356,7 +356,7 @@ def arrow_eval_unit(
 
 def cached_calibration(adapter_dir: Path) -> float | None:
     """0.0 when the domain adapter's input statistics are cached (nothing to run), else None."""
-    from lorasum.calibration import _plan
+    from lorasum.analysis.calibration import _plan
 
     try:
         found = _plan(adapter_dir, None, None, None, None, None, None).cached()
@@ -367,7 +367,7 @@ def cached_calibration(adapter_dir: Path) -> float | None:
 
 def calibrate_unit(adapter_dir: Path, *, model, tokenizer) -> float:
     """Input statistics of a domain adapter on its own training data (cached beside it)."""
-    from lorasum.calibration import calibrate
+    from lorasum.analysis.calibration import calibrate
 
     t0 = time.perf_counter()
     calibrate(adapter_dir, model=model, tokenizer=tokenizer, device=str(model.device))
@@ -600,7 +600,7 @@ def predictors_unit(
 ) -> dict[str, dict]:
     """Activation-space predictors of every combination, from the cached input statistics;
     written to ``path`` with its key."""
-    from lorasum.calibration import calibrate
+    from lorasum.analysis.calibration import calibrate
     from lorasum.predict import combination_predictors, interference_predictors
 
     factors = {n: read_adapter(adapters / n).modules for n in names}

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lorasum.analysis.statistics import linear_fit, pearson_spearman
 from lorasum.errors import LorasumError
-from lorasum.study.stats import linear_fit, pearson_spearman
 
 # predictors that a study's rows may carry; rms_cosine is also read from the row's top level
 PREDICTORS = (
@@ -241,7 +241,7 @@ def best_predictor(ranking: dict, usable: Sequence[str] | None = None) -> str | 
 
 
 def prediction_interval(fit: dict, x0: float, confidence: float = 0.95) -> tuple[float, float]:
-    """Interval for one new observation at x0 of a ``stats.linear_fit`` with n ≥ 3."""
+    """Interval for one new observation at x0 of a ``statistics.linear_fit`` with n ≥ 3."""
     from scipy import stats
 
     n = fit["n"]
