@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 from lorasum.analysis.calibration import Calibration
+from lorasum.analysis.predictors.activation import interference_predictors
 from lorasum.factors import LoraFactors
 from lorasum.methods import MergeConfig, get_method, merge_adapters, method_names
-from lorasum.predict import interference_predictors
 
 D, D_KV, D_FF, R, TOKENS = 576, 192, 1536, 4, 3000
 

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from conftest import load_tiny
 
-from lorasum.adapter_free import (
+from lorasum.analysis.predictors import predictor_names
+from lorasum.analysis.predictors.data import (
     combination_values,
     data_predictors,
     gradient_statistics,
-    transfer_predictor,
 )
-from lorasum.analysis.forecast import DATA_PREDICTORS
+from lorasum.analysis.predictors.transfer import transfer_predictor
 from lorasum.cli import main
 from lorasum.data import load_split
 from lorasum.errors import LorasumError
@@ -96,7 +96,7 @@ def test_data_predictors_follow_the_pairwise_statistics(tiny_llama, sources, tmp
     assert not any(stats["computed"].values())  # every domain read from the cache
     for c in combos:
         assert values["+".join(c)] == combination_values(stats, c)
-        assert set(values["+".join(c)]) == set(DATA_PREDICTORS)
+        assert set(values["+".join(c)]) == set(predictor_names(needing="base_model_data"))
     i, j = stats["names"].index("arith"), stats["names"].index("colors")
     assert values["arith+colors"]["grad_cosine_rms"] == pytest.approx(stats["rms"][i][j])
     with pytest.raises(LorasumError, match="no data source"):

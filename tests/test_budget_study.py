@@ -181,7 +181,8 @@ def test_cli_budget_flags(tiny_llama, qa_files, tmp_path, capsys):
 
 
 def test_study_predictors_include_the_adapter_free_ones(tiny_llama, qa_files, tmp_path):
-    from lorasum.adapter_free import data_predictors, transfer_predictor
+    from lorasum.analysis.predictors.data import data_predictors
+    from lorasum.analysis.predictors.transfer import transfer_predictor
     from lorasum.models import load_model, load_tokenizer
 
     res = _run(tiny_llama, qa_files, tmp_path / "p", predictors=True, cross_domain=True)

@@ -2,7 +2,7 @@
 
 A finished study (``results.json`` of `lorasum reproduce`) holds, per combination and seed,
 the measured Δ% of the sum against merged-data training and the interference predictors of
-its adapters (`lorasum.predict.combination_predictors`). This module turns those rows into
+its adapters and data (`lorasum.analysis.predictors`). This module turns those rows into
 points (x = a predictor, y = Δ%), fits y on x by least squares, and answers two questions:
 
 - **how well does a predictor rank unseen combinations?** ``loo_predictions`` refits the line
@@ -29,29 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
+from lorasum.analysis.predictors import predictor_names
 from lorasum.analysis.statistics import linear_fit, pearson_spearman
 from lorasum.errors import LorasumError
-
-# predictors that a study's rows may carry; rms_cosine is also read from the row's top level
-PREDICTORS = (
-    "rms_cosine",
-    "rms_activation_cosine",
-    "max_cross_talk",
-    "mean_cross_talk",
-    "mean_overshoot",
-    "max_orthogonal_cross_talk",
-    "mean_orthogonal_cross_talk",
-)
-# predictors that need no adapter (`lorasum.adapter_free`): base model and training rows alone
-DATA_PREDICTORS = (
-    "grad_cosine_rms",
-    "grad_cosine_mean",
-    "grad_cosine_global",
-    "base_loss_mean",
-    "base_loss_spread",
-)
-# from the single adapters' cross-domain matrix (`lorasum.adapter_free.transfer_predictor`)
-TRANSFER_PREDICTORS = ("transfer", "transfer_share")
 
 
 def _line(x: np.ndarray, y: np.ndarray) -> tuple[float, float] | None:
@@ -210,7 +190,7 @@ def available_predictors(study_results: Sequence[dict]) -> list[str]:
                     names[name] = None
                 if row.get("rms_cosine") is not None:
                     names["rms_cosine"] = None
-    order = (*PREDICTORS, *DATA_PREDICTORS, *TRANSFER_PREDICTORS)
+    order = predictor_names()  # the registry's order
     known = [p for p in order if p in names]
     return known + sorted(n for n in names if n not in order)
 

@@ -13,7 +13,7 @@ present adapters i, j and per-token input Gram matrices Ĝ_i (`lorasum.analysis.
     Σ_j c_j ⟨ΔW_j X_i, ΔW_i X_i⟩ = ‖ΔW_i X_i‖²      for every i,
     i.e.  K c = diag(K),   K_ij = tr(ΔW_j Ĝ_i ΔW_iᵀ) = s_i s_j Σ (B_jᵀ B_i) ∘ (A_j Ĝ_i A_iᵀ)
 
-(K_ij / K_ii is the overshoot β_{j→i} that `lorasum.predict` reports). Then ΔW = Σ_j c_j ΔW_j,
+(K_ij / K_ii is the overshoot β_{j→i} that `lorasum predict` reports). Then ΔW = Σ_j c_j ΔW_j,
 a LoRA of rank Σr: B = [B_1 …], A = [c_1 s_1 A_1; …]; only r×r cores are formed.
 
 - Adapters that do not touch each other's domains (K diagonal) keep c = 1: the sum.

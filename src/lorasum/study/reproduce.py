@@ -542,7 +542,7 @@ def _predictors(by_kind: dict, seed: int, names, combos, evals: dict) -> dict[st
     """Per combination: the activation-space predictors of this seed's adapters, the
     adapter-free ones of the data (seed-independent) and the cross-domain transfer of this
     seed's single adapters (with --cross-domain)."""
-    from lorasum.adapter_free import transfer_predictor
+    from lorasum.analysis import predictors
 
     units = by_kind.get("predictors", {})
     data = units.get((None, "data-predictors")) or {}
@@ -555,7 +555,9 @@ def _predictors(by_kind: dict, seed: int, names, combos, evals: dict) -> dict[st
             n: {d: ev["per_dataset"][d]["perplexity"] for d in names} for n, ev in singles.items()
         }
         table["base"] = {d: evals[(None, "base")]["per_dataset"][d]["perplexity"] for d in names}
-        for c, values in transfer_predictor(table, combos).items():
+        inputs = predictors.PredictorInputs(cross_domain=table)
+        cross = predictors.compute(predictors.families(needing="cross_domain"), inputs, combos)
+        for c, values in cross.items():
             out.setdefault(c, {}).update(values)
     return out
 

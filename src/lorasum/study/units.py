@@ -598,10 +598,10 @@ def cached_predictors(path: Path, adapters: Path, names: list[str], combos) -> d
 def predictors_unit(
     path: Path, adapters: Path, names: list[str], combos, *, model, tokenizer
 ) -> dict[str, dict]:
-    """Activation-space predictors of every combination, from the cached input statistics;
-    written to ``path`` with its key."""
+    """The predictors that need calibration (`lorasum.analysis.predictors`: the activation
+    space) of every combination, from the cached input statistics; written to ``path``."""
+    from lorasum.analysis import predictors
     from lorasum.analysis.calibration import calibrate
-    from lorasum.predict import combination_predictors, interference_predictors
 
     factors = {n: read_adapter(adapters / n).modules for n in names}
     # each domain's Ĝ read from the calibration cache one module at a time: holding every
@@ -613,11 +613,8 @@ def predictors_unit(
         ).per_token(from_file=True)
         for n in names
     }
-    result = interference_predictors(factors, grams)
-    out = {}
-    for combo in combos:
-        values = combination_predictors(result, combo)
-        out["+".join(combo)] = {k: v for k, v in values.items() if k != "rms_cosine"}
+    inputs = predictors.PredictorInputs(adapters=factors, grams=grams)
+    out = predictors.compute(predictors.families(needing="calibration"), inputs, combos)
     write_json(path, {"key": predictors_key(adapters, names, combos), "result": out})
     return out
 
@@ -644,10 +641,17 @@ def cached_data_predictors(path: Path, model_spec: str, sources, combos, max_len
 def data_predictors_unit(
     path: Path, model_spec: str, sources: dict, combos, max_length: int, *, model, tokenizer
 ) -> dict[str, dict]:
-    """Predictors of the base model and the data alone (`lorasum.adapter_free`: the domains'
-    mean-gradient cosines, base loss): one per study, not per seed; written to ``path``."""
-    from lorasum.adapter_free import data_predictors
+    """Predictors of the base model and the data alone (`lorasum.analysis.predictors`: the
+    domains' mean-gradient cosines, base loss): one per study, not per seed; written to ``path``."""
+    from lorasum.analysis import predictors
 
-    out = data_predictors(model, tokenizer, sources, combos, max_length, model_spec=model_spec)
+    inputs = predictors.PredictorInputs(
+        model=model,
+        tokenizer=tokenizer,
+        sources=sources,
+        max_length=max_length,
+        model_spec=model_spec,
+    )
+    out = predictors.compute(predictors.families(needing="base_model_data"), inputs, combos)
     write_json(path, {"key": data_predictors_key(model_spec, sources, combos, max_length), "result": out})  # fmt: skip
     return out
