@@ -104,8 +104,9 @@ def test_data_predictors_follow_the_pairwise_statistics(tiny_llama, sources, tmp
 
 
 def test_study_statistics_and_figure_take_new_predictor_names():
+    from lorasum.analysis.forecast import loo_prediction
     from lorasum.report import plots
-    from lorasum.study.results import loo_prediction, statistics
+    from lorasum.study.results import statistics
 
     rng = np.random.default_rng(1)
     rows = []

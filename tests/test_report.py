@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 from scipy import stats as sps
 
+from lorasum.analysis import forecast
 from lorasum.analysis.statistics import (
     correlation,
     delta_pct,
@@ -209,8 +210,8 @@ def full_results(domains: list[str] = DOMAINS, max_order: int | None = None) -> 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(study_results, "BOOTSTRAP_RESAMPLES", 300)
         statistics = study_results.statistics(rows)
-        prediction = study_results.loo_prediction(rows)
-        prediction_vs_singles = study_results.loo_prediction(rows, "delta_vs_singles_pct")
+        prediction = forecast.loo_prediction(rows)
+        prediction_vs_singles = forecast.loo_prediction(rows, "delta_vs_singles_pct")
     train_config = {
         "model": "default",
         "rank": 4,

@@ -116,6 +116,64 @@ def loo_summary(x: Sequence[float], y: Sequence[float], groups: Sequence[Hashabl
     }
 
 
+# --- a study's rows: leave-one-combination-out per predictor (results.json "prediction") --------
+
+
+def predictor_points(
+    rows: list[dict], predictor: str, target: str = "delta_pct"
+) -> tuple[list[float], list[float], list]:
+    """(x, y, group) over every (combination, seed) of a study's aggregated ``rows`` (results.json
+    ``combinations``, each with ``per_seed``) that has the predictor and the target."""
+    xs, ys, groups = [], [], []
+    for row in rows:
+        for s in row["per_seed"]:
+            x = s.get("predictors", {}).get(predictor)
+            if x is None or s.get(target) is None:
+                continue
+            xs.append(float(x))
+            ys.append(float(s[target]))
+            groups.append("+".join(row["domains"]))
+    return xs, ys, groups
+
+
+def loo_prediction(rows: list[dict], target: str = "delta_pct") -> dict:
+    """Leave-one-combination-out: each point's ``target`` (Δ% vs merged-data training, or
+    ``delta_vs_singles_pct``: the sum vs each domain's own adapter) predicted by the line fitted
+    on the other combinations; Pearson and Spearman of predicted vs measured, per predictor, and
+    ``oracle_rho`` (`oracle_rho`): the Spearman that predicting each point by its
+    combination's mean measured value would reach — what the seeds' spread leaves."""
+    out = {}
+    for predictor in rows[0]["predictors"] if rows else []:
+        xs, ys, groups = predictor_points(rows, predictor, target)
+        predicted = loo_predictions(xs, ys, groups)
+        points = [
+            {"combination": g, "x": x, "predicted": p, "measured": y}
+            for x, y, g, p in zip(xs, ys, groups, predicted, strict=True)
+        ]
+        seeds = [
+            s["seed"]
+            for r in rows
+            for s in r["per_seed"]
+            if s.get("predictors", {}).get(predictor) is not None and s.get(target) is not None
+        ]
+        for point, seed in zip(points, seeds, strict=True):
+            point["seed"] = seed
+        ok = [p for p in points if p["predicted"] is not None]
+        corr = pearson_spearman([p["predicted"] for p in ok], [p["measured"] for p in ok])
+        out[predictor] = {
+            "points": points,
+            "n": len(ok),
+            "pearson_r": corr["pearson_r"],
+            "spearman_rho": corr["spearman_rho"],
+            "mean_abs_error": (
+                sum(abs(p["predicted"] - p["measured"]) for p in ok) / len(ok) if ok else None
+            ),
+            # the ρ of a predictor that knows each combination's mean exactly
+            "oracle_rho": oracle_rho([p["measured"] for p in ok], [p["combination"] for p in ok]),
+        }
+    return out
+
+
 # --- points from studies ---------------------------------------------------------------------
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from lorasum._version import __version__
 from lorasum.adapters import read_adapter
+from lorasum.analysis.forecast import loo_prediction
 from lorasum.analysis.similarity import similarity_matrix
 from lorasum.analysis.statistics import correlation
 from lorasum.data import load_split
@@ -58,7 +59,6 @@ from lorasum.study.plan import (
 from lorasum.study.results import (
     aggregate_combination,
     cross_domain,
-    loo_prediction,
     manifest,
     mean,
     paper_comparison,
