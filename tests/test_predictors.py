@@ -7,8 +7,10 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from conftest import make_adapter
 
 from lorasum.analysis import forecast
+from lorasum.analysis.predict import predict_interference
 from lorasum.analysis.predictors import (
     ADAPTER_NEEDS,
     NEEDS,
@@ -135,7 +137,7 @@ def test_activation_family_is_combination_predictors_without_the_cosine():
     for c in COMBOS:
         values = combination_predictors(result, c)
         assert list(both["+".join(c)]) == list(ADAPTER)
-        assert both["+".join(c)]["rms_cosine"] == pytest.approx(values["rms_cosine"], rel=1e-12)
+        assert both["+".join(c)]["rms_cosine"] == values["rms_cosine"]
 
 
 def test_transfer_family_is_transfer_predictor():
@@ -147,7 +149,10 @@ def test_transfer_family_is_transfer_predictor():
     assert out == transfer_predictor(table, COMBOS)
 
 
-def test_a_new_family_is_one_registration(monkeypatch):
+def test_a_new_family_is_one_registration(monkeypatch, tiny_llama, tmp_path):
+    adapters = [make_adapter(tiny_llama, tmp_path / d, r=2, seed=i) for i, d in enumerate("ab")]
+    before = predict_interference(adapters, predictor="rms_cosine")["predictors"]
+    assert before == {"rms_cosine": before["rms_cosine"]}
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
 
     def count(inputs, combos):  # a toy predictor: how many domains, from the adapters alone
@@ -159,6 +164,9 @@ def test_a_new_family_is_one_registration(monkeypatch):
     assert predictor_labels()["n_domains"] == "domains"
     out = compute(families({"adapters"}), PredictorInputs(adapters=_adapters()), COMBOS)
     assert [out["+".join(c)]["n_domains"] for c in COMBOS] == [2.0, 2.0, 2.0, 3.0]
+    # `lorasum predict` computes it beside the cosine, without calibration
+    after = predict_interference(adapters, predictor="rms_cosine")["predictors"]
+    assert after == {**before, "n_domains": 2.0}
     studies = [
         {
             "combinations": [

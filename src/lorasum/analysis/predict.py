@@ -21,7 +21,13 @@ from pathlib import Path
 from lorasum.adapters import check_compatible, read_adapter, unique_names
 from lorasum.analysis import forecast
 from lorasum.analysis.gradients import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BYTES
-from lorasum.analysis.predictors import ADAPTER_NEEDS, predictor_names
+from lorasum.analysis.predictors import (
+    ADAPTER_NEEDS,
+    PredictorInputs,
+    compute,
+    families,
+    predictor_names,
+)
 from lorasum.analysis.predictors.activation import (
     combination_predictors,
     interference_predictors,
@@ -143,13 +149,24 @@ def _measure_predictors(
             if predictor != "auto" or data is not None:
                 raise
             note = f"activation predictors not computed: {e}"
+    inputs = PredictorInputs(adapters=factors)
     if calibrated is not None:
-        result = interference_predictors(factors, dict(zip(names, calibrated, strict=True)))
+        inputs.grams = dict(zip(names, calibrated, strict=True))
+        result = interference_predictors(factors, inputs.grams)
         values = combination_predictors(result, names)
     else:  # the weight cosine needs no inputs
         result = cosine_predictors(factors)
         values = {"rms_cosine": rms([p["rms_cosine"] for p in result["pairs"]])}
+    values.update(_other_families(values, inputs, [names])[combo_name(names)])
     return result, values, note
+
+
+def _other_families(have: Mapping, inputs: PredictorInputs, combos) -> dict[str, dict]:
+    """Combination name -> the values of every registered family ``inputs`` allow whose names
+    ``have`` lacks (the weight and activation families' come with the per-pair result, the
+    data family's with the gradient statistics); {} per combination when there is none."""
+    rest = [f for f in families(inputs.available()) if not set(f.names) <= set(have)]
+    return compute(rest, inputs, combos) if rest else {combo_name(c): {} for c in combos}
 
 
 def _add_forecasts(
@@ -346,6 +363,16 @@ def _ranking(studies: list[dict]) -> dict:
     return forecast.rank_predictors(studies, names)
 
 
+def _domain_values(stats: dict, inputs: PredictorInputs, combos) -> dict[str, dict]:
+    """Combination name -> the data family's predictors (from the gradient statistics) and
+    those of any other registered family the base model and data allow."""
+    values = {combo_name(c): combination_values(stats, c) for c in combos}
+    if values:
+        for c, extra in _other_families(next(iter(values.values())), inputs, combos).items():
+            values[c].update(extra)
+    return values
+
+
 def predict_domains(
     domains: Mapping[str, str],
     *,
@@ -392,7 +419,10 @@ def predict_domains(
     names = list(domains)
     top = len(names) if max_order is None else min(max_order, len(names))
     combos = [c for k in range(2, top + 1) for c in itertools.combinations(names, k)]
-    values = {combo_name(c): combination_values(stats, c) for c in combos}
+    inputs = PredictorInputs(
+        model=net, tokenizer=tokenizer, sources=sources, max_length=max_length, model_spec=model
+    )
+    values = _domain_values(stats, inputs, combos)
     chosen = predictor
     if predictor == "auto":
         chosen = (forecast.best_predictor(ranking) if ranking else None) or "grad_cosine_rms"

@@ -598,8 +598,9 @@ def cached_predictors(path: Path, adapters: Path, names: list[str], combos) -> d
 def predictors_unit(
     path: Path, adapters: Path, names: list[str], combos, *, model, tokenizer
 ) -> dict[str, dict]:
-    """The predictors that need calibration (`lorasum.analysis.predictors`: the activation
-    space) of every combination, from the cached input statistics; written to ``path``."""
+    """Every predictor family the adapters and their input statistics allow
+    (`lorasum.analysis.predictors`: weight and activation space) of every combination, from
+    the cached statistics; written to ``path``."""
     from lorasum.analysis import predictors
     from lorasum.analysis.calibration import calibrate
 
@@ -614,7 +615,7 @@ def predictors_unit(
         for n in names
     }
     inputs = predictors.PredictorInputs(adapters=factors, grams=grams)
-    out = predictors.compute(predictors.families(needing="calibration"), inputs, combos)
+    out = predictors.compute(predictors.families(predictors.ADAPTER_NEEDS), inputs, combos)
     write_json(path, {"key": predictors_key(adapters, names, combos), "result": out})
     return out
 
