@@ -8,7 +8,7 @@ numbers depend on the machine and what else runs on it (recorded: CPU, threads, 
 SmolLM2-135M's shapes, without loading it: 30 layers, q/o 576×576, k/v 192×576 (q/k/v read one
 input, so their adapters' statistics are one matrix), down 576×1536; three random r = 4
 adapters; per adapter a random input Gram sum per distinct input (576², 576², 1536²), wrapped
-in `lorasum.calibration.Calibration` as compose gets them from the cache, normalised as
+in `lorasum.analysis.calibration.Calibration` as compose gets them from the cache, normalised as
 compose does. Times: `Calibration.normalised` (3 adapters), every calibration method's
 `merge_adapters`, `interference_predictors`, and the cache file's size and write/read time.
 """
@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from lorasum.calibration import Calibration
+from lorasum.analysis.calibration import Calibration
+from lorasum.analysis.predictors.activation import interference_predictors
 from lorasum.factors import LoraFactors
 from lorasum.methods import MergeConfig, get_method, merge_adapters, method_names
-from lorasum.predict import interference_predictors
 
 D, D_KV, D_FF, R, TOKENS = 576, 192, 1536, 4, 3000
 
@@ -86,7 +86,7 @@ def timed(fn, repeat: int = 1):
 
 def cache_io(calibration: Calibration) -> dict:
     """Write and read one adapter's statistics with the calibration module's own functions."""
-    from lorasum import calibration as cal
+    from lorasum.analysis import calibration as cal
 
     aliases = {}
     seen: dict[int, str] = {}

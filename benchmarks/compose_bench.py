@@ -91,7 +91,7 @@ def run_phase(phase: str, d_out: int, d_in: int) -> dict:
     if phase == "cosine_factored":
 
         def factored_cosine():
-            with single_threaded():  # as lorasum.similarity runs it
+            with single_threaded():  # as lorasum.analysis.similarity runs it
                 return cosine(terms[0], terms[1])
 
         out["seconds"], value = median_time(factored_cosine, 20)

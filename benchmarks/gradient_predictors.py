@@ -1,6 +1,6 @@
 """Cost and values of the adapter-free gradient predictors on the embedded default model.
 
-Computes `lorasum.adapter_free.gradient_statistics` (mean gradients of each domain's answer-only
+Computes `lorasum.analysis.predictors.data.gradient_statistics` (mean gradients of each domain's answer-only
 loss at the auto target modules, one forward+backward per module group) for builtin domains,
 in a fresh cache directory, and prints seconds, peak RSS (``getrusage``) and the pairwise
 gradient cosines and base losses; writes JSON (default:
@@ -35,9 +35,9 @@ def main() -> None:
 
     import torch
 
-    from lorasum.adapter_free import gradient_statistics
+    from lorasum.analysis.gradients import module_groups, target_module_names
+    from lorasum.analysis.predictors.data import gradient_statistics
     from lorasum.data import load_split
-    from lorasum.gradients import module_groups, target_module_names
     from lorasum.models import cpu_name, load_model, load_tokenizer
 
     names = [d.strip() for d in args.domains.split(",") if d.strip()]

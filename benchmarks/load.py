@@ -13,7 +13,7 @@ PEFT, before any work (the "baseline"); inputs are made beforehand by this paren
 - compose: N synthetic adapters with the default model's shapes (SmolLM2-135M: 30 layers ×
   q, k, v, o, down; r = 4; 3.1 MB of fp32 factors each), `lorasum.compose` (exact sum, rank 4N)
   to disk;
-- similarity: `lorasum.similarity` over N such adapters (N(N-1)/2 pairs, principal angles);
+- similarity: `lorasum.analysis.similarity` over N such adapters (N(N-1)/2 pairs, principal angles);
 - eval: `lorasum.evaluate` of a tiny random llama (as in the tests) on the train split of a
   synthetic QA .jsonl with N examples in it (batches of 64).
 """
@@ -117,9 +117,9 @@ def child(kind: str, args: list[str]) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
+    from lorasum.analysis.similarity import similarity
     from lorasum.compose import compose
     from lorasum.evaluate import evaluate
-    from lorasum.similarity import similarity
 
     torch.set_num_threads(1)
     baseline = rss_mb()

@@ -173,10 +173,10 @@ def qa_files(tmp_path_factory) -> dict[str, Path]:
 def _own_calibration_cache(monkeypatch, tmp_path_factory):
     """Each test its own calibration cache (it is shared across studies under $LORASUM_HOME):
     tests that count forward passes must not find another test's statistics."""
-    import lorasum.calibration
+    import lorasum.analysis.calibration
 
     path = tmp_path_factory.mktemp("calibration")
-    monkeypatch.setattr(lorasum.calibration, "cache_dir", lambda: path)
+    monkeypatch.setattr(lorasum.analysis.calibration, "cache_dir", lambda: path)
 
 
 @pytest.fixture(autouse=True)

@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 from conftest import load_tiny
 
-from lorasum.adapter_free import (
+from lorasum.analysis.predictors import predictor_names
+from lorasum.analysis.predictors.data import (
     combination_values,
     data_predictors,
     gradient_statistics,
-    transfer_predictor,
 )
+from lorasum.analysis.predictors.transfer import transfer_predictor
 from lorasum.cli import main
 from lorasum.data import load_split
 from lorasum.errors import LorasumError
 from lorasum.models import load_tokenizer
-from lorasum.study.forecast import DATA_PREDICTORS
 
 SLOPE, INTERCEPT, NOISE = -40.0, 5.0, 0.05
 
@@ -96,7 +96,7 @@ def test_data_predictors_follow_the_pairwise_statistics(tiny_llama, sources, tmp
     assert not any(stats["computed"].values())  # every domain read from the cache
     for c in combos:
         assert values["+".join(c)] == combination_values(stats, c)
-        assert set(values["+".join(c)]) == set(DATA_PREDICTORS)
+        assert set(values["+".join(c)]) == set(predictor_names(needing="base_model_data"))
     i, j = stats["names"].index("arith"), stats["names"].index("colors")
     assert values["arith+colors"]["grad_cosine_rms"] == pytest.approx(stats["rms"][i][j])
     with pytest.raises(LorasumError, match="no data source"):
@@ -104,8 +104,9 @@ def test_data_predictors_follow_the_pairwise_statistics(tiny_llama, sources, tmp
 
 
 def test_study_statistics_and_figure_take_new_predictor_names():
+    from lorasum.analysis.forecast import loo_prediction
     from lorasum.report import plots
-    from lorasum.study.results import loo_prediction, statistics
+    from lorasum.study.results import statistics
 
     rng = np.random.default_rng(1)
     rows = []

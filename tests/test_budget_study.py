@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from conftest import make_qa, write_jsonl
 
+from lorasum.analysis.statistics import delta_pct
 from lorasum.errors import LorasumError
 from lorasum.io import read_json
 from lorasum.study.config import resolve_study
 from lorasum.study.reproduce import reproduce
-from lorasum.study.stats import delta_pct
 from lorasum.train import patience_stop
 
 
@@ -181,7 +181,8 @@ def test_cli_budget_flags(tiny_llama, qa_files, tmp_path, capsys):
 
 
 def test_study_predictors_include_the_adapter_free_ones(tiny_llama, qa_files, tmp_path):
-    from lorasum.adapter_free import data_predictors, transfer_predictor
+    from lorasum.analysis.predictors.data import data_predictors
+    from lorasum.analysis.predictors.transfer import transfer_predictor
     from lorasum.models import load_model, load_tokenizer
 
     res = _run(tiny_llama, qa_files, tmp_path / "p", predictors=True, cross_domain=True)

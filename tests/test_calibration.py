@@ -9,9 +9,9 @@ from conftest import load_tiny, make_adapter
 from test_compose_methods import logits_with_delta, peft_logits
 from test_interference import projection_reference, regmean_reference
 
-from lorasum import calibration
 from lorasum.adapters import read_adapter
-from lorasum.calibration import (
+from lorasum.analysis import calibration
+from lorasum.analysis.calibration import (
     FILE_PREFIX,
     calibrate,
     calibrate_adapters,
@@ -113,7 +113,7 @@ def test_modules_reading_one_input_share_one_matrix(tiny_llama, qa_files, tmp_pa
 def test_cache_stores_packed_triangles_and_reads_square_files(tiny_llama, qa_files, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from lorasum.calibration import _read_cache, pack_symmetric, unpack_symmetric
+    from lorasum.analysis.calibration import _read_cache, pack_symmetric, unpack_symmetric
 
     G = torch.randn(7, 5, dtype=torch.float64)
     G = G @ G.T

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from lorasum.errors import LorasumError
-from lorasum.study.forecast import (
+from lorasum.analysis.forecast import (
     best_predictor,
     fit_points,
     forecast,
@@ -18,6 +17,7 @@ from lorasum.study.forecast import (
     rank_predictors,
     recommend_method,
 )
+from lorasum.errors import LorasumError
 
 
 def _refit(x, y, keep):

@@ -8,15 +8,15 @@ import pytest
 import torch
 from conftest import load_tiny
 
-from lorasum.data import load_split, make_batches
-from lorasum.errors import LorasumError
-from lorasum.evaluate import token_nll
-from lorasum.gradients import (
+from lorasum.analysis.gradients import (
     domain_gradients,
     gradient_cosines,
     module_groups,
     target_module_names,
 )
+from lorasum.data import load_split, make_batches
+from lorasum.errors import LorasumError
+from lorasum.evaluate import token_nll
 from lorasum.models import load_tokenizer
 from lorasum.tokens import tokenize_cached
 

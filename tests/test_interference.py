@@ -12,13 +12,13 @@ import torch
 from conftest import load_tiny, make_adapter
 
 from lorasum.adapters import read_adapter
-from lorasum.calibration import calibrate
+from lorasum.analysis.calibration import calibrate
+from lorasum.analysis.predictors.activation import combination_predictors, interference_predictors
 from lorasum.data import load_split, tokenize_split
 from lorasum.errors import LorasumError
-from lorasum.factors import LoraFactors, single_threaded
+from lorasum.factors import LoraFactors, activation_inner, single_threaded
 from lorasum.methods import MergeConfig, get_method, merge_adapters
 from lorasum.methods.shiftmatch import RIDGE, bounded_coefficients
-from lorasum.predict import activation_inner, combination_predictors, interference_predictors
 
 D_OUT, D_IN, N = 10, 12, 3
 

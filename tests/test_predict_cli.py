@@ -11,9 +11,9 @@ from conftest import make_adapter
 from safetensors.torch import load_file
 from scipy import stats
 
+from lorasum.analysis.predict import predict_interference
 from lorasum.cli import main
 from lorasum.factors import single_threaded
-from lorasum.predict import predict_interference
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -19,6 +19,11 @@ import pytest
 from PIL import Image
 from scipy import stats as sps
 
+from lorasum.analysis import forecast
+from lorasum.analysis.statistics import (
+    correlation,
+    delta_pct,
+)
 from lorasum.cli import main
 from lorasum.report import plots
 from lorasum.report.blocks import Note, Para, Table
@@ -35,10 +40,6 @@ from lorasum.report.sections import (
 )
 from lorasum.study import results as study_results
 from lorasum.study.budget import budget_summary
-from lorasum.study.stats import (
-    correlation,
-    delta_pct,
-)
 
 DOMAINS = ["math", "medicine", "finance"]
 SEEDS = [1, 2, 3]
@@ -83,7 +84,7 @@ def full_results(domains: list[str] = DOMAINS, max_order: int | None = None) -> 
     """A 3-seed study with every field of the results contract (by default the paper's three
     domains, all pairs and the triple), its numbers made consistent the way the study makes
     them (Δ% from the perplexities, means and t-intervals over seeds, statistics from
-    lorasum.study.stats, Δ% rising with RMS cosine)."""
+    lorasum.analysis.statistics, Δ% rising with RMS cosine)."""
     slope = 40.0
     rng = np.random.default_rng(0)
     base = {"math": 18.0, "medicine": 105.0, "finance": 44.0}
@@ -209,8 +210,8 @@ def full_results(domains: list[str] = DOMAINS, max_order: int | None = None) -> 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(study_results, "BOOTSTRAP_RESAMPLES", 300)
         statistics = study_results.statistics(rows)
-        prediction = study_results.loo_prediction(rows)
-        prediction_vs_singles = study_results.loo_prediction(rows, "delta_vs_singles_pct")
+        prediction = forecast.loo_prediction(rows)
+        prediction_vs_singles = forecast.loo_prediction(rows, "delta_vs_singles_pct")
     train_config = {
         "model": "default",
         "rank": 4,

@@ -4,9 +4,9 @@ import pytest
 import torch
 from conftest import load_tiny, make_adapter
 
+from lorasum.analysis.similarity import combination_rms, similarity
 from lorasum.errors import LorasumError
 from lorasum.factors import rms
-from lorasum.similarity import combination_rms, similarity
 
 
 def test_similarity_matches_dense_cosine_of_peft_deltas(tiny_model, tmp_path):

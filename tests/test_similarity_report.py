@@ -11,10 +11,7 @@ from hypothesis import strategies as st
 from scipy.linalg import subspace_angles
 
 from lorasum.adapters import read_adapter
-from lorasum.cli import main
-from lorasum.errors import LorasumError
-from lorasum.factors import LoraFactors, cosine, delta, principal_cosines, rms
-from lorasum.similarity import (
+from lorasum.analysis.similarity import (
     HEATMAP_NAME,
     JSON_NAME,
     PER_LAYER_NAME,
@@ -23,6 +20,9 @@ from lorasum.similarity import (
     module_type,
     similarity,
 )
+from lorasum.cli import main
+from lorasum.errors import LorasumError
+from lorasum.factors import LoraFactors, cosine, delta, principal_cosines, rms
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from lorasum.study.stats import (
+from lorasum.analysis.statistics import (
     bootstrap_correlation,
     confidence_band,
     correlation,

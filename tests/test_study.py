@@ -148,7 +148,7 @@ def test_cross_domain_matrix(study):
 def test_predictors_statistics_and_loo(study):
     from scipy import stats
 
-    from lorasum.study.forecast import loo_predictions
+    from lorasum.analysis.forecast import loo_predictions
 
     _, res = study
     rows = res["combinations"]

@@ -12,15 +12,16 @@ The Python API mirrors the CLI:
     lorasum.add_weighted_adapter(peft_model, ["a", "b"], method="sum")  # in memory
 
 (``lorasum.compose`` and ``lorasum.similarity`` are these functions; their modules are
-``sys.modules["lorasum.compose"]`` etc., imported as ``from lorasum.compose import …``.)
+``sys.modules["lorasum.compose"]`` and ``lorasum.analysis.similarity``, imported as
+``from lorasum.compose import …``.)
 """
 
 from lorasum._version import __version__
+from lorasum.analysis.similarity import similarity
 from lorasum.compose import compose
 from lorasum.errors import LorasumError
 from lorasum.methods import MergeConfig, method_names
 from lorasum.peft_live import add_weighted_adapter
-from lorasum.similarity import similarity
 
 __all__ = [
     "LorasumError",

@@ -415,6 +415,15 @@ def check_compatible(adapters: Sequence[Adapter], fan_in_fan_out: bool = True) -
             )
 
 
+def unique_names(adapters: Sequence[Adapter]) -> list[str]:
+    """The adapters' names for tables and keys: their names, or their paths where two share
+    a name."""
+    names = [a.name for a in adapters]
+    if len(set(names)) != len(names):
+        names = [str(a.path) for a in adapters]
+    return names
+
+
 def weights_sha256(a: Adapter) -> str:
     """The sha256 of an adapter's weights file."""
     return sha256_file(weights_file(a.path))

@@ -180,7 +180,7 @@ def _add_export(sub) -> None:
 
 def _add_predict(sub) -> None:
     """`lorasum predict`'s flags."""
-    from lorasum.study.forecast import DATA_PREDICTORS, PREDICTORS
+    from lorasum.analysis.predictors import ADAPTER_NEEDS, predictor_names
 
     pr = sub.add_parser(
         "predict",
@@ -206,7 +206,8 @@ def _add_predict(sub) -> None:
     pr.add_argument(
         "--predictor",
         default="auto",
-        help=f"{', '.join(PREDICTORS)} (with --domains: {', '.join(DATA_PREDICTORS)}) or auto "
+        help=f"{', '.join(predictor_names(ADAPTER_NEEDS))} (with --domains: "
+        f"{', '.join(predictor_names(needing='base_model_data'))}) or auto "
         "(the best leave-one-combination-out Spearman over the --fit studies; default)",
     )
     pr.add_argument(
@@ -573,8 +574,8 @@ def _cmd_compose(args: argparse.Namespace) -> int:
     if args.fit and not args.check:
         raise LorasumError("--fit applies to --check; add --check or drop --fit")
     if args.check:
+        from lorasum.analysis.predict import format_prediction, predict_interference
         from lorasum.methods import get_method
-        from lorasum.predict import format_prediction, predict_interference
 
         uses_data = get_method(config.method).calibration  # else --calibration is refused
         check = predict_interference(
@@ -613,7 +614,7 @@ def _cmd_compose(args: argparse.Namespace) -> int:
 
 def _cmd_predict_domains(args: argparse.Namespace) -> int:
     """`lorasum predict` --domains: predictors of the data alone, before training."""
-    from lorasum.adapter_free import format_domain_prediction, predict_domains
+    from lorasum.analysis.predict import format_domain_prediction, predict_domains
     from lorasum.study.reproduce import parse_domains
 
     if args.adapters or args.calibration:
@@ -670,7 +671,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     """`lorasum predict`."""
-    from lorasum.predict import format_prediction, predict_interference
+    from lorasum.analysis.predict import format_prediction, predict_interference
 
     result = predict_interference(
         args.adapters,
@@ -685,7 +686,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _cmd_similarity(args: argparse.Namespace) -> int:
     """`lorasum similarity`."""
-    from lorasum.similarity import format_similarity, similarity
+    from lorasum.analysis.similarity import format_similarity, similarity
 
     result = similarity(args.adapters, plot=args.plot)
     if args.json:

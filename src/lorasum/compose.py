@@ -28,7 +28,7 @@ from lorasum.adapters import (  # noqa: F401 (check_compatible: re-exported)
     write_adapter,
 )
 from lorasum.adapters import weights_sha256 as _weights_sha256
-from lorasum.calibration import calibrate_adapters, calibration_keys, parse_calibration
+from lorasum.analysis.calibration import calibrate_adapters, calibration_keys, parse_calibration
 from lorasum.errors import LorasumError
 from lorasum.io import (
     MARKER,
@@ -347,7 +347,7 @@ def compose(
     merge; or pass a ready ``config``. Methods that need input statistics (regmean, …) take
     ``calibration``: per adapter a comma list of data sources or 'own'/None (default: every
     adapter's own training data, from its lorasum.json), computed on ``model`` (default: the
-    adapters' base model) and cached beside each adapter (`lorasum.calibration`).
+    adapters' base model) and cached beside each adapter (`lorasum.analysis.calibration`).
     ``format="gguf"`` also writes the composed adapter as a GGUF LoRA for llama.cpp/Ollama
     (``outtype`` f32/f16/q8_0) into ``out/gguf/`` (`lorasum.export`).
     Returns the output's lorasum.json marker, which holds the recipe.

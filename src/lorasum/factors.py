@@ -66,6 +66,14 @@ def inner(f1: LoraFactors, f2: LoraFactors) -> float:
     return float(f1.scale * f2.scale * (core_b * core_a).sum())
 
 
+def activation_inner(f1: LoraFactors, f2: LoraFactors, G: torch.Tensor) -> float:
+    """tr(ΔW_1 G ΔW_2ᵀ) for a (d_in, d_in) input Gram matrix G, from the factors:
+    s1·s2·Σ (B1ᵀB2) ∘ (A1 G A2ᵀ)."""
+    core_b = f1.B.to(_ACC).T @ f2.B.to(_ACC)  # (r1, r2)
+    core_a = f1.A.to(_ACC) @ G.to(_ACC) @ f2.A.to(_ACC).T  # (r1, r2)
+    return float(f1.scale * f2.scale * (core_b * core_a).sum())
+
+
 def sq_norm(f: LoraFactors) -> float:
     """‖ΔW‖²_F in factored form (clamped at 0 against rounding)."""
     return max(inner(f, f), 0.0)

@@ -127,7 +127,7 @@ def merge_adapters(
     at the file's rank (`file_rank`); each module's kept energy and relative error are in
     the report (the recipe's ``modules``).
 
-    ``grams``: per adapter, module -> per-token input Gram matrix Ĝ (`lorasum.calibration`),
+    ``grams``: per adapter, module -> per-token input Gram matrix Ĝ (`lorasum.analysis.calibration`),
     needed by the methods registered with ``calibration=True`` (the others ignore it).
     Raises ``LorasumError`` (before anything is written) when ``--pad-rank-to`` is below the
     rank the result needs or when the result is not finite.

@@ -11,7 +11,7 @@ hard: 1 (the sum's full strength) where domain j's share of the energy is not sm
 the other domains dominate — cross-talk removed, own domain untouched.
 
 Exact definition, for one module, N adapters, per-token input Gram matrices Ĝ_i
-(`lorasum.calibration`), ρ = ``--projection-ratio`` (default 4):
+(`lorasum.analysis.calibration`), ρ = ``--projection-ratio`` (default 4):
 
 1. Ḡ_j = (1/(N−1)) Σ_{i≠j} Ĝ_i, the mean of the other domains (0 when N = 1), so that the
    threshold does not move with N; M_j = Ĝ_j + Ḡ_j + λI, λ = 1e-6 · tr(Ĝ_j + Ḡ_j).

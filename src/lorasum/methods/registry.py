@@ -5,7 +5,7 @@ where an adapter does not adapt the module, i.e. a zero ΔW) and their weights. 
 merged ΔW of that module as LoRA factors (scale 1), plus how much of its own full result the
 returned rank keeps. `lorasum.methods.engine.merge_adapters` runs it module by module.
 A method with ``calibration=True`` also gets ``grams``: each adapter's per-token input Gram
-matrix Ĝ_i at this module (`lorasum.calibration`).
+matrix Ĝ_i at this module (`lorasum.analysis.calibration`).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class MergeMethod:
     weights: Literal["optional", "required", "refused"] = "optional"
     exact: bool = False  # the result equals the weighted sum Σ w_i ΔW_i
     dense: bool = False  # builds each module's d_out×d_in ΔW (else: factored, small algebra)
-    # needs each adapter's input statistics (lorasum.calibration); merge then also gets
+    # needs each adapter's input statistics (lorasum.analysis.calibration); merge then also gets
     # grams=[Ĝ_i of this module (d_in, d_in) float64, per adapter]
     calibration: bool = False
 

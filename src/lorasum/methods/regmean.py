@@ -9,7 +9,7 @@ Models", ICLR 2023, arXiv 2212.09849. Per linear module, RegMean picks the W min
 With W_i = W_0 + ΔW_i this is W_0 + ΔW*, ΔW* = (Σ_i ΔW_i G_i) M⁻¹, M = Σ_j G_j, so it applies
 to the deltas alone. Our reading, for one module with N adapters:
 
-- G_i = Ĝ_i, adapter i's **per-token** input Gram matrix (`lorasum.calibration`: Σ x xᵀ / n
+- G_i = Ĝ_i, adapter i's **per-token** input Gram matrix (`lorasum.analysis.calibration`: Σ x xᵀ / n
   over its domain's non-padding tokens, base model inputs), so every domain weighs the same
   whatever the size of its data (the paper sums over examples);
 - off-diagonals shrunk as in the paper: Ĝ_i ← α·Ĝ_i + (1 − α)·diag(Ĝ_i), α =
@@ -67,7 +67,7 @@ def with_ridge(M: torch.Tensor, ridge: float = RIDGE) -> torch.Tensor:
 class GramCache:
     """A few results computed from one tuple of Gram matrices, found again by the matrices'
     identity: modules that read one input (q/k/v) get the very same Ĝ objects from
-    `lorasum.calibration.Calibration.normalised`, so their d_in×d_in factorisations are done
+    `lorasum.analysis.calibration.Calibration.normalised`, so their d_in×d_in factorisations are done
     once. An entry holds references to its matrices, so an id cannot be reused while it lives;
     a hit also checks identity (``is``), never values. Least recently used entries go first.
     Each thread has its own entries (`merge_adapters` gives every input group to one thread),

@@ -8,12 +8,12 @@ output shift ΔW_i X_i on its own domain's inputs, in closed form, but by least 
 halves what two adapters share (it degenerates to the mean). Pico (2604.16826) rescales the
 directions adapters share instead. Here the matching is done in projection: the composed shift
 on domain i, projected onto adapter i's own shift, must equal that shift. For one module with
-present adapters i, j and per-token input Gram matrices Ĝ_i (`lorasum.calibration`):
+present adapters i, j and per-token input Gram matrices Ĝ_i (`lorasum.analysis.calibration`):
 
     Σ_j c_j ⟨ΔW_j X_i, ΔW_i X_i⟩ = ‖ΔW_i X_i‖²      for every i,
     i.e.  K c = diag(K),   K_ij = tr(ΔW_j Ĝ_i ΔW_iᵀ) = s_i s_j Σ (B_jᵀ B_i) ∘ (A_j Ĝ_i A_iᵀ)
 
-(K_ij / K_ii is the overshoot β_{j→i} that `lorasum.predict` reports). Then ΔW = Σ_j c_j ΔW_j,
+(K_ij / K_ii is the overshoot β_{j→i} that `lorasum predict` reports). Then ΔW = Σ_j c_j ΔW_j,
 a LoRA of rank Σr: B = [B_1 …], A = [c_1 s_1 A_1; …]; only r×r cores are formed.
 
 - Adapters that do not touch each other's domains (K diagonal) keep c = 1: the sum.
@@ -43,10 +43,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from lorasum.factors import LoraFactors
+from lorasum.factors import LoraFactors, activation_inner
 from lorasum.methods.registry import MergeMethod, ModuleMerge
 from lorasum.methods.regmean import lora_result
-from lorasum.predict import activation_inner
 
 if TYPE_CHECKING:
     from lorasum.methods.config import MergeConfig

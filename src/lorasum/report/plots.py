@@ -11,19 +11,10 @@ import io
 import math
 from collections.abc import Sequence
 
-PREDICTOR_LABELS = {
-    "rms_cosine": "RMS cosine of the adapters' ΔW",
-    "rms_activation_cosine": "RMS activation-weighted cosine of the ΔW",
-    "max_cross_talk": "max cross-talk",
-    "mean_cross_talk": "mean cross-talk",
-    "grad_cosine_rms": "RMS cosine of the domains' mean gradients at the base model",
-    "grad_cosine_mean": "mean cosine of the domains' mean gradients at the base model",
-    "grad_cosine_global": "cosine of the domains' whole mean gradients at the base model",
-    "base_loss_mean": "mean base-model loss of the domains",
-    "base_loss_spread": "spread (max − min) of the domains' base-model loss",
-    "transfer": "cross-domain transfer (% ppl change of a domain under another's adapter)",
-    "transfer_share": "share of a domain's own-adapter gain that another's adapter gets",
-}
+from lorasum.analysis.predictors import predictor_labels
+
+# axis labels of the registered predictors (`lorasum.analysis.predictors`); others: their name
+PREDICTOR_LABELS = predictor_labels()
 
 
 def _plt():

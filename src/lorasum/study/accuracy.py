@@ -274,7 +274,7 @@ def study_accuracy(rows: list[dict], base_result: dict, max_new_tokens: int) -> 
     """Study-wide: how each domain is scored (skipped ones listed), Spearman ρ of Δ% and Δ
     accuracy across (combination, method) rows (means over seeds), and the combinations whose
     best method by perplexity is not among the best by accuracy."""
-    from lorasum.study.stats import pearson_spearman
+    from lorasum.analysis.statistics import pearson_spearman
 
     domains = domain_rows(base_result)
     points = [

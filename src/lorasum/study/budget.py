@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from lorasum.analysis.statistics import delta_pct
 from lorasum.study.results import ci95, combo_name, mean
-from lorasum.study.stats import delta_pct
 
 _ADAPTER_FIELDS = (
     "steps",
@@ -205,9 +205,8 @@ def compare_budgets(studies: dict[str, dict]) -> dict:
     each predictor's leave-one-combination-out Spearman per budget, and pooled over the
     budgets (a point per combination, seed and budget; the combination left out under every
     budget at once, so no budget's copy of it helps predict another)."""
-    from lorasum.study.forecast import loo_predictions, oracle_rho
-    from lorasum.study.results import predictor_points
-    from lorasum.study.stats import pearson_spearman
+    from lorasum.analysis.forecast import loo_predictions, oracle_rho, predictor_points
+    from lorasum.analysis.statistics import pearson_spearman
 
     combos: dict[str, dict] = {}
     for label, res in studies.items():

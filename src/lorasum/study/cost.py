@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from lorasum.gradients import DEFAULT_MAX_BYTES
+from lorasum.analysis.gradients import DEFAULT_MAX_BYTES
 from lorasum.study.config import STUDY_ONLY_METHODS
 from lorasum.study.units import KINDS
 
@@ -218,7 +218,7 @@ class Model:
         return self.layers * (4 * self.d_model**2 + self.d_model * self.d_ff)
 
     def gradient_flops(self, max_bytes: int) -> float:
-        """FLOP per token of the data predictors (`lorasum.gradients`): one forward +
+        """FLOP per token of the data predictors (`lorasum.analysis.gradients`): one forward +
         activation-gradient backward (4P) per module group whose fp32 sums fit ``max_bytes``
         (at least ⌈4·target_params / max_bytes⌉ groups), plus each module's δᵀx (2 FLOP per
         adapted weight)."""

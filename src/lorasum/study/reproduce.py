@@ -19,6 +19,9 @@ from pathlib import Path
 
 from lorasum._version import __version__
 from lorasum.adapters import read_adapter
+from lorasum.analysis.forecast import loo_prediction
+from lorasum.analysis.similarity import similarity_matrix
+from lorasum.analysis.statistics import correlation
 from lorasum.data import load_split
 from lorasum.errors import LorasumError
 from lorasum.io import atomic_write_text, config_key, write_json
@@ -32,7 +35,6 @@ from lorasum.models import (
     resolve_target_modules,
     settle_cpu_bf16,
 )
-from lorasum.similarity import similarity_matrix
 from lorasum.study.accuracy import PREFIX as ACC
 from lorasum.study.accuracy import add_accuracy, seed_accuracy, study_accuracy
 from lorasum.study.budget import budget_summary, snapshot_summary
@@ -57,7 +59,6 @@ from lorasum.study.plan import (
 from lorasum.study.results import (
     aggregate_combination,
     cross_domain,
-    loo_prediction,
     manifest,
     mean,
     paper_comparison,
@@ -65,7 +66,6 @@ from lorasum.study.results import (
     statistics,
     train_curves,
 )
-from lorasum.study.stats import correlation
 from lorasum.study.units import cached_eval, eval_key, read_json_or_none  # noqa: F401
 from lorasum.train import TrainConfig, val_rows_problem
 
@@ -544,7 +544,7 @@ def _predictors(by_kind: dict, seed: int, names, combos, evals: dict) -> dict[st
     """Per combination: the activation-space predictors of this seed's adapters, the
     adapter-free ones of the data (seed-independent) and the cross-domain transfer of this
     seed's single adapters (with --cross-domain)."""
-    from lorasum.adapter_free import transfer_predictor
+    from lorasum.analysis import predictors
 
     units = by_kind.get("predictors", {})
     data = units.get((None, "data-predictors")) or {}
@@ -557,7 +557,9 @@ def _predictors(by_kind: dict, seed: int, names, combos, evals: dict) -> dict[st
             n: {d: ev["per_dataset"][d]["perplexity"] for d in names} for n, ev in singles.items()
         }
         table["base"] = {d: evals[(None, "base")]["per_dataset"][d]["perplexity"] for d in names}
-        for c, values in transfer_predictor(table, combos).items():
+        inputs = predictors.PredictorInputs(cross_domain=table)
+        cross = predictors.compute(predictors.families(needing="cross_domain"), inputs, combos)
+        for c, values in cross.items():
             out.setdefault(c, {}).update(values)
     return out
 

@@ -1,6 +1,7 @@
 """From the study's finished units to results.json: per-seed rows, means with 95 % intervals,
-methods, the cross-domain matrix, the statistics of Δ% against each predictor, leave-one-out
-predictions, the paper comparison and the run manifest. Pure functions of the units' numbers.
+methods, the cross-domain matrix, the statistics of Δ% against each predictor (the leave-one-out
+predictions are `lorasum.analysis.forecast.loo_prediction`'s), the paper comparison and the run
+manifest. Pure functions of the units' numbers.
 """
 
 from __future__ import annotations
@@ -12,15 +13,16 @@ import platform
 from collections.abc import Sequence
 from pathlib import Path
 
-from lorasum.evaluate import perplexity_from
-from lorasum.similarity import combination_rms
-from lorasum.study.stats import (
+from lorasum.analysis.forecast import predictor_points
+from lorasum.analysis.similarity import combination_rms
+from lorasum.analysis.statistics import (
     bootstrap_correlation,
     confidence_band,
     delta_pct,
     linear_fit,
     pearson_spearman,
 )
+from lorasum.evaluate import perplexity_from
 
 # The paper's pair results (arXiv 2508.11985, GPT-2 small), as {frozenset of domains: Δ%}.
 PAPER_PAIRS: dict[frozenset, tuple[str, float]] = {
@@ -325,22 +327,6 @@ def _relation(xs: list[float], ys: list[float], groups: list | None) -> dict:
     }
 
 
-def predictor_points(
-    rows: list[dict], predictor: str, target: str = "delta_pct"
-) -> tuple[list[float], list[float], list]:
-    """(x, y, group) over every (combination, seed) that has the predictor and the target."""
-    xs, ys, groups = [], [], []
-    for row in rows:
-        for s in row["per_seed"]:
-            x = s.get("predictors", {}).get(predictor)
-            if x is None or s.get(target) is None:
-                continue
-            xs.append(float(x))
-            ys.append(float(s[target]))
-            groups.append(combo_name(row["domains"]))
-    return xs, ys, groups
-
-
 def statistics(rows: list[dict]) -> dict:
     """Per predictor: Δ% against it over all (combination, seed) points — bootstrap resampling
     combinations with their seeds nested — and over the seed means."""
@@ -354,46 +340,6 @@ def statistics(rows: list[dict]) -> dict:
         out[predictor] = {
             "points": _relation(xs, ys, groups),
             "seed_means": _relation(mx, my, None),
-        }
-    return out
-
-
-def loo_prediction(rows: list[dict], target: str = "delta_pct") -> dict:
-    """Leave-one-combination-out: each point's ``target`` (Δ% vs merged-data training, or
-    ``delta_vs_singles_pct``: the sum vs each domain's own adapter) predicted by the line fitted
-    on the other combinations; Pearson and Spearman of predicted vs measured, per predictor, and
-    ``oracle_rho`` (`forecast.oracle_rho`): the Spearman that predicting each point by its
-    combination's mean measured value would reach — what the seeds' spread leaves."""
-    from lorasum.study.forecast import loo_predictions, oracle_rho
-
-    out = {}
-    for predictor in rows[0]["predictors"] if rows else []:
-        xs, ys, groups = predictor_points(rows, predictor, target)
-        predicted = loo_predictions(xs, ys, groups)
-        points = [
-            {"combination": g, "x": x, "predicted": p, "measured": y}
-            for x, y, g, p in zip(xs, ys, groups, predicted, strict=True)
-        ]
-        seeds = [
-            s["seed"]
-            for r in rows
-            for s in r["per_seed"]
-            if s.get("predictors", {}).get(predictor) is not None and s.get(target) is not None
-        ]
-        for point, seed in zip(points, seeds, strict=True):
-            point["seed"] = seed
-        ok = [p for p in points if p["predicted"] is not None]
-        corr = pearson_spearman([p["predicted"] for p in ok], [p["measured"] for p in ok])
-        out[predictor] = {
-            "points": points,
-            "n": len(ok),
-            "pearson_r": corr["pearson_r"],
-            "spearman_rho": corr["spearman_rho"],
-            "mean_abs_error": (
-                mean([abs(p["predicted"] - p["measured"]) for p in ok]) if ok else None
-            ),
-            # the ρ of a predictor that knows each combination's mean exactly
-            "oracle_rho": oracle_rho([p["measured"] for p in ok], [p["combination"] for p in ok]),
         }
     return out
 

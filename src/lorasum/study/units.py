@@ -385,7 +385,7 @@ def arrow_eval_unit(
 
 def cached_calibration(adapter_dir: Path) -> float | None:
     """0.0 when the domain adapter's input statistics are cached (nothing to run), else None."""
-    from lorasum.calibration import _plan
+    from lorasum.analysis.calibration import _plan
 
     try:
         found = _plan(adapter_dir, None, None, None, None, None, None).cached()
@@ -396,7 +396,7 @@ def cached_calibration(adapter_dir: Path) -> float | None:
 
 def calibrate_unit(adapter_dir: Path, *, model, tokenizer) -> float:
     """Input statistics of a domain adapter on its own training data (cached beside it)."""
-    from lorasum.calibration import calibrate
+    from lorasum.analysis.calibration import calibrate
 
     t0 = time.perf_counter()
     calibrate(adapter_dir, model=model, tokenizer=tokenizer, device=str(model.device))
@@ -627,10 +627,11 @@ def cached_predictors(path: Path, adapters: Path, names: list[str], combos) -> d
 def predictors_unit(
     path: Path, adapters: Path, names: list[str], combos, *, model, tokenizer
 ) -> dict[str, dict]:
-    """Activation-space predictors of every combination, from the cached input statistics;
-    written to ``path`` with its key."""
-    from lorasum.calibration import calibrate
-    from lorasum.predict import combination_predictors, interference_predictors
+    """Every predictor family the adapters and their input statistics allow
+    (`lorasum.analysis.predictors`: weight and activation space) of every combination, from
+    the cached statistics; written to ``path``."""
+    from lorasum.analysis import predictors
+    from lorasum.analysis.calibration import calibrate
 
     factors = {n: read_adapter(adapters / n).modules for n in names}
     # each domain's Ĝ read from the calibration cache one module at a time: holding every
@@ -642,11 +643,8 @@ def predictors_unit(
         ).per_token(from_file=True)
         for n in names
     }
-    result = interference_predictors(factors, grams)
-    out = {}
-    for combo in combos:
-        values = combination_predictors(result, combo)
-        out["+".join(combo)] = {k: v for k, v in values.items() if k != "rms_cosine"}
+    inputs = predictors.PredictorInputs(adapters=factors, grams=grams)
+    out = predictors.compute(predictors.families(predictors.ADAPTER_NEEDS), inputs, combos)
     write_json(path, {"key": predictors_key(adapters, names, combos), "result": out})
     return out
 
@@ -673,10 +671,17 @@ def cached_data_predictors(path: Path, model_spec: str, sources, combos, max_len
 def data_predictors_unit(
     path: Path, model_spec: str, sources: dict, combos, max_length: int, *, model, tokenizer
 ) -> dict[str, dict]:
-    """Predictors of the base model and the data alone (`lorasum.adapter_free`: the domains'
-    mean-gradient cosines, base loss): one per study, not per seed; written to ``path``."""
-    from lorasum.adapter_free import data_predictors
+    """Predictors of the base model and the data alone (`lorasum.analysis.predictors`: the
+    domains' mean-gradient cosines, base loss): one per study, not per seed; written to ``path``."""
+    from lorasum.analysis import predictors
 
-    out = data_predictors(model, tokenizer, sources, combos, max_length, model_spec=model_spec)
+    inputs = predictors.PredictorInputs(
+        model=model,
+        tokenizer=tokenizer,
+        sources=sources,
+        max_length=max_length,
+        model_spec=model_spec,
+    )
+    out = predictors.compute(predictors.families(needing="base_model_data"), inputs, combos)
     write_json(path, {"key": data_predictors_key(model_spec, sources, combos, max_length), "result": out})  # fmt: skip
     return out

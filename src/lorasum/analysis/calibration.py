@@ -7,7 +7,7 @@ gets
 
 over the non-padding tokens t of the data (the batch attention mask; prompt *and* answer
 tokens: the inputs are unlabelled). x_t is the module's input. The interference-aware merges
-(`lorasum.methods.regmean`, `…projection`) and the predictors (`lorasum.predict`) use the
+(`lorasum.methods.regmean`, `…projection`) and the predictors (`lorasum.analysis.predictors`) use the
 per-token second moment Ĝ_m = G_m / n_m, so every domain weighs the same whatever its size.
 
 Choices, and why:

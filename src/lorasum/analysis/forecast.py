@@ -2,7 +2,7 @@
 
 A finished study (``results.json`` of `lorasum reproduce`) holds, per combination and seed,
 the measured Δ% of the sum against merged-data training and the interference predictors of
-its adapters (`lorasum.predict.combination_predictors`). This module turns those rows into
+its adapters and data (`lorasum.analysis.predictors`). This module turns those rows into
 points (x = a predictor, y = Δ%), fits y on x by least squares, and answers two questions:
 
 - **how well does a predictor rank unseen combinations?** ``loo_predictions`` refits the line
@@ -29,29 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
+from lorasum.analysis.predictors import predictor_names
+from lorasum.analysis.statistics import linear_fit, pearson_spearman
 from lorasum.errors import LorasumError
-from lorasum.study.stats import linear_fit, pearson_spearman
-
-# predictors that a study's rows may carry; rms_cosine is also read from the row's top level
-PREDICTORS = (
-    "rms_cosine",
-    "rms_activation_cosine",
-    "max_cross_talk",
-    "mean_cross_talk",
-    "mean_overshoot",
-    "max_orthogonal_cross_talk",
-    "mean_orthogonal_cross_talk",
-)
-# predictors that need no adapter (`lorasum.adapter_free`): base model and training rows alone
-DATA_PREDICTORS = (
-    "grad_cosine_rms",
-    "grad_cosine_mean",
-    "grad_cosine_global",
-    "base_loss_mean",
-    "base_loss_spread",
-)
-# from the single adapters' cross-domain matrix (`lorasum.adapter_free.transfer_predictor`)
-TRANSFER_PREDICTORS = ("transfer", "transfer_share")
 
 
 def _line(x: np.ndarray, y: np.ndarray) -> tuple[float, float] | None:
@@ -136,6 +116,64 @@ def loo_summary(x: Sequence[float], y: Sequence[float], groups: Sequence[Hashabl
     }
 
 
+# --- a study's rows: leave-one-combination-out per predictor (results.json "prediction") --------
+
+
+def predictor_points(
+    rows: list[dict], predictor: str, target: str = "delta_pct"
+) -> tuple[list[float], list[float], list]:
+    """(x, y, group) over every (combination, seed) of a study's aggregated ``rows`` (results.json
+    ``combinations``, each with ``per_seed``) that has the predictor and the target."""
+    xs, ys, groups = [], [], []
+    for row in rows:
+        for s in row["per_seed"]:
+            x = s.get("predictors", {}).get(predictor)
+            if x is None or s.get(target) is None:
+                continue
+            xs.append(float(x))
+            ys.append(float(s[target]))
+            groups.append("+".join(row["domains"]))
+    return xs, ys, groups
+
+
+def loo_prediction(rows: list[dict], target: str = "delta_pct") -> dict:
+    """Leave-one-combination-out: each point's ``target`` (Δ% vs merged-data training, or
+    ``delta_vs_singles_pct``: the sum vs each domain's own adapter) predicted by the line fitted
+    on the other combinations; Pearson and Spearman of predicted vs measured, per predictor, and
+    ``oracle_rho`` (`oracle_rho`): the Spearman that predicting each point by its
+    combination's mean measured value would reach — what the seeds' spread leaves."""
+    out = {}
+    for predictor in rows[0]["predictors"] if rows else []:
+        xs, ys, groups = predictor_points(rows, predictor, target)
+        predicted = loo_predictions(xs, ys, groups)
+        points = [
+            {"combination": g, "x": x, "predicted": p, "measured": y}
+            for x, y, g, p in zip(xs, ys, groups, predicted, strict=True)
+        ]
+        seeds = [
+            s["seed"]
+            for r in rows
+            for s in r["per_seed"]
+            if s.get("predictors", {}).get(predictor) is not None and s.get(target) is not None
+        ]
+        for point, seed in zip(points, seeds, strict=True):
+            point["seed"] = seed
+        ok = [p for p in points if p["predicted"] is not None]
+        corr = pearson_spearman([p["predicted"] for p in ok], [p["measured"] for p in ok])
+        out[predictor] = {
+            "points": points,
+            "n": len(ok),
+            "pearson_r": corr["pearson_r"],
+            "spearman_rho": corr["spearman_rho"],
+            "mean_abs_error": (
+                sum(abs(p["predicted"] - p["measured"]) for p in ok) / len(ok) if ok else None
+            ),
+            # the ρ of a predictor that knows each combination's mean exactly
+            "oracle_rho": oracle_rho([p["measured"] for p in ok], [p["combination"] for p in ok]),
+        }
+    return out
+
+
 # --- points from studies ---------------------------------------------------------------------
 
 
@@ -210,7 +248,7 @@ def available_predictors(study_results: Sequence[dict]) -> list[str]:
                     names[name] = None
                 if row.get("rms_cosine") is not None:
                     names["rms_cosine"] = None
-    order = (*PREDICTORS, *DATA_PREDICTORS, *TRANSFER_PREDICTORS)
+    order = predictor_names()  # the registry's order
     known = [p for p in order if p in names]
     return known + sorted(n for n in names if n not in order)
 
@@ -241,7 +279,7 @@ def best_predictor(ranking: dict, usable: Sequence[str] | None = None) -> str | 
 
 
 def prediction_interval(fit: dict, x0: float, confidence: float = 0.95) -> tuple[float, float]:
-    """Interval for one new observation at x0 of a ``stats.linear_fit`` with n ≥ 3."""
+    """Interval for one new observation at x0 of a ``statistics.linear_fit`` with n ≥ 3."""
     from scipy import stats
 
     n = fit["n"]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from lorasum.adapters import Adapter, read_adapter
+from lorasum.adapters import read_adapter, unique_names
 from lorasum.errors import LorasumError
 from lorasum.factors import (
     Factors,
@@ -152,13 +152,6 @@ def _is_bases(x) -> bool:
 # --- adapters on disk ------------------------------------------------------------------------
 
 
-def _unique_names(adapters: Sequence[Adapter]) -> list[str]:
-    names = [a.name for a in adapters]
-    if len(set(names)) != len(names):
-        names = [str(a.path) for a in adapters]
-    return names
-
-
 def similarity(paths: Sequence[str | Path], plot: str | Path | None = None) -> dict:
     """`lorasum similarity`: the N×N cosines, breakdowns and principal angles of adapters.
 
@@ -170,7 +163,7 @@ def similarity(paths: Sequence[str | Path], plot: str | Path | None = None) -> d
         raise LorasumError("similarity needs at least two adapters")
     adapters = [read_adapter(p, strict=True) for p in paths]
     check_compatible(adapters, fan_in_fan_out=False)
-    names = _unique_names(adapters)
+    names = unique_names(adapters)
     factors = {n: a.modules for n, a in zip(names, adapters, strict=True)}
     pairs = similarity_matrix(factors)
     n = len(names)
