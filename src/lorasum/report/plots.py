@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
+
+from lorasum.study.names import combo_name
 
 PREDICTOR_LABELS = {
     "rms_cosine": "RMS cosine of the adapters' ΔW",
@@ -49,10 +50,6 @@ def _png(fig, dpi: int = 100) -> bytes:
     out = io.BytesIO()
     small.save(out, format="PNG", optimize=True)
     return out.getvalue()
-
-
-def combo_name(domains: Sequence[str]) -> str:
-    return "+".join(domains)
 
 
 def combo_colors(results: dict) -> dict[str, tuple]:
