@@ -11,6 +11,7 @@ from conftest import make_qa, write_jsonl
 from lorasum.study import cost
 from lorasum.study.plan import plan_study
 from lorasum.study.reproduce import reproduce, resolve
+from lorasum.study.tasks import CalibrateTask, DataPredictorsTask, FitTask, TrainTask
 
 # (domains, settings): tiny studies of 3 and 4 domains, orders 1…3 (max_order 2 … all), 1–2
 # seeds, with and without calibrating methods, cross-domain, variants, predictors, budgets
@@ -78,42 +79,41 @@ def test_tokens_equal_the_plans_rows_at_max_length(tiny_llama, four_domains, tmp
     from its step count."""
     kw = _settings(tiny_llama, four_domains, n, settings)
     lay = resolve(tmp_path / "s", "tiny", None, kw, False).layout
-    units = plan_study(lay).units
+    tasks = plan_study(lay).tasks
     grid, ml = _grid(lay, settings), lay.base_cfg.max_length
     tokens = cost.token_counts(grid, ml)
 
-    evals = [u.cost * 1000 for u in units if u.kind == "eval"]
+    evals = [t.cost() * 1000 for t in tasks if t.kind == "eval"]
     assert tokens["eval"] == pytest.approx({"total": sum(evals), "largest": max(evals)})
 
-    trains = []
-    for u in units:
-        if u.kind == "train":
-            cfg, _, srcs, _ = u.args
-            rows = sum(len(s.splits["train"]) for s in srcs)
+    trains = {}
+    for t in tasks:
+        if isinstance(t, TrainTask):
+            cfg, rows = t.cfg, sum(len(s.splits["train"]) for s in t.sources)
             steps = cfg.max_steps or math.ceil(cfg.epochs * math.ceil(rows / cfg.batch_size))
-            trains.append(_oracle_rows(rows, cfg.batch_size, steps) * ml)
-            if lay.budget == "epochs":  # the cost field counts one pass over the rows
-                assert trains[-1] == pytest.approx(u.cost * 1000 / 3 * cfg.epochs)
-    assert tokens["train"] == pytest.approx({"total": sum(trains), "largest": max(trains)})
+            trains[t] = _oracle_rows(rows, cfg.batch_size, steps) * ml
+            if lay.budget == "epochs":  # the cost counts one pass over the rows
+                assert trains[t] == pytest.approx(t.cost() * 1000 / 3 * cfg.epochs)
+    totals = list(trains.values())
+    assert tokens["train"] == pytest.approx({"total": sum(totals), "largest": max(totals)})
 
-    calib = {u.name.split("@")[0]: u.cost * 1000 for u in units if u.kind == "calibrate"}
+    calib = {t.single.domains[0]: t.cost() * 1000 for t in tasks if isinstance(t, CalibrateTask)}
     if calib:  # computed once per domain, whatever the seeds and step counts
         assert tokens["calibrate"]["total"] == pytest.approx(sum(calib.values()))
     else:
         assert "calibrate" not in tokens
-    merged = {u.name: t for u, t in zip([u for u in units if u.kind == "train"], trains, strict=True)}  # fmt: skip
     val = {len(s.splits["val"]) for s in lay.sources.values()}
     assert val == {grid.test_rows}  # the model reads the val split's size off the test split's
     fits = []
-    for u in units:
-        if u.kind == "fit" and u.name.startswith("method-calibrated-"):
-            fits.append(grid.calibrated_fraction * merged[u.name.replace("method-calibrated-", "merged-")])  # fmt: skip
-        elif u.kind == "fit":  # learned: K val rows of each of its domains, every epoch
-            srcs, opts = u.args[4], u.args[5]  # (method, paths, out, merged, srcs, opts, …)
-            rows = sum(min(opts["rows"], len(s.splits["val"])) for s in srcs)
+    for t in tasks:
+        if isinstance(t, FitTask) and t.method == "calibrated":
+            fits.append(grid.calibrated_fraction * trains[t.merged])
+        elif isinstance(t, FitTask):  # learned: K val rows of each of its domains, every epoch
+            opts = t.options
+            rows = sum(min(opts["rows"], len(s.splits["val"])) for s in t.val_sources)
             fits.append(rows * opts["epochs"] * ml)
     assert tokens.get("fit", {}).get("total", 0) == pytest.approx(sum(fits))
-    data = [u.cost * 1000 / 3 for u in units if u.name == "data-predictors"]
+    data = [t.cost() * 1000 / 3 for t in tasks if isinstance(t, DataPredictorsTask)]
     assert tokens.get("predictors", {}).get("total", 0) == pytest.approx(sum(data))
 
 

@@ -158,11 +158,12 @@ def test_a_study_gives_each_domain_its_slot_and_keeps_merged_training_standard(
 def _train_units(tiny_llama, qa_files, tmp_path, **settings) -> dict:
     from lorasum.study.plan import plan_study
     from lorasum.study.reproduce import resolve
+    from lorasum.study.tasks import TrainTask
 
     overrides = dict(model=str(tiny_llama), domains=qa_domains(qa_files, 2), max_order=2,
                      **settings)  # fmt: skip
     study = resolve(tmp_path / "never-written", "tiny", None, overrides, False)
-    return {u.name: u for u in plan_study(study.layout).units if u.kind == "train"}
+    return {t.name: t for t in plan_study(study.layout).of_type(TrainTask)}
 
 
 @pytest.mark.parametrize("policy", ["frozen", "disjoint"])
@@ -175,14 +176,14 @@ def test_equal_params_doubles_the_singles_rank_and_keeps_the_merged_baseline(
     names = list(qa_files)[:2]
     merged = f"merged-{'+'.join(names)}"
     # the merged-data adapter is the same unit (same key: a copied study directory reuses it)
-    assert equal[merged].key == plain[merged].key
-    assert equal[merged].args[0].rank == plain[merged].args[0].rank
-    assert equal[merged].args[0].lora_a == "trained"
+    assert equal[merged].key() == plain[merged].key()
+    assert equal[merged].cfg.rank == plain[merged].cfg.rank
+    assert equal[merged].cfg.lora_a == "trained"
     for i, n in enumerate(names):
-        cfg, base = equal[n].args[0], plain[n].args[0]
+        cfg, base = equal[n].cfg, plain[n].cfg
         assert (cfg.rank, cfg.alpha) == (2 * base.rank, 2 * base.alpha)  # scale α/r kept
         assert cfg.lora_a == policy and cfg.a_slot == (i if policy == "disjoint" else 0)
-        assert equal[n].key != plain[n].key
+        assert equal[n].key() != plain[n].key()
 
 
 def test_equal_params_needs_a_frozen_a(tiny_llama, qa_files, tmp_path, capsys):

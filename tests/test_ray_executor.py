@@ -14,7 +14,8 @@ import lorasum
 from lorasum.errors import LorasumError
 from lorasum.study.executors import execute
 from lorasum.study.reproduce import reproduce
-from lorasum.study.units import Resources, Unit, eval_unit
+from lorasum.study.tasks import EvalTask, Resources, Task
+from lorasum.study.tasks.base import task_type
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +32,7 @@ def ray_session():
     ray.init(
         num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING
     )
-    # The test-only unit functions below travel to the actors by value.
+    # The test-only task types below travel to the actors by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     yield ray
     ray.shutdown()
@@ -78,20 +79,46 @@ def _attempt(path: Path) -> int:
     return before
 
 
-def _eval_killed_once(spec, sources, cfg, *, model, tokenizer, **kw):
-    """The sum's evaluation, whose actor process is SIGKILLed the first time it runs it."""
-    if spec.path.name.startswith("sum-") and _attempt(spec.path.parents[3] / "attempts") == 0:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return eval_unit(spec, sources, cfg, model=model, tokenizer=tokenizer, **kw)
+class _EvalKilledOnce(EvalTask):
+    """An evaluation whose actor process is SIGKILLed the first time it runs the sum's."""
+
+    def run(self, *, model, tokenizer, **kw):
+        if self.name.startswith("sum-") and _attempt(self.path.parents[3] / "attempts") == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return EvalTask.run(self, model=model, tokenizer=tokenizer, **kw)
 
 
-def _user_error(attempts: Path, *, model, tokenizer):
-    _attempt(attempts)
-    raise LorasumError("bad input: fix it")
+@task_type
+class _UserError(Task):
+    """A task whose input is wrong: it counts its runs in ``attempts`` and raises."""
+
+    kind = "eval"
+    attempts: Path
+    gpus: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"user-error-{self.gpus}-gpus"
+
+    def resources(self) -> Resources:
+        return Resources(gpus=self.gpus)
+
+    def cost(self) -> float:
+        return 1.0
+
+    def key(self) -> str:
+        return self.name
+
+    def cached(self) -> None:
+        return None
+
+    def run(self, *, model, tokenizer):
+        _attempt(self.attempts)
+        raise LorasumError("bad input: fix it")
 
 
-def _unit(fn, *args, gpus: int = 0) -> Unit:
-    return Unit("eval", 0, fn.__name__, fn.__name__, fn, args, resources=Resources(gpus=gpus))
+def _user_error(attempts: Path, gpus: int = 0) -> _UserError:
+    return _UserError(seed=0, attempts=attempts, gpus=gpus)
 
 
 def test_ray_gives_the_same_study_with_a_killed_actor_and_a_rerun_runs_nothing(
@@ -100,7 +127,7 @@ def test_ray_gives_the_same_study_with_a_killed_actor_and_a_rerun_runs_nothing(
     from lorasum.study.ray_executor import RayExecutor
 
     with monkeypatch.context() as m:
-        m.setattr("lorasum.study.plan.eval_unit", _eval_killed_once)
+        m.setattr("lorasum.study.plan.EvalTask", _EvalKilledOnce)
         on_ray = _study(tiny_llama, qa_files, tmp_path / "ray", "ray")
     pids = (tmp_path / "attempts").read_text().split()
     assert len(pids) == 2 and pids[0] != pids[1]  # killed once, run again in a new process
@@ -121,7 +148,7 @@ def test_a_user_error_is_not_retried(ray_session, tiny_llama, tmp_path):
     attempts = tmp_path / "attempts"
     runner = RayExecutor(str(tiny_llama), tmp_path / "study", "cpu", workers=1)
     with pytest.raises(LorasumError, match="^bad input: fix it$"):
-        execute([_unit(_user_error, attempts)], runner)
+        execute([_user_error(attempts)], runner)
     assert len(attempts.read_text().splitlines()) == 1
 
 
@@ -130,9 +157,9 @@ def test_gpu_units_are_refused_on_a_cluster_without_gpus(ray_session, tiny_llama
 
     attempts = tmp_path / "attempts"
     runner = RayExecutor(str(tiny_llama), tmp_path / "study", "auto", workers=1)
-    gpu_unit = _unit(_user_error, attempts, gpus=1)
+    gpu_unit = _user_error(attempts, gpus=1)
     with pytest.raises(LorasumError, match="need a GPU .* has no GPU") as e:
-        execute([_unit(_user_error, attempts), gpu_unit], runner)
+        execute([_user_error(attempts), gpu_unit], runner)
     assert "\n" not in str(e.value)
     assert not attempts.exists()  # refused before anything ran
 
@@ -146,7 +173,7 @@ def test_an_actor_that_cannot_see_the_study_directory_refuses(ray_session, tiny_
     check_storage(runner.marker)  # the driver's marker is there …
     runner.marker.unlink()  # … and an actor that does not see it refuses to run
     with pytest.raises(LorasumError, match="cannot see the study directory .*study"):
-        execute([_unit(_user_error, tmp_path / "attempts")], runner)
+        execute([_user_error(tmp_path / "attempts")], runner)
     assert not (tmp_path / "attempts").exists()
 
 

@@ -34,7 +34,8 @@ from lorasum.study.ledger import (
 )
 from lorasum.study.lock import HOLDER_NAME, LOCK_NAME, study_lock
 from lorasum.study.reproduce import reproduce
-from lorasum.study.units import Unit
+from lorasum.study.tasks import Task
+from lorasum.study.tasks.base import task_type
 
 SRC = str(Path(lorasum.__file__).resolve().parents[1])  # this checkout's code, not an install
 
@@ -103,15 +104,15 @@ def listing(root: Path) -> dict[str, tuple[int, int]]:
 
 
 def ran_units(monkeypatch) -> list[str]:
-    """The ids of the units a study runs from now on (inline executor: `run_unit`)."""
+    """The ids of the units a study runs from now on (inline executor: `run_task`)."""
     ran: list[str] = []
-    run = executors.run_unit
+    run = executors.run_task
 
-    def recording(unit, model, tokenizer):
-        ran.append(unit.id)
-        return run(unit, model, tokenizer)
+    def recording(task, model, tokenizer):
+        ran.append(task.id)
+        return run(task, model, tokenizer)
 
-    monkeypatch.setattr(executors, "run_unit", recording)
+    monkeypatch.setattr(executors, "run_task", recording)
     return ran
 
 
@@ -392,14 +393,43 @@ def test_digests_and_structure_of_an_output(tmp_path):
     assert digest_problem(recorded, single) == "is missing"
 
 
-def test_dependants_are_transitive_and_in_plan_order():
-    def unit(name, *deps):
-        deps = tuple(f"compose/0/{d}" for d in deps)
-        return Unit("compose", 0, name, name, fn=lambda: None, deps=deps)
+@task_type
+class _Node(Task):
+    """A task of a test graph: its name and the tasks it reads."""
 
-    units = [unit("a"), unit("b"), unit("c", "a"), unit("d", "c", "b"), unit("e", "b")]
-    assert dependants(units, "compose/0/a") == ["compose/0/c", "compose/0/d"]
-    assert dependants(units, "compose/0/d") == []
+    kind = "compose"
+    label_: str
+    reads: tuple[Task, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.label_
+
+    def dependencies(self) -> tuple[Task, ...]:
+        return self.reads
+
+    def cost(self) -> float:
+        return 1.0
+
+    def key(self) -> str:
+        return self.label_
+
+    def cached(self) -> None:
+        return None
+
+    def run(self, *, model, tokenizer) -> None:
+        return None
+
+
+def test_dependants_are_transitive_and_in_plan_order():
+    a, b = _Node(seed=0, label_="a"), _Node(seed=0, label_="b")
+    c = _Node(seed=0, label_="c", reads=(a,))
+    d = _Node(seed=0, label_="d", reads=(c, b))
+    e = _Node(seed=0, label_="e", reads=(b,))
+    tasks = [a, b, c, d, e]
+    assert dependants(tasks, a) == [c, d]
+    assert [t.id for t in dependants(tasks, a)] == ["compose/0/c", "compose/0/d"]
+    assert dependants(tasks, d) == []
 
 
 def test_lock_is_reentrant_for_nobody(tmp_path):

@@ -808,3 +808,9 @@ def check_answers_fit(
                 f"every answer in the {split} split of {src.name} is cut at --max-length "
                 f"{max_length} tokens (none would be learned or scored whole); raise --max-length"
             )
+
+
+def combo_name(domains: Sequence[str]) -> str:
+    """``arith+colors``: a combination of domains, in its order — the one place its name is
+    built (directories, results.json keys, the report; `study.names` builds the rest)."""
+    return "+".join(domains)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
 
 from lorasum.analysis.predictors import predictor_labels
+from lorasum.data import combo_name
 
 # axis labels of the registered predictors (`lorasum.analysis.predictors`); others: their name
 PREDICTOR_LABELS = predictor_labels()
@@ -40,10 +40,6 @@ def _png(fig, dpi: int = 100) -> bytes:
     out = io.BytesIO()
     small.save(out, format="PNG", optimize=True)
     return out.getvalue()
-
-
-def combo_name(domains: Sequence[str]) -> str:
-    return "+".join(domains)
 
 
 def combo_colors(results: dict) -> dict[str, tuple]:

@@ -1,12 +1,9 @@
-"""Task accuracy in a study (``metrics: [perplexity, accuracy]``): its units and its numbers.
+"""Task accuracy in a study (``metrics: [perplexity, accuracy]``): its numbers.
 
 Every evaluation the study makes of an adapter on test rows (base, singles, merged-data
-adapters, sums, methods, the paper's variants) gets a twin unit ``acc-<eval name>``: the same
-adapter on the same rows, scored by `lorasum.evaluate.accuracy_of` (acc / acc_norm over
-multiple-choice rows, exact match of greedy short answers), written to
-``evals/acc-<name>.json`` with a key of its own (`AccuracySpec.key`: the perplexity
-evaluation's key, the metric, ``max_new_tokens``, `ACCURACY_VERSION` and the rows' options and
-accepted answers). Perplexity units are untouched, so accuracy can be added to a finished study.
+adapters, sums, methods, the paper's variants) gets a twin unit ``acc-<eval name>``
+(`lorasum.study.tasks.AccuracyTask`): the same adapter on the same rows, scored by
+`lorasum.evaluate.accuracy_of`, written to ``evals/acc-<name>.json`` with a key of its own.
 
 Numbers: per combination and method the pooled accuracy of its domains' test rows and
 **Δ accuracy** in percentage points vs the merged-data adapter (method − merged; positive =
@@ -17,113 +14,9 @@ whose best method differs between the two metrics.
 
 from __future__ import annotations
 
-import hashlib
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
-from lorasum.accuracy import ACCURACY_VERSION, DEFAULT_MAX_NEW_TOKENS, row_kind
-from lorasum.data import Source
-from lorasum.io import config_key, write_json
-from lorasum.models import autocast_dtype, sha256_file
-from lorasum.study.units import EVAL_BATCH_SIZE, cached_eval, eval_key
-from lorasum.train import TrainConfig
-
-PREFIX = "acc-"  # an accuracy unit's name: the perplexity evaluation's, prefixed
-
-
-def scoring_fingerprint(rows) -> str:
-    """What accuracy reads of the rows beyond question and answer (options, label, accepted
-    answers), which `Source.fingerprint` leaves out."""
-    h = hashlib.sha256()
-    for qa in rows:
-        h.update(repr((qa.choices, qa.label, qa.accepted)).encode() + b"\1")
-    return h.hexdigest()[:16]
-
-
-def rows_cost(sources: dict[str, Source], domains: Sequence[str], max_new_tokens: int) -> int:
-    """Rows' worth of forward passes: one per option, ~max_new_tokens / 4 per generation."""
-    n = 0
-    for d in domains:
-        for qa in sources[d].splits["test"]:
-            kind = row_kind(qa)
-            if kind == "choice":
-                n += len(qa.choices)
-            elif kind == "match":
-                n += max(1, max_new_tokens // 4)
-    return n
-
-
-@dataclass(frozen=True)
-class AccuracySpec:
-    """Task accuracy of the adapter (None = the base model) on the test rows of ``domains``;
-    ``unit_key`` as `units.EvalSpec` (None: the adapter's weights file's sha256)."""
-
-    path: Path
-    adapter_dir: Path | None
-    unit_key: str | None
-    domains: tuple[str, ...]
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-
-    def key(self, sources: dict[str, Source], cfg: TrainConfig) -> str:
-        unit_key = self.unit_key
-        if unit_key is None:
-            unit_key = sha256_file(self.adapter_dir / "adapter_model.safetensors")
-        return config_key(
-            {
-                "eval": eval_key(unit_key, self.domains, sources, cfg),
-                "metric": "accuracy",
-                "max_new_tokens": self.max_new_tokens,
-                "accuracy_version": ACCURACY_VERSION,
-                "options": [scoring_fingerprint(sources[d].splits["test"]) for d in self.domains],
-            }
-        )
-
-    def cached(self, sources: dict[str, Source], cfg: TrainConfig) -> dict | None:
-        try:
-            return cached_eval(self.path, self.key(sources, cfg))
-        except OSError:  # the adapter is not there yet
-            return None
-
-
-def accuracy_unit(
-    spec: AccuracySpec,
-    sources: dict[str, Source],
-    cfg: TrainConfig,
-    *,
-    model,
-    tokenizer,
-    progress: bool = False,
-) -> dict:
-    """`lorasum.evaluate.accuracy_of` of the base model (with the adapter, if any) on the test
-    splits, written atomically to ``spec.path`` with its key. ``model`` is left unchanged."""
-    from lorasum.evaluate import accuracy_of
-
-    key = spec.key(sources, cfg)
-    device = next(model.parameters()).device
-    net = model
-    if spec.adapter_dir is not None:
-        from peft import PeftModel
-
-        net = PeftModel.from_pretrained(model, str(spec.adapter_dir))
-    t0 = time.perf_counter()
-    try:
-        result = accuracy_of(
-            net, tokenizer, [sources[d] for d in spec.domains], "test", device,
-            autocast_dtype(cfg.precision, device), cfg.max_length, EVAL_BATCH_SIZE,
-            spec.max_new_tokens,
-        )  # fmt: skip
-    finally:
-        if spec.adapter_dir is not None:
-            net.unload()
-    result["timing"] = {"seconds": time.perf_counter() - t0}
-    write_json(spec.path, {"key": key, "result": result})
-    return result
-
-
-# ---------------------------------------------------------------------------------------------
-# Numbers: pooled accuracy of a set of domains, Δ accuracy, their means over seeds
+from lorasum.study import names
 
 # Δ accuracy of each of these, in points: score (acc on options and exact match on short
 # answers, one vote per question: the headline), and each metric on its own rows
@@ -163,17 +56,15 @@ def seed_accuracy(
     """One seed's accuracy of one combination: the merged-data adapter, the base model, each
     domain under its own single adapter, and each method with its Δ accuracy (points) vs the
     merged-data adapter. None where the study has no accuracy units for it."""
-    from lorasum.study.results import combo_name
-
-    c = combo_name(combo)
-    if f"{PREFIX}merged-{c}" not in evals:
+    acc = names.accuracy_name
+    if acc(names.merged_name(combo)) not in evals:
         return None
-    merged_result = evals[f"{PREFIX}merged-{c}"]
+    merged_result = evals[acc(names.merged_name(combo))]
     merged = pooled(merged_result, combo)
-    singles = [pooled(evals[f"{PREFIX}single-{d}"], [d]) for d in combo]
+    singles = [pooled(evals[acc(names.single_eval_name(d))], [d]) for d in combo]
     out = {
         "merged": merged,
-        "base": pooled(evals[f"{PREFIX}base"], combo),
+        "base": pooled(evals[acc(names.BASE)], combo),
         "singles": _sum_pooled(singles),
         "skipped_domains": [
             d for d in combo if domain_rows(merged_result)[d]["scored_by"] == "skip"
@@ -181,8 +72,7 @@ def seed_accuracy(
         "methods": {},
     }
     for m in methods:
-        unit = f"{PREFIX}sum-{c}" if m == "sum" else f"{PREFIX}method-{m}-{c}"
-        v = pooled(evals[unit], combo)
+        v = pooled(evals[acc(names.composition_name(m, combo))], combo)
         out["methods"][m] = {**v, **{d: _points(v[k], merged[k]) for k, d in DELTAS.items()}}
     return out
 
@@ -278,7 +168,7 @@ def study_accuracy(rows: list[dict], base_result: dict, max_new_tokens: int) -> 
 
     domains = domain_rows(base_result)
     points = [
-        (combo_name_of(r), m, v["delta_pct"], v["accuracy"]["delta_pts"])
+        (names.combo_name(r["domains"]), m, v["delta_pct"], v["accuracy"]["delta_pts"])
         for r in rows
         if "accuracy" in r
         for m, v in r["methods"].items()
@@ -292,7 +182,7 @@ def study_accuracy(rows: list[dict], base_result: dict, max_new_tokens: int) -> 
         by_acc = r["accuracy"]["best_methods"]
         changes.append(
             {
-                "combination": combo_name_of(r),
+                "combination": names.combo_name(r["domains"]),
                 "best_by_perplexity": r["best_method"],
                 "best_by_accuracy": by_acc,
                 "differs": r["best_method"] not in by_acc,
@@ -315,7 +205,3 @@ def study_accuracy(rows: list[dict], base_result: dict, max_new_tokens: int) -> 
         "best_method": changes,
         "rank_changes": [c["combination"] for c in changes if c["differs"]],
     }
-
-
-def combo_name_of(row: dict) -> str:
-    return "+".join(row["domains"])

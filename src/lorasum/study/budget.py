@@ -16,7 +16,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from lorasum.analysis.statistics import delta_pct
-from lorasum.study.results import ci95, combo_name, mean
+from lorasum.study import names
+from lorasum.study.names import combo_name
+from lorasum.study.results import ci95, mean
 
 _ADAPTER_FIELDS = (
     "steps",
@@ -59,7 +61,7 @@ def budget_summary(
     seeds = list(metrics)
     rows = []
     for combo in combos:
-        merged = f"merged-{combo_name(combo)}"
+        merged = names.merged_name(combo)
         per_seed = []
         for s in seeds:
             sides = [adapter_budget(metrics[s][u]) for u in singles[combo]]
@@ -100,27 +102,25 @@ def snapshot_points(
     evals: dict[str, dict],
     steps: dict[str, dict[float, int]],
     methods: Sequence[str],
-    tag,
 ) -> list[dict]:
     """One seed's points along the runs of one combination: at each snapshot epoch (the last
     is the finished adapters' own evaluations) the perplexities of the merged adapter and of
     every method over the singles; ``steps``: unit → epochs → optimizer step."""
-    c = combo_name(combo)
+    merged_name = names.merged_name(combo)
     points = []
     for i, e in enumerate(epochs):
-        last = i == len(epochs) - 1
-        pre = "" if last else f"snap-{tag(e)}-"
-        merged = evals[f"{pre}merged-{c}"]
+        at = None if i == len(epochs) - 1 else e
+        merged = evals[names.snapshot_name(at, merged_name)]
         ppl = {}
         for m in methods:
-            unit = f"{pre}sum-{c}" if m == "sum" else f"{pre}method-{m}-{c}"
+            unit = names.snapshot_name(at, names.composition_name(m, combo))
             if unit in evals:
                 ppl[m] = evals[unit]["perplexity"]
         points.append(
             {
                 "epochs": e,
                 "single_steps": [steps[d][e] for d in combo],
-                "merged_steps": steps[f"merged-{c}"][e],
+                "merged_steps": steps[merged_name][e],
                 "ppl_merged": merged["perplexity"],
                 "ppl": ppl,
             }
@@ -178,14 +178,13 @@ def snapshot_summary(
     seed_evals: dict[int, dict[str, dict]],
     seed_steps: dict[int, dict[str, dict[float, int]]],
     methods: Sequence[str],
-    tag,
 ) -> list[dict]:
     """Per combination: Δ% against training length, paired by equal epochs and equal steps,
     mean and 95 % interval over seeds, with each seed's points."""
     rows = []
     for combo in combos:
         paired = [
-            pair_points(snapshot_points(combo, epochs, seed_evals[s], seed_steps[s], methods, tag))
+            pair_points(snapshot_points(combo, epochs, seed_evals[s], seed_steps[s], methods))
             for s in seed_evals
         ]
         rows.append(

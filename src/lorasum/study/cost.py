@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from lorasum.analysis.gradients import DEFAULT_MAX_BYTES
 from lorasum.study.config import STUDY_ONLY_METHODS
-from lorasum.study.units import KINDS
+from lorasum.study.tasks import KINDS
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ def snapshot_method_count(grid: Grid) -> int:
 
 
 def unit_counts(grid: Grid) -> dict[str, int]:
-    """Units per kind (`study.units.KINDS`) of the whole study, every seed."""
+    """Units per kind (`study.tasks.KINDS`) of the whole study, every seed."""
     n, s, c, v = grid.domains, grid.seeds, grid.combinations(), grid.variants()
     methods = grid.methods_beside_sum()
     fitted = sum(m in STUDY_ONLY_METHODS for m in methods)

@@ -1,8 +1,10 @@
-"""Executors: where a plan's units run. They know nothing of what units mean.
+"""Executors: where a plan's tasks run. They know nothing of what tasks mean: they ask a task
+(`lorasum.study.tasks.Task`) for its dependencies, cost, resources and cached result, and run it.
 
-An executor has ``slots`` (units it runs at once), ``submit(unit)`` and ``wait()`` (at least one
-finished unit: ``(unit, result, seconds)``); `execute` walks the plan in dependency order,
-skips finished units, submits the longest ready ones first and advances the progress bar.
+An executor has ``slots`` (tasks it runs at once), ``submit(task)`` and ``wait()`` (at least one
+finished task: ``(task, result, seconds)``); `execute` walks the plan's graph of task objects in
+dependency order, skips finished tasks, submits the longest ready ones first and advances the
+progress bar.
 
 `LocalExecutor` (the default): units inline in this process (1 worker) or in ``workers`` spawned
 processes, each holding one copy of the base model, loaded once. A 135M model on a small CPU
@@ -26,7 +28,7 @@ from typing import Any, Protocol
 
 import torch
 
-from lorasum.study.units import Unit
+from lorasum.study.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -67,17 +69,17 @@ def auto_workers(device: torch.device, n_units: int, gb_per_worker: float = 4.0)
 class Executor(Protocol):
     slots: int
 
-    def submit(self, unit: Unit) -> None: ...
+    def submit(self, task: Task) -> None: ...
 
-    def wait(self) -> list[tuple[Unit, Any, float]]: ...
+    def wait(self) -> list[tuple[Task, Any, float]]: ...
 
     def close(self) -> None: ...
 
 
-def run_unit(unit: Unit, model, tokenizer) -> tuple[Any, float]:
-    """Run one unit on a loaded model; its result and seconds."""
+def run_task(task: Task, model, tokenizer) -> tuple[Any, float]:
+    """Run one task on a loaded model; its result and seconds."""
     t0 = time.perf_counter()
-    result = unit.fn(*unit.args, model=model, tokenizer=tokenizer, **unit.kwargs)
+    result = task.run(model=model, tokenizer=tokenizer)
     return result, time.perf_counter() - t0
 
 
@@ -119,8 +121,8 @@ def init_worker(
     _WORKER["model"] = load_model(model_spec, device)
 
 
-def _in_worker(unit: Unit) -> tuple[Any, float]:
-    return run_unit(unit, _WORKER["model"], _WORKER["tokenizer"])
+def _in_worker(task: Task) -> tuple[Any, float]:
+    return run_task(task, _WORKER["model"], _WORKER["tokenizer"])
 
 
 def _worker_device(device: torch.device, index: int) -> str:
@@ -131,7 +133,7 @@ def _worker_device(device: torch.device, index: int) -> str:
 
 
 class LocalExecutor:
-    """Units inline (1 worker: the caller's loaded model) or in ``workers`` processes; on a
+    """Tasks inline (1 worker: the caller's loaded model) or in ``workers`` processes; on a
     machine with several GPUs each worker process owns one GPU."""
 
     name = "local"
@@ -148,8 +150,8 @@ class LocalExecutor:
         self.model_spec, self.model, self.tokenizer = model_spec, model, tokenizer
         self.device, self.slots, self.bf16 = device, max(1, workers), bf16
         self._pools: list[ProcessPoolExecutor] = []
-        self._queue: list[Unit] = []  # inline: submitted, not yet run
-        self._futures: dict[Future, Unit] = {}
+        self._queue: list[Task] = []  # inline: submitted, not yet run
+        self._futures: dict[Future, Task] = {}
         self._next = 0
 
     def _pool(self) -> ProcessPoolExecutor:
@@ -168,24 +170,24 @@ class LocalExecutor:
                 )
         return min(self._pools, key=lambda p: sum(1 for f in self._futures if f.pool is p))
 
-    def submit(self, unit: Unit) -> None:
+    def submit(self, task: Task) -> None:
         if self.slots == 1:
-            self._queue.append(unit)
+            self._queue.append(task)
             return
         pool = self._pool()
-        fut = pool.submit(_in_worker, unit)
+        fut = pool.submit(_in_worker, task)
         fut.pool = pool  # type: ignore[attr-defined]
-        self._futures[fut] = unit
+        self._futures[fut] = task
 
-    def wait(self) -> list[tuple[Unit, Any, float]]:
+    def wait(self) -> list[tuple[Task, Any, float]]:
         if self.slots == 1:
-            unit = self._queue.pop(0)
-            return [(unit, *run_unit(unit, self.model, self.tokenizer))]
+            task = self._queue.pop(0)
+            return [(task, *run_task(task, self.model, self.tokenizer))]
         done, _ = wait_futures(list(self._futures), return_when=FIRST_COMPLETED)
         out = []
         for fut in done:
-            unit = self._futures.pop(fut)
-            out.append((unit, *fut.result()))  # re-raises a worker's exception here
+            task = self._futures.pop(fut)
+            out.append((task, *fut.result()))  # re-raises a worker's exception here
         return out
 
     def close(self) -> None:
@@ -198,102 +200,102 @@ class LocalExecutor:
 
 
 class Verifier(Protocol):
-    """What `execute` asks before reusing a finished unit and tells after running one (the
-    study's `lorasum.study.ledger.Ledger`); it knows what a unit's output is, `execute` not."""
+    """What `execute` asks before reusing a finished task and tells after running one (the
+    study's `lorasum.study.ledger.Ledger`); it knows what a task's output is, `execute` not."""
 
-    def verify(self, unit: Unit) -> str | None: ...  # the output's problem, or None: whole
+    def verify(self, task: Task) -> str | None: ...  # the output's problem, or None: whole
 
-    def record(self, unit: Unit) -> None: ...  # the unit has just finished
+    def record(self, task: Task) -> None: ...  # the task has just finished
 
-    def invalidate(self, unit: Unit) -> None: ...  # remove its output: it runs from nothing
-
-
-def dependants(units: Sequence[Unit], unit_id: str) -> list[str]:
-    """Every unit that reads ``unit_id``'s output, directly or through others, in plan order."""
-    tainted = {unit_id}
-    for u in units:
-        if any(d in tainted for d in u.deps):
-            tainted.add(u.id)
-    return [u.id for u in units if u.id in tainted and u.id != unit_id]
+    def invalidate(self, task: Task) -> None: ...  # remove its output: it runs from nothing
 
 
-def _recompute(units: Sequence[Unit], unit: Unit, problem: str, verifier: Verifier) -> set[str]:
-    """A damaged unit: one warning line, its output and every dependant's removed; the ids
+def dependants(tasks: Sequence[Task], task: Task) -> list[Task]:
+    """Every task that reads ``task``'s output, directly or through others, in plan order."""
+    tainted = {task}
+    for t in tasks:
+        if any(d in tainted for d in t.dependencies()):
+            tainted.add(t)
+    return [t for t in tasks if t in tainted and t != task]
+
+
+def _recompute(tasks: Sequence[Task], task: Task, problem: str, verifier: Verifier) -> set[Task]:
+    """A damaged task: one warning line, its output and every dependant's removed; the tasks
     that must now run whatever their probes say."""
-    later = dependants(units, unit.id)
+    later = dependants(tasks, task)
     log.warning(
         "%s; recomputing it and %d unit%s that depend%s on it",
         problem, len(later), "" if len(later) == 1 else "s", "s" if len(later) == 1 else "",
     )  # fmt: skip
-    by_id = {u.id: u for u in units}
-    for uid in (unit.id, *later):
-        verifier.invalidate(by_id[uid])
-    return {unit.id, *later}
+    for t in (task, *later):
+        verifier.invalidate(t)
+    return {task, *later}
 
 
 def execute(
-    units: Sequence[Unit],
+    tasks: Sequence[Task],
     executor: Executor,
     bar=None,
-    on_run: Callable[[Unit, float], None] | None = None,
+    on_run: Callable[[Task, float], None] | None = None,
     verifier: Verifier | None = None,
-) -> dict[str, Any]:
-    """Run every unit that is not finished, each after its dependencies; results by unit id
-    (a finished unit's cached result included). The longest ready unit goes first, and no
-    more than ``executor.slots`` run at once, so a unit that becomes ready jumps the queue.
+) -> dict[Task, Any]:
+    """Run every task that is not finished, each after its dependencies; results by task
+    (a finished task's cached result included). The longest ready task goes first, and no
+    more than ``executor.slots`` run at once, so a task that becomes ready jumps the queue.
 
-    ``verifier``: asked before a finished unit is reused; a damaged one runs again, and so does
-    every unit that depends on it (their outputs removed first); told of every unit run."""
-    results: dict[str, Any] = {}
-    waiting = {u.id: u for u in units}
-    running: set[str] = set()
-    to_run: set[str] = set()
+    ``verifier``: asked before a finished task is reused; a damaged one runs again, and so does
+    every task that depends on it (their outputs removed first); told of every task run."""
+    results: dict[Task, Any] = {}
+    cost = {t: t.cost() for t in tasks}
+    waiting = {t: t for t in tasks}  # insertion-ordered: plan order breaks ties of cost
+    running: set[Task] = set()
+    to_run: set[Task] = set()
     try:
-        check = getattr(executor, "check", None)  # refuses units it cannot run, before any runs
+        check = getattr(executor, "check", None)  # refuses tasks it cannot run, before any runs
         if check is not None:
-            check(list(units))
+            check(list(tasks))
         while waiting or running:
             ready = sorted(
-                (u for u in waiting.values() if all(d in results for d in u.deps)),
-                key=lambda u: -u.cost,
+                (t for t in waiting if all(d in results for d in t.dependencies())),
+                key=lambda t: -cost[t],
             )
             progressed = False
-            for u in ready:
-                if u.id not in to_run and verifier is not None:
-                    problem = verifier.verify(u)
+            for t in ready:
+                if t not in to_run and verifier is not None:
+                    problem = verifier.verify(t)
                     if problem is not None:
-                        to_run |= _recompute(units, u, problem, verifier)
-                cached = None if u.id in to_run else u.cached()
+                        to_run |= _recompute(tasks, t, problem, verifier)
+                cached = None if t in to_run else t.cached()
                 if cached is not None:
-                    del waiting[u.id]
-                    results[u.id] = cached
-                    _advance(bar, u)
+                    del waiting[t]
+                    results[t] = cached
+                    _advance(bar, cost[t])
                     progressed = True
                     continue
-                to_run.add(u.id)  # probed once: a unit found missing is not probed again
+                to_run.add(t)  # probed once: a task found missing is not probed again
                 if len(running) < executor.slots:
-                    del waiting[u.id]
-                    executor.submit(u)
-                    running.add(u.id)
+                    del waiting[t]
+                    executor.submit(t)
+                    running.add(t)
             if progressed:
-                continue  # finished units may have readied others
+                continue  # finished tasks may have readied others
             if not running:
-                raise RuntimeError(f"units wait on each other: {sorted(waiting)}")
-            for u, result, seconds in executor.wait():
-                running.discard(u.id)
-                results[u.id] = result
+                raise RuntimeError(f"tasks wait on each other: {sorted(t.id for t in waiting)}")
+            for t, result, seconds in executor.wait():
+                running.discard(t)
+                results[t] = result
                 if verifier is not None:
-                    verifier.record(u)
+                    verifier.record(t)
                 if on_run is not None:
-                    on_run(u, seconds)
+                    on_run(t, seconds)
                 if bar is not None:
-                    bar.set_postfix_str(u.label)
-                _advance(bar, u)
+                    bar.set_postfix_str(t.label)
+                _advance(bar, cost[t])
     finally:
         executor.close()
     return results
 
 
-def _advance(bar, unit: Unit) -> None:
+def _advance(bar, cost: float) -> None:
     if bar is not None:
-        bar.update(unit.cost)
+        bar.update(cost)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lorasum.io import MARKER, read_json, sha256_file, write_json
-from lorasum.study.units import Unit
+from lorasum.study.tasks import Task
 
 LEDGER_NAME = "units.json"
 SELF = "."  # the key of a file output's own digest
@@ -155,16 +155,17 @@ class Ledger:
             entries = {}
         return cls(root, entries if isinstance(entries, dict) else {})
 
-    def _relative(self, unit: Unit) -> str | None:
+    def _relative(self, unit: Task) -> str | None:
         """The unit's output relative to the study (None: not verified)."""
-        if unit.output is None:
+        output = unit.output()
+        if output is None:
             return None
         try:
-            return Path(unit.output).relative_to(self.root).as_posix()
+            return Path(output).relative_to(self.root).as_posix()
         except ValueError:
             return None  # outside the study: not the study's to verify or remove
 
-    def status(self, unit: Unit) -> tuple[str, str | None]:
+    def status(self, unit: Task) -> tuple[str, str | None]:
         """(state, problem): ``ok`` / ``damaged`` / ``missing`` (recorded, checked against its
         digests), ``unrecorded`` (present, whole to the structural check; damaged if not),
         ``not run`` (no entry, no output), ``unverified`` (no output of its own)."""
@@ -183,7 +184,7 @@ class Ledger:
         problem = structural_problem(output)
         return ("unrecorded", None) if problem is None else ("damaged", _line(rel, problem))
 
-    def verify(self, unit: Unit) -> str | None:
+    def verify(self, unit: Task) -> str | None:
         """Before reusing ``unit``: its output's problem in one line, or None (fine). A whole
         unrecorded output is recorded now."""
         state, problem = self.status(unit)
@@ -191,7 +192,7 @@ class Ledger:
             self.record(unit)
         return problem
 
-    def record(self, unit: Unit) -> None:
+    def record(self, unit: Task) -> None:
         """Record a finished unit's output digests (atomically rewrites the ledger)."""
         rel = self._relative(unit)
         if rel is None or not (self.root / rel).exists():
@@ -199,7 +200,7 @@ class Ledger:
         self.entries[unit.id] = {"output": rel, "files": output_digests(self.root / rel)}
         self._save()
 
-    def invalidate(self, unit: Unit) -> None:
+    def invalidate(self, unit: Task) -> None:
         """Forget ``unit`` and remove its output, so that it runs again from nothing."""
         rel = self._relative(unit)
         if self.entries.pop(unit.id, None) is not None:
@@ -214,7 +215,7 @@ class Ledger:
 VERIFY_STATES = ("ok", "damaged", "missing", "not run", "unrecorded")
 
 
-def verify_units(ledger: Ledger, units: Sequence[Unit]) -> dict:
+def verify_units(ledger: Ledger, units: Sequence[Task]) -> dict:
     """`reproduce --verify`: every unit's output against the ledger, nothing run or written.
     Per kind the count of each state (`Ledger.status`), one line per damaged or missing unit,
     the table as ``text``, and ``ok`` (nothing damaged or missing). Units without an output of

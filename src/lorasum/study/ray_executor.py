@@ -1,4 +1,4 @@
-"""`RayExecutor`: a study's units on Ray actors, on this machine or on a cluster.
+"""`RayExecutor`: a study's tasks on Ray actors, on this machine or on a cluster.
 
 Each actor loads the base model once and runs units one at a time (as a local worker process
 does); on a cluster with GPUs each actor holds one GPU. Ray restarts an actor whose process is
@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from lorasum.errors import LorasumError
-from lorasum.study.executors import available_cores, run_unit
-from lorasum.study.units import Unit
+from lorasum.study.executors import available_cores, run_task
+from lorasum.study.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +85,10 @@ class UnitActor:
         except Exception as e:  # noqa: BLE001 (raised again by every run)
             self.problem = e
 
-    def run(self, unit: Unit) -> tuple[Any, float]:
+    def run(self, task: Task) -> tuple[Any, float]:
         if self.problem is not None:
             raise self.problem
-        return run_unit(unit, self.model, self.tokenizer)
+        return run_task(task, self.model, self.tokenizer)
 
 
 class RayExecutor:
@@ -117,7 +117,7 @@ class RayExecutor:
         self.marker: Path | None = None
         self._idle: list = []  # actors waiting for a unit
         self._actors: list = []
-        self._running: dict = {}  # ObjectRef -> (unit, actor)
+        self._running: dict = {}  # ObjectRef -> (task, actor)
         self._started = not ray.is_initialized()
         if self._started:
             _init_ray(ray, address, self.verbose)
@@ -140,27 +140,27 @@ class RayExecutor:
         self.marker.parent.mkdir(parents=True, exist_ok=True)
         self.marker.write_text(f"written by the lorasum driver on {socket.gethostname()}\n")
 
-    def check(self, units: list[Unit]) -> None:
-        """Refuse, before anything runs, the units this cluster cannot run."""
-        need_gpu = [u for u in units if u.resources.gpus > 0]
+    def check(self, tasks: list[Task]) -> None:
+        """Refuse, before anything runs, the tasks this cluster cannot run."""
+        need_gpu = [t for t in tasks if t.resources().gpus > 0]
         if need_gpu and not self.use_gpu:
             where = "has no GPU" if not self.gpus else "runs on CPUs (--device cpu)"
             raise LorasumError(
                 f"{len(need_gpu)} unit(s) need a GPU (e.g. {need_gpu[0].label}) but the Ray "
                 f"cluster {where}; add GPU nodes (`ray start --num-gpus N`)"
             )
-        several = [u for u in units if u.resources.gpus > 1]
+        several = [t for t in tasks if t.resources().gpus > 1]
         if several:
             raise LorasumError(
-                f"unit {several[0].label} needs {several[0].resources.gpus} GPUs; a Ray actor "
+                f"unit {several[0].label} needs {several[0].resources().gpus} GPUs; a Ray actor "
                 "holds one (see docs/SCALE.md for units on several GPUs)"
             )
-        self.memory_gb = max([self.memory_gb, *(u.resources.memory_gb for u in units)])
+        self.memory_gb = max([self.memory_gb, *(t.resources().memory_gb for t in tasks)])
 
-    def _new_actor(self, unit: Unit):
+    def _new_actor(self, task: Task):
         """An actor that reserves what the plan's largest unit needs (memory is a logical
         reservation in Ray: it keeps a node from taking more actors than it holds)."""
-        memory = min(max(self.memory_gb, unit.resources.memory_gb) * 2**30, self._memory_per_slot)
+        memory = min(max(self.memory_gb, task.resources().memory_gb) * 2**30, self._memory_per_slot)
         options = {
             "num_cpus": self.threads,
             "num_gpus": 1 if self.use_gpu else 0,
@@ -177,13 +177,13 @@ class RayExecutor:
         self._actors.append(handle)
         return handle
 
-    def submit(self, unit: Unit) -> None:
-        if unit.resources.gpus > 0:
-            self.check([unit])
-        actor = self._idle.pop() if self._idle else self._new_actor(unit)
-        self._running[actor.run.remote(unit)] = (unit, actor)
+    def submit(self, task: Task) -> None:
+        if task.resources().gpus > 0:
+            self.check([task])
+        actor = self._idle.pop() if self._idle else self._new_actor(task)
+        self._running[actor.run.remote(task)] = (task, actor)
 
-    def wait(self) -> list[tuple[Unit, Any, float]]:
+    def wait(self) -> list[tuple[Task, Any, float]]:
         ray = self.ray
         refs = list(self._running)
         ready, rest = ray.wait(refs, num_returns=1)
@@ -191,12 +191,12 @@ class RayExecutor:
             ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
         out = []
         for ref in ready:
-            unit, actor = self._running.pop(ref)
+            task, actor = self._running.pop(ref)
             self._idle.append(actor)
-            out.append((unit, *self._result(ref, unit)))
+            out.append((task, *self._result(ref, task)))
         return out
 
-    def _result(self, ref, unit: Unit) -> tuple[Any, float]:
+    def _result(self, ref, task: Task) -> tuple[Any, float]:
         from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
 
         try:
@@ -207,7 +207,7 @@ class RayExecutor:
             raise
         except (RayActorError, WorkerCrashedError):
             raise LorasumError(
-                f"unit {unit.label}: its Ray worker was lost {MAX_RETRIES + 1} times (out of "
+                f"unit {task.label}: its Ray worker was lost {MAX_RETRIES + 1} times (out of "
                 "memory? see the Ray logs); finished units are kept, run again to resume"
             ) from None
 

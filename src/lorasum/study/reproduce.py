@@ -35,27 +35,22 @@ from lorasum.models import (
     resolve_target_modules,
     settle_cpu_bf16,
 )
-from lorasum.study.accuracy import PREFIX as ACC
+from lorasum.study import names
 from lorasum.study.accuracy import add_accuracy, seed_accuracy, study_accuracy
 from lorasum.study.budget import budget_summary, snapshot_summary
 from lorasum.study.config import BUDGETS, STUDY_ONLY_METHODS, StudyConfig, parse_domains  # noqa: F401
 from lorasum.study.executors import LocalExecutor, auto_workers, execute
-from lorasum.study.ledger import Ledger, verify_units
-from lorasum.study.lock import is_lock_file, study_lock
-from lorasum.study.plan import (
-    Plan,
+from lorasum.study.layout import (
     StudyLayout,
     combinations,
-    combo_name,
-    plan_study,
-    rate_profile,
-    record_rates,
     sample_combinations,
     sample_summary,
-    snapshot_label,
     snapshot_methods,
     step_at,
 )
+from lorasum.study.ledger import Ledger, verify_units
+from lorasum.study.lock import is_lock_file, study_lock
+from lorasum.study.plan import Plan, plan_study, rate_profile, record_rates
 from lorasum.study.results import (
     aggregate_combination,
     cross_domain,
@@ -66,7 +61,14 @@ from lorasum.study.results import (
     statistics,
     train_curves,
 )
-from lorasum.study.units import cached_eval, eval_key, read_json_or_none  # noqa: F401
+from lorasum.study.tasks import (
+    DataPredictorsTask,
+    FittedTask,
+    PredictorsTask,
+    ScoredTask,
+    TrainTask,
+)
+from lorasum.study.tasks.evaluate import read_json_or_none
 from lorasum.train import TrainConfig, val_rows_problem
 
 EXECUTORS = ("local", "ray")
@@ -209,8 +211,8 @@ def _load_sources(domain_sources: dict[str, str], cfg: TrainConfig) -> dict:
 
 
 def _layout(out, study_cfg: StudyConfig, base_cfg, sources, overwrite) -> StudyLayout:
-    names = list(study_cfg.domains)
-    every = combinations(names, study_cfg.max_order)
+    domains = list(study_cfg.domains)
+    every = combinations(domains, study_cfg.max_order)
     combos = sample_combinations(every, study_cfg.sample, study_cfg.sample_seed)
     variants = []
     if study_cfg.paper_variants and (study_cfg.max_order is None or study_cfg.max_order >= 3):
@@ -221,7 +223,7 @@ def _layout(out, study_cfg: StudyConfig, base_cfg, sources, overwrite) -> StudyL
             for third in combo
         ]
     return StudyLayout(
-        out=out, model=study_cfg.model, names=names, domain_sources=study_cfg.domains,
+        out=out, model=study_cfg.model, names=domains, domain_sources=study_cfg.domains,
         sources=sources, base_cfg=base_cfg, seeds=study_cfg.seeds,
         seed_per_domain=study_cfg.seed_per_domain, combos=combos,
         methods=_layout_methods(study_cfg), variants=variants,
@@ -294,7 +296,7 @@ def reproduce(
         study = resolve(out, *settings)
         plan = plan_study(study.layout)
         if verify:
-            return verify_units(Ledger.load(study.layout.out), plan.units)
+            return verify_units(Ledger.load(study.layout.out), plan.tasks)
         return _describe_plan(study, plan)
     with study_lock(out, wait) as held:
         try:
@@ -310,12 +312,12 @@ def reproduce(
 def _describe_plan(study: Study, plan: Plan) -> dict:
     lay = study.layout
     device = pick_device(lay.base_cfg.device)
-    n_train = sum(u.kind == "train" for u in plan.units)
+    n_train = len(plan.of_type(TrainTask))
     n_workers = study.cfg.workers or auto_workers(device, n_train)
     ledger = Ledger.load(lay.out)  # a damaged output is to run again, as a run would find
 
-    def whole(u) -> bool:
-        return ledger.status(u)[0] not in ("damaged", "missing")
+    def whole(task) -> bool:
+        return ledger.status(task)[0] not in ("damaged", "missing")
 
     status = plan.status(whole)
     sampled = _sample(lay)
@@ -323,7 +325,7 @@ def _describe_plan(study: Study, plan: Plan) -> dict:
     return {
         "plan": plan.describe(n_workers, profile, whole)
         + (f"\n{sampled['description']}" if sampled else ""),
-        "units": {u.id: ("cached" if status[u.id] else "run") for u in plan.units},
+        "units": {t.id: ("cached" if status[t] else "run") for t in plan.tasks},
     }
 
 
@@ -344,7 +346,7 @@ def _prepare(study: Study) -> Prepared:
     lay = study.layout
     plan = plan_study(lay)
     device = pick_device(lay.base_cfg.device)
-    n_train = sum(u.kind == "train" for u in plan.units)
+    n_train = len(plan.of_type(TrainTask))
     n_workers = study.cfg.workers or auto_workers(device, n_train)
     # precision auto: settled here, once, and handed to every worker (one precision per study)
     dtype = autocast_dtype(lay.base_cfg.precision, device)
@@ -405,55 +407,56 @@ def _make_executor(runner: tuple, study: Study, model, tokenizer, device, worker
 
 
 def _execute(plan: Plan, study: Study, model, tokenizer, device, workers, executor, progress):
-    """Run the plan; (results by unit id, timings of the units run here, worker slots used)."""
+    """Run the plan; (results by task, seconds of the tasks run here, worker slots used)."""
     from tqdm.auto import tqdm
 
     # The bar counts work (≈ tokens), so its ETA follows the measured speed of what is left;
     # the postfix names the unit that finished last and counts units.
     bar = StudyProgress(
         tqdm(
-            total=sum(u.cost for u in plan.units),
+            total=sum(t.cost() for t in plan.tasks),
             desc=f"study ({workers} worker{'s' if workers > 1 else ''})",
             unit="work",
             disable=not progress,
             bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]",
         ),
-        len(plan.units),
+        len(plan.tasks),
     )
-    ran: dict[str, float] = {}
+    ran: dict = {}  # task -> seconds
     try:
         runner = _make_executor(executor, study, model, tokenizer, device, workers)
         ledger = Ledger.load(study.layout.out)
-        on_run = lambda u, s: ran.__setitem__(u.id, s)  # noqa: E731
-        results = execute(plan.units, runner, bar, on_run=on_run, verifier=ledger)
+        on_run = lambda t, s: ran.__setitem__(t, s)  # noqa: E731
+        results = execute(plan.tasks, runner, bar, on_run=on_run, verifier=ledger)
     finally:
         bar.close()
-    by_id = {u.id: u for u in plan.units}
     profile = rate_profile(study.layout, device, _uses_bf16(study.layout, device))
-    record_rates([(by_id[i].kind, by_id[i].cost, s) for i, s in ran.items()], profile)
+    record_rates([(t.kind, t.cost(), s) for t, s in ran.items()], profile)
     return results, ran, getattr(runner, "slots", workers)
 
 
 def aggregate(
     study: Study, plan: Plan, results: dict, ran: dict, device: str, workers: int, wall: float
 ) -> dict:
-    """results.json from the finished units."""
+    """results.json from the finished tasks (``results``: task → its result), found by the
+    tasks themselves."""
     lay, cfg = study.layout, study.cfg
-    names, combos, seeds = lay.names, lay.combos, lay.seeds
-    by_kind: dict[str, dict] = {}
-    for u in plan.units:
-        by_kind.setdefault(u.kind, {})[(u.seed, u.name)] = results[u.id]
-    markers, evals = by_kind["train"], by_kind["eval"]
-    predictors = {s: _predictors(by_kind, s, names, combos, evals) for s in seeds}
+    domains, combos, seeds = lay.names, lay.combos, lay.seeds
+    runs = plan.trainings
+    # each evaluation's result by seed and name (`study.names` builds the names it is read by)
+    evals = {(t.seed, t.name): results[t] for t in plan.of_type(ScoredTask)}
+    base_eval = evals[(None, names.BASE)]
+    seed_evals = [{n: r for (s, n), r in evals.items() if s == seed} for seed in seeds]
+    predictors = _predictors(plan, results, domains, combos, seed_evals, base_eval)
     pairs = {
-        s: similarity_matrix({n: read_adapter(lay.seed_dir(s) / "adapters" / n).modules for n in names})
+        s: similarity_matrix({n: read_adapter(runs[s].single(n).path).modules for n in domains})
         for s in seeds
-    }  # fmt: skip
-    base_eval = evals[(None, "base")]
-    seed_evals = [{u: r for (s, u), r in evals.items() if s == seed} for seed in seeds]
+    }
     methods = ["sum", *lay.methods]
     per_seed = [
-        seed_rows(names, combos, pairs[seed], ev, base_eval, methods, predictors[seed], lay.routes)
+        seed_rows(
+            domains, combos, pairs[seed], ev, base_eval, methods, predictors[seed], lay.routes
+        )
         for seed, ev in zip(seeds, seed_evals, strict=True)
     ]
     rows = [
@@ -461,10 +464,12 @@ def aggregate(
         for i, combo in enumerate(combos)
     ]
     points = [(row["rms_cosine"], row["delta_pct"]) for r in per_seed for row in r]
+    trainings = plan.of_type(TrainTask)
     metrics = {
-        seed: {u: {"seed": m["config"]["seed"], **m["metrics"]} for (s, u), m in markers.items() if s == seed}
+        seed: {t.name: {"seed": results[t]["config"]["seed"], **results[t]["metrics"]} for t in trainings if t.seed == seed}
         for seed in seeds
     }  # fmt: skip
+    first = runs[seeds[0]]
     summary = {
         "lorasum_version": __version__,
         "preset": cfg.preset,
@@ -476,16 +481,16 @@ def aggregate(
         "sample": _sample(lay),
         "config": cfg.to_dict(),
         "train_config": {k: v for k, v in asdict(lay.base_cfg).items() if k not in ("data", "seed")},
-        "budget": _budget(by_kind.get("fit", {})),
+        "budget": _budget(plan, results),
         "data": {n: s.fingerprint() for n, s in lay.sources.items()},
-        "base": {"per_domain": {d: base_eval["per_dataset"][d]["perplexity"] for d in names}},
-        "singles": _singles(names, seeds, seed_evals, metrics),
+        "base": {"per_domain": {d: base_eval["per_dataset"][d]["perplexity"] for d in domains}},
+        "singles": _singles(domains, seeds, seed_evals, metrics),
         "merged_training": {
-            u: [metrics[s][u] for s in seeds] for u in metrics[seeds[0]] if u.startswith("merged-")
+            t.name: [metrics[s][t.name] for s in seeds] for t in first.tasks if not t.single
         },
         "pairs": [{"seed": s, **p} for s in seeds for p in pairs[s]],
         "combinations": rows,
-        "cross_domain": cross_domain(names, seed_evals, base_eval) if cfg.cross_domain else None,
+        "cross_domain": cross_domain(domains, seed_evals, base_eval) if cfg.cross_domain else None,
         # every (combination, seed) is a point; with one seed that is one point per combination
         "correlation": correlation([x for x, _ in points], [y for _, y in points]),
         "correlation_of_means": correlation(
@@ -496,16 +501,16 @@ def aggregate(
         # the same predictors against the sum vs each domain's own adapter (Δ%'s first factor)
         "prediction_vs_singles": loo_prediction(rows, "delta_vs_singles_pct"),
         "paper_comparison": paper_comparison(rows, lay.model, study.identity["train"]),
-        "train_curves": train_curves(lay.out, seeds, [n for n in names] + [f"merged-{combo_name(c)}" for c in combos]),
+        "train_curves": train_curves(lay.out, seeds, [first.single(n).name for n in domains] + [first.merged(c).name for c in combos]),
         "training_budget": budget_summary(
             cfg.budget, BUDGETS[cfg.budget], combos,
-            {c: [lay.single(d, c) for d in c] for c in combos}, metrics,
+            {c: [t.name for t in first.singles_of(c)] for c in combos}, metrics,
         ),
         "snapshots": _snapshots(lay, plan, seed_evals, metrics) if lay.snapshot_epochs else None,
         "wall_seconds": wall,
     }  # fmt: skip
     if lay.accuracy:
-        base_acc = evals[(None, f"{ACC}base")]
+        base_acc = evals[(None, names.accuracy_name(names.BASE))]
         _accuracy(summary, rows, per_seed_accuracy(lay, seed_evals, base_acc, methods), base_acc)
     timings = _timings(plan, results, ran)
     summary["manifest"] = manifest(seeds, lay.sources, device, workers, timings, wall)
@@ -517,7 +522,7 @@ def per_seed_accuracy(
 ) -> list:
     """Per combination, per seed: `study.accuracy.seed_accuracy` (each seed's evaluations
     with the base model's beside them)."""
-    base = {f"{ACC}base": base_acc}
+    base = {names.accuracy_name(names.BASE): base_acc}
     return [
         [seed_accuracy(combo, {**ev, **base}, methods) for ev in seed_evals] for combo in lay.combos
     ]
@@ -540,60 +545,56 @@ def _sample(lay: StudyLayout) -> dict | None:
     return sample_summary(lay.combos, lay.every_combo, lay.sample, lay.sample_seed)
 
 
-def _predictors(by_kind: dict, seed: int, names, combos, evals: dict) -> dict[str, dict]:
-    """Per combination: the activation-space predictors of this seed's adapters, the
+def _predictors(plan: Plan, results: dict, domains, combos, seed_evals, base_eval) -> dict:
+    """Per seed, per combination: the activation-space predictors of this seed's adapters, the
     adapter-free ones of the data (seed-independent) and the cross-domain transfer of this
     seed's single adapters (with --cross-domain)."""
     from lorasum.analysis import predictors
 
-    units = by_kind.get("predictors", {})
-    data = units.get((None, "data-predictors")) or {}
-    out = {c: {**data.get(c, {}), **v} for c, v in (units.get((seed, "predictors")) or {}).items()}
-    singles = {n: evals.get((seed, f"single-{n}")) for n in names}
-    if units and all(
-        ev is not None and set(names) <= set(ev["per_dataset"]) for ev in singles.values()
-    ):
-        table = {
-            n: {d: ev["per_dataset"][d]["perplexity"] for d in names} for n, ev in singles.items()
-        }
-        table["base"] = {d: evals[(None, "base")]["per_dataset"][d]["perplexity"] for d in names}
-        inputs = predictors.PredictorInputs(cross_domain=table)
-        cross = predictors.compute(predictors.families(needing="cross_domain"), inputs, combos)
-        for c, values in cross.items():
-            out.setdefault(c, {}).update(values)
+    planned = plan.of_type(PredictorsTask, DataPredictorsTask)
+    data = next((results[t] for t in planned if isinstance(t, DataPredictorsTask)), None) or {}
+    activation = {t.seed: results[t] or {} for t in planned if isinstance(t, PredictorsTask)}
+    out = {}
+    for seed, evals in zip(plan.trainings, seed_evals, strict=True):
+        per = {c: {**data.get(c, {}), **v} for c, v in activation.get(seed, {}).items()}
+        singles = {n: evals.get(names.single_eval_name(n)) for n in domains}
+        if planned and all(
+            ev is not None and set(domains) <= set(ev["per_dataset"]) for ev in singles.values()
+        ):
+            table = {
+                n: {d: ev["per_dataset"][d]["perplexity"] for d in domains}
+                for n, ev in singles.items()
+            }
+            table["base"] = {d: base_eval["per_dataset"][d]["perplexity"] for d in domains}
+            inputs = predictors.PredictorInputs(cross_domain=table)
+            cross = predictors.compute(predictors.families(needing="cross_domain"), inputs, combos)
+            for c, values in cross.items():
+                per.setdefault(c, {}).update(values)
+        out[seed] = per
     return out
 
 
 def _snapshots(lay: StudyLayout, plan: Plan, seed_evals: list[dict], metrics: dict) -> dict:
-    """Δ% along the runs: each snapshot's step per training unit, from the plan's layout."""
+    """Δ% along the runs: each snapshot's step per training, from the trainings themselves."""
     epochs = lay.snapshot_epochs
-    units = {u.name: u for u in plan.units if u.kind == "train"}
     seed_steps = {}
     for seed in lay.seeds:
         steps = {}
-        for name in units:
-            doms = name.removeprefix("merged-").split("+")
-            steps[name] = {e: step_at(lay.base_cfg, lay.train_rows(doms), e) for e in epochs[:-1]}
-            steps[name][epochs[-1]] = metrics[seed][name]["steps"]
+        for t in plan.trainings[seed].tasks:
+            rows = lay.train_rows(t.domains)
+            steps[t.name] = {e: step_at(lay.base_cfg, rows, e) for e in epochs[:-1]}
+            steps[t.name][epochs[-1]] = metrics[seed][t.name]["steps"]
         seed_steps[seed] = steps
     methods = snapshot_methods(lay)
     evals = dict(zip(lay.seeds, seed_evals, strict=True))
     return {
         "epochs": list(epochs),
         "methods": methods,
-        "combinations": snapshot_summary(lay.combos, epochs, evals, seed_steps, methods, snapshot_label),
-    }  # fmt: skip
+        "combinations": snapshot_summary(lay.combos, epochs, evals, seed_steps, methods),
+    }
 
 
-def _fitted_combination(unit: str) -> str:
-    """``method-learned-a+b`` → ``a+b`` (the study-only methods' names hold no '-')."""
-    for m in STUDY_ONLY_METHODS:
-        if unit.startswith(f"method-{m}-"):
-            return unit[len(f"method-{m}-") :]
-    raise ValueError(f"not a fitted method's unit: {unit}")
-
-
-def _budget(fits: dict) -> dict:
+def _budget(plan: Plan, results: dict) -> dict:
     return {
         "token_policy": "equal tokens per domain: every adapter sees each of its domains' "
         "training rows once per epoch, so a merged-data adapter trains on exactly the rows "
@@ -601,42 +602,43 @@ def _budget(fits: dict) -> dict:
         "methods": "zero gradient steps; calibration methods read each domain's training "
         "inputs once (no labels); the calibrated family fits a few coefficients on the "
         "validation split within a share of the merged-data training's tokens (below)",
-        "calibrated": [  # every fitted method's compositions (calibrated, learned)
-            {"combination": _fitted_combination(name), "seed": seed, **report}
-            for (seed, name), report in fits.items()
+        "calibrated": [  # every fitted method's compositions (calibrated, learned, merge_aware)
+            {"combination": names.combo_name(t.combo), "seed": t.seed, **results[t]}
+            for t in plan.of_type(FittedTask)
         ],
     }
 
 
-def _singles(names, seeds, seed_evals, metrics) -> dict:
-    return {
-        n: {
-            "perplexity": mean(
-                [ev[f"single-{n}"]["per_dataset"][n]["perplexity"] for ev in seed_evals]
-            ),
-            "tokens": seed_evals[0][f"single-{n}"]["per_dataset"][n]["tokens"],
-            "train": [metrics[s][n] for s in seeds],
+def _singles(domains, seeds, seed_evals, metrics) -> dict:
+    """Each domain's own single adapter: perplexity on its test rows (mean over seeds) and its
+    training metrics per seed."""
+    out = {}
+    for d in domains:
+        own = [ev[names.single_eval_name(d)]["per_dataset"][d] for ev in seed_evals]
+        out[d] = {
+            "perplexity": mean([p["perplexity"] for p in own]),
+            "tokens": own[0]["tokens"],
+            "train": [metrics[s][names.single_name(d)] for s in seeds],
         }
-        for n in names
-    }
+    return out
 
 
 def _timings(plan: Plan, results: dict, ran: dict) -> list[dict]:
-    """Seconds per unit: a training's and an evaluation's own record, else the seconds the
-    unit took here (None for a finished unit reused from an earlier run)."""
+    """Seconds per task: a training's and an evaluation's own record, else the seconds the
+    task took here (None for a finished task reused from an earlier run)."""
     out = []
-    for u in plan.units:
-        r = results[u.id]
-        if u.kind == "train":
+    for t in plan.tasks:
+        r = results[t]
+        if isinstance(t, TrainTask):
             seconds = r["metrics"].get("seconds")
-        elif u.kind == "eval":
+        elif isinstance(t, ScoredTask):
             if "timing" not in r:
                 continue
             seconds = r["timing"]["seconds"]
-        elif u.kind == "fit":
+        elif isinstance(t, FittedTask):
             seconds = r.get("seconds")
         else:  # a reused composition or calibration: the probe's 0.0
-            seconds = ran.get(u.id, r if isinstance(r, float) else None)
-        kind = "compose" if u.kind == "fit" else u.kind
-        out.append({"unit": u.name, "seed": u.seed, "kind": kind, "seconds": seconds})
+            seconds = ran.get(t, r if isinstance(r, float) else None)
+        kind = "compose" if isinstance(t, FittedTask) else t.kind
+        out.append({"unit": t.name, "seed": t.seed, "kind": kind, "seconds": seconds})
     return out

@@ -23,6 +23,14 @@ from lorasum.analysis.statistics import (
     pearson_spearman,
 )
 from lorasum.evaluate import perplexity_from
+from lorasum.study.names import (
+    combo_name,
+    composition_name,
+    merged_name,
+    route_name,
+    single_eval_name,
+    variant_name,
+)
 
 # The paper's pair results (arXiv 2508.11985, GPT-2 small), as {frozenset of domains: Δ%}.
 PAPER_PAIRS: dict[frozenset, tuple[str, float]] = {
@@ -43,10 +51,6 @@ CATEGORIES = {
     "merge_aware": "calibrated",  # checkpoints chosen on validation rows (lorasum.merge_aware)
 }
 BOOTSTRAP_RESAMPLES = 10_000
-
-
-def combo_name(combo: Sequence[str]) -> str:
-    return "+".join(combo)
 
 
 def mean(values: Sequence[float]) -> float:
@@ -93,19 +97,19 @@ def seed_rows(
 ) -> list[dict]:
     """One seed's rows: per combination the merged-data and composed perplexities and Δ%.
 
-    ``evals``: unit name → evaluation (single-<d>, merged-<c>, sum-<c>, method-<m>-<c>,
-    variant-<pair>+<third>, route-<r>-<c>); ``predictors``: combination name → {predictor:
-    value}; ``routes``: `lorasum.routing.ROUTES` to report (none: no ``routes`` in the rows).
+    ``evals``: unit name (`study.names`) → evaluation (single-<d>, merged-<c>, sum-<c>,
+    method-<m>-<c>, variant-<pair>+<third>, route-<r>-<c>); ``predictors``: combination name →
+    {predictor: value}; ``routes``: `lorasum.routing.ROUTES` to report (none: no ``routes`` in
+    the rows).
     """
     rows = []
     for combo in combos:
         cname = combo_name(combo)
-        merged, summed = evals[f"merged-{cname}"], evals[f"sum-{cname}"]
+        merged = evals[merged_name(combo)]
+        summed = evals[composition_name("sum", combo)]
         ppl_merged = merged["perplexity"]
         # each domain's test set under its own single adapter, token-weighted like the others
-        ppl_singles = combined({d: evals[f"single-{d}"]["per_dataset"][d] for d in combo}, combo)[
-            "perplexity"
-        ]
+        ppl_singles = combined(_own_domains(evals, combo), combo)["perplexity"]
         row = {
             "domains": list(combo),
             "ppl_sum": summed["perplexity"],
@@ -123,7 +127,7 @@ def seed_rows(
                     "ppl_sum": summed["per_dataset"][d]["perplexity"],
                     "ppl_merged": merged["per_dataset"][d]["perplexity"],
                     "ppl_base": base_eval["per_dataset"][d]["perplexity"],
-                    "ppl_single": evals[f"single-{d}"]["per_dataset"][d]["perplexity"],
+                    "ppl_single": evals[single_eval_name(d)]["per_dataset"][d]["perplexity"],
                     "delta_pct": delta_pct(
                         summed["per_dataset"][d]["perplexity"],
                         merged["per_dataset"][d]["perplexity"],
@@ -134,7 +138,7 @@ def seed_rows(
         }
         row["methods"] = {}
         for m in methods:
-            ev = summed if m == "sum" else evals[f"method-{m}-{cname}"]
+            ev = evals[composition_name(m, combo)]
             row["methods"][m] = {
                 "ppl": ev["perplexity"],
                 "delta_pct": delta_pct(ev["perplexity"], ppl_merged),
@@ -148,7 +152,7 @@ def seed_rows(
             row["paper_variants"] = []
             for third in combo:
                 pair = [d for d in combo if d != third]
-                unit = f"variant-{combo_name(pair)}+{third}"
+                unit = variant_name(pair, third)
                 if unit in evals:
                     ppl = evals[unit]["perplexity"]
                     row["paper_variants"].append(
@@ -175,9 +179,9 @@ def route_rows(combo, evals: dict[str, dict], routes: Sequence[str], ppl_merged:
     out = {}
     for r in routes:
         if r == "oracle":
-            ev = oracle_from_singles({d: evals[f"single-{d}"]["per_dataset"][d] for d in combo})
+            ev = oracle_from_singles(_own_domains(evals, combo))
         else:
-            ev = evals[f"route-{r}-{combo_name(combo)}"]
+            ev = evals[route_name(r, combo)]
         out[r] = {
             "ppl": ev["perplexity"],
             "delta_pct": delta_pct(ev["perplexity"], ppl_merged),
@@ -185,6 +189,11 @@ def route_rows(combo, evals: dict[str, dict], routes: Sequence[str], ppl_merged:
             "router_tokens": sum(ev["router_tokens"].values()) if "router_tokens" in ev else None,
         }
     return out
+
+
+def _own_domains(evals: dict[str, dict], combo) -> dict[str, dict]:
+    """Each domain of ``combo`` on its own test rows under its own single adapter."""
+    return {d: evals[single_eval_name(d)]["per_dataset"][d] for d in combo}
 
 
 def _mean_or_none(values: Sequence[float | None]) -> float | None:
@@ -295,7 +304,7 @@ def cross_domain(
         "base": {d: base_eval["per_dataset"][d]["perplexity"] for d in names}
     }
     for n in names:
-        per = [ev[f"single-{n}"]["per_dataset"] for ev in seed_evals]
+        per = [ev[single_eval_name(n)]["per_dataset"] for ev in seed_evals]
         if any(set(p) != set(names) for p in per):
             return None
         table[n] = {d: mean([p[d]["perplexity"] for p in per]) for d in names}
