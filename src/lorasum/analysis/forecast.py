@@ -31,6 +31,7 @@ import numpy as np
 
 from lorasum.analysis.predictors import predictor_names
 from lorasum.analysis.statistics import linear_fit, pearson_spearman
+from lorasum.data import combo_name
 from lorasum.errors import LorasumError
 
 
@@ -132,7 +133,7 @@ def predictor_points(
                 continue
             xs.append(float(x))
             ys.append(float(s[target]))
-            groups.append("+".join(row["domains"]))
+            groups.append(combo_name(row["domains"]))
     return xs, ys, groups
 
 

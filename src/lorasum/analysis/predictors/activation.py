@@ -40,6 +40,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from lorasum.analysis.predictors.registry import Predictor, PredictorFamily, PredictorInputs
+from lorasum.data import combo_name
 from lorasum.errors import LorasumError
 from lorasum.factors import Factors, LoraFactors, module_cosines, rms, single_threaded
 
@@ -281,7 +282,7 @@ def compute_activation(inputs: PredictorInputs, combos) -> dict[str, dict[str, f
     out = {}
     for combo in combos:
         values = combination_predictors(result, combo)
-        out["+".join(combo)] = {k: v for k, v in values.items() if k in names}
+        out[combo_name(combo)] = {k: v for k, v in values.items() if k in names}
     return out
 
 

@@ -29,12 +29,9 @@ from lorasum.analysis.gradients import (
     target_module_names,
 )
 from lorasum.analysis.predictors.registry import Predictor, PredictorFamily, PredictorInputs
+from lorasum.data import combo_name
 from lorasum.errors import LorasumError
 from lorasum.factors import rms
-
-
-def combo_name(combo: Sequence[str]) -> str:
-    return "+".join(combo)
 
 
 def _mean(values: Sequence[float]) -> float | None:

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
+from lorasum.data import combo_name
 from lorasum.errors import LorasumError
 
 Need = Literal["adapters", "calibration", "base_model_data", "cross_domain"]
@@ -175,7 +176,7 @@ def compute(
     ]
     if problems:
         raise LorasumError("missing predictor inputs: " + "; ".join(problems))
-    out: dict[str, dict[str, float | None]] = {"+".join(c): {} for c in combos}
+    out: dict[str, dict[str, float | None]] = {combo_name(c): {} for c in combos}
     for f in chosen:
         for name, values in f.compute(inputs, combos).items():
             out.setdefault(name, {}).update(values)

@@ -18,6 +18,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 from lorasum.analysis.predictors.registry import Predictor, PredictorFamily, PredictorInputs
+from lorasum.data import combo_name
 from lorasum.errors import LorasumError
 
 
@@ -50,7 +51,7 @@ def transfer_predictor(
             changes.append((other / base - 1.0) * 100.0)
             if own < base:
                 shares.append(math.log(base / other) / math.log(base / own))
-        out["+".join(combo)] = {"transfer": _mean(changes), "transfer_share": _mean(shares)}
+        out[combo_name(combo)] = {"transfer": _mean(changes), "transfer_share": _mean(shares)}
     return out
 
 

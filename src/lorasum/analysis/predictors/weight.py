@@ -13,6 +13,7 @@ from collections.abc import Mapping
 
 from lorasum.analysis.predictors.registry import Predictor, PredictorFamily, PredictorInputs
 from lorasum.analysis.similarity import combination_rms
+from lorasum.data import combo_name
 from lorasum.errors import LorasumError
 from lorasum.factors import Factors, module_cosines, rms, single_threaded
 
@@ -47,7 +48,7 @@ def compute_weight(inputs: PredictorInputs, combos) -> dict[str, dict[str, float
     if missing:
         raise LorasumError(f"no adapter for domain(s) {', '.join(missing)}")
     pairs = cosine_predictors({d: inputs.adapters[d] for d in used})["pairs"]
-    return {"+".join(c): {"rms_cosine": combination_rms(pairs, c)} for c in combos}
+    return {combo_name(c): {"rms_cosine": combination_rms(pairs, c)} for c in combos}
 
 
 WEIGHT = PredictorFamily(
