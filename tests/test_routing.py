@@ -17,9 +17,12 @@ from lorasum.evaluate import evaluate_batches
 from lorasum.models import load_tokenizer
 from lorasum.routing import (
     GAUSSIAN_FLOOR,
+    evaluate_mixture,
     evaluate_routed,
     gaussian_of,
     gaussian_scores,
+    mixture_nll,
+    mixture_weights,
     oracle_from_singles,
     prompt_centroid,
     prompt_gaussian,
@@ -203,6 +206,96 @@ def test_nearest_routes_by_the_centroids(tiny_llama, two_adapters):
         evaluate_routed(model, tok, paths, sources, 32, centroids=cents, gaussians=gauss)
 
 
+def test_mixture_weights_are_a_tempered_posterior_with_small_weights_dropped():
+    scores = torch.tensor([[0.0, -1.0, -50.0], [-3.0, -3.0, -3.0], [10.0, 0.0, 0.0]])
+    w = mixture_weights(scores, temperature=2.0, floor=0.05)
+    # the oracle: softmax(scores / 2) by hand, weights under 0.05 zeroed, rows renormalised
+    e = torch.exp(scores.double() / 2.0)
+    p = e / e.sum(1, keepdim=True)
+    p[p < 0.05] = 0.0
+    assert torch.allclose(w, p / p.sum(1, keepdim=True), atol=1e-12)
+    assert w[0, 2] == 0 and w[2, 1:].eq(0).all() and w[2, 0] == 1  # dropped, renormalised
+    assert torch.allclose(w[1], torch.full((3,), 1 / 3, dtype=torch.float64))
+    assert torch.allclose(w.sum(1), torch.ones(3, dtype=torch.float64))
+    # a floor above every weight still keeps each row's top adapter: the hard route
+    hard = mixture_weights(scores, temperature=1.0, floor=0.99)
+    assert hard.argmax(1).tolist() == scores.argmax(1).tolist() and hard.eq(1).sum() == 3
+    # temperature → 0 is the hard route, a large one the uniform mix
+    assert mixture_weights(scores, 1e-6, 0.0)[0].tolist() == [1.0, 0.0, 0.0]
+    assert torch.allclose(mixture_weights(scores[:1], 1e6, 0.0), torch.full((1, 3), 1 / 3,
+                          dtype=torch.float64), atol=1e-5)  # fmt: skip
+
+
+def test_mixture_nll_is_the_mixture_of_the_answer_likelihoods():
+    nll = torch.tensor([[2.0, 5.0], [40.0, 1.0], [3.0, float("nan")]], dtype=torch.float64)
+    w = torch.tensor([[0.5, 0.5], [0.25, 0.75], [1.0, 0.0]], dtype=torch.float64)
+    want = [
+        -math.log(0.5 * math.exp(-2.0) + 0.5 * math.exp(-5.0)),
+        -math.log(0.25 * math.exp(-40.0) + 0.75 * math.exp(-1.0)),
+        3.0,  # one adapter kept: its own NLL, the dropped one's NaN never read
+    ]
+    assert mixture_nll(nll, w).tolist() == pytest.approx(want, rel=1e-12)
+    # never worse than any kept adapter's NLL plus its −log weight, never better than the best
+    g = torch.Generator().manual_seed(0)
+    nll, w = torch.rand(50, 3, generator=g) * 30, torch.rand(50, 3, generator=g)
+    w = w / w.sum(1, keepdim=True)
+    got = mixture_nll(nll, w)
+    assert (got <= (nll.double() - w.double().log()).min(1).values + 1e-9).all()
+    assert (got >= nll.double().min(1).values - 1e-9).all()
+    # huge NLLs stay finite (log-sum-exp, not exp)
+    assert mixture_nll(torch.tensor([[1e4, 2e4]]), torch.tensor([[0.5, 0.5]])).item() == (
+        pytest.approx(1e4 + math.log(2))
+    )
+
+
+def test_mixture_evaluation_against_each_row_scored_alone(tiny_llama, two_adapters):
+    """`evaluate_mixture`: one-hot weights are the routed evaluation; even weights are the
+    mixture of each row's likelihood under each adapter, each row scored alone (no padding);
+    the gaussian path is the weights computed from `gaussian_scores`."""
+    from peft import PeftModel
+
+    paths, sources = two_adapters
+    model = load_tiny(tiny_llama)
+    tok = load_tokenizer(str(tiny_llama))
+    names = list(paths)
+    items = tokenize_cached(tok, [sources[n] for n in names], "test", 32)
+    truth = [d for _, d in items]
+    one_hot = F.one_hot(torch.tensor(truth), 2).double()
+    got = evaluate_mixture(model, tok, paths, sources, 32, weights=one_hot)
+    routed = evaluate_routed(model, tok, paths, sources, 32, assignment=truth)
+    assert got["perplexity"] == pytest.approx(routed["perplexity"], rel=1e-9)
+    for n in names:
+        assert got["per_dataset"][n] == pytest.approx(routed["per_dataset"][n], rel=1e-9)
+    assert got["confusion"] == routed["confusion"] and got["routing_accuracy"] == 100.0
+    assert got["mixed_rows"] == 0.0 and got["adapter_rows"] == 1.0
+    # each row alone under each adapter (batch of one), mixed half and half by hand
+    alone = torch.zeros(len(items), 2, dtype=torch.float64)
+    for k, n in enumerate(names):
+        net = PeftModel.from_pretrained(model, str(paths[n]))
+        for i, item in enumerate(items):
+            ev = evaluate_batches(net, make_batches([item], 1, tok.pad_token_id, False), names,
+                                  torch.device("cpu"))  # fmt: skip
+            alone[i, k] = ev["nll"]
+        net.unload()
+    half = torch.full((len(items), 2), 0.5, dtype=torch.float64)
+    even = evaluate_mixture(model, tok, paths, sources, 32, weights=half)
+    want = sum(-math.log(0.5 * math.exp(-a) + 0.5 * math.exp(-b)) for a, b in alone.tolist())
+    assert even["nll"] == pytest.approx(want, rel=1e-5)
+    assert even["tokens"] == routed["tokens"]
+    assert even["mixed_rows"] == 100.0 and even["adapter_rows"] == 2.0
+    # the gaussian path: the weights `mixture_weights` makes of each prompt's scores
+    gauss = torch.stack([prompt_gaussian(model, tok, sources[n], 32) for n in names])
+    rows = [qa for n in names for qa in sources[n].splits["test"]]
+    w = mixture_weights(gaussian_scores(prompt_vectors(model, tok, rows, 32), gauss), 300.0)
+    by_gauss = evaluate_mixture(model, tok, paths, sources, 32, gaussians=gauss, temperature=300.0)
+    forced = evaluate_mixture(model, tok, paths, sources, 32, weights=w)
+    assert by_gauss["nll"] == pytest.approx(forced["nll"], rel=1e-9)
+    assert by_gauss["mixed_rows"] == forced["mixed_rows"]
+    with pytest.raises(ValueError, match="rows"):
+        evaluate_mixture(model, tok, paths, sources, 32, weights=half[:-1])
+    assert not any("lora" in k for k in model.state_dict())
+
+
 @pytest.fixture(scope="module")
 def routed_study(tiny_llama, qa_files, tmp_path_factory):
     from lorasum.study.reproduce import reproduce
@@ -217,7 +310,7 @@ def routed_study(tiny_llama, qa_files, tmp_path_factory):
         max_order=2,
         paper_variants=False,
         cross_domain=False,
-        routes="oracle,nearest,gaussian,arrow",
+        routes="oracle,nearest,gaussian,mixture,arrow",
     )
     try:
         res = reproduce(out, progress=False, **settings)
@@ -232,11 +325,12 @@ def test_study_reports_routes(routed_study):
     out, res, plan = routed_study
     assert plan["units"]["eval/42/route-nearest-arith+colors"] == "cached"
     assert plan["units"]["eval/42/route-gaussian-arith+colors"] == "cached"
+    assert plan["units"]["eval/42/route-mixture-arith+colors"] == "cached"
     assert plan["units"]["eval/42/route-arrow-arith+colors"] == "cached"
     assert set(plan["units"].values()) == {"cached"}
     (row,) = res["combinations"]
     routes = row["routes"]
-    assert list(routes) == ["oracle", "nearest", "gaussian", "arrow"]
+    assert list(routes) == ["oracle", "nearest", "gaussian", "mixture", "arrow"]
     # the oracle rebuilt from the singles' evaluation files
     nll = tokens = 0.0
     for d in row["domains"]:
@@ -270,6 +364,15 @@ def test_study_reports_routes(routed_study):
     # the tiny domains have fewer than 64 training rows: both summaries read every prompt
     assert routes["nearest"]["router_tokens"] == routes["gaussian"]["router_tokens"]
     assert routes["oracle"]["router_tokens"] is None and routes["arrow"]["router_tokens"] is None
+    # mixture: gaussian's summaries (no file of its own), soft; its serving cost recorded
+    mixture = json.loads(
+        (out / "seed-42" / "evals" / "route-mixture-arith+colors.json").read_text()
+    )["result"]
+    assert routes["mixture"]["ppl"] == mixture["perplexity"]
+    assert routes["mixture"]["router_tokens"] == routes["gaussian"]["router_tokens"]
+    assert routes["mixture"]["adapter_rows"] == mixture["adapter_rows"]
+    assert 1.0 <= mixture["adapter_rows"] <= 2.0 and 0.0 <= mixture["mixed_rows"] <= 100.0
+    assert "adapter_rows" not in routes["gaussian"]
     assert row["per_seed"][0]["routes"]["nearest"]["ppl"] == routes["nearest"]["ppl"]
     # the tiny domains' prompts are told apart by their first words: every row routed right,
     # so the nearest route scores exactly what the oracle does
@@ -285,7 +388,8 @@ def test_study_reports_routes(routed_study):
     report = (out / "report.md").read_text()
     assert (
         "| combination | oracle: Δ% · routed right | nearest: Δ% · routed right "
-        "| gaussian: Δ% · routed right | arrow: Δ% · routed right |" in report
+        "| gaussian: Δ% · routed right | mixture: Δ% · routed right "
+        "| arrow: Δ% · routed right |" in report
     )
     oracle_cell = f"{routes['oracle']['delta_pct']:+.2f} · 100%"
     assert f"| arith + colors | {oracle_cell} |" in report

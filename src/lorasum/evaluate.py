@@ -30,7 +30,7 @@ from lorasum.accuracy import (
     row_kind,
     tokenize_choice,
 )
-from lorasum.data import QA, Batch, collate
+from lorasum.data import QA, Batch, Tokenized, collate, make_batches
 from lorasum.lean import HeadNll, SoftmaxNll, folded_lora, fused_head
 from lorasum.models import frozen_linears_as, norm_outputs_as, precision_name
 
@@ -198,6 +198,32 @@ def evaluate_batches(
             for i, name in enumerate(names)
         },
     }
+
+
+@torch.inference_mode()
+def row_nlls(
+    model: nn.Module,
+    items: Sequence[tuple[Tokenized, int]],
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each item's summed NLL over its counted tokens, and their number, in the items' order:
+    ((N,) float64, (N,) long). The batches `evaluate_batches` makes of the same items, so the
+    same numbers row by row."""
+    rows = [(t, i) for i, (t, _) in enumerate(items)]  # a row's own index rides as its dataset
+    nll = torch.zeros(len(rows), dtype=torch.float64)
+    tokens = torch.zeros(len(rows), dtype=torch.long)
+    with inference_context(model, amp_dtype):
+        for batch in make_batches(rows, batch_size, pad_id, shuffle=False):
+            batch = batch.to(device)
+            with autocast_context(device, amp_dtype):
+                row_nll, row_tokens = token_nll(model, batch)
+            index = batch.dataset.cpu()
+            nll.index_add_(0, index, row_nll.double().cpu())
+            tokens.index_add_(0, index, row_tokens.cpu())
+    return nll, tokens
 
 
 # Task accuracy (the math in `lorasum.accuracy`)

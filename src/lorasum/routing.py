@@ -14,6 +14,13 @@ A route chooses, per test row, which single adapter scores it; the adapters are 
   adapter under whose diagonal Gaussian its prompt vector is likeliest (`route_gaussian`, hard
   top-1). Chosen over cosine-to-centroid on the realistic study's validation rows (fewer
   routing errors with a sixth of the prompts: docs/BUDGETS.md).
+- ``mixture``: ``gaussian``'s summaries, but soft: a row's answer is scored by the mixture
+  Σₖ wₖ·pₖ(answer | prompt) of the adapters, with wₖ the router's posterior softmax(score /
+  `MIXTURE_TEMPERATURE`) and weights under `MIXTURE_FLOOR` dropped (`mixture_weights`), so a
+  row the router is sure of costs one adapter's forward and an unsure one hedges instead of
+  paying a wrong adapter's full loss (`mixture_nll`, `evaluate_mixture`). Served as a
+  per-request mix of the next-token distributions of the adapters kept, each weight updated
+  by the answer tokens so far (Bayes' rule on the same mixture).
 - ``arrow``: PEFT's Arrow (arXiv 2405.11157, `peft.create_arrow_model`), data-free and per
   token inside every LoRA layer: each adapter's prototype is the top right singular vector of
   its ΔW = B·A in that layer; a token's hidden state x gets |⟨x, prototype⟩| per adapter, the
@@ -36,7 +43,13 @@ from torch import nn
 
 from lorasum.data import QA, Source, make_batches, prompt_text
 from lorasum.errors import LorasumError
-from lorasum.evaluate import autocast_context, evaluate_batches, perplexity_from, unwrap
+from lorasum.evaluate import (
+    autocast_context,
+    evaluate_batches,
+    perplexity_from,
+    row_nlls,
+    unwrap,
+)
 from lorasum.tokens import tokenize_cached
 
 # The gaussian router's summary: a domain's first 64 training prompts (the seeded split's
@@ -44,6 +57,12 @@ from lorasum.tokens import tokenize_cached
 # variance is zero. Both chosen on the realistic study's validation rows (docs/BUDGETS.md).
 GAUSSIAN_PROMPTS = 64
 GAUSSIAN_FLOOR = 1e-3
+# The mixture's posterior temperature on the gaussian log-likelihoods (which, summed over H
+# dimensions treated as independent, are far too sure), and the weight below which an adapter
+# is dropped from a row's mixture (then not run for it). Chosen on the realistic study's
+# validation rows (docs/BUDGETS.md).
+MIXTURE_TEMPERATURE = 100.0  # set from the validation sweep
+MIXTURE_FLOOR = 0.01
 
 
 # Registered routes: name → what it does (a study's `routes` option; an unknown name lists these)
@@ -54,6 +73,9 @@ ROUTES: dict[str, str] = {
     "gaussian": "each test row sent to the single adapter under whose diagonal Gaussian of its "
     f"first {GAUSSIAN_PROMPTS} training prompts' base-model hidden states the row's prompt is "
     "likeliest",
+    "mixture": "each test row scored by the mixture of the single adapters' answer "
+    "likelihoods weighted by the gaussian router's tempered posterior (adapters under "
+    f"{MIXTURE_FLOOR:g} weight dropped)",
     "arrow": "PEFT's Arrow: per token and LoRA layer, the adapters whose ΔW's top right singular "
     "vector aligns with the hidden state mixed by a softmax (data-free; all adapters, top_k = K)",
 }
@@ -194,6 +216,27 @@ def router_tokens(tokenizer, source: Source, max_length: int, prompts: int | Non
     return sum(len(prompt_ids(tokenizer, qa.question, max_length)) for qa in rows)
 
 
+def mixture_weights(
+    scores: torch.Tensor, temperature: float = MIXTURE_TEMPERATURE, floor: float = MIXTURE_FLOOR
+) -> torch.Tensor:
+    """The router's posterior over adapters, softmax(scores / temperature) per row, with the
+    weights under ``floor`` dropped (the top one always kept) and the rest renormalised:
+    (N, K) → (N, K) float64, each row summing to 1."""
+    w = torch.softmax(scores.double() / temperature, dim=1)  # (N, K)
+    top = F.one_hot(w.argmax(1), w.shape[1]).bool()
+    w = torch.where((w >= floor) | top, w, torch.zeros_like(w))
+    return w / w.sum(1, keepdim=True)
+
+
+def mixture_nll(nll: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Each row's NLL under the mixture Σₖ wₖ·pₖ(answer): −log Σₖ wₖ·exp(−nllₖ), from the
+    adapters' summed answer NLLs (N, K) and the weights (N, K); adapters of weight 0 are left
+    out (their NLL may be anything, NaN included): → (N,) float64."""
+    kept = weights > 0
+    terms = torch.where(kept, weights.double().log() - nll.double(), -torch.inf)  # (N, K)
+    return -torch.logsumexp(terms, dim=1)
+
+
 def oracle_from_singles(per_domain: Mapping[str, Mapping]) -> dict:
     """The oracle route from each domain's single adapter on its own test rows ({domain:
     {nll, tokens}}): NLL and tokens summed, perplexity exp(NLL / tokens), accuracy 100 %."""
@@ -293,6 +336,83 @@ def evaluate_routed(
             for i, d in enumerate(names)
         },
         **routing_summary(truth, assignment, names),
+    }
+
+
+def evaluate_mixture(
+    model: nn.Module,
+    tokenizer,
+    adapters: Mapping[str, str | Path],
+    sources: Mapping[str, Source],
+    max_length: int,
+    gaussians: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    temperature: float = MIXTURE_TEMPERATURE,
+    floor: float = MIXTURE_FLOOR,
+    split: str = "test",
+    answer_only: bool = True,
+    batch_size: int = 32,
+    amp_dtype: torch.dtype | None = None,
+) -> dict:
+    """Every row of ``sources``' ``split`` scored by the mixture of the adapters (keyed by
+    domain like `evaluate_routed`'s): `mixture_nll` with ``weights`` (N, K) if given, else
+    `mixture_weights` of `gaussian_scores` against ``gaussians`` (K, 2, H). Each adapter runs
+    only on the rows that keep it. Returns an evaluation's shape with ``routing_accuracy``
+    and ``confusion`` (of each row's top weight), ``mixed_rows`` (% of rows scored by more
+    than one adapter) and ``adapter_rows`` (adapter forwards per row, ≥ 1). ``model`` is left
+    as it was."""
+    from peft import PeftModel
+
+    names = list(adapters)
+    if list(sources) != names:
+        raise ValueError(f"adapters {names} and sources {list(sources)} name other domains")
+    t0 = time.perf_counter()
+    srcs = [sources[d] for d in names]
+    items = tokenize_cached(tokenizer, srcs, split, max_length, answer_only)  # [(row, domain)]
+    if weights is None:
+        if gaussians is None:
+            raise ValueError("give gaussians (one per adapter) or the weights")
+        qa = [qa for s in srcs for qa in s.splits[split]]  # the items' order
+        vecs = prompt_vectors(model, tokenizer, qa, max_length, batch_size=batch_size,
+                              amp_dtype=amp_dtype)  # fmt: skip
+        weights = mixture_weights(gaussian_scores(vecs, gaussians), temperature, floor)
+    if tuple(weights.shape) != (len(items), len(names)):
+        raise ValueError(f"weights {tuple(weights.shape)} for {len(items)} rows × {len(names)}")
+    device = next(model.parameters()).device
+    nll = torch.full(tuple(weights.shape), torch.nan, dtype=torch.float64)  # (N, K)
+    tokens = torch.zeros(len(items), dtype=torch.long)
+    net = PeftModel.from_pretrained(model, str(adapters[names[0]]), adapter_name=names[0])
+    try:
+        for name in names[1:]:
+            net.load_adapter(str(adapters[name]), adapter_name=name)
+        for k, name in enumerate(names):
+            rows = (weights[:, k] > 0).nonzero().flatten()
+            if len(rows) == 0:
+                continue
+            net.set_adapter(name)
+            part = [items[i] for i in rows.tolist()]
+            nll[rows, k], tokens[rows] = row_nlls(net, part, batch_size, tokenizer.pad_token_id,
+                                                  device, amp_dtype)  # fmt: skip
+    finally:
+        net.unload()
+    mixed = mixture_nll(nll, weights)  # (N,)
+    truth = torch.tensor([d for _, d in items], dtype=torch.long)
+    per = {d: (float(mixed[truth == i].sum()), int(tokens[truth == i].sum()))
+           for i, d in enumerate(names)}  # fmt: skip
+    total_nll, total_tokens = float(mixed.sum()), int(tokens.sum())
+    kept = (weights > 0).sum(1)
+    return {
+        "timing": {"seconds": time.perf_counter() - t0},
+        "perplexity": perplexity_from(total_nll, total_tokens),
+        "nll": total_nll,
+        "tokens": total_tokens,
+        "per_dataset": {
+            d: {"perplexity": perplexity_from(n, t), "nll": n, "tokens": t}
+            for d, (n, t) in per.items()
+        },
+        **routing_summary(truth.tolist(), weights.argmax(1).tolist(), names),
+        "mixed_rows": 100.0 * float((kept > 1).double().mean()) if len(items) else 0.0,
+        "adapter_rows": float(kept.double().mean()) if len(items) else 0.0,
     }
 
 

@@ -360,6 +360,16 @@ ROUTE_SERVING = (
 )
 
 
+MIXTURE_NOTE = (
+    " `mixture`: `gaussian`'s router made soft, each row scored by the mixture of the adapters' "
+    "answer likelihoods weighted by the router's tempered posterior (routed right: its top "
+    "weight); a request the router is unsure of runs each adapter it keeps and mixes their "
+    "next-token distributions at every step, the weights updated by the tokens so far "
+    "(PEFT with several adapters serves it; per-request multi-LoRA servers run one adapter "
+    "per request, so they serve its sure requests only)."
+)
+
+
 ARROW_NOTE = (
     " `arrow`: PEFT's Arrow, per token inside every LoRA layer the adapters whose ΔW's top "
     "right singular vector aligns with the hidden state, mixed by a softmax (all adapters, "
@@ -395,7 +405,10 @@ def _routes(results: dict) -> list:
             "the adapter whose training-prompt centroid (base model's mean last-layer hidden "
             "state) is closest in cosine to the row's prompt; `gaussian`: the adapter under "
             "whose diagonal Gaussian of its domain's first training prompts' hidden states the "
-            "row's prompt is likeliest. " + ROUTE_SERVING + (ARROW_NOTE if "arrow" in names else "")
+            "row's prompt is likeliest. "
+            + ROUTE_SERVING
+            + (MIXTURE_NOTE if "mixture" in names else "")
+            + (ARROW_NOTE if "arrow" in names else "")
         ),
     ]
 

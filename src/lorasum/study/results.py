@@ -188,7 +188,16 @@ def route_rows(combo, evals: dict[str, dict], routes: Sequence[str], ppl_merged:
             "routing_accuracy": ev.get("routing_accuracy"),
             "router_tokens": sum(ev["router_tokens"].values()) if "router_tokens" in ev else None,
         }
+        if "adapter_rows" in ev:  # a soft route: adapter forwards per row at serving time
+            out[r]["adapter_rows"] = ev["adapter_rows"]
     return out
+
+
+def _adapter_rows(per: list[dict]) -> dict:
+    """A soft route's adapter forwards per row, mean over seeds (nothing for the others)."""
+    if any("adapter_rows" not in p for p in per):
+        return {}
+    return {"adapter_rows": sum(p["adapter_rows"] for p in per) / len(per)}
 
 
 def _own_domains(evals: dict[str, dict], combo) -> dict[str, dict]:
@@ -212,6 +221,7 @@ def _routes(rows: list[dict]) -> dict:
             "ci95": ci95([p["delta_pct"] for p in per]),
             "routing_accuracy": _mean_or_none([p["routing_accuracy"] for p in per]),
             "router_tokens": per[0].get("router_tokens"),  # the same rows for every seed
+            **_adapter_rows(per),
         }
     return out
 

@@ -2,7 +2,8 @@
 
 `NearestRouteTask` scores each test row with the single adapter whose training-prompt centroid
 is nearest, `GaussianRouteTask` the one under whose Gaussian of its first training prompts the
-row's prompt is likeliest (summaries cached in ``DIR/routers/``); `ArrowRouteTask` with PEFT's Arrow, a
+row's prompt is likeliest, `MixtureRouteTask` with the mixture of the adapters its tempered
+posterior keeps (summaries cached in ``DIR/routers/``); `ArrowRouteTask` with PEFT's Arrow, a
 per-token mix of the singles. The ``oracle`` route needs no task: the singles' own evaluations
 give it. Both are written like an evaluation.
 """
@@ -27,6 +28,8 @@ ROUTER_SUMMARIES = {
     "nearest": ("prompt-centroid", "", "centroid"),
     "gaussian": ("prompt-gaussian", "-gaussian", "gaussian"),
 }
+# The summary each prompt-level route reads (``mixture`` soft-routes on ``gaussian``'s).
+ROUTER_OF = {"nearest": "nearest", "gaussian": "gaussian", "mixture": "gaussian"}
 
 
 def router_key(source: Source, cfg: TrainConfig, router: str = "nearest") -> str:
@@ -111,6 +114,16 @@ class NearestRouteTask(RouteTask):
     route = "nearest"
     routers: Path
 
+    @property
+    def router(self) -> str:
+        """The router summary this route reads (`ROUTER_OF`)."""
+        return ROUTER_OF[self.route]
+
+    @property
+    def options(self) -> dict:
+        """The route's own settings, in its key (none for the hard routes: older keys kept)."""
+        return {}
+
     def prompts(self) -> int:
         """Training prompts the domains' summaries read (once per domain, then cached)."""
         return sum(len(self.sources[d].splits["train"]) for d in self.domains)
@@ -123,7 +136,8 @@ class NearestRouteTask(RouteTask):
         weights = [sha256_file(p / "adapter_model.safetensors") for _, p in self.adapters]
         unit = config_key(
             {"route": self.route, "adapters": weights,
-             "routers": [router_key(self.sources[d], self.cfg, self.route) for d in self.domains]}
+             "routers": [router_key(self.sources[d], self.cfg, self.router)
+                         for d in self.domains], **self.options}
         )  # fmt: skip
         return eval_key(unit, self.domains, self.sources, self.cfg)
 
@@ -133,27 +147,34 @@ class NearestRouteTask(RouteTask):
         combination the domain is in)."""
         import torch
 
-        from lorasum.routing import GAUSSIAN_PROMPTS, evaluate_routed, router_tokens
+        from lorasum.routing import GAUSSIAN_PROMPTS, router_tokens
 
         key, cfg = self.key(), self.cfg
         summaries = torch.stack(
             [router_summary(self.routers, d, self.sources[d], cfg, model=model,
-                            tokenizer=tokenizer, router=self.route) for d in self.domains]
+                            tokenizer=tokenizer, router=self.router) for d in self.domains]
         )  # nearest (K, H), gaussian (K, 2, H)  # fmt: skip
-        by = {"centroids": summaries} if self.route == "nearest" else {"gaussians": summaries}
         device = next(model.parameters()).device
-        result = evaluate_routed(
-            model, tokenizer, dict(self.adapters), {d: self.sources[d] for d in self.domains},
-            cfg.max_length, answer_only=cfg.answer_only, batch_size=EVAL_BATCH_SIZE,
-            amp_dtype=autocast_dtype(cfg.precision, device), **by,
+        result = self.evaluate(
+            summaries, model=model, tokenizer=tokenizer, adapters=dict(self.adapters),
+            sources={d: self.sources[d] for d in self.domains}, max_length=cfg.max_length,
+            answer_only=cfg.answer_only, batch_size=EVAL_BATCH_SIZE,
+            amp_dtype=autocast_dtype(cfg.precision, device),
         )  # fmt: skip
-        prompts = GAUSSIAN_PROMPTS if self.route == "gaussian" else None
+        prompts = GAUSSIAN_PROMPTS if self.router == "gaussian" else None
         result["router_tokens"] = {
             d: router_tokens(tokenizer, self.sources[d], cfg.max_length, prompts)
             for d in self.domains
         }
         write_json(self.path, {"key": key, "result": result})
         return result
+
+
+    def evaluate(self, summaries, **kwargs) -> dict:
+        """`routing.evaluate_routed` against the centroids (hard top-1 by cosine)."""
+        from lorasum.routing import evaluate_routed
+
+        return evaluate_routed(centroids=summaries, **kwargs)
 
 
 @task_type
@@ -168,6 +189,37 @@ class GaussianRouteTask(NearestRouteTask):
         from lorasum.routing import GAUSSIAN_PROMPTS
 
         return min(super().prompts(), GAUSSIAN_PROMPTS * len(self.domains))
+
+    def evaluate(self, summaries, **kwargs) -> dict:
+        """`routing.evaluate_routed` against the Gaussians (hard top-1 by likelihood)."""
+        from lorasum.routing import evaluate_routed
+
+        return evaluate_routed(gaussians=summaries, **kwargs)
+
+
+@task_type
+class MixtureRouteTask(GaussianRouteTask):
+    """As `GaussianRouteTask`'s summaries, scored soft: each row by the mixture of the adapters
+    its tempered posterior keeps (`routing.evaluate_mixture`)."""
+
+    route = "mixture"
+
+    @property
+    def options(self) -> dict:
+        from lorasum.routing import MIXTURE_FLOOR, MIXTURE_TEMPERATURE
+
+        return {"temperature": MIXTURE_TEMPERATURE, "floor": MIXTURE_FLOOR}
+
+    def cost(self) -> float:
+        # every adapter on a row at worst, plus the summaries' prompts (once per domain)
+        rows = self.test_rows() * (1 + len(self.domains))
+        return job_cost("eval", rows + self.prompts() // 3, self.cfg.max_length)
+
+    def evaluate(self, summaries, **kwargs) -> dict:
+        """`routing.evaluate_mixture` on the Gaussians with the route's options."""
+        from lorasum.routing import evaluate_mixture
+
+        return evaluate_mixture(gaussians=summaries, **self.options, **kwargs)
 
 
 @task_type
@@ -221,5 +273,6 @@ class ArrowRouteTask(RouteTask):
 ROUTE_TASKS: dict[str, type[RouteTask]] = {
     "nearest": NearestRouteTask,
     "gaussian": GaussianRouteTask,
+    "mixture": MixtureRouteTask,
     "arrow": ArrowRouteTask,
 }
