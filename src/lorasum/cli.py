@@ -341,7 +341,9 @@ def _add_reproduce(sub) -> None:
         help="routing instead of adding, reported beside the methods: comma list of oracle "
         "(each row's own single adapter), nearest (each row to the adapter whose "
         "training-prompt centroid is closest), gaussian (each row to the adapter under whose "
-        "Gaussian of its first 64 training prompts the row is likeliest) and arrow (PEFT's "
+        "Gaussian of its first 64 training prompts the row is likeliest), mixture (gaussian "
+        "made soft: each row scored by the mix of the adapters its tempered posterior keeps) "
+        "and arrow (PEFT's "
         "per-token Arrow mix of the adapters); default none",
     )
     r.add_argument(

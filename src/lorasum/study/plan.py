@@ -197,13 +197,13 @@ def _method_tasks(lay: StudyLayout, seed: int, runs: Trainings, calib: dict) -> 
 
 
 def _route_tasks(lay: StudyLayout, seed: int, runs: Trainings) -> list[Task]:
-    """The ``nearest``, ``gaussian`` and ``arrow`` routes: one routed evaluation per combination, reading the
+    """The ``nearest``, ``gaussian``, ``mixture`` and ``arrow`` routes: one routed evaluation per combination, reading the
     singles it routes between (the ``oracle`` needs no task: the singles' evaluations give it)."""
     tasks: list[Task] = []
     for route, task_type in ROUTE_TASKS.items():
         if route not in lay.routes:
             continue
-        prompt_level = issubclass(task_type, NearestRouteTask)  # nearest, gaussian
+        prompt_level = issubclass(task_type, NearestRouteTask)  # nearest, gaussian, mixture
         extra = {"routers": lay.out / "routers"} if prompt_level else {}
         for combo in lay.combos:
             tasks.append(

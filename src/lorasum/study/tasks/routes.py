@@ -169,7 +169,6 @@ class NearestRouteTask(RouteTask):
         write_json(self.path, {"key": key, "result": result})
         return result
 
-
     def evaluate(self, summaries, **kwargs) -> dict:
         """`routing.evaluate_routed` against the centroids (hard top-1 by cosine)."""
         from lorasum.routing import evaluate_routed
