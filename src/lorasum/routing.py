@@ -37,6 +37,7 @@ from torch import nn
 from lorasum.data import QA, Source, make_batches, prompt_text
 from lorasum.errors import LorasumError
 from lorasum.evaluate import autocast_context, evaluate_batches, perplexity_from, unwrap
+from lorasum.settings import DataSettings
 from lorasum.tokens import tokenize_cached
 
 # The gaussian router's summary: a domain's first 64 training prompts (the seeded split's
@@ -228,7 +229,7 @@ def evaluate_routed(
     assignment: Sequence[int] | None = None,
     gaussians: torch.Tensor | None = None,
     split: str = "test",
-    answer_only: bool = True,
+    answer_only: bool = DataSettings.answer_only,
     batch_size: int = 32,
     amp_dtype: torch.dtype | None = None,
 ) -> dict:
@@ -421,7 +422,7 @@ def evaluate_arrow(
     sources: Mapping[str, Source],
     max_length: int,
     split: str = "test",
-    answer_only: bool = True,
+    answer_only: bool = DataSettings.answer_only,
     batch_size: int = 32,
     amp_dtype: torch.dtype | None = None,
     top_k: int | None = None,
