@@ -521,7 +521,7 @@ CASES: list[tuple[str, Callable[[World, Path], list[str]], str]] = [
         "not found in the model",
     ),
     ("train-unknown-device", train_args("--device", "tpu9", "--max-steps", "1"), "unknown device"),
-    ("eval-batch-size-0", eval_args("--batch-size", "0"), "--batch-size >= 1"),
+    ("eval-batch-size-0", eval_args("--batch-size", "0"), "--batch-size must be >= 1"),
     ("eval-max-eval-0", eval_args("--max-eval", "0"), "--max-eval must be >= 1"),
     ("eval-max-length-2", eval_args("--max-length", "2"), "--max-length must be >= 8"),
     (

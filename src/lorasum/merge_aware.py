@@ -27,6 +27,7 @@ from pathlib import Path
 
 from lorasum.errors import LorasumError
 from lorasum.io import read_json
+from lorasum.settings import DataSettings
 
 # rows: validation rows per domain that score a choice; passes: coordinate-descent passes
 MERGE_AWARE_DEFAULTS = {"rows": 32, "passes": 1}
@@ -103,7 +104,7 @@ def select_checkpoints(
     *,
     rows: int = MERGE_AWARE_DEFAULTS["rows"],
     passes: int = MERGE_AWARE_DEFAULTS["passes"],
-    max_length: int = 128,
+    max_length: int = DataSettings.max_length,
     precision: str | None = None,
     batch_size: int = 32,
 ) -> tuple[list[Path], dict]:

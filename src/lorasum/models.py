@@ -27,6 +27,7 @@ from lorasum.io import (  # noqa: F401
     pickle_allowed,
     sha256_file,
 )
+from lorasum.settings import PRECISIONS, RuntimeSettings
 
 log = logging.getLogger(__name__)
 
@@ -421,11 +422,10 @@ def cpu_bf16_verdict(refresh: bool = False) -> dict:
     return verdict
 
 
-PRECISIONS = ("auto", "bf16", "fp32")
 PRECISION_ENV = "LORASUM_PRECISION"  # what `auto` means where it is set: auto, bf16 or fp32
 
 
-def precision_setting(precision: str = "auto") -> str:
+def precision_setting(precision: str = RuntimeSettings.precision) -> str:
     """``--precision`` as asked: an explicit ``bf16``/``fp32`` stands; ``auto`` becomes
     ``$LORASUM_PRECISION`` where that is set (so one variable pins every command and every
     worker of a study), else stays ``auto`` (decided per device, see `autocast_dtype`)."""

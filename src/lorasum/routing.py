@@ -50,6 +50,7 @@ from lorasum.evaluate import (
     row_nlls,
     unwrap,
 )
+from lorasum.settings import DataSettings
 from lorasum.tokens import tokenize_cached
 
 # The gaussian router's summary: a domain's first 64 training prompts (the seeded split's
@@ -272,7 +273,7 @@ def evaluate_routed(
     assignment: Sequence[int] | None = None,
     gaussians: torch.Tensor | None = None,
     split: str = "test",
-    answer_only: bool = True,
+    answer_only: bool = DataSettings.answer_only,
     batch_size: int = 32,
     amp_dtype: torch.dtype | None = None,
 ) -> dict:
@@ -351,7 +352,7 @@ def evaluate_mixture(
     temperature: float = MIXTURE_TEMPERATURE,
     floor: float = MIXTURE_FLOOR,
     split: str = "test",
-    answer_only: bool = True,
+    answer_only: bool = DataSettings.answer_only,
     batch_size: int = 32,
     amp_dtype: torch.dtype | None = None,
 ) -> dict:
@@ -542,7 +543,7 @@ def evaluate_arrow(
     sources: Mapping[str, Source],
     max_length: int,
     split: str = "test",
-    answer_only: bool = True,
+    answer_only: bool = DataSettings.answer_only,
     batch_size: int = 32,
     amp_dtype: torch.dtype | None = None,
     top_k: int | None = None,

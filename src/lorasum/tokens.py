@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from lorasum.data import Source, Tokenized, tokenize_split
+from lorasum.settings import DataSettings
 
 _CACHE: dict[tuple, list[Tokenized]] = {}
 _MAX_ENTRIES = 256
@@ -34,7 +35,7 @@ def tokenize_cached(
     sources: Sequence[Source],
     split: str,
     max_length: int,
-    answer_only: bool = True,
+    answer_only: bool = DataSettings.answer_only,
 ) -> list[tuple[Tokenized, int]]:
     """Like ``data.tokenize_split`` (same items, same order), from a per-process cache."""
     items: list[tuple[Tokenized, int]] = []

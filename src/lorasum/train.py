@@ -21,7 +21,7 @@ from lorasum.errors import LorasumError, raise_all
 from lorasum.evaluate import autocast_context, evaluate_batches, perplexity_from, token_nll
 from lorasum.io import atomic_dir, check_output_dir, config_key, read_json
 from lorasum.lean import fp32_attention_backward, lean
-from lorasum.lora_a import LORA_A, apply_lora_a
+from lorasum.lora_a import apply_lora_a
 from lorasum.models import (
     autocast_dtype,
     frozen_linears_as,
@@ -33,212 +33,16 @@ from lorasum.models import (
     resolve_target_modules,
     uses_conv1d,
 )
+from lorasum.settings import SCHEDULES, TrainConfig  # TrainConfig: also lorasum.train's
 from lorasum.tokens import tokenize_cached
 
 log = logging.getLogger(__name__)
 
 
-# --schedule → the transformers scheduler name: the learning rate after the linear warmup
-SCHEDULES = {"linear": "linear", "constant": "constant_with_warmup"}
 # The fewest validation rows a patience stop may be decided on (docs/BUDGETS.md): two batches
 # of the default batch size, so that one row moves the mean loss by at most 1/16 of its own
 # deviation and a stop is not the verdict of a handful of rows.
 MIN_VAL_ROWS = 16
-
-
-def _f(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
-
-
-@dataclass
-class TrainConfig:
-    """Everything that determines a trained adapter. Defaults follow the paper."""
-
-    model: str = _f(
-        "default", "base model: 'default' (embedded SmolLM2-135M), a HF id or a local path"
-    )
-    data: list[str] = _f(
-        (),
-        "data sources: builtin domain, .jsonl/.csv file or hf:<id>[:split]; several = merged-data training",
-        required=True,
-    )
-    rank: int = _f(4, "LoRA rank r")
-    alpha: float = _f(64.0, "LoRA alpha (scale = alpha / r)")
-    dropout: float = _f(0.1, "LoRA dropout")
-    target_modules: str = _f(
-        "auto", "modules to adapt: 'auto' (per-architecture table) or a comma list"
-    )
-    lora_a: str = _f(
-        "trained",
-        "A matrices: trained (standard LoRA), frozen (A kept at its seeded init, only B "
-        "trains: LoRI) or disjoint (A frozen at its --a-slot's rows of a seeded orthonormal "
-        "basis, so adapters in different slots have A_i A_j^T = 0 and add without input-side "
-        "cross-talk)",
-    )
-    a_slot: int = _f(0, "with --lora-a disjoint: this adapter's slot (rows slot*r .. slot*r+r-1)")
-    a_seed: int = _f(0, "with --lora-a disjoint: seed of the orthonormal basis the slots share")
-    epochs: float = _f(1.0, "passes over the training split")
-    max_steps: int = _f(0, "stop after this many optimizer steps (0 = use --epochs)")
-    lr: float = _f(5e-5, "peak learning rate (AdamW; after warmup see --schedule)")
-    warmup_steps: int = _f(2, "linear warmup steps")
-    weight_decay: float = _f(0.01, "AdamW weight decay")
-    batch_size: int = _f(8, "sequences per optimizer step")
-    max_length: int = _f(
-        128, "max tokens per sequence (prompt cut from the left, answer from the right)"
-    )
-    grad_clip: float = _f(1.0, "gradient norm clip (0 = off)")
-    seed: int = _f(42, "seed for LoRA init, dropout and batch order")
-    split_seed: int = _f(42, "seed of the 80/10/10 train/val/test split")
-    max_train: int | None = _f(None, "use at most this many training rows per source")
-    max_eval: int | None = _f(None, "use at most this many val/test rows per source")
-    answer_only: bool = _f(True, "count answer tokens only in the loss (False: the whole sequence)")
-    question_field: str | None = _f(
-        None, "question field of .jsonl/.csv/hf sources (auto-detected)"
-    )
-    answer_field: str | None = _f(None, "answer field of .jsonl/.csv/hf sources (auto-detected)")
-    choices_field: str | None = _f(
-        None,
-        "multiple-choice options field of .jsonl/.csv/hf sources (default: choices if present)",
-    )
-    precision: str = _f(
-        "auto", "auto (bf16 autocast on CUDA or CPUs with AMX/AVX512-BF16), bf16 or fp32"
-    )
-    device: str = _f("auto", "auto, cpu or cuda")
-    eval_val: bool = _f(True, "report validation perplexity after training")
-    snapshots: list[int] = _f(
-        (),
-        "optimizer steps at which to also save the adapter, in <out>/snapshots/step-<N>/ "
-        "(e.g. 2,4). A snapshot is taken mid-schedule: its learning rate has not decayed, so "
-        "it is not the adapter a full training of that length gives (that is --max-steps N); "
-        "it equals a training with --stop-at N",
-    )
-    stop_at: int = _f(
-        0,
-        "stop after this many optimizer steps on the unchanged schedule (its learning rate "
-        "still decays over --epochs/--max-steps); 0 = off",
-    )
-    eval_every: int = _f(
-        0,
-        "converged budget: evaluate the validation loss every this many steps (and at the "
-        "last), stop after --patience evaluations without improvement and keep the best "
-        "weights; 0 = off",
-    )
-    patience: int = _f(
-        3, "with --eval-every: evaluations without a lower validation loss before stopping"
-    )
-    max_epochs: float = _f(
-        0.0,
-        "with --eval-every: at most this many passes; a linear schedule decays over them "
-        "(0 = the cap is --epochs/--max-steps)",
-    )
-    schedule: str = _f(
-        "linear",
-        "learning rate after warmup: linear (decays to 0 at the run's last step) or constant "
-        "(with --eval-every the validation loss ends the run and the cap only bounds it)",
-    )
-
-    def __post_init__(self) -> None:
-        if isinstance(self.data, str):
-            self.data = [d for d in self.data.split(",") if d]
-        self.data = list(self.data)
-        problems = []
-        self.snapshots = _step_list(self.snapshots, problems)
-        if not self.data:
-            problems.append("no data given (--data math or --data a.jsonl,b.jsonl)")
-        if len(set(self.data)) != len(self.data):
-            problems.append(f"data sources repeat: {self.data}; give each source once")
-        for name in ("rank", "batch_size", "max_length"):
-            if getattr(self, name) < 1:
-                problems.append(f"--{name.replace('_', '-')} must be >= 1")
-        if self.alpha <= 0:
-            problems.append("--alpha must be > 0")
-        if not 0.0 <= self.dropout < 1.0:
-            problems.append("--dropout must be in [0, 1)")
-        if self.lr <= 0:
-            problems.append("--lr must be > 0")
-        if self.epochs <= 0 and self.max_steps <= 0:
-            problems.append("set --epochs > 0 or --max-steps > 0")
-        if self.max_steps < 0 or self.warmup_steps < 0:
-            problems.append("--max-steps and --warmup-steps must be >= 0")
-        if self.max_length < 8:
-            problems.append("--max-length must be >= 8")
-        for name in ("max_train", "max_eval"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                problems.append(f"--{name.replace('_', '-')} must be >= 1")
-        if self.lora_a not in LORA_A:
-            problems.append(f"--lora-a {self.lora_a!r}: use one of {', '.join(LORA_A)}")
-        if self.a_slot < 0:
-            problems.append("--a-slot must be >= 0")
-        if self.lora_a != "disjoint" and (self.a_slot or self.a_seed):
-            problems.append("--a-slot and --a-seed apply to --lora-a disjoint; add it or drop them")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            problems.append(f"--precision {self.precision!r}: use auto, bf16 or fp32")
-        problems += self._budget_problems()
-        raise_all(problems, "invalid training config")
-
-    def _budget_problems(self) -> list[str]:
-        problems = []
-        for name in ("stop_at", "eval_every", "max_epochs"):
-            if getattr(self, name) < 0:
-                problems.append(f"--{name.replace('_', '-')} must be >= 0")
-        if self.patience < 1:
-            problems.append("--patience must be >= 1")
-        if self.schedule not in SCHEDULES:
-            problems.append(f"--schedule {self.schedule!r}: use {' or '.join(SCHEDULES)}")
-        if self.max_epochs > 0 and self.eval_every == 0:
-            problems.append(
-                "--max-epochs caps a --eval-every run; set --eval-every or use --epochs"
-            )
-        if self.eval_every > 0 and self.max_epochs > 0 and self.max_steps > 0:
-            problems.append("give the cap as --max-epochs or as --max-steps, not both")
-        return problems
-
-    def identity(self) -> dict:
-        """The fields that determine the result (device and reporting do not)."""
-        d = asdict(self)
-        # choices_field only says where the options are (they never reach training; the answer
-        # text it may pick is in the data fingerprint): keys stay those of before it existed
-        for k in ("device", "eval_val", "choices_field"):
-            d.pop(k)
-        # The budget fields join the identity only when used: adapters trained without them
-        # keep the keys they had before the fields existed, so finished studies are reused.
-        unused = [k for k in ("snapshots", "stop_at") if not d[k]]
-        if self.lora_a == "trained":  # likewise: standard adapters keep their keys
-            unused += ["lora_a", "a_slot", "a_seed"]
-        elif self.lora_a == "frozen":
-            unused += ["a_slot", "a_seed"]
-        if self.schedule == "linear":
-            unused.append("schedule")
-        if not self.eval_every:
-            unused += ["eval_every", "patience", "max_epochs"]
-        for k in unused:
-            d.pop(k)
-        return d
-
-    def uses_val(self) -> bool:
-        """Whether the val split decides something recorded (its metric or the weights)."""
-        return self.eval_val or self.eval_every > 0
-
-
-def _step_list(value, problems: list[str]) -> list[int]:
-    """``"2,4"`` / ``["2", "4"]`` / ``(2, 4)`` → ``[2, 4]`` (sorted, once each)."""
-    if isinstance(value, str):
-        value = value.split(",")
-    steps = set()
-    for v in value:
-        text = str(v).strip()
-        if not text:
-            continue
-        try:
-            step = int(text)
-        except ValueError:
-            problems.append(f"--snapshots {text!r}: give optimizer steps as integers, e.g. 2,4")
-            continue
-        if step < 1:
-            problems.append(f"--snapshots {step}: snapshot steps must be >= 1")
-        steps.add(step)
-    return sorted(steps)
 
 
 def load_sources(cfg: TrainConfig) -> list[Source]:

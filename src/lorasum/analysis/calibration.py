@@ -56,12 +56,14 @@ from lorasum.adapters import Adapter, check_fits, delta_shape, read_adapter
 from lorasum.data import Source, load_split, make_batches
 from lorasum.errors import LorasumError
 from lorasum.io import MARKER, commit_temp, config_key, read_json, temp_beside
+from lorasum.settings import EVAL_BATCH_SIZE, DataSettings, RuntimeSettings
 
 log = logging.getLogger(__name__)
 
 FILE_PREFIX = "calibration-"
-DEFAULT_MAX_LENGTH = 128
-DEFAULT_SPLIT_SEED = 42
+# where an adapter's lorasum.json does not say (trained elsewhere): the settings' defaults
+DEFAULT_MAX_LENGTH = DataSettings.max_length
+DEFAULT_SPLIT_SEED = DataSettings.split_seed
 
 
 @dataclass
@@ -451,19 +453,19 @@ def calibrate(
     model_spec: str | None = None,
     modules: Sequence[str] | None = None,
     max_length: int | None = None,
-    batch_size: int = 16,
+    batch_size: int = EVAL_BATCH_SIZE,
     split_seed: int | None = None,
-    device: str = "auto",
+    device: str = RuntimeSettings.device,
     cache: bool = True,
 ) -> Calibration:
     """Input Gram matrices of ``adapter``'s domain at its modules (or ``modules``), cached.
 
     ``data``: sources whose train split is used (default: the adapter's own training data;
-    ``split_seed`` default: the adapter's, else 42). ``model``: a spec (default: the adapter's
-    base model) or a loaded model to reuse with its ``tokenizer``, run as it is (fp32
+    ``split_seed`` default: the adapter's, else `DataSettings.split_seed`). ``model``: a spec
+    (default: the adapter's base model) or a loaded model to reuse with its ``tokenizer``, run as it is (fp32
     recommended) with no adapter applied; ``model_spec`` names a loaded model in the cache key
     (default: the adapter's base model). ``max_length``: default the adapter's training
-    max_length, else 128. Padding and batch size do not change the result.
+    max_length, else `DataSettings.max_length`. Padding and batch size do not change the result.
     """
     plan = _plan(adapter, data, model, model_spec, modules, max_length, split_seed)
     if cache:
@@ -522,8 +524,8 @@ def calibrate_adapters(
     model: str | None = None,
     modules: Sequence[str] | None = None,
     max_length: int | None = None,
-    batch_size: int = 16,
-    device: str = "auto",
+    batch_size: int = EVAL_BATCH_SIZE,
+    device: str = RuntimeSettings.device,
 ) -> list[Calibration]:
     """`calibrate` for several adapters; the model is loaded once, and only on a cache miss.
 

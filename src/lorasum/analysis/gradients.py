@@ -51,6 +51,7 @@ from torch import nn
 from lorasum._version import __version__
 from lorasum.data import Batch, Source
 from lorasum.errors import LorasumError
+from lorasum.settings import LoraSettings
 
 DEFAULT_MAX_BYTES = 256 * 2**20
 # rows per forward+backward: the result is a sum, so only memory depends on it (SmolLM2-135M,
@@ -87,7 +88,9 @@ class DomainGradients:
 # --- which modules, which groups -------------------------------------------------------------
 
 
-def target_module_names(model: nn.Module, target_modules: str | Sequence[str] = "auto"):
+def target_module_names(
+    model: nn.Module, target_modules: str | Sequence[str] = LoraSettings.target_modules
+):
     """Full names of the linear modules the adapters would target (`resolve_target_modules`'
     suffixes, or full names), in model order, with their (d_out, d_in)."""
     from lorasum.adapters import delta_shape

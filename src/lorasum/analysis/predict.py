@@ -36,6 +36,7 @@ from lorasum.analysis.predictors.data import combination_values, combo_name, gra
 from lorasum.analysis.predictors.weight import cosine_predictors
 from lorasum.errors import LorasumError
 from lorasum.factors import rms
+from lorasum.settings import DataSettings, LoraSettings, RuntimeSettings, field_problems
 
 # --- `lorasum predict ADAPTER…` and `compose --check`: predictors of given adapters ------------
 
@@ -336,16 +337,17 @@ def format_prediction(out: dict, warning: bool = False) -> str:
 
 # --- `lorasum predict --domains`: before any training -------------------------------------------
 
+# Training rows per domain the gradients are measured on where none is given: the standard
+# preset's (presets/standard.yaml), so its studies are the ones a forecast matches by default
+DOMAINS_MAX_TRAIN = 64
+
 
 def _check_settings(predictor: str, max_length: int, max_train: int | None, max_order) -> None:
     problems = []
     known = ("auto", *predictor_names(needing="base_model_data"))
     if predictor not in known:
         problems.append(f"unknown predictor {predictor!r} (choose one of: {', '.join(known)})")
-    if max_length < 8:
-        problems.append(f"--max-length {max_length} must be >= 8")
-    if max_train is not None and max_train < 1:
-        problems.append(f"--max-train {max_train} must be >= 1")
+    problems += field_problems({"max_length": max_length, "max_train": max_train})
     if max_order is not None and max_order < 2:
         problems.append(f"--max-order {max_order}: combinations have at least 2 domains")
     if problems:
@@ -376,17 +378,17 @@ def _domain_values(stats: dict, inputs: PredictorInputs, combos) -> dict[str, di
 def predict_domains(
     domains: Mapping[str, str],
     *,
-    model: str = "default",
+    model: str = RuntimeSettings.model,
     fit: Sequence[str | Path] | None = None,
     predictor: str = "auto",
-    max_length: int = 128,
-    max_train: int | None = 64,
-    split_seed: int = 42,
-    target_modules: str | Sequence[str] = "auto",
+    max_length: int = DataSettings.max_length,
+    max_train: int | None = DOMAINS_MAX_TRAIN,
+    split_seed: int = DataSettings.split_seed,
+    target_modules: str | Sequence[str] = LoraSettings.target_modules,
     max_order: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     max_bytes: int = DEFAULT_MAX_BYTES,
-    device: str = "auto",
+    device: str = RuntimeSettings.device,
 ) -> dict:
     """`lorasum predict --domains`: the adapter-free predictors of every combination of 2 …
     ``max_order`` of the named domains (name -> source), before any training; with ``fit``

@@ -34,6 +34,7 @@ from torch import nn
 
 from lorasum.errors import LorasumError
 from lorasum.factors import Factors, LoraFactors
+from lorasum.settings import DataSettings
 
 CATEGORY = "calibrated"
 GRANULARITIES = ("type", "layer", "module", "global")
@@ -269,7 +270,7 @@ def fit_calibrated(
     training_tokens: int,
     *,
     fraction: float = DEFAULT_FRACTION,
-    max_length: int = 128,
+    max_length: int = DataSettings.max_length,
     batch_size: int = 2,
     granularity: str = "type",
     lr: float = 0.05,
@@ -313,7 +314,7 @@ def fit_learned(
     epochs: int = LEARNED_DEFAULTS["epochs"],
     granularity: str = LEARNED_DEFAULTS["granularity"],
     lr: float = LEARNED_DEFAULTS["lr"],
-    max_length: int = 128,
+    max_length: int = DataSettings.max_length,
     batch_size: int = 4,
 ) -> tuple[CoefficientFit, dict]:
     """The `learned` method: per-layer (``granularity``) per-adapter coefficients, starting at

@@ -10,7 +10,7 @@ experiment file has the same shape, and command-line flags override either.
     sample: 0                          # K > 0: K combinations of each order (seeded); 0: all
     sample_seed: 0                     # the seed of that choice (not a training seed)
     methods: [sum, mean, ties]         # or {ties: {density: 0.2}, ...}
-    routes: [oracle, nearest, arrow]   # routing instead of adding (lorasum.routing.ROUTES)
+    routes: [oracle, gaussian, mixture]  # routing instead of adding (lorasum.routing.ROUTES)
     cross_domain: true                 # every single adapter on every domain's test split
     paper_variants: true               # triples: merged-data pair adapter + third single, summed
     predictors: true                   # activation-space predictors (needs calibration)
@@ -25,7 +25,7 @@ experiment file has the same shape, and command-line flags override either.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from typing import Any
 from lorasum.errors import LorasumError, raise_all
 from lorasum.merge_aware import MERGE_AWARE_DEFAULTS
 from lorasum.methods.calibrated import LEARNED_DEFAULTS, learned_options_problem
+from lorasum.settings import OptimSettings, TrainConfig
 
 PRESET_DIR = "presets"
 DEFAULT_DOMAINS = ("math", "medicine", "finance")
@@ -82,67 +83,145 @@ CONVERGED_DEFAULTS = {"eval_every": 2, "patience": 3, "max_epochs": 10.0, "sched
 # TrainConfig fields a study sets itself (snapshots are epochs at study level; see `snapshots`)
 # a_slot: a study gives each domain its own (its index), see plan.training_units
 STUDY_TRAIN_EXCLUDED = ("model", "data", "eval_val", "snapshots", "stop_at", "a_slot")
-_TOP_KEYS = {
-    "preset",
-    "model",
-    "domains",
-    "seeds",
-    "seed_per_domain",
-    "max_order",
-    "sample",
-    "sample_seed",
-    "methods",
-    "routes",
-    "cross_domain",
-    "paper_variants",
-    "predictors",
-    "workers",
-    "budget",
-    "snapshots",
-    "merge_aware",
-    "equal_params",
-    "metrics",
-    "train",
-}
 # What a study measures: perplexity always (Δ%, the predictors and the best method are its);
 # accuracy adds task accuracy (`lorasum.accuracy`) of every evaluation as units of their own
 STUDY_METRICS = ("perplexity", "accuracy")
 
 
+def _option(help: str, default: Any = MISSING, factory: Any = MISSING, **cli) -> Any:
+    """A study setting: its default and its help (the `reproduce` flag's), given once.
+    ``cli``: argparse extras (metavar, choices); ``flag=False``: no generated flag."""
+    return field(default=default, default_factory=factory, metadata={"help": help, **cli})
+
+
 @dataclass
 class StudyConfig:
-    """A resolved study: what `lorasum reproduce` runs (saved as experiment.yaml in the run)."""
+    """A resolved study: what `lorasum reproduce` runs (saved as experiment.yaml in the run).
 
-    preset: str = "custom"
-    model: str = "default"
-    domains: dict[str, str] = field(default_factory=lambda: {d: d for d in DEFAULT_DOMAINS})
-    seeds: list[int] = field(default_factory=lambda: [42])
-    seed_per_domain: bool = False
-    max_order: int | None = None
+    Every field is an experiment-file key (`EXPERIMENT_KEYS`) and a `reproduce` flag generated
+    from it (``cli``: ``--seed-per-domain`` for ``seed_per_domain``, help from the metadata);
+    ``train`` holds `TrainConfig` fields, each a flag of its own. ``key`` marks what the
+    trained units depend on (`study_identity`): "always", or "set" (only where not the
+    default, so that directories from before the setting existed keep their key)."""
+
+    preset: str = _option(
+        "settings to start from (YAML files shipped in lorasum/presets; default: quick, or the "
+        "preset named in --config)",
+        "custom",
+        flag=False,  # the CLI lists the shipped presets as its choices
+        key="always",
+    )
+    model: str = _option("base model (default: embedded SmolLM2-135M)", "default", key="always")
+    domains: dict[str, str] = _option(
+        "comma list of builtin domains, 'all' (every builtin domain) or NAME=SOURCE "
+        "(e.g. fin=hf:org/ds); default: math,medicine,finance",
+        factory=lambda: {d: d for d in DEFAULT_DOMAINS},
+        key="always",
+    )
+    seeds: list[int] = _option(
+        "run the grid once per training seed (e.g. 1,2,3): means, 95% intervals, "
+        "correlation over all runs (default: --seed)",
+        factory=lambda: [OptimSettings.seed],
+        key="always",
+    )
+    seed_per_domain: bool = _option(
+        "give each domain adapter its own LoRA init seed (default: one shared seed, "
+        "as in the paper's scripts)",
+        False,
+        key="always",
+    )
+    max_order: int | None = _option(
+        "combinations of at most this many domains (2 = pairs only; default: all sizes)",
+        None,
+        key="set",
+    )
     # K > 0: run K of the combinations of each order ≥ 2 (all of an order that has at most K),
     # chosen by a random generator seeded with sample_seed (`study.plan.sample_combinations`);
     # the same combinations for every training seed and every rerun. 0: every combination.
-    sample: int = 0
-    sample_seed: int = 0
-    methods: dict[str, dict[str, Any]] = field(default_factory=lambda: {"sum": {}})
-    # routes compared beside the methods (`lorasum.routing.ROUTES`); none by default
-    routes: list[str] = field(default_factory=list)
-    cross_domain: bool = True
-    paper_variants: bool = True
-    predictors: bool = True
-    workers: int | None = None
-    budget: str = "epochs"
-    snapshots: list[float] = field(default_factory=list)  # epochs; empty: none
+    sample: int = _option(
+        "run K of the combinations of each order (all of an order with at most K), "
+        "chosen with --sample-seed, the same for every training seed; default 0: all",
+        0,
+        metavar="K",
+    )
+    sample_seed: int = _option(
+        "seed of the --sample choice (default 0; not a training seed)", 0, metavar="S"
+    )
+    methods: dict[str, dict[str, Any]] = _option(
+        "merge methods to compare on every combination, comma list or 'all' (every "
+        "method a study can run without extra input); the sum always runs",
+        factory=lambda: {"sum": {}},
+    )
+    routes: list[str] = _option(
+        "routing instead of adding, reported beside the methods: comma list of oracle "
+        "(each row's own single adapter), nearest (each row to the adapter whose "
+        "training-prompt centroid is closest), gaussian (each row to the adapter under whose "
+        "Gaussian of its first 64 training prompts the row is likeliest), mixture (gaussian "
+        "made soft: each row scored by the mix of the adapters its tempered posterior keeps) "
+        "and arrow (PEFT's per-token Arrow mix of the adapters); default none",
+        factory=list,
+    )
+    cross_domain: bool = _option("evaluate every single adapter on every domain's test split", True)
+    paper_variants: bool = _option(
+        "for triples, also the merged-data pair adapter + third single", True
+    )
+    predictors: bool = _option(
+        "calibrate the domain adapters and record the activation-space interference "
+        "predictors (RMS cosine is always recorded)",
+        True,
+    )
+    workers: int | None = _option(
+        "worker processes for the study's units (default: one per CPU core, at most 4, "
+        "memory allowing; one per GPU). Results do not depend on it",
+        None,
+    )
+    budget: str = _option(
+        "how long each adapter trains: epochs (default, the paper's: equal passes), "
+        "steps (every adapter of a combination takes the merged-data adapter's optimizer "
+        "steps) or converged (a constant learning rate, early stopping on validation loss: "
+        "--eval-every, --patience, --max-epochs as a cap); see docs/BUDGETS.md",
+        "epochs",
+        choices=tuple(BUDGETS),
+        key="set",
+    )
+    snapshots: list[float] = _option(
+        "evaluate along each run at these epochs, e.g. 0.25,0.5,1,2,4 (each adapter "
+        "trains for the last; pairs singles and merged adapters by equal epochs and steps)",
+        factory=list,  # epochs; empty: none
+        metavar="EPOCHS",
+        key="set",
+    )
     # converged budget: every single adapter also keeps its weights at each validation point,
     # and each combination's sum picks its singles' checkpoints by validation perplexity
-    merge_aware: bool = False
+    merge_aware: bool = _option(
+        "with --budget converged: single adapters keep a checkpoint at every validation "
+        "point, and each combination also sums its singles' checkpoints chosen by the sum's "
+        "validation perplexity (method row merge_aware; see docs/BUDGETS.md)",
+        False,
+        key="set",
+    )
     # lora_a frozen/disjoint: the single adapters at twice the rank and alpha (α/r kept), so
     # they train about as many parameters as the standard rank-r LoRA (exactly where a
     # module's input and output widths are equal); the merged-data baseline stays rank r
-    equal_params: bool = False
+    equal_params: bool = _option(
+        "with --lora-a frozen or disjoint: single adapters at twice the rank and alpha, "
+        "training about as many parameters as the standard rank-r LoRA (the merged-data "
+        "baseline stays rank r)",
+        False,
+        key="set",
+    )
     # perplexity (always) and, with accuracy, task accuracy beside every evaluation
-    metrics: list[str] = field(default_factory=lambda: ["perplexity"])
-    train: dict[str, Any] = field(default_factory=dict)
+    metrics: list[str] = _option(
+        "what every evaluation measures: perplexity (default; the primary metric) or "
+        "perplexity,accuracy (also task accuracy, lm-eval conventions: units of their own, "
+        "so adding it later reuses the study; see docs/MANUAL.md)",
+        factory=lambda: ["perplexity"],
+    )
+    train: dict[str, Any] = _option(
+        "TrainConfig fields (but STUDY_TRAIN_EXCLUDED), each its own flag",
+        factory=dict,
+        flag=False,
+    )
 
     def to_dict(self) -> dict:
         """The settings as saved (experiment.yaml, results.json); ``metrics`` and
@@ -158,6 +237,32 @@ class StudyConfig:
     @property
     def accuracy(self) -> bool:
         return "accuracy" in self.metrics
+
+
+# The keys of an experiment file (and of a preset): StudyConfig's fields
+EXPERIMENT_KEYS = frozenset(f.name for f in fields(StudyConfig))
+# The training settings a study takes (under ``train:``, and each a `reproduce` flag)
+STUDY_TRAIN_FIELDS = tuple(
+    f.name for f in fields(TrainConfig) if f.name not in STUDY_TRAIN_EXCLUDED
+)
+# Every setting `reproduce` takes by name (None: not given): the experiment-file keys but
+# ``train``, then the training settings (they go under ``train``)
+SETTING_NAMES = (*(f.name for f in fields(StudyConfig) if f.name != "train"), *STUDY_TRAIN_FIELDS)
+
+
+def study_identity(study: StudyConfig, train: dict, version: str) -> dict:
+    """What a study's trained units depend on (config.json, the study's key): its fields marked
+    ``key="always"``, the training identity ``train``, the version, and the fields marked
+    ``key="set"`` where they are not the default."""
+    default = StudyConfig()
+    always, where_set = {}, {}
+    for f in fields(StudyConfig):
+        value = getattr(study, f.name)
+        if f.metadata.get("key") == "always":
+            always[f.name] = value
+        elif f.metadata.get("key") == "set" and value != getattr(default, f.name):
+            where_set[f.name] = value
+    return {**always, "train": train, "version": version, **where_set}
 
 
 def preset_names() -> list[str]:
@@ -315,8 +420,6 @@ def _check_train_types(train: dict[str, Any], problems: list[str]) -> dict[str, 
     import types
     import typing
 
-    from lorasum.train import TrainConfig
-
     hints = typing.get_type_hints(TrainConfig)
     out = {}
     for key, value in train.items():
@@ -395,24 +498,22 @@ def _merge_settings(
     problems: list[str],
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Preset ← file ← flags → (top-level settings, type-checked training settings)."""
-    from lorasum.train import TrainConfig
-
     for where, cfg in (("preset", base), ("config", file_cfg)):
-        for key in sorted(set(cfg) - _TOP_KEYS):
+        for key in sorted(set(cfg) - EXPERIMENT_KEYS):
             problems.append(
-                f"{where}: unknown setting {key!r}; use one of: {', '.join(sorted(_TOP_KEYS))}"
+                f"{where}: unknown setting {key!r}; use one of: {', '.join(sorted(EXPERIMENT_KEYS))}"
             )
         if "train" in cfg and not isinstance(cfg["train"], dict):
             problems.append(f"{where}: train is a mapping of training settings")
     merged: dict[str, Any] = {**base, **{k: v for k, v in file_cfg.items() if k != "train"}}
     train = {**(base.get("train") or {}), **(file_cfg.get("train") or {})}
-    train_fields = {f.name for f in fields(TrainConfig)} - set(STUDY_TRAIN_EXCLUDED)
+    train_fields = set(STUDY_TRAIN_FIELDS)
     for key, value in (overrides or {}).items():
         if value is None:
             continue
         if key in train_fields:
             train[key] = value
-        elif key in _TOP_KEYS:
+        elif key in EXPERIMENT_KEYS:
             merged[key] = value
         else:
             problems.append(f"unknown study setting {key!r}")
@@ -428,8 +529,6 @@ def _set_seeds(
     study: StudyConfig, merged: dict[str, Any], train: dict[str, Any], problems: list[str]
 ) -> None:
     """``study.seeds`` from the settings (default: the training seed); kept as is if invalid."""
-    from lorasum.train import TrainConfig
-
     seeds = merged.get("seeds")
     if seeds is None:
         seeds = [train.get("seed", TrainConfig.seed)]
@@ -498,8 +597,6 @@ def resolve_study(
     ``overrides``: top-level keys (model, domains, seeds, …) and TrainConfig field names (put
     under ``train``); None values are ignored (flag not given).
     """
-    from lorasum.train import TrainConfig
-
     base, file_cfg, base_name = _base_settings(preset, config_file)
     problems: list[str] = []
     merged, train = _merge_settings(base, file_cfg, overrides, problems)

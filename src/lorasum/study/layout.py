@@ -11,8 +11,9 @@ from pathlib import Path
 
 from lorasum.data import Source
 from lorasum.methods import get_method
+from lorasum.settings import TrainConfig
 from lorasum.study.config import STUDY_ONLY_METHODS
-from lorasum.train import TrainConfig, schedule_steps
+from lorasum.train import schedule_steps
 
 
 def combinations(names: list[str], max_order: int | None = None) -> list[tuple[str, ...]]:

@@ -14,7 +14,7 @@ restarted run reuses what finished.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from lorasum._version import __version__
@@ -35,10 +35,18 @@ from lorasum.models import (
     resolve_target_modules,
     settle_cpu_bf16,
 )
+from lorasum.settings import TrainConfig
 from lorasum.study import names
 from lorasum.study.accuracy import add_accuracy, seed_accuracy, study_accuracy
 from lorasum.study.budget import budget_summary, snapshot_summary
-from lorasum.study.config import BUDGETS, STUDY_ONLY_METHODS, StudyConfig, parse_domains  # noqa: F401
+from lorasum.study.config import (  # noqa: F401
+    BUDGETS,
+    EXPERIMENT_KEYS,
+    STUDY_ONLY_METHODS,
+    StudyConfig,
+    parse_domains,
+    study_identity,
+)
 from lorasum.study.executors import LocalExecutor, auto_workers, execute
 from lorasum.study.layout import (
     StudyLayout,
@@ -69,7 +77,7 @@ from lorasum.study.tasks import (
     TrainTask,
 )
 from lorasum.study.tasks.evaluate import read_json_or_none
-from lorasum.train import TrainConfig, val_rows_problem
+from lorasum.train import val_rows_problem
 
 EXECUTORS = ("local", "ray")
 
@@ -121,27 +129,10 @@ def resolve(out: str | Path, preset, config, overrides: dict, overwrite: bool) -
     device = pick_device(base_cfg.device)
     base_cfg = replace(base_cfg, precision=resolve_precision(base_cfg.precision, device))
     out = Path(out)
-    # What the trained units depend on; methods and extra rows are units of their own, so a
-    # rerun with more methods reuses the study directory.
-    identity = {
-        "preset": study_cfg.preset,
-        "model": study_cfg.model,
-        "domains": study_cfg.domains,
-        "train": {k: v for k, v in base_cfg.identity().items() if k != "seed"},
-        "seeds": study_cfg.seeds,
-        "seed_per_domain": study_cfg.seed_per_domain,
-        "version": __version__,
-    }
-    if study_cfg.max_order is not None:  # absent = all orders: older directories keep their key
-        identity["max_order"] = study_cfg.max_order
-    if study_cfg.budget != "epochs":  # likewise: the default budget keeps older keys
-        identity["budget"] = study_cfg.budget
-    if study_cfg.snapshots:
-        identity["snapshots"] = study_cfg.snapshots
-    if study_cfg.merge_aware:
-        identity["merge_aware"] = True
-    if study_cfg.equal_params:
-        identity["equal_params"] = True
+    # What the trained units depend on (`StudyConfig` fields marked key, study_identity);
+    # methods and extra rows are units of their own, so a rerun with more methods reuses it.
+    train_identity = {k: v for k, v in base_cfg.identity().items() if k != "seed"}
+    identity = study_identity(study_cfg, train_identity, __version__)
     key = config_key(identity)
     previous = _check_out_dir(out, key, overwrite, base_cfg.precision)
     sources = _load_sources(study_cfg.domains, base_cfg)
@@ -222,18 +213,17 @@ def _layout(out, study_cfg: StudyConfig, base_cfg, sources, overwrite) -> StudyL
             if len(combo) == 3
             for third in combo
         ]
-    return StudyLayout(
-        out=out, model=study_cfg.model, names=domains, domain_sources=study_cfg.domains,
-        sources=sources, base_cfg=base_cfg, seeds=study_cfg.seeds,
-        seed_per_domain=study_cfg.seed_per_domain, combos=combos,
-        methods=_layout_methods(study_cfg), variants=variants,
-        cross_domain=study_cfg.cross_domain, predictors=study_cfg.predictors, overwrite=overwrite,
-        budget=study_cfg.budget, snapshot_epochs=tuple(study_cfg.snapshots),
-        available=tuple(every) if study_cfg.sample else None,
-        sample=study_cfg.sample, sample_seed=study_cfg.sample_seed,
-        routes=tuple(study_cfg.routes), merge_aware=study_cfg.merge_aware,
-        accuracy=study_cfg.accuracy, equal_params=study_cfg.equal_params,
-    )  # fmt: skip
+    # the settings StudyLayout names as StudyConfig does (model, seeds, budget, ...) pass as set
+    shared = [f.name for f in fields(StudyLayout) if f.name in EXPERIMENT_KEYS]
+    same = {name: getattr(study_cfg, name) for name in shared}
+    return StudyLayout(**{
+        **same, "out": out, "names": domains, "domain_sources": study_cfg.domains,
+        "sources": sources, "base_cfg": base_cfg, "combos": combos,
+        "methods": _layout_methods(study_cfg), "variants": variants, "overwrite": overwrite,
+        "snapshot_epochs": tuple(study_cfg.snapshots),
+        "available": tuple(every) if study_cfg.sample else None,
+        "routes": tuple(study_cfg.routes), "accuracy": study_cfg.accuracy,
+    })  # fmt: skip
 
 
 def _layout_methods(study_cfg: StudyConfig) -> dict[str, dict]:
@@ -248,27 +238,23 @@ def _layout_methods(study_cfg: StudyConfig) -> dict[str, dict]:
 def reproduce(
     out: str | Path,
     preset: str | None = "quick",
-    model: str | None = None,
-    domains: str | list[str] | dict[str, str] | None = None,
+    *,
+    config: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = True,
-    seed_per_domain: bool | None = None,
-    seeds: list[int] | None = None,
-    workers: int | None = None,
-    max_order: int | None = None,
-    config: str | Path | None = None,
-    methods: str | list[str] | dict | None = None,
     executor: str = "local",
     ray_address: str | None = None,
     plan_only: bool = False,
     verify: bool = False,
     wait: bool = False,
-    **overrides,
+    **settings,
 ) -> dict:
     """`lorasum reproduce`: run the study; write results.json, report.md/html and plots.
 
     Settings: the ``preset`` (a YAML file shipped in the package), then the experiment file
-    ``config``, then the arguments (None = not given); see `lorasum.study.config`.
+    ``config``, then ``settings`` (`study.config.SETTING_NAMES`: the experiment file's keys,
+    model, domains, seeds, methods, …, and the training settings, rank, lr, …; None = not
+    given); see `lorasum.study.config`.
     ``executor``: "local" (worker processes here) or "ray" (Ray actors; ``ray_address`` "auto"
     or HOST:PORT of a running cluster, None: a local Ray instance).
     ``plan_only``: describe the plan (units by kind, cached / to run, estimated time) and
@@ -289,18 +275,16 @@ def reproduce(
 
         import_ray()  # installed? (one line if not), before anything is written
         out = Path(out).absolute()
-    args = {"model": model, "domains": domains, "seed_per_domain": seed_per_domain,
-            "seeds": seeds, "workers": workers, "max_order": max_order, "methods": methods}  # fmt: skip
-    settings = (preset, config, {**args, **overrides}, overwrite)
+    resolving = (preset, config, settings, overwrite)
     if plan_only or verify:  # read-only: no lock
-        study = resolve(out, *settings)
+        study = resolve(out, *resolving)
         plan = plan_study(study.layout)
         if verify:
             return verify_units(Ledger.load(study.layout.out), plan.tasks)
         return _describe_plan(study, plan)
     with study_lock(out, wait) as held:
         try:
-            study = resolve(out, *settings)
+            study = resolve(out, *resolving)
             prepared = _prepare(study)
             _write_study_files(study)  # the study has started: from here on it is resumable
         except BaseException:

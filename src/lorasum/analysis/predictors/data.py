@@ -32,6 +32,7 @@ from lorasum.analysis.predictors.registry import Predictor, PredictorFamily, Pre
 from lorasum.data import combo_name
 from lorasum.errors import LorasumError
 from lorasum.factors import rms
+from lorasum.settings import LoraSettings
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -60,7 +61,7 @@ def gradient_statistics(
     tokenizer,
     sources: Mapping[str, object],
     max_length: int,
-    target_modules: str | Sequence[str] = "auto",
+    target_modules: str | Sequence[str] = LoraSettings.target_modules,
     *,
     model_spec: str | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -100,7 +101,7 @@ def data_predictors(
     sources: Mapping[str, object],
     combos: Sequence[Sequence[str]],
     max_length: int,
-    target_modules: str | Sequence[str] = "auto",
+    target_modules: str | Sequence[str] = LoraSettings.target_modules,
     **options,
 ) -> dict[str, dict[str, float]]:
     """combination name ("a+b") -> {predictor: value} of the `DATA` family, computed from the

@@ -13,10 +13,10 @@ from lorasum._version import __version__
 from lorasum.adapters import read_adapter
 from lorasum.data import Source
 from lorasum.io import check_output_dir, config_key, existing_key, read_json
+from lorasum.settings import TrainConfig
 from lorasum.study import names
 from lorasum.study.tasks.base import COMPOSE_COST_ROWS, AdapterTask, Task, job_cost, task_type
 from lorasum.study.tasks.train import TrainTask
-from lorasum.train import TrainConfig
 
 
 def merged_training_tokens(merged: Path) -> int:

@@ -16,11 +16,11 @@ from lorasum._version import __version__
 from lorasum.data import Source
 from lorasum.io import config_key, write_json
 from lorasum.models import autocast_dtype, sha256_file
+from lorasum.settings import TrainConfig
 from lorasum.study import names
 from lorasum.study.tasks.base import EVAL_BATCH_SIZE, Task, job_cost, task_type
 from lorasum.study.tasks.evaluate import ScoredTask, eval_key
 from lorasum.study.tasks.train import TrainTask
-from lorasum.train import TrainConfig
 
 # A prompt-level router's summary of one domain, by route: (its key's name, its file's suffix
 # in routers/, the tensor's name in it). ``nearest``'s are the names older studies wrote.

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from lorasum.data import Source
 from lorasum.io import check_output_dir, existing_key, read_json
+from lorasum.settings import TrainConfig
 from lorasum.study import names
 from lorasum.study.tasks.base import AdapterTask, Resources, job_cost, task_type
-from lorasum.train import TrainConfig
 
 
 @task_type
