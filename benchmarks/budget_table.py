@@ -73,7 +73,7 @@ def main() -> None:
     studies = {}
     for item in args.studies:
         label, _, path = item.partition("=")
-        studies[label] = load_results(Path(path))
+        studies[label] = load_results(Path(path)).to_dict()  # compare_budgets reads dicts
     table = compare_budgets(studies)
     print(render(table, args.methods.split(",") if args.methods else None))
     if args.json:

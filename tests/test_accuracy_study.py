@@ -14,6 +14,7 @@ import warnings
 
 import pytest
 from conftest import make_qa, write_jsonl
+from test_results_schema import assert_reads_back_whole
 
 from lorasum.errors import LorasumError
 from lorasum.io import read_json
@@ -305,6 +306,10 @@ def test_one_accuracy_unit_equals_lorasum_eval(study, tiny_llama, data):
     for k in ("acc", "acc_norm", "questions", "exact_match", "generated", "skipped"):
         assert unit[k] == got[k], k
     assert unit["questions"] == 4 and unit["generated"] == 4
+
+
+def test_results_json_with_accuracy_reads_back_whole(study):
+    assert_reads_back_whole(study["out"], study["acc"])
 
 
 def test_report_shows_accuracy_beside_perplexity(study):

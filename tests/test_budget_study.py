@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import make_qa, write_jsonl
+from test_results_schema import assert_reads_back_whole
 
 from lorasum.analysis.statistics import delta_pct
 from lorasum.errors import LorasumError
@@ -119,6 +120,7 @@ def test_snapshots_pair_by_equal_epochs_and_equal_steps_and_are_reused(
             ]
             final = read_json(adapters / unit / "lorasum.json")["metrics"]["steps"]
             assert p["steps"] in steps + [final]
+    assert_reads_back_whole(out, res)  # snapshots included
     report = (out / "report.md").read_text()
     assert "## Training budget" in report and "figures/delta_vs_length.png" in report
     assert (out / "figures" / "delta_vs_length.png").stat().st_size > 1000

@@ -13,7 +13,8 @@ from test_layout import import_graph
 # Bottom to top. An entry names a module or a package (then every module under it, unless a
 # longer entry names that module): the longest matching entry decides a module's layer.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    # no lorasum imports but each other: version, errors, atomic files, pure factored math
+    # no lorasum imports but each other: version, errors, atomic files, pure factored math, typed
+    # JSON records
     (
         "core",
         (
@@ -23,11 +24,13 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "lorasum.logs",
             "lorasum.factors",
             "lorasum.lean",
+            "lorasum.records",
         ),
     ),
     # the settings groups and TrainConfig: defaults, help and checks, defined once
     ("settings", ("lorasum.settings",)),
-    # adapters on disk, data sources and their tokens, answers' accuracy math, DDP setup
+    # adapters on disk, data sources and their tokens, answers' accuracy math, DDP setup, the
+    # results.json schema (the study writes it, the report and the forecast read it)
     (
         "files and data",
         (
@@ -37,6 +40,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "lorasum.accuracy",
             "lorasum.distributed",
             "lorasum.lora_a",
+            "lorasum.results_schema",
         ),
     ),
     ("models", ("lorasum.models",)),  # loading, precision (reads adapters' configs)

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import load_tiny, make_adapter, qa_domains
+from test_results_schema import assert_reads_back_whole
 
 from lorasum.data import QA, load_split, make_batches
 from lorasum.errors import LorasumError
@@ -395,6 +396,11 @@ def test_study_reports_routes(routed_study):
     assert f"| arith + colors | {oracle_cell} |" in report
     assert f"{routes['arrow']['delta_pct']:+.2f} · n/a |" in report
     assert "--lora" in report and "Arrow" in report
+
+
+def test_results_json_with_routes_reads_back_whole(routed_study):
+    out, res, _ = routed_study
+    assert_reads_back_whole(out, res)
 
 
 def test_unknown_route_is_one_line():

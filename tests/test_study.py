@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 import yaml
+from test_results_schema import assert_reads_back_whole
 
 from lorasum.adapters import read_adapter
 from lorasum.errors import LorasumError
@@ -183,6 +184,11 @@ def test_results_carry_manifest_curves_paper_table_and_config(study):
     assert saved["methods"] == {"sum": {}, "mean": {}, "regmean_rescaled": {}}
     assert saved == res["config"]
     json.dumps(res, allow_nan=False)  # strict JSON
+
+
+def test_results_json_reads_back_whole_through_its_types(study):
+    out, res = study
+    assert_reads_back_whole(out, res)
 
 
 def test_rerun_with_more_methods_reuses_everything_else(study, tiny_llama, qa_files):

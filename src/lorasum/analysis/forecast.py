@@ -219,8 +219,10 @@ def fit_points(
 
 
 def read_studies(dirs: Sequence[str | Path]) -> list[dict]:
-    """Every study directory's results.json, one line for a missing or unreadable one."""
+    """Every study directory's results.json (as the current schema's dict: older versions
+    migrated, a newer one refused), one line for a missing or unreadable one."""
     from lorasum.io import read_json
+    from lorasum.results_schema import upgrade
 
     out = []
     for d in dirs:
@@ -235,7 +237,7 @@ def read_studies(dirs: Sequence[str | Path]) -> list[dict]:
             raise LorasumError(f"cannot read {path} ({str(e)[:80]}); rerun that study") from None
         if not isinstance(results, dict) or not isinstance(results.get("combinations"), list):
             raise LorasumError(f"{path} is not the results of a `lorasum reproduce` study")
-        out.append(results)
+        out.append(upgrade(results, str(path)))
     return out
 
 

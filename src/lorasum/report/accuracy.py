@@ -7,6 +7,7 @@ from __future__ import annotations
 from lorasum.report.blocks import Para, Table, combo_label, fmt, fmt_delta, fmt_interval
 from lorasum.report.findings import best_method_of
 from lorasum.report.plots import is_number
+from lorasum.results_schema import AccuracySummary, Results, as_results
 
 SCORED_BY = {
     "choice": "acc over options",
@@ -27,25 +28,26 @@ def _delta_pts(acc: dict, brief: bool) -> str:
     return fmt_interval(d, ci, 1, True)
 
 
-def accuracy_blocks(results: dict) -> list:
+def accuracy_blocks(results: Results | dict) -> list:
     """The section's blocks (empty when the study measured no accuracy)."""
-    summary = results.get("accuracy")
-    rows = [r for r in results.get("combinations") or [] if r.get("accuracy")]
+    results = as_results(results)
+    summary = results.accuracy
+    rows = [r for r in results.combinations if r.accuracy]
     if not summary or not rows:
         return []
-    names = list(dict.fromkeys(m for r in rows for m in r["methods"]))
+    names = list(dict.fromkeys(m for r in rows for m in r.methods or {}))
     brief = len(names) > 4
     table_rows, marked = [], set()
     for j, r in enumerate(rows):
-        acc = r["accuracy"]
+        acc = r.accuracy  # free-form: merged, base, singles, best_methods
         best_ppl, best_acc = best_method_of(r), acc.get("best_methods") or []
-        cells = [combo_label(r["domains"]), _pct(acc["merged"].get("score"))]
+        cells = [combo_label(r.domains), _pct(acc["merged"].get("score"))]
         for i, m in enumerate(names):
-            v = r["methods"].get(m)
-            if v is None or "accuracy" not in v:
+            v = (r.methods or {}).get(m)
+            if v is None or v.accuracy is None:
                 cells.append("–")
                 continue
-            text = f"{fmt_delta(v, True)} · {_delta_pts(v['accuracy'], brief)}"
+            text = f"{fmt_delta(v.delta_pct, v.ci95, True)} · {_delta_pts(v.accuracy, brief)}"
             if m in best_acc:
                 text = "★ " + text
                 marked.add((j, 2 + i))
@@ -62,11 +64,7 @@ def accuracy_blocks(results: dict) -> list:
             "Each cell: Δ% of perplexity vs the merged-data adapter (lower is better) · **Δ "
             "accuracy** in percentage points vs the merged-data adapter (method − merged, "
             "higher is better"
-            + (
-                ", [95% interval over seeds]"
-                if len(results.get("seeds", [])) > 1 and not brief
-                else ""
-            )
+            + (", [95% interval over seeds]" if len(results.seeds or []) > 1 and not brief else "")
             + "). Accuracy pools the combination's test rows, one vote per question: acc over "
             "the options of multiple-choice rows, exact match of greedy answers on short-answer "
             "rows (lm-eval conventions; docs/MANUAL.md, 'Task accuracy'). ★ = best by accuracy "
@@ -74,7 +72,7 @@ def accuracy_blocks(results: dict) -> list:
         ),
         Para(_agreement(summary)),
     ]
-    domains = summary.get("domains") or {}
+    domains = summary.domains or {}
     if domains:
         blocks.append(
             Para(
@@ -86,9 +84,9 @@ def accuracy_blocks(results: dict) -> list:
                 )
                 + "."
                 + (
-                    f" Skipped: {', '.join(f'`{d}`' for d in summary['skipped_domains'])} "
+                    f" Skipped: {', '.join(f'`{d}`' for d in summary.skipped_domains)} "
                     "(their rows count in perplexity only)."
-                    if summary.get("skipped_domains")
+                    if summary.skipped_domains
                     else ""
                 )
             )
@@ -96,9 +94,9 @@ def accuracy_blocks(results: dict) -> list:
     return blocks
 
 
-def _agreement(summary: dict) -> str:
+def _agreement(summary: AccuracySummary) -> str:
     """The rank-correlation sentence and the combinations whose best method differs."""
-    corr = summary.get("rank_correlation") or {}
+    corr = summary.rank_correlation or {}
     rho, n = corr.get("spearman_rho"), corr.get("n", 0)
     if is_number(rho):
         text = (
@@ -111,8 +109,8 @@ def _agreement(summary: dict) -> str:
             f"Spearman ρ of Δ% and Δ accuracy: n/a ({n} (combination, method) rows; it needs "
             "at least 3 and both to vary)."
         )
-    differs = [b for b in summary.get("best_method") or [] if b.get("differs")]
-    if not summary.get("best_method"):
+    differs = [b for b in summary.best_method or [] if b.differs]
+    if not summary.best_method:
         return text
     if not differs:
         return (
@@ -122,8 +120,8 @@ def _agreement(summary: dict) -> str:
         text
         + " The best method differs on "
         + "; ".join(
-            f"{combo_label(b['combination'].split('+'))} (perplexity: `{b['best_by_perplexity']}`, "
-            f"accuracy: {', '.join(f'`{m}`' for m in b['best_by_accuracy'])})"
+            f"{combo_label(b.domains)} (perplexity: `{b.best_by_perplexity}`, "
+            f"accuracy: {', '.join(f'`{m}`' for m in b.best_by_accuracy)})"
             for b in differs
         )
         + "."

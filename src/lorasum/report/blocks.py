@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lorasum.report.plots import is_number
+from lorasum.results_schema import Combination, Pair
 
 # ---------------------------------------------------------------------------------------------
 # Blocks: what a section is made of (text uses markdown's `code` and **bold** inline)
@@ -89,19 +90,25 @@ def fmt_interval(value, ci, digits: int = 2, signed: bool = False) -> str:
     return text
 
 
-def fmt_delta(row: dict, brief: bool = False) -> str:
-    """A row's signed Δ% with its ``ci95`` (unless ``brief``): shown only when the interval
-    holds the value, as a t-interval of a mean over seeds always does (an interval of the
-    perplexity instead would not)."""
-    d, ci = row.get("delta_pct"), None if brief else row.get("ci95")
-    if not (ci and is_number(d) and is_number(ci[0]) and is_number(ci[1]) and ci[0] <= d <= ci[1]):
+def fmt_delta(delta, ci, brief: bool = False) -> str:
+    """A signed Δ% with its 95 % interval ``ci`` (unless ``brief``): shown only when the
+    interval holds the value, as a t-interval of a mean over seeds always does (an interval of
+    the perplexity instead would not)."""
+    if brief or not (
+        ci
+        and is_number(delta)
+        and is_number(ci[0])
+        and is_number(ci[1])
+        and ci[0] <= delta <= ci[1]
+    ):
         ci = None
-    return fmt_interval(d, ci, 2, True)
+    return fmt_interval(delta, ci, 2, True)
 
 
-def fmt_ci(r: dict, key: str, digits: int = 2, signed: bool = False) -> str:
-    """`mean [lo, hi]` when a 95% interval exists (several seeds), else the value."""
-    return fmt_interval(r.get(key), (r.get("ci95") or {}).get(key), digits, signed)
+def fmt_ci(r: Combination, key: str, digits: int = 2, signed: bool = False) -> str:
+    """A combination's mean ``key`` as `mean [lo, hi]` when its 95% interval exists (several
+    seeds: ``ci95[key]``), else the value."""
+    return fmt_interval(getattr(r, key), (r.ci95 or {}).get(key), digits, signed)
 
 
 def fmt_tokens(metrics: dict) -> str:
@@ -115,20 +122,22 @@ def combo_label(domains) -> str:
     return " + ".join(domains)
 
 
-def pair_means(pairs: list[dict]) -> list[dict]:
+def pair_means(pairs: list[Pair]) -> list[dict]:
     """Pairs averaged over seeds (one row per pair, in first-seen order)."""
-    groups: dict[tuple[str, str], list[dict]] = {}
+    groups: dict[tuple[str, str], list[Pair]] = {}
     for p in pairs:
-        groups.setdefault((p["a"], p["b"]), []).append(p)
+        groups.setdefault((p.a, p.b), []).append(p)
     out = []
     for (a, b), ps in groups.items():
         out.append(
             {
                 "a": a,
                 "b": b,
-                "rms_cosine": sum(p["rms_cosine"] for p in ps) / len(ps),
-                "global_cosine": sum(p["global_cosine"] for p in ps) / len(ps),
-                "max_abs": max((abs(v) for p in ps for v in p["modules"].values()), default=None),
+                "rms_cosine": sum(p.rms_cosine for p in ps) / len(ps),
+                "global_cosine": sum(p.global_cosine for p in ps) / len(ps),
+                "max_abs": max(
+                    (abs(v) for p in ps for v in (p.modules or {}).values()), default=None
+                ),
             }
         )
     return out

@@ -1,7 +1,7 @@
 """The study's report: report.md, a self-contained report.html and cosine_vs_delta.png.
 
-``build_report`` (`sections`) turns a study's ``results`` dict into sections of plain
-blocks, figures included; ``render_markdown`` here and ``html.render_html`` render the
+``build_report`` (`sections`) turns a study's results (`lorasum.results_schema.Results`, or
+the parsed results.json dict) into sections of plain blocks, figures included; ``render_markdown`` here and ``html.render_html`` render the
 same sections. Fields that older studies lack (method × combination tables, statistics with
 intervals, cross-domain perplexities, predictions, the run manifest) each skip their section
 with a one-line note. ``rebuild_report(run_dir)`` rewrites the reports from
@@ -11,7 +11,6 @@ with a one-line note. ``rebuild_report(run_dir)`` rewrites the reports from
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -21,6 +20,8 @@ from lorasum.io import atomic_write_text
 from lorasum.report import plots
 from lorasum.report.blocks import Bullets, Code, Figure, Note, Para, Section, Table
 from lorasum.report.sections import build_report
+from lorasum.results_schema import Results, as_results
+from lorasum.results_schema import load_results as load_results_file
 
 __all__ = ["build_report", "load_results", "rebuild_report", "render_markdown", "write_report"]
 
@@ -43,8 +44,9 @@ def _md_table(t: Table) -> list[str]:
     return out
 
 
-def render_markdown(results: dict, sections: list[Section] | None = None) -> str:
+def render_markdown(results: Results | dict, sections: list[Section] | None = None) -> str:
     """report.md: the sections as markdown; figures link to figures/<name>.png."""
+    results = as_results(results)
     sections = sections if sections is not None else build_report(results)
     lines = [f"# {TITLE}", ""]
     for s in sections:
@@ -82,11 +84,12 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def write_report(results: dict, out: str | Path) -> dict[str, Path]:
+def write_report(results: Results | dict, out: str | Path) -> dict[str, Path]:
     """Write report.md (figures in figures/), the self-contained report.html and
     cosine_vs_delta.png into ``out``; returns their paths."""
     from lorasum.report.html import render_html
 
+    results = as_results(results)
     out = Path(out)
     sections = build_report(results, out)
     figures = [b for s in sections for b in s.blocks if isinstance(b, Figure)]
@@ -108,27 +111,15 @@ def write_report(results: dict, out: str | Path) -> dict[str, Path]:
     }
 
 
-REQUIRED = ("model", "preset", "domains", "train_config", "combinations", "pairs", "correlation")
-
-
-def load_results(run_dir: str | Path) -> dict:
-    """``run_dir/results.json``, checked to be a lorasum study's results."""
+def load_results(run_dir: str | Path) -> Results:
+    """``run_dir/results.json``, typed (`lorasum.results_schema.load_results`: older versions
+    migrated, a newer one refused)."""
     path = Path(run_dir) / "results.json"
     if not path.is_file():
         raise LorasumError(
             f"no results.json in {run_dir}; pass the --out directory of `lorasum reproduce`"
         )
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise LorasumError(f"{path} is not valid JSON ({e}); rerun `lorasum reproduce`") from e
-    missing = [k for k in REQUIRED if k not in results] if isinstance(results, dict) else REQUIRED
-    if missing or not results.get("combinations"):
-        raise LorasumError(
-            f"{path} is not a lorasum study's results (missing "
-            f"{', '.join(missing) or 'combinations'}); pass the --out directory of `lorasum reproduce`"
-        )
-    return results
+    return load_results_file(path)
 
 
 def rebuild_report(run_dir: str | Path) -> dict[str, Path]:

@@ -11,6 +11,7 @@ import html
 import re
 
 from lorasum.report.blocks import Bullets, Code, Figure, Note, Para, Section, Table
+from lorasum.results_schema import Results, as_results
 
 CSS = """
 body { font: 15px/1.5 -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif;
@@ -122,8 +123,9 @@ def _blocks(blocks: list) -> str:
     return "\n".join(out)
 
 
-def render_html(results: dict, sections: list[Section], title: str) -> str:
+def render_html(results: Results | dict, sections: list[Section], title: str) -> str:
     """The whole report as one HTML document (inline CSS, images as data URIs)."""
+    results = as_results(results)
     nav = "".join(f'<li><a href="#{s.anchor}">{html.escape(s.title)}</a></li>' for s in sections)
     body = "\n".join(
         f'<section id="{s.anchor}">\n<h2>{html.escape(s.title)}</h2>\n'
@@ -132,11 +134,11 @@ def render_html(results: dict, sections: list[Section], title: str) -> str:
         for s in sections
     )
     subtitle = (
-        f"model <code>{html.escape(str(results.get('model')))}</code> · preset "
-        f"<code>{html.escape(str(results.get('preset')))}</code> · "
-        f"{len(results['combinations'])} combinations · "
-        f"{len(results.get('seeds') or [])} seed(s) · lorasum "
-        f"{html.escape(str(results.get('lorasum_version', '')))}"
+        f"model <code>{html.escape(str(results.model))}</code> · preset "
+        f"<code>{html.escape(str(results.preset))}</code> · "
+        f"{len(results.combinations)} combinations · "
+        f"{len(results.seeds or [])} seed(s) · lorasum "
+        f"{html.escape(results.lorasum_version or '')}"
     )
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'

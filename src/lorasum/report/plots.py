@@ -1,7 +1,7 @@
 """The study's figures, as PNG bytes (matplotlib, Agg backend).
 
-Every function takes the plain ``results`` dict of a study (or a piece of it) and returns the
-PNG of one small figure (a few tens of KB), or None when the results hold nothing to draw.
+Every function takes a study's results (`lorasum.results_schema.Results`, or the parsed
+results.json dict) or a piece of them, and returns the PNG of one small figure (a few tens of KB), or None when the results hold nothing to draw.
 Figures are closed after use. Colours: one per combination, the same in every figure.
 """
 
@@ -12,6 +12,7 @@ import math
 
 from lorasum.analysis.predictors import predictor_labels
 from lorasum.data import combo_name
+from lorasum.results_schema import Combination, Results, SeedRow, Snapshots, as_results
 
 # axis labels of the registered predictors (`lorasum.analysis.predictors`); others: their name
 PREDICTOR_LABELS = predictor_labels()
@@ -42,10 +43,10 @@ def _png(fig, dpi: int = 100) -> bytes:
     return out.getvalue()
 
 
-def combo_colors(results: dict) -> dict[str, tuple]:
+def combo_colors(results: Results | dict) -> dict[str, tuple]:
     """One colour per combination (tab10, tab20 beyond ten), in the order of the results."""
     plt = _plt()
-    names = [combo_name(c["domains"]) for c in results["combinations"]]
+    names = [combo_name(c.domains) for c in as_results(results).combinations]
     cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
     return {n: cmap(i % cmap.N) for i, n in enumerate(names)}
 
@@ -55,12 +56,12 @@ def is_number(v) -> bool:
     return isinstance(v, int | float) and math.isfinite(v)
 
 
-def predictor_value(row: dict, name: str) -> float | None:
-    """A predictor of a combination (or of one seed's row): ``row["predictors"][name]``, with
+def predictor_value(row: Combination | SeedRow, name: str) -> float | None:
+    """A predictor of a combination (or of one seed's row): ``row.predictors[name]``, with
     ``rms_cosine`` also read from the row itself (older results have no ``predictors``)."""
-    v = (row.get("predictors") or {}).get(name)
+    v = (row.predictors or {}).get(name)
     if v is None and name == "rms_cosine":
-        v = row.get("rms_cosine")
+        v = row.rms_cosine
     return v if is_number(v) else None
 
 
@@ -77,19 +78,19 @@ MANY = 12  # beyond this many combinations, figures stop naming each one in a le
 
 
 def _plot_combination(
-    ax, r: dict, name: str, color: str, label: str | None, many: bool, several: bool
+    ax, r: Combination, name: str, color: str, label: str | None, many: bool, several: bool
 ) -> list[float]:
     """One combination's mean (with its CI bar if any) and, over several seeds, its seed
     points; returns the x values drawn."""
-    x, y = predictor_value(r, name), r["delta_pct"]
+    x, y = predictor_value(r, name), r.delta_pct
     xs = [x]
     if several:
-        seed_pts = [(predictor_value(s, name), s.get("delta_pct")) for s in r.get("per_seed") or []]
+        seed_pts = [(predictor_value(s, name), s.delta_pct) for s in r.per_seed or []]
         seed_pts = [(a, b) for a, b in seed_pts if a is not None and is_number(b)]
         if seed_pts:
             xs += [a for a, _ in seed_pts]
             ax.scatter(*zip(*seed_pts, strict=True), color=color, alpha=0.3, s=10)
-    ci = (r.get("ci95") or {}).get("delta_pct")
+    ci = (r.ci95 or {}).get("delta_pct")
     if ci and is_number(ci[0]) and is_number(ci[1]):
         ax.errorbar(
             [x],
@@ -107,28 +108,30 @@ def _plot_combination(
     return xs
 
 
-def _name_extremes(ax, rows: list[dict], name: str) -> None:
+def _name_extremes(ax, rows: list[Combination], name: str) -> None:
     """Name the three highest and three lowest Δ% beside their points."""
-    ranked = sorted(rows, key=lambda r: r["delta_pct"])
+    ranked = sorted(rows, key=lambda r: r.delta_pct)
     for r in ranked[:3] + ranked[-3:]:
         ax.annotate(
-            combo_name(r["domains"]),
-            (predictor_value(r, name), r["delta_pct"]),
+            combo_name(r.domains),
+            (predictor_value(r, name), r.delta_pct),
             xytext=(4, 3),
             textcoords="offset points",
             fontsize=6.5,
         )
 
 
-def _plot_fit(ax, results: dict, name: str, points: dict, xs_all: list[float]) -> None:
+def _plot_fit(ax, results: Results, name: str, points: dict, xs_all: list[float]) -> None:
     """The least-squares line with its confidence band, or the bare line from the fit (or
-    ``results["correlation"]`` for RMS cosine in older results) over the drawn x range."""
+    ``results.correlation`` for RMS cosine in older results) over the drawn x range."""
     band = points.get("band") or {}
     fit = points.get("fit") or {}
     line = fit if fit.get("slope") is not None else None
     if line is None and name == "rms_cosine":
-        corr = results.get("correlation") or {}
-        line = corr if corr.get("slope") is not None else None
+        corr = results.correlation
+        line = (
+            {"slope": corr.slope, "intercept": corr.intercept} if corr.slope is not None else None
+        )
     ys_band = band.get("y") or []
     if ys_band and all(v is not None for v in ys_band):
         bx = band["x"]
@@ -155,30 +158,31 @@ def _plot_fit(ax, results: dict, name: str, points: dict, xs_all: list[float]) -
         )
 
 
-def delta_vs_predictor(results: dict, name: str) -> bytes | None:
+def delta_vs_predictor(results: Results | dict, name: str) -> bytes | None:
     """Δ% against one predictor: every (combination, seed) point, each combination's mean, and
-    the least-squares line with its 95 % confidence band (``results["statistics"][name]``, or
-    ``results["correlation"]`` for RMS cosine in older results: line only).
+    the least-squares line with its 95 % confidence band (``results.statistics[name]``, or
+    ``results.correlation`` for RMS cosine in older results: line only).
 
     Up to ``MANY`` combinations each has its colour and legend entry; beyond, one colour, and
     the three highest and three lowest Δ% are named beside their points."""
     plt = _plt()
+    results = as_results(results)
     rows = [
         r
-        for r in results["combinations"]
-        if predictor_value(r, name) is not None and is_number(r.get("delta_pct"))
+        for r in results.combinations
+        if predictor_value(r, name) is not None and is_number(r.delta_pct)
     ]
     if not rows:
         return None
     many = len(rows) > MANY
     colors = combo_colors(results)
-    stats = (results.get("statistics") or {}).get(name) or {}
+    stats = (results.statistics or {}).get(name) or {}
     points = stats.get("points") or {}
-    several = len(results.get("seeds") or []) > 1
+    several = len(results.seeds or []) > 1
     fig, ax = plt.subplots(figsize=(6.0, 4.0))
     xs_all = []
     for r in rows:
-        cname = combo_name(r["domains"])
+        cname = combo_name(r.domains)
         color = "#4c72b0" if many else colors[cname]
         label = None if many else cname
         xs_all += _plot_combination(ax, r, name, color, label, many, several)
@@ -195,15 +199,15 @@ def delta_vs_predictor(results: dict, name: str) -> bytes | None:
     return _png(fig)
 
 
-def _pair_matrix(results: dict) -> tuple[list[str], list[list[float | None]]]:
+def _pair_matrix(results: Results) -> tuple[list[str], list[list[float | None]]]:
     """Domains and the symmetric matrix of RMS cosine between their adapters (mean over seeds);
     None where a pair was not measured, 1 on the diagonal."""
-    names = list(results["domains"])
+    names = list(results.domains)
     sums: dict[tuple[str, str], list[float]] = {}
-    for p in results.get("pairs") or []:
-        if is_number(p.get("rms_cosine")):
-            sums.setdefault((p["a"], p["b"]), []).append(p["rms_cosine"])
-            sums.setdefault((p["b"], p["a"]), []).append(p["rms_cosine"])
+    for p in results.pairs:
+        if is_number(p.rms_cosine):
+            sums.setdefault((p.a, p.b), []).append(p.rms_cosine)
+            sums.setdefault((p.b, p.a), []).append(p.rms_cosine)
     m = [
         [1.0 if a == b else (sum(v) / len(v) if (v := sums.get((a, b))) else None) for b in names]
         for a in names
@@ -237,10 +241,10 @@ def _heatmap(ax, matrix, row_labels, col_labels, values, fmt: str, cmap: str, vm
     return im
 
 
-def cosine_heatmap(results: dict) -> bytes | None:
+def cosine_heatmap(results: Results | dict) -> bytes | None:
     """Domains × domains RMS cosine of their adapters' ΔW (mean over seeds)."""
     plt = _plt()
-    names, m = _pair_matrix(results)
+    names, m = _pair_matrix(as_results(results))
     off = [v for i, row in enumerate(m) for j, v in enumerate(row) if i != j and v is not None]
     if not off:
         return None
@@ -378,13 +382,14 @@ KINDS = [
 ]
 
 
-def per_domain_bars(results: dict) -> bytes | None:
+def per_domain_bars(results: Results | dict) -> bytes | None:
     """Per combination, per member domain: perplexity of base, single adapter, merged-data
     adapter and naive sum (means over seeds)."""
     import numpy as np
 
     plt = _plt()
-    rows = [r for r in results["combinations"] if r.get("per_domain")]
+    results = as_results(results)
+    rows = [r for r in results.combinations if r.per_domain]
     if not rows:
         return None
     if len(rows) > 9:
@@ -396,14 +401,14 @@ def per_domain_bars(results: dict) -> bytes | None:
     )
     width = 0.2
     for ax, r in zip(axes.flat, rows, strict=False):
-        doms = list(r["per_domain"])
+        doms = list(r.per_domain)
         x = np.arange(len(doms))
         for k, (key, label, color) in enumerate(KINDS):
-            vals = [r["per_domain"][d].get(key) for d in doms]
+            vals = [getattr(r.per_domain[d], key) for d in doms]
             vals = [v if is_number(v) else np.nan for v in vals]
             ax.bar(x + (k - 1.5) * width, vals, width, color=color, label=label)
         ax.set_xticks(x, doms, fontsize=7)
-        ax.set_title(" + ".join(r["domains"]), fontsize=8)
+        ax.set_title(" + ".join(r.domains), fontsize=8)
         ax.tick_params(axis="y", labelsize=7)
         ax.grid(axis="y", alpha=0.3)
     for ax in list(axes.flat)[len(rows) :]:
@@ -415,13 +420,13 @@ def per_domain_bars(results: dict) -> bytes | None:
     return _png(fig)
 
 
-def _per_domain_by_domain(results: dict, rows: list[dict]) -> bytes:
+def _per_domain_by_domain(results: Results, rows: list[Combination]) -> bytes:
     """Many combinations: one panel per domain, one group of bars (merged-data, naive sum) per
     combination holding it, named by the other domains; base and single adapter as lines."""
     import numpy as np
 
     plt = _plt()
-    names = list(results["domains"])
+    names = list(results.domains)
     cols = min(3, len(names))
     nrows = math.ceil(len(names) / cols)
     fig, axes = plt.subplots(
@@ -429,10 +434,11 @@ def _per_domain_by_domain(results: dict, rows: list[dict]) -> bytes:
     )
     width = 0.4
     for ax, d in zip(axes.flat, names, strict=False):
-        mine = [r for r in rows if d in r["per_domain"]]
+        mine = [r.per_domain[d] for r in rows if d in r.per_domain]
+        others = ["+".join(o for o in r.domains if o != d) for r in rows if d in r.per_domain]
         x = np.arange(len(mine))
         for k, (key, label, color) in enumerate(KINDS[2:]):
-            vals = [r["per_domain"][d].get(key) for r in mine]
+            vals = [getattr(v, key) for v in mine]
             ax.bar(
                 x + (k - 0.5) * width,
                 [v if is_number(v) else np.nan for v in vals],
@@ -441,12 +447,9 @@ def _per_domain_by_domain(results: dict, rows: list[dict]) -> bytes:
                 label=label,
             )
         for key, label, color in KINDS[:2]:
-            vals = [
-                r["per_domain"][d].get(key) for r in mine if is_number(r["per_domain"][d].get(key))
-            ]
+            vals = [getattr(v, key) for v in mine if is_number(getattr(v, key))]
             if vals:
                 ax.axhline(sum(vals) / len(vals), color=color, lw=1.2, ls="--", label=label)
-        others = ["+".join(o for o in r["domains"] if o != d) for r in mine]
         ax.set_xticks(x, others, rotation=60, ha="right", fontsize=6)
         ax.set_title(f"{d} test split, with …", fontsize=8)
         ax.tick_params(axis="y", labelsize=7)
@@ -515,12 +518,12 @@ def predicted_vs_measured(prediction: dict, colors: dict | None = None) -> bytes
     return _png(fig)
 
 
-def delta_vs_length(snapshots: dict, top_methods: int = 3) -> bytes | None:
-    """Δ% against training length along the runs (results["snapshots"]): left, singles and
+def delta_vs_length(snapshots: Snapshots | None, top_methods: int = 3) -> bytes | None:
+    """Δ% against training length along the runs (``results.snapshots``): left, singles and
     merged adapter after equal epochs; right, after equal optimizer steps per adapter. The sum
     of every combination as a thin line, its mean over combinations bold, and the mean of the
     ``top_methods`` data-free methods with the lowest mean Δ% dashed."""
-    rows = (snapshots or {}).get("combinations") or []
+    rows = (snapshots.combinations if snapshots else None) or []
     if not rows:
         return None
     plt = _plt()
@@ -530,16 +533,16 @@ def delta_vs_length(snapshots: dict, top_methods: int = 3) -> bytes | None:
               ("equal_steps", "steps", "equal optimizer steps per adapter")]  # fmt: skip
     fig, axes = plt.subplots(1, 2, figsize=(10.0, 3.6), squeeze=False)
     cmap = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20")
-    methods = [m for m in snapshots.get("methods", []) if m != "sum"]
+    methods = [m for m in snapshots.methods or [] if m != "sum"]
     for ax, (key, x, title) in zip(axes.flat, panels, strict=True):
         by_method: dict[str, dict[float, list[float]]] = {}
         for i, row in enumerate(rows):
-            pts = sorted(row.get(key) or [], key=lambda p: p[x])
+            pts = sorted(getattr(row, key) or [], key=lambda p: p[x])
             xs = [p[x] for p in pts if is_number((p["delta_pct"].get("sum") or {}).get("mean"))]
             ys = [p["delta_pct"]["sum"]["mean"] for p in pts if p[x] in xs]
             if xs:
                 ax.plot(xs, ys, lw=0.8, alpha=0.6, marker="o", ms=2.5, color=cmap(i % cmap.N),
-                        label=row["combination"] if len(rows) <= 10 else None)  # fmt: skip
+                        label=row.combination if len(rows) <= 10 else None)  # fmt: skip
             for p in pts:
                 for m, d in p["delta_pct"].items():
                     if is_number(d.get("mean")):

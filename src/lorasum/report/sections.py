@@ -1,7 +1,8 @@
-"""The report's sections, built from a study's ``results`` dict.
+"""The report's sections, built from a study's results (`lorasum.results_schema.Results`).
 
 Each ``_<section>(results)`` returns a list of blocks; a section whose fields the results lack
-(older studies) returns a one-line ``Note`` instead. ``build_report`` lists them in order.
+(older studies) returns a one-line ``Note`` instead. ``build_report`` lists them in order. Each
+also takes the parsed results.json dict (read through the schema, older versions migrated).
 """
 
 from __future__ import annotations
@@ -30,17 +31,19 @@ from lorasum.report.blocks import (
     pair_means,
 )
 from lorasum.report.findings import best_method_of, paper_vs_run, what_this_means
+from lorasum.results_schema import Results, as_results
 
 
-def _settings(results: dict) -> list:
-    cfg = results["train_config"]
-    seeds = results.get("seeds", [])
+def _settings(results: Results | dict) -> list:
+    results = as_results(results)
+    cfg = results.train_config
+    seeds = results.seeds or []
     several = len(seeds) > 1
     blocks = [
         Para(
-            f"Model `{results['model']}`, preset `{results['preset']}`, domains "
-            + ", ".join(f"`{n}` ({s})" for n, s in results["domains"].items())
-            + f". Wall time of this run: {fmt(results.get('wall_seconds'), 0)} s."
+            f"Model `{results.model}`, preset `{results.preset}`, domains "
+            + ", ".join(f"`{n}` ({s})" for n, s in results.domains.items())
+            + f". Wall time of this run: {fmt(results.wall_seconds, 0)} s."
         ),
         Para(
             f"LoRA r={fmt_g(cfg.get('rank'))}, alpha={fmt_g(cfg.get('alpha'))}, dropout="
@@ -55,13 +58,13 @@ def _settings(results: dict) -> list:
         ),
         Para(
             "LoRA init: each domain adapter has its own seed (`--seed-per-domain`)."
-            if results.get("seed_per_domain")
+            if results.seed_per_domain
             else "LoRA init: within a seed every adapter starts from the same init (as with the "
             "paper's HF Trainer scripts), so the domain adapters share their initial A; "
             "`--seed-per-domain` gives each its own."
         ),
     ]
-    sample = results.get("sample")
+    sample = results.sample
     if sample:
         blocks.append(
             Para(
@@ -70,30 +73,31 @@ def _settings(results: dict) -> list:
                 "without `--sample` for the whole grid (finished units are reused)."
             )
         )
-    if results.get("config"):
+    if results.config:
         blocks.append(
             Code(
                 "resolved configuration (JSON)",
-                json.dumps(results["config"], indent=2, default=str),
+                json.dumps(results.config, indent=2, default=str),
             )
         )
     return blocks
 
 
-def _headline(results: dict) -> list:
-    seeds = results.get("seeds", [])
+def _headline(results: Results | dict) -> list:
+    results = as_results(results)
+    seeds = results.seeds or []
     rows = [
         [
-            combo_label(r["domains"]),
+            combo_label(r.domains),
             fmt_ci(r, "rms_cosine", 4),
-            fmt(r.get("ppl_base")),
+            fmt(r.ppl_base),
             fmt_ci(r, "ppl_merged"),
             fmt_ci(r, "ppl_sum"),
             fmt_ci(r, "delta_pct", 2, True),
         ]
-        for r in results["combinations"]
+        for r in results.combinations
     ]
-    deltas = [r.get("delta_pct") for r in results["combinations"]]
+    deltas = [r.delta_pct for r in results.combinations]
     finite = [i for i, d in enumerate(deltas) if plots.is_number(d)]
     marked = {(max(finite, key=lambda i: deltas[i]), 5)} if finite else set()
     return [
@@ -146,25 +150,26 @@ def _stat_caption(name: str, stats: dict) -> str:
     return f"Δ% against {label}: " + "; ".join(parts) + "."
 
 
-def _scatter(results: dict) -> list:
+def _scatter(results: Results | dict) -> list:
     """One panel per predictor with statistics; RMS cosine always (from ``correlation``, line
     only, when the statistics do not cover it)."""
-    stats = results.get("statistics") or {}
+    results = as_results(results)
+    stats = results.statistics or {}
     names = [n for n in stats if stats[n]]
     blocks: list = []
     if not names:
         blocks.append(Note("no `statistics` in these results: no intervals or band, line only."))
     if "rms_cosine" not in names:
-        c = results["correlation"]
+        c = results.correlation
         png = plots.delta_vs_predictor(results, "rms_cosine")
         if png:
             blocks.append(
                 Figure(
                     "delta_vs_rms_cosine",
                     png,
-                    f"Δ% against RMS cosine over {c['n']} points: Pearson r = "
-                    f"{fmt(c['pearson_r'], 3)} (p = {fmt(c['p_value'], 3)}), least squares Δ% = "
-                    f"{fmt(c['slope'], 1)} · cos {fmt(c['intercept'], 2, True)}.",
+                    f"Δ% against RMS cosine over {c.n} points: Pearson r = "
+                    f"{fmt(c.pearson_r, 3)} (p = {fmt(c.p_value, 3)}), least squares Δ% = "
+                    f"{fmt(c.slope, 1)} · cos {fmt(c.intercept, 2, True)}.",
                 )
             )
     for name in names:
@@ -176,15 +181,16 @@ def _scatter(results: dict) -> list:
     return blocks
 
 
-def _cosine(results: dict) -> list:
-    pairs = pair_means(results.get("pairs") or [])
+def _cosine(results: Results | dict) -> list:
+    results = as_results(results)
+    pairs = pair_means(results.pairs)
     png = plots.cosine_heatmap(results)
     blocks: list = []
     if png:
         blocks.append(
             Figure("cosine_heatmap", png, "RMS cosine over modules between domain adapters.")
         )
-    several = len(results.get("seeds", [])) > 1
+    several = len(results.seeds or []) > 1
     blocks.append(
         Table(
             ["pair", "RMS cosine over modules", "whole-adapter cosine", "max abs module cosine"]
@@ -206,8 +212,8 @@ def _cosine(results: dict) -> list:
     return blocks
 
 
-def _cross_domain(results: dict) -> list:
-    cross = results.get("cross_domain")
+def _cross_domain(results: Results | dict) -> list:
+    cross = as_results(results).cross_domain
     if not cross:
         return [Note("no `cross_domain` perplexities in these results (older study).")]
     png = plots.cross_domain_heatmap(cross)
@@ -239,8 +245,8 @@ def read_train_curves(run_dir: Path) -> dict[str, list]:
     return out
 
 
-def _curves(results: dict, run_dir: Path | None) -> list:
-    curves = results.get("train_curves") or (read_train_curves(run_dir) if run_dir else {})
+def _curves(results: Results | dict, run_dir: Path | None) -> list:
+    curves = as_results(results).train_curves or (read_train_curves(run_dir) if run_dir else {})
     png = plots.train_curves(curves) if curves else None
     if not png:
         return [Note("no training-loss logs in these results or beside them.")]
@@ -254,8 +260,9 @@ def _curves(results: dict, run_dir: Path | None) -> list:
     ]
 
 
-def _per_domain(results: dict) -> list:
-    several = len(results.get("seeds", [])) > 1
+def _per_domain(results: Results | dict) -> list:
+    results = as_results(results)
+    several = len(results.seeds or []) > 1
     blocks: list = []
     png = plots.per_domain_bars(results)
     if png:
@@ -269,17 +276,17 @@ def _per_domain(results: dict) -> list:
             )
         )
     rows = []
-    for r in results["combinations"]:
-        for d, v in (r.get("per_domain") or {}).items():
+    for r in results.combinations:
+        for d, v in (r.per_domain or {}).items():
             rows.append(
                 [
-                    combo_label(r["domains"]),
+                    combo_label(r.domains),
                     d,
-                    fmt(v.get("ppl_base")),
-                    fmt(v.get("ppl_single")),
-                    fmt(v.get("ppl_merged")),
-                    fmt(v.get("ppl_sum")),
-                    fmt(v.get("delta_pct"), 2, True),
+                    fmt(v.ppl_base),
+                    fmt(v.ppl_single),
+                    fmt(v.ppl_merged),
+                    fmt(v.ppl_sum),
+                    fmt(v.delta_pct, 2, True),
                 ]
             )
     if not rows:
@@ -295,37 +302,38 @@ def _per_domain(results: dict) -> list:
     return blocks
 
 
-def _methods(results: dict) -> list:
-    rows = [r for r in results["combinations"] if r.get("methods")]
+def _methods(results: Results | dict) -> list:
+    results = as_results(results)
+    rows = [r for r in results.combinations if r.methods]
     if not rows:
         return [Note("no `methods` per combination in these results (only the naive sum).")]
     names: list[str] = []
     category: dict[str, str] = {}
     for r in rows:
-        for m, v in r["methods"].items():
+        for m, v in r.methods.items():
             if m not in names:
                 names.append(m)
-                category[m] = v.get("category") or ""
+                category[m] = v.category or ""
     # the longer list runs down the side; with many methods across, cells drop the interval
     across_methods = len(rows) > len(names)
     brief = across_methods and len(names) > 6
 
-    def cell(m: str, r: dict) -> str:
-        v = r["methods"].get(m)
+    def cell(m: str, r) -> str:
+        v = r.methods.get(m)
         if v is None:
             return "–"
-        text = fmt_delta(v, brief)
+        text = fmt_delta(v.delta_pct, v.ci95, brief)
         return "★ " + text if best_method_of(r) == m else text
 
     if across_methods:
         header = ["combination"] + [f"{m} ({category[m]})" if category[m] else m for m in names]
-        table_rows = [[combo_label(r["domains"])] + [cell(m, r) for m in names] for r in rows]
+        table_rows = [[combo_label(r.domains)] + [cell(m, r) for m in names] for r in rows]
         marked = {
             (j, 1 + names.index(b)) for j, r in enumerate(rows) if (b := best_method_of(r)) in names
         }
         align = "l" + "r" * len(names)
     else:
-        header = ["method", "kind"] + [combo_label(r["domains"]) for r in rows]
+        header = ["method", "kind"] + [combo_label(r.domains) for r in rows]
         table_rows = [[m, category[m]] + [cell(m, r) for r in rows] for m in names]
         marked = {
             (names.index(b), 2 + j) for j, r in enumerate(rows) if (b := best_method_of(r)) in names
@@ -340,11 +348,7 @@ def _methods(results: dict) -> list:
         Para(
             "Δ% of each method's perplexity vs the merged-data adapter on the combination's test "
             "set (lower is better; ★ = best per combination"
-            + (
-                ", [95% interval over seeds]"
-                if len(results.get("seeds", [])) > 1 and not brief
-                else ""
-            )
+            + (", [95% interval over seeds]" if len(results.seeds or []) > 1 and not brief else "")
             + "). Best counts: "
             + ", ".join(f"`{m}` {k}" for m, k in sorted(wins.items(), key=lambda kv: -kv[1]))
             + "."
@@ -379,23 +383,25 @@ ARROW_NOTE = (
 )
 
 
-def _routes(results: dict) -> list:
+def _routes(results: Results) -> list:
     """Routing instead of adding (study option `routes`): combination × route, Δ% vs
     merged-data training and routing accuracy; nothing when the study ran no route."""
-    rows = [r for r in results["combinations"] if r.get("routes")]
+    rows = [r for r in results.combinations if r.routes]
     if not rows:
         return []
-    names = list(dict.fromkeys(n for r in rows for n in r["routes"]))
+    names = list(dict.fromkeys(n for r in rows for n in r.routes))
     header = ["combination"] + [f"{n}: Δ% · routed right" for n in names]
 
-    def cell(r: dict, n: str) -> str:
-        v = r["routes"].get(n)
+    def cell(r, n: str) -> str:
+        v = r.routes.get(n)
         if v is None:
             return "–"
-        acc = v.get("routing_accuracy")
-        return f"{fmt_delta(v)} · " + ("n/a" if acc is None else f"{fmt(acc, 0)}%")
+        acc = v.routing_accuracy
+        return f"{fmt_delta(v.delta_pct, v.ci95)} · " + (
+            "n/a" if acc is None else f"{fmt(acc, 0)}%"
+        )
 
-    table_rows = [[combo_label(r["domains"])] + [cell(r, n) for n in names] for r in rows]
+    table_rows = [[combo_label(r.domains)] + [cell(r, n) for n in names] for r in rows]
     return [
         Table(header, table_rows, "l" + "r" * len(names)),
         Para(
@@ -413,8 +419,9 @@ def _routes(results: dict) -> list:
     ]
 
 
-def _prediction(results: dict) -> list:
-    pred = results.get("prediction")
+def _prediction(results: Results | dict) -> list:
+    results = as_results(results)
+    pred = results.prediction
     if not pred:
         return [Note("no leave-one-combination-out `prediction` in these results.")]
     png = plots.predicted_vs_measured(pred, plots.combo_colors(results))
@@ -462,15 +469,16 @@ def _oracle(pred: dict) -> str:
     )
 
 
-def _decomposition(results: dict) -> list:
+def _decomposition(results: Results | dict) -> list:
     """Δ% vs merged-data training = the sum vs each domain's own adapter × merged-data
     training's gain over those adapters; and how well each predictor ranks each factor."""
-    rows = [r for r in results["combinations"] if r.get("delta_vs_singles_pct") is not None]
+    results = as_results(results)
+    rows = [r for r in results.combinations if r.delta_vs_singles_pct is not None]
     if not rows:
         return [Note("these results predate the split of Δ% (no `delta_vs_singles_pct`).")]
     table = [
         [
-            combo_label(r["domains"]),
+            combo_label(r.domains),
             fmt_ci(r, "delta_vs_singles_pct", 2, True),
             fmt_ci(r, "merged_gain_pct", 2, True),
             fmt_ci(r, "delta_pct", 2, True),
@@ -493,9 +501,9 @@ def _decomposition(results: dict) -> list:
             "adapters, so the first factor is the one it can be expected to rank."
         ),
     ]
-    vs_merged = results.get("prediction") or {}
-    vs_singles = results.get("prediction_vs_singles") or {}
-    vs_accuracy = results.get("prediction_vs_accuracy")  # studies with accuracy only
+    vs_merged = results.prediction or {}
+    vs_singles = results.prediction_vs_singles or {}
+    vs_accuracy = results.prediction_vs_accuracy  # studies with accuracy only
     if vs_singles:
         acc_header = ["LOO ρ: Δ accuracy of the sum"] if vs_accuracy is not None else []
         blocks.append(
@@ -527,29 +535,30 @@ def _decomposition(results: dict) -> list:
     return blocks
 
 
-def _variants(results: dict) -> list:
-    triples = [r for r in results["combinations"] if r.get("paper_variants")]
+def _variants(results: Results | dict) -> list:
+    results = as_results(results)
+    triples = [r for r in results.combinations if r.paper_variants]
     if not triples:
-        if any(len(r["domains"]) > 2 for r in results["combinations"]):
+        if any(len(r.domains) > 2 for r in results.combinations):
             return [Note("no `paper_variants` for the triples in these results.")]
         return [Note("no combination of three or more domains in this study.")]
     rows = []
     for r in triples:
         rows.append(
             [
-                combo_label(r["domains"]),
+                combo_label(r.domains),
                 "sum of the singles",
-                fmt(r["ppl_sum"]),
+                fmt(r.ppl_sum),
                 fmt_ci(r, "delta_pct", 2, True),
             ]
         )
-        for v in r["paper_variants"]:
+        for v in r.paper_variants:
             rows.append(
                 [
                     "",
-                    f"merged-data {combo_label(v['pair'])} + single {v['third']}",
-                    fmt(v.get("ppl")),
-                    fmt_delta(v),
+                    f"merged-data {combo_label(v.pair)} + single {v.third}",
+                    fmt(v.ppl),
+                    fmt_delta(v.delta_pct, v.ci95),
                 ]
             )
     return [
@@ -561,15 +570,16 @@ def _variants(results: dict) -> list:
     ]
 
 
-def _data_training(results: dict) -> list:
-    data, singles = results.get("data") or {}, results.get("singles") or {}
-    names = [n for n in results["domains"] if n in data and (singles.get(n) or {}).get("train")]
+def _data_training(results: Results | dict) -> list:
+    results = as_results(results)
+    data, singles = results.data or {}, results.singles or {}
+    names = [n for n in results.domains if n in data and n in singles and singles[n].train]
     if not names:
         return [Note("no per-domain data and training records in these results.")]
     rows = []
     for n in names:
         fp, single = data[n], singles[n]
-        ms = single["train"]
+        ms = single.train
         mean = lambda k, ms=ms: sum(m.get(k) or 0.0 for m in ms) / len(ms)  # noqa: E731
         rows.append(
             [
@@ -579,7 +589,7 @@ def _data_training(results: dict) -> list:
                 f"`{fp['test']['sha256']}`",
                 str(ms[0]["steps"]),
                 fmt_tokens(ms[0]),
-                str(single.get("tokens", "n/a")),
+                str(single.tokens if single.tokens is not None else "n/a"),
                 f"{fmt(mean('first_loss'))} → {fmt(mean('final_loss'))}",
                 fmt(mean("tokens_per_second"), 0),
             ]
@@ -601,7 +611,7 @@ def _data_training(results: dict) -> list:
             "lrrlrrrrr",
         )
     ]
-    merged = results.get("merged_training") or {}
+    merged = results.merged_training or {}
     if merged:
         blocks.append(
             Para(
@@ -616,29 +626,30 @@ def _data_training(results: dict) -> list:
     return blocks
 
 
-def _budget(results: dict) -> list:
+def _budget(results: Results | dict) -> list:
     """Under which training budget Δ% was measured, beside each side's training compute."""
-    tb = results.get("training_budget")
+    results = as_results(results)
+    tb = results.training_budget
     if not tb:
         return [Note("these results predate training budgets: every adapter took one epoch.")]
-    by_combo = {combo_label(r["domains"]): r for r in results["combinations"]}
+    by_combo = {tuple(r.domains): r for r in results.combinations}
     rows = []
-    for c in tb["combinations"]:
-        row = by_combo.get(combo_label(c["combination"].split("+")), {})
-        best = row.get("best_method")
+    for c in tb.combinations or []:
+        row = by_combo.get(tuple(c.domains))
+        best = row.best_method if row else None
         rows.append(
             [
-                combo_label(c["combination"].split("+")),
-                " + ".join(f"{s:g}" for s in c["single_steps_mean"]),
-                f"{c['merged_steps_mean']:g}",
-                f"{c['single_tokens_mean']:,.0f}",
-                f"{c['merged_tokens_mean']:,.0f}",
+                combo_label(c.domains),
+                " + ".join(f"{s:g}" for s in c.single_steps_mean),
+                f"{c.merged_steps_mean:g}",
+                f"{c.single_tokens_mean:,.0f}",
+                f"{c.merged_tokens_mean:,.0f}",
                 fmt_ci(row, "delta_pct", signed=True) if row else "n/a",
-                f"{best} {fmt(row['methods'][best]['delta_pct'], signed=True)}" if best else "n/a",
+                f"{best} {fmt(row.methods[best].delta_pct, signed=True)}" if best else "n/a",
             ]
         )
     blocks: list = [
-        Para(f"Budget **{tb['name']}**: {tb['rule']}."),
+        Para(f"Budget **{tb.name}**: {tb.rule}."),
         Table(
             [
                 "combination",
@@ -658,9 +669,9 @@ def _budget(results: dict) -> list:
             "token processed in training (means over seeds)."
         ),
     ]
-    if tb["name"] == "converged":
-        blocks += _stopping(tb.get("adapters") or {}, results.get("seeds") or [])
-    snaps = results.get("snapshots")
+    if tb.name == "converged":
+        blocks += _stopping(tb.adapters or {}, results.seeds or [])
+    snaps = results.snapshots
     if snaps:
         png = plots.delta_vs_length(snaps)
         if png:
@@ -669,15 +680,15 @@ def _budget(results: dict) -> list:
                     "delta_vs_length",
                     png,
                     "Δ% against training length, from snapshots along one run per adapter "
-                    f"(epochs {', '.join(f'{e:g}' for e in snaps['epochs'])}; a snapshot is "
+                    f"(epochs {', '.join(f'{e:g}' for e in snaps.epochs)}; a snapshot is "
                     "taken mid-schedule, its learning rate not yet decayed). Left: singles and "
                     "merged adapter after equal epochs; right: after equal optimizer steps.",
                 )
             )
         steps_rows = [
-            [c["combination"], f"{p['steps']}", f"{p['single_epochs']:g} / {p['merged_epochs']:g}",
+            [c.combination, f"{p['steps']}", f"{p['single_epochs']:g} / {p['merged_epochs']:g}",
              fmt_interval(p["delta_pct"]["sum"]["mean"], p["delta_pct"]["sum"]["ci95"], signed=True)]
-            for c in snaps["combinations"] for p in c["equal_steps"]
+            for c in snaps.combinations or [] for p in c.equal_steps or []
         ]  # fmt: skip
         if steps_rows:
             blocks.append(
@@ -737,7 +748,7 @@ def _split(s: dict, part: str) -> tuple[str, str]:
     return rows, str(h or "n/a") if part == "test" else ""
 
 
-def _unit_blocks(m: dict, results: dict) -> list:
+def _unit_blocks(m: dict, results: Results) -> list:
     """Time per kind of unit and the table of every unit's time (from the manifest, or
     rebuilt from the training records of older results); empty when none."""
     blocks: list = []
@@ -745,8 +756,8 @@ def _unit_blocks(m: dict, results: dict) -> list:
     if units is None:
         units = [
             {"unit": u, "seed": t.get("seed"), "kind": "train", "seconds": t.get("seconds")}
-            for u, ts in [(n, s["train"]) for n, s in (results.get("singles") or {}).items()]
-            + list((results.get("merged_training") or {}).items())
+            for u, ts in [(n, s.train or []) for n, s in (results.singles or {}).items()]
+            + list((results.merged_training or {}).items())
             for t in ts
         ]
     if units:
@@ -779,10 +790,10 @@ def _unit_blocks(m: dict, results: dict) -> list:
     return blocks
 
 
-def _budget_blocks(results: dict) -> list:
+def _budget_blocks(results: Results) -> list:
     """The training budget: a list of its settings, or its JSON when nested."""
     blocks: list = []
-    budget = results.get("budget")
+    budget = results.budget
     if isinstance(budget, dict) and all(isinstance(v, str | int | float) for v in budget.values()):
         blocks.append(Para("Budget:"))
         blocks.append(Bullets([f"**{k.replace('_', ' ')}**: {v}" for k, v in budget.items()]))
@@ -791,13 +802,14 @@ def _budget_blocks(results: dict) -> list:
     return blocks
 
 
-def _manifest(results: dict) -> list:
+def _manifest(results: Results | dict) -> list:
     """Versions, hardware, seeds, data splits, unit times and budget: what the run was."""
-    m = results.get("manifest") or {}
+    results = as_results(results)
+    m = results.manifest or {}  # free-form: versions, hardware, seeds, splits, units
     blocks: list = []
     if not m:
         blocks.append(Note("no `manifest` in these results: shown what they record."))
-    versions = m.get("versions") or {"lorasum": results.get("lorasum_version", "n/a")}
+    versions = m.get("versions") or {"lorasum": results.lorasum_version or "n/a"}
     blocks.append(
         Para("Versions: " + ", ".join(f"`{k}` {v or 'n/a'}" for k, v in versions.items()) + ".")
     )
@@ -812,14 +824,14 @@ def _manifest(results: dict) -> list:
                 f"torch threads{workers}."
             )
         )
-    seeds = m.get("seeds") or results.get("seeds") or []
+    seeds = m.get("seeds") or results.seeds or []
     blocks.append(
         Para(
             f"Seeds: {', '.join(map(str, seeds)) or 'n/a'}; wall time "
-            f"{fmt(m.get('wall_seconds', results.get('wall_seconds')), 0)} s."
+            f"{fmt(m.get('wall_seconds', results.wall_seconds), 0)} s."
         )
     )
-    splits = m.get("splits") or results.get("data") or {}
+    splits = m.get("splits") or results.data or {}
     if splits:
         rows = []
         for d, s in splits.items():
@@ -855,11 +867,12 @@ HOW_TO_READ = [
 ]
 
 
-def build_report(results: dict, run_dir: str | Path | None = None) -> list[Section]:
+def build_report(results: Results | dict, run_dir: str | Path | None = None) -> list[Section]:
     """The report's sections, figures included (PNG bytes). ``run_dir``: where to look for
     train_log.jsonl files when ``results`` has no ``train_curves``."""
+    results = as_results(results)
     run_dir = Path(run_dir) if run_dir is not None else None
-    several = len(results.get("seeds", [])) > 1
+    several = len(results.seeds or []) > 1
     return [
         Section("Settings", "settings", _settings(results)),
         Section("Composition vs merged-data training", "headline", _headline(results)),
@@ -869,7 +882,7 @@ def build_report(results: dict, run_dir: str | Path | None = None) -> list[Secti
         Section("Merge methods × combinations", "methods", _methods(results)),
         *(
             [Section("Task accuracy vs perplexity", "accuracy", accuracy_blocks(results))]
-            if results.get("accuracy")
+            if results.accuracy
             else []
         ),
         Section("Predicted vs measured Δ%", "prediction", _prediction(results)),

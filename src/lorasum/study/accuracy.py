@@ -183,6 +183,7 @@ def study_accuracy(rows: list[dict], base_result: dict, max_new_tokens: int) -> 
         changes.append(
             {
                 "combination": names.combo_name(r["domains"]),
+                "domains": list(r["domains"]),
                 "best_by_perplexity": r["best_method"],
                 "best_by_accuracy": by_acc,
                 "differs": r["best_method"] not in by_acc,

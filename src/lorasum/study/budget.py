@@ -82,6 +82,7 @@ def budget_summary(
         rows.append(
             {
                 "combination": combo_name(combo),
+                "domains": list(combo),
                 "singles": singles[combo],
                 "single_steps_mean": [
                     mean([p["single_steps"][i] for p in per_seed]) for i in range(len(combo))
@@ -190,9 +191,11 @@ def snapshot_summary(
         rows.append(
             {
                 "combination": combo_name(combo),
+                "domains": list(combo),
                 "equal_epochs": _mean_over_seeds([p["equal_epochs"] for p in paired], "epochs"),
                 "equal_steps": _mean_over_seeds([p["equal_steps"] for p in paired], "steps"),
-                "per_seed": dict(zip(seed_evals, paired, strict=True)),
+                # JSON keys are strings: the seeds as results.json holds them
+                "per_seed": {str(s): p for s, p in zip(seed_evals, paired, strict=True)},
             }
         )
     return rows

@@ -35,6 +35,17 @@ from lorasum.models import (
     resolve_target_modules,
     settle_cpu_bf16,
 )
+from lorasum.results_schema import (
+    AccuracySummary,
+    Base,
+    Combination,
+    Correlation,
+    Pair,
+    Results,
+    Single,
+    Snapshots,
+    TrainingBudget,
+)
 from lorasum.settings import TrainConfig
 from lorasum.study import names
 from lorasum.study.accuracy import add_accuracy, seed_accuracy, study_accuracy
@@ -353,14 +364,14 @@ def _run(study: Study, p: Prepared, executor: str, ray_address, progress: bool, 
         settle_cpu_bf16(None)
     wall = time.perf_counter() - t_start
     summary = aggregate(study, p.plan, results, timings, str(device), slots, wall)
-    summary["manifest"]["hardware"].update(
+    summary.manifest["hardware"].update(
         executor=executor, precision="bf16" if p.dtype is not None else "fp32"
     )
-    write_json(lay.out / "results.json", summary)
+    atomic_write_text(lay.out / "results.json", summary.to_json())
     from lorasum.report.build import write_report
 
     write_report(summary, lay.out)
-    return summary
+    return summary.to_dict()
 
 
 def _write_study_files(study: Study) -> None:
@@ -421,9 +432,10 @@ def _execute(plan: Plan, study: Study, model, tokenizer, device, workers, execut
 
 def aggregate(
     study: Study, plan: Plan, results: dict, ran: dict, device: str, workers: int, wall: float
-) -> dict:
-    """results.json from the finished tasks (``results``: task → its result), found by the
-    tasks themselves."""
+) -> Results:
+    """results.json, typed (`lorasum.results_schema`), from the finished tasks (``results``:
+    task → its result), found by the tasks themselves. The pure functions of `study.results`,
+    `study.budget` and `study.accuracy` make the JSON objects of its parts."""
     lay, cfg = study.layout, study.cfg
     domains, combos, seeds = lay.names, lay.combos, lay.seeds
     runs = plan.trainings
@@ -432,17 +444,8 @@ def aggregate(
     base_eval = evals[(None, names.BASE)]
     seed_evals = [{n: r for (s, n), r in evals.items() if s == seed} for seed in seeds]
     predictors = _predictors(plan, results, domains, combos, seed_evals, base_eval)
-    pairs = {
-        s: similarity_matrix({n: read_adapter(runs[s].single(n).path).modules for n in domains})
-        for s in seeds
-    }
     methods = ["sum", *lay.methods]
-    per_seed = [
-        seed_rows(
-            domains, combos, pairs[seed], ev, base_eval, methods, predictors[seed], lay.routes
-        )
-        for seed, ev in zip(seeds, seed_evals, strict=True)
-    ]
+    pairs, per_seed = _per_seed(lay, plan, seed_evals, base_eval, predictors, methods)
     rows = [
         aggregate_combination(combo, [r[i] for r in per_seed], seeds)
         for i, combo in enumerate(combos)
@@ -454,51 +457,69 @@ def aggregate(
         for seed in seeds
     }  # fmt: skip
     first = runs[seeds[0]]
-    summary = {
-        "lorasum_version": __version__,
-        "preset": cfg.preset,
-        "model": lay.model,
-        "domains": lay.domain_sources,
-        "seeds": seeds,
-        "seed_per_domain": lay.seed_per_domain,
-        "max_order": cfg.max_order,
-        "sample": _sample(lay),
-        "config": cfg.to_dict(),
-        "train_config": {k: v for k, v in asdict(lay.base_cfg).items() if k not in ("data", "seed")},
-        "budget": _budget(plan, results),
-        "data": {n: s.fingerprint() for n, s in lay.sources.items()},
-        "base": {"per_domain": {d: base_eval["per_dataset"][d]["perplexity"] for d in domains}},
-        "singles": _singles(domains, seeds, seed_evals, metrics),
-        "merged_training": {
+    base = {"per_domain": {d: base_eval["per_dataset"][d]["perplexity"] for d in domains}}
+    accuracy = _accuracy(lay, rows, seed_evals, evals, methods) if lay.accuracy else None
+    if accuracy:
+        base["accuracy"] = accuracy["base"]
+    return Results(
+        lorasum_version=__version__,
+        preset=cfg.preset,
+        model=lay.model,
+        domains=lay.domain_sources,
+        seeds=seeds,
+        seed_per_domain=lay.seed_per_domain,
+        max_order=cfg.max_order,
+        sample=_sample(lay),
+        config=cfg.to_dict(),
+        train_config={k: v for k, v in asdict(lay.base_cfg).items() if k not in ("data", "seed")},
+        budget=_budget(plan, results),
+        data={n: s.fingerprint() for n, s in lay.sources.items()},
+        base=Base.from_dict(base),
+        singles=_singles(domains, seeds, seed_evals, metrics),
+        merged_training={
             t.name: [metrics[s][t.name] for s in seeds] for t in first.tasks if not t.single
         },
-        "pairs": [{"seed": s, **p} for s in seeds for p in pairs[s]],
-        "combinations": rows,
-        "cross_domain": cross_domain(domains, seed_evals, base_eval) if cfg.cross_domain else None,
+        pairs=[Pair.from_dict({"seed": s, **p}) for s in seeds for p in pairs[s]],
+        combinations=[Combination.from_dict(r) for r in rows],
+        cross_domain=cross_domain(domains, seed_evals, base_eval) if cfg.cross_domain else None,
         # every (combination, seed) is a point; with one seed that is one point per combination
-        "correlation": correlation([x for x, _ in points], [y for _, y in points]),
-        "correlation_of_means": correlation(
-            [r["rms_cosine"] for r in rows], [r["delta_pct"] for r in rows]
+        correlation=Correlation.from_dict(correlation([x for x, _ in points], [y for _, y in points])),
+        correlation_of_means=Correlation.from_dict(
+            correlation([r["rms_cosine"] for r in rows], [r["delta_pct"] for r in rows])
         ),
-        "statistics": statistics(rows),
-        "prediction": loo_prediction(rows),
+        statistics=statistics(rows),
+        prediction=loo_prediction(rows),
         # the same predictors against the sum vs each domain's own adapter (Δ%'s first factor)
-        "prediction_vs_singles": loo_prediction(rows, "delta_vs_singles_pct"),
-        "paper_comparison": paper_comparison(rows, lay.model, study.identity["train"]),
-        "train_curves": train_curves(lay.out, seeds, [first.single(n).name for n in domains] + [first.merged(c).name for c in combos]),
-        "training_budget": budget_summary(
+        prediction_vs_singles=loo_prediction(rows, "delta_vs_singles_pct"),
+        paper_comparison=paper_comparison(rows, lay.model, study.identity["train"]),
+        train_curves=train_curves(lay.out, seeds, [first.single(n).name for n in domains] + [first.merged(c).name for c in combos]),
+        training_budget=TrainingBudget.from_dict(budget_summary(
             cfg.budget, BUDGETS[cfg.budget], combos,
             {c: [t.name for t in first.singles_of(c)] for c in combos}, metrics,
-        ),
-        "snapshots": _snapshots(lay, plan, seed_evals, metrics) if lay.snapshot_epochs else None,
-        "wall_seconds": wall,
-    }  # fmt: skip
-    if lay.accuracy:
-        base_acc = evals[(None, names.accuracy_name(names.BASE))]
-        _accuracy(summary, rows, per_seed_accuracy(lay, seed_evals, base_acc, methods), base_acc)
-    timings = _timings(plan, results, ran)
-    summary["manifest"] = manifest(seeds, lay.sources, device, workers, timings, wall)
-    return summary
+        )),
+        snapshots=_snapshots(lay, plan, seed_evals, metrics) if lay.snapshot_epochs else None,
+        wall_seconds=wall,
+        accuracy=AccuracySummary.from_dict(accuracy["summary"]) if accuracy else None,
+        prediction_vs_accuracy=accuracy["prediction"] if accuracy else None,
+        manifest=manifest(seeds, lay.sources, device, workers, _timings(plan, results, ran), wall),
+    )  # fmt: skip
+
+
+def _per_seed(
+    lay: StudyLayout, plan: Plan, seed_evals: list[dict], base_eval: dict, predictors, methods
+) -> tuple[dict, list[list[dict]]]:
+    """Per seed: its single adapters compared pairwise (`similarity_matrix`) and its rows, one
+    per combination (`seed_rows`)."""
+    domains, runs = lay.names, plan.trainings
+    pairs = {
+        s: similarity_matrix({n: read_adapter(runs[s].single(n).path).modules for n in domains})
+        for s in lay.seeds
+    }
+    per_seed = [
+        seed_rows(domains, lay.combos, pairs[s], ev, base_eval, methods, predictors[s], lay.routes)
+        for s, ev in zip(lay.seeds, seed_evals, strict=True)
+    ]
+    return pairs, per_seed
 
 
 def per_seed_accuracy(
@@ -512,17 +533,24 @@ def per_seed_accuracy(
     ]
 
 
-def _accuracy(summary: dict, rows: list[dict], per_combo: list, base: dict) -> None:
-    """Accuracy into results.json: each combination's and method's (`add_accuracy`), the
-    study-wide comparison with perplexity, and the predictors' leave-one-out fit of the sum's
-    Δ accuracy."""
+def _accuracy(
+    lay: StudyLayout, rows: list[dict], seed_evals: list[dict], evals: dict, methods: list[str]
+) -> dict:
+    """Accuracy for results.json: each combination's and method's, put into ``rows``
+    (`add_accuracy`); returns the study-wide comparison with perplexity (``summary``), the
+    predictors' leave-one-out fit of the sum's Δ accuracy (``prediction``) and the base
+    model's accuracy per domain (``base``)."""
     from lorasum.accuracy import DEFAULT_MAX_NEW_TOKENS
 
+    base = evals[(None, names.accuracy_name(names.BASE))]
+    per_combo = per_seed_accuracy(lay, seed_evals, base, methods)
     for row, per_seed in zip(rows, per_combo, strict=True):
         add_accuracy(row, per_seed)
-    summary["accuracy"] = study_accuracy(rows, base, DEFAULT_MAX_NEW_TOKENS)
-    summary["base"]["accuracy"] = {d: base["per_dataset"][d] for d in summary["domains"]}
-    summary["prediction_vs_accuracy"] = loo_prediction(rows, "delta_acc_pts")
+    return {
+        "summary": study_accuracy(rows, base, DEFAULT_MAX_NEW_TOKENS),
+        "prediction": loo_prediction(rows, "delta_acc_pts"),
+        "base": {d: base["per_dataset"][d] for d in lay.domain_sources},
+    }
 
 
 def _sample(lay: StudyLayout) -> dict | None:
@@ -558,7 +586,7 @@ def _predictors(plan: Plan, results: dict, domains, combos, seed_evals, base_eva
     return out
 
 
-def _snapshots(lay: StudyLayout, plan: Plan, seed_evals: list[dict], metrics: dict) -> dict:
+def _snapshots(lay: StudyLayout, plan: Plan, seed_evals: list[dict], metrics: dict) -> Snapshots:
     """Δ% along the runs: each snapshot's step per training, from the trainings themselves."""
     epochs = lay.snapshot_epochs
     seed_steps = {}
@@ -571,11 +599,13 @@ def _snapshots(lay: StudyLayout, plan: Plan, seed_evals: list[dict], metrics: di
         seed_steps[seed] = steps
     methods = snapshot_methods(lay)
     evals = dict(zip(lay.seeds, seed_evals, strict=True))
-    return {
-        "epochs": list(epochs),
-        "methods": methods,
-        "combinations": snapshot_summary(lay.combos, epochs, evals, seed_steps, methods),
-    }
+    return Snapshots.from_dict(
+        {
+            "epochs": list(epochs),
+            "methods": methods,
+            "combinations": snapshot_summary(lay.combos, epochs, evals, seed_steps, methods),
+        }
+    )
 
 
 def _budget(plan: Plan, results: dict) -> dict:
@@ -593,17 +623,17 @@ def _budget(plan: Plan, results: dict) -> dict:
     }
 
 
-def _singles(domains, seeds, seed_evals, metrics) -> dict:
+def _singles(domains, seeds, seed_evals, metrics) -> dict[str, Single]:
     """Each domain's own single adapter: perplexity on its test rows (mean over seeds) and its
     training metrics per seed."""
     out = {}
     for d in domains:
         own = [ev[names.single_eval_name(d)]["per_dataset"][d] for ev in seed_evals]
-        out[d] = {
-            "perplexity": mean([p["perplexity"] for p in own]),
-            "tokens": own[0]["tokens"],
-            "train": [metrics[s][names.single_name(d)] for s in seeds],
-        }
+        out[d] = Single(
+            perplexity=mean([p["perplexity"] for p in own]),
+            tokens=own[0]["tokens"],
+            train=[metrics[s][names.single_name(d)] for s in seeds],
+        )
     return out
 
 
