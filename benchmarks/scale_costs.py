@@ -141,32 +141,24 @@ def render_projection(grid: cost.Grid = PROJECTED, tokens_per_row: float = TOKEN
         f"per domain, {tokens_per_row} tokens per row, {grid.epochs:g} epoch(s)",
         f"hardware: {hw.name}, dense {hw.peak_bf16 / 1e12:.0f} TFLOP/s BF16, "
         f"{hw.peak_fp32 / 1e12:.0f} FP32, {hw.peak_fp64 / 1e12:.0f} FP64 Tensor Core; "
-        f"MFU {hw.mfu:.0%}; compositions 10 s each",
+        f"MFU {hw.mfu:.0%}; compositions and predictors units 10 s each",
     ]
     lora, full = cost.Model(), cost.Model(train_flops=6.0)
     variants = [
-        ("training 4P; data predictors as the study runs them (256 MiB groups, one unit)",
-         grid, lora, cost.DEFAULT_MAX_BYTES, False),
-        ("training 6P; the same", grid, full, cost.DEFAULT_MAX_BYTES, False),
-        ("training 4P; data predictors in one pass (32 GiB groups), one unit per domain",
-         grid, lora, ONE_PASS, True),
-        ("training 6P; the same", grid, full, ONE_PASS, True),
+        ("training 4P; gradients as the study runs them (256 MiB groups, one unit per domain)",
+         grid, lora, cost.DEFAULT_MAX_BYTES),
+        ("training 6P; the same", grid, full, cost.DEFAULT_MAX_BYTES),
+        ("training 4P; gradients in one pass (32 GiB groups; not built), one unit per domain",
+         grid, lora, ONE_PASS),
+        ("training 6P; the same", grid, full, ONE_PASS),
         ("training 4P; predictors off (regmean_rescaled still calibrates)",
-         replace(grid, predictors=False), lora, ONE_PASS, False),
-        ("training 6P; the same", replace(grid, predictors=False), full, ONE_PASS, False),
+         replace(grid, predictors=False), lora, ONE_PASS),
+        ("training 6P; the same", replace(grid, predictors=False), full, ONE_PASS),
     ]  # fmt: skip
     summary = ["| reading | GPU-hours | wall on 8 GPUs (h) | wall on 64 GPUs (h) |", "|---|---:|---:|---:|"]  # fmt: skip
-    for i, (label, g, model, max_bytes, split) in enumerate(variants):
+    for i, (label, g, model, max_bytes) in enumerate(variants):
         p8, p64 = (
-            cost.projection(
-                g,
-                tokens_per_row,
-                n,
-                model,
-                hw,
-                gradient_max_bytes=max_bytes,
-                split_data_predictors=split,
-            )  # fmt: skip
+            cost.projection(g, tokens_per_row, n, model, hw, gradient_max_bytes=max_bytes)
             for n in (8, 64)
         )
         if i == 0:

@@ -11,7 +11,13 @@ from conftest import make_qa, write_jsonl
 from lorasum.study import cost
 from lorasum.study.plan import plan_study
 from lorasum.study.reproduce import reproduce, resolve
-from lorasum.study.tasks import CalibrateTask, DataPredictorsTask, FitTask, TrainTask
+from lorasum.study.tasks import (
+    CalibrateTask,
+    DataPredictorsTask,
+    DomainGradientsTask,
+    FitTask,
+    TrainTask,
+)
 
 # (domains, settings): tiny studies of 3 and 4 domains, orders 1…3 (max_order 2 … all), 1–2
 # seeds, with and without calibrating methods, cross-domain, variants, predictors, budgets
@@ -113,8 +119,13 @@ def test_tokens_equal_the_plans_rows_at_max_length(tiny_llama, four_domains, tmp
             rows = sum(min(opts["rows"], len(s.splits["val"])) for s in t.val_sources)
             fits.append(rows * opts["epochs"] * ml)
     assert tokens.get("fit", {}).get("total", 0) == pytest.approx(sum(fits))
-    data = [t.cost() * 1000 / 3 for t in tasks if isinstance(t, DataPredictorsTask)]
-    assert tokens.get("predictors", {}).get("total", 0) == pytest.approx(sum(data))
+    data = [t.cost() * 1000 / 3 for t in tasks if isinstance(t, DomainGradientsTask)]
+    assert tokens.get("gradients", {}).get("total", 0) == pytest.approx(sum(data))
+    if data:  # one unit per domain: the longest is one domain's rows
+        assert tokens["gradients"]["largest"] == pytest.approx(max(data))
+        (combine,) = [t for t in tasks if isinstance(t, DataPredictorsTask)]
+        assert set(combine.dependencies()) == {t for t in tasks if isinstance(t, DomainGradientsTask)}  # fmt: skip
+    assert "predictors" not in tokens  # they compare saved statistics
 
 
 @pytest.mark.parametrize("rows", [8, 9, 13, 16])
@@ -142,13 +153,33 @@ def test_projection_adds_phases_and_scales_with_gpus():
     for max_bytes, passes in ((2**40, 1), (2**30, math.ceil(4 * adapted / 2**30))):
         p = cost.projection(grid, 100, 1, model, hw, gradient_max_bytes=max_bytes)
         per_token = passes * 4e9 + 2 * adapted
-        assert p["gpu_hours"]["predictors"] == pytest.approx(
+        assert p["gpu_hours"]["gradients"] == pytest.approx(
             20 * 1000 * 100 * per_token / 1e14 / 3600
         )
+        # one unit per domain: the longest is a twentieth of the work
+        assert p["longest_unit_hours"]["gradients"] == pytest.approx(p["gpu_hours"]["gradients"] / 20)  # fmt: skip
     assert one["gpu_hours"]["calibrate"] == pytest.approx(calib)
-    assert one["gpu_hours"]["compose"] == pytest.approx(one["units"]["compose"] * 2 / 3600)
+    for kind in ("compose", "predictors"):  # no tokens: 2 s each
+        assert one["gpu_hours"][kind] == pytest.approx(one["units"][kind] * 2 / 3600)
     # on one GPU the wall time is the work; with unbounded GPUs, the longest unit per phase
     assert one["wall_hours"] == pytest.approx(one["gpu_hours_total"])
     longest = many["longest_unit_hours"]
     phases = [max(longest[k] for k in p if k in longest) for p in cost.PHASES]
     assert many["wall_hours"] == pytest.approx(sum(phases))
+
+
+@pytest.mark.parametrize("domains", [2, 5, 20, 40])
+def test_gradients_units_scale_with_the_domains_not_the_pairs(domains):
+    """N gradients units and N domains' rows of tokens, whatever the order and seeds; one unit
+    of the data's predictors and one per seed; none without the predictors."""
+    for order, seeds in ((2, 1), (3, 3), (None, 2)):
+        if order is None and domains > 5:
+            continue  # every order of 20 domains: 10⁶ combinations, the counts alone
+        grid = cost.Grid(domains=domains, max_order=order, seeds=seeds, train_rows=50)
+        units, tokens = cost.unit_counts(grid), cost.token_counts(grid, 10)
+        assert units["gradients"] == domains
+        assert units["predictors"] == seeds + 1
+        assert tokens["gradients"] == {"total": domains * 50 * 10, "largest": 50 * 10}
+        off = cost.Grid(domains=domains, max_order=order, seeds=seeds, predictors=False)
+        assert "gradients" not in cost.unit_counts(off)
+        assert "gradients" not in cost.token_counts(off, 10)

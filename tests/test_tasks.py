@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from conftest import make_qa, write_jsonl
 
+import lorasum.analysis.gradients as gradients
 import lorasum.study.executors as executors
 from lorasum._version import __version__
 from lorasum.io import read_json
@@ -31,6 +32,8 @@ from lorasum.study.plan import plan_study
 from lorasum.study.reproduce import reproduce, resolve
 from lorasum.study.tasks import (
     AdapterTask,
+    DataPredictorsTask,
+    DomainGradientsTask,
     EvalTask,
     FittedTask,
     Task,
@@ -164,22 +167,37 @@ def test_a_study_of_the_string_based_units_is_reused_whole(
     _share_caches(monkeypatch, home)
 
     plan = plan_study(resolve(out, "tiny", None, settings, False).layout)
-    # the same units in the same order: ids, outputs, inputs, cost, resources, labels
-    assert [t.id for t in plan.tasks] == list(legacy)
+    # the same units in the same order: ids, outputs, inputs, cost, resources, labels; besides
+    # them, a unit per domain for its gradients (`DomainGradientsTask`, new since), which the
+    # data's predictors now read instead of computing them (their key is kept)
+    added = plan.of_type(DomainGradientsTask)
+    assert [t.id for t in plan.tasks if t not in added] == list(legacy)
+    assert len(added) == (len(settings["domains"]) if settings["predictors"] else 0)
     for t in plan.tasks:
+        if t in added:
+            continue
         old = legacy[t.id]
         assert t.kind == old["kind"], t.id
         assert t.key() == old["key"], t.id  # the cache key, byte for byte
         assert (None if t.output() is None else str(t.output())) == old["output"], t.id
+        if isinstance(t, DataPredictorsTask):  # a comparison of its per-domain inputs now
+            assert (old["deps"], t.dependencies()) == ([], tuple(added))
+            assert t.cost() < old["cost"]
+            assert (t.resources().memory_gb, t.label) == (old["memory_gb"], old["label"])
+            continue
         assert [d.id for d in t.dependencies()] == old["deps"], t.id
         assert (t.cost(), t.resources().memory_gb, t.label) == (old["cost"], old["memory_gb"], old["label"])  # fmt: skip
     assert {type(t).__name__ for t in plan.tasks} >= {"TrainTask", "EvalTask"}
 
     ran: list[str] = []
-    run = executors.run_task
+    passes: list[list[str]] = []
+    run, sums = executors.run_task, gradients.gradient_sums
     monkeypatch.setattr(executors, "run_task", lambda t, m, tok: (ran.append(t.id), run(t, m, tok))[1])  # fmt: skip
+    monkeypatch.setattr(gradients, "gradient_sums", lambda *a: (passes.append(a[2]), sums(*a))[1])  # fmt: skip
     reproduce(out, preset="tiny", progress=False, **settings)
-    assert ran == []  # every unit reused
+    # every unit reused; the per-domain units copy the statistics the legacy run cached in
+    # $LORASUM_HOME/gradients (the same key there): no gradient is computed again
+    assert ran == [t.id for t in added] and passes == []
     # the legacy file is version 1 of results.json: migrated, it has what the current version
     # adds (schema_version, domain lists beside joined combination names) where a study writes it
     old, new = _numbers(upgrade(before)), _numbers(read_json(out / "results.json"))

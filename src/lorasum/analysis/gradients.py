@@ -31,6 +31,10 @@ How it is computed (factored, memory-bounded):
   not only the inner products, lets a domain computed once be compared with any domain later;
   `gradient_cosines` reads one module of every domain at a time (N × one module in memory).
   A freshly computed G is used as stored (fp32), so results do not depend on the cache.
+- **a study's copy**: `place_gradients` copies a domain's files into another directory of
+  the same format, under the key of whoever places them; `read_gradients` reads either. A
+  study keeps each domain's statistics in its own directory (`lorasum.study.tasks.gradients`),
+  on the storage its nodes share.
 
 The same passes give each domain's base loss (mean answer-token NLL of the base model on its
 training rows), another adapter-free predictor.
@@ -59,6 +63,9 @@ DEFAULT_MAX_BYTES = 256 * 2**20
 # benchmarks/gradient_predictors.py)
 DEFAULT_BATCH_SIZE = 4
 FILE_PREFIX = "grad-"
+# of this file's statistics: in the cache's key and a study's gradients units' (the unit that
+# compares them keeps its older key and sees a new definition through the lorasum version)
+STATISTICS_VERSION = 1
 _ACC = torch.float64
 
 
@@ -211,12 +218,14 @@ def gradient_key(source: Source, model_spec: str, max_length: int, modules: Sequ
             "max_length": max_length,
             "modules": sorted(modules),
             "loss": "answer-only token-weighted NLL",
-            "version": 1,  # of this file's statistics
+            "version": STATISTICS_VERSION,
         }
     )
 
 
-def _read_cached(path: Path, key: str) -> DomainGradients | None:
+def read_gradients(path: Path, key: str) -> DomainGradients | None:
+    """The statistics in ``path`` (a cache or a study's directory) when its marker holds
+    ``key`` and every file is there, else None."""
     from lorasum.io import MARKER, read_json
 
     try:
@@ -266,7 +275,7 @@ def domain_gradients(
     key = gradient_key(source, model_spec, max_length, modules)
     path = Path(cache_dir or lorasum_home() / "gradients") / f"{FILE_PREFIX}{key}"
     if cache:
-        found = _read_cached(path, key)
+        found = read_gradients(path, key)
         if found is not None:
             return found
     items = tokenize_cached(tokenizer, [source], "train", max_length)
@@ -318,6 +327,36 @@ def _meta(out: DomainGradients, path: Path) -> dict:
         "loss": out.loss,
         "info": out.info,
     }
+
+
+def place_gradients(found: DomainGradients, dest: Path, key: str) -> DomainGradients:
+    """``found``'s files (statistics held in a cache directory) copied into ``dest``
+    atomically, its marker written with ``key`` (and ``found``'s own key as
+    ``info.gradient_key``): the same statistics, now read from ``dest``. Copies, not hard
+    links: damage to one copy (which a study's ledger detects and recomputes) must not reach
+    the other."""
+    import shutil
+
+    from lorasum.io import MARKER, atomic_dir, write_json
+
+    if any(f is None for f in found.files.values()):
+        raise ValueError("place_gradients needs statistics held in files (cache=True)")
+    dest = Path(dest)
+    sources = {f.name: f for f in found.files.values()}  # group file name -> the cached file
+    placed = DomainGradients(
+        modules=found.modules,
+        files={m: dest / f.name for m, f in found.files.items()},
+        tokens=found.tokens,
+        loss=found.loss,
+        key=key,
+        info={**found.info, "gradient_key": found.key},
+        computed=found.computed,
+    )
+    with atomic_dir(dest) as tmp:
+        for name, src in sources.items():
+            shutil.copyfile(src, tmp / name)
+        write_json(tmp / MARKER, _meta(placed, dest))  # last: a directory with it is complete
+    return placed
 
 
 # --- comparing domains -----------------------------------------------------------------------

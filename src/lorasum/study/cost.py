@@ -10,7 +10,9 @@ for N domains, combinations of orders 2 … K, S seeds and M methods besides the
 
 per seed: A + C trainings; 1 + N + 2C + V + M·C evaluations (+1 for the base model, once);
 C + V + (M − [calibrated]) · C compositions; C fits of `calibrated`; A calibrations where a
-method or the predictors need them; one predictors unit (+1 of the data, once); snapshots add
+method or the predictors need them; one predictors unit; with the predictors, once per study,
+N gradients units (one per domain) and the unit of the data's predictors that compares them;
+snapshots add
 per extra snapshot epoch C merged evaluations and C compositions + C evaluations per data-free
 method (and the sum).
 
@@ -117,8 +119,9 @@ def unit_counts(grid: Grid) -> dict[str, int]:
         "fit": fitted * c,
         "predictors": int(grid.predictors),
     }
-    once = {"eval": 1, "predictors": int(grid.predictors)}  # the base model; the data's
-    counts = {k: per_seed[k] * s + once.get(k, 0) for k in KINDS}
+    # the base model's evaluation; each domain's gradients and the data's predictors
+    once = {"eval": 1, "gradients": n * grid.predictors, "predictors": int(grid.predictors)}
+    counts = {k: per_seed.get(k, 0) * s + once.get(k, 0) for k in KINDS}
     return {k: v for k, v in counts.items() if v}
 
 
@@ -161,8 +164,9 @@ def token_counts(grid: Grid, tokens_per_row: float) -> dict[str, dict[str, float
     forward only. A calibration reads its domain's training rows, once per domain (the
     statistics are cached per domain: the other seeds' and step counts' calibrate units read
     the cache); fits read at most
-    ``calibrated_fraction`` of their merged-data training's tokens; the data predictors take
-    one gradient over every domain's training rows. Compositions process no tokens."""
+    ``calibrated_fraction`` of their merged-data training's tokens; a gradients unit takes one
+    gradient over its domain's training rows. Compositions and predictors (which compare saved
+    statistics) process no tokens."""
     counts = unit_counts(grid)
     out: dict[str, dict[str, float]] = {}
     for kind, rows in (("train", train_rows(grid)), ("eval", eval_rows(grid))):
@@ -185,9 +189,8 @@ def token_counts(grid: Grid, tokens_per_row: float) -> dict[str, dict[str, float
             per_combo += [(k * rows * grid.learned_epochs * tokens_per_row, grid.combinations(k)) for k in orders]  # fmt: skip
         total = sum(t * c for t, c in per_combo) * grid.seeds
         out["fit"] = {"total": total, "largest": max(t for t, _ in per_combo)}
-    if grid.predictors:
-        data = grid.domains * per_domain
-        out["predictors"] = {"total": data, "largest": data}
+    if counts.get("gradients"):  # one unit per domain
+        out["gradients"] = {"total": grid.domains * per_domain, "largest": per_domain}
     return out
 
 
@@ -218,7 +221,7 @@ class Model:
         return self.layers * (4 * self.d_model**2 + self.d_model * self.d_ff)
 
     def gradient_flops(self, max_bytes: int) -> float:
-        """FLOP per token of the data predictors (`lorasum.analysis.gradients`): one forward +
+        """FLOP per token of a gradients unit (`lorasum.analysis.gradients`): one forward +
         activation-gradient backward (4P) per module group whose fp32 sums fit ``max_bytes``
         (at least ⌈4·target_params / max_bytes⌉ groups), plus each module's δᵀx (2 FLOP per
         adapted weight)."""
@@ -233,8 +236,11 @@ class Model:
 
 
 # Units that run the base model as loaded (fp32 weights, no autocast): calibrations (the
-# statistics are fp32 forward passes) and the data predictors (fp32 gradients).
-FP32_KINDS = ("calibrate", "predictors")
+# statistics are fp32 forward passes) and the domains' gradients (fp32).
+FP32_KINDS = ("calibrate", "gradients")
+# Units that process no tokens: they read saved factors or statistics (`projection` gives
+# each a fixed number of seconds).
+TOKENLESS_KINDS = ("compose", "predictors")
 
 
 def kind_seconds(
@@ -242,8 +248,8 @@ def kind_seconds(
 ) -> float:
     """GPU-seconds of ``tokens`` processed by a unit of ``kind``: its model FLOPs at the BF16
     peak (FP32 for `FP32_KINDS`), plus a calibration's FP64 Gram products at the FP64 peak.
-    ``max_bytes``: the data predictors' memory bound per module group."""
-    flops = {"train": model.train_flops * model.params, "predictors": model.gradient_flops(max_bytes)}  # fmt: skip
+    ``max_bytes``: the gradients units' memory bound per module group."""
+    flops = {"train": model.train_flops * model.params, "gradients": model.gradient_flops(max_bytes)}  # fmt: skip
     peak = hw.peak_fp32 if kind in FP32_KINDS else hw.peak_bf16
     seconds = tokens * flops.get(kind, 2.0 * model.params) / (peak * hw.mfu)
     if kind == "calibrate":
@@ -251,7 +257,7 @@ def kind_seconds(
     return seconds
 
 
-PHASES = (("train", "predictors"), ("calibrate",), ("compose", "fit", "eval"))
+PHASES = (("train", "gradients"), ("calibrate",), ("compose", "fit", "eval", "predictors"))
 
 
 def projection(
@@ -262,29 +268,26 @@ def projection(
     hw: Hardware = Hardware(),
     compose_seconds: float = 10.0,
     gradient_max_bytes: int = DEFAULT_MAX_BYTES,
-    split_data_predictors: bool = False,
 ) -> dict:
     """GPU-hours per kind and wall hours on ``gpus`` GPUs (one unit per GPU at a time).
 
-    Wall time follows the dependencies: trainings (and the data predictors) first, then the
-    calibrations, then compositions, fits and evaluations; units of one phase are independent,
-    so a phase takes max(its GPU-seconds / G, its longest unit) — the ideal list schedule
-    (Graham's bound adds at most one longest unit per phase). ``compose_seconds``: seconds of
-    one composition (LoRA factors only; no tokens), an assumption; ``gradient_max_bytes``: the
-    data predictors' bound on one module group's gradient sums (the study's default today);
-    ``split_data_predictors``: as if the data predictors were one unit per domain (today they
-    are one unit: every domain's gradients in one process)."""
+    Wall time follows the dependencies: trainings and the domains' gradients first, then the
+    calibrations, then compositions, fits, evaluations and predictors; units of one phase are
+    independent, so a phase takes max(its GPU-seconds / G, its longest unit) — the ideal list
+    schedule (Graham's bound adds at most one longest unit per phase). ``compose_seconds``:
+    seconds of one composition (LoRA factors only; no tokens), an assumption, also taken for
+    a predictors unit (it compares saved statistics); ``gradient_max_bytes``: the gradients
+    units' bound on one module group's gradient sums (the study's default today)."""
     counts = unit_counts(grid)
     tokens = token_counts(grid, tokens_per_row)
     gpu_s, longest = {}, {}
     for kind, n in counts.items():
-        if kind == "compose":
+        if kind in TOKENLESS_KINDS:
             gpu_s[kind], longest[kind] = n * compose_seconds, compose_seconds
         else:
             t = tokens[kind]
             gpu_s[kind] = kind_seconds(kind, t["total"], model, hw, gradient_max_bytes)
-            largest = t["largest"] / grid.domains if kind == "predictors" and split_data_predictors else t["largest"]  # fmt: skip
-            longest[kind] = kind_seconds(kind, largest, model, hw, gradient_max_bytes)
+            longest[kind] = kind_seconds(kind, t["largest"], model, hw, gradient_max_bytes)
     wall = 0.0
     for phase in PHASES:
         kinds = [k for k in phase if k in counts]

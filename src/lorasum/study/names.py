@@ -15,6 +15,7 @@ only ever built from their parts (domains, a method, epochs); nothing parses one
     snap-0.5ep-<name>              the same at a snapshot along the runs
     acc-<name>                     the accuracy twin of an evaluation
     calibrate-arith                a single adapter's input statistics
+    gradients-arith                a domain's mean gradients at the base model (seed-free)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ BASE = "base"  # the base model's evaluation
 PREDICTORS = "predictors"  # a seed's activation-space predictors
 DATA_PREDICTORS = "data-predictors"  # the study's adapter-free predictors
 ACCURACY_PREFIX = "acc-"
+GRADIENTS_DIR = "gradients"  # under the study directory: one directory per domain
 
 
 def single_name(domain: str, steps: int | None = None) -> str:
@@ -83,3 +85,8 @@ def accuracy_name(name: str) -> str:
 
 def calibration_name(single: str) -> str:
     return f"calibrate-{single}"
+
+
+def gradients_name(domain: str) -> str:
+    """A domain's gradient statistics (the unit; its directory is ``gradients/<domain>``)."""
+    return f"gradients-{domain}"

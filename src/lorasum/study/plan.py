@@ -36,6 +36,7 @@ from lorasum.study.tasks import (
     CalibrateTask,
     ComposeTask,
     DataPredictorsTask,
+    DomainGradientsTask,
     EvalTask,
     FitTask,
     MergeAwareTask,
@@ -244,18 +245,32 @@ def snapshot_dir(lay: StudyLayout, run: TrainTask, epochs: float) -> Path:
     return run.snapshot_dir(step_at(lay.base_cfg, lay.train_rows(run.domains), epochs))
 
 
+def _data_predictor_tasks(lay: StudyLayout) -> list[Task]:
+    """One gradients unit per domain of the combinations (seed independent, in the study
+    directory) and the unit that compares them into the adapter-free predictors."""
+    used = [n for n in lay.names if any(n in c for c in lay.combos)]
+    grads = tuple(
+        DomainGradientsTask(
+            seed=None, domain=n, source=lay.sources[n], model_spec=lay.model,
+            max_length=lay.base_cfg.max_length, path=lay.out / names.GRADIENTS_DIR / n,
+        )
+        for n in used
+    )  # fmt: skip
+    combine = DataPredictorsTask(
+        seed=None, model_spec=lay.model, sources=lay.sources, gradients=grads,
+        combos=tuple(lay.combos), max_length=lay.base_cfg.max_length,
+        path=lay.out / "data_predictors.json",
+    )  # fmt: skip
+    return [*grads, combine]
+
+
 def plan_study(lay: StudyLayout) -> Plan:
     """Every task of the study, in dependency order (a task after the tasks it reads)."""
     runs = {seed: Trainings(lay, seed) for seed in lay.seeds}
     tasks: list[Task] = [t for seed in lay.seeds for t in runs[seed].tasks]
     tasks += _evaluations(lay, None, None, lay.names, unit_key=f"base:{lay.model}")
     if lay.predictors:
-        tasks.append(
-            DataPredictorsTask(
-                seed=None, model_spec=lay.model, sources=lay.sources, combos=tuple(lay.combos),
-                max_length=lay.base_cfg.max_length, path=lay.out / "data_predictors.json",
-            )
-        )  # fmt: skip
+        tasks += _data_predictor_tasks(lay)
     for seed in lay.seeds:
         tasks += _seed_tasks(lay, seed, runs[seed])
     return Plan(tasks, runs)

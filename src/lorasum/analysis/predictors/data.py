@@ -11,8 +11,10 @@ model and each domain's training rows (`lorasum.analysis.gradients`; needs base 
   of the base model's answer-token loss (mean NLL) on their training rows.
 
 `lorasum predict --domains` (`lorasum.analysis.predict.predict_domains`) computes them for
-named domains; `DATA` is the registered family (the study's data-predictors unit, one per study:
-seed independent).
+named domains; `DATA` is the registered family. A study computes each domain's statistics in a
+unit of its own and its data-predictors unit (one per study: seed independent) combines them:
+given ``PredictorInputs.gradients``, `compute_data` only compares the saved statistics
+(`from_gradients`), with the same numbers as computing them here.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 from lorasum.analysis.gradients import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_BYTES,
+    DomainGradients,
     domain_gradients,
     gradient_cosines,
     target_module_names,
@@ -95,6 +98,29 @@ def gradient_statistics(
     return out
 
 
+def used_domains(combos: Sequence[Sequence[str]]) -> list[str]:
+    """The domains of ``combos``, each once, in their order of first appearance."""
+    return list(dict.fromkeys(d for c in combos for d in c))
+
+
+def combinations_of(stats: dict, combos) -> dict[str, dict[str, float]]:
+    """combination name -> `combination_values` of the pairwise statistics ``stats``."""
+    return {combo_name(c): combination_values(stats, c) for c in combos}
+
+
+def from_gradients(
+    grads: Mapping[str, DomainGradients], combos: Sequence[Sequence[str]]
+) -> dict[str, dict[str, float]]:
+    """The `DATA` family's values from each domain's statistics already computed (a study's
+    per-domain units): the same comparison, over the same domains in the same order, as
+    `data_predictors` makes after computing them."""
+    used = used_domains(combos)
+    missing = [d for d in used if d not in grads]
+    if missing:
+        raise LorasumError(f"no gradient statistics for domain(s) {', '.join(missing)}")
+    return combinations_of(gradient_cosines({d: grads[d] for d in used}), combos)
+
+
 def data_predictors(
     model,
     tokenizer,
@@ -111,18 +137,21 @@ def data_predictors(
     of `gradient_statistics` (model_spec, batch_size, max_bytes, cache_dir, cache). Seed
     independent: the same for every training seed of a study.
     """
-    used = list(dict.fromkeys(d for c in combos for d in c))
+    used = used_domains(combos)
     missing = [d for d in used if d not in sources]
     if missing:
         raise LorasumError(f"no data source for domain(s) {', '.join(missing)}")
     stats = gradient_statistics(
         model, tokenizer, {d: sources[d] for d in used}, max_length, target_modules, **options
     )
-    return {combo_name(c): combination_values(stats, c) for c in combos}
+    return combinations_of(stats, combos)
 
 
 def compute_data(inputs: PredictorInputs, combos) -> dict[str, dict[str, float | None]]:
-    """`data_predictors` of ``inputs`` (base model, tokenizer, sources, max length, model spec)."""
+    """`from_gradients` of ``inputs.gradients`` where given, else `data_predictors` of
+    ``inputs`` (base model, tokenizer, sources, max length, model spec)."""
+    if inputs.gradients is not None:
+        return from_gradients(inputs.gradients, combos)
     return data_predictors(
         inputs.model,
         inputs.tokenizer,

@@ -49,6 +49,10 @@ class PredictorInputs:
     """``base_model_data``: tokens per row."""
     model_spec: str | None = None
     """``base_model_data``: the base model's name, for the gradient cache's key."""
+    gradients: Mapping[str, Any] | None = None
+    """``base_model_data``, already computed: domain -> its mean gradients at the base model
+    (`lorasum.analysis.gradients.DomainGradients`, a study's per-domain units); the data
+    family compares these instead of computing them."""
     cross_domain: Mapping | None = None
     """``cross_domain``: adapter name (and "base") -> {domain: perplexity}."""
 

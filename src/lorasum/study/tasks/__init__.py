@@ -7,6 +7,7 @@ from lorasum.study.tasks.base import KINDS, AdapterTask, Resources, Task, job_co
 from lorasum.study.tasks.compose import CalibrateTask, ComposeTask, VariantTask
 from lorasum.study.tasks.evaluate import EvalTask, ScoredTask, cached_eval, eval_key
 from lorasum.study.tasks.fit import FitTask, FittedTask, MergeAwareTask, fitted_task_type
+from lorasum.study.tasks.gradients import DomainGradientsTask
 from lorasum.study.tasks.predictors import DataPredictorsTask, PredictorsTask
 from lorasum.study.tasks.routes import (
     ROUTE_TASKS,
@@ -26,6 +27,7 @@ __all__ = [
     "CalibrateTask",
     "ComposeTask",
     "DataPredictorsTask",
+    "DomainGradientsTask",
     "EvalTask",
     "FitTask",
     "FittedTask",

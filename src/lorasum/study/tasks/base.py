@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 EVAL_BATCH_SIZE = 32
 # The kinds of unit, in the order `reproduce --plan` lists them; the measured rates
 # ($LORASUM_HOME/rates.json) are per kind.
-KINDS = ("train", "eval", "calibrate", "compose", "fit", "predictors")
+KINDS = ("train", "eval", "calibrate", "gradients", "compose", "fit", "predictors")
 COMPOSE_COST_ROWS = 8  # a composition takes a few seconds: like evaluating ~8 rows
 
 
@@ -54,7 +54,9 @@ class Task(ABC):
     inputs as fields."""
 
     kind: ClassVar[str]
-    seed: int | None  # None: seed-independent (the base model's evaluation, data predictors)
+    seed: (
+        int | None
+    )  # None: seed-independent (the base model's evaluation, the data's gradients and predictors)
 
     @property
     @abstractmethod

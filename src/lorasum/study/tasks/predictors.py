@@ -1,7 +1,8 @@
 """The study's predictors of Δ%: `PredictorsTask` (per seed: activation-space predictors of its
 single adapters, from their input statistics) and `DataPredictorsTask` (per study: predictors of
-the base model and the data alone). The predictors themselves are the registered families of
-`lorasum.analysis.predictors`; these tasks only cache them in the study."""
+the base model and the data alone, from each domain's `DomainGradientsTask`). The predictors
+themselves are the registered families of `lorasum.analysis.predictors`; these tasks only cache
+them in the study."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from lorasum.models import sha256_file
 from lorasum.study import names
 from lorasum.study.tasks.base import COMPOSE_COST_ROWS, Resources, Task, job_cost, task_type
 from lorasum.study.tasks.evaluate import cached_eval
+from lorasum.study.tasks.gradients import DomainGradientsTask
 
 
 @task_type
@@ -94,12 +96,14 @@ class PredictorsTask(Task):
 @task_type
 class DataPredictorsTask(Task):
     """Predictors of the base model and the data alone (`lorasum.analysis.predictors`: the
-    domains' mean-gradient cosines, base loss): one per study, not per seed; written to
-    ``path``."""
+    domains' mean-gradient cosines, base loss): one per study, not per seed; it compares the
+    statistics its ``gradients`` units saved (one per domain of ``combos``) and writes the
+    values to ``path``."""
 
     kind = "predictors"
     model_spec: str
     sources: dict[str, Source]
+    gradients: tuple[DomainGradientsTask, ...]
     combos: tuple[tuple[str, ...], ...]
     max_length: int
     path: Path
@@ -112,18 +116,22 @@ class DataPredictorsTask(Task):
     def label(self) -> str:
         return "predictors of the data"
 
+    def dependencies(self) -> tuple[Task, ...]:
+        return self.gradients
+
     def resources(self) -> Resources:
-        return Resources(memory_gb=4.0)
+        return Resources(memory_gb=4.0)  # one module of every domain, and its float64 copy
 
     def cost(self) -> float:
-        rows = sum(len(s.splits["train"]) for s in self.sources.values())
-        return job_cost("train", rows, self.max_length)
+        return job_cost("eval", COMPOSE_COST_ROWS, self.max_length)
 
     def output(self) -> Path:
         return self.path
 
     def key(self) -> str:
-        """The base model and the domains' training rows."""
+        """The base model and the domains' training rows: what the statistics it compares
+        depend on (`DomainGradientsTask.key`: with the row length, which is here too), so the
+        key of the unit that computed them itself is kept."""
         return config_key(
             {
                 "model": self.model_spec,
@@ -138,14 +146,25 @@ class DataPredictorsTask(Task):
         return cached_eval(self.path, self.key())
 
     def run(self, *, model, tokenizer) -> dict[str, dict]:
+        """Every family that needs the base model and the data, the data family from the saved
+        statistics (read one module of every domain at a time)."""
         from lorasum.analysis import predictors
+        from lorasum.errors import LorasumError
 
+        grads = {t.domain: t.statistics() for t in self.gradients}
+        missing = [d for d, g in grads.items() if g is None]
+        if missing:
+            raise LorasumError(
+                f"the gradient statistics of {', '.join(missing)} are gone from the study; "
+                "run the study again"
+            )
         inputs = predictors.PredictorInputs(
             model=model,
             tokenizer=tokenizer,
             sources=self.sources,
             max_length=self.max_length,
             model_spec=self.model_spec,
+            gradients=grads,
         )
         families = predictors.families(needing="base_model_data")
         out = predictors.compute(families, inputs, list(self.combos))
