@@ -68,6 +68,7 @@ class RouteResult(Record):
     ci95: list[float] | None = None
     routing_accuracy: float | None = None  # % of rows sent to their own domain's adapter
     router_tokens: int | None = None  # prompt tokens the router's summaries read
+    adapter_rows: float | None = optional()  # a soft route's adapter forwards per row (mixture)
 
 
 @dataclass(kw_only=True)
@@ -95,6 +96,7 @@ class SeedRoute(Record):
     delta_pct: float | None = None
     routing_accuracy: float | None = None
     router_tokens: int | None = None
+    adapter_rows: float | None = optional()
 
 
 @dataclass(kw_only=True)
