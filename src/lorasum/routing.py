@@ -33,6 +33,7 @@ into one PeftModel, `set_adapter` per group of rows), token-weighted like `evalu
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -263,6 +264,39 @@ def routing_summary(truth: Sequence[int], chosen: Sequence[int], names: Sequence
     return {"routing_accuracy": accuracy, "confusion": confusion}
 
 
+def _routed_items(tokenizer, adapters, sources, split, max_length, answer_only):
+    """The domains (adapters' order, which ``sources`` must share), their sources and the
+    tokenised rows of ``split`` ([(row, domain index)], the order every route scores in)."""
+    names = list(adapters)
+    if list(sources) != names:
+        raise ValueError(f"adapters {names} and sources {list(sources)} name other domains")
+    srcs = [sources[d] for d in names]
+    return names, srcs, tokenize_cached(tokenizer, srcs, split, max_length, answer_only)
+
+
+def _split_vectors(model, tokenizer, srcs, split, max_length, batch_size, amp_dtype):
+    """`prompt_vectors` of every row of the sources' ``split``, in `_routed_items`' order."""
+    qa = [qa for s in srcs for qa in s.splits[split]]
+    return prompt_vectors(model, tokenizer, qa, max_length, batch_size=batch_size,
+                          amp_dtype=amp_dtype)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _all_adapters(model: nn.Module, adapters: Mapping[str, str | Path]):
+    """One PeftModel over ``model`` with every adapter loaded under its domain's name;
+    unloaded afterwards (``model`` left as it was)."""
+    from peft import PeftModel
+
+    names = list(adapters)
+    net = PeftModel.from_pretrained(model, str(adapters[names[0]]), adapter_name=names[0])
+    try:
+        for name in names[1:]:
+            net.load_adapter(str(adapters[name]), adapter_name=name)
+        yield net
+    finally:
+        net.unload()
+
+
 def evaluate_routed(
     model: nn.Module,
     tokenizer,
@@ -284,33 +318,23 @@ def evaluate_routed(
     the rows' order) if given, else `route` of each prompt against ``centroids`` (K, H), one
     per adapter, or `route_gaussian` against ``gaussians`` (K, 2, H). Returns an evaluation's shape (perplexity, nll, tokens, per_dataset, timing)
     with ``routing_accuracy`` (%) and ``confusion``. ``model`` is left as it was."""
-    from peft import PeftModel
-
-    names = list(adapters)
-    if list(sources) != names:
-        raise ValueError(f"adapters {names} and sources {list(sources)} name other domains")
     t0 = time.perf_counter()
-    srcs = [sources[d] for d in names]
-    items = tokenize_cached(tokenizer, srcs, split, max_length, answer_only)  # [(row, domain)]
+    names, srcs, items = _routed_items(tokenizer, adapters, sources, split, max_length,
+                                       answer_only)  # fmt: skip
     truth = [d for _, d in items]
     if assignment is None:
         if (centroids is None) == (gaussians is None):
             raise ValueError("give centroids or gaussians (one per adapter), or the assignment")
-        qa = [qa for s in srcs for qa in s.splits[split]]  # the items' order
-        vecs = prompt_vectors(model, tokenizer, qa, max_length, batch_size=batch_size,
-                              amp_dtype=amp_dtype)  # fmt: skip
+        vecs = _split_vectors(model, tokenizer, srcs, split, max_length, batch_size, amp_dtype)
         chosen = route(vecs, centroids) if gaussians is None else route_gaussian(vecs, gaussians)
         assignment = chosen.tolist()
     assignment = [int(a) for a in assignment]
     if len(assignment) != len(items):
         raise ValueError(f"{len(assignment)} routes for {len(items)} rows")
     device = next(model.parameters()).device
-    net = PeftModel.from_pretrained(model, str(adapters[names[0]]), adapter_name=names[0])
     nll = torch.zeros(len(names), dtype=torch.float64)
     tokens = torch.zeros(len(names), dtype=torch.long)
-    try:
-        for name in names[1:]:
-            net.load_adapter(str(adapters[name]), adapter_name=name)
+    with _all_adapters(model, adapters) as net:
         for k, name in enumerate(names):
             rows = [items[i] for i, a in enumerate(assignment) if a == k]
             if not rows:
@@ -321,8 +345,6 @@ def evaluate_routed(
             for i, d in enumerate(names):
                 nll[i] += part["per_dataset"][d]["nll"]
                 tokens[i] += part["per_dataset"][d]["tokens"]
-    finally:
-        net.unload()
     total_nll, total_tokens = float(nll.sum()), int(tokens.sum())
     return {
         "timing": {"seconds": time.perf_counter() - t0},
@@ -363,30 +385,20 @@ def evaluate_mixture(
     and ``confusion`` (of each row's top weight), ``mixed_rows`` (% of rows scored by more
     than one adapter) and ``adapter_rows`` (adapter forwards per row, ≥ 1). ``model`` is left
     as it was."""
-    from peft import PeftModel
-
-    names = list(adapters)
-    if list(sources) != names:
-        raise ValueError(f"adapters {names} and sources {list(sources)} name other domains")
     t0 = time.perf_counter()
-    srcs = [sources[d] for d in names]
-    items = tokenize_cached(tokenizer, srcs, split, max_length, answer_only)  # [(row, domain)]
+    names, srcs, items = _routed_items(tokenizer, adapters, sources, split, max_length,
+                                       answer_only)  # fmt: skip
     if weights is None:
         if gaussians is None:
             raise ValueError("give gaussians (one per adapter) or the weights")
-        qa = [qa for s in srcs for qa in s.splits[split]]  # the items' order
-        vecs = prompt_vectors(model, tokenizer, qa, max_length, batch_size=batch_size,
-                              amp_dtype=amp_dtype)  # fmt: skip
+        vecs = _split_vectors(model, tokenizer, srcs, split, max_length, batch_size, amp_dtype)
         weights = mixture_weights(gaussian_scores(vecs, gaussians), temperature, floor)
     if tuple(weights.shape) != (len(items), len(names)):
         raise ValueError(f"weights {tuple(weights.shape)} for {len(items)} rows × {len(names)}")
     device = next(model.parameters()).device
     nll = torch.full(tuple(weights.shape), torch.nan, dtype=torch.float64)  # (N, K)
     tokens = torch.zeros(len(items), dtype=torch.long)
-    net = PeftModel.from_pretrained(model, str(adapters[names[0]]), adapter_name=names[0])
-    try:
-        for name in names[1:]:
-            net.load_adapter(str(adapters[name]), adapter_name=name)
+    with _all_adapters(model, adapters) as net:
         for k, name in enumerate(names):
             rows = (weights[:, k] > 0).nonzero().flatten()
             if len(rows) == 0:
@@ -395,8 +407,6 @@ def evaluate_mixture(
             part = [items[i] for i in rows.tolist()]
             nll[rows, k], tokens[rows] = row_nlls(net, part, batch_size, tokenizer.pad_token_id,
                                                   device, amp_dtype)  # fmt: skip
-    finally:
-        net.unload()
     mixed = mixture_nll(nll, weights)  # (N,)
     truth = torch.tensor([d for _, d in items], dtype=torch.long)
     per = {d: (float(mixed[truth == i].sum()), int(tokens[truth == i].sum()))
@@ -555,11 +565,8 @@ def evaluate_arrow(
     Returns an evaluation's shape with ``routing_accuracy`` None (Arrow mixes adapters per
     token and layer; PEFT keeps no per-token weights) and the ``arrow`` options used.
     ``model`` is left as it was."""
-    names = list(adapters)
-    if list(sources) != names:
-        raise ValueError(f"adapters {names} and sources {list(sources)} name other domains")
     t0 = time.perf_counter()
-    items = tokenize_cached(tokenizer, [sources[d] for d in names], split, max_length, answer_only)
+    names, _, items = _routed_items(tokenizer, adapters, sources, split, max_length, answer_only)
     options = arrow_options(len(names), top_k, temperature, rng_seed)
     device = next(model.parameters()).device
     net = arrow_model(model, [adapters[d] for d in names], **_arrow_kwargs(options))
