@@ -1,14 +1,16 @@
-"""MergeConfig's `resolved()` and messages, pinned as data. The tables below were computed by
-the MergeConfig of commit cb30ef8 (one dataclass field per option): `resolved()` is what the
-recipe records and what the cache keys hash, so it must not change for any method or option
-given, and the messages stay the same."""
+"""Each merge method declares its options (`lorasum.methods.options.Option`); `MergeConfig` is
+generic over them. The tables below were computed by the MergeConfig that had one field per
+option (before the declarations, commit cb30ef8) and are data: `resolved()` is what the recipe
+records and what the cache keys hash, so it must not change for any method or option given, and
+the messages stay the same."""
 
 from __future__ import annotations
 
 import pytest
 
 from lorasum.errors import LorasumError
-from lorasum.methods import MergeConfig, get_method, method_names
+from lorasum.methods import MergeConfig, MergeMethod, Option, get_method, method_names, registry
+from lorasum.methods.options import DENSITY, RANK, at_least
 
 NAN = float("nan")
 INF = float("inf")
@@ -1874,6 +1876,8 @@ ERRORS = [
         {"density": 2.0, "seed": 1, "method_scale": NAN},
         "compose --method ties: --density 2.0: must be in (0, 1]; --method-scale nan: must be a finite number; --seed does not apply to ties (it applies to dare_linear, dare_ties, lora_lego); --method-scale does not apply to ties (it applies to tsv, iso)",
     ),
+    # the one change: values are now checked in the options' declaration order, so
+    # --task-rank's problem comes before --regmean-alpha's (it came last but one)
     (
         "sum",
         {
@@ -1888,7 +1892,7 @@ ERRORS = [
             "projection_ratio": -1.0,
             "pad_rank_to": 0,
         },
-        "compose --method sum: --rank 0: must be ≥ 1 or 'auto'; --keep 2.0: must be in (0, 1]; --density 0.0: must be in (0, 1]; --majority-sign 'x': choose total or frequency; --seed -1: must be ≥ 0; --method-scale nan: must be a finite number; --regmean-alpha 2.0: must be in [0, 1]; --projection-ratio -1.0: must be > 0; --task-rank 0: must be ≥ 1; --pad-rank-to 0: must be ≥ 1; --rank does not apply to sum (it applies to svd, ties, magnitude_prune, dare_linear, dare_ties, tsv, iso, pico, knots_ties, knots_ta, lora_lego, regmean, regmean_rescaled, orthogonal_projection, soft_projection, shift_match); --keep does not apply to sum (it applies to svd, ties, magnitude_prune, dare_linear, dare_ties, tsv, iso, pico, knots_ties, knots_ta, regmean, regmean_rescaled, orthogonal_projection, soft_projection, shift_match); --density does not apply to sum (it applies to ties, magnitude_prune, dare_linear, dare_ties, knots_ties); --majority-sign does not apply to sum (it applies to ties, dare_ties, knots_ties); --seed does not apply to sum (it applies to dare_linear, dare_ties, lora_lego); --method-scale does not apply to sum (it applies to tsv, iso); --task-rank does not apply to sum (it applies to tsv); --regmean-alpha does not apply to sum (it applies to regmean, regmean_rescaled); --projection-ratio does not apply to sum (it applies to orthogonal_projection)",
+        "compose --method sum: --rank 0: must be ≥ 1 or 'auto'; --keep 2.0: must be in (0, 1]; --density 0.0: must be in (0, 1]; --majority-sign 'x': choose total or frequency; --seed -1: must be ≥ 0; --method-scale nan: must be a finite number; --task-rank 0: must be ≥ 1; --regmean-alpha 2.0: must be in [0, 1]; --projection-ratio -1.0: must be > 0; --pad-rank-to 0: must be ≥ 1; --rank does not apply to sum (it applies to svd, ties, magnitude_prune, dare_linear, dare_ties, tsv, iso, pico, knots_ties, knots_ta, lora_lego, regmean, regmean_rescaled, orthogonal_projection, soft_projection, shift_match); --keep does not apply to sum (it applies to svd, ties, magnitude_prune, dare_linear, dare_ties, tsv, iso, pico, knots_ties, knots_ta, regmean, regmean_rescaled, orthogonal_projection, soft_projection, shift_match); --density does not apply to sum (it applies to ties, magnitude_prune, dare_linear, dare_ties, knots_ties); --majority-sign does not apply to sum (it applies to ties, dare_ties, knots_ties); --seed does not apply to sum (it applies to dare_linear, dare_ties, lora_lego); --method-scale does not apply to sum (it applies to tsv, iso); --task-rank does not apply to sum (it applies to tsv); --regmean-alpha does not apply to sum (it applies to regmean, regmean_rescaled); --projection-ratio does not apply to sum (it applies to orthogonal_projection)",
     ),
     (
         "svd",
@@ -1912,7 +1916,7 @@ def test_the_tables_cover_every_method_and_option():
     assert {m for m, _, _ in RESOLVED} == set(method_names())
     for name in method_names():
         given = {o for m, g, _ in RESOLVED if m == name for o in g}
-        assert given == set(get_method(name).options) | {"pad_rank_to"}, name
+        assert given == get_method(name).option_names | {"pad_rank_to"}, name
 
 
 @pytest.mark.parametrize("method, given, message", ERRORS)
@@ -1920,3 +1924,61 @@ def test_problems_are_reported_as_before(method, given, message):
     with pytest.raises(LorasumError) as e:
         MergeConfig(method=method, **given)
     assert str(e.value) == message
+
+
+def test_an_unknown_option_is_an_unknown_keyword():
+    with pytest.raises(TypeError, match="unexpected keyword argument 'foo'"):
+        MergeConfig(method="sum", foo=1)
+
+
+def test_none_is_not_given_and_equal_configs_compare_equal():
+    assert MergeConfig(method="sum", rank=None).given() == []
+    assert MergeConfig("svd", rank="4") == MergeConfig("svd", rank=4)
+    assert MergeConfig("svd", rank=4).replace(rank="auto").resolved()["keep"] == 0.99
+    assert MergeConfig("ties", density=0.2).option("majority_sign") == "total"
+
+
+def test_a_shared_option_is_declared_once():
+    """One flag means one thing: a second declaration under a taken name is refused."""
+    other_rank = Option("rank", int, None, "something else")
+    with pytest.raises(ValueError, match="option 'rank' is declared again"):
+        registry.register(MergeMethod("other", lambda *a: None, "x", options=(other_rank,)))
+    assert "other" not in method_names()
+
+
+def test_a_new_method_with_a_new_option_needs_only_its_declaration(monkeypatch):
+    """The method's own Option and one registration: MergeConfig, resolved() and the compose
+    flags follow."""
+    from lorasum.cli import build_parser
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    steps = Option("steps", int, 3, "refinement steps", check=at_least(1))
+    registry.register(
+        MergeMethod(
+            "refined",
+            lambda *a: None,
+            "a method with its own option",
+            options=(steps, DENSITY, RANK),
+            required=frozenset({"density"}),
+            notes={"steps": "of the refinement"},
+        )
+    )
+    assert MergeConfig("refined", density=0.5).resolved() == {
+        "method": "refined",
+        "density": 0.5,
+        "rank": None,
+        "steps": 3,
+        "pad_rank_to": None,
+    }
+    with pytest.raises(LorasumError, match="--steps 0: must be ≥ 1"):
+        MergeConfig("refined", density=0.5, steps=0)
+    with pytest.raises(
+        LorasumError, match=r"--steps does not apply to ties \(it applies to refined\)"
+    ):
+        MergeConfig("ties", density=0.5, steps=2)
+    args = build_parser().parse_args(
+        ["compose", "a", "b", "--out", "o", "--method", "refined", "--steps", "5"]
+    )
+    assert args.steps == 5 and args.density is None
+    assert "refined: required" in registry.option_help(DENSITY)
+    assert "refined: of the refinement" in registry.option_help(steps)

@@ -115,7 +115,6 @@ def _add_train(sub) -> None:
 def _add_compose(sub) -> None:
     """`lorasum compose`'s flags."""
     from lorasum.export.gguf_lora import OUTTYPES
-    from lorasum.methods import MergeConfig
 
     c = sub.add_parser(
         "compose",
@@ -171,7 +170,21 @@ def _add_compose(sub) -> None:
         "OUT/gguf/ (adapter.gguf, Modelfile, README.md)",
     )
     c.add_argument("--outtype", default="f32", choices=list(OUTTYPES), help="GGUF tensor type")
-    _add_dataclass_flags(c, MergeConfig, defaults=False)  # unset = the method's default
+    _add_method_flags(c)
+
+
+def _add_method_flags(parser) -> None:
+    """``--method`` and one flag per merge-method option, from the options the registered
+    methods declare (`lorasum.methods.options`); unset = None = the method's default."""
+    from lorasum.methods import method_names
+    from lorasum.methods.registry import all_options, option_help
+
+    parser.add_argument(
+        "--method", default=None, help=f"merge method (default sum): {', '.join(method_names())}"
+    )
+    for option in all_options():
+        help_text = option_help(option).replace("%", "%%")
+        parser.add_argument(option.flag, type=option.type, default=None, help=help_text)
 
 
 def _add_export(sub) -> None:
@@ -480,9 +493,10 @@ def _cmd_compose(args: argparse.Namespace) -> int:
     """`lorasum compose`."""
     from lorasum.compose import compose
     from lorasum.methods import MergeConfig
+    from lorasum.methods.registry import all_options
 
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(MergeConfig)}
-    config = MergeConfig(**{k: v for k, v in given.items() if v is not None})
+    given = {o.name: getattr(args, o.name) for o in all_options()}
+    config = MergeConfig("sum" if args.method is None else args.method, **given)  # None: not given
     if args.fit and not args.check:
         raise LorasumError("--fit applies to --check; add --check or drop --fit")
     if args.check:

@@ -103,7 +103,7 @@ def _command(
     if weights is not None:
         args += ["--weights", ",".join(f"{w:g}" for w in weights)]
     for name in config.given():
-        args += ["--" + name.replace("_", "-"), str(getattr(config, name))]
+        args += ["--" + name.replace("_", "-"), str(config.option(name))]
     if calibration is not None:
         args += ["--calibration", *("own" if c is None else ",".join(c) for c in calibration)]
     return shlex.join([*args, "--out", str(out)])
@@ -192,9 +192,9 @@ class _ComposeInputs:
                 f"{', '.join(users)})"
             )
         resolved = config.resolved()
-        if config.method != "sum" or config.pad_rank_to is not None:
+        if config.method != "sum" or config.option("pad_rank_to") is not None:
             key_fields["merge"] = resolved  # the plain sum keeps the key it always had
-        if merge_method.dense and config.rank is None:
+        if merge_method.dense and config.option("rank") is None:
             key_fields["dense_rank"] = "file"  # truncation at the file's rank, not per-module Σr
         return cls(
             adapters, merge_method, given, w, base, shas, fingerprints,
@@ -342,9 +342,9 @@ def compose(
 ) -> dict:
     """`lorasum compose`: merge adapters into one PEFT adapter (and optionally a merged model).
 
-    ``method`` and ``options`` (any `MergeConfig` field: rank, keep, density, majority_sign,
-    seed, method_scale, task_rank, regmean_alpha, projection_ratio, pad_rank_to) choose the
-    merge; or pass a ready ``config``. Methods that need input statistics (regmean, …) take
+    ``method`` and ``options`` (those the method declares, `lorasum.methods.options`: rank,
+    keep, density, majority_sign, seed, method_scale, task_rank, regmean_alpha,
+    projection_ratio, pad_rank_to …) choose the merge; or pass a ready ``config``. Methods that need input statistics (regmean, …) take
     ``calibration``: per adapter a comma list of data sources or 'own'/None (default: every
     adapter's own training data, from its lorasum.json), computed on ``model`` (default: the
     adapters' base model) and cached beside each adapter (`lorasum.analysis.calibration`).

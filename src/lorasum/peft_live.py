@@ -33,6 +33,7 @@ from lorasum.methods import (
     method_names,
     resolve_weights,
 )
+from lorasum.methods.registry import all_options
 
 
 def lora_layers(model: Any) -> dict[str, Any]:
@@ -161,8 +162,9 @@ def _merge_config(method: str, options: dict[str, Any]) -> MergeConfig:
     try:
         return MergeConfig(method=method, **options)
     except TypeError:
-        unknown = sorted(set(options) - set(MergeConfig.__dataclass_fields__))
-        known = sorted(set(MergeConfig.__dataclass_fields__) - {"method"})
+        names = {o.name for o in all_options()}
+        unknown = sorted(set(options) - names)
+        known = sorted(names)
         raise LorasumError(
             f"unknown method option {', '.join(unknown)}; the options are {', '.join(known)}"
         ) from None

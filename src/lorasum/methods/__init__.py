@@ -20,6 +20,7 @@ from lorasum.methods import (
     ties,
     tsv,
 )
+from lorasum.methods.options import Option
 from lorasum.methods.registry import (
     MergeMethod,
     ModuleMerge,
@@ -52,7 +53,6 @@ for _method in (
 ):
     register(_method)
 
-# after registration: MergeConfig's help lists the registered names
 from lorasum.methods.config import MergeConfig  # noqa: E402
 from lorasum.methods.engine import MergeResult, merge_adapters, resolve_weights  # noqa: E402
 
@@ -60,6 +60,7 @@ __all__ = [
     "MergeConfig",
     "MergeMethod",
     "MergeResult",
+    "Option",
     "ModuleMerge",
     "get_method",
     "merge_adapters",

@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from lorasum.factors import LoraFactors
-from lorasum.methods.dense import call_peft, dense_deltas, total_rank
+from lorasum.methods.dense import RANK_NOTE, call_peft, dense_deltas, total_rank
 from lorasum.methods.lowrank import dense_to_lora
+from lorasum.methods.options import DENSITY, KEEP, MAJORITY_SIGN, RANK, SEED
 from lorasum.methods.registry import MergeMethod, ModuleMerge
 
 if TYPE_CHECKING:
@@ -34,6 +35,9 @@ def module_seed(seed: int, module: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
+SEED_NOTE = "of the random masks"
+
+
 def _dare(fn_name: str, terms, weights, config: MergeConfig, module: str, **kwargs) -> ModuleMerge:
     from peft.utils import merge_utils
 
@@ -41,9 +45,13 @@ def _dare(fn_name: str, terms, weights, config: MergeConfig, module: str, **kwar
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG untouched
         torch.manual_seed(module_seed(config.option("seed"), module))
         merged = call_peft(
-            getattr(merge_utils, fn_name), deltas, weights, density=config.density, **kwargs
+            getattr(merge_utils, fn_name),
+            deltas,
+            weights,
+            density=config.option("density"),
+            **kwargs,
         )  # (d_out, d_in)
-    return dense_to_lora(merged, config.rank, config.option("keep"), total_rank(terms))
+    return dense_to_lora(merged, config.option("rank"), config.option("keep"), total_rank(terms))
 
 
 def merge_dare_linear(
@@ -75,15 +83,17 @@ DARE_LINEAR = MergeMethod(
     name="dare_linear",
     merge=merge_dare_linear,
     summary="DARE: random drop to --density, rescale 1/density, weighted sum (seeded; PEFT)",
-    options=frozenset({"density", "seed", "rank", "keep"}),
+    options=(DENSITY, SEED, RANK, KEEP),
     required=frozenset({"density"}),
+    notes={"seed": SEED_NOTE, "rank": RANK_NOTE},
     dense=True,
 )
 DARE_TIES = MergeMethod(
     name="dare_ties",
     merge=merge_dare_ties,
     summary="DARE drop and rescale, then TIES sign election and disjoint mean (seeded; PEFT)",
-    options=frozenset({"density", "seed", "majority_sign", "rank", "keep"}),
+    options=(DENSITY, SEED, MAJORITY_SIGN, RANK, KEEP),
     required=frozenset({"density"}),
+    notes={"seed": SEED_NOTE, "rank": RANK_NOTE},
     dense=True,
 )

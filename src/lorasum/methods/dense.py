@@ -14,6 +14,9 @@ import torch
 
 from lorasum.factors import LoraFactors, delta
 
+#: What ``--rank`` means to these methods (its help).
+RANK_NOTE = "default the file's rank (the largest Σr over modules)"
+
 
 def dense_deltas(terms: Sequence[LoraFactors | None]) -> list[torch.Tensor]:
     """[s_i·B_i·A_i] in fp32, (d_out, d_in) each; a missing module is a zero ΔW."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -141,10 +140,10 @@ def merge_adapters(
     if grams is not None and len(grams) != len(adapters):
         raise ValueError(f"{len(grams)} Gram sets for {len(adapters)} adapters")
     names = sorted(set().union(*(a.keys() for a in adapters)))
-    if method.dense and config.rank is None:
+    if method.dense and config.option("rank") is None:
         # Every module is padded to the file's rank anyway: truncate each dense result there
         # (its best approximation at no cost), not at the Σ r_i of the adapters that have it.
-        config = dataclasses.replace(config, rank=file_rank(adapters))
+        config = config.replace(rank=file_rank(adapters))
     merged: dict[str, LoraFactors] = {}
     report: dict[str, dict] = {}
     threads = torch.get_num_threads()
@@ -165,12 +164,13 @@ def merge_adapters(
                 )
     needed = max(1, max(f.rank for f in merged.values()))
     rank = needed
-    if config.pad_rank_to is not None:
-        if config.pad_rank_to < needed:
+    pad_rank_to = config.option("pad_rank_to")
+    if pad_rank_to is not None:
+        if pad_rank_to < needed:
             raise LorasumError(
-                f"--pad-rank-to {config.pad_rank_to} is below the rank this merge needs "
+                f"--pad-rank-to {pad_rank_to} is below the rank this merge needs "
                 f"({needed}); pass at least {needed}, or compress with --method svd --rank"
             )
-        rank = config.pad_rank_to
+        rank = pad_rank_to
     modules = {name: pad_rank(f, rank) for name, f in merged.items()}
     return MergeResult(modules=modules, rank=rank, needed_rank=needed, report=report)

@@ -27,6 +27,7 @@ import torch
 
 from lorasum.factors import LoraFactors, ThinSVD, factored_svd, nonzero_directions, stacked
 from lorasum.methods.lowrank import truncate
+from lorasum.methods.options import KEEP, METHOD_SCALE, RANK
 from lorasum.methods.registry import MergeMethod, ModuleMerge
 
 if TYPE_CHECKING:
@@ -51,7 +52,11 @@ def merge_iso(
     B, A = stacked(terms, weights)  # (d_out, R), (R, d_in)
     flat = isotropic(factored_svd(B, A))
     return truncate(
-        flat, config.rank, config.option("keep"), flat.S.numel(), config.option("method_scale")
+        flat,
+        config.option("rank"),
+        config.option("keep"),
+        flat.S.numel(),
+        config.option("method_scale"),
     )
 
 
@@ -59,5 +64,6 @@ ISO = MergeMethod(
     name="iso",
     merge=merge_iso,
     summary="Iso-C: SVD of the sum with every non-zero singular value set to their mean",
-    options=frozenset({"method_scale", "rank", "keep"}),
+    options=(METHOD_SCALE, RANK, KEEP),
+    notes={"rank": "default its own rank"},
 )

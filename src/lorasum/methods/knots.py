@@ -38,6 +38,7 @@ import torch
 from lorasum.factors import LoraFactors, factored_svd, nonzero_directions
 from lorasum.methods.dense import call_peft
 from lorasum.methods.lowrank import truncate
+from lorasum.methods.options import DENSITY, KEEP, MAJORITY_SIGN, RANK
 from lorasum.methods.registry import MergeMethod, ModuleMerge
 
 if TYPE_CHECKING:
@@ -76,7 +77,7 @@ def _finish(U: torch.Tensor, merged: torch.Tensor, config: MergeConfig) -> Modul
     k = U.shape[1]
     if k == 0:  # every ΔW_i is zero here
         return truncate(factored_svd(U, merged), 0, 1.0, 0)
-    return truncate(factored_svd(U, merged), config.rank, config.option("keep"), k)
+    return truncate(factored_svd(U, merged), config.option("rank"), config.option("keep"), k)
 
 
 def merge_knots_ties(
@@ -92,7 +93,7 @@ def merge_knots_ties(
         merge_utils.ties,
         tasks,
         weights,
-        density=config.density,
+        density=config.option("density"),
         majority_sign_method=config.option("majority_sign"),
     )  # (k, d_in)
     return _finish(U, merged.double(), config)
@@ -113,12 +114,14 @@ KNOTS_TIES = MergeMethod(
     name="knots_ties",
     merge=merge_knots_ties,
     summary="KnOTS-TIES: TIES on the tasks' ΣVᵢᵀ in the SVD basis of [ΔW_1 … ΔW_n], then U·(merged)",
-    options=frozenset({"density", "majority_sign", "rank", "keep"}),
+    options=(DENSITY, MAJORITY_SIGN, RANK, KEEP),
     required=frozenset({"density"}),
+    notes={"density": "of each task's ΣVᵢᵀ", "rank": "default its own rank"},
 )
 KNOTS_TA = MergeMethod(
     name="knots_ta",
     merge=merge_knots_ta,
     summary="KnOTS-TA: Σ wᵢ ΣVᵢᵀ in the SVD basis of [ΔW_1 … ΔW_n] (equals the weighted sum)",
-    options=frozenset({"rank", "keep"}),
+    options=(RANK, KEEP),
+    notes={"rank": "default its own rank"},
 )

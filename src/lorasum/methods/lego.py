@@ -44,6 +44,7 @@ import torch
 from lorasum.errors import LorasumError
 from lorasum.factors import LoraFactors
 from lorasum.methods.dare import module_seed
+from lorasum.methods.options import RANK, SEED
 from lorasum.methods.registry import MergeMethod, ModuleMerge
 
 if TYPE_CHECKING:
@@ -96,10 +97,11 @@ def merge_lora_lego(
     config: MergeConfig,
     module: str,
 ) -> ModuleMerge:
-    if config.rank == "auto":
+    rank = config.option("rank")
+    if rank == "auto":
         raise LorasumError("--method lora_lego needs an integer --rank (the number of clusters)")
     present = [t for t in terms if t is not None]
-    k = int(config.rank) if config.rank is not None else max(t.rank for t in present)
+    k = int(rank) if rank is not None else max(t.rank for t in present)
     d_in = present[0].shape[1]
     features = unit_features(terms, weights)  # (N, d_in + d_out)
     labels = cluster_labels(features, k, module_seed(config.option("seed"), module))
@@ -116,5 +118,9 @@ LORA_LEGO = MergeMethod(
     merge=merge_lora_lego,
     summary="LoRA-LEGO: k-means of all rank-one units [a, b] into --rank clusters, centroids "
     "rescaled to their members' mean norm",
-    options=frozenset({"rank", "seed"}),
+    options=(RANK, SEED),
+    notes={
+        "rank": "the number of clusters (an integer, default the largest input rank)",
+        "seed": "of the k-means initialisation",
+    },
 )

@@ -38,6 +38,7 @@ import torch
 
 from lorasum.factors import LoraFactors, factored_svd, sq_norm
 from lorasum.methods.lowrank import truncate
+from lorasum.methods.options import KEEP, RANK
 from lorasum.methods.registry import MergeMethod, ModuleMerge
 
 if TYPE_CHECKING:
@@ -75,7 +76,7 @@ def merge_pico(
     target = sum(abs(w) * math.sqrt(sq_norm(t)) for t, w in present) / len(present)
     norm = math.sqrt(fused.energy)
     gamma = target / norm if norm > 0.0 else 1.0
-    result = truncate(fused, config.rank, config.option("keep"), A.shape[0], scale=gamma)
+    result = truncate(fused, config.option("rank"), config.option("keep"), A.shape[0], scale=gamma)
     result.details.update(
         {"pico_gamma": gamma, "pico_min_alpha": float(alpha.min()) if alpha.numel() else 1.0}
     )
@@ -87,5 +88,6 @@ PICO = MergeMethod(
     merge=merge_pico,
     summary="Pico: downscale the output directions the adapters' B share, sum, rescale to the "
     "mean source norm",
-    options=frozenset({"rank", "keep"}),
+    options=(RANK, KEEP),
+    notes={"rank": "default Σr"},
 )

@@ -52,11 +52,21 @@ from typing import TYPE_CHECKING
 import torch
 
 from lorasum.factors import LoraFactors, single_threaded
+from lorasum.methods.options import KEEP, RANK, Option, positive
 from lorasum.methods.registry import MergeMethod, ModuleMerge
 from lorasum.methods.regmean import _FACTORED, lora_result, with_ridge
 
 if TYPE_CHECKING:
     from lorasum.methods.config import MergeConfig
+
+PROJECTION_RATIO = Option(
+    "projection_ratio",
+    float,
+    4.0,
+    "drop an input direction from ΔW_i where the other domains' input energy is more than "
+    "this many times domain i's",
+    check=positive,
+)
 
 
 def whitened(L: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
@@ -276,6 +286,7 @@ ORTHOGONAL_PROJECTION = MergeMethod(
     merge=merge_orthogonal_projection,
     summary="each ΔW_i kept at full strength on its own domain's inputs, projected off "
     "directions where other domains' inputs dominate (needs calibration)",
-    options=frozenset({"projection_ratio", "rank", "keep"}),
+    options=(PROJECTION_RATIO, RANK, KEEP),
+    notes={"rank": "default Σr (exact)"},
     calibration=True,
 )

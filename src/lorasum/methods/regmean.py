@@ -38,12 +38,21 @@ import torch
 
 from lorasum.factors import LoraFactors, factored_svd
 from lorasum.methods.lowrank import truncate
+from lorasum.methods.options import KEEP, RANK, Option, in_closed_unit_interval
 from lorasum.methods.registry import MergeMethod, ModuleMerge
 
 if TYPE_CHECKING:
     from lorasum.methods.config import MergeConfig
 
 RIDGE = 1e-6  # λ relative to tr(M)
+REGMEAN_ALPHA = Option(
+    "regmean_alpha",
+    float,
+    0.9,
+    "off-diagonal shrinkage of each input Gram matrix, G ← α·G + (1−α)·diag(G), in [0, 1], "
+    "as in the paper",
+    check=in_closed_unit_interval,
+)
 
 
 def shrink(G: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -143,9 +152,9 @@ def regmean_stacked(
 
 
 def lora_result(B: torch.Tensor, A: torch.Tensor, config: MergeConfig) -> ModuleMerge:
-    if config.rank is None:  # the exact result, rank Σr
+    if config.option("rank") is None:  # the exact result, rank Σr
         return ModuleMerge(LoraFactors(A=A.float(), B=B.float(), scale=1.0))
-    return truncate(factored_svd(B, A), config.rank, config.option("keep"), B.shape[1])
+    return truncate(factored_svd(B, A), config.option("rank"), config.option("keep"), B.shape[1])
 
 
 def merge_regmean(
@@ -174,7 +183,8 @@ REGMEAN = MergeMethod(
     name="regmean",
     merge=merge_regmean,
     summary="RegMean: (Σ ΔW_i Ĝ_i)(Σ Ĝ_j)⁻¹ with per-token input Grams (needs calibration)",
-    options=frozenset({"regmean_alpha", "rank", "keep"}),
+    options=(REGMEAN_ALPHA, RANK, KEEP),
+    notes={"rank": "default Σr (exact)"},
     weights="refused",
     calibration=True,
 )
@@ -182,7 +192,8 @@ REGMEAN_RESCALED = MergeMethod(
     name="regmean_rescaled",
     merge=merge_regmean_rescaled,
     summary="N × RegMean: the sum where domains' inputs coincide (needs calibration)",
-    options=frozenset({"regmean_alpha", "rank", "keep"}),
+    options=(REGMEAN_ALPHA, RANK, KEEP),
+    notes={"rank": "default Σr (exact)"},
     weights="refused",
     calibration=True,
 )

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from lorasum.factors import LoraFactors, activation_inner
+from lorasum.methods.options import KEEP, RANK
 from lorasum.methods.registry import MergeMethod, ModuleMerge
 from lorasum.methods.regmean import lora_result
 
@@ -110,7 +111,8 @@ SHIFT_MATCH = MergeMethod(
     merge=merge_shift_match,
     summary="per-module coefficients solved so each domain's own output shift is kept exactly "
     "(in projection): shared parts counted once (needs calibration)",
-    options=frozenset({"rank", "keep"}),
+    options=(RANK, KEEP),
+    notes={"rank": "default Σr (exact)"},
     weights="refused",
     calibration=True,
 )

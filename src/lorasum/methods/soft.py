@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lorasum.factors import LoraFactors
+from lorasum.methods.options import KEEP, RANK
 from lorasum.methods.projection import cached_spectrum, projected_A, tensor_digest
 from lorasum.methods.registry import MergeMethod, ModuleMerge
 from lorasum.methods.regmean import _FACTORED, lora_result, with_ridge
@@ -82,6 +83,7 @@ SOFT_PROJECTION = MergeMethod(
     merge=merge_soft_projection,
     summary="N × RegMean with each eigen-direction's factor capped at 1: the sum's strength "
     "on a domain's own inputs, cross-talk suppressed (needs calibration)",
-    options=frozenset({"rank", "keep"}),
+    options=(RANK, KEEP),
+    notes={"rank": "default Σr (exact)"},
     calibration=True,
 )

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from lorasum.factors import LoraFactors, factored_svd, stacked
 from lorasum.methods.lowrank import truncate
+from lorasum.methods.options import KEEP, RANK
 from lorasum.methods.registry import MergeMethod, ModuleMerge
 
 if TYPE_CHECKING:
@@ -30,13 +31,13 @@ def merge_svd(
 ) -> ModuleMerge:
     """Best rank-K approximation of Σ w_i ΔW_i (exact for K ≥ Σr)."""
     B, A = stacked(terms, weights)  # (d_out, R), (R, d_in)
-    return truncate(factored_svd(B, A), config.rank, config.option("keep"), B.shape[1])
+    return truncate(factored_svd(B, A), config.option("rank"), config.option("keep"), B.shape[1])
 
 
 SVD = MergeMethod(
     name="svd",
     merge=merge_svd,
     summary="weighted sum re-compressed to --rank K (factored SVD; exact when K ≥ Σr)",
-    options=frozenset({"rank", "keep"}),
+    options=(RANK, KEEP),
     required=frozenset({"rank"}),
 )

@@ -19,8 +19,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from lorasum.factors import LoraFactors
-from lorasum.methods.dense import call_peft, dense_deltas, total_rank
+from lorasum.methods.dense import RANK_NOTE, call_peft, dense_deltas, total_rank
 from lorasum.methods.lowrank import dense_to_lora
+from lorasum.methods.options import DENSITY, KEEP, MAJORITY_SIGN, RANK
 from lorasum.methods.registry import MergeMethod, ModuleMerge
 
 if TYPE_CHECKING:
@@ -39,10 +40,10 @@ def merge_ties(
         merge_utils.ties,
         dense_deltas(terms),
         weights,
-        density=config.density,
+        density=config.option("density"),
         majority_sign_method=config.option("majority_sign"),
     )  # (d_out, d_in)
-    return dense_to_lora(merged, config.rank, config.option("keep"), total_rank(terms))
+    return dense_to_lora(merged, config.option("rank"), config.option("keep"), total_rank(terms))
 
 
 def merge_magnitude_prune(
@@ -54,24 +55,26 @@ def merge_magnitude_prune(
     from peft.utils import merge_utils
 
     merged = call_peft(
-        merge_utils.magnitude_prune, dense_deltas(terms), weights, density=config.density
+        merge_utils.magnitude_prune, dense_deltas(terms), weights, density=config.option("density")
     )  # (d_out, d_in)
-    return dense_to_lora(merged, config.rank, config.option("keep"), total_rank(terms))
+    return dense_to_lora(merged, config.option("rank"), config.option("keep"), total_rank(terms))
 
 
 TIES = MergeMethod(
     name="ties",
     merge=merge_ties,
     summary="TIES on dense ΔW (trim to --density, elect sign, disjoint mean; PEFT semantics)",
-    options=frozenset({"density", "majority_sign", "rank", "keep"}),
+    options=(DENSITY, MAJORITY_SIGN, RANK, KEEP),
     required=frozenset({"density"}),
+    notes={"rank": RANK_NOTE},
     dense=True,
 )
 MAGNITUDE_PRUNE = MergeMethod(
     name="magnitude_prune",
     merge=merge_magnitude_prune,
     summary="keep the top --density entries of each dense ΔW by magnitude, then weighted sum",
-    options=frozenset({"density", "rank", "keep"}),
+    options=(DENSITY, RANK, KEEP),
     required=frozenset({"density"}),
+    notes={"rank": RANK_NOTE},
     dense=True,
 )

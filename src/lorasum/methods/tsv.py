@@ -29,10 +29,20 @@ import torch
 
 from lorasum.factors import LoraFactors, ThinSVD, factored_svd, nonzero_directions
 from lorasum.methods.lowrank import truncate
+from lorasum.methods.options import KEEP, METHOD_SCALE, RANK, Option, at_least
 from lorasum.methods.registry import MergeMethod, ModuleMerge
 
 if TYPE_CHECKING:
     from lorasum.methods.config import MergeConfig
+
+TASK_RANK = Option(
+    "task_rank",
+    int,
+    None,
+    "singular directions kept per task (default: the paper's min(d_out, d_in)/T, capped at "
+    "each task's rank)",
+    check=at_least(1),
+)
 
 
 def polar(M: torch.Tensor) -> torch.Tensor:
@@ -65,14 +75,18 @@ def merge_tsv(
     config: MergeConfig,
     module: str,
 ) -> ModuleMerge:
-    U, S, V = task_directions(terms, weights, config.task_rank)  # (d_out,K) (K,) (d_in,K)
+    U, S, V = task_directions(terms, weights, config.option("task_rank"))  # (d_out,K) (K,) (d_in,K)
     if S.numel() == 0:  # every task's ΔW is zero here: an empty (rank-0) result
         return truncate(ThinSVD(U=U, S=S, V=V), 0, 1.0, 0)
     U_orth, V_orth = polar(U), polar(V)  # (d_out, K), (d_in, K)
     # U⊥ Σ V⊥ᵀ is not itself an SVD; re-factor it (K×K core) so --rank truncates optimally.
     merged = factored_svd(U_orth * S, V_orth.T)  # ΔW/α
     return truncate(
-        merged, config.rank, config.option("keep"), S.numel(), scale=config.option("method_scale")
+        merged,
+        config.option("rank"),
+        config.option("keep"),
+        S.numel(),
+        scale=config.option("method_scale"),
     )
 
 
@@ -80,5 +94,6 @@ TSV = MergeMethod(
     name="tsv",
     merge=merge_tsv,
     summary="Task Singular Vectors (TSV-M): per-task top singular vectors, orthogonalised",
-    options=frozenset({"method_scale", "task_rank", "rank", "keep"}),
+    options=(METHOD_SCALE, TASK_RANK, RANK, KEEP),
+    notes={"rank": "default its own rank"},
 )
