@@ -180,7 +180,10 @@ def _add_method_flags(parser) -> None:
     from lorasum.methods.registry import all_options, option_help
 
     parser.add_argument(
-        "--method", default=None, help=f"merge method (default sum): {', '.join(method_names())}"
+        "--method",
+        type=str,
+        default=None,
+        help=f"merge method (default sum): {', '.join(method_names())}",
     )
     for option in all_options():
         help_text = option_help(option).replace("%", "%%")

@@ -122,7 +122,7 @@ def readers(name: str) -> list[str]:
 
 def option_help(option: Option) -> str:
     """An option's help: what it is, its default, and what it does in each method that reads
-    it (methods with the same note grouped: ``ties/dare_ties: required``)."""
+    it (methods with the same note grouped: ``ties, dare_ties: required``)."""
     text = option.help
     if option.default is not None:
         text += f" (default {option.default})"
@@ -135,5 +135,5 @@ def option_help(option: Option) -> str:
             if option.name in method.required:
                 note = "required" + (f", {note}" if note else "")
             groups.setdefault(note, []).append(method.name)
-    parts = ["/".join(names) + (f": {note}" if note else "") for note, names in groups.items()]
+    parts = [", ".join(names) + (f": {note}" if note else "") for note, names in groups.items()]
     return f"{text}. Methods: {'; '.join(parts)}"
