@@ -31,7 +31,9 @@ class MergeConfig:
         known = _known()
         for name in options:
             if name not in known:
-                raise TypeError(f"MergeConfig() got an unexpected keyword argument {name!r}")
+                raise TypeError(
+                    f"MergeConfig.__init__() got an unexpected keyword argument {name!r}"
+                )
         self.method = method
         given = {n: v for n, v in options.items() if v is not None}
         # in the declaration order, whatever the order given
