@@ -1982,3 +1982,16 @@ def test_a_new_method_with_a_new_option_needs_only_its_declaration(monkeypatch):
     assert args.steps == 5 and args.density is None
     assert "refined: required" in registry.option_help(DENSITY)
     assert "refined: of the refinement" in registry.option_help(steps)
+
+
+def test_options_read_as_attributes():
+    """``config.density`` reads the option (its default where not given), like `option`;
+    a name no method declares is an AttributeError, and the config still pickles."""
+    import pickle
+
+    config = MergeConfig("ties", density=0.3)
+    assert config.density == 0.3 == config.option("density")
+    assert config.majority_sign == config.option("majority_sign")
+    with pytest.raises(AttributeError, match="no option 'dinsity'"):
+        _ = config.dinsity
+    assert pickle.loads(pickle.dumps(config)) == config

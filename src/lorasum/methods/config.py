@@ -86,6 +86,12 @@ class MergeConfig:
         """An option's value, its default where it was not given."""
         return self._given.get(name, _known()[name].default)
 
+    def __getattr__(self, name: str) -> Any:
+        """``config.density``: a declared option's value, as `option` (attribute reads kept)."""
+        if not name.startswith("_") and name in _known():
+            return self.option(name)
+        raise AttributeError(f"MergeConfig has no option {name!r}")
+
     def replace(self, **options: Any) -> MergeConfig:
         """The same method with ``options`` given too (checked again)."""
         return MergeConfig(self.method, **{**self._given, **options})
