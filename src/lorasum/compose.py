@@ -392,7 +392,7 @@ def merge_adapter_into_base(
     """
     from peft import PeftModel
 
-    from lorasum.models import load_model, load_tokenizer
+    from lorasum.models.loading import load_model, load_tokenizer
 
     adapter = read_adapter(adapter_dir)
     model = load_model(model_spec)

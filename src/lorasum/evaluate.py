@@ -33,7 +33,7 @@ from lorasum.accuracy import (
 from lorasum.data import QA, Batch, Tokenized, collate, make_batches
 from lorasum.errors import raise_all
 from lorasum.lean import HeadNll, SoftmaxNll, folded_lora, fused_head
-from lorasum.models import frozen_linears_as, norm_outputs_as, precision_name
+from lorasum.models.precision import frozen_linears_as, norm_outputs_as, precision_name
 from lorasum.settings import EVAL_BATCH_SIZE, DataSettings, RuntimeSettings, field_problems
 
 # Architectures whose logits are exactly lm_head(last hidden state): for them the head is applied
@@ -414,7 +414,8 @@ def evaluate(
     from lorasum.accuracy import check_scorable
     from lorasum.adapters import check_fits, read_adapter
     from lorasum.data import check_answers_fit, load_split, make_batches, tokenize_split
-    from lorasum.models import autocast_dtype, load_model, load_tokenizer, pick_device
+    from lorasum.models.loading import load_model, load_tokenizer
+    from lorasum.models.precision import autocast_dtype, pick_device
 
     settings = {"max_length": max_length, "max_eval": max_eval, "precision": precision}
     data = _eval_data(data, split, batch_size, metric, max_new_tokens, settings)

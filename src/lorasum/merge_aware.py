@@ -117,7 +117,7 @@ def select_checkpoints(
 
     from lorasum.data import make_batches
     from lorasum.evaluate import evaluate_batches
-    from lorasum.models import autocast_dtype
+    from lorasum.models.precision import autocast_dtype
     from lorasum.peft_live import add_weighted_adapter
     from lorasum.tokens import tokenize_cached
 

@@ -22,16 +22,13 @@ from lorasum.evaluate import autocast_context, evaluate_batches, perplexity_from
 from lorasum.io import atomic_dir, check_output_dir, config_key, read_json
 from lorasum.lean import fp32_attention_backward, lean
 from lorasum.lora_a import apply_lora_a
-from lorasum.models import (
+from lorasum.models.loading import load_model, load_tokenizer, resolve_target_modules, uses_conv1d
+from lorasum.models.precision import (
     autocast_dtype,
     frozen_linears_as,
-    load_model,
-    load_tokenizer,
     pick_device,
     precision_name,
     resolve_precision,
-    resolve_target_modules,
-    uses_conv1d,
 )
 from lorasum.settings import SCHEDULES, TrainConfig  # TrainConfig: also lorasum.train's
 from lorasum.tokens import tokenize_cached

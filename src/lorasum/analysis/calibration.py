@@ -226,7 +226,7 @@ def calibration_key(
 
 def cache_dir() -> Path:
     """Where the statistics are cached: $LORASUM_HOME/calibration (shared by all studies)."""
-    from lorasum.models import lorasum_home
+    from lorasum.models.loading import lorasum_home
 
     return lorasum_home() / "calibration"
 
@@ -476,7 +476,8 @@ def calibrate(
 
 
 def _compute(plan: _Plan, model, tokenizer, batch_size: int, device: str, cache: bool):
-    from lorasum.models import load_model, load_tokenizer, pick_device
+    from lorasum.models.loading import load_model, load_tokenizer
+    from lorasum.models.precision import pick_device
     from lorasum.tokens import tokenize_cached
 
     if tokenizer is None:
@@ -548,7 +549,8 @@ def calibrate_adapters(
         if out[i] is not None:
             continue
         if plan.spec not in loaded:
-            from lorasum.models import load_model, load_tokenizer, pick_device
+            from lorasum.models.loading import load_model, load_tokenizer
+            from lorasum.models.precision import pick_device
 
             loaded[plan.spec] = (
                 load_model(plan.spec, pick_device(device)),

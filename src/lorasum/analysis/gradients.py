@@ -101,7 +101,7 @@ def target_module_names(
     """Full names of the linear modules the adapters would target (`resolve_target_modules`'
     suffixes, or full names), in model order, with their (d_out, d_in)."""
     from lorasum.adapters import delta_shape
-    from lorasum.models import resolve_target_modules
+    from lorasum.models.loading import resolve_target_modules
 
     suffixes = resolve_target_modules(
         model, target_modules if isinstance(target_modules, str) else list(target_modules)
@@ -266,7 +266,7 @@ def domain_gradients(
     size changes memory only (padding has δ = 0)."""
     from lorasum.data import make_batches
     from lorasum.io import MARKER, atomic_dir, write_json
-    from lorasum.models import lorasum_home
+    from lorasum.models.loading import lorasum_home
     from lorasum.tokens import tokenize_cached
 
     if max_bytes < 1:

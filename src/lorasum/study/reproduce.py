@@ -25,14 +25,12 @@ from lorasum.analysis.statistics import correlation
 from lorasum.data import load_split
 from lorasum.errors import LorasumError
 from lorasum.io import atomic_write_text, config_key, write_json
-from lorasum.models import (
+from lorasum.models.loading import load_model, load_tokenizer, resolve_target_modules
+from lorasum.models.precision import (
     PRECISION_ENV,
     autocast_dtype,
-    load_model,
-    load_tokenizer,
     pick_device,
     resolve_precision,
-    resolve_target_modules,
     settle_cpu_bf16,
 )
 from lorasum.results_schema import (
