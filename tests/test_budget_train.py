@@ -15,11 +15,11 @@ from safetensors.torch import load_file
 import lorasum.train as train_mod
 from lorasum.adapters import read_adapter
 from lorasum.data import QA, Source
+from lorasum.data.token_cache import tokenize_cached
 from lorasum.errors import LorasumError
 from lorasum.evaluate import evaluate
 from lorasum.io import read_json
 from lorasum.models import load_model
-from lorasum.tokens import tokenize_cached
 from lorasum.train import (
     TrainConfig,
     adapter_key,

@@ -36,7 +36,6 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         (
             "lorasum.adapters",
             "lorasum.data",
-            "lorasum.tokens",
             "lorasum.accuracy",
             "lorasum.distributed",
             "lorasum.lora_a",

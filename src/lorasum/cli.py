@@ -689,7 +689,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _cmd_assets(args: argparse.Namespace) -> int:
     """`lorasum assets`."""
-    from lorasum.data import BUILTIN_DOMAINS, load_builtin
+    from lorasum.data.builtin import BUILTIN_DOMAINS, load_builtin
     from lorasum.models.loading import EMBEDDED_SHA256, embedded_gguf_path, prepare_default_model
 
     for name in BUILTIN_DOMAINS:

@@ -30,7 +30,8 @@ from lorasum.accuracy import (
     row_kind,
     tokenize_choice,
 )
-from lorasum.data import QA, Batch, Tokenized, collate, make_batches
+from lorasum.data.sources import QA
+from lorasum.data.tokenize import Batch, Tokenized, collate, make_batches
 from lorasum.errors import raise_all
 from lorasum.lean import HeadNll, SoftmaxNll, folded_lora, fused_head
 from lorasum.models.precision import frozen_linears_as, norm_outputs_as, precision_name
@@ -413,7 +414,8 @@ def evaluate(
     ``"accuracy"``. The default (perplexity) result is exactly what it was before accuracy."""
     from lorasum.accuracy import check_scorable
     from lorasum.adapters import check_fits, read_adapter
-    from lorasum.data import check_answers_fit, load_split, make_batches, tokenize_split
+    from lorasum.data.split import load_split
+    from lorasum.data.tokenize import check_answers_fit, make_batches, tokenize_split
     from lorasum.models.loading import load_model, load_tokenizer
     from lorasum.models.precision import autocast_dtype, pick_device
 

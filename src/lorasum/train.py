@@ -15,7 +15,10 @@ import torch
 from torch import nn
 
 from lorasum._version import __version__
-from lorasum.data import Batch, Source, check_answers_fit, collate, load_split, make_batches
+from lorasum.data.sources import Source
+from lorasum.data.split import load_split
+from lorasum.data.token_cache import tokenize_cached
+from lorasum.data.tokenize import Batch, check_answers_fit, collate, make_batches
 from lorasum.distributed import World, process_group, rank_device, rank_rows, world_from_env
 from lorasum.errors import LorasumError, raise_all
 from lorasum.evaluate import autocast_context, evaluate_batches, perplexity_from, token_nll
@@ -31,7 +34,6 @@ from lorasum.models.precision import (
     resolve_precision,
 )
 from lorasum.settings import SCHEDULES, TrainConfig  # TrainConfig: also lorasum.train's
-from lorasum.tokens import tokenize_cached
 
 log = logging.getLogger(__name__)
 

@@ -53,7 +53,9 @@ from torch import nn
 
 from lorasum._version import __version__
 from lorasum.adapters import Adapter, check_fits, delta_shape, read_adapter
-from lorasum.data import Source, load_split, make_batches
+from lorasum.data.sources import Source
+from lorasum.data.split import load_split
+from lorasum.data.tokenize import make_batches
 from lorasum.errors import LorasumError
 from lorasum.io import MARKER, commit_temp, config_key, read_json, temp_beside
 from lorasum.settings import EVAL_BATCH_SIZE, DataSettings, RuntimeSettings
@@ -476,9 +478,9 @@ def calibrate(
 
 
 def _compute(plan: _Plan, model, tokenizer, batch_size: int, device: str, cache: bool):
+    from lorasum.data.token_cache import tokenize_cached
     from lorasum.models.loading import load_model, load_tokenizer
     from lorasum.models.precision import pick_device
-    from lorasum.tokens import tokenize_cached
 
     if tokenizer is None:
         tokenizer = load_tokenizer(plan.spec)

@@ -398,7 +398,7 @@ def predict_domains(
     combination from ``predictor`` ('auto': the best leave-one-combination-out Spearman). The
     studies are read before the model runs. The values depend on the rows (``max_train``,
     ``split_seed``) and ``max_length``: match the studies' settings when forecasting."""
-    from lorasum.data import load_split
+    from lorasum.data.split import load_split
 
     _check_settings(predictor, max_length, max_train, max_order)
     studies = forecast.read_studies(fit) if fit else []

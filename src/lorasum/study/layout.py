@@ -9,7 +9,7 @@ import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from lorasum.data import Source
+from lorasum.data.sources import Source
 from lorasum.methods import get_method
 from lorasum.settings import TrainConfig
 from lorasum.study.config import STUDY_ONLY_METHODS

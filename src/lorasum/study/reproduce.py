@@ -22,7 +22,7 @@ from lorasum.adapters import read_adapter
 from lorasum.analysis.forecast import loo_prediction
 from lorasum.analysis.similarity import similarity_matrix
 from lorasum.analysis.statistics import correlation
-from lorasum.data import load_split
+from lorasum.data.split import load_split
 from lorasum.errors import LorasumError
 from lorasum.io import atomic_write_text, config_key, write_json
 from lorasum.models.loading import load_model, load_tokenizer, resolve_target_modules

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorasum._version import __version__
-from lorasum.data import Source
+from lorasum.data.sources import Source
 from lorasum.io import config_key, sha256_file, write_json
 from lorasum.models.precision import autocast_dtype
 from lorasum.settings import TrainConfig

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lorasum.data import Source
+from lorasum.data.sources import Source
 from lorasum.io import check_output_dir, existing_key, read_json
 from lorasum.settings import TrainConfig
 from lorasum.study import names
