@@ -368,8 +368,8 @@ def test_bf16_training_and_eval_equal_with_and_without_the_cast_once(
     from safetensors.torch import load_file
 
     import lorasum.evaluate as evaluate_mod
-    import lorasum.train as train_mod
-    from lorasum.train import TrainConfig, train
+    import lorasum.training.loop as train_mod
+    from lorasum.training import TrainConfig, train
 
     cfg = TrainConfig(
         model=str(tiny_llama), data=[str(qa_files["arith"])], max_steps=6, lr=3e-3,

@@ -185,8 +185,8 @@ def test_paths_in_adapter_metadata_never_lead_writes_outside_out(tiny_llama, tmp
 def test_non_finite_loss_stops_training_and_keeps_the_last_good_state(
     tiny_llama, qa_files, tmp_path, monkeypatch
 ):
-    import lorasum.train as train_mod
-    from lorasum.train import TrainConfig, diverged_dir, train
+    import lorasum.training.loop as train_mod
+    from lorasum.training import TrainConfig, diverged_dir, train
 
     real = train_mod.token_nll
     calls = {"n": 0}

@@ -461,9 +461,9 @@ def _apply_safety_flags(args: argparse.Namespace) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     """`lorasum train`."""
-    from lorasum.distributed import world_from_env
     from lorasum.settings import TrainConfig
-    from lorasum.train import train
+    from lorasum.training.distributed import world_from_env
+    from lorasum.training.loop import train
 
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     marker = train(cfg, args.out, overwrite=args.overwrite)

@@ -311,7 +311,7 @@ def _write_composed(
 def _warn_shared_slots(paths: Sequence[Path]) -> None:
     """One warning line when two adapters trained `--lora-a disjoint` share a slot (the sum
     is still exact; it only loses the zero input-side cross-talk the slots were for)."""
-    from lorasum.lora_a import shared_slots
+    from lorasum.training.lora_a import shared_slots
 
     markers = {}
     for p in paths:

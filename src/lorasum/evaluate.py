@@ -33,9 +33,9 @@ from lorasum.accuracy import (
 from lorasum.data.sources import QA
 from lorasum.data.tokenize import Batch, Tokenized, collate, make_batches
 from lorasum.errors import raise_all
-from lorasum.lean import HeadNll, SoftmaxNll, folded_lora, fused_head
 from lorasum.models.precision import frozen_linears_as, norm_outputs_as, precision_name
 from lorasum.settings import EVAL_BATCH_SIZE, DataSettings, RuntimeSettings, field_problems
+from lorasum.training.low_memory import HeadNll, SoftmaxNll, folded_lora, fused_head
 
 # Architectures whose logits are exactly lm_head(last hidden state): for them the head is applied
 # to counted positions only, which skips most of the vocabulary projection on prompts and padding.
@@ -167,7 +167,7 @@ def evaluate_batches(
     """Perplexity over all batches and per source (token-weighted).
 
     In fp32 each LoRA module runs as one product with its folded weight W + s·B·A
-    (`lorasum.lean.folded_lora`; same numbers to fp32 rounding)."""
+    (`lorasum.training.low_memory.folded_lora`; same numbers to fp32 rounding)."""
     from tqdm.auto import tqdm
 
     nll = torch.zeros(len(names), dtype=torch.float64)

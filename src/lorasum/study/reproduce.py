@@ -86,7 +86,7 @@ from lorasum.study.tasks import (
     TrainTask,
 )
 from lorasum.study.tasks.evaluate import read_json_or_none
-from lorasum.train import val_rows_problem
+from lorasum.training.schedule import val_rows_problem
 
 EXECUTORS = ("local", "ray")
 
