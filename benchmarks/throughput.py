@@ -9,7 +9,7 @@ alpha=64, dropout 0.1, targets `auto`, batch 8, max length 128, lr 1e-4, seed 0.
 - (a) baseline train: `transformers.Trainer` + `peft.get_peft_model`, fp32, every row padded to
   max length (`padding="max_length"`), labels = input ids with padding set to -100, otherwise
   Trainer defaults;
-- (b) `lorasum.train` with the same settings;
+- (b) `lorasum.training.train` with the same settings;
 - (c) baseline eval: the HF model's forward (full logits, its own loss) on padded batches of 8;
 - (d) `lorasum.evaluate` on the same rows and adapter.
 
@@ -187,7 +187,7 @@ def side_train_baseline(a: argparse.Namespace, bf16: bool = False) -> dict:
 def side_train_lorasum(a: argparse.Namespace) -> dict:
     _set_threads()
     from lorasum.io import read_json
-    from lorasum.train import TrainConfig, train
+    from lorasum.training import TrainConfig, train
 
     cfg = TrainConfig(
         data=DOMAINS,

@@ -257,7 +257,7 @@ def test_choices_leave_fingerprints_and_splits_unchanged(tmp_path):
 
 
 def test_train_identity_ignores_choices_field():
-    from lorasum.train import TrainConfig
+    from lorasum.training import TrainConfig
 
     cfg = TrainConfig(data=["x.jsonl"], choices_field="options")
     assert "choices_field" not in cfg.identity()

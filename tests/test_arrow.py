@@ -9,11 +9,11 @@ import torch
 from conftest import load_tiny, make_adapter
 
 from lorasum.data import load_split, make_batches
+from lorasum.data.token_cache import tokenize_cached
 from lorasum.errors import LorasumError
 from lorasum.evaluate import evaluate_batches
 from lorasum.models import load_tokenizer
 from lorasum.routing import arrow_model, arrow_options, evaluate_arrow
-from lorasum.tokens import tokenize_cached
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ from lorasum.errors import LorasumError
 from lorasum.io import read_json
 from lorasum.study.config import resolve_study
 from lorasum.study.reproduce import reproduce
-from lorasum.train import patience_stop
+from lorasum.training import patience_stop
 
 
 def _domains(qa_files) -> list[str]:

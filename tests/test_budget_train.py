@@ -12,19 +12,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import lorasum.train as train_mod
+import lorasum.training.loop as train_mod
 from lorasum.adapters import read_adapter
 from lorasum.data import QA, Source
+from lorasum.data.token_cache import tokenize_cached
 from lorasum.errors import LorasumError
 from lorasum.evaluate import evaluate
 from lorasum.io import read_json
 from lorasum.models import load_model
-from lorasum.tokens import tokenize_cached
-from lorasum.train import (
+from lorasum.training import (
     TrainConfig,
     adapter_key,
     load_sources,
     patience_stop,
+    schedule,
     snapshot_key,
     train,
 )
@@ -206,7 +207,7 @@ def test_keys_without_budget_fields_are_unchanged():
 def test_converged_stops_by_the_patience_rule_and_keeps_the_best(
     tiny_llama, qa_files, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(train_mod, "MIN_VAL_ROWS", 1)  # the curve is scripted; 6 val rows do
+    monkeypatch.setattr(schedule, "MIN_VAL_ROWS", 1)  # the curve is scripted; 6 val rows do
     script = [5.0, 4.0, 4.5, 3.9, 4.0, 4.1, 1.0, 1.0, 1.0]  # evaluated at steps 2, 4, 6, ...
     calls = []
 
@@ -254,7 +255,7 @@ def test_converged_stops_by_the_patience_rule_and_keeps_the_best(
 def test_converged_with_real_validation_keeps_the_best_val_weights(
     tiny_llama, qa_files, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(train_mod, "MIN_VAL_ROWS", 1)  # 6 val rows: enough for this check
+    monkeypatch.setattr(schedule, "MIN_VAL_ROWS", 1)  # 6 val rows: enough for this check
     cfg = _cfg(
         tiny_llama, [qa_files["colors"]], max_steps=0, eval_every=2, patience=1, max_epochs=1
     )
@@ -307,7 +308,7 @@ VAL_ROWS_CASES = [
 @pytest.mark.parametrize("rows,eval_every,max_eval,refused", VAL_ROWS_CASES)
 def test_val_rows_problem(rows, eval_every, max_eval, refused):
     cfg = TrainConfig(data=["math"], eval_every=eval_every, max_eval=max_eval)
-    problem = train_mod.val_rows_problem(cfg, [_source(n) for n in rows])
+    problem = schedule.val_rows_problem(cfg, [_source(n) for n in rows])
     assert (problem is not None) == refused
     if refused:
         assert f"has {sum(rows)} " in problem and "\n" not in problem
@@ -339,7 +340,7 @@ def test_constant_schedule_ends_by_the_cap_or_by_patience_on_scripted_curves(
     """Constant learning rate after warmup; a curve that keeps improving runs to the cap
     (--max-epochs), one that rises stops by patience and keeps its minimum's weights."""
     monkeypatch.setenv("LORASUM_PRECISION", "fp32")
-    monkeypatch.setattr(train_mod, "MIN_VAL_ROWS", 1)  # the curve is scripted, not measured
+    monkeypatch.setattr(schedule, "MIN_VAL_ROWS", 1)  # the curve is scripted, not measured
     script: list[float] = []
     monkeypatch.setattr(train_mod, "validation_loss", lambda *a: script.pop(0))
     data = [qa_files["arith"]]

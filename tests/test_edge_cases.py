@@ -10,7 +10,7 @@ from lorasum.compose import compose
 from lorasum.data import QA, tokenize_qa
 from lorasum.errors import LorasumError
 from lorasum.study.reproduce import reproduce
-from lorasum.train import TrainConfig, train
+from lorasum.training import TrainConfig, train
 
 
 def test_overwrite_never_replaces_a_directory_lorasum_did_not_write(

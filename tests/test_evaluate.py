@@ -300,8 +300,8 @@ def test_chunked_projection_in_one_buffer_is_cross_entropy_bitwise(
     import torch
 
     from lorasum.data import load_split, make_batches, tokenize_split
-    from lorasum.lean import fused_head
     from lorasum.models import load_model, load_tokenizer
+    from lorasum.training.low_memory import fused_head
 
     model, tok = load_model(str(tiny_llama)), load_tokenizer(str(tiny_llama))
     sources = [load_split(str(p), 42) for p in qa_files.values()]

@@ -244,7 +244,7 @@ def test_reproduce_killed_three_times_resumes_to_identical_results(tiny_llama, q
 
 BUILD_SCRIPT = """
 import sys
-import lorasum.models as m
+import lorasum.models.loading as m
 from transformers import AutoModelForCausalLM, AutoTokenizer
 src = sys.argv[1]
 m._dequantise = lambda d: (AutoModelForCausalLM.from_pretrained(src), AutoTokenizer.from_pretrained(src))
@@ -269,7 +269,7 @@ def _fake_dequantise(model_dir: Path):
 def test_model_cache_killed_while_built_is_never_used(tiny_llama, tmp_path, monkeypatch):
     """The dequantisation is replaced by loading a tiny model (the real one takes ~30 s);
     the GGUF checksum, the cache directory and its atomic rename are the real ones."""
-    from lorasum import models
+    from lorasum.models import loading
 
     cache = tmp_path / "home" / "models" / "smollm2-135m-instruct-q4_1"
     proc = subprocess.run(
@@ -281,27 +281,27 @@ def test_model_cache_killed_while_built_is_never_used(tiny_llama, tmp_path, monk
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert not cache.exists() and leftovers(cache.parent)  # half-built: only a temp dir
-    monkeypatch.setattr(models, "_dequantise", _fake_dequantise(tiny_llama))
-    assert models.prepare_default_model() == cache
-    assert read_json(cache / MARKER)["key"] == models.EMBEDDED_SHA256
+    monkeypatch.setattr(loading, "_dequantise", _fake_dequantise(tiny_llama))
+    assert loading.prepare_default_model() == cache
+    assert read_json(cache / MARKER)["key"] == loading.EMBEDDED_SHA256
     assert leftovers(cache.parent) == []
-    assert models.load_model("default").config.model_type == "llama"
+    assert loading.load_model("default").config.model_type == "llama"
 
 
 @needs_gguf
 def test_half_built_or_stale_cache_is_rebuilt(tiny_llama, tmp_path, monkeypatch):
-    from lorasum import models
+    from lorasum.models import loading
 
-    monkeypatch.setattr(models, "_dequantise", _fake_dequantise(tiny_llama))
-    cache = models.default_model_dir()
+    monkeypatch.setattr(loading, "_dequantise", _fake_dequantise(tiny_llama))
+    cache = loading.default_model_dir()
     cache.mkdir(parents=True)
     (cache / "config.json").write_text("{")  # files without a marker: a copy cut short
-    assert models.prepare_default_model() == cache
-    assert read_json(cache / MARKER)["key"] == models.EMBEDDED_SHA256
+    assert loading.prepare_default_model() == cache
+    assert read_json(cache / MARKER)["key"] == loading.EMBEDDED_SHA256
     json.loads((cache / "config.json").read_text())
     (cache / MARKER).write_text(json.dumps({"kind": "model", "key": "another-gguf"}))
-    models.prepare_default_model()
-    assert read_json(cache / MARKER)["key"] == models.EMBEDDED_SHA256
+    loading.prepare_default_model()
+    assert read_json(cache / MARKER)["key"] == loading.EMBEDDED_SHA256
 
 
 # --- the temp-file rules themselves ---------------------------------------------------------------

@@ -15,10 +15,10 @@ from lorasum.analysis.gradients import (
     target_module_names,
 )
 from lorasum.data import load_split, make_batches
+from lorasum.data.token_cache import tokenize_cached
 from lorasum.errors import LorasumError
 from lorasum.evaluate import token_nll
 from lorasum.models import load_tokenizer
-from lorasum.tokens import tokenize_cached
 
 DOMAINS = ("arith", "colors", "finance")
 MAX_LENGTH = 48

@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "lorasum.io",
             "lorasum.logs",
             "lorasum.factors",
-            "lorasum.lean",
+            "lorasum.training.low_memory",
             "lorasum.records",
         ),
     ),
@@ -36,10 +36,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         (
             "lorasum.adapters",
             "lorasum.data",
-            "lorasum.tokens",
             "lorasum.accuracy",
-            "lorasum.distributed",
-            "lorasum.lora_a",
+            "lorasum.training.distributed",
+            "lorasum.training.lora_a",
             "lorasum.results_schema",
         ),
     ),
@@ -62,7 +61,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("analysis: forecast", ("lorasum.analysis.forecast",)),
     ("analysis: predict", ("lorasum.analysis.predict", "lorasum.analysis")),
     ("compose", ("lorasum.compose", "lorasum.peft_live")),  # calibrates its calibration methods
-    ("training and routing", ("lorasum.train", "lorasum.routing", "lorasum.merge_aware")),
+    ("training and routing", ("lorasum.training", "lorasum.routing", "lorasum.merge_aware")),
     ("report", ("lorasum.report",)),  # reads results.json only; the study writes it at the end
     ("study", ("lorasum.study",)),
     ("api and cli", ("lorasum", "lorasum.cli", "lorasum.__main__")),

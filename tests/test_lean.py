@@ -12,7 +12,8 @@ from conftest import load_tiny
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from lorasum.lean import (
+from lorasum.models import load_model
+from lorasum.training.low_memory import (
     LoraBranch,
     SwiGLU,
     folded_lora,
@@ -22,7 +23,6 @@ from lorasum.lean import (
     rms_norms,
     swiglu_mlps,
 )
-from lorasum.models import load_model
 
 
 def _peft(model_dir, dropout=0.1):
@@ -185,8 +185,8 @@ def test_train_gives_the_same_adapter_with_and_without_lean(
 ):
     from safetensors.torch import load_file
 
-    import lorasum.train as train_mod
-    from lorasum.train import TrainConfig, train
+    import lorasum.training.loop as train_mod
+    from lorasum.training import TrainConfig, train
 
     cfg = TrainConfig(
         model=str(tiny_llama),
@@ -261,7 +261,7 @@ def test_bf16_autocast_branch_equals_peft_without_dropout(tiny_llama):
 def test_bf16_autocast_branch_dropout_is_seeded_and_bernoulli():
     """The bf16 path's mask: kept with probability 1 − p, the same for a seed, another for
     another seed; the branch's gradients follow the mask it drew."""
-    from lorasum.lean import keep_mask, keep_threshold
+    from lorasum.training.low_memory import keep_mask, keep_threshold
 
     torch.manual_seed(3)
     m1 = keep_mask(torch.Size([400_000]), 0.1, torch.device("cpu"))
@@ -319,7 +319,7 @@ def test_rmsnorm_equals_the_models_norm_and_its_gradient():
     float64 gradcheck)."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from lorasum.lean import RMSNorm
+    from lorasum.training.low_memory import RMSNorm
 
     torch.manual_seed(0)
     norm = LlamaRMSNorm(48, eps=1e-5)
@@ -342,7 +342,7 @@ def test_lean_norms_survive_train_eval_switches_and_are_restored(tiny_llama):
     """transformers re-kernelizes RMSNorm layers on every train/eval switch: the takeover must
     outlive a validation pass inside the block; afterwards the norms are the model's class
     again. A trainable norm weight falls back to autograd (and gets its gradient)."""
-    from lorasum.lean import RMSNorm
+    from lorasum.training.low_memory import RMSNorm
 
     model = _peft(tiny_llama, dropout=0.0)
     norms = rms_norms(model)
@@ -375,7 +375,7 @@ def test_lean_norms_survive_train_eval_switches_and_are_restored(tiny_llama):
 def _keep_mask_reference(n: int, p: float) -> torch.Tensor:
     """keep_mask written out plainly: 8 bytes per int64 draw, each byte against the threshold's
     top 8 bits, every tie (in index order) decided by 23 more bits from one int64 draw each."""
-    from lorasum.lean import keep_threshold
+    from lorasum.training.low_memory import keep_threshold
 
     t = keep_threshold(p)
     lead, rest = t >> 23, t & (2**23 - 1)
@@ -422,7 +422,7 @@ def test_keep_mask_ignores_ties_in_the_last_words_padding():
 def test_softmax_nll_is_cross_entropy_with_its_gradient():
     """SoftmaxNll against F.cross_entropy: forward bitwise, gradients to float rounding for any
     upstream weights (zero and negative included); a second backward raises."""
-    from lorasum.lean import SoftmaxNll
+    from lorasum.training.low_memory import SoftmaxNll
 
     torch.manual_seed(0)
     logits = (3 * torch.randn(37, 211)).requires_grad_()
@@ -456,7 +456,7 @@ def test_softmax_nll_is_cross_entropy_with_its_gradient():
 def test_head_nll_is_the_projection_then_softmax_nll():
     """HeadNll against SoftmaxNll(F.linear(h, w)): the NLL and the input gradient bitwise, the
     weight gradient when the weight needs one; a second backward raises."""
-    from lorasum.lean import HeadNll, SoftmaxNll
+    from lorasum.training.low_memory import HeadNll, SoftmaxNll
 
     torch.manual_seed(0)
     h = torch.randn(37, 16, requires_grad=True)
@@ -481,9 +481,9 @@ def test_head_nll_is_the_projection_then_softmax_nll():
 def test_token_nll_trains_through_head_nll_with_the_same_numbers(tiny_llama, monkeypatch):
     """fp32 training takes the fused head (HeadNll) and gives the per-row NLL and the LoRA
     gradients of the unfused path bitwise; under bf16 autocast it is not taken."""
-    from lorasum import lean
     from lorasum.data import Batch
     from lorasum.evaluate import token_nll
+    from lorasum.training import low_memory as lean
 
     peft = _peft_tiny(tiny_llama, dropout=0.0)
     torch.manual_seed(2)
@@ -548,7 +548,7 @@ def test_attention_under_autograd_runs_in_fp32_and_gives_sdpa_numbers(tiny_llama
     """bf16 autocast on a CPU: with autograd the attention runs in fp32 (the output and the
     gradients agree with an fp32 attention to bf16 rounding); without autograd it is sdpa's own
     bf16 call, bitwise; the model's attention implementation is back after the block."""
-    from lorasum.lean import FP32_ATTENTION, fp32_attention_backward
+    from lorasum.training.low_memory import FP32_ATTENTION, fp32_attention_backward
 
     peft = _peft_tiny(tiny_llama, dropout=0.0)
     ids = torch.randint(3, 100, (2, 16))
@@ -612,7 +612,7 @@ def test_attention_under_autograd_runs_in_fp32_and_gives_sdpa_numbers(tiny_llama
 
 
 def _count_folds(monkeypatch) -> list[int]:
-    import lorasum.lean as lean_module
+    import lorasum.training.low_memory as lean_module
 
     calls: list[int] = []
     real = lean_module.folded_weight

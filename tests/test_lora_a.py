@@ -14,10 +14,11 @@ from safetensors.torch import load_file
 
 from lorasum.cli import main
 from lorasum.compose import compose
-from lorasum.lora_a import disjoint_block, orthonormal_rows, shared_slots
 from lorasum.models import resolve_target_modules
 from lorasum.study.reproduce import reproduce
-from lorasum.train import TrainConfig, _attach_lora, train
+from lorasum.training import TrainConfig, train
+from lorasum.training.loop import _attach_lora
+from lorasum.training.lora_a import disjoint_block, orthonormal_rows, shared_slots
 
 
 @pytest.fixture(autouse=True)

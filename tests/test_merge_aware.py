@@ -125,11 +125,11 @@ def test_merge_aware_scores_the_converged_sum_as_compose_and_eval_do(tiny_llama,
     """The in-memory score of the converged choice == `lorasum compose` (sum) on disk, then
     perplexity on the same validation rows."""
     from lorasum.data import make_batches
+    from lorasum.data.token_cache import tokenize_cached
     from lorasum.evaluate import evaluate_batches
     from lorasum.merge_aware import select_checkpoints
     from lorasum.models import autocast_dtype, load_tokenizer
     from lorasum.study.reproduce import resolve
-    from lorasum.tokens import tokenize_cached
 
     files, out, _ = study
     resolved = resolve(out, "tiny", None, {"model": str(tiny_llama), "budget": "converged",

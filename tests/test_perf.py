@@ -8,12 +8,11 @@ import pytest
 import torch
 from conftest import rel_tol, run_precision
 
-from lorasum import models
 from lorasum.data import load_split, make_batches, tokenize_split
+from lorasum.data.token_cache import clear_cache, tokenize_cached
 from lorasum.evaluate import evaluate_batches, token_nll
-from lorasum.models import load_model, load_tokenizer
+from lorasum.models import load_model, load_tokenizer, precision
 from lorasum.study.reproduce import reproduce
-from lorasum.tokens import clear_cache, tokenize_cached
 
 CPU = torch.device("cpu")
 
@@ -58,7 +57,7 @@ def test_grouped_batches_give_the_same_per_example_loss_as_single_rows(tiny_llam
 @pytest.fixture
 def unforced(monkeypatch):
     """``auto`` decided by the (faked) verdict: the run's LORASUM_PRECISION unset."""
-    monkeypatch.delenv(models.PRECISION_ENV, raising=False)
+    monkeypatch.delenv(precision.PRECISION_ENV, raising=False)
 
 
 @pytest.mark.precision
@@ -76,51 +75,51 @@ def test_bf16_and_fp32_paths_agree(tiny_llama, qa_files):
 
 def test_bf16_verdict_is_measured_and_only_a_cache(tmp_path, monkeypatch, unforced):
     monkeypatch.setenv("LORASUM_HOME", str(tmp_path))
-    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: True)
-    monkeypatch.setattr(models, "load_average", lambda: 0.1)  # a quiet machine
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(precision, "load_average", lambda: 0.1)  # a quiet machine
     timings = {None: [2.0, 9.0, 2.0], torch.bfloat16: [1.0, 1.0, 8.0]}  # busy spells in between
     calls = []
-    rounds = models.VERDICT_ROUNDS
+    rounds = precision.VERDICT_ROUNDS
 
     def fake_time(dtype, repeats=3):
         calls.append(dtype)
         series = timings[dtype]
         return series[sum(1 for c in calls if c is dtype) % len(series) - 1]
 
-    monkeypatch.setattr(models, "time_linear_step", fake_time)
-    v1 = models.cpu_bf16_verdict()
+    monkeypatch.setattr(precision, "time_linear_step", fake_time)
+    v1 = precision.cpu_bf16_verdict()
     assert v1["use_bf16"] is True and (v1["fp32_s"], v1["bf16_s"]) == (2.0, 1.0)
     assert calls == [None, torch.bfloat16] * rounds  # interleaved, best of each
     assert v1["provisional"] is False and v1["load_per_core"] == 0.1
-    assert models.autocast_dtype("auto", CPU) is torch.bfloat16
+    assert precision.autocast_dtype("auto", CPU) is torch.bfloat16
     assert len(calls) == 2 * rounds  # the second call read the cache
     threads = torch.get_num_threads()
     try:  # a study's workers run fewer threads than its driver: one verdict for all of them
         torch.set_num_threads(1 if threads > 1 else 2)
-        assert models.cpu_bf16_verdict()["key"] == v1["key"] and len(calls) == 2 * rounds
+        assert precision.cpu_bf16_verdict()["key"] == v1["key"] and len(calls) == 2 * rounds
     finally:
         torch.set_num_threads(threads)
     (tmp_path / "hardware.json").unlink()  # deleting the cache only costs a re-measurement
-    v2 = models.cpu_bf16_verdict()
+    v2 = precision.cpu_bf16_verdict()
     assert v2["use_bf16"] == v1["use_bf16"] and len(calls) == 4 * rounds
     # a stale entry (other CPU/flags/torch) is measured again, and 1.1x does not pay
     data = json.loads((tmp_path / "hardware.json").read_text())
     (tmp_path / "hardware.json").write_text(json.dumps({**data, "key": "other-machine"}))
     timings[torch.bfloat16] = [2.0 / 1.1]
     timings[None] = [2.0]
-    assert models.cpu_bf16_verdict()["use_bf16"] is False and len(calls) == 6 * rounds
-    assert models.autocast_dtype("auto", CPU) is None
-    assert models.autocast_dtype("fp32", CPU) is None
-    assert models.autocast_dtype("bf16", CPU) is torch.bfloat16
+    assert precision.cpu_bf16_verdict()["use_bf16"] is False and len(calls) == 6 * rounds
+    assert precision.autocast_dtype("auto", CPU) is None
+    assert precision.autocast_dtype("fp32", CPU) is None
+    assert precision.autocast_dtype("bf16", CPU) is torch.bfloat16
 
 
 def test_bf16_verdict_measured_on_a_busy_machine_is_provisional(tmp_path, monkeypatch, unforced):
     """Measured under load (a running study made fp32 look faster than bf16 on an AMX CPU), the
     verdict stands while the machine stays busy and is measured again once it is quiet."""
     monkeypatch.setenv("LORASUM_HOME", str(tmp_path))
-    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)
     load = {"now": 3.0}
-    monkeypatch.setattr(models, "load_average", lambda: load["now"])
+    monkeypatch.setattr(precision, "load_average", lambda: load["now"])
     speed = {None: 0.27, torch.bfloat16: 0.35}  # the busy measurement: bf16 looks slower
     calls = []
 
@@ -128,61 +127,63 @@ def test_bf16_verdict_measured_on_a_busy_machine_is_provisional(tmp_path, monkey
         calls.append(dtype)
         return speed[dtype]
 
-    monkeypatch.setattr(models, "time_linear_step", fake_time)
-    busy = models.cpu_bf16_verdict()
+    monkeypatch.setattr(precision, "time_linear_step", fake_time)
+    busy = precision.cpu_bf16_verdict()
     assert busy["use_bf16"] is False and busy["provisional"] is True
     n = len(calls)
-    assert models.cpu_bf16_verdict()["use_bf16"] is False and len(calls) == n  # still busy
+    assert precision.cpu_bf16_verdict()["use_bf16"] is False and len(calls) == n  # still busy
     load["now"] = 0.2
     speed.update({None: 0.027, torch.bfloat16: 0.013})
-    quiet = models.cpu_bf16_verdict()
+    quiet = precision.cpu_bf16_verdict()
     assert quiet["use_bf16"] is True and quiet["provisional"] is False and len(calls) == 2 * n
     load["now"] = 3.0
-    assert models.cpu_bf16_verdict()["use_bf16"] is True and len(calls) == 2 * n  # final now
+    assert precision.cpu_bf16_verdict()["use_bf16"] is True and len(calls) == 2 * n  # final now
 
 
 def test_settled_verdict_is_what_a_study_worker_uses(tmp_path, monkeypatch, unforced):
     """A study's driver hands its verdict to the workers: they never measure their own."""
     monkeypatch.setenv("LORASUM_HOME", str(tmp_path))
-    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)
 
     def must_not_measure(dtype, repeats=3):
         raise AssertionError("a worker with a settled verdict measured again")
 
-    monkeypatch.setattr(models, "time_linear_step", must_not_measure)
+    monkeypatch.setattr(precision, "time_linear_step", must_not_measure)
     try:
-        models.settle_cpu_bf16(True)
-        assert models.autocast_dtype("auto", CPU) is torch.bfloat16
-        models.settle_cpu_bf16(False)
-        assert models.autocast_dtype("auto", CPU) is None
-        assert models.autocast_dtype("bf16", CPU) is torch.bfloat16  # asked for: not overridden
+        precision.settle_cpu_bf16(True)
+        assert precision.autocast_dtype("auto", CPU) is torch.bfloat16
+        precision.settle_cpu_bf16(False)
+        assert precision.autocast_dtype("auto", CPU) is None
+        assert precision.autocast_dtype("bf16", CPU) is torch.bfloat16  # asked for: not overridden
     finally:
-        models.settle_cpu_bf16(None)
-    assert models._SETTLED_BF16 is None
+        precision.settle_cpu_bf16(None)
+    assert precision._SETTLED_BF16 is None
 
 
 def test_bf16_never_chosen_without_bf16_hardware(tmp_path, monkeypatch, unforced):
     """A busy machine can make any micro-benchmark lie; emulated bf16 is never picked."""
     monkeypatch.setenv("LORASUM_HOME", str(tmp_path))
-    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: False)
-    monkeypatch.setattr(models, "time_linear_step", lambda dtype, repeats=3: 1.0 if dtype else 9.0)
-    verdict = models.cpu_bf16_verdict()
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(
+        precision, "time_linear_step", lambda dtype, repeats=3: 1.0 if dtype else 9.0
+    )
+    verdict = precision.cpu_bf16_verdict()
     assert verdict["use_bf16"] is False and verdict["bf16_s"] is None
-    assert models.autocast_dtype("auto", CPU) is None
+    assert precision.autocast_dtype("auto", CPU) is None
 
 
 def test_bf16_verdict_survives_an_unwritable_cache(tmp_path, monkeypatch, unforced):
     home = tmp_path / "file"
     home.write_text("not a directory")
     monkeypatch.setenv("LORASUM_HOME", str(home))
-    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: True)
-    monkeypatch.setattr(models, "time_linear_step", lambda dtype, repeats=3: 1.0)
-    assert models.cpu_bf16_verdict()["use_bf16"] is False
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(precision, "time_linear_step", lambda dtype, repeats=3: 1.0)
+    assert precision.cpu_bf16_verdict()["use_bf16"] is False
 
 
 def test_time_linear_step_runs_both_precisions():
-    assert models.time_linear_step(None, repeats=1) > 0
-    assert models.time_linear_step(torch.bfloat16, repeats=1) > 0
+    assert precision.time_linear_step(None, repeats=1) > 0
+    assert precision.time_linear_step(torch.bfloat16, repeats=1) > 0
 
 
 # measured bitwise equal (0.0) in bf16 on a 2-core AVX512-BF16 EPYC; 1e-3 stays under one bf16
@@ -307,11 +308,11 @@ def test_study_workers_start_with_the_drivers_verdict(tiny_llama, unforced):
     threads = torch.get_num_threads()
     try:
         init_worker(str(tiny_llama), "cpu", 1, False, None, True)
-        assert models.autocast_dtype("auto", CPU) is torch.bfloat16
+        assert precision.autocast_dtype("auto", CPU) is torch.bfloat16
         init_worker(str(tiny_llama), "cpu", 1, False, None, False)
-        assert models.autocast_dtype("auto", CPU) is None
+        assert precision.autocast_dtype("auto", CPU) is None
     finally:
-        models.settle_cpu_bf16(None)
+        precision.settle_cpu_bf16(None)
         torch.set_num_threads(threads)
 
 
@@ -322,7 +323,7 @@ def test_frozen_linears_cast_once_and_restored_bit_for_bit(tiny_llama):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     peft = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "down_proj"]))
     ptrs = {n: p.data_ptr() for n, p in peft.named_parameters()}
-    with models.frozen_linears_as(peft, torch.bfloat16) as n_cast:
+    with precision.frozen_linears_as(peft, torch.bfloat16) as n_cast:
         dtypes = {n: p.dtype for n, p in peft.named_parameters()}
         assert n_cast > 0
     for n, dt in dtypes.items():
@@ -337,10 +338,10 @@ def test_frozen_linears_cast_once_and_restored_bit_for_bit(tiny_llama):
     x = torch.randn(3, model.lm_head.in_features)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = model.lm_head(x)
-        with models.frozen_linears_as(peft, torch.bfloat16):
+        with precision.frozen_linears_as(peft, torch.bfloat16):
             assert "forward" in vars(model.lm_head)
             assert torch.equal(model.lm_head(x), expected)  # autocast's numbers
-            with models.frozen_linears_as(peft, torch.bfloat16):  # nested (eval in training)
+            with precision.frozen_linears_as(peft, torch.bfloat16):  # nested (eval in training)
                 assert torch.equal(model.lm_head(x), expected)
             assert "forward" in vars(model.lm_head)  # the outer block's copy still in use
     for n, p in peft.named_parameters():
@@ -348,7 +349,7 @@ def test_frozen_linears_cast_once_and_restored_bit_for_bit(tiny_llama):
     restored = peft.unload()
     for n, p in restored.named_parameters():
         assert torch.equal(p, before[n]), n
-    with models.frozen_linears_as(restored, None) as n_cast:
+    with precision.frozen_linears_as(restored, None) as n_cast:
         assert n_cast == 0
 
 
@@ -367,8 +368,8 @@ def test_bf16_training_and_eval_equal_with_and_without_the_cast_once(
     from safetensors.torch import load_file
 
     import lorasum.evaluate as evaluate_mod
-    import lorasum.train as train_mod
-    from lorasum.train import TrainConfig, train
+    import lorasum.training.loop as train_mod
+    from lorasum.training import TrainConfig, train
 
     cfg = TrainConfig(
         model=str(tiny_llama), data=[str(qa_files["arith"])], max_steps=6, lr=3e-3,
@@ -399,7 +400,7 @@ def test_bf16_training_and_eval_equal_with_and_without_the_cast_once(
     with_cast = evaluate_batches(model, batches, ["arith"], CPU, torch.bfloat16)
     assert with_cast["perplexity"] == without["perplexity"]
     assert with_cast["per_dataset"] == without["per_dataset"]
-    with models.norm_outputs_as(model.get_base_model(), torch.bfloat16) as hooked:
+    with precision.norm_outputs_as(model.get_base_model(), torch.bfloat16) as hooked:
         assert hooked == 2 * model.config.num_hidden_layers  # both norms of every layer
     fp32 = evaluate_batches(model, batches, ["arith"], CPU, None)
     assert fp32["perplexity"] != with_cast["perplexity"]  # bf16 really ran

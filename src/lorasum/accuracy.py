@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lorasum.data import QA, Tokenized, prompt_text
+from lorasum.data.sources import QA
+from lorasum.data.tokenize import Tokenized, prompt_text
 from lorasum.errors import LorasumError
 
 METRICS = ("perplexity", "accuracy", "all")

@@ -466,7 +466,8 @@ def _apply_safety_flags(args: argparse.Namespace) -> None:
     """The flags become environment variables, so worker processes follow them too."""
     import os
 
-    from lorasum.models import ALLOW_PICKLE_ENV, TRUST_REMOTE_CODE_ENV
+    from lorasum.io import ALLOW_PICKLE_ENV
+    from lorasum.models.loading import TRUST_REMOTE_CODE_ENV
 
     if getattr(args, "allow_pickle", False):
         os.environ[ALLOW_PICKLE_ENV] = "1"
@@ -476,9 +477,9 @@ def _apply_safety_flags(args: argparse.Namespace) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     """`lorasum train`."""
-    from lorasum.distributed import world_from_env
     from lorasum.settings import TrainConfig
-    from lorasum.train import train
+    from lorasum.training.distributed import world_from_env
+    from lorasum.training.loop import train
 
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     marker = train(cfg, args.out, overwrite=args.overwrite)
@@ -705,8 +706,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _cmd_assets(args: argparse.Namespace) -> int:
     """`lorasum assets`."""
-    from lorasum.data import BUILTIN_DOMAINS, load_builtin
-    from lorasum.models import EMBEDDED_SHA256, embedded_gguf_path, prepare_default_model
+    from lorasum.data.builtin import BUILTIN_DOMAINS, load_builtin
+    from lorasum.models.loading import EMBEDDED_SHA256, embedded_gguf_path, prepare_default_model
 
     for name in BUILTIN_DOMAINS:
         rows, origin = load_builtin(name)

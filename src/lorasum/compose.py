@@ -311,7 +311,7 @@ def _write_composed(
 def _warn_shared_slots(paths: Sequence[Path]) -> None:
     """One warning line when two adapters trained `--lora-a disjoint` share a slot (the sum
     is still exact; it only loses the zero input-side cross-talk the slots were for)."""
-    from lorasum.lora_a import shared_slots
+    from lorasum.training.lora_a import shared_slots
 
     markers = {}
     for p in paths:
@@ -392,7 +392,7 @@ def merge_adapter_into_base(
     """
     from peft import PeftModel
 
-    from lorasum.models import load_model, load_tokenizer
+    from lorasum.models.loading import load_model, load_tokenizer
 
     adapter = read_adapter(adapter_dir)
     model = load_model(model_spec)

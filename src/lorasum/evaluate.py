@@ -30,11 +30,12 @@ from lorasum.accuracy import (
     row_kind,
     tokenize_choice,
 )
-from lorasum.data import QA, Batch, Tokenized, collate, make_batches
+from lorasum.data.sources import QA
+from lorasum.data.tokenize import Batch, Tokenized, collate, make_batches
 from lorasum.errors import raise_all
-from lorasum.lean import HeadNll, SoftmaxNll, folded_lora, fused_head
-from lorasum.models import frozen_linears_as, norm_outputs_as, precision_name
+from lorasum.models.precision import frozen_linears_as, norm_outputs_as, precision_name
 from lorasum.settings import EVAL_BATCH_SIZE, DataSettings, RuntimeSettings, field_problems
+from lorasum.training.low_memory import HeadNll, SoftmaxNll, folded_lora, fused_head
 
 # Architectures whose logits are exactly lm_head(last hidden state): for them the head is applied
 # to counted positions only, which skips most of the vocabulary projection on prompts and padding.
@@ -166,7 +167,7 @@ def evaluate_batches(
     """Perplexity over all batches and per source (token-weighted).
 
     In fp32 each LoRA module runs as one product with its folded weight W + s·B·A
-    (`lorasum.lean.folded_lora`; same numbers to fp32 rounding)."""
+    (`lorasum.training.low_memory.folded_lora`; same numbers to fp32 rounding)."""
     from tqdm.auto import tqdm
 
     nll = torch.zeros(len(names), dtype=torch.float64)
@@ -413,8 +414,10 @@ def evaluate(
     ``"accuracy"``. The default (perplexity) result is exactly what it was before accuracy."""
     from lorasum.accuracy import check_scorable
     from lorasum.adapters import check_fits, read_adapter
-    from lorasum.data import check_answers_fit, load_split, make_batches, tokenize_split
-    from lorasum.models import autocast_dtype, load_model, load_tokenizer, pick_device
+    from lorasum.data.split import load_split
+    from lorasum.data.tokenize import check_answers_fit, make_batches, tokenize_split
+    from lorasum.models.loading import load_model, load_tokenizer
+    from lorasum.models.precision import autocast_dtype, pick_device
 
     settings = {"max_length": max_length, "max_eval": max_eval, "precision": precision}
     data = _eval_data(data, split, batch_size, metric, max_new_tokens, settings)

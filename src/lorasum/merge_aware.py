@@ -115,11 +115,11 @@ def select_checkpoints(
     tokens, seconds)."""
     from peft import PeftModel
 
-    from lorasum.data import make_batches
+    from lorasum.data.token_cache import tokenize_cached
+    from lorasum.data.tokenize import make_batches
     from lorasum.evaluate import evaluate_batches
-    from lorasum.models import autocast_dtype
+    from lorasum.models.precision import autocast_dtype
     from lorasum.peft_live import add_weighted_adapter
-    from lorasum.tokens import tokenize_cached
 
     if rows < 1 or passes < 1:
         raise LorasumError("merge-aware checkpoints: rows and passes must be >= 1")

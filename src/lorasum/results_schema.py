@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorasum.data import combo_name
+from lorasum.data.sources import combo_name
 from lorasum.errors import LorasumError
 from lorasum.records import Record, RecordError, optional
 

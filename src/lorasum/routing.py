@@ -42,7 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorasum.data import QA, Source, make_batches, prompt_text
+from lorasum.data.sources import QA, Source
+from lorasum.data.token_cache import tokenize_cached
+from lorasum.data.tokenize import make_batches, prompt_text
 from lorasum.errors import LorasumError
 from lorasum.evaluate import (
     autocast_context,
@@ -52,7 +54,6 @@ from lorasum.evaluate import (
     unwrap,
 )
 from lorasum.settings import DataSettings
-from lorasum.tokens import tokenize_cached
 
 # The gaussian router's summary: a domain's first 64 training prompts (the seeded split's
 # order), and a variance floor of 1e-3 × the domain's mean variance so that no dimension's

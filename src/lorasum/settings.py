@@ -25,8 +25,8 @@ from typing import Any
 from lorasum.errors import raise_all
 
 # The choices of the settings that take a name
-LORA_A = ("trained", "frozen", "disjoint")  # see lorasum.lora_a
-PRECISIONS = ("auto", "bf16", "fp32")  # see lorasum.models.autocast_dtype
+LORA_A = ("trained", "frozen", "disjoint")  # see lorasum.training.lora_a
+PRECISIONS = ("auto", "bf16", "fp32")  # see lorasum.models.precision.autocast_dtype
 # --schedule → the transformers scheduler name: the learning rate after the linear warmup
 SCHEDULES = {"linear": "linear", "constant": "constant_with_warmup"}
 # Sequences per forward pass where a command only evaluates (no gradients, so larger than the

@@ -53,7 +53,9 @@ from torch import nn
 
 from lorasum._version import __version__
 from lorasum.adapters import Adapter, check_fits, delta_shape, read_adapter
-from lorasum.data import Source, load_split, make_batches
+from lorasum.data.sources import Source
+from lorasum.data.split import load_split
+from lorasum.data.tokenize import make_batches
 from lorasum.errors import LorasumError
 from lorasum.io import MARKER, commit_temp, config_key, read_json, temp_beside
 from lorasum.settings import EVAL_BATCH_SIZE, DataSettings, RuntimeSettings
@@ -226,7 +228,7 @@ def calibration_key(
 
 def cache_dir() -> Path:
     """Where the statistics are cached: $LORASUM_HOME/calibration (shared by all studies)."""
-    from lorasum.models import lorasum_home
+    from lorasum.models.loading import lorasum_home
 
     return lorasum_home() / "calibration"
 
@@ -476,8 +478,9 @@ def calibrate(
 
 
 def _compute(plan: _Plan, model, tokenizer, batch_size: int, device: str, cache: bool):
-    from lorasum.models import load_model, load_tokenizer, pick_device
-    from lorasum.tokens import tokenize_cached
+    from lorasum.data.token_cache import tokenize_cached
+    from lorasum.models.loading import load_model, load_tokenizer
+    from lorasum.models.precision import pick_device
 
     if tokenizer is None:
         tokenizer = load_tokenizer(plan.spec)
@@ -548,7 +551,8 @@ def calibrate_adapters(
         if out[i] is not None:
             continue
         if plan.spec not in loaded:
-            from lorasum.models import load_model, load_tokenizer, pick_device
+            from lorasum.models.loading import load_model, load_tokenizer
+            from lorasum.models.precision import pick_device
 
             loaded[plan.spec] = (
                 load_model(plan.spec, pick_device(device)),

@@ -31,7 +31,7 @@ import numpy as np
 
 from lorasum.analysis.predictors import predictor_names
 from lorasum.analysis.statistics import linear_fit, pearson_spearman
-from lorasum.data import combo_name
+from lorasum.data.sources import combo_name
 from lorasum.errors import LorasumError
 
 

@@ -53,7 +53,8 @@ import torch
 from torch import nn
 
 from lorasum._version import __version__
-from lorasum.data import Batch, Source
+from lorasum.data.sources import Source
+from lorasum.data.tokenize import Batch
 from lorasum.errors import LorasumError
 from lorasum.settings import LoraSettings
 
@@ -101,7 +102,7 @@ def target_module_names(
     """Full names of the linear modules the adapters would target (`resolve_target_modules`'
     suffixes, or full names), in model order, with their (d_out, d_in)."""
     from lorasum.adapters import delta_shape
-    from lorasum.models import resolve_target_modules
+    from lorasum.models.loading import resolve_target_modules
 
     suffixes = resolve_target_modules(
         model, target_modules if isinstance(target_modules, str) else list(target_modules)
@@ -264,10 +265,10 @@ def domain_gradients(
     loss of one domain's train split, cached under ``cache_dir`` (default
     ``$LORASUM_HOME/gradients``); ``cache`` False keeps every G in memory instead. The batch
     size changes memory only (padding has δ = 0)."""
-    from lorasum.data import make_batches
+    from lorasum.data.token_cache import tokenize_cached
+    from lorasum.data.tokenize import make_batches
     from lorasum.io import MARKER, atomic_dir, write_json
-    from lorasum.models import lorasum_home
-    from lorasum.tokens import tokenize_cached
+    from lorasum.models.loading import lorasum_home
 
     if max_bytes < 1:
         raise LorasumError(f"max_bytes {max_bytes}: give a positive memory budget")

@@ -36,6 +36,8 @@ from lorasum.analysis.predictors.data import combination_values, combo_name, gra
 from lorasum.analysis.predictors.weight import cosine_predictors
 from lorasum.errors import LorasumError
 from lorasum.factors import rms
+from lorasum.models.loading import load_model, load_tokenizer
+from lorasum.models.precision import pick_device
 from lorasum.settings import DataSettings, LoraSettings, RuntimeSettings, field_problems
 
 # --- `lorasum predict ADAPTER…` and `compose --check`: predictors of given adapters ------------
@@ -396,8 +398,7 @@ def predict_domains(
     combination from ``predictor`` ('auto': the best leave-one-combination-out Spearman). The
     studies are read before the model runs. The values depend on the rows (``max_train``,
     ``split_seed``) and ``max_length``: match the studies' settings when forecasting."""
-    from lorasum.data import load_split
-    from lorasum.models import load_model, load_tokenizer, pick_device
+    from lorasum.data.split import load_split
 
     _check_settings(predictor, max_length, max_train, max_order)
     studies = forecast.read_studies(fit) if fit else []

@@ -28,7 +28,7 @@ CARD_NAME = "README.md"
 def resolve_base(model: str | None, base_gguf: str | Path | None) -> GgufBase:
     """The base llama.cpp will run: a given GGUF file, the embedded default model's GGUF,
     or (no file known) the architecture from a transformers config."""
-    from lorasum.models import DEFAULT_MODEL, embedded_gguf_path, resolve_model
+    from lorasum.models.loading import DEFAULT_MODEL, embedded_gguf_path, resolve_model
 
     if base_gguf is not None:
         return base_from_gguf(base_gguf)
@@ -38,7 +38,7 @@ def resolve_base(model: str | None, base_gguf: str | Path | None) -> GgufBase:
         return base_from_gguf(embedded_gguf_path())
     from transformers import AutoConfig
 
-    from lorasum.models import remote_code_allowed
+    from lorasum.models.loading import remote_code_allowed
 
     try:
         config = AutoConfig.from_pretrained(
@@ -92,7 +92,8 @@ def export_adapter(
     ``base_gguf``, else ``model`` or the adapter's base model: the embedded default model's
     GGUF, or a transformers config. Returns what was written (also in the card).
     """
-    from lorasum.models import DEFAULT_MODEL, EMBEDDED_SHA256, sha256_file
+    from lorasum.io import sha256_file
+    from lorasum.models.loading import DEFAULT_MODEL, EMBEDDED_SHA256
 
     if format != "gguf":
         raise LorasumError(f"unknown export --format {format!r}; use gguf")

@@ -43,7 +43,8 @@ def export_merged(
     unquantised. The base is ``base_gguf`` or the embedded default model's GGUF.
     Returns what was written, with each merged tensor's requantisation error relative to ΔW.
     """
-    from lorasum.models import DEFAULT_MODEL, EMBEDDED_SHA256, sha256_file
+    from lorasum.io import sha256_file
+    from lorasum.models.loading import DEFAULT_MODEL, EMBEDDED_SHA256
 
     if outtype not in MERGED_OUTTYPES:
         raise LorasumError(

@@ -245,8 +245,8 @@ def _interleaved_batches(tokenizer, sources: Sequence, max_length: int, batch_si
                          rows: int | None = None) -> list:  # fmt: skip
     """Validation batches of ``sources`` (their "val" split; the first ``rows`` of each when
     given), rows interleaved across domains so that a short budget sees every domain."""
-    from lorasum.data import make_batches
-    from lorasum.tokens import tokenize_cached
+    from lorasum.data.token_cache import tokenize_cached
+    from lorasum.data.tokenize import make_batches
 
     per_source = [tokenize_cached(tokenizer, [s], "val", max_length)[:rows] for s in sources]
     interleaved = [

@@ -98,7 +98,7 @@ log = logging.getLogger(__name__)
 
 def spectra_dir() -> Path:
     """Where `cached_spectrum` keeps eigenpairs: $LORASUM_HOME/spectra."""
-    from lorasum.models import lorasum_home
+    from lorasum.models.loading import lorasum_home
 
     return lorasum_home() / "spectra"
 

@@ -11,7 +11,7 @@ import io
 import math
 
 from lorasum.analysis.predictors import predictor_labels
-from lorasum.data import combo_name
+from lorasum.data.sources import combo_name
 from lorasum.results_schema import Combination, Results, SeedRow, Snapshots, as_results
 
 # axis labels of the registered predictors (`lorasum.analysis.predictors`); others: their name

@@ -449,7 +449,7 @@ def _check_train_types(train: dict[str, Any], problems: list[str]) -> dict[str, 
 def parse_domains(domains: str | list[str] | dict[str, str]) -> dict[str, str]:
     """'math,medicine', 'all' (every builtin domain), 'fin=hf:org/ds,mine=my.jsonl' or
     {name: source} → {name: source}."""
-    from lorasum.data import ALL_DOMAINS
+    from lorasum.data.builtin import ALL_DOMAINS
 
     if isinstance(domains, dict):
         domains = [f"{k}={v}" for k, v in domains.items()]

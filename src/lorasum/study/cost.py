@@ -81,7 +81,7 @@ def calibrates(method: str) -> bool:
 
 def merged_steps(grid: Grid, order: int) -> int:
     """Optimizer steps of an order-``order`` merged-data adapter (epochs schedule, as
-    `lorasum.train.schedule_steps`)."""
+    `lorasum.training.schedule.schedule_steps`)."""
     return max(1, math.ceil(grid.epochs * math.ceil(order * grid.train_rows / grid.batch_size)))
 
 

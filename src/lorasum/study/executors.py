@@ -105,7 +105,7 @@ def init_worker(
 ):
     """Load the base model once per worker process (``device``: this worker's device; ``bf16``:
     the driver's CPU bf16 verdict, so that the worker does not measure its own)."""
-    from lorasum.models import settle_cpu_bf16
+    from lorasum.models.precision import settle_cpu_bf16
 
     if parent is not None:
         _exit_with_parent(parent)
@@ -115,7 +115,7 @@ def init_worker(
         from lorasum.logs import quiet_libraries
 
         quiet_libraries()
-    from lorasum.models import load_model, load_tokenizer
+    from lorasum.models.loading import load_model, load_tokenizer
 
     _WORKER["tokenizer"] = load_tokenizer(model_spec)
     _WORKER["model"] = load_model(model_spec, device)

@@ -9,11 +9,11 @@ import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from lorasum.data import Source
+from lorasum.data.sources import Source
 from lorasum.methods import get_method
 from lorasum.settings import TrainConfig
 from lorasum.study.config import STUDY_ONLY_METHODS
-from lorasum.train import schedule_steps
+from lorasum.training.schedule import schedule_steps
 
 
 def combinations(names: list[str], max_order: int | None = None) -> list[tuple[str, ...]]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lorasum.data import combo_name  # noqa: F401  (re-exported: the study names by it)
+from lorasum.data.sources import combo_name  # noqa: F401  (re-exported: the study names by it)
 
 BASE = "base"  # the base model's evaluation
 PREDICTORS = "predictors"  # a seed's activation-space predictors

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lorasum.io import atomic_write_text
 from lorasum.methods import get_method
-from lorasum.models import lorasum_home
+from lorasum.models.loading import lorasum_home
 from lorasum.study import names
 from lorasum.study.layout import (
     StudyLayout,

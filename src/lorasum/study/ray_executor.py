@@ -68,7 +68,7 @@ class UnitActor:
             check_storage(marker)
             import torch
 
-            from lorasum.models import cpu_has_fast_bf16, settle_cpu_bf16
+            from lorasum.models.precision import cpu_has_fast_bf16, settle_cpu_bf16
 
             # the driver's CPU verdict, unless this node's CPU would only emulate bf16
             settle_cpu_bf16(None if bf16 is None else bf16 and cpu_has_fast_bf16())
@@ -78,7 +78,7 @@ class UnitActor:
                 from lorasum.logs import quiet_libraries
 
                 quiet_libraries()
-            from lorasum.models import load_model, load_tokenizer
+            from lorasum.models.loading import load_model, load_tokenizer
 
             self.tokenizer = load_tokenizer(model_spec)
             self.model = load_model(model_spec, device)

@@ -22,17 +22,15 @@ from lorasum.adapters import read_adapter
 from lorasum.analysis.forecast import loo_prediction
 from lorasum.analysis.similarity import similarity_matrix
 from lorasum.analysis.statistics import correlation
-from lorasum.data import load_split
+from lorasum.data.split import load_split
 from lorasum.errors import LorasumError
 from lorasum.io import atomic_write_text, config_key, write_json
-from lorasum.models import (
+from lorasum.models.loading import load_model, load_tokenizer, resolve_target_modules
+from lorasum.models.precision import (
     PRECISION_ENV,
     autocast_dtype,
-    load_model,
-    load_tokenizer,
     pick_device,
     resolve_precision,
-    resolve_target_modules,
     settle_cpu_bf16,
 )
 from lorasum.results_schema import (
@@ -88,7 +86,7 @@ from lorasum.study.tasks import (
     TrainTask,
 )
 from lorasum.study.tasks.evaluate import read_json_or_none
-from lorasum.train import val_rows_problem
+from lorasum.training.schedule import val_rows_problem
 
 EXECUTORS = ("local", "ray")
 

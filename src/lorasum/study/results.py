@@ -440,7 +440,7 @@ def manifest(
 
     import torch
 
-    from lorasum.models import cpu_name
+    from lorasum.models.precision import cpu_name
 
     versions = {"python": platform.python_version()}
     for pkg in ("lorasum", "torch", "transformers", "peft", "safetensors", "numpy", "scipy"):

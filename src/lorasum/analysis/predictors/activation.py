@@ -40,7 +40,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from lorasum.analysis.predictors.registry import Predictor, PredictorFamily, PredictorInputs
-from lorasum.data import combo_name
+from lorasum.data.sources import combo_name
 from lorasum.errors import LorasumError
 from lorasum.factors import Factors, LoraFactors, module_cosines, rms, single_threaded
 

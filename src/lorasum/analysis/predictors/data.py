@@ -32,7 +32,7 @@ from lorasum.analysis.gradients import (
     target_module_names,
 )
 from lorasum.analysis.predictors.registry import Predictor, PredictorFamily, PredictorInputs
-from lorasum.data import combo_name
+from lorasum.data.sources import combo_name
 from lorasum.errors import LorasumError
 from lorasum.factors import rms
 from lorasum.settings import LoraSettings

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-from lorasum.data import combo_name
+from lorasum.data.sources import combo_name
 from lorasum.errors import LorasumError
 
 Need = Literal["adapters", "calibration", "base_model_data", "cross_domain"]

@@ -18,7 +18,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 from lorasum.analysis.predictors.registry import Predictor, PredictorFamily, PredictorInputs
-from lorasum.data import combo_name
+from lorasum.data.sources import combo_name
 from lorasum.errors import LorasumError
 
 

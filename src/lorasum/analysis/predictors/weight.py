@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 from lorasum.analysis.predictors.registry import Predictor, PredictorFamily, PredictorInputs
 from lorasum.analysis.similarity import combination_rms
-from lorasum.data import combo_name
+from lorasum.data.sources import combo_name
 from lorasum.errors import LorasumError
 from lorasum.factors import Factors, module_cosines, rms, single_threaded
 

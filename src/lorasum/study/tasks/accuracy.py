@@ -12,9 +12,9 @@ import time
 from collections.abc import Sequence
 
 from lorasum.accuracy import ACCURACY_VERSION, DEFAULT_MAX_NEW_TOKENS, row_kind
-from lorasum.data import Source
+from lorasum.data.sources import Source
 from lorasum.io import config_key, write_json
-from lorasum.models import autocast_dtype
+from lorasum.models.precision import autocast_dtype
 from lorasum.study import names
 from lorasum.study.tasks.base import EVAL_BATCH_SIZE, job_cost, task_type
 from lorasum.study.tasks.evaluate import EvalTask, eval_key

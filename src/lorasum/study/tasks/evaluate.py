@@ -6,13 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorasum._version import __version__
-from lorasum.data import Source, make_batches
-from lorasum.io import config_key, read_json, write_json
-from lorasum.models import autocast_dtype, sha256_file
+from lorasum.data.sources import Source
+from lorasum.data.token_cache import tokenize_cached
+from lorasum.data.tokenize import make_batches
+from lorasum.io import config_key, read_json, sha256_file, write_json
+from lorasum.models.precision import autocast_dtype
 from lorasum.settings import TrainConfig
 from lorasum.study import names
 from lorasum.study.tasks.base import EVAL_BATCH_SIZE, AdapterTask, Task, job_cost, task_type
-from lorasum.tokens import tokenize_cached
 
 
 def eval_key(unit_key: str, domains: tuple[str, ...], sources: dict[str, Source], cfg) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from lorasum._version import __version__
 from lorasum.adapters import read_adapter
-from lorasum.data import Source
+from lorasum.data.sources import Source
 from lorasum.io import check_output_dir, config_key, existing_key, read_json
 from lorasum.settings import TrainConfig
 from lorasum.study import names

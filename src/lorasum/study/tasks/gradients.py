@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorasum._version import __version__
-from lorasum.data import Source
+from lorasum.data.sources import Source
 from lorasum.io import config_key
 from lorasum.study import names
 from lorasum.study.tasks.base import Resources, Task, job_cost, task_type

@@ -10,9 +10,8 @@ from pathlib import Path
 
 from lorasum._version import __version__
 from lorasum.adapters import read_adapter
-from lorasum.data import Source
-from lorasum.io import config_key, read_json, write_json
-from lorasum.models import sha256_file
+from lorasum.data.sources import Source
+from lorasum.io import config_key, read_json, sha256_file, write_json
 from lorasum.study import names
 from lorasum.study.tasks.base import COMPOSE_COST_ROWS, Resources, Task, job_cost, task_type
 from lorasum.study.tasks.evaluate import cached_eval

@@ -13,9 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorasum._version import __version__
-from lorasum.data import Source
-from lorasum.io import config_key, write_json
-from lorasum.models import autocast_dtype, sha256_file
+from lorasum.data.sources import Source
+from lorasum.io import config_key, sha256_file, write_json
+from lorasum.models.precision import autocast_dtype
 from lorasum.settings import TrainConfig
 from lorasum.study import names
 from lorasum.study.tasks.base import EVAL_BATCH_SIZE, Task, job_cost, task_type

@@ -1,11 +1,11 @@
 """`TrainTask`: one adapter of a study (a domain's single adapter or a combination's merged-data
-adapter), trained by `lorasum.train.train` into its own directory."""
+adapter), trained by `lorasum.training.loop.train` into its own directory."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from lorasum.data import Source
+from lorasum.data.sources import Source
 from lorasum.io import check_output_dir, existing_key, read_json
 from lorasum.settings import TrainConfig
 from lorasum.study import names
@@ -15,7 +15,7 @@ from lorasum.study.tasks.base import AdapterTask, Resources, job_cost, task_type
 @task_type
 class TrainTask(AdapterTask):
     """``cfg`` on the training rows of ``sources`` (one per domain), written to ``path``; its
-    key is known before anything runs (`lorasum.train.adapter_key`)."""
+    key is known before anything runs (`lorasum.training.loop.adapter_key`)."""
 
     kind = "train"
     domains: tuple[str, ...]
@@ -53,7 +53,7 @@ class TrainTask(AdapterTask):
         return self.path
 
     def key(self) -> str:
-        from lorasum.train import adapter_key
+        from lorasum.training.loop import adapter_key
 
         return adapter_key(self.cfg, list(self.sources))
 
@@ -68,7 +68,7 @@ class TrainTask(AdapterTask):
         return None
 
     def run(self, *, model, tokenizer, progress: bool = False) -> dict:
-        from lorasum.train import train
+        from lorasum.training.loop import train
 
         return train(self.cfg, self.path, overwrite=self._overwrite(), sources=list(self.sources),
                      progress=progress, model=model, tokenizer=tokenizer)  # fmt: skip

@@ -15,34 +15,34 @@ import torch
 from torch import nn
 
 from lorasum._version import __version__
-from lorasum.data import Batch, Source, check_answers_fit, collate, load_split, make_batches
-from lorasum.distributed import World, process_group, rank_device, rank_rows, world_from_env
-from lorasum.errors import LorasumError, raise_all
+from lorasum.data.sources import Source
+from lorasum.data.split import load_split
+from lorasum.data.token_cache import tokenize_cached
+from lorasum.data.tokenize import Batch, check_answers_fit, collate, make_batches
+from lorasum.errors import LorasumError
 from lorasum.evaluate import autocast_context, evaluate_batches, perplexity_from, token_nll
 from lorasum.io import atomic_dir, check_output_dir, config_key, read_json
-from lorasum.lean import fp32_attention_backward, lean
-from lorasum.lora_a import apply_lora_a
-from lorasum.models import (
+from lorasum.models.loading import load_model, load_tokenizer, resolve_target_modules, uses_conv1d
+from lorasum.models.precision import (
     autocast_dtype,
     frozen_linears_as,
-    load_model,
-    load_tokenizer,
     pick_device,
     precision_name,
     resolve_precision,
-    resolve_target_modules,
-    uses_conv1d,
 )
-from lorasum.settings import SCHEDULES, TrainConfig  # TrainConfig: also lorasum.train's
-from lorasum.tokens import tokenize_cached
+from lorasum.settings import SCHEDULES, TrainConfig
+from lorasum.training.distributed import (
+    World,
+    process_group,
+    rank_device,
+    rank_rows,
+    world_from_env,
+)
+from lorasum.training.lora_a import apply_lora_a
+from lorasum.training.low_memory import fp32_attention_backward, lean
+from lorasum.training.schedule import patience_stop, schedule_steps, val_rows_problem
 
 log = logging.getLogger(__name__)
-
-
-# The fewest validation rows a patience stop may be decided on (docs/BUDGETS.md): two batches
-# of the default batch size, so that one row moves the mean loss by at most 1/16 of its own
-# deviation and a stop is not the verdict of a handful of rows.
-MIN_VAL_ROWS = 16
 
 
 def load_sources(cfg: TrainConfig) -> list[Source]:
@@ -121,43 +121,6 @@ def existing_kind(path: Path) -> str | None:
         return read_json(path / "lorasum.json").get("kind")
     except (OSError, ValueError, AttributeError):
         return None
-
-
-def schedule_steps(cfg: TrainConfig, train_rows: int) -> tuple[int, int, int]:
-    """(steps per epoch, steps of the LR schedule, the step the run stops at at the latest)."""
-    steps_per_epoch = math.ceil(train_rows / cfg.batch_size)
-    if cfg.eval_every > 0 and cfg.max_epochs > 0:
-        total_steps = max(1, math.ceil(cfg.max_epochs * steps_per_epoch))
-    else:
-        total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    problems = []
-    if cfg.stop_at > total_steps:
-        problems.append(f"--stop-at {cfg.stop_at} is beyond the run's {total_steps} steps")
-    late = [s for s in cfg.snapshots if s > total_steps]
-    if late:
-        problems.append(f"--snapshots {late} are beyond the run's {total_steps} steps")
-    raise_all(problems, f"{train_rows} training rows / batch {cfg.batch_size}")
-    return steps_per_epoch, total_steps, cfg.stop_at or total_steps
-
-
-def patience_stop(val_losses: list[float], patience: int) -> tuple[int, int | None]:
-    """Early stopping on a validation curve: (index of the best loss, index to stop at or None).
-
-    The best is the lowest loss, the earlier one on ties (NaN counts as +inf); the run stops at
-    the first evaluation that is the ``patience``-th in a row not lower than the best so far.
-    """
-    best, stop = 0, None
-    for i, loss in enumerate(val_losses):
-        if _finite_or_inf(loss) < _finite_or_inf(val_losses[best]):
-            best = i
-        elif i - best >= patience:
-            stop = i
-            break
-    return best, stop
-
-
-def _finite_or_inf(x: float) -> float:
-    return x if not math.isnan(x) else math.inf
 
 
 def validation_loss(model: nn.Module, batches, names, device, amp) -> float:
@@ -428,21 +391,6 @@ def _run_epochs(run: _Run, watch: _Watch, train_items, pad_id: int, out: Path, b
             if watch.after_step(run):
                 return
         epoch += 1
-
-
-def val_rows_problem(cfg: TrainConfig, sources: list[Source]) -> str | None:
-    """Why ``sources``' validation split is too small to stop on (``cfg.eval_every`` > 0), or
-    None: patience stopping needs at least ``MIN_VAL_ROWS`` rows (their union, when merged)."""
-    n = sum(len(s.splits["val"]) for s in sources)
-    if cfg.eval_every == 0 or n >= MIN_VAL_ROWS:
-        return None
-    names = "+".join(s.name for s in sources)
-    capped = f", capped by --max-eval {cfg.max_eval}" if cfg.max_eval is not None else ""
-    return (
-        f"--eval-every stops on the validation loss, which needs at least {MIN_VAL_ROWS} "
-        f"validation rows; {names} has {n} (its 10 % validation split{capped}): use more data, "
-        "raise --max-eval, or train without --eval-every (a study: without --budget converged)"
-    )
 
 
 def _val_batches(cfg: TrainConfig, tokenizer, sources: list[Source]) -> list | None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lorasum.data import Source, Tokenized, tokenize_split
+from lorasum.data.sources import Source
+from lorasum.data.tokenize import Tokenized, tokenize_split
 from lorasum.settings import DataSettings
 
 _CACHE: dict[tuple, list[Tokenized]] = {}
