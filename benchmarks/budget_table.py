@@ -37,28 +37,46 @@ def render(table: dict, methods: list[str] | None) -> str:
                 cells += ["n/a", "n/a"]
                 continue
             best = e["best_method"]
-            steps = f" ({'+'.join(f'{s:g}' for s in e['single_steps'] or [])} vs {e['merged_steps']:g} steps)" if e["merged_steps"] else ""  # fmt: skip
+            steps = (
+                f" ({'+'.join(f'{s:g}' for s in e['single_steps'] or [])} vs {e['merged_steps']:g} steps)"
+                if e["merged_steps"]
+                else ""
+            )
             cells += [
                 _fmt(e["sum"]) + steps,
                 f"{best} {_fmt(e['methods'].get(best))}" if best else "n/a",
             ]
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
-    all_methods = sorted({m for e in table["combinations"].values() for b in e.values() for m in b["methods"]})  # fmt: skip
+    all_methods = sorted(
+        {m for e in table["combinations"].values() for b in e.values() for m in b["methods"]}
+    )
     lines += ["", "Mean Δ% over combinations, per method and budget:", ""]
     lines.append("| method | " + " | ".join(budgets) + " |")
     lines.append("|---|" + "---:|" * len(budgets))
     for m in methods or all_methods:
         cells = []
         for b in budgets:
-            vals = [e[b]["methods"][m]["delta_pct"] for e in table["combinations"].values() if b in e and m in e[b]["methods"]]  # fmt: skip
-            cells.append(f"{sum(vals) / len(vals):+.2f} ({sum(v < 0 for v in vals)}/{len(vals)} < 0)" if vals else "n/a")  # fmt: skip
+            vals = [
+                e[b]["methods"][m]["delta_pct"]
+                for e in table["combinations"].values()
+                if b in e and m in e[b]["methods"]
+            ]
+            cells.append(
+                f"{sum(vals) / len(vals):+.2f} ({sum(v < 0 for v in vals)}/{len(vals)} < 0)"
+                if vals
+                else "n/a"
+            )
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += ["", "Leave-one-combination-out Spearman of predicted vs measured Δ% (sum):", ""]
     lines.append("| predictor | " + " | ".join(budgets) + " | pooled | pooled oracle ρ |")
     lines.append("|---|" + "---:|" * (len(budgets) + 2))
     for name, p in table["prediction"].items():
         f = lambda v: "n/a" if v is None else f"{v:+.2f}"  # noqa: E731
-        lines.append(f"| {name} | " + " | ".join(f(p.get(b)) for b in budgets) + f" | {f(p.get('pooled'))} (n={p.get('pooled_n')}) | {f(p.get('pooled_oracle_rho'))} |")  # fmt: skip
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f(p.get(b)) for b in budgets)
+            + f" | {f(p.get('pooled'))} (n={p.get('pooled_n')}) | {f(p.get('pooled_oracle_rho'))} |"
+        )
     return "\n".join(lines)
 
 

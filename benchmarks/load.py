@@ -135,9 +135,14 @@ def child(kind: str, args: list[str]) -> dict:
     else:
         model, data, n = args
         result = evaluate(
-            model=model, data=[data], split="train", batch_size=64, precision="fp32",
-            device="cpu", progress=False,
-        )  # fmt: skip
+            model=model,
+            data=[data],
+            split="train",
+            batch_size=64,
+            precision="fp32",
+            device="cpu",
+            progress=False,
+        )
         info = {"examples": int(n), "tokens": result["tokens"], "perplexity": result["perplexity"]}
     return {
         "seconds": time.perf_counter() - t0,
@@ -190,10 +195,12 @@ def main() -> None:
     )
     for r in rows:
         size = (
-            f"{r['adapters']} adapters, rank {r['rank']}" if r["what"] == "compose"
-            else f"{r['adapters']} adapters, {r['pairs']} pairs" if r["what"] == "similarity"
+            f"{r['adapters']} adapters, rank {r['rank']}"
+            if r["what"] == "compose"
+            else f"{r['adapters']} adapters, {r['pairs']} pairs"
+            if r["what"] == "similarity"
             else f"{r['examples']:,} examples"
-        )  # fmt: skip
+        )
         extra = r["peak_rss_mb"] - r["baseline_rss_mb"]
         print(
             f"{r['what']:<11} {size:>22} {r['seconds']:>8.1f} {r['baseline_rss_mb']:>12.0f} "

@@ -109,9 +109,17 @@ def render_measured(study: Path) -> str:
 # with the paper's data sizes: 10,000 training and 1,000 test rows per domain (its domains
 # hold ~7k–30k rows), ≤ 128 tokens per row (its max length; the bound is used as the mean).
 PROJECTED = cost.Grid(
-    domains=20, max_order=2, seeds=3, methods=("regmean_rescaled",), cross_domain=True,
-    paper_variants=True, predictors=True, train_rows=10_000, test_rows=1_000, batch_size=8,
-)  # fmt: skip
+    domains=20,
+    max_order=2,
+    seeds=3,
+    methods=("regmean_rescaled",),
+    cross_domain=True,
+    paper_variants=True,
+    predictors=True,
+    train_rows=10_000,
+    test_rows=1_000,
+    batch_size=8,
+)
 TOKENS_PER_ROW = 128
 
 
@@ -155,7 +163,10 @@ def render_projection(grid: cost.Grid = PROJECTED, tokens_per_row: float = TOKEN
          replace(grid, predictors=False), lora, ONE_PASS),
         ("training 6P; the same", replace(grid, predictors=False), full, ONE_PASS),
     ]  # fmt: skip
-    summary = ["| reading | GPU-hours | wall on 8 GPUs (h) | wall on 64 GPUs (h) |", "|---|---:|---:|---:|"]  # fmt: skip
+    summary = [
+        "| reading | GPU-hours | wall on 8 GPUs (h) | wall on 64 GPUs (h) |",
+        "|---|---:|---:|---:|",
+    ]
     for i, (label, g, model, max_bytes) in enumerate(variants):
         p8, p64 = (
             cost.projection(g, tokens_per_row, n, model, hw, gradient_max_bytes=max_bytes)

@@ -58,13 +58,28 @@ def build_files(out: Path) -> dict[str, Path]:
         files[d + ".gguf"] = out / "gguf" / d / f"{d}.gguf"
         lorasum("export", str(files[d]), "--out", str(files[d + ".gguf"]), "--overwrite")
     files["sum"] = out / "sum"
-    lorasum("compose", *(str(files[d]) for d in DOMAINS), "--out", str(files["sum"]),
-            "--format", "gguf", "--overwrite")  # fmt: skip
+    lorasum(
+        "compose",
+        *(str(files[d]) for d in DOMAINS),
+        "--out",
+        str(files["sum"]),
+        "--format",
+        "gguf",
+        "--overwrite",
+    )
     files["sum.gguf"] = files["sum"] / "gguf" / "adapter.gguf"
     for outtype in ("base", "f32"):
         path = out / "merged" / outtype / f"merged-{outtype}.gguf"
-        lorasum("export", str(files["sum"]), "--merged", "--out", str(path),
-                "--outtype", outtype, "--overwrite")  # fmt: skip
+        lorasum(
+            "export",
+            str(files["sum"]),
+            "--merged",
+            "--out",
+            str(path),
+            "--outtype",
+            outtype,
+            "--overwrite",
+        )
         files["merged-" + outtype] = path
     return files
 
@@ -83,10 +98,21 @@ def lorasum_nll(adapter: Path | None, rows: int, max_length: int) -> dict:
     from lorasum.evaluate import evaluate
 
     t0 = time.perf_counter()
-    r = evaluate("default", list(DOMAINS), adapter=str(adapter) if adapter else None,
-                 max_length=max_length, max_eval=rows, precision="fp32", progress=False)  # fmt: skip
-    return {"nll": r["nll"] / r["tokens"], "tokens": r["tokens"],
-            "seconds": r["timing"]["seconds"], "wall": time.perf_counter() - t0}  # fmt: skip
+    r = evaluate(
+        "default",
+        list(DOMAINS),
+        adapter=str(adapter) if adapter else None,
+        max_length=max_length,
+        max_eval=rows,
+        precision="fp32",
+        progress=False,
+    )
+    return {
+        "nll": r["nll"] / r["tokens"],
+        "tokens": r["tokens"],
+        "seconds": r["timing"]["seconds"],
+        "wall": time.perf_counter() - t0,
+    }
 
 
 def main() -> None:
@@ -125,8 +151,13 @@ def main() -> None:
     # llama.cpp's OpenMP threads spin while waiting: on a shared, busy CPU that made every
     # row 10× slower here; passive waiting keeps the timing about the model.
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "passive")}
-    proc = subprocess.run([args.llama_python, str(script), str(out / "spec.json")],
-                          check=True, capture_output=True, text=True, env=env)  # fmt: skip
+    proc = subprocess.run(
+        [args.llama_python, str(script), str(out / "spec.json")],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     llama = json.loads(proc.stdout.strip().splitlines()[-1])
     rows = []
     for (name, adapter, _, _), lc in zip(configs, llama["results"], strict=True):
@@ -136,23 +167,34 @@ def main() -> None:
                 f"{name}: {ref['tokens']} tokens in lorasum, {lc['tokens']} in llama.cpp"
             )
         rows.append({"configuration": name, "lorasum": ref, "llamacpp": lc})
-    result = {"rows": rows, "items": len(items), "llama_cpp_python": llama["version"],
-              "model": str(base), "domains": DOMAINS}  # fmt: skip
+    result = {
+        "rows": rows,
+        "items": len(items),
+        "llama_cpp_python": llama["version"],
+        "model": str(base),
+        "domains": DOMAINS,
+    }
     (out / "serve_check.json").write_text(json.dumps(result, indent=2))
     print_table(result)
 
 
 def print_table(result: dict) -> None:
-    print(f"\n{result['items']} test rows ({', '.join(result['domains'])}), "
-          f"{result['rows'][0]['lorasum']['tokens']} answer tokens; "
-          f"llama-cpp-python {result['llama_cpp_python']}\n")  # fmt: skip
-    print("| configuration | NLL lorasum | NLL llama.cpp | relative diff | time lorasum | "
-          "time llama.cpp |")  # fmt: skip
+    print(
+        f"\n{result['items']} test rows ({', '.join(result['domains'])}), "
+        f"{result['rows'][0]['lorasum']['tokens']} answer tokens; "
+        f"llama-cpp-python {result['llama_cpp_python']}\n"
+    )
+    print(
+        "| configuration | NLL lorasum | NLL llama.cpp | relative diff | time lorasum | "
+        "time llama.cpp |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     for r in result["rows"]:
         a, b = r["lorasum"]["nll"], r["llamacpp"]["nll"]
-        print(f"| {r['configuration']} | {a:.4f} | {b:.4f} | {(b - a) / a:+.2%} | "
-              f"{r['lorasum']['seconds']:.2f} s | {r['llamacpp']['seconds']:.2f} s |")  # fmt: skip
+        print(
+            f"| {r['configuration']} | {a:.4f} | {b:.4f} | {(b - a) / a:+.2%} | "
+            f"{r['lorasum']['seconds']:.2f} s | {r['llamacpp']['seconds']:.2f} s |"
+        )
 
 
 if __name__ == "__main__":

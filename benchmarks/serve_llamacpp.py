@@ -56,8 +56,14 @@ def row_nll(llm, ids: list[int], counted: list[bool]) -> tuple[float, int]:
 def run(config: dict, items: list[dict], threads: int) -> dict:
     n_ctx = max(len(i["ids"]) for i in items) + 8
     t0 = time.perf_counter()
-    llm = llama_cpp.Llama(model_path=config["model"], n_ctx=n_ctx, n_batch=n_ctx,
-                          n_threads=threads, logits_all=True, verbose=False)  # fmt: skip
+    llm = llama_cpp.Llama(
+        model_path=config["model"],
+        n_ctx=n_ctx,
+        n_batch=n_ctx,
+        n_threads=threads,
+        logits_all=True,
+        verbose=False,
+    )
     handles = apply_loras(llm, config["loras"])
     loaded = time.perf_counter()
     nll, tokens = 0.0, 0

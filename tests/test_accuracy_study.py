@@ -48,10 +48,12 @@ def _essays(n: int) -> list[dict]:
     """Long free-form answers: neither options nor a short answer, so accuracy skips them."""
     rng = random.Random(5)
     return [
-        {"question": f"Item {i}?", "answer": f"Item is {rng.choice(COLOURS)} item is "
-         f"{rng.choice(COLOURS)}"}
+        {
+            "question": f"Item {i}?",
+            "answer": f"Item is {rng.choice(COLOURS)} item is {rng.choice(COLOURS)}",
+        }
         for i in range(n)
-    ]  # fmt: skip
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -98,13 +100,30 @@ def study(tiny_llama, data, tmp_path_factory) -> dict:
         ppl = _run(out, tiny_llama, data)
         ppl_files = _files(out)
         ppl_yaml = (out / "experiment.yaml").read_text()
-        before = reproduce(out, preset="tiny", plan_only=True, metrics="perplexity,accuracy",
-                           **_settings(tiny_llama, data))["units"]  # fmt: skip
+        before = reproduce(
+            out,
+            preset="tiny",
+            plan_only=True,
+            metrics="perplexity,accuracy",
+            **_settings(tiny_llama, data),
+        )["units"]
         acc = _run(out, tiny_llama, data, metrics=["perplexity", "accuracy"])
-        after = reproduce(out, preset="tiny", plan_only=True, metrics="perplexity,accuracy",
-                          **_settings(tiny_llama, data))["units"]  # fmt: skip
-        return {"out": out, "ppl": ppl, "acc": acc, "ppl_files": ppl_files,
-                "ppl_yaml": ppl_yaml, "before": before, "after": after}  # fmt: skip
+        after = reproduce(
+            out,
+            preset="tiny",
+            plan_only=True,
+            metrics="perplexity,accuracy",
+            **_settings(tiny_llama, data),
+        )["units"]
+        return {
+            "out": out,
+            "ppl": ppl,
+            "acc": acc,
+            "ppl_files": ppl_files,
+            "ppl_yaml": ppl_yaml,
+            "before": before,
+            "after": after,
+        }
 
 
 # --- settings -----------------------------------------------------------------------------------
@@ -146,9 +165,14 @@ def test_accuracy_with_nothing_to_score_is_one_line(tiny_llama, data, tmp_path):
     more = write_jsonl(tmp_path / "notes.jsonl", _essays(60)[::-1])
     out = tmp_path / "s"
     with pytest.raises(LorasumError, match="nothing to score") as e:
-        reproduce(out, preset="tiny", model=str(tiny_llama), progress=False,
-                  domains=[f"essay={data['essay']}", f"notes={more}"],
-                  metrics="perplexity,accuracy")  # fmt: skip
+        reproduce(
+            out,
+            preset="tiny",
+            model=str(tiny_llama),
+            progress=False,
+            domains=[f"essay={data['essay']}", f"notes={more}"],
+            metrics="perplexity,accuracy",
+        )
     assert "\n" not in str(e.value) and not out.exists()
 
 
@@ -254,8 +278,12 @@ def test_each_kind_of_evaluation_has_an_accuracy_unit(study):
     evals = study["out"] / "seed-1" / "evals"
     names = {p.stem for p in evals.glob("acc-*.json")}
     for c in ("quiz+arith", "quiz+essay", "arith+essay"):
-        assert {f"acc-merged-{c}", f"acc-sum-{c}", f"acc-method-mean-{c}",
-                f"acc-method-learned-{c}"} <= names  # fmt: skip
+        assert {
+            f"acc-merged-{c}",
+            f"acc-sum-{c}",
+            f"acc-method-mean-{c}",
+            f"acc-method-learned-{c}",
+        } <= names
     assert {"acc-single-quiz", "acc-single-arith", "acc-single-essay"} <= names
     assert (study["out"] / "evals" / "acc-base.json").is_file()
 
@@ -298,10 +326,17 @@ def test_one_accuracy_unit_equals_lorasum_eval(study, tiny_llama, data):
     out = study["out"]
     precision = read_json(out / "config.json")["train"]["precision"]
     got = evaluate(
-        model=str(tiny_llama), data=[str(data["quiz"]), str(data["arith"])],
-        adapter=str(out / "seed-1" / "sums" / "quiz+arith"), split="test", max_length=32,
-        batch_size=32, max_eval=4, precision=precision, progress=False, metric="accuracy",
-    )["accuracy"]  # fmt: skip
+        model=str(tiny_llama),
+        data=[str(data["quiz"]), str(data["arith"])],
+        adapter=str(out / "seed-1" / "sums" / "quiz+arith"),
+        split="test",
+        max_length=32,
+        batch_size=32,
+        max_eval=4,
+        precision=precision,
+        progress=False,
+        metric="accuracy",
+    )["accuracy"]
     unit = _unit(out, 1, "sum-quiz+arith")
     for k in ("acc", "acc_norm", "questions", "exact_match", "generated", "skipped"):
         assert unit[k] == got[k], k
@@ -330,8 +365,14 @@ def _result(per: dict[str, tuple[int, int, int, int]]) -> dict:
     """An accuracy unit's result from (questions, correct, generated, matched) per domain."""
     out = {}
     for d, (q, c, g, m) in per.items():
-        out[d] = {"acc": c / q if q else None, "acc_norm": c / q if q else None, "questions": q,
-                  "exact_match": m / g if g else None, "generated": g, "skipped": 0 if q + g else 5}  # fmt: skip
+        out[d] = {
+            "acc": c / q if q else None,
+            "acc_norm": c / q if q else None,
+            "questions": q,
+            "exact_match": m / g if g else None,
+            "generated": g,
+            "skipped": 0 if q + g else 5,
+        }
     return {"per_dataset": out}
 
 
@@ -342,22 +383,32 @@ def test_delta_accuracy_rank_correlation_and_rank_changes_on_known_numbers():
 
     combo = ("mc", "num")
     # correct of 10 questions and matched of 10 answers, per seed: merged, sum, ties
-    counts = {1: {"merged": (5, 5), "sum": (6, 5), "ties": (4, 4)},
-              2: {"merged": (5, 3), "sum": (8, 4), "ties": (5, 3)}}  # fmt: skip
+    counts = {
+        1: {"merged": (5, 5), "sum": (6, 5), "ties": (4, 4)},
+        2: {"merged": (5, 3), "sum": (8, 4), "ties": (5, 3)},
+    }
     per_seed = []
     for seed in SEEDS:
         c = counts[seed]
-        evals = {f"acc-{u}": _result({"mc": (10, c[k][0], 0, 0), "num": (0, 0, 10, c[k][1])})
-                 for u, k in (("merged-mc+num", "merged"), ("sum-mc+num", "sum"),
-                              ("method-ties-mc+num", "ties"))}  # fmt: skip
+        evals = {
+            f"acc-{u}": _result({"mc": (10, c[k][0], 0, 0), "num": (0, 0, 10, c[k][1])})
+            for u, k in (
+                ("merged-mc+num", "merged"),
+                ("sum-mc+num", "sum"),
+                ("method-ties-mc+num", "ties"),
+            )
+        }
         evals["acc-base"] = _result({"mc": (10, 3, 0, 0), "num": (0, 0, 10, 0)})
         evals["acc-single-mc"] = _result({"mc": (10, 7, 0, 0), "num": (0, 0, 10, 1)})
         evals["acc-single-num"] = _result({"mc": (10, 2, 0, 0), "num": (0, 0, 10, 6)})
         per_seed.append(seed_accuracy(combo, evals, ["sum", "ties"]))
     # perplexity says ties is best
-    row = {"domains": list(combo), "best_method": "ties",
-           "methods": {"sum": {"delta_pct": 3.0}, "ties": {"delta_pct": 1.0}},
-           "per_seed": [{"seed": s, "methods": {"sum": {}, "ties": {}}} for s in SEEDS]}  # fmt: skip
+    row = {
+        "domains": list(combo),
+        "best_method": "ties",
+        "methods": {"sum": {"delta_pct": 3.0}, "ties": {"delta_pct": 1.0}},
+        "per_seed": [{"seed": s, "methods": {"sum": {}, "ties": {}}} for s in SEEDS],
+    }
     add_accuracy(row, per_seed)
     sum_deltas = [(11 - 10) / 20 * 100, (12 - 8) / 20 * 100]  # 5 and 20 points
     got = row["methods"]["sum"]["accuracy"]

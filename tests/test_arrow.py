@@ -68,8 +68,9 @@ def test_arrow_of_one_adapter_is_that_adapter(adapters):
     net = arrow_model(model, [a, b], temperature=1e9)
     half = _logits(net, ids)
     net.unload()
-    torch.testing.assert_close(half, _peft_logits(model, [a, b], ids, scale=0.5),
-                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    torch.testing.assert_close(
+        half, _peft_logits(model, [a, b], ids, scale=0.5), rtol=1e-5, atol=1e-5
+    )
     # at temperature 1 the mix is neither adapter alone
     net = arrow_model(model, [a, b])
     mixed = _logits(net, ids)
@@ -89,8 +90,9 @@ def test_evaluate_arrow_matches_the_adapter_alone(tiny_llama, qa_files, tmp_path
     got = evaluate_arrow(model, tok, {"arith": path}, {"arith": src}, 32, batch_size=4)
     net = PeftModel.from_pretrained(model, str(path))
     items = tokenize_cached(tok, [src], "test", 32)
-    ref = evaluate_batches(net, make_batches(items, 4, tok.pad_token_id, False), ["arith"],
-                           torch.device("cpu"))  # fmt: skip
+    ref = evaluate_batches(
+        net, make_batches(items, 4, tok.pad_token_id, False), ["arith"], torch.device("cpu")
+    )
     net.unload()
     assert got["tokens"] == ref["tokens"]
     assert got["nll"] == pytest.approx(ref["nll"], rel=1e-5)
@@ -98,8 +100,9 @@ def test_evaluate_arrow_matches_the_adapter_alone(tiny_llama, qa_files, tmp_path
     assert got["arrow"] == {"top_k": 1, "router_temperature": 1.0, "rng_seed": 0}
     # under bf16 autocast (frozen linears, LoRA factors included, held in bf16) it still runs,
     # with float32 prototypes, and lands near the float32 numbers
-    bf16 = evaluate_arrow(model, tok, {"arith": path}, {"arith": src}, 32, batch_size=4,
-                          amp_dtype=torch.bfloat16)  # fmt: skip
+    bf16 = evaluate_arrow(
+        model, tok, {"arith": path}, {"arith": src}, 32, batch_size=4, amp_dtype=torch.bfloat16
+    )
     assert bf16["precision"] == "bf16" and bf16["tokens"] == ref["tokens"]
     assert bf16["nll"] == pytest.approx(ref["nll"], rel=0.05)
 

@@ -53,13 +53,24 @@ def test_converged_budget_records_curves_and_reports_what_stopped_each_adapter(
 ):
     monkeypatch.setenv("LORASUM_PRECISION", "fp32")
     # 160 rows per domain: validation splits of 16, the fewest a patience stop may use
-    files = {n: write_jsonl(tmp_path / f"{n}.jsonl", make_qa(n, 160, seed=i))
-             for i, n in enumerate(("arith", "colors"))}  # fmt: skip
+    files = {
+        n: write_jsonl(tmp_path / f"{n}.jsonl", make_qa(n, 160, seed=i))
+        for i, n in enumerate(("arith", "colors"))
+    }
     out = tmp_path / "c"
     # 2 steps per epoch for a single adapter, 4 for the merged one: a cap of 5 epochs is
     # 10 and 20 steps, which some adapters' curves outlast and others do not
-    res = _run(tiny_llama, files, out, budget="converged", eval_every=1, patience=1, max_eval=16,
-               max_epochs=5, cross_domain=False)  # fmt: skip
+    res = _run(
+        tiny_llama,
+        files,
+        out,
+        budget="converged",
+        eval_every=1,
+        patience=1,
+        max_eval=16,
+        max_epochs=5,
+        cross_domain=False,
+    )
     cfg = read_json(out / "config.json")
     assert cfg["budget"] == "converged"
     assert cfg["train"]["schedule"] == "constant"
@@ -167,16 +178,41 @@ def test_cli_budget_flags(tiny_llama, qa_files, tmp_path, capsys):
     from lorasum.cli import main
 
     rc = main(
-        ["reproduce", "--preset", "tiny", "--model", str(tiny_llama), "--domains",
-         ",".join(_domains(qa_files)), "--out", str(tmp_path / "p"), "--budget", "steps",
-         "--snapshots", "0.5,1", "--plan"]
-    )  # fmt: skip
+        [
+            "reproduce",
+            "--preset",
+            "tiny",
+            "--model",
+            str(tiny_llama),
+            "--domains",
+            ",".join(_domains(qa_files)),
+            "--out",
+            str(tmp_path / "p"),
+            "--budget",
+            "steps",
+            "--snapshots",
+            "0.5,1",
+            "--plan",
+        ]
+    )
     assert rc != 0
     assert "use them with --budget epochs" in capsys.readouterr().err
     rc = main(
-        ["reproduce", "--preset", "tiny", "--model", str(tiny_llama), "--domains",
-         ",".join(_domains(qa_files)), "--out", str(tmp_path / "p"), "--budget", "steps", "--plan"]
-    )  # fmt: skip
+        [
+            "reproduce",
+            "--preset",
+            "tiny",
+            "--model",
+            str(tiny_llama),
+            "--domains",
+            ",".join(_domains(qa_files)),
+            "--out",
+            str(tmp_path / "p"),
+            "--budget",
+            "steps",
+            "--plan",
+        ]
+    )
     assert rc == 0
     assert "train" in capsys.readouterr().out
     assert not (tmp_path / "p").exists()
@@ -192,11 +228,22 @@ def test_study_predictors_include_the_adapter_free_ones(tiny_llama, qa_files, tm
     model, tok = load_model(str(tiny_llama), "cpu"), load_tokenizer(str(tiny_llama))
     from lorasum.study.reproduce import resolve
 
-    study = resolve(tmp_path / "p", "tiny", None, {"model": str(tiny_llama), "domains": _domains(qa_files), "predictors": True}, False)  # fmt: skip
+    study = resolve(
+        tmp_path / "p",
+        "tiny",
+        None,
+        {"model": str(tiny_llama), "domains": _domains(qa_files), "predictors": True},
+        False,
+    )
     data = data_predictors(
-        model, tok, study.layout.sources, res_combos, study.layout.base_cfg.max_length,
-        model_spec=str(tiny_llama), cache=False,
-    )  # fmt: skip
+        model,
+        tok,
+        study.layout.sources,
+        res_combos,
+        study.layout.base_cfg.max_length,
+        model_spec=str(tiny_llama),
+        cache=False,
+    )
     seed_rows = {r["domains"][0] + "+" + "+".join(r["domains"][1:]): r for r in res["combinations"]}
     table = {**res["cross_domain"]["perplexity"]}
     transfer = transfer_predictor(table, res_combos)
@@ -216,11 +263,22 @@ def test_compare_budgets_pools_points_and_leaves_a_combination_out_everywhere():
         rows = []
         for i, c in enumerate((("a", "b"), ("a", "c"), ("b", "c"), ("a", "d"))):
             per_seed = [
-                {"seed": s, "delta_pct": 2.0 * i + offset + 0.1 * s, "predictors": {"x": i + 0.01 * s}}
+                {
+                    "seed": s,
+                    "delta_pct": 2.0 * i + offset + 0.1 * s,
+                    "predictors": {"x": i + 0.01 * s},
+                }
                 for s in (1, 2)
-            ]  # fmt: skip
-            rows.append({"domains": list(c), "delta_pct": 2.0 * i + offset, "methods": {},
-                         "per_seed": per_seed, "ci95": {"delta_pct": [0.0, 1.0]}})  # fmt: skip
+            ]
+            rows.append(
+                {
+                    "domains": list(c),
+                    "delta_pct": 2.0 * i + offset,
+                    "methods": {},
+                    "per_seed": per_seed,
+                    "ci95": {"delta_pct": [0.0, 1.0]},
+                }
+            )
         return {"combinations": rows, "prediction": {"x": {"spearman_rho": 1.0}}}
 
     table = compare_budgets({"epochs": study(5.0), "steps": study(-5.0)})

@@ -322,8 +322,21 @@ def test_too_few_validation_rows_exit_2_via_the_cli_and_write_nothing(
 
     monkeypatch.setenv("LORASUM_PRECISION", "fp32")
     out = tmp_path / "small"
-    argv = ["train", "--model", str(tiny_llama), "--data", str(qa_files["arith"]),
-            "--out", str(out), "--eval-every", "2", "--max-epochs", "1", "--device", "cpu"]  # fmt: skip
+    argv = [
+        "train",
+        "--model",
+        str(tiny_llama),
+        "--data",
+        str(qa_files["arith"]),
+        "--out",
+        str(out),
+        "--eval-every",
+        "2",
+        "--max-epochs",
+        "1",
+        "--device",
+        "cpu",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("lorasum: error: ")
@@ -351,8 +364,11 @@ def test_constant_schedule_ends_by_the_cap_or_by_patience_on_scripted_curves(
     cap = train(_cfg(tiny_llama, data, **kw), tmp_path / "cap", progress=False)["metrics"]
     assert (cap["stopped_by"], cap["stopped_early"], cap["schedule"]) == ("cap", False, "constant")
     assert (cap["stop_step"], cap["steps"], cap["best_step"], cap["schedule_steps"]) == (
-        12, 12, 12, 12,
-    )  # fmt: skip
+        12,
+        12,
+        12,
+        12,
+    )
     assert script == []
     # the rate is 0, then half the peak during 2 warmup steps, then the peak at every step
     lrs = [r["lr"] for r in _log(tmp_path / "cap") if "loss" in r]
@@ -418,7 +434,13 @@ def test_cli_flags_from_the_budget_fields(tiny_llama):
     assert cfg.snapshots == [2, 4] and cfg.eval_every == 3 and cfg.patience == 3
     train_parser = parser._subparsers._group_actions[0].choices["train"]
     text = " ".join(train_parser.format_help().split())
-    for part in ("--snapshots", "--stop-at", "--eval-every", "--patience", "--max-epochs",
-                 "--schedule"):  # fmt: skip
+    for part in (
+        "--snapshots",
+        "--stop-at",
+        "--eval-every",
+        "--patience",
+        "--max-epochs",
+        "--schedule",
+    ):
         assert part in text, part
     assert "mid-schedule" in text and "(comma list)" in text

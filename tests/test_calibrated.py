@@ -167,8 +167,9 @@ def test_learned_fits_per_layer_on_its_rows_and_does_not_lose_to_the_sum(
         s.name = n
     model = load_tiny(tiny_llama)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    fit, report = fit_learned(model, tok, adapters, sources, 10_000, rows=3, epochs=5,
-                              max_length=32, lr=0.1)  # fmt: skip
+    fit, report = fit_learned(
+        model, tok, adapters, sources, 10_000, rows=3, epochs=5, max_length=32, lr=0.1
+    )
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     layers = model.config.num_hidden_layers
     assert set(fit.coefficients) == {str(i) for i in range(layers)}
@@ -217,16 +218,23 @@ def test_learned_runs_in_a_study_with_its_cost_beside_retraining(tiny_llama, qa_
 
     from lorasum.study.reproduce import reproduce
 
-    res = reproduce(tmp_path / "s", preset="tiny", model=str(tiny_llama), progress=False,
-                    domains=qa_domains(qa_files, 2), max_order=2,
-                    methods={"learned": {"rows": 2, "epochs": 2}})  # fmt: skip
+    res = reproduce(
+        tmp_path / "s",
+        preset="tiny",
+        model=str(tiny_llama),
+        progress=False,
+        domains=qa_domains(qa_files, 2),
+        max_order=2,
+        methods={"learned": {"rows": 2, "epochs": 2}},
+    )
     [row] = res["combinations"]
     assert row["methods"]["learned"]["category"] == "calibrated"
     [fit] = res["budget"]["calibrated"]
     name = "+".join(row["domains"])
     assert fit["method"] == "learned" and fit["combination"] == name
     assert fit["merged_training_tokens"] > 0 and 0 < fit["fraction"] < 1
-    marker = json.loads((tmp_path / "s" / "seed-42" / "methods" / "learned" / name
-                         / "lorasum.json").read_text())  # fmt: skip
+    marker = json.loads(
+        (tmp_path / "s" / "seed-42" / "methods" / "learned" / name / "lorasum.json").read_text()
+    )
     assert marker["method"] == "learned" and marker["budget"]["epochs"] == 2
     assert set(marker["budget"]["coefficient_values"]) == {"0", "1"}  # the tiny model's layers

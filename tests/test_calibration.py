@@ -70,9 +70,14 @@ def test_grams_equal_raw_inputs_and_ignore_batching_padding_and_pad_id(
 
     def run(batch_size, tokenizer=tok):
         return calibrate(
-            adapter, data, model=model, tokenizer=tokenizer, max_length=32,
-            batch_size=batch_size, cache=False,
-        )  # fmt: skip
+            adapter,
+            data,
+            model=model,
+            tokenizer=tokenizer,
+            max_length=32,
+            batch_size=batch_size,
+            cache=False,
+        )
 
     one = run(1)  # no padding at all
     assert one.computed and one.path is None
@@ -230,10 +235,18 @@ def _deltas(paths) -> list[dict[str, torch.Tensor]]:
 
 def test_compose_cli_regmean_writes_base_plus_its_delta(trained_pair, tiny_llama, tmp_path, capsys):
     out = tmp_path / "regmean"
-    rc = main([
-        "compose", *map(str, trained_pair), "--method", "regmean", "--regmean-alpha", "0.8",
-        "--out", str(out),
-    ])  # fmt: skip
+    rc = main(
+        [
+            "compose",
+            *map(str, trained_pair),
+            "--method",
+            "regmean",
+            "--regmean-alpha",
+            "0.8",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     grams = [c.normalised() for c in calibrate_adapters(trained_pair)]  # cache hits
     deltas = _deltas(trained_pair)
@@ -269,16 +282,30 @@ def test_compose_projection_with_explicit_calibration_and_refusals(
 
     elsewhere = make_adapter(tiny_llama, tmp_path / "elsewhere", r=2)
     capsys.readouterr()  # drop the model loads' progress bars above: only main's lines count
-    rc = main([
-        "compose", str(trained_pair[0]), str(elsewhere), "--method", "regmean",
-        "--out", str(tmp_path / "x"),
-    ])  # fmt: skip
+    rc = main(
+        [
+            "compose",
+            str(trained_pair[0]),
+            str(elsewhere),
+            "--method",
+            "regmean",
+            "--out",
+            str(tmp_path / "x"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "lorasum.json" in err and "--calibration" in err
     assert not (tmp_path / "x").exists()
-    rc = main([
-        "compose", *map(str, trained_pair), "--calibration", "own", "own",
-        "--out", str(tmp_path / "y"),
-    ])  # fmt: skip
+    rc = main(
+        [
+            "compose",
+            *map(str, trained_pair),
+            "--calibration",
+            "own",
+            "own",
+            "--out",
+            str(tmp_path / "y"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "--calibration does not apply to sum" in err

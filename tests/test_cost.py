@@ -55,12 +55,20 @@ def _grid(lay, settings: dict) -> cost.Grid:
     assert len(train) == len(test) == 1  # the model assumes equal rows per domain
     snaps = lay.snapshot_epochs
     return cost.Grid(
-        domains=len(lay.names), max_order=settings.get("max_order"), seeds=len(lay.seeds),
-        methods=tuple(lay.methods), cross_domain=lay.cross_domain,
-        paper_variants=settings.get("paper_variants", True), predictors=lay.predictors,
-        budget=lay.budget, snapshots=len(snaps), train_rows=train.pop(), test_rows=test.pop(),
-        batch_size=lay.base_cfg.batch_size, epochs=lay.base_cfg.epochs,
-    )  # fmt: skip
+        domains=len(lay.names),
+        max_order=settings.get("max_order"),
+        seeds=len(lay.seeds),
+        methods=tuple(lay.methods),
+        cross_domain=lay.cross_domain,
+        paper_variants=settings.get("paper_variants", True),
+        predictors=lay.predictors,
+        budget=lay.budget,
+        snapshots=len(snaps),
+        train_rows=train.pop(),
+        test_rows=test.pop(),
+        batch_size=lay.base_cfg.batch_size,
+        epochs=lay.base_cfg.epochs,
+    )
 
 
 @pytest.mark.parametrize(("n", "settings"), CASES)
@@ -124,7 +132,9 @@ def test_tokens_equal_the_plans_rows_at_max_length(tiny_llama, four_domains, tmp
     if data:  # one unit per domain: the longest is one domain's rows
         assert tokens["gradients"]["largest"] == pytest.approx(max(data))
         (combine,) = [t for t in tasks if isinstance(t, DataPredictorsTask)]
-        assert set(combine.dependencies()) == {t for t in tasks if isinstance(t, DomainGradientsTask)}  # fmt: skip
+        assert set(combine.dependencies()) == {
+            t for t in tasks if isinstance(t, DomainGradientsTask)
+        }
     assert "predictors" not in tokens  # they compare saved statistics
 
 
@@ -136,9 +146,13 @@ def test_rows_seen_cycles_through_the_rows(rows, steps):
 
 def test_projection_adds_phases_and_scales_with_gpus():
     grid = cost.Grid(
-        domains=20, max_order=2, seeds=3, methods=("regmean_rescaled",), train_rows=1000,
+        domains=20,
+        max_order=2,
+        seeds=3,
+        methods=("regmean_rescaled",),
+        train_rows=1000,
         test_rows=100,
-    )  # fmt: skip
+    )
     model = cost.Model(params=1e9)
     hw = cost.Hardware(peak_bf16=1e15, peak_fp32=2e14, peak_fp64=1e14, mfu=0.5)
     one, many = (cost.projection(grid, 100, g, model, hw, compose_seconds=2.0) for g in (1, 10**6))
@@ -157,7 +171,9 @@ def test_projection_adds_phases_and_scales_with_gpus():
             20 * 1000 * 100 * per_token / 1e14 / 3600
         )
         # one unit per domain: the longest is a twentieth of the work
-        assert p["longest_unit_hours"]["gradients"] == pytest.approx(p["gpu_hours"]["gradients"] / 20)  # fmt: skip
+        assert p["longest_unit_hours"]["gradients"] == pytest.approx(
+            p["gpu_hours"]["gradients"] / 20
+        )
     assert one["gpu_hours"]["calibrate"] == pytest.approx(calib)
     for kind in ("compose", "predictors"):  # no tokens: 2 s each
         assert one["gpu_hours"][kind] == pytest.approx(one["units"][kind] * 2 / 3600)

@@ -129,9 +129,14 @@ def test_the_values_equal_every_domain_in_one_go(finished, tiny_llama, qa_files)
     model, tok = load_model(lay.model, torch.device("cpu")), load_tokenizer(lay.model)
     combos = [tuple(c) for c in lay.combos]
     once = data_predictors(
-        model, tok, lay.sources, combos, lay.base_cfg.max_length,
-        model_spec=lay.model, cache=False,
-    )  # fmt: skip
+        model,
+        tok,
+        lay.sources,
+        combos,
+        lay.base_cfg.max_length,
+        model_spec=lay.model,
+        cache=False,
+    )
     study = read_json(out / "data_predictors.json")["result"]
     assert list(study) == list(once) == ["arith+colors"]
     for c, values in once.items():
@@ -143,7 +148,10 @@ def test_the_values_equal_every_domain_in_one_go(finished, tiny_llama, qa_files)
     per_seed = results["combinations"][0]["per_seed"][0]["predictors"]
     assert per_seed["grad_cosine_rms"] == study["arith+colors"]["grad_cosine_rms"]
     # the unit's statistics read back from the study compare to the same numbers
-    grads = {t.domain: t.statistics() for t in _plan(out, tiny_llama, qa_files).of_type(DomainGradientsTask)}  # fmt: skip
+    grads = {
+        t.domain: t.statistics()
+        for t in _plan(out, tiny_llama, qa_files).of_type(DomainGradientsTask)
+    }
     assert from_gradients(grads, combos) == study
     with pytest.raises(LorasumError, match="no gradient statistics for domain"):
         from_gradients({"arith": grads["arith"]}, combos)
@@ -185,7 +193,10 @@ def test_a_domain_whose_files_are_gone_is_the_only_one_rerun(
     assert after["key"] == before["key"]
     assert after["result"]["arith+colors"] == pytest.approx(before["result"]["arith+colors"])
     assert (copied / "gradients" / "colors" / MARKER).is_file()
-    first, now = (read_json(d / "results.json")["combinations"][0]["predictors"] for d in (finished[0], copied))  # fmt: skip
+    first, now = (
+        read_json(d / "results.json")["combinations"][0]["predictors"]
+        for d in (finished[0], copied)
+    )
     assert now == pytest.approx(first)
 
 

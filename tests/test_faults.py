@@ -219,8 +219,17 @@ def test_reproduce_killed_three_times_resumes_to_identical_results(tiny_llama, q
     domains = ",".join(f"{n}={qa_files[n]}" for n in ("arith", "colors"))
 
     def args(out: Path) -> list[str]:
-        return ["reproduce", "--preset", "tiny", "--model", str(tiny_llama), "--domains",
-                domains, "--out", str(out)]  # fmt: skip
+        return [
+            "reproduce",
+            "--preset",
+            "tiny",
+            "--model",
+            str(tiny_llama),
+            "--domains",
+            domains,
+            "--out",
+            str(out),
+        ]
 
     study, ref = tmp_path / "study", tmp_path / "ref"
     kills = ["colors", "sum-arith+colors.json", "report.md"]

@@ -78,8 +78,11 @@ def test_frozen_a_stays_at_its_seeded_init_and_b_trains(tiny_llama, qa_files, tm
     cfg = _cfg(tiny_llama, qa_files["arith"], lora_a="frozen", seed=5)
     train(cfg, tmp_path / "frozen", progress=False)
     model = load_tiny(tiny_llama)
-    init = _attach_lora(model, TrainConfig(**{**cfg.__dict__, "lora_a": "trained"}),
-                        resolve_target_modules(model, "auto"))  # fmt: skip
+    init = _attach_lora(
+        model,
+        TrainConfig(**{**cfg.__dict__, "lora_a": "trained"}),
+        resolve_target_modules(model, "auto"),
+    )
     init_a = {
         k.replace("base_model.model.", "").replace(".lora_A.default.weight", ""): v.detach()
         for k, v in init.named_parameters()
@@ -117,8 +120,22 @@ def test_standard_adapters_keep_their_keys():
 )
 def test_bad_lora_a_flags_are_one_line(flags, message, tiny_llama, qa_files, tmp_path, capsys):
     out = tmp_path / "deep" / "out"
-    argv = ["train", "--model", str(tiny_llama), "--data", str(qa_files["arith"]), "--out",
-            str(out), "--max-steps", "1", "--max-length", "32", "--rank", "4", *flags]  # fmt: skip
+    argv = [
+        "train",
+        "--model",
+        str(tiny_llama),
+        "--data",
+        str(qa_files["arith"]),
+        "--out",
+        str(out),
+        "--max-steps",
+        "1",
+        "--max-length",
+        "32",
+        "--rank",
+        "4",
+        *flags,
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
@@ -142,8 +159,16 @@ def test_a_study_gives_each_domain_its_slot_and_keeps_merged_training_standard(
     tiny_llama, qa_files, tmp_path
 ):
     out = tmp_path / "study"
-    reproduce(out, preset="tiny", model=str(tiny_llama), domains=qa_domains(qa_files, 2),
-              max_order=2, lora_a="disjoint", a_seed=4, progress=False)  # fmt: skip
+    reproduce(
+        out,
+        preset="tiny",
+        model=str(tiny_llama),
+        domains=qa_domains(qa_files, 2),
+        max_order=2,
+        lora_a="disjoint",
+        a_seed=4,
+        progress=False,
+    )
     names = list(qa_files)[:2]
     adapters = out / "seed-42" / "adapters"
     for i, n in enumerate(names):
@@ -161,8 +186,9 @@ def _train_units(tiny_llama, qa_files, tmp_path, **settings) -> dict:
     from lorasum.study.reproduce import resolve
     from lorasum.study.tasks import TrainTask
 
-    overrides = dict(model=str(tiny_llama), domains=qa_domains(qa_files, 2), max_order=2,
-                     **settings)  # fmt: skip
+    overrides = dict(
+        model=str(tiny_llama), domains=qa_domains(qa_files, 2), max_order=2, **settings
+    )
     study = resolve(tmp_path / "never-written", "tiny", None, overrides, False)
     return {t.name: t for t in plan_study(study.layout).of_type(TrainTask)}
 
@@ -189,9 +215,20 @@ def test_equal_params_doubles_the_singles_rank_and_keeps_the_merged_baseline(
 
 def test_equal_params_needs_a_frozen_a(tiny_llama, qa_files, tmp_path, capsys):
     out = tmp_path / "deep" / "out"
-    argv = ["reproduce", "--preset", "tiny", "--model", str(tiny_llama), "--domains",
-            ",".join(qa_domains(qa_files, 2)), "--max-order", "2",
-            "--out", str(out), "--equal-params"]  # fmt: skip
+    argv = [
+        "reproduce",
+        "--preset",
+        "tiny",
+        "--model",
+        str(tiny_llama),
+        "--domains",
+        ",".join(qa_domains(qa_files, 2)),
+        "--max-order",
+        "2",
+        "--out",
+        str(out),
+        "--equal-params",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "add --lora-a frozen or --lora-a disjoint" in err[0], err

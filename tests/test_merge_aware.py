@@ -32,7 +32,7 @@ def _table(table: dict):
 def test_coordinate_choice_on_a_scripted_validation_table():
     # adapter 0 at steps 6/12/18, adapter 1 at 6/12; converged at (18, 12)
     table = {
-        (6, 12): 9.0, (12, 12): 8.0, (18, 12): 10.0,  # fmt: skip
+        (6, 12): 9.0, (12, 12): 8.0, (18, 12): 10.0,
         (12, 6): 7.5, (6, 6): 1.0, (18, 6): 9.5,  # (6, 6) is the global best: one pass misses it
     }  # fmt: skip
     score, calls = _table(table)
@@ -60,16 +60,27 @@ def test_coordinate_choice_ties_keep_the_current_checkpoint_and_nan_loses():
 
 def _files(tmp_path):
     # 160 rows per domain: validation splits of 16, the fewest a converged run may stop on
-    return {n: write_jsonl(tmp_path / f"{n}.jsonl", make_qa(n, 160, seed=i))
-            for i, n in enumerate(("arith", "colors"))}  # fmt: skip
+    return {
+        n: write_jsonl(tmp_path / f"{n}.jsonl", make_qa(n, 160, seed=i))
+        for i, n in enumerate(("arith", "colors"))
+    }
 
 
 def _run(tiny_llama, files, out, **kw):
     return reproduce(
-        out, preset="tiny", model=str(tiny_llama), domains=[f"{n}={p}" for n, p in files.items()],
-        progress=False, budget="converged", eval_every=1, patience=1, max_eval=16, max_epochs=3,
-        cross_domain=False, **kw,
-    )  # fmt: skip
+        out,
+        preset="tiny",
+        model=str(tiny_llama),
+        domains=[f"{n}={p}" for n, p in files.items()],
+        progress=False,
+        budget="converged",
+        eval_every=1,
+        patience=1,
+        max_eval=16,
+        max_epochs=3,
+        cross_domain=False,
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -132,24 +143,43 @@ def test_merge_aware_scores_the_converged_sum_as_compose_and_eval_do(tiny_llama,
     from lorasum.study.reproduce import resolve
 
     files, out, _ = study
-    resolved = resolve(out, "tiny", None, {"model": str(tiny_llama), "budget": "converged",
-                    "eval_every": 1, "patience": 1, "max_eval": 16, "max_epochs": 3,
-                    "domains": [f"{n}={p}" for n, p in files.items()], "cross_domain": False,
-                    "merge_aware": True}, False)  # fmt: skip
+    resolved = resolve(
+        out,
+        "tiny",
+        None,
+        {
+            "model": str(tiny_llama),
+            "budget": "converged",
+            "eval_every": 1,
+            "patience": 1,
+            "max_eval": 16,
+            "max_epochs": 3,
+            "domains": [f"{n}={p}" for n, p in files.items()],
+            "cross_domain": False,
+            "merge_aware": True,
+        },
+        False,
+    )
     sources = [resolved.layout.sources[n] for n in ("arith", "colors")]
     dirs = [out / "seed-42" / "adapters" / n for n in ("arith", "colors")]
     model, tok = load_tiny(tiny_llama), load_tokenizer(str(tiny_llama))
     precision = run_precision()
-    _, report = select_checkpoints(model, tok, dirs, sources, rows=8, max_length=64,
-                                   precision=precision)  # fmt: skip
+    _, report = select_checkpoints(
+        model, tok, dirs, sources, rows=8, max_length=64, precision=precision
+    )
     compose(dirs, tmp_path / "sum")
     from peft import PeftModel
 
     items = [it for s in sources for it in tokenize_cached(tok, [s], "val", 64)[:8]]
     batches = make_batches(items, 32, tok.pad_token_id, shuffle=False)
     net = PeftModel.from_pretrained(model, str(tmp_path / "sum"))
-    want = evaluate_batches(net, batches, ["arith", "colors"], torch.device("cpu"),
-                            autocast_dtype(precision, torch.device("cpu")))["perplexity"]  # fmt: skip
+    want = evaluate_batches(
+        net,
+        batches,
+        ["arith", "colors"],
+        torch.device("cpu"),
+        autocast_dtype(precision, torch.device("cpu")),
+    )["perplexity"]
     net.unload()
     tol = rel_tol(precision, fp32=1e-5, bf16=2e-3)
     assert report["val_perplexity_converged"] == pytest.approx(want, rel=tol)
@@ -172,8 +202,14 @@ def test_merge_aware_settings_are_checked_before_anything_runs(
     files = _files(tmp_path)
     kw = {"budget": "converged", "eval_every": 1, "patience": 1, "max_eval": 16, **settings}
     with pytest.raises(LorasumError, match=message):
-        reproduce(tmp_path / "x", preset="tiny", model=str(tiny_llama), progress=False,
-                  domains=[f"{n}={p}" for n, p in files.items()], **kw)  # fmt: skip
+        reproduce(
+            tmp_path / "x",
+            preset="tiny",
+            model=str(tiny_llama),
+            progress=False,
+            domains=[f"{n}={p}" for n, p in files.items()],
+            **kw,
+        )
     assert not (tmp_path / "x").exists()
 
 

@@ -1171,27 +1171,35 @@ ERRORS = [
     (
         "sum",
         {"rank": 3},
-        "compose --method sum: --rank does not apply to sum (it applies to svd, ties, magnitude_prune, dare_linear, dare_ties, tsv, iso, pico, knots_ties, knots_ta, lora_lego, regmean, regmean_rescaled, orthogonal_projection, soft_projection, shift_match)",
+        "compose --method sum: --rank does not apply to sum (it applies to svd, ties, "
+        "magnitude_prune, dare_linear, dare_ties, tsv, iso, pico, knots_ties, knots_ta, "
+        "lora_lego, regmean, regmean_rescaled, orthogonal_projection, soft_projection, "
+        "shift_match)",
     ),
     (
         "sum",
         {"keep": 0.9},
-        "compose --method sum: --keep does not apply to sum (it applies to svd, ties, magnitude_prune, dare_linear, dare_ties, tsv, iso, pico, knots_ties, knots_ta, regmean, regmean_rescaled, orthogonal_projection, soft_projection, shift_match)",
+        "compose --method sum: --keep does not apply to sum (it applies to svd, ties, "
+        "magnitude_prune, dare_linear, dare_ties, tsv, iso, pico, knots_ties, knots_ta, regmean, "
+        "regmean_rescaled, orthogonal_projection, soft_projection, shift_match)",
     ),
     (
         "sum",
         {"density": 0.3},
-        "compose --method sum: --density does not apply to sum (it applies to ties, magnitude_prune, dare_linear, dare_ties, knots_ties)",
+        "compose --method sum: --density does not apply to sum (it applies to ties, "
+        "magnitude_prune, dare_linear, dare_ties, knots_ties)",
     ),
     (
         "sum",
         {"majority_sign": "frequency"},
-        "compose --method sum: --majority-sign does not apply to sum (it applies to ties, dare_ties, knots_ties)",
+        "compose --method sum: --majority-sign does not apply to sum (it applies to ties, "
+        "dare_ties, knots_ties)",
     ),
     (
         "sum",
         {"seed": 7},
-        "compose --method sum: --seed does not apply to sum (it applies to dare_linear, dare_ties, lora_lego)",
+        "compose --method sum: --seed does not apply to sum (it applies to dare_linear, "
+        "dare_ties, lora_lego)",
     ),
     (
         "sum",
@@ -1206,42 +1214,53 @@ ERRORS = [
     (
         "sum",
         {"regmean_alpha": 0.5},
-        "compose --method sum: --regmean-alpha does not apply to sum (it applies to regmean, regmean_rescaled)",
+        "compose --method sum: --regmean-alpha does not apply to sum (it applies to regmean, "
+        "regmean_rescaled)",
     ),
     (
         "sum",
         {"projection_ratio": 2.0},
-        "compose --method sum: --projection-ratio does not apply to sum (it applies to orthogonal_projection)",
+        "compose --method sum: --projection-ratio does not apply to sum (it applies to "
+        "orthogonal_projection)",
     ),
     (
         "weighted",
         {"rank": 3},
-        "compose --method weighted: --rank does not apply to weighted (it applies to svd, ties, magnitude_prune, dare_linear, dare_ties, tsv, iso, pico, knots_ties, knots_ta, lora_lego, regmean, regmean_rescaled, orthogonal_projection, soft_projection, shift_match)",
+        "compose --method weighted: --rank does not apply to weighted (it applies to svd, ties, "
+        "magnitude_prune, dare_linear, dare_ties, tsv, iso, pico, knots_ties, knots_ta, "
+        "lora_lego, regmean, regmean_rescaled, orthogonal_projection, soft_projection, "
+        "shift_match)",
     ),
     (
         "weighted",
         {"keep": 0.9},
-        "compose --method weighted: --keep does not apply to weighted (it applies to svd, ties, magnitude_prune, dare_linear, dare_ties, tsv, iso, pico, knots_ties, knots_ta, regmean, regmean_rescaled, orthogonal_projection, soft_projection, shift_match)",
+        "compose --method weighted: --keep does not apply to weighted (it applies to svd, ties, "
+        "magnitude_prune, dare_linear, dare_ties, tsv, iso, pico, knots_ties, knots_ta, regmean, "
+        "regmean_rescaled, orthogonal_projection, soft_projection, shift_match)",
     ),
     (
         "weighted",
         {"density": 0.3},
-        "compose --method weighted: --density does not apply to weighted (it applies to ties, magnitude_prune, dare_linear, dare_ties, knots_ties)",
+        "compose --method weighted: --density does not apply to weighted (it applies to ties, "
+        "magnitude_prune, dare_linear, dare_ties, knots_ties)",
     ),
     (
         "weighted",
         {"majority_sign": "frequency"},
-        "compose --method weighted: --majority-sign does not apply to weighted (it applies to ties, dare_ties, knots_ties)",
+        "compose --method weighted: --majority-sign does not apply to weighted (it applies to "
+        "ties, dare_ties, knots_ties)",
     ),
     (
         "weighted",
         {"seed": 7},
-        "compose --method weighted: --seed does not apply to weighted (it applies to dare_linear, dare_ties, lora_lego)",
+        "compose --method weighted: --seed does not apply to weighted (it applies to dare_linear, "
+        "dare_ties, lora_lego)",
     ),
     (
         "weighted",
         {"method_scale": 0.5},
-        "compose --method weighted: --method-scale does not apply to weighted (it applies to tsv, iso)",
+        "compose --method weighted: --method-scale does not apply to weighted (it applies to tsv, "
+        "iso)",
     ),
     (
         "weighted",
@@ -1251,37 +1270,47 @@ ERRORS = [
     (
         "weighted",
         {"regmean_alpha": 0.5},
-        "compose --method weighted: --regmean-alpha does not apply to weighted (it applies to regmean, regmean_rescaled)",
+        "compose --method weighted: --regmean-alpha does not apply to weighted (it applies to "
+        "regmean, regmean_rescaled)",
     ),
     (
         "weighted",
         {"projection_ratio": 2.0},
-        "compose --method weighted: --projection-ratio does not apply to weighted (it applies to orthogonal_projection)",
+        "compose --method weighted: --projection-ratio does not apply to weighted (it applies to "
+        "orthogonal_projection)",
     ),
     (
         "mean",
         {"rank": 3},
-        "compose --method mean: --rank does not apply to mean (it applies to svd, ties, magnitude_prune, dare_linear, dare_ties, tsv, iso, pico, knots_ties, knots_ta, lora_lego, regmean, regmean_rescaled, orthogonal_projection, soft_projection, shift_match)",
+        "compose --method mean: --rank does not apply to mean (it applies to svd, ties, "
+        "magnitude_prune, dare_linear, dare_ties, tsv, iso, pico, knots_ties, knots_ta, "
+        "lora_lego, regmean, regmean_rescaled, orthogonal_projection, soft_projection, "
+        "shift_match)",
     ),
     (
         "mean",
         {"keep": 0.9},
-        "compose --method mean: --keep does not apply to mean (it applies to svd, ties, magnitude_prune, dare_linear, dare_ties, tsv, iso, pico, knots_ties, knots_ta, regmean, regmean_rescaled, orthogonal_projection, soft_projection, shift_match)",
+        "compose --method mean: --keep does not apply to mean (it applies to svd, ties, "
+        "magnitude_prune, dare_linear, dare_ties, tsv, iso, pico, knots_ties, knots_ta, regmean, "
+        "regmean_rescaled, orthogonal_projection, soft_projection, shift_match)",
     ),
     (
         "mean",
         {"density": 0.3},
-        "compose --method mean: --density does not apply to mean (it applies to ties, magnitude_prune, dare_linear, dare_ties, knots_ties)",
+        "compose --method mean: --density does not apply to mean (it applies to ties, "
+        "magnitude_prune, dare_linear, dare_ties, knots_ties)",
     ),
     (
         "mean",
         {"majority_sign": "frequency"},
-        "compose --method mean: --majority-sign does not apply to mean (it applies to ties, dare_ties, knots_ties)",
+        "compose --method mean: --majority-sign does not apply to mean (it applies to ties, "
+        "dare_ties, knots_ties)",
     ),
     (
         "mean",
         {"seed": 7},
-        "compose --method mean: --seed does not apply to mean (it applies to dare_linear, dare_ties, lora_lego)",
+        "compose --method mean: --seed does not apply to mean (it applies to dare_linear, "
+        "dare_ties, lora_lego)",
     ),
     (
         "mean",
@@ -1296,28 +1325,33 @@ ERRORS = [
     (
         "mean",
         {"regmean_alpha": 0.5},
-        "compose --method mean: --regmean-alpha does not apply to mean (it applies to regmean, regmean_rescaled)",
+        "compose --method mean: --regmean-alpha does not apply to mean (it applies to regmean, "
+        "regmean_rescaled)",
     ),
     (
         "mean",
         {"projection_ratio": 2.0},
-        "compose --method mean: --projection-ratio does not apply to mean (it applies to orthogonal_projection)",
+        "compose --method mean: --projection-ratio does not apply to mean (it applies to "
+        "orthogonal_projection)",
     ),
     ("svd", {}, "compose --method svd: svd needs --rank K (an integer) or --rank auto"),
     (
         "svd",
         {"rank": 4, "density": 0.3},
-        "compose --method svd: --density does not apply to svd (it applies to ties, magnitude_prune, dare_linear, dare_ties, knots_ties)",
+        "compose --method svd: --density does not apply to svd (it applies to ties, "
+        "magnitude_prune, dare_linear, dare_ties, knots_ties)",
     ),
     (
         "svd",
         {"rank": 4, "majority_sign": "frequency"},
-        "compose --method svd: --majority-sign does not apply to svd (it applies to ties, dare_ties, knots_ties)",
+        "compose --method svd: --majority-sign does not apply to svd (it applies to ties, "
+        "dare_ties, knots_ties)",
     ),
     (
         "svd",
         {"rank": 4, "seed": 7},
-        "compose --method svd: --seed does not apply to svd (it applies to dare_linear, dare_ties, lora_lego)",
+        "compose --method svd: --seed does not apply to svd (it applies to dare_linear, "
+        "dare_ties, lora_lego)",
     ),
     (
         "svd",
@@ -1332,12 +1366,14 @@ ERRORS = [
     (
         "svd",
         {"rank": 4, "regmean_alpha": 0.5},
-        "compose --method svd: --regmean-alpha does not apply to svd (it applies to regmean, regmean_rescaled)",
+        "compose --method svd: --regmean-alpha does not apply to svd (it applies to regmean, "
+        "regmean_rescaled)",
     ),
     (
         "svd",
         {"rank": 4, "projection_ratio": 2.0},
-        "compose --method svd: --projection-ratio does not apply to svd (it applies to orthogonal_projection)",
+        "compose --method svd: --projection-ratio does not apply to svd (it applies to "
+        "orthogonal_projection)",
     ),
     (
         "ties",
@@ -1347,7 +1383,8 @@ ERRORS = [
     (
         "ties",
         {"density": 0.2, "seed": 7},
-        "compose --method ties: --seed does not apply to ties (it applies to dare_linear, dare_ties, lora_lego)",
+        "compose --method ties: --seed does not apply to ties (it applies to dare_linear, "
+        "dare_ties, lora_lego)",
     ),
     (
         "ties",
@@ -1362,87 +1399,104 @@ ERRORS = [
     (
         "ties",
         {"density": 0.2, "regmean_alpha": 0.5},
-        "compose --method ties: --regmean-alpha does not apply to ties (it applies to regmean, regmean_rescaled)",
+        "compose --method ties: --regmean-alpha does not apply to ties (it applies to regmean, "
+        "regmean_rescaled)",
     ),
     (
         "ties",
         {"density": 0.2, "projection_ratio": 2.0},
-        "compose --method ties: --projection-ratio does not apply to ties (it applies to orthogonal_projection)",
+        "compose --method ties: --projection-ratio does not apply to ties (it applies to "
+        "orthogonal_projection)",
     ),
     (
         "magnitude_prune",
         {},
-        "compose --method magnitude_prune: magnitude_prune needs --density (the fraction of ΔW entries kept, e.g. 0.2)",
+        "compose --method magnitude_prune: magnitude_prune needs --density (the fraction of ΔW "
+        "entries kept, e.g. 0.2)",
     ),
     (
         "magnitude_prune",
         {"density": 0.2, "majority_sign": "frequency"},
-        "compose --method magnitude_prune: --majority-sign does not apply to magnitude_prune (it applies to ties, dare_ties, knots_ties)",
+        "compose --method magnitude_prune: --majority-sign does not apply to magnitude_prune (it "
+        "applies to ties, dare_ties, knots_ties)",
     ),
     (
         "magnitude_prune",
         {"density": 0.2, "seed": 7},
-        "compose --method magnitude_prune: --seed does not apply to magnitude_prune (it applies to dare_linear, dare_ties, lora_lego)",
+        "compose --method magnitude_prune: --seed does not apply to magnitude_prune (it applies "
+        "to dare_linear, dare_ties, lora_lego)",
     ),
     (
         "magnitude_prune",
         {"density": 0.2, "method_scale": 0.5},
-        "compose --method magnitude_prune: --method-scale does not apply to magnitude_prune (it applies to tsv, iso)",
+        "compose --method magnitude_prune: --method-scale does not apply to magnitude_prune (it "
+        "applies to tsv, iso)",
     ),
     (
         "magnitude_prune",
         {"density": 0.2, "task_rank": 2},
-        "compose --method magnitude_prune: --task-rank does not apply to magnitude_prune (it applies to tsv)",
+        "compose --method magnitude_prune: --task-rank does not apply to magnitude_prune (it "
+        "applies to tsv)",
     ),
     (
         "magnitude_prune",
         {"density": 0.2, "regmean_alpha": 0.5},
-        "compose --method magnitude_prune: --regmean-alpha does not apply to magnitude_prune (it applies to regmean, regmean_rescaled)",
+        "compose --method magnitude_prune: --regmean-alpha does not apply to magnitude_prune (it "
+        "applies to regmean, regmean_rescaled)",
     ),
     (
         "magnitude_prune",
         {"density": 0.2, "projection_ratio": 2.0},
-        "compose --method magnitude_prune: --projection-ratio does not apply to magnitude_prune (it applies to orthogonal_projection)",
+        "compose --method magnitude_prune: --projection-ratio does not apply to magnitude_prune "
+        "(it applies to orthogonal_projection)",
     ),
     (
         "dare_linear",
         {},
-        "compose --method dare_linear: dare_linear needs --density (the fraction of ΔW entries kept, e.g. 0.2)",
+        "compose --method dare_linear: dare_linear needs --density (the fraction of ΔW entries "
+        "kept, e.g. 0.2)",
     ),
     (
         "dare_linear",
         {"density": 0.2, "majority_sign": "frequency"},
-        "compose --method dare_linear: --majority-sign does not apply to dare_linear (it applies to ties, dare_ties, knots_ties)",
+        "compose --method dare_linear: --majority-sign does not apply to dare_linear (it applies "
+        "to ties, dare_ties, knots_ties)",
     ),
     (
         "dare_linear",
         {"density": 0.2, "method_scale": 0.5},
-        "compose --method dare_linear: --method-scale does not apply to dare_linear (it applies to tsv, iso)",
+        "compose --method dare_linear: --method-scale does not apply to dare_linear (it applies "
+        "to tsv, iso)",
     ),
     (
         "dare_linear",
         {"density": 0.2, "task_rank": 2},
-        "compose --method dare_linear: --task-rank does not apply to dare_linear (it applies to tsv)",
+        "compose --method dare_linear: --task-rank does not apply to dare_linear (it applies to "
+        "tsv)",
     ),
     (
         "dare_linear",
         {"density": 0.2, "regmean_alpha": 0.5},
-        "compose --method dare_linear: --regmean-alpha does not apply to dare_linear (it applies to regmean, regmean_rescaled)",
+        "compose --method dare_linear: --regmean-alpha does not apply to dare_linear (it applies "
+        "to regmean, regmean_rescaled)",
     ),
     (
         "dare_linear",
         {"density": 0.2, "projection_ratio": 2.0},
-        "compose --method dare_linear: --projection-ratio does not apply to dare_linear (it applies to orthogonal_projection)",
+        "compose --method dare_linear: --projection-ratio does not apply to dare_linear (it "
+        "applies to orthogonal_projection)",
     ),
     (
         "dare_ties",
         {},
-        "compose --method dare_ties: dare_ties needs --density (the fraction of ΔW entries kept, e.g. 0.2)",
+        "compose --method dare_ties: dare_ties needs --density (the fraction of ΔW entries kept, "
+        "e.g. 0.2)",
     ),
     (
         "dare_ties",
         {"density": 0.2, "method_scale": 0.5},
-        "compose --method dare_ties: --method-scale does not apply to dare_ties (it applies to tsv, iso)",
+        "compose --method dare_ties: --method-scale does not apply to dare_ties (it applies to "
+        "tsv, iso)",
     ),
     (
         "dare_ties",
@@ -1452,52 +1506,62 @@ ERRORS = [
     (
         "dare_ties",
         {"density": 0.2, "regmean_alpha": 0.5},
-        "compose --method dare_ties: --regmean-alpha does not apply to dare_ties (it applies to regmean, regmean_rescaled)",
+        "compose --method dare_ties: --regmean-alpha does not apply to dare_ties (it applies to "
+        "regmean, regmean_rescaled)",
     ),
     (
         "dare_ties",
         {"density": 0.2, "projection_ratio": 2.0},
-        "compose --method dare_ties: --projection-ratio does not apply to dare_ties (it applies to orthogonal_projection)",
+        "compose --method dare_ties: --projection-ratio does not apply to dare_ties (it applies "
+        "to orthogonal_projection)",
     ),
     (
         "tsv",
         {"density": 0.3},
-        "compose --method tsv: --density does not apply to tsv (it applies to ties, magnitude_prune, dare_linear, dare_ties, knots_ties)",
+        "compose --method tsv: --density does not apply to tsv (it applies to ties, "
+        "magnitude_prune, dare_linear, dare_ties, knots_ties)",
     ),
     (
         "tsv",
         {"majority_sign": "frequency"},
-        "compose --method tsv: --majority-sign does not apply to tsv (it applies to ties, dare_ties, knots_ties)",
+        "compose --method tsv: --majority-sign does not apply to tsv (it applies to ties, "
+        "dare_ties, knots_ties)",
     ),
     (
         "tsv",
         {"seed": 7},
-        "compose --method tsv: --seed does not apply to tsv (it applies to dare_linear, dare_ties, lora_lego)",
+        "compose --method tsv: --seed does not apply to tsv (it applies to dare_linear, "
+        "dare_ties, lora_lego)",
     ),
     (
         "tsv",
         {"regmean_alpha": 0.5},
-        "compose --method tsv: --regmean-alpha does not apply to tsv (it applies to regmean, regmean_rescaled)",
+        "compose --method tsv: --regmean-alpha does not apply to tsv (it applies to regmean, "
+        "regmean_rescaled)",
     ),
     (
         "tsv",
         {"projection_ratio": 2.0},
-        "compose --method tsv: --projection-ratio does not apply to tsv (it applies to orthogonal_projection)",
+        "compose --method tsv: --projection-ratio does not apply to tsv (it applies to "
+        "orthogonal_projection)",
     ),
     (
         "iso",
         {"density": 0.3},
-        "compose --method iso: --density does not apply to iso (it applies to ties, magnitude_prune, dare_linear, dare_ties, knots_ties)",
+        "compose --method iso: --density does not apply to iso (it applies to ties, "
+        "magnitude_prune, dare_linear, dare_ties, knots_ties)",
     ),
     (
         "iso",
         {"majority_sign": "frequency"},
-        "compose --method iso: --majority-sign does not apply to iso (it applies to ties, dare_ties, knots_ties)",
+        "compose --method iso: --majority-sign does not apply to iso (it applies to ties, "
+        "dare_ties, knots_ties)",
     ),
     (
         "iso",
         {"seed": 7},
-        "compose --method iso: --seed does not apply to iso (it applies to dare_linear, dare_ties, lora_lego)",
+        "compose --method iso: --seed does not apply to iso (it applies to dare_linear, "
+        "dare_ties, lora_lego)",
     ),
     (
         "iso",
@@ -1507,27 +1571,32 @@ ERRORS = [
     (
         "iso",
         {"regmean_alpha": 0.5},
-        "compose --method iso: --regmean-alpha does not apply to iso (it applies to regmean, regmean_rescaled)",
+        "compose --method iso: --regmean-alpha does not apply to iso (it applies to regmean, "
+        "regmean_rescaled)",
     ),
     (
         "iso",
         {"projection_ratio": 2.0},
-        "compose --method iso: --projection-ratio does not apply to iso (it applies to orthogonal_projection)",
+        "compose --method iso: --projection-ratio does not apply to iso (it applies to "
+        "orthogonal_projection)",
     ),
     (
         "pico",
         {"density": 0.3},
-        "compose --method pico: --density does not apply to pico (it applies to ties, magnitude_prune, dare_linear, dare_ties, knots_ties)",
+        "compose --method pico: --density does not apply to pico (it applies to ties, "
+        "magnitude_prune, dare_linear, dare_ties, knots_ties)",
     ),
     (
         "pico",
         {"majority_sign": "frequency"},
-        "compose --method pico: --majority-sign does not apply to pico (it applies to ties, dare_ties, knots_ties)",
+        "compose --method pico: --majority-sign does not apply to pico (it applies to ties, "
+        "dare_ties, knots_ties)",
     ),
     (
         "pico",
         {"seed": 7},
-        "compose --method pico: --seed does not apply to pico (it applies to dare_linear, dare_ties, lora_lego)",
+        "compose --method pico: --seed does not apply to pico (it applies to dare_linear, "
+        "dare_ties, lora_lego)",
     ),
     (
         "pico",
@@ -1542,27 +1611,32 @@ ERRORS = [
     (
         "pico",
         {"regmean_alpha": 0.5},
-        "compose --method pico: --regmean-alpha does not apply to pico (it applies to regmean, regmean_rescaled)",
+        "compose --method pico: --regmean-alpha does not apply to pico (it applies to regmean, "
+        "regmean_rescaled)",
     ),
     (
         "pico",
         {"projection_ratio": 2.0},
-        "compose --method pico: --projection-ratio does not apply to pico (it applies to orthogonal_projection)",
+        "compose --method pico: --projection-ratio does not apply to pico (it applies to "
+        "orthogonal_projection)",
     ),
     (
         "knots_ties",
         {},
-        "compose --method knots_ties: knots_ties needs --density (the fraction of ΔW entries kept, e.g. 0.2)",
+        "compose --method knots_ties: knots_ties needs --density (the fraction of ΔW entries "
+        "kept, e.g. 0.2)",
     ),
     (
         "knots_ties",
         {"density": 0.2, "seed": 7},
-        "compose --method knots_ties: --seed does not apply to knots_ties (it applies to dare_linear, dare_ties, lora_lego)",
+        "compose --method knots_ties: --seed does not apply to knots_ties (it applies to "
+        "dare_linear, dare_ties, lora_lego)",
     ),
     (
         "knots_ties",
         {"density": 0.2, "method_scale": 0.5},
-        "compose --method knots_ties: --method-scale does not apply to knots_ties (it applies to tsv, iso)",
+        "compose --method knots_ties: --method-scale does not apply to knots_ties (it applies to "
+        "tsv, iso)",
     ),
     (
         "knots_ties",
@@ -1572,32 +1646,38 @@ ERRORS = [
     (
         "knots_ties",
         {"density": 0.2, "regmean_alpha": 0.5},
-        "compose --method knots_ties: --regmean-alpha does not apply to knots_ties (it applies to regmean, regmean_rescaled)",
+        "compose --method knots_ties: --regmean-alpha does not apply to knots_ties (it applies to "
+        "regmean, regmean_rescaled)",
     ),
     (
         "knots_ties",
         {"density": 0.2, "projection_ratio": 2.0},
-        "compose --method knots_ties: --projection-ratio does not apply to knots_ties (it applies to orthogonal_projection)",
+        "compose --method knots_ties: --projection-ratio does not apply to knots_ties (it applies "
+        "to orthogonal_projection)",
     ),
     (
         "knots_ta",
         {"density": 0.3},
-        "compose --method knots_ta: --density does not apply to knots_ta (it applies to ties, magnitude_prune, dare_linear, dare_ties, knots_ties)",
+        "compose --method knots_ta: --density does not apply to knots_ta (it applies to ties, "
+        "magnitude_prune, dare_linear, dare_ties, knots_ties)",
     ),
     (
         "knots_ta",
         {"majority_sign": "frequency"},
-        "compose --method knots_ta: --majority-sign does not apply to knots_ta (it applies to ties, dare_ties, knots_ties)",
+        "compose --method knots_ta: --majority-sign does not apply to knots_ta (it applies to "
+        "ties, dare_ties, knots_ties)",
     ),
     (
         "knots_ta",
         {"seed": 7},
-        "compose --method knots_ta: --seed does not apply to knots_ta (it applies to dare_linear, dare_ties, lora_lego)",
+        "compose --method knots_ta: --seed does not apply to knots_ta (it applies to dare_linear, "
+        "dare_ties, lora_lego)",
     ),
     (
         "knots_ta",
         {"method_scale": 0.5},
-        "compose --method knots_ta: --method-scale does not apply to knots_ta (it applies to tsv, iso)",
+        "compose --method knots_ta: --method-scale does not apply to knots_ta (it applies to tsv, "
+        "iso)",
     ),
     (
         "knots_ta",
@@ -1607,32 +1687,39 @@ ERRORS = [
     (
         "knots_ta",
         {"regmean_alpha": 0.5},
-        "compose --method knots_ta: --regmean-alpha does not apply to knots_ta (it applies to regmean, regmean_rescaled)",
+        "compose --method knots_ta: --regmean-alpha does not apply to knots_ta (it applies to "
+        "regmean, regmean_rescaled)",
     ),
     (
         "knots_ta",
         {"projection_ratio": 2.0},
-        "compose --method knots_ta: --projection-ratio does not apply to knots_ta (it applies to orthogonal_projection)",
+        "compose --method knots_ta: --projection-ratio does not apply to knots_ta (it applies to "
+        "orthogonal_projection)",
     ),
     (
         "lora_lego",
         {"keep": 0.9},
-        "compose --method lora_lego: --keep does not apply to lora_lego (it applies to svd, ties, magnitude_prune, dare_linear, dare_ties, tsv, iso, pico, knots_ties, knots_ta, regmean, regmean_rescaled, orthogonal_projection, soft_projection, shift_match)",
+        "compose --method lora_lego: --keep does not apply to lora_lego (it applies to svd, ties, "
+        "magnitude_prune, dare_linear, dare_ties, tsv, iso, pico, knots_ties, knots_ta, regmean, "
+        "regmean_rescaled, orthogonal_projection, soft_projection, shift_match)",
     ),
     (
         "lora_lego",
         {"density": 0.3},
-        "compose --method lora_lego: --density does not apply to lora_lego (it applies to ties, magnitude_prune, dare_linear, dare_ties, knots_ties)",
+        "compose --method lora_lego: --density does not apply to lora_lego (it applies to ties, "
+        "magnitude_prune, dare_linear, dare_ties, knots_ties)",
     ),
     (
         "lora_lego",
         {"majority_sign": "frequency"},
-        "compose --method lora_lego: --majority-sign does not apply to lora_lego (it applies to ties, dare_ties, knots_ties)",
+        "compose --method lora_lego: --majority-sign does not apply to lora_lego (it applies to "
+        "ties, dare_ties, knots_ties)",
     ),
     (
         "lora_lego",
         {"method_scale": 0.5},
-        "compose --method lora_lego: --method-scale does not apply to lora_lego (it applies to tsv, iso)",
+        "compose --method lora_lego: --method-scale does not apply to lora_lego (it applies to "
+        "tsv, iso)",
     ),
     (
         "lora_lego",
@@ -1642,32 +1729,38 @@ ERRORS = [
     (
         "lora_lego",
         {"regmean_alpha": 0.5},
-        "compose --method lora_lego: --regmean-alpha does not apply to lora_lego (it applies to regmean, regmean_rescaled)",
+        "compose --method lora_lego: --regmean-alpha does not apply to lora_lego (it applies to "
+        "regmean, regmean_rescaled)",
     ),
     (
         "lora_lego",
         {"projection_ratio": 2.0},
-        "compose --method lora_lego: --projection-ratio does not apply to lora_lego (it applies to orthogonal_projection)",
+        "compose --method lora_lego: --projection-ratio does not apply to lora_lego (it applies "
+        "to orthogonal_projection)",
     ),
     (
         "regmean",
         {"density": 0.3},
-        "compose --method regmean: --density does not apply to regmean (it applies to ties, magnitude_prune, dare_linear, dare_ties, knots_ties)",
+        "compose --method regmean: --density does not apply to regmean (it applies to ties, "
+        "magnitude_prune, dare_linear, dare_ties, knots_ties)",
     ),
     (
         "regmean",
         {"majority_sign": "frequency"},
-        "compose --method regmean: --majority-sign does not apply to regmean (it applies to ties, dare_ties, knots_ties)",
+        "compose --method regmean: --majority-sign does not apply to regmean (it applies to ties, "
+        "dare_ties, knots_ties)",
     ),
     (
         "regmean",
         {"seed": 7},
-        "compose --method regmean: --seed does not apply to regmean (it applies to dare_linear, dare_ties, lora_lego)",
+        "compose --method regmean: --seed does not apply to regmean (it applies to dare_linear, "
+        "dare_ties, lora_lego)",
     ),
     (
         "regmean",
         {"method_scale": 0.5},
-        "compose --method regmean: --method-scale does not apply to regmean (it applies to tsv, iso)",
+        "compose --method regmean: --method-scale does not apply to regmean (it applies to tsv, "
+        "iso)",
     ),
     (
         "regmean",
@@ -1677,137 +1770,165 @@ ERRORS = [
     (
         "regmean",
         {"projection_ratio": 2.0},
-        "compose --method regmean: --projection-ratio does not apply to regmean (it applies to orthogonal_projection)",
+        "compose --method regmean: --projection-ratio does not apply to regmean (it applies to "
+        "orthogonal_projection)",
     ),
     (
         "regmean_rescaled",
         {"density": 0.3},
-        "compose --method regmean_rescaled: --density does not apply to regmean_rescaled (it applies to ties, magnitude_prune, dare_linear, dare_ties, knots_ties)",
+        "compose --method regmean_rescaled: --density does not apply to regmean_rescaled (it "
+        "applies to ties, magnitude_prune, dare_linear, dare_ties, knots_ties)",
     ),
     (
         "regmean_rescaled",
         {"majority_sign": "frequency"},
-        "compose --method regmean_rescaled: --majority-sign does not apply to regmean_rescaled (it applies to ties, dare_ties, knots_ties)",
+        "compose --method regmean_rescaled: --majority-sign does not apply to regmean_rescaled "
+        "(it applies to ties, dare_ties, knots_ties)",
     ),
     (
         "regmean_rescaled",
         {"seed": 7},
-        "compose --method regmean_rescaled: --seed does not apply to regmean_rescaled (it applies to dare_linear, dare_ties, lora_lego)",
+        "compose --method regmean_rescaled: --seed does not apply to regmean_rescaled (it applies "
+        "to dare_linear, dare_ties, lora_lego)",
     ),
     (
         "regmean_rescaled",
         {"method_scale": 0.5},
-        "compose --method regmean_rescaled: --method-scale does not apply to regmean_rescaled (it applies to tsv, iso)",
+        "compose --method regmean_rescaled: --method-scale does not apply to regmean_rescaled (it "
+        "applies to tsv, iso)",
     ),
     (
         "regmean_rescaled",
         {"task_rank": 2},
-        "compose --method regmean_rescaled: --task-rank does not apply to regmean_rescaled (it applies to tsv)",
+        "compose --method regmean_rescaled: --task-rank does not apply to regmean_rescaled (it "
+        "applies to tsv)",
     ),
     (
         "regmean_rescaled",
         {"projection_ratio": 2.0},
-        "compose --method regmean_rescaled: --projection-ratio does not apply to regmean_rescaled (it applies to orthogonal_projection)",
+        "compose --method regmean_rescaled: --projection-ratio does not apply to regmean_rescaled "
+        "(it applies to orthogonal_projection)",
     ),
     (
         "orthogonal_projection",
         {"density": 0.3},
-        "compose --method orthogonal_projection: --density does not apply to orthogonal_projection (it applies to ties, magnitude_prune, dare_linear, dare_ties, knots_ties)",
+        "compose --method orthogonal_projection: --density does not apply to "
+        "orthogonal_projection (it applies to ties, magnitude_prune, dare_linear, dare_ties, "
+        "knots_ties)",
     ),
     (
         "orthogonal_projection",
         {"majority_sign": "frequency"},
-        "compose --method orthogonal_projection: --majority-sign does not apply to orthogonal_projection (it applies to ties, dare_ties, knots_ties)",
+        "compose --method orthogonal_projection: --majority-sign does not apply to "
+        "orthogonal_projection (it applies to ties, dare_ties, knots_ties)",
     ),
     (
         "orthogonal_projection",
         {"seed": 7},
-        "compose --method orthogonal_projection: --seed does not apply to orthogonal_projection (it applies to dare_linear, dare_ties, lora_lego)",
+        "compose --method orthogonal_projection: --seed does not apply to orthogonal_projection "
+        "(it applies to dare_linear, dare_ties, lora_lego)",
     ),
     (
         "orthogonal_projection",
         {"method_scale": 0.5},
-        "compose --method orthogonal_projection: --method-scale does not apply to orthogonal_projection (it applies to tsv, iso)",
+        "compose --method orthogonal_projection: --method-scale does not apply to "
+        "orthogonal_projection (it applies to tsv, iso)",
     ),
     (
         "orthogonal_projection",
         {"task_rank": 2},
-        "compose --method orthogonal_projection: --task-rank does not apply to orthogonal_projection (it applies to tsv)",
+        "compose --method orthogonal_projection: --task-rank does not apply to "
+        "orthogonal_projection (it applies to tsv)",
     ),
     (
         "orthogonal_projection",
         {"regmean_alpha": 0.5},
-        "compose --method orthogonal_projection: --regmean-alpha does not apply to orthogonal_projection (it applies to regmean, regmean_rescaled)",
+        "compose --method orthogonal_projection: --regmean-alpha does not apply to "
+        "orthogonal_projection (it applies to regmean, regmean_rescaled)",
     ),
     (
         "soft_projection",
         {"density": 0.3},
-        "compose --method soft_projection: --density does not apply to soft_projection (it applies to ties, magnitude_prune, dare_linear, dare_ties, knots_ties)",
+        "compose --method soft_projection: --density does not apply to soft_projection (it "
+        "applies to ties, magnitude_prune, dare_linear, dare_ties, knots_ties)",
     ),
     (
         "soft_projection",
         {"majority_sign": "frequency"},
-        "compose --method soft_projection: --majority-sign does not apply to soft_projection (it applies to ties, dare_ties, knots_ties)",
+        "compose --method soft_projection: --majority-sign does not apply to soft_projection (it "
+        "applies to ties, dare_ties, knots_ties)",
     ),
     (
         "soft_projection",
         {"seed": 7},
-        "compose --method soft_projection: --seed does not apply to soft_projection (it applies to dare_linear, dare_ties, lora_lego)",
+        "compose --method soft_projection: --seed does not apply to soft_projection (it applies "
+        "to dare_linear, dare_ties, lora_lego)",
     ),
     (
         "soft_projection",
         {"method_scale": 0.5},
-        "compose --method soft_projection: --method-scale does not apply to soft_projection (it applies to tsv, iso)",
+        "compose --method soft_projection: --method-scale does not apply to soft_projection (it "
+        "applies to tsv, iso)",
     ),
     (
         "soft_projection",
         {"task_rank": 2},
-        "compose --method soft_projection: --task-rank does not apply to soft_projection (it applies to tsv)",
+        "compose --method soft_projection: --task-rank does not apply to soft_projection (it "
+        "applies to tsv)",
     ),
     (
         "soft_projection",
         {"regmean_alpha": 0.5},
-        "compose --method soft_projection: --regmean-alpha does not apply to soft_projection (it applies to regmean, regmean_rescaled)",
+        "compose --method soft_projection: --regmean-alpha does not apply to soft_projection (it "
+        "applies to regmean, regmean_rescaled)",
     ),
     (
         "soft_projection",
         {"projection_ratio": 2.0},
-        "compose --method soft_projection: --projection-ratio does not apply to soft_projection (it applies to orthogonal_projection)",
+        "compose --method soft_projection: --projection-ratio does not apply to soft_projection "
+        "(it applies to orthogonal_projection)",
     ),
     (
         "shift_match",
         {"density": 0.3},
-        "compose --method shift_match: --density does not apply to shift_match (it applies to ties, magnitude_prune, dare_linear, dare_ties, knots_ties)",
+        "compose --method shift_match: --density does not apply to shift_match (it applies to "
+        "ties, magnitude_prune, dare_linear, dare_ties, knots_ties)",
     ),
     (
         "shift_match",
         {"majority_sign": "frequency"},
-        "compose --method shift_match: --majority-sign does not apply to shift_match (it applies to ties, dare_ties, knots_ties)",
+        "compose --method shift_match: --majority-sign does not apply to shift_match (it applies "
+        "to ties, dare_ties, knots_ties)",
     ),
     (
         "shift_match",
         {"seed": 7},
-        "compose --method shift_match: --seed does not apply to shift_match (it applies to dare_linear, dare_ties, lora_lego)",
+        "compose --method shift_match: --seed does not apply to shift_match (it applies to "
+        "dare_linear, dare_ties, lora_lego)",
     ),
     (
         "shift_match",
         {"method_scale": 0.5},
-        "compose --method shift_match: --method-scale does not apply to shift_match (it applies to tsv, iso)",
+        "compose --method shift_match: --method-scale does not apply to shift_match (it applies "
+        "to tsv, iso)",
     ),
     (
         "shift_match",
         {"task_rank": 2},
-        "compose --method shift_match: --task-rank does not apply to shift_match (it applies to tsv)",
+        "compose --method shift_match: --task-rank does not apply to shift_match (it applies to "
+        "tsv)",
     ),
     (
         "shift_match",
         {"regmean_alpha": 0.5},
-        "compose --method shift_match: --regmean-alpha does not apply to shift_match (it applies to regmean, regmean_rescaled)",
+        "compose --method shift_match: --regmean-alpha does not apply to shift_match (it applies "
+        "to regmean, regmean_rescaled)",
     ),
     (
         "shift_match",
         {"projection_ratio": 2.0},
-        "compose --method shift_match: --projection-ratio does not apply to shift_match (it applies to orthogonal_projection)",
+        "compose --method shift_match: --projection-ratio does not apply to shift_match (it "
+        "applies to orthogonal_projection)",
     ),
     ("svd", {"rank": "big"}, "compose --method svd: --rank 'big': expected an integer or 'auto'"),
     ("svd", {"rank": 0}, "compose --method svd: --rank 0: must be ≥ 1 or 'auto'"),
@@ -1820,7 +1941,8 @@ ERRORS = [
     (
         "svd",
         {"keep": 0.9},
-        "compose --method svd: svd needs --rank K (an integer) or --rank auto; --keep only applies with --rank auto",
+        "compose --method svd: svd needs --rank K (an integer) or --rank auto; --keep only "
+        "applies with --rank auto",
     ),
     ("ties", {"density": 0.0}, "compose --method ties: --density 0.0: must be in (0, 1]"),
     ("ties", {"density": 1.5}, "compose --method ties: --density 1.5: must be in (0, 1]"),
@@ -1874,7 +1996,9 @@ ERRORS = [
     (
         "ties",
         {"density": 2.0, "seed": 1, "method_scale": NAN},
-        "compose --method ties: --density 2.0: must be in (0, 1]; --method-scale nan: must be a finite number; --seed does not apply to ties (it applies to dare_linear, dare_ties, lora_lego); --method-scale does not apply to ties (it applies to tsv, iso)",
+        "compose --method ties: --density 2.0: must be in (0, 1]; --method-scale nan: must be a "
+        "finite number; --seed does not apply to ties (it applies to dare_linear, dare_ties, "
+        "lora_lego); --method-scale does not apply to ties (it applies to tsv, iso)",
     ),
     # the one change: values are now checked in the options' declaration order, so
     # --task-rank's problem comes before --regmean-alpha's (it came last but one)
@@ -1892,17 +2016,37 @@ ERRORS = [
             "projection_ratio": -1.0,
             "pad_rank_to": 0,
         },
-        "compose --method sum: --rank 0: must be ≥ 1 or 'auto'; --keep 2.0: must be in (0, 1]; --density 0.0: must be in (0, 1]; --majority-sign 'x': choose total or frequency; --seed -1: must be ≥ 0; --method-scale nan: must be a finite number; --task-rank 0: must be ≥ 1; --regmean-alpha 2.0: must be in [0, 1]; --projection-ratio -1.0: must be > 0; --pad-rank-to 0: must be ≥ 1; --rank does not apply to sum (it applies to svd, ties, magnitude_prune, dare_linear, dare_ties, tsv, iso, pico, knots_ties, knots_ta, lora_lego, regmean, regmean_rescaled, orthogonal_projection, soft_projection, shift_match); --keep does not apply to sum (it applies to svd, ties, magnitude_prune, dare_linear, dare_ties, tsv, iso, pico, knots_ties, knots_ta, regmean, regmean_rescaled, orthogonal_projection, soft_projection, shift_match); --density does not apply to sum (it applies to ties, magnitude_prune, dare_linear, dare_ties, knots_ties); --majority-sign does not apply to sum (it applies to ties, dare_ties, knots_ties); --seed does not apply to sum (it applies to dare_linear, dare_ties, lora_lego); --method-scale does not apply to sum (it applies to tsv, iso); --task-rank does not apply to sum (it applies to tsv); --regmean-alpha does not apply to sum (it applies to regmean, regmean_rescaled); --projection-ratio does not apply to sum (it applies to orthogonal_projection)",
+        "compose --method sum: --rank 0: must be ≥ 1 or 'auto'; --keep 2.0: must be in (0, 1]; "
+        "--density 0.0: must be in (0, 1]; --majority-sign 'x': choose total or frequency; --seed "
+        "-1: must be ≥ 0; --method-scale nan: must be a finite number; --task-rank 0: must be ≥ "
+        "1; --regmean-alpha 2.0: must be in [0, 1]; --projection-ratio -1.0: must be > 0; "
+        "--pad-rank-to 0: must be ≥ 1; --rank does not apply to sum (it applies to svd, ties, "
+        "magnitude_prune, dare_linear, dare_ties, tsv, iso, pico, knots_ties, knots_ta, "
+        "lora_lego, regmean, regmean_rescaled, orthogonal_projection, soft_projection, "
+        "shift_match); --keep does not apply to sum (it applies to svd, ties, magnitude_prune, "
+        "dare_linear, dare_ties, tsv, iso, pico, knots_ties, knots_ta, regmean, regmean_rescaled, "
+        "orthogonal_projection, soft_projection, shift_match); --density does not apply to sum "
+        "(it applies to ties, magnitude_prune, dare_linear, dare_ties, knots_ties); "
+        "--majority-sign does not apply to sum (it applies to ties, dare_ties, knots_ties); "
+        "--seed does not apply to sum (it applies to dare_linear, dare_ties, lora_lego); "
+        "--method-scale does not apply to sum (it applies to tsv, iso); --task-rank does not "
+        "apply to sum (it applies to tsv); --regmean-alpha does not apply to sum (it applies to "
+        "regmean, regmean_rescaled); --projection-ratio does not apply to sum (it applies to "
+        "orthogonal_projection)",
     ),
     (
         "svd",
         {"rank": "x", "keep": 0.5, "seed": 3},
-        "compose --method svd: --rank 'x': expected an integer or 'auto'; --seed does not apply to svd (it applies to dare_linear, dare_ties, lora_lego); --keep only applies with --rank auto",
+        "compose --method svd: --rank 'x': expected an integer or 'auto'; --seed does not apply "
+        "to svd (it applies to dare_linear, dare_ties, lora_lego); --keep only applies with "
+        "--rank auto",
     ),
     (
         "lora_lego",
         {"rank": "auto", "keep": 0.9},
-        "compose --method lora_lego: --keep does not apply to lora_lego (it applies to svd, ties, magnitude_prune, dare_linear, dare_ties, tsv, iso, pico, knots_ties, knots_ta, regmean, regmean_rescaled, orthogonal_projection, soft_projection, shift_match)",
+        "compose --method lora_lego: --keep does not apply to lora_lego (it applies to svd, ties, "
+        "magnitude_prune, dare_linear, dare_ties, tsv, iso, pico, knots_ties, knots_ta, regmean, "
+        "regmean_rescaled, orthogonal_projection, soft_projection, shift_match)",
     ),
 ]
 

@@ -372,9 +372,16 @@ def test_bf16_training_and_eval_equal_with_and_without_the_cast_once(
     from lorasum.training import TrainConfig, train
 
     cfg = TrainConfig(
-        model=str(tiny_llama), data=[str(qa_files["arith"])], max_steps=6, lr=3e-3,
-        batch_size=8, max_length=32, dropout=0.1, precision="bf16", eval_val=True,
-    )  # fmt: skip
+        model=str(tiny_llama),
+        data=[str(qa_files["arith"])],
+        max_steps=6,
+        lr=3e-3,
+        batch_size=8,
+        max_length=32,
+        dropout=0.1,
+        precision="bf16",
+        eval_val=True,
+    )
     cast = train(cfg, tmp_path / "cast", progress=False)
     monkeypatch.setattr(train_mod, "frozen_linears_as", _null_cast)
     monkeypatch.setattr(evaluate_mod, "frozen_linears_as", _null_cast)

@@ -67,13 +67,30 @@ def test_a_bad_variable_or_flag_is_one_clear_line(
 
 
 def _train(tiny_llama, data, out, *extra) -> dict:
-    argv = ["train", "--model", str(tiny_llama), "--data", str(data), "--out", str(out),
-            "--max-steps", "2", "--max-length", "32", "--batch-size", "4", "--no-eval-val", *extra]  # fmt: skip
+    argv = [
+        "train",
+        "--model",
+        str(tiny_llama),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--max-steps",
+        "2",
+        "--max-length",
+        "32",
+        "--batch-size",
+        "4",
+        "--no-eval-val",
+        *extra,
+    ]
     assert main(argv) == 0
     return json.loads((out / "lorasum.json").read_text())
 
 
-def test_train_and_eval_record_the_precision_they_used(verdict, monkeypatch, tiny_llama, qa_files, tmp_path, capsys):  # fmt: skip
+def test_train_and_eval_record_the_precision_they_used(
+    verdict, monkeypatch, tiny_llama, qa_files, tmp_path, capsys
+):
     """``auto`` follows the (faked) verdict, then the variable; the adapter's key and marker
     name the precision used, so adapters of two precisions are never taken for each other."""
     data = qa_files["arith"]

@@ -42,7 +42,13 @@ ADAPTER = (
     "max_orthogonal_cross_talk",
     "mean_orthogonal_cross_talk",
 )
-DATA = ("grad_cosine_rms", "grad_cosine_mean", "grad_cosine_global", "base_loss_mean", "base_loss_spread")  # fmt: skip
+DATA = (
+    "grad_cosine_rms",
+    "grad_cosine_mean",
+    "grad_cosine_global",
+    "base_loss_mean",
+    "base_loss_spread",
+)
 TRANSFER = ("transfer", "transfer_share")
 DOMAINS = ("a", "b", "c")
 COMBOS = [("a", "b"), ("a", "c"), ("b", "c"), ("a", "b", "c")]
@@ -67,7 +73,10 @@ def _grams(seed: int = 1) -> dict:
     g = torch.Generator().manual_seed(seed)
     grams = {}
     for d in DOMAINS:
-        x = {m: torch.randn(5, 9, generator=g, dtype=torch.float64) for m in ("l.0.q", "l.0.v", "l.1.q")}  # fmt: skip
+        x = {
+            m: torch.randn(5, 9, generator=g, dtype=torch.float64)
+            for m in ("l.0.q", "l.0.v", "l.1.q")
+        }
         grams[d] = {m: v @ v.T / 9 for m, v in x.items()}  # per-token Ĝ (d_in, d_in)
     return grams
 
@@ -101,7 +110,9 @@ def test_lookups_and_refusals():
     weight = get_family("weight")
     with pytest.raises(ValueError, match="already registered"):
         register(weight)
-    clash = PredictorFamily("other", (Predictor("rms_cosine"),), frozenset({"adapters"}), weight.compute, "")  # fmt: skip
+    clash = PredictorFamily(
+        "other", (Predictor("rms_cosine"),), frozenset({"adapters"}), weight.compute, ""
+    )
     with pytest.raises(ValueError, match="already taken"):
         register(clash)
     with pytest.raises(ValueError, match="each need is one of"):
@@ -158,7 +169,11 @@ def test_a_new_family_is_one_registration(monkeypatch, tiny_llama, tmp_path):
     def count(inputs, combos):  # a toy predictor: how many domains, from the adapters alone
         return {"+".join(c): {"n_domains": float(len(c))} for c in combos}
 
-    register(PredictorFamily("toy", (Predictor("n_domains", "domains"),), frozenset({"adapters"}), count, "toy"))  # fmt: skip
+    register(
+        PredictorFamily(
+            "toy", (Predictor("n_domains", "domains"),), frozenset({"adapters"}), count, "toy"
+        )
+    )
     assert predictor_names()[-1] == "n_domains"
     assert predictor_names(ADAPTER_NEEDS) == (*ADAPTER, "n_domains")
     assert predictor_labels()["n_domains"] == "domains"
@@ -174,7 +189,7 @@ def test_a_new_family_is_one_registration(monkeypatch, tiny_llama, tmp_path):
                     "domains": list(c),
                     "predictors": {"n_domains": float(len(c)) + 0.1 * k},
                     "delta_pct": 3.0 * len(c) + k,
-                }  # fmt: skip
+                }
                 for k, c in enumerate(itertools.islice(itertools.cycle(COMBOS), 8))
             ]
         }

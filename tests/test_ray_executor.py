@@ -136,7 +136,9 @@ def test_ray_gives_the_same_study_with_a_killed_actor_and_a_rerun_runs_nothing(
 
     submitted = []
     real_submit = RayExecutor.submit
-    monkeypatch.setattr(RayExecutor, "submit", lambda s, u: (submitted.append(u), real_submit(s, u)))  # fmt: skip
+    monkeypatch.setattr(
+        RayExecutor, "submit", lambda s, u: (submitted.append(u), real_submit(s, u))
+    )
     again = _study(tiny_llama, qa_files, tmp_path / "ray", "ray")
     assert submitted == []
     assert _numbers(again) == _numbers(on_ray)

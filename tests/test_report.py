@@ -334,7 +334,7 @@ def full_results(domains: list[str] = DOMAINS, max_order: int | None = None) -> 
                 }
                 for s in SEEDS
             },
-        ),  # fmt: skip
+        ),
         "snapshots": _snapshots(combos, rows),
     }
 
@@ -343,17 +343,26 @@ def _snapshots(combos, rows) -> dict:
     """Δ% along the runs: at 0.5 epochs 2 points lower than at 1 (the finished adapters)."""
 
     def point(x: float, key: str, value: float) -> dict:
-        return {key: x, "delta_pct": {"sum": {"mean": value, "ci95": [value - 1, value + 1], "n": 3},
-                                      "tsv": {"mean": value - 3, "ci95": None, "n": 3}}}  # fmt: skip
+        return {
+            key: x,
+            "delta_pct": {
+                "sum": {"mean": value, "ci95": [value - 1, value + 1], "n": 3},
+                "tsv": {"mean": value - 3, "ci95": None, "n": 3},
+            },
+        }
 
     out = []
     for c, r in zip(combos, rows, strict=True):
         d = r["delta_pct"]
-        out.append({
-            "combination": "+".join(c),
-            "equal_epochs": [point(0.5, "epochs", d - 2), point(1.0, "epochs", d)],
-            "equal_steps": [{**point(6, "steps", d - 8), "single_epochs": 1.0, "merged_epochs": 0.5}],
-        })  # fmt: skip
+        out.append(
+            {
+                "combination": "+".join(c),
+                "equal_epochs": [point(0.5, "epochs", d - 2), point(1.0, "epochs", d)],
+                "equal_steps": [
+                    {**point(6, "steps", d - 8), "single_epochs": 1.0, "merged_epochs": 0.5}
+                ],
+            }
+        )
     return {"epochs": [0.5, 1.0], "methods": ["sum", "tsv"], "combinations": out}
 
 
@@ -652,11 +661,13 @@ def test_bare_results_render_every_section_or_a_note(tmp_path):
 @pytest.mark.parametrize(
     "split, expected",
     [
-        ({"train": {"n": 48, "sha256": "aa"}, "test": {"n": 24, "sha256": "bb"}},
-         [("48", "aa"), ("24", "bb")]),
+        (
+            {"train": {"n": 48, "sha256": "aa"}, "test": {"n": 24, "sha256": "bb"}},
+            [("48", "aa"), ("24", "bb")],
+        ),
         ({"train": 48, "test": 24, "sha256": "bb"}, [("48", ""), ("24", "bb")]),
     ],
-)  # fmt: skip
+)
 def test_manifest_reads_both_split_shapes(split, expected):
     assert [_split(split, "train"), _split(split, "test")] == expected
 
@@ -774,10 +785,15 @@ def test_converged_budget_reports_what_stopped_each_adapter_older_results_too(tm
     units = list(tb["adapters"])
     for i, unit in enumerate(units):  # older records: no stop_step, stopped_by or schedule
         tb["adapters"][unit] = [
-            {"steps": 10 + s, "best_step": 7, "epochs": 1.0, "real_tokens": 100,
-             "stopped_early": (i + s) % 3 == 0}
+            {
+                "steps": 10 + s,
+                "best_step": 7,
+                "epochs": 1.0,
+                "real_tokens": 100,
+                "stopped_early": (i + s) % 3 == 0,
+            }
             for s in range(len(SEEDS))
-        ]  # fmt: skip
+        ]
     early = sum((i + s) % 3 == 0 for i in range(len(units)) for s in range(len(SEEDS)))
     n = len(units) * len(SEEDS)
     (tmp_path / "results.json").write_text(json.dumps(res))

@@ -196,13 +196,16 @@ def _tree(root: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize(
     ("version", "message"),
     [
-        (SCHEMA_VERSION + 1, f"has results schema version {SCHEMA_VERSION + 1}; this lorasum "
-                             f"reads versions up to {SCHEMA_VERSION}: read it with the lorasum "
-                             "that wrote it"),
+        (
+            SCHEMA_VERSION + 1,
+            f"has results schema version {SCHEMA_VERSION + 1}; this lorasum "
+            f"reads versions up to {SCHEMA_VERSION}: read it with the lorasum "
+            "that wrote it",
+        ),
         ("2", "has schema_version '2', not a version number"),
         (0, "has schema_version 0, not a version number"),
     ],
-)  # fmt: skip
+)
 def test_a_version_it_cannot_read_is_one_line_exit_2_nothing_written(
     tmp_path, capsys, version, message
 ):

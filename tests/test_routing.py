@@ -116,12 +116,14 @@ def test_prompt_centroid_is_the_mean_prompt_hidden_state(tiny_llama):
     raw = []
     for r in rows:
         with torch.no_grad():
-            h = model(input_ids=torch.tensor([prompt_ids(tok, r.question, 32)]),
-                      output_hidden_states=True).hidden_states[-1][0]  # fmt: skip
+            h = model(
+                input_ids=torch.tensor([prompt_ids(tok, r.question, 32)]), output_hidden_states=True
+            ).hidden_states[-1][0]
         raw.append(h.mean(0))
     together = prompt_centroid(model, tok, rows, 32, batch_size=2)
-    torch.testing.assert_close(together, F.normalize(torch.stack(raw).mean(0), dim=0),
-                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    torch.testing.assert_close(
+        together, F.normalize(torch.stack(raw).mean(0), dim=0), rtol=1e-5, atol=1e-6
+    )
     assert not torch.allclose(each[0], each[1])
 
 
@@ -148,8 +150,9 @@ def test_routed_to_the_true_domain_is_the_oracle(tiny_llama, two_adapters):
     for n in names:
         items = tokenize_cached(tok, [sources[n]], "test", 32)
         net = PeftModel.from_pretrained(model, str(paths[n]))
-        ev = evaluate_batches(net, make_batches(items, 4, tok.pad_token_id, False), [n],
-                              torch.device("cpu"))  # fmt: skip
+        ev = evaluate_batches(
+            net, make_batches(items, 4, tok.pad_token_id, False), [n], torch.device("cpu")
+        )
         net.unload()
         singles[n] = ev["per_dataset"][n]
     oracle = oracle_from_singles(singles)
@@ -223,8 +226,11 @@ def test_mixture_weights_are_a_tempered_posterior_with_small_weights_dropped():
     assert hard.argmax(1).tolist() == scores.argmax(1).tolist() and hard.eq(1).sum() == 3
     # temperature → 0 is the hard route, a large one the uniform mix
     assert mixture_weights(scores, 1e-6, 0.0)[0].tolist() == [1.0, 0.0, 0.0]
-    assert torch.allclose(mixture_weights(scores[:1], 1e6, 0.0), torch.full((1, 3), 1 / 3,
-                          dtype=torch.float64), atol=1e-5)  # fmt: skip
+    assert torch.allclose(
+        mixture_weights(scores[:1], 1e6, 0.0),
+        torch.full((1, 3), 1 / 3, dtype=torch.float64),
+        atol=1e-5,
+    )
 
 
 def test_mixture_nll_is_the_mixture_of_the_answer_likelihoods():
@@ -274,8 +280,9 @@ def test_mixture_evaluation_against_each_row_scored_alone(tiny_llama, two_adapte
     for k, n in enumerate(names):
         net = PeftModel.from_pretrained(model, str(paths[n]))
         for i, item in enumerate(items):
-            ev = evaluate_batches(net, make_batches([item], 1, tok.pad_token_id, False), names,
-                                  torch.device("cpu"))  # fmt: skip
+            ev = evaluate_batches(
+                net, make_batches([item], 1, tok.pad_token_id, False), names, torch.device("cpu")
+            )
             alone[i, k] = ev["nll"]
         net.unload()
     half = torch.full((len(items), 2), 0.5, dtype=torch.float64)

@@ -58,8 +58,20 @@ def _fp32(monkeypatch, tmp_path):
 
 def study_args(tiny_llama, qa_files, out: Path, *extra: str) -> list[str]:
     domains = ",".join(f"{n}={qa_files[n]}" for n in ("arith", "colors"))
-    return ["reproduce", "--preset", "tiny", "--model", str(tiny_llama), "--domains", domains,
-            "--out", str(out), "--precision", "fp32", *extra]  # fmt: skip
+    return [
+        "reproduce",
+        "--preset",
+        "tiny",
+        "--model",
+        str(tiny_llama),
+        "--domains",
+        domains,
+        "--out",
+        str(out),
+        "--precision",
+        "fp32",
+        *extra,
+    ]
 
 
 def _env(tmp: Path) -> dict[str, str]:
@@ -140,9 +152,13 @@ def finished(tiny_llama, qa_files, tmp_path_factory) -> Path:
     assert (out / LOCK_NAME).exists() and (out / HOLDER_NAME).exists()  # left by the dead holder
     with pytest.MonkeyPatch.context() as mp:
         # the function-scoped fixtures' settings (conftest), for this module-scoped one
-        for name, value in {"LORASUM_PRECISION": "fp32", "LORASUM_HOME": str(tmp / "home"),
-                            "LORASUM_WORKERS": "1", "HF_HUB_OFFLINE": "1",
-                            "HF_DATASETS_OFFLINE": "1"}.items():  # fmt: skip
+        for name, value in {
+            "LORASUM_PRECISION": "fp32",
+            "LORASUM_HOME": str(tmp / "home"),
+            "LORASUM_WORKERS": "1",
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+        }.items():
             mp.setenv(name, value)
         assert main(study_args(tiny_llama, qa_files, out)) == 0
     assert not (out / HOLDER_NAME).exists()  # removed on release

@@ -75,8 +75,10 @@ def _steps(tiny_llama: Path, qa_files: dict, tmp: Path) -> dict:
 
 def _merge_aware(tiny_llama: Path, qa_files: dict, tmp: Path) -> dict:
     """The converged budget with merge-aware checkpoints (160 rows: 16 validation rows)."""
-    files = {n: write_jsonl(tmp / f"{n}.jsonl", make_qa(n, 160, seed=i))
-             for i, n in enumerate(("arith", "colors"))}  # fmt: skip
+    files = {
+        n: write_jsonl(tmp / f"{n}.jsonl", make_qa(n, 160, seed=i))
+        for i, n in enumerate(("arith", "colors"))
+    }
     return {
         "model": str(tiny_llama),
         "domains": [f"{n}={p}" for n, p in files.items()],
@@ -99,12 +101,15 @@ def legacy_src(tmp_path_factory) -> Path:
     """lorasum's ``src`` at `LEGACY_COMMIT` (skipped outside a git checkout that holds it)."""
     if shutil.which("git") is None:
         pytest.skip("needs git: the reference is the code at LEGACY_COMMIT")
-    found = subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", f"{LEGACY_COMMIT}^{{commit}}"],
-                           capture_output=True)  # fmt: skip
+    found = subprocess.run(
+        ["git", "-C", str(REPO), "cat-file", "-e", f"{LEGACY_COMMIT}^{{commit}}"],
+        capture_output=True,
+    )
     if found.returncode != 0:
         pytest.skip(f"this checkout's history has no {LEGACY_COMMIT[:7]}")
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", LEGACY_COMMIT, "src"],
-                             capture_output=True, check=True).stdout  # fmt: skip
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", LEGACY_COMMIT, "src"], capture_output=True, check=True
+    ).stdout
     dest = tmp_path_factory.mktemp("legacy")
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(dest, filter="data")
@@ -129,8 +134,10 @@ def _legacy_study(legacy_src: Path, settings: dict, out: Path, home: Path) -> di
     script = Path(__file__).with_name("legacy_keys.py")
     run = subprocess.run(
         [sys.executable, str(script), str(out), str(settings_path), __version__, str(keys_path)],
-        env=env, capture_output=True, text=True,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(keys_path.read_text())
 
@@ -186,14 +193,20 @@ def test_a_study_of_the_string_based_units_is_reused_whole(
             assert (t.resources().memory_gb, t.label) == (old["memory_gb"], old["label"])
             continue
         assert [d.id for d in t.dependencies()] == old["deps"], t.id
-        assert (t.cost(), t.resources().memory_gb, t.label) == (old["cost"], old["memory_gb"], old["label"])  # fmt: skip
+        assert (t.cost(), t.resources().memory_gb, t.label) == (
+            old["cost"],
+            old["memory_gb"],
+            old["label"],
+        )
     assert {type(t).__name__ for t in plan.tasks} >= {"TrainTask", "EvalTask"}
 
     ran: list[str] = []
     passes: list[list[str]] = []
     run, sums = executors.run_task, gradients.gradient_sums
-    monkeypatch.setattr(executors, "run_task", lambda t, m, tok: (ran.append(t.id), run(t, m, tok))[1])  # fmt: skip
-    monkeypatch.setattr(gradients, "gradient_sums", lambda *a: (passes.append(a[2]), sums(*a))[1])  # fmt: skip
+    monkeypatch.setattr(
+        executors, "run_task", lambda t, m, tok: (ran.append(t.id), run(t, m, tok))[1]
+    )
+    monkeypatch.setattr(gradients, "gradient_sums", lambda *a: (passes.append(a[2]), sums(*a))[1])
     reproduce(out, preset="tiny", progress=False, **settings)
     # every unit reused; the per-domain units copy the statistics the legacy run cached in
     # $LORASUM_HOME/gradients (the same key there): no gradient is computed again
@@ -290,13 +303,18 @@ def test_execute_walks_the_objects_whatever_their_names():
 def test_no_unit_name_is_parsed_back():
     """Names are built in `study.names` only: no study module strips or splits one, and the
     combination's name is defined once in the study and report layers."""
-    parsing = ('removeprefix("merged-")', 'removeprefix("variant-")', 'split("@")',
-               'len("method-', 'len(f"method-', 'startswith("merged-")', 'startswith(f"method-')  # fmt: skip
+    parsing = (
+        'removeprefix("merged-")',
+        'removeprefix("variant-")',
+        'split("@")',
+        'len("method-',
+        'len(f"method-',
+        'startswith("merged-")',
+        'startswith(f"method-',
+    )
     study = [*sorted((SRC / "study").rglob("*.py"))]
     for path in study:
         text = path.read_text()
         assert not [p for p in parsing if p in text], path
-    definitions = [
-        p for p in SRC.rglob("*.py") if "def combo_name(" in p.read_text()
-    ]  # fmt: skip
+    definitions = [p for p in SRC.rglob("*.py") if "def combo_name(" in p.read_text()]
     assert definitions == [SRC / "data" / "sources.py"]  # below the report, which names them too

@@ -197,9 +197,18 @@ class _ComposeInputs:
         if merge_method.dense and config.option("rank") is None:
             key_fields["dense_rank"] = "file"  # truncation at the file's rank, not per-module Σr
         return cls(
-            adapters, merge_method, given, w, base, shas, fingerprints,
-            calibration_data, union, resolved, config_key(key_fields),
-        )  # fmt: skip
+            adapters,
+            merge_method,
+            given,
+            w,
+            base,
+            shas,
+            fingerprints,
+            calibration_data,
+            union,
+            resolved,
+            config_key(key_fields),
+        )
 
 
 def compose_key(

@@ -96,6 +96,22 @@ def coordinate_choice(
     return choice, scores
 
 
+def _choice_report(val_sources, rows, passes, points, converged, choice, scores) -> dict:
+    """What `select_checkpoints` records of its choice (tokens and seconds added by it)."""
+    return {
+        "rule": f"coordinate descent from the converged checkpoints, {passes} pass(es), on the "
+        "sum's validation perplexity",
+        "split": "val",
+        "rows_per_domain": {s.name: min(rows, len(s.splits["val"])) for s in val_sources},
+        "chosen_steps": list(choice),
+        "converged_steps": converged,
+        "candidates": [list(p) for p in points],
+        "val_perplexity": scores[choice],
+        "val_perplexity_converged": scores[tuple(converged)],
+        "evaluations": len(scores),
+    }
+
+
 def select_checkpoints(
     model,
     tokenizer,
@@ -128,7 +144,9 @@ def select_checkpoints(
     converged = [
         int(read_json(Path(d) / "lorasum.json")["metrics"]["best_step"]) for d in adapter_dirs
     ]
-    items = [it for s in val_sources for it in tokenize_cached(tokenizer, [s], "val", max_length)[:rows]]  # fmt: skip
+    items = [
+        it for s in val_sources for it in tokenize_cached(tokenizer, [s], "val", max_length)[:rows]
+    ]
     if not items:
         raise LorasumError("merge-aware checkpoints: the adapters' domains have no validation rows")
     batches = make_batches(items, batch_size, tokenizer.pad_token_id, shuffle=False)
@@ -161,18 +179,6 @@ def select_checkpoints(
         choice, scores = coordinate_choice([list(p) for p in points], converged, score, passes)
     finally:
         net.unload()
-    report = {
-        "rule": f"coordinate descent from the converged checkpoints, {passes} pass(es), on the "
-        "sum's validation perplexity",
-        "split": "val",
-        "rows_per_domain": {s.name: min(rows, len(s.splits["val"])) for s in val_sources},
-        "chosen_steps": list(choice),
-        "converged_steps": converged,
-        "candidates": [list(p) for p in points],
-        "val_perplexity": scores[choice],
-        "val_perplexity_converged": scores[tuple(converged)],
-        "evaluations": len(scores),
-        "tokens": evaluated_tokens,
-        "seconds": time.perf_counter() - t0,
-    }
+    report = _choice_report(val_sources, rows, passes, points, converged, choice, scores)
+    report.update(tokens=evaluated_tokens, seconds=time.perf_counter() - t0)
     return [points[i][step] for i, step in enumerate(choice)], report

@@ -278,8 +278,9 @@ def _routed_items(tokenizer, adapters, sources, split, max_length, answer_only):
 def _split_vectors(model, tokenizer, srcs, split, max_length, batch_size, amp_dtype):
     """`prompt_vectors` of every row of the sources' ``split``, in `_routed_items`' order."""
     qa = [qa for s in srcs for qa in s.splits[split]]
-    return prompt_vectors(model, tokenizer, qa, max_length, batch_size=batch_size,
-                          amp_dtype=amp_dtype)  # fmt: skip
+    return prompt_vectors(
+        model, tokenizer, qa, max_length, batch_size=batch_size, amp_dtype=amp_dtype
+    )
 
 
 @contextlib.contextmanager
@@ -320,8 +321,7 @@ def evaluate_routed(
     per adapter, or `route_gaussian` against ``gaussians`` (K, 2, H). Returns an evaluation's shape (perplexity, nll, tokens, per_dataset, timing)
     with ``routing_accuracy`` (%) and ``confusion``. ``model`` is left as it was."""
     t0 = time.perf_counter()
-    names, srcs, items = _routed_items(tokenizer, adapters, sources, split, max_length,
-                                       answer_only)  # fmt: skip
+    names, srcs, items = _routed_items(tokenizer, adapters, sources, split, max_length, answer_only)
     truth = [d for _, d in items]
     if assignment is None:
         if (centroids is None) == (gaussians is None):
@@ -387,8 +387,7 @@ def evaluate_mixture(
     than one adapter) and ``adapter_rows`` (adapter forwards per row, ≥ 1). ``model`` is left
     as it was."""
     t0 = time.perf_counter()
-    names, srcs, items = _routed_items(tokenizer, adapters, sources, split, max_length,
-                                       answer_only)  # fmt: skip
+    names, srcs, items = _routed_items(tokenizer, adapters, sources, split, max_length, answer_only)
     if weights is None:
         if gaussians is None:
             raise ValueError("give gaussians (one per adapter) or the weights")
@@ -406,12 +405,15 @@ def evaluate_mixture(
                 continue
             net.set_adapter(name)
             part = [items[i] for i in rows.tolist()]
-            nll[rows, k], tokens[rows] = row_nlls(net, part, batch_size, tokenizer.pad_token_id,
-                                                  device, amp_dtype)  # fmt: skip
+            nll[rows, k], tokens[rows] = row_nlls(
+                net, part, batch_size, tokenizer.pad_token_id, device, amp_dtype
+            )
     mixed = mixture_nll(nll, weights)  # (N,)
     truth = torch.tensor([d for _, d in items], dtype=torch.long)
-    per = {d: (float(mixed[truth == i].sum()), int(tokens[truth == i].sum()))
-           for i, d in enumerate(names)}  # fmt: skip
+    per = {
+        d: (float(mixed[truth == i].sum()), int(tokens[truth == i].sum()))
+        for i, d in enumerate(names)
+    }
     total_nll, total_tokens = float(mixed.sum()), int(tokens.sum())
     kept = (weights > 0).sum(1)
     return {
@@ -509,8 +511,9 @@ def _strip_lora(model: nn.Module) -> None:
     for name, module in list(model.named_modules()):
         if isinstance(module, BaseTunerLayer):
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child,
-                    module.get_base_layer())  # fmt: skip
+            setattr(
+                model.get_submodule(parent) if parent else model, child, module.get_base_layer()
+            )
     if "peft_config" in vars(model):
         del model.peft_config
 
@@ -581,5 +584,8 @@ def evaluate_arrow(
 
 
 def _arrow_kwargs(options: Mapping) -> dict:
-    return {"top_k": options["top_k"], "temperature": options["router_temperature"],
-            "rng_seed": options["rng_seed"]}  # fmt: skip
+    return {
+        "top_k": options["top_k"],
+        "temperature": options["router_temperature"],
+        "rng_seed": options["rng_seed"],
+    }

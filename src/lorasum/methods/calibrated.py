@@ -241,8 +241,9 @@ def budget_report(fit: CoefficientFit, training_tokens: int) -> dict:
     }
 
 
-def _interleaved_batches(tokenizer, sources: Sequence, max_length: int, batch_size: int,
-                         rows: int | None = None) -> list:  # fmt: skip
+def _interleaved_batches(
+    tokenizer, sources: Sequence, max_length: int, batch_size: int, rows: int | None = None
+) -> list:
     """Validation batches of ``sources`` (their "val" split; the first ``rows`` of each when
     given), rows interleaved across domains so that a short budget sees every domain."""
     from lorasum.data.token_cache import tokenize_cached
@@ -330,8 +331,15 @@ def fit_learned(
     batches = _interleaved_batches(tokenizer, sources, max_length, batch_size, rows)
     if not batches:
         raise LorasumError("method learned: the adapters' domains have no validation rows")
-    fit = fit_coefficients(model, adapters, batches, 2**62, granularity=granularity, lr=lr,
-                           max_steps=epochs * len(batches))  # fmt: skip
+    fit = fit_coefficients(
+        model,
+        adapters,
+        batches,
+        2**62,
+        granularity=granularity,
+        lr=lr,
+        max_steps=epochs * len(batches),
+    )
     report = {
         **budget_report(fit, training_tokens),
         "category": CATEGORY,

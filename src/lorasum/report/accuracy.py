@@ -79,7 +79,11 @@ def accuracy_blocks(results: Results | dict) -> list:
                 "Scored per domain: "
                 + "; ".join(
                     f"`{d}` {SCORED_BY.get(v['scored_by'], v['scored_by'])}"
-                    + (f" ({v['questions'] + v['generated']} test rows)" if v["scored_by"] != "skip" else "")
+                    + (
+                        f" ({v['questions'] + v['generated']} test rows)"
+                        if v["scored_by"] != "skip"
+                        else ""
+                    )
                     for d, v in domains.items()
                 )
                 + "."
@@ -90,7 +94,7 @@ def accuracy_blocks(results: Results | dict) -> list:
                     else ""
                 )
             )
-        )  # fmt: skip
+        )
     return blocks
 
 

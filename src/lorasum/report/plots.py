@@ -529,8 +529,10 @@ def delta_vs_length(snapshots: Snapshots | None, top_methods: int = 3) -> bytes 
     plt = _plt()
     from matplotlib.ticker import ScalarFormatter
 
-    panels = [("equal_epochs", "epochs", "equal epochs (passes over each adapter's own rows)"),
-              ("equal_steps", "steps", "equal optimizer steps per adapter")]  # fmt: skip
+    panels = [
+        ("equal_epochs", "epochs", "equal epochs (passes over each adapter's own rows)"),
+        ("equal_steps", "steps", "equal optimizer steps per adapter"),
+    ]
     fig, axes = plt.subplots(1, 2, figsize=(10.0, 3.6), squeeze=False)
     cmap = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20")
     methods = [m for m in snapshots.methods or [] if m != "sum"]
@@ -541,8 +543,16 @@ def delta_vs_length(snapshots: Snapshots | None, top_methods: int = 3) -> bytes 
             xs = [p[x] for p in pts if is_number((p["delta_pct"].get("sum") or {}).get("mean"))]
             ys = [p["delta_pct"]["sum"]["mean"] for p in pts if p[x] in xs]
             if xs:
-                ax.plot(xs, ys, lw=0.8, alpha=0.6, marker="o", ms=2.5, color=cmap(i % cmap.N),
-                        label=row.combination if len(rows) <= 10 else None)  # fmt: skip
+                ax.plot(
+                    xs,
+                    ys,
+                    lw=0.8,
+                    alpha=0.6,
+                    marker="o",
+                    ms=2.5,
+                    color=cmap(i % cmap.N),
+                    label=row.combination if len(rows) <= 10 else None,
+                )
             for p in pts:
                 for m, d in p["delta_pct"].items():
                     if is_number(d.get("mean")):
@@ -555,8 +565,14 @@ def delta_vs_length(snapshots: Snapshots | None, top_methods: int = 3) -> bytes 
         for m, style in [("sum", "-")] + [(m, "--") for m in best]:
             if m in means:
                 xs = sorted(means[m])
-                ax.plot(xs, [means[m][k] for k in xs], style, lw=2.0 if m == "sum" else 1.4,
-                        color="black" if m == "sum" else None, label=f"{m} (mean)")  # fmt: skip
+                ax.plot(
+                    xs,
+                    [means[m][k] for k in xs],
+                    style,
+                    lw=2.0 if m == "sum" else 1.4,
+                    color="black" if m == "sum" else None,
+                    label=f"{m} (mean)",
+                )
         ax.axhline(0.0, color="grey", lw=0.8)
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(ScalarFormatter())

@@ -662,7 +662,7 @@ def _budget(results: Results | dict) -> list:
             ],
             rows,
             "lrrrrrr",
-        ),  # fmt: skip
+        ),
         Para(
             "Single adapters are trained once and reused by every combination that contains "
             "them; a merged-data adapter serves its combination alone. Tokens: every non-padding "
@@ -686,17 +686,24 @@ def _budget(results: Results | dict) -> list:
                 )
             )
         steps_rows = [
-            [c.combination, f"{p['steps']}", f"{p['single_epochs']:g} / {p['merged_epochs']:g}",
-             fmt_interval(p["delta_pct"]["sum"]["mean"], p["delta_pct"]["sum"]["ci95"], signed=True)]
-            for c in snaps.combinations or [] for p in c.equal_steps or []
-        ]  # fmt: skip
+            [
+                c.combination,
+                f"{p['steps']}",
+                f"{p['single_epochs']:g} / {p['merged_epochs']:g}",
+                fmt_interval(
+                    p["delta_pct"]["sum"]["mean"], p["delta_pct"]["sum"]["ci95"], signed=True
+                ),
+            ]
+            for c in snaps.combinations or []
+            for p in c.equal_steps or []
+        ]
         if steps_rows:
             blocks.append(
                 Table(
                     ["combination", "steps per adapter", "epochs single / merged", "Δ% sum"],
                     steps_rows,
                     "lrrr",
-                )  # fmt: skip
+                )
             )
     return blocks
 

@@ -20,8 +20,12 @@ from lorasum.study import names
 
 # Δ accuracy of each of these, in points: score (acc on options and exact match on short
 # answers, one vote per question: the headline), and each metric on its own rows
-DELTAS = {"score": "delta_pts", "acc": "delta_acc_pts", "acc_norm": "delta_acc_norm_pts",
-          "exact_match": "delta_exact_match_pts"}  # fmt: skip
+DELTAS = {
+    "score": "delta_pts",
+    "acc": "delta_acc_pts",
+    "acc_norm": "delta_acc_norm_pts",
+    "exact_match": "delta_exact_match_pts",
+}
 
 
 def pooled(result: dict, domains: Sequence[str]) -> dict:
@@ -141,8 +145,10 @@ def add_accuracy(row: dict, per_seed: list[dict | None]) -> None:
     for s, seed_row in zip(per_seed, row["per_seed"], strict=True):
         seed_row["accuracy"] = {
             "merged": s["merged"],
-            "methods": {m: {k: v[k] for k in ("score", *DELTAS.values())} for m, v in s["methods"].items()},
-        }  # fmt: skip
+            "methods": {
+                m: {k: v[k] for k in ("score", *DELTAS.values())} for m, v in s["methods"].items()
+            },
+        }
         seed_row["delta_acc_pts"] = s["methods"]["sum"]["delta_pts"]
         for m, v in seed_row["methods"].items():
             v["delta_acc_pts"] = s["methods"][m]["delta_pts"]
@@ -155,8 +161,12 @@ def domain_rows(result: dict) -> dict[str, dict]:
         kind = "choice" if p["questions"] else ("match" if p["generated"] else "skip")
         if p["questions"] and p["generated"]:
             kind = "choice+match"
-        out[d] = {"scored_by": kind, "questions": p["questions"], "generated": p["generated"],
-                  "skipped": p["skipped"]}  # fmt: skip
+        out[d] = {
+            "scored_by": kind,
+            "questions": p["questions"],
+            "generated": p["generated"],
+            "skipped": p["skipped"],
+        }
     return out
 
 

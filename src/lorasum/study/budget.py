@@ -212,17 +212,25 @@ def compare_budgets(studies: dict[str, dict]) -> dict:
 
     combos: dict[str, dict] = {}
     for label, res in studies.items():
-        steps = {c["combination"]: c for c in (res.get("training_budget") or {}).get("combinations", [])}  # fmt: skip
+        steps = {
+            c["combination"]: c for c in (res.get("training_budget") or {}).get("combinations", [])
+        }
         for row in res["combinations"]:
             c = combo_name(row["domains"])
             entry = combos.setdefault(c, {})
             entry[label] = {
-                "sum": {"delta_pct": row["delta_pct"], "ci95": (row.get("ci95") or {}).get("delta_pct")},
-                "methods": {m: {"delta_pct": v["delta_pct"], "ci95": v.get("ci95")} for m, v in row.get("methods", {}).items()},
+                "sum": {
+                    "delta_pct": row["delta_pct"],
+                    "ci95": (row.get("ci95") or {}).get("delta_pct"),
+                },
+                "methods": {
+                    m: {"delta_pct": v["delta_pct"], "ci95": v.get("ci95")}
+                    for m, v in row.get("methods", {}).items()
+                },
                 "best_method": row.get("best_method"),
                 "single_steps": (steps.get(c) or {}).get("single_steps_mean"),
                 "merged_steps": (steps.get(c) or {}).get("merged_steps_mean"),
-            }  # fmt: skip
+            }
     predictors: dict[str, dict] = {}
     pooled: dict[str, list] = {}
     for label, res in studies.items():

@@ -137,10 +137,14 @@ def train_rows(grid: Grid) -> list[tuple[int, int]]:
     """(rows one training processes, how many such trainings) over the whole study."""
     r, s = grid.train_rows, grid.seeds
     if grid.budget == "steps" and grid.top_order >= 2:
-        singles = [(rows_seen(r, grid.batch_size, st), grid.domains) for st in single_step_counts(grid)]  # fmt: skip
+        singles = [
+            (rows_seen(r, grid.batch_size, st), grid.domains) for st in single_step_counts(grid)
+        ]
     else:
         singles = [(round(r * grid.epochs), grid.domains)]
-    merged = [(round(k * r * grid.epochs), grid.combinations(k)) for k in range(2, grid.top_order + 1)]  # fmt: skip
+    merged = [
+        (round(k * r * grid.epochs), grid.combinations(k)) for k in range(2, grid.top_order + 1)
+    ]
     return [(rows, count * s) for rows, count in singles + merged if count]
 
 
@@ -183,10 +187,15 @@ def token_counts(grid: Grid, tokens_per_row: float) -> dict[str, dict[str, float
         per_combo = []  # (tokens of one fit of a combination of k domains, combinations)
         if "calibrated" in fitted:  # a share of the merged-data training's tokens
             share = tokens_per_row * grid.calibrated_fraction
-            per_combo += [(k * grid.train_rows * grid.epochs * share, grid.combinations(k)) for k in orders]  # fmt: skip
+            per_combo += [
+                (k * grid.train_rows * grid.epochs * share, grid.combinations(k)) for k in orders
+            ]
         if "learned" in fitted:  # K validation rows of each domain, every epoch
             rows = min(grid.learned_rows, grid.test_rows)  # val and test: 10 % each, one cap
-            per_combo += [(k * rows * grid.learned_epochs * tokens_per_row, grid.combinations(k)) for k in orders]  # fmt: skip
+            per_combo += [
+                (k * rows * grid.learned_epochs * tokens_per_row, grid.combinations(k))
+                for k in orders
+            ]
         total = sum(t * c for t, c in per_combo) * grid.seeds
         out["fit"] = {"total": total, "largest": max(t for t, _ in per_combo)}
     if counts.get("gradients"):  # one unit per domain
@@ -249,7 +258,10 @@ def kind_seconds(
     """GPU-seconds of ``tokens`` processed by a unit of ``kind``: its model FLOPs at the BF16
     peak (FP32 for `FP32_KINDS`), plus a calibration's FP64 Gram products at the FP64 peak.
     ``max_bytes``: the gradients units' memory bound per module group."""
-    flops = {"train": model.train_flops * model.params, "gradients": model.gradient_flops(max_bytes)}  # fmt: skip
+    flops = {
+        "train": model.train_flops * model.params,
+        "gradients": model.gradient_flops(max_bytes),
+    }
     peak = hw.peak_fp32 if kind in FP32_KINDS else hw.peak_bf16
     seconds = tokens * flops.get(kind, 2.0 * model.params) / (peak * hw.mfu)
     if kind == "calibrate":

@@ -163,8 +163,14 @@ class LocalExecutor:
             n_pools, size = (self.slots, 1) if per_gpu else (1, self.slots)
             threads = max(1, available_cores() // self.slots)
             for i in range(n_pools):
-                init = (self.model_spec, _worker_device(self.device, i) if per_gpu else str(self.device),
-                        threads, log.isEnabledFor(logging.INFO), os.getpid(), self.bf16)  # fmt: skip
+                init = (
+                    self.model_spec,
+                    _worker_device(self.device, i) if per_gpu else str(self.device),
+                    threads,
+                    log.isEnabledFor(logging.INFO),
+                    os.getpid(),
+                    self.bf16,
+                )
                 self._pools.append(
                     ProcessPoolExecutor(size, mp.get_context("spawn"), init_worker, init)
                 )
@@ -225,8 +231,11 @@ def _recompute(tasks: Sequence[Task], task: Task, problem: str, verifier: Verifi
     later = dependants(tasks, task)
     log.warning(
         "%s; recomputing it and %d unit%s that depend%s on it",
-        problem, len(later), "" if len(later) == 1 else "s", "s" if len(later) == 1 else "",
-    )  # fmt: skip
+        problem,
+        len(later),
+        "" if len(later) == 1 else "s",
+        "s" if len(later) == 1 else "",
+    )
     for t in (task, *later):
         verifier.invalidate(t)
     return {task, *later}

@@ -61,7 +61,9 @@ class Trainings:
         # (domains, the steps a single is named by, max_steps: 0 = the schedule's own)
         runs = [((n,), None, 0) for n in lay.names]
         if lay.budget == "steps":
-            runs = [((d,), lay.single_steps(d, c), lay.merged_steps(c)) for c in lay.combos for d in c]  # fmt: skip
+            runs = [
+                ((d,), lay.single_steps(d, c), lay.merged_steps(c)) for c in lay.combos for d in c
+            ]
             # every domain's own single (its smallest step count), also when a sample left it in
             # no combination: the single evaluations and the cross-domain matrix read it
             runs += [((n,), None, single_step_counts(lay, n)[0]) for n in lay.names]
@@ -79,15 +81,21 @@ class Trainings:
         if max_steps:
             unit_cfg = replace(unit_cfg, max_steps=max_steps)
         if lay.snapshot_epochs:
-            unit_cfg = replace(unit_cfg, snapshots=snapshot_steps(cfg, lay.train_rows(doms), lay.snapshot_epochs))  # fmt: skip
+            unit_cfg = replace(
+                unit_cfg, snapshots=snapshot_steps(cfg, lay.train_rows(doms), lay.snapshot_epochs)
+            )
         if lay.merge_aware and single:
-            unit_cfg = replace(unit_cfg, snapshots=validation_steps(unit_cfg, lay.train_rows(doms)))  # fmt: skip
+            unit_cfg = replace(unit_cfg, snapshots=validation_steps(unit_cfg, lay.train_rows(doms)))
         name = names.training_name(doms, named_steps)
         return TrainTask(
-            seed=cfg.seed, domains=doms, named_steps=named_steps, cfg=unit_cfg,
+            seed=cfg.seed,
+            domains=doms,
+            named_steps=named_steps,
+            cfg=unit_cfg,
             sources=tuple(lay.sources[d] for d in doms),
-            path=lay.seed_dir(cfg.seed) / "adapters" / name, overwrite=lay.overwrite,
-        )  # fmt: skip
+            path=lay.seed_dir(cfg.seed) / "adapters" / name,
+            overwrite=lay.overwrite,
+        )
 
     def single(self, domain: str, combo=None) -> TrainTask:
         """The single adapter of ``domain`` that ``combo`` composes (None: the domain's own)."""
@@ -107,31 +115,54 @@ class Trainings:
         )
 
 
-def _evaluations(lay: StudyLayout, seed, adapter: AdapterTask | None, domains, adapter_dir=None,
-                 snapshot=None, unit_key=None, twin: bool = True) -> list[EvalTask]:  # fmt: skip
+def _evaluations(
+    lay: StudyLayout,
+    seed,
+    adapter: AdapterTask | None,
+    domains,
+    adapter_dir=None,
+    snapshot=None,
+    unit_key=None,
+    twin: bool = True,
+) -> list[EvalTask]:
     """The perplexity evaluation of ``adapter`` (its output, or ``adapter_dir``) and, with
     accuracy on (and ``twin``), its twin ``acc-<name>`` (`AccuracyTask`): same adapter, rows
     and dependencies, its own output and key."""
     if adapter is not None and adapter_dir is None:
         adapter_dir = adapter.output()
-    kw = dict(seed=seed, domains=tuple(domains), sources=lay.sources, cfg=lay.base_cfg,
-              seed_dir=lay.seed_dir(seed), adapter=adapter, adapter_dir=adapter_dir,
-              snapshot=snapshot, unit_key=unit_key)  # fmt: skip
+    kw = dict(
+        seed=seed,
+        domains=tuple(domains),
+        sources=lay.sources,
+        cfg=lay.base_cfg,
+        seed_dir=lay.seed_dir(seed),
+        adapter=adapter,
+        adapter_dir=adapter_dir,
+        snapshot=snapshot,
+        unit_key=unit_key,
+    )
     return [EvalTask(**kw)] + ([AccuracyTask(**kw)] if lay.accuracy and twin else [])
 
 
-def _compose(lay: StudyLayout, seed, combo, method, singles, inputs=(), paths=None, out=None,
-             snapshot=None) -> ComposeTask:  # fmt: skip
+def _compose(
+    lay: StudyLayout, seed, combo, method, singles, inputs=(), paths=None, out=None, snapshot=None
+) -> ComposeTask:
     d = lay.seed_dir(seed)
     if out is None:
         c = names.combo_name(combo)
         out = d / "sums" / c if method == "sum" else d / "methods" / method / c
     return ComposeTask(
-        seed=seed, combo=tuple(combo), method=method,
-        options={} if method == "sum" else lay.methods[method], inputs=(*singles, *inputs),
-        paths=tuple(t.path for t in singles) if paths is None else tuple(paths), out=out,
-        max_length=lay.base_cfg.max_length, overwrite=lay.overwrite, snapshot=snapshot,
-    )  # fmt: skip
+        seed=seed,
+        combo=tuple(combo),
+        method=method,
+        options={} if method == "sum" else lay.methods[method],
+        inputs=(*singles, *inputs),
+        paths=tuple(t.path for t in singles) if paths is None else tuple(paths),
+        out=out,
+        max_length=lay.base_cfg.max_length,
+        overwrite=lay.overwrite,
+        snapshot=snapshot,
+    )
 
 
 def _seed_tasks(lay: StudyLayout, seed: int, runs: Trainings) -> list[Task]:
@@ -148,11 +179,18 @@ def _seed_tasks(lay: StudyLayout, seed: int, runs: Trainings) -> list[Task]:
     for combo, pair, third in lay.variants:
         parts = (runs.merged(pair), runs.single(third, combo))
         variant = VariantTask(
-            seed=seed, combo=tuple(combo), method="sum", options={}, inputs=parts,
-            paths=tuple(t.path for t in parts), out=d / "variants" / names.variant_dir(pair, third),
-            max_length=lay.base_cfg.max_length, overwrite=lay.overwrite, pair=tuple(pair),
+            seed=seed,
+            combo=tuple(combo),
+            method="sum",
+            options={},
+            inputs=parts,
+            paths=tuple(t.path for t in parts),
+            out=d / "variants" / names.variant_dir(pair, third),
+            max_length=lay.base_cfg.max_length,
+            overwrite=lay.overwrite,
+            pair=tuple(pair),
             third=third,
-        )  # fmt: skip
+        )
         tasks += [variant, *_evaluations(lay, seed, variant, combo)]
     calib: dict[TrainTask, CalibrateTask] = {}  # single adapter -> its calibration
     if lay.calibrating:
@@ -161,11 +199,15 @@ def _seed_tasks(lay: StudyLayout, seed: int, runs: Trainings) -> list[Task]:
     if lay.predictors:
         tasks.append(
             PredictorsTask(
-                seed=seed, calibrations=tuple(calib[runs.single(n)] for n in lay.names),
-                adapters=d / "adapters", domains=tuple(lay.names), combos=tuple(lay.combos),
-                path=d / "predictors.json", max_length=lay.base_cfg.max_length,
+                seed=seed,
+                calibrations=tuple(calib[runs.single(n)] for n in lay.names),
+                adapters=d / "adapters",
+                domains=tuple(lay.names),
+                combos=tuple(lay.combos),
+                path=d / "predictors.json",
+                max_length=lay.base_cfg.max_length,
             )
-        )  # fmt: skip
+        )
     tasks += _method_tasks(lay, seed, runs, calib)
     tasks += _route_tasks(lay, seed, runs)
     tasks += _snapshot_tasks(lay, seed, runs)
@@ -186,9 +228,17 @@ def _method_tasks(lay: StudyLayout, seed: int, runs: Trainings, calib: dict) -> 
                 reads = [calib[t] for t in singles] if get_method(m).calibration else []
                 task: AdapterTask = _compose(lay, seed, combo, m, singles, reads)
             else:
-                kw = dict(seed=seed, method=m, combo=tuple(combo), options=opts, singles=singles,
-                          merged=runs.merged(combo), out=d / "methods" / m / names.combo_name(combo),
-                          val_sources=tuple(lay.sources[x] for x in combo), overwrite=lay.overwrite)  # fmt: skip
+                kw = dict(
+                    seed=seed,
+                    method=m,
+                    combo=tuple(combo),
+                    options=opts,
+                    singles=singles,
+                    merged=runs.merged(combo),
+                    out=d / "methods" / m / names.combo_name(combo),
+                    val_sources=tuple(lay.sources[x] for x in combo),
+                    overwrite=lay.overwrite,
+                )
                 if fitted is MergeAwareTask:
                     task = MergeAwareTask(cfg=lay.base_cfg, **kw)
                 else:
@@ -209,10 +259,15 @@ def _route_tasks(lay: StudyLayout, seed: int, runs: Trainings) -> list[Task]:
         for combo in lay.combos:
             tasks.append(
                 task_type(
-                    seed=seed, domains=tuple(combo), sources=lay.sources, cfg=lay.base_cfg,
-                    seed_dir=lay.seed_dir(seed), singles=runs.singles_of(combo), **extra,
+                    seed=seed,
+                    domains=tuple(combo),
+                    sources=lay.sources,
+                    cfg=lay.base_cfg,
+                    seed_dir=lay.seed_dir(seed),
+                    singles=runs.singles_of(combo),
+                    **extra,
                 )
-            )  # fmt: skip
+            )
     return tasks
 
 
@@ -251,16 +306,24 @@ def _data_predictor_tasks(lay: StudyLayout) -> list[Task]:
     used = [n for n in lay.names if any(n in c for c in lay.combos)]
     grads = tuple(
         DomainGradientsTask(
-            seed=None, domain=n, source=lay.sources[n], model_spec=lay.model,
-            max_length=lay.base_cfg.max_length, path=lay.out / names.GRADIENTS_DIR / n,
+            seed=None,
+            domain=n,
+            source=lay.sources[n],
+            model_spec=lay.model,
+            max_length=lay.base_cfg.max_length,
+            path=lay.out / names.GRADIENTS_DIR / n,
         )
         for n in used
-    )  # fmt: skip
+    )
     combine = DataPredictorsTask(
-        seed=None, model_spec=lay.model, sources=lay.sources, gradients=grads,
-        combos=tuple(lay.combos), max_length=lay.base_cfg.max_length,
+        seed=None,
+        model_spec=lay.model,
+        sources=lay.sources,
+        gradients=grads,
+        combos=tuple(lay.combos),
+        max_length=lay.base_cfg.max_length,
         path=lay.out / "data_predictors.json",
-    )  # fmt: skip
+    )
     return [*grads, combine]
 
 

@@ -147,7 +147,9 @@ def resolve(out: str | Path, preset, config, overrides: dict, overwrite: bool) -
     sources = _load_sources(study_cfg.domains, base_cfg)
     if study_cfg.accuracy:
         _check_scorable(sources)
-    return Study(study_cfg, identity, key, _layout(out, study_cfg, base_cfg, sources, overwrite), previous)  # fmt: skip
+    return Study(
+        study_cfg, identity, key, _layout(out, study_cfg, base_cfg, sources, overwrite), previous
+    )
 
 
 def _check_scorable(sources: dict) -> None:
@@ -196,9 +198,14 @@ def _load_sources(domain_sources: dict[str, str], cfg: TrainConfig) -> dict:
     sources = {}
     for n, src in domain_sources.items():
         s = load_split(
-            src, cfg.split_seed, cfg.question_field, cfg.answer_field, cfg.max_train,
-            cfg.max_eval, cfg.choices_field,
-        )  # fmt: skip
+            src,
+            cfg.split_seed,
+            cfg.question_field,
+            cfg.answer_field,
+            cfg.max_train,
+            cfg.max_eval,
+            cfg.choices_field,
+        )
         s.name = n
         for split in ("train", "test"):
             if not s.splits[split]:
@@ -225,14 +232,24 @@ def _layout(out, study_cfg: StudyConfig, base_cfg, sources, overwrite) -> StudyL
     # the settings StudyLayout names as StudyConfig does (model, seeds, budget, ...) pass as set
     shared = [f.name for f in fields(StudyLayout) if f.name in EXPERIMENT_KEYS]
     same = {name: getattr(study_cfg, name) for name in shared}
-    return StudyLayout(**{
-        **same, "out": out, "names": domains, "domain_sources": study_cfg.domains,
-        "sources": sources, "base_cfg": base_cfg, "combos": combos,
-        "methods": _layout_methods(study_cfg), "variants": variants, "overwrite": overwrite,
-        "snapshot_epochs": tuple(study_cfg.snapshots),
-        "available": tuple(every) if study_cfg.sample else None,
-        "routes": tuple(study_cfg.routes), "accuracy": study_cfg.accuracy,
-    })  # fmt: skip
+    return StudyLayout(
+        **{
+            **same,
+            "out": out,
+            "names": domains,
+            "domain_sources": study_cfg.domains,
+            "sources": sources,
+            "base_cfg": base_cfg,
+            "combos": combos,
+            "methods": _layout_methods(study_cfg),
+            "variants": variants,
+            "overwrite": overwrite,
+            "snapshot_epochs": tuple(study_cfg.snapshots),
+            "available": tuple(every) if study_cfg.sample else None,
+            "routes": tuple(study_cfg.routes),
+            "accuracy": study_cfg.accuracy,
+        }
+    )
 
 
 def _layout_methods(study_cfg: StudyConfig) -> dict[str, dict]:
@@ -449,11 +466,7 @@ def aggregate(
         for i, combo in enumerate(combos)
     ]
     points = [(row["rms_cosine"], row["delta_pct"]) for r in per_seed for row in r]
-    trainings = plan.of_type(TrainTask)
-    metrics = {
-        seed: {t.name: {"seed": results[t]["config"]["seed"], **results[t]["metrics"]} for t in trainings if t.seed == seed}
-        for seed in seeds
-    }  # fmt: skip
+    metrics = _training_metrics(plan, results, seeds)
     first = runs[seeds[0]]
     base = {"per_domain": {d: base_eval["per_dataset"][d]["perplexity"] for d in domains}}
     accuracy = _accuracy(lay, rows, seed_evals, evals, methods) if lay.accuracy else None
@@ -481,7 +494,9 @@ def aggregate(
         combinations=[Combination.from_dict(r) for r in rows],
         cross_domain=cross_domain(domains, seed_evals, base_eval) if cfg.cross_domain else None,
         # every (combination, seed) is a point; with one seed that is one point per combination
-        correlation=Correlation.from_dict(correlation([x for x, _ in points], [y for _, y in points])),
+        correlation=Correlation.from_dict(
+            correlation([x for x, _ in points], [y for _, y in points])
+        ),
         correlation_of_means=Correlation.from_dict(
             correlation([r["rms_cosine"] for r in rows], [r["delta_pct"] for r in rows])
         ),
@@ -490,17 +505,38 @@ def aggregate(
         # the same predictors against the sum vs each domain's own adapter (Δ%'s first factor)
         prediction_vs_singles=loo_prediction(rows, "delta_vs_singles_pct"),
         paper_comparison=paper_comparison(rows, lay.model, study.identity["train"]),
-        train_curves=train_curves(lay.out, seeds, [first.single(n).name for n in domains] + [first.merged(c).name for c in combos]),
-        training_budget=TrainingBudget.from_dict(budget_summary(
-            cfg.budget, BUDGETS[cfg.budget], combos,
-            {c: [t.name for t in first.singles_of(c)] for c in combos}, metrics,
-        )),
+        train_curves=train_curves(
+            lay.out,
+            seeds,
+            [first.single(n).name for n in domains] + [first.merged(c).name for c in combos],
+        ),
+        training_budget=_training_budget(cfg.budget, combos, first, metrics),
         snapshots=_snapshots(lay, plan, seed_evals, metrics) if lay.snapshot_epochs else None,
         wall_seconds=wall,
         accuracy=AccuracySummary.from_dict(accuracy["summary"]) if accuracy else None,
         prediction_vs_accuracy=accuracy["prediction"] if accuracy else None,
         manifest=manifest(seeds, lay.sources, device, workers, _timings(plan, results, ran), wall),
-    )  # fmt: skip
+    )
+
+
+def _training_metrics(plan: Plan, results: dict, seeds) -> dict:
+    """Per seed, each training's metrics (lorasum.json's) by its name, with the seed it ran."""
+    return {
+        seed: {
+            t.name: {"seed": results[t]["config"]["seed"], **results[t]["metrics"]}
+            for t in plan.of_type(TrainTask)
+            if t.seed == seed
+        }
+        for seed in seeds
+    }
+
+
+def _training_budget(budget: str, combos, first, metrics: dict) -> TrainingBudget:
+    """The budget each side trained under, per combination (`study.budget.budget_summary`)."""
+    singles = {c: [t.name for t in first.singles_of(c)] for c in combos}
+    return TrainingBudget.from_dict(
+        budget_summary(budget, BUDGETS[budget], combos, singles, metrics)
+    )
 
 
 def _per_seed(

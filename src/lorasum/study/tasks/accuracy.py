@@ -84,10 +84,16 @@ class AccuracyTask(EvalTask):
         t0 = time.perf_counter()
         try:
             result = accuracy_of(
-                net, tokenizer, [self.sources[d] for d in self.domains], "test", device,
-                autocast_dtype(self.cfg.precision, device), self.cfg.max_length,
-                EVAL_BATCH_SIZE, self.max_new_tokens,
-            )  # fmt: skip
+                net,
+                tokenizer,
+                [self.sources[d] for d in self.domains],
+                "test",
+                device,
+                autocast_dtype(self.cfg.precision, device),
+                self.cfg.max_length,
+                EVAL_BATCH_SIZE,
+                self.max_new_tokens,
+            )
         finally:
             if self.adapter_dir is not None:
                 net.unload()

@@ -115,8 +115,13 @@ class ComposeTask(AdapterTask):
         from lorasum.compose import compose
 
         t0 = time.perf_counter()
-        compose(list(self.paths), self.out, overwrite=self.overwrite, reuse_same=True,
-                config=self._config())  # fmt: skip
+        compose(
+            list(self.paths),
+            self.out,
+            overwrite=self.overwrite,
+            reuse_same=True,
+            config=self._config(),
+        )
         return time.perf_counter() - t0
 
 

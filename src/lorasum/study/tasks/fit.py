@@ -120,11 +120,25 @@ class FitTask(FittedTask):
         factors = [a.modules for a in adapters]
         val, max_length = list(self.val_sources), self.max_length
         if self.method == "learned":
-            fit, report = fit_learned(model, tokenizer, factors, val, training_tokens,
-                                      max_length=max_length, **self.options)  # fmt: skip
+            fit, report = fit_learned(
+                model,
+                tokenizer,
+                factors,
+                val,
+                training_tokens,
+                max_length=max_length,
+                **self.options,
+            )
         else:
-            fit, report = fit_calibrated(model, tokenizer, factors, val, training_tokens,
-                                         fraction=self.options["fraction"], max_length=max_length)  # fmt: skip
+            fit, report = fit_calibrated(
+                model,
+                tokenizer,
+                factors,
+                val,
+                training_tokens,
+                fraction=self.options["fraction"],
+                max_length=max_length,
+            )
         rank = max(f.rank for f in fit.modules.values())
         modules = {m: pad_rank(f, rank) for m, f in fit.modules.items()}
         report = {
@@ -186,9 +200,14 @@ class MergeAwareTask(FittedTask):
             return read_json(self.out / "lorasum.json")["budget"]
         training_tokens = merged_training_tokens(self.merged.path)
         chosen, report = select_checkpoints(
-            model, tokenizer, self.paths, list(self.val_sources), max_length=cfg.max_length,
-            precision=cfg.precision, **self.options,
-        )  # fmt: skip
+            model,
+            tokenizer,
+            self.paths,
+            list(self.val_sources),
+            max_length=cfg.max_length,
+            precision=cfg.precision,
+            **self.options,
+        )
         report = {
             **report,
             "method": "merge_aware",

@@ -51,9 +51,15 @@ def router_key(source: Source, cfg: TrainConfig, router: str = "nearest") -> str
 
 
 def router_summary(
-    routers: Path, domain: str, source: Source, cfg: TrainConfig, *, model, tokenizer,
+    routers: Path,
+    domain: str,
+    source: Source,
+    cfg: TrainConfig,
+    *,
+    model,
+    tokenizer,
     router: str = "nearest",
-):  # fmt: skip
+):
     """The domain's router summary — ``nearest``: `routing.prompt_centroid` of its training
     prompts; ``gaussian``: `routing.prompt_gaussian` of its first ones — cached in
     ``routers/<domain>[-gaussian].safetensors`` (with its key; written atomically, recomputed
@@ -76,8 +82,14 @@ def router_summary(
         pass
     device = next(model.parameters()).device
     build = prompt_centroid if router == "nearest" else prompt_gaussian
-    summary = build(model, tokenizer, source, cfg.max_length, split="train",
-                    amp_dtype=autocast_dtype(cfg.precision, device))  # fmt: skip
+    summary = build(
+        model,
+        tokenizer,
+        source,
+        cfg.max_length,
+        split="train",
+        amp_dtype=autocast_dtype(cfg.precision, device),
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_beside(path, ".safetensors")
     save_file({tensor: summary.contiguous()}, tmp, metadata={"key": key})
@@ -135,10 +147,15 @@ class NearestRouteTask(RouteTask):
     def key(self) -> str:
         weights = [sha256_file(p / "adapter_model.safetensors") for _, p in self.adapters]
         unit = config_key(
-            {"route": self.route, "adapters": weights,
-             "routers": [router_key(self.sources[d], self.cfg, self.router)
-                         for d in self.domains], **self.options}
-        )  # fmt: skip
+            {
+                "route": self.route,
+                "adapters": weights,
+                "routers": [
+                    router_key(self.sources[d], self.cfg, self.router) for d in self.domains
+                ],
+                **self.options,
+            }
+        )
         return eval_key(unit, self.domains, self.sources, self.cfg)
 
     def run(self, *, model, tokenizer) -> dict:
@@ -151,16 +168,31 @@ class NearestRouteTask(RouteTask):
 
         key, cfg = self.key(), self.cfg
         summaries = torch.stack(
-            [router_summary(self.routers, d, self.sources[d], cfg, model=model,
-                            tokenizer=tokenizer, router=self.router) for d in self.domains]
-        )  # nearest (K, H), gaussian (K, 2, H)  # fmt: skip
+            [
+                router_summary(
+                    self.routers,
+                    d,
+                    self.sources[d],
+                    cfg,
+                    model=model,
+                    tokenizer=tokenizer,
+                    router=self.router,
+                )
+                for d in self.domains
+            ]
+        )  # nearest (K, H), gaussian (K, 2, H)
         device = next(model.parameters()).device
         result = self.evaluate(
-            summaries, model=model, tokenizer=tokenizer, adapters=dict(self.adapters),
-            sources={d: self.sources[d] for d in self.domains}, max_length=cfg.max_length,
-            answer_only=cfg.answer_only, batch_size=EVAL_BATCH_SIZE,
+            summaries,
+            model=model,
+            tokenizer=tokenizer,
+            adapters=dict(self.adapters),
+            sources={d: self.sources[d] for d in self.domains},
+            max_length=cfg.max_length,
+            answer_only=cfg.answer_only,
+            batch_size=EVAL_BATCH_SIZE,
             amp_dtype=autocast_dtype(cfg.precision, device),
-        )  # fmt: skip
+        )
         prompts = GAUSSIAN_PROMPTS if self.router == "gaussian" else None
         result["router_tokens"] = {
             d: router_tokens(tokenizer, self.sources[d], cfg.max_length, prompts)
@@ -260,11 +292,18 @@ class ArrowRouteTask(RouteTask):
         key, cfg, options = self.key(), self.cfg, self.options
         device = next(model.parameters()).device
         result = evaluate_arrow(
-            model, tokenizer, dict(self.adapters), {d: self.sources[d] for d in self.domains},
-            cfg.max_length, answer_only=cfg.answer_only, batch_size=EVAL_BATCH_SIZE,
-            amp_dtype=autocast_dtype(cfg.precision, device), top_k=options["top_k"],
-            temperature=options["router_temperature"], rng_seed=options["rng_seed"],
-        )  # fmt: skip
+            model,
+            tokenizer,
+            dict(self.adapters),
+            {d: self.sources[d] for d in self.domains},
+            cfg.max_length,
+            answer_only=cfg.answer_only,
+            batch_size=EVAL_BATCH_SIZE,
+            amp_dtype=autocast_dtype(cfg.precision, device),
+            top_k=options["top_k"],
+            temperature=options["router_temperature"],
+            rng_seed=options["rng_seed"],
+        )
         write_json(self.path, {"key": key, "result": result})
         return result
 

@@ -70,5 +70,12 @@ class TrainTask(AdapterTask):
     def run(self, *, model, tokenizer, progress: bool = False) -> dict:
         from lorasum.training.loop import train
 
-        return train(self.cfg, self.path, overwrite=self._overwrite(), sources=list(self.sources),
-                     progress=progress, model=model, tokenizer=tokenizer)  # fmt: skip
+        return train(
+            self.cfg,
+            self.path,
+            overwrite=self._overwrite(),
+            sources=list(self.sources),
+            progress=progress,
+            model=model,
+            tokenizer=tokenizer,
+        )
