@@ -177,43 +177,19 @@ def test_budget_in_experiment_files_and_defaults():
 def test_cli_budget_flags(tiny_llama, qa_files, tmp_path, capsys):
     from lorasum.cli import main
 
-    rc = main(
-        [
-            "reproduce",
-            "--preset",
-            "tiny",
-            "--model",
-            str(tiny_llama),
-            "--domains",
-            ",".join(_domains(qa_files)),
-            "--out",
-            str(tmp_path / "p"),
-            "--budget",
-            "steps",
-            "--snapshots",
-            "0.5,1",
-            "--plan",
-        ]
-    )
-    assert rc != 0
+    args = [
+        "reproduce",
+        "--preset",
+        "tiny",
+        "--model",
+        str(tiny_llama),
+        "--out",
+        str(tmp_path / "p"),
+    ]
+    args += ["--domains", ",".join(_domains(qa_files)), "--budget", "steps", "--plan"]
+    assert main([*args, "--snapshots", "0.5,1"]) != 0
     assert "use them with --budget epochs" in capsys.readouterr().err
-    rc = main(
-        [
-            "reproduce",
-            "--preset",
-            "tiny",
-            "--model",
-            str(tiny_llama),
-            "--domains",
-            ",".join(_domains(qa_files)),
-            "--out",
-            str(tmp_path / "p"),
-            "--budget",
-            "steps",
-            "--plan",
-        ]
-    )
-    assert rc == 0
+    assert main(args) == 0
     assert "train" in capsys.readouterr().out
     assert not (tmp_path / "p").exists()
 

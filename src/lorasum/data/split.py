@@ -12,6 +12,7 @@ from pathlib import Path
 from lorasum.data.builtin import BUILTIN_DOMAINS, load_builtin
 from lorasum.data.sources import QA, Source, load_file, load_hf
 from lorasum.errors import LorasumError
+from lorasum.settings import DataSettings
 
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
@@ -78,3 +79,17 @@ def load_split(
         splits["val"] = splits["val"][:max_eval]
         splits["test"] = splits["test"][:max_eval]
     return Source(name=spec, origin=origin, splits=splits)
+
+
+def load_configured_split(spec: str, cfg: DataSettings) -> Source:
+    """`load_split` of ``spec`` with the data settings of ``cfg`` (a `TrainConfig` or
+    `DataSettings`): its split seed, fields and row caps."""
+    return load_split(
+        spec,
+        cfg.split_seed,
+        cfg.question_field,
+        cfg.answer_field,
+        cfg.max_train,
+        cfg.max_eval,
+        cfg.choices_field,
+    )

@@ -22,7 +22,7 @@ from lorasum.adapters import read_adapter
 from lorasum.analysis.forecast import loo_prediction
 from lorasum.analysis.similarity import similarity_matrix
 from lorasum.analysis.statistics import correlation
-from lorasum.data.split import load_split
+from lorasum.data.split import load_configured_split
 from lorasum.errors import LorasumError
 from lorasum.io import atomic_write_text, config_key, write_json
 from lorasum.models.loading import load_model, load_tokenizer, resolve_target_modules
@@ -197,15 +197,7 @@ def _check_out_dir(out: Path, key: str, overwrite: bool, precision: str) -> dict
 def _load_sources(domain_sources: dict[str, str], cfg: TrainConfig) -> dict:
     sources = {}
     for n, src in domain_sources.items():
-        s = load_split(
-            src,
-            cfg.split_seed,
-            cfg.question_field,
-            cfg.answer_field,
-            cfg.max_train,
-            cfg.max_eval,
-            cfg.choices_field,
-        )
+        s = load_configured_split(src, cfg)
         s.name = n
         for split in ("train", "test"):
             if not s.splits[split]:

@@ -16,7 +16,7 @@ from torch import nn
 
 from lorasum._version import __version__
 from lorasum.data.sources import Source
-from lorasum.data.split import load_split
+from lorasum.data.split import load_configured_split
 from lorasum.data.token_cache import tokenize_cached
 from lorasum.data.tokenize import Batch, check_answers_fit, collate, make_batches
 from lorasum.errors import LorasumError
@@ -46,18 +46,7 @@ log = logging.getLogger(__name__)
 
 
 def load_sources(cfg: TrainConfig) -> list[Source]:
-    return [
-        load_split(
-            spec,
-            cfg.split_seed,
-            cfg.question_field,
-            cfg.answer_field,
-            cfg.max_train,
-            cfg.max_eval,
-            cfg.choices_field,
-        )
-        for spec in cfg.data
-    ]
+    return [load_configured_split(spec, cfg) for spec in cfg.data]
 
 
 def adapter_key(cfg: TrainConfig, sources: list[Source]) -> str:
